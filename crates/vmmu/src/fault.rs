@@ -1,0 +1,385 @@
+//! The page-fault pipeline (KVM's `kvm_tdp_mmu_page_fault` and what it calls).
+//!
+//! In order: the lockless fast path; the invalidation sequence snapshot; the
+//! pre-check that retries *before* the host is asked for the frame and before
+//! `mmu_lock` is taken when an in-progress invalidation covers the gfn; the memslot
+//! checks; the frame and the host's mapping level from the primary MMU; `mmu_lock`
+//! for read; the stale check (obsolete root, locked sequence/range check); the map;
+//! releasing the frame.
+
+use bitflags::bitflags;
+
+use crate::host::{FaultinRequest, HostFaultError, TableMemoryError};
+use crate::memslot::Memslot;
+use crate::spte::{Access, MMIO_GEN_MASK};
+use crate::stats::CounterSet;
+use crate::sync::Ordering;
+use crate::tdp::Ctx;
+use crate::types::{Gfn, Gpa, Hva, Level, Pfn, PAGE_SIZE};
+use crate::vcpu::VcpuMmu;
+
+bitflags! {
+    /// A page-fault error code, x86 #PF layout plus KVM's synthetic bits. An EPT
+    /// violation is translated into these bits; an EPT misconfiguration (an MMIO
+    /// entry) sets `RSVD`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct ErrorCode: u64 {
+        /// The translation existed but did not allow the access.
+        const PRESENT = 1 << 0;
+        /// The access was a write.
+        const WRITE = 1 << 1;
+        /// User-mode access.
+        const USER = 1 << 2;
+        /// A reserved-bit / misconfigured entry was hit (MMIO entries).
+        const RSVD = 1 << 3;
+        /// Instruction fetch.
+        const FETCH = 1 << 4;
+        /// KVM synthetic: access made by KVM itself.
+        const IMPLICIT = 1 << 48;
+        /// KVM synthetic: the access was to private memory.
+        const PRIVATE = 1 << 49;
+    }
+}
+
+/// What a fault asks of the vCPU, mirroring KVM's `RET_PF_*` codes.
+///
+/// [`VcpuMmu::page_fault`] never returns `Continue` or `Invalid`; they exist so the
+/// pipeline's internal steps read like KVM's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RetPf {
+    /// Internal: keep going.
+    Continue,
+    /// Let the vCPU run again; it will fault again if needed.
+    Retry,
+    /// Emulate the access (MMIO, or a write to a read-only memslot).
+    Emulate,
+    /// A write to a write-protected gfn.
+    WriteProtected,
+    /// Internal: the fast or MMIO path could not decide; take the slow path.
+    Invalid,
+    /// A mapping was installed.
+    Fixed,
+    /// The access is already allowed (another vCPU fixed it, or a stale TLB entry).
+    Spurious,
+}
+
+/// A fault that must be reported to the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    /// `KVM_EXIT_MEMORY_FAULT`: private/shared mismatch or missing private backing.
+    /// The VMM converts the memory and runs the vCPU again.
+    #[error("Memory fault at gpa {gpa} (size {size:#x}, private {private})")]
+    MemoryFault {
+        /// Guest physical address of the page.
+        gpa: Gpa,
+        /// Size of the faulting range.
+        size: u64,
+        /// Whether the access was private.
+        private: bool,
+    },
+    /// The host could not provide the page (`-EFAULT`), e.g. a write to memory the
+    /// host made read-only.
+    #[error("Host fault at {hva} for gpa {gpa}")]
+    Host {
+        /// Guest physical address.
+        gpa: Gpa,
+        /// Host virtual address.
+        hva: Hva,
+        /// Why.
+        #[source]
+        cause: HostFaultError,
+    },
+    /// No memory for page-table pages.
+    #[error(transparent)]
+    NoMemory(#[from] TableMemoryError),
+}
+
+/// One fault as it moves through the pipeline (KVM's `struct kvm_page_fault`).
+#[derive(Debug)]
+pub(crate) struct PageFault<'s> {
+    pub(crate) gfn: Gfn,
+    pub(crate) write: bool,
+    pub(crate) present: bool,
+    pub(crate) rsvd: bool,
+    pub(crate) private: bool,
+    pub(crate) access: Access,
+    pub(crate) slot: Option<&'s Memslot>,
+    pub(crate) max_level: Level,
+    pub(crate) goal_level: Level,
+    pub(crate) mmu_seq: u64,
+    pub(crate) pfn: Pfn,
+    pub(crate) map_writable: bool,
+    pub(crate) mmio_gen: u64,
+    pub(crate) huge_page_disallowed: bool,
+}
+
+impl VcpuMmu {
+    /// Handle an EPT violation or misconfiguration at `gpa`.
+    pub fn page_fault(&mut self, gpa: Gpa, error_code: ErrorCode) -> Result<RetPf, FaultError> {
+        let r = self.page_fault_inner(gpa, error_code);
+        let st = &self.shared.stats;
+        CounterSet::inc(&st.faults);
+        match r {
+            Ok(RetPf::Fixed) => CounterSet::inc(&st.faults_fixed),
+            Ok(RetPf::Spurious) => CounterSet::inc(&st.faults_spurious),
+            Ok(RetPf::Retry) => CounterSet::inc(&st.faults_retry),
+            Ok(RetPf::Emulate) => CounterSet::inc(&st.faults_emulate),
+            Ok(RetPf::WriteProtected) => CounterSet::inc(&st.faults_write_protected),
+            Ok(RetPf::Continue | RetPf::Invalid) => debug_assert!(false, "internal code escaped: {r:?}"),
+            Err(_) => CounterSet::inc(&st.faults_error),
+        }
+        r
+    }
+
+    fn page_fault_inner(&mut self, gpa: Gpa, ec: ErrorCode) -> Result<RetPf, FaultError> {
+        let gfn = gpa.gfn();
+        let Some(root) = self.root.clone() else { return Ok(RetPf::Retry) };
+        let stats = &self.shared.stats;
+        if root.is_invalid() {
+            CounterSet::inc(&stats.stale_root_retries);
+            return Ok(RetPf::Retry);
+        }
+        let vm = &*self.vm;
+        if gfn.0 >= vm.config.gfn_limit() {
+            // Beyond the guest's physical address width: always emulated.
+            return Ok(RetPf::Emulate);
+        }
+        let as_id = root.role.as_id();
+        let _srcu = self.srcu.read_lock();
+        let slots = vm.memslots[as_id as usize].load();
+        let slot: Option<&Memslot> = slots.lookup(gfn).map(|s| &**s);
+
+        let write = ec.contains(ErrorCode::WRITE);
+        let exec = ec.contains(ErrorCode::FETCH);
+        let mut access = Access::READ;
+        if write {
+            access |= Access::WRITE;
+        }
+        if exec {
+            access = Access::EXEC | if write { Access::WRITE } else { Access::empty() };
+        }
+        let mut f = PageFault {
+            gfn,
+            write,
+            present: ec.contains(ErrorCode::PRESENT),
+            rsvd: ec.contains(ErrorCode::RSVD),
+            private: ec.contains(ErrorCode::PRIVATE),
+            access,
+            slot,
+            max_level: vm.config.max_level,
+            goal_level: Level::K4,
+            mmu_seq: 0,
+            pfn: Pfn(0),
+            map_writable: false,
+            mmio_gen: slots.generation() & MMIO_GEN_MASK,
+            huge_page_disallowed: exec && vm.config.nx_huge_pages,
+        };
+
+        if f.rsvd {
+            match self.handle_mmio_fault(&root, &f, slots.generation()) {
+                RetPf::Invalid => {}
+                r => return Ok(r),
+            }
+        }
+
+        if self.fault_can_be_fast(&f) {
+            match self.fast_page_fault(&root, &f) {
+                RetPf::Invalid => {}
+                r => return Ok(r),
+            }
+        }
+
+        // Allocation may sleep: never under mmu_lock.
+        self.cache.topup(&vm.tdp, vm.config.root_level.get() as usize)?;
+
+        match self.faultin_pfn(&mut f)? {
+            RetPf::Continue => {}
+            r => return Ok(r),
+        }
+
+        let stats = &self.shared.stats;
+        let result = {
+            let _r = vm.mmu_lock.read(&stats.lock);
+            if self.is_stale(&root, &f) {
+                RetPf::Retry
+            } else {
+                self.hugepage_adjust(&mut f);
+                let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+                let ctx = Ctx { stats, rcu: &rcu };
+                vm.tdp.map(&ctx, &root, &f, &mut self.cache, vm)
+            }
+        };
+        if f.slot.is_some() {
+            let mapped_writable = f.map_writable && matches!(result, RetPf::Fixed | RetPf::Spurious);
+            vm.host.primary.release(f.pfn, mapped_writable);
+        }
+        Ok(result)
+    }
+
+    /// MMIO entries turn accesses into EPT misconfigurations. A current one means
+    /// "still no memslot here": emulate without taking any lock. A stale generation
+    /// falls through to the full fault, which maps memory or refreshes the entry.
+    fn handle_mmio_fault(&self, root: &crate::root::Root, f: &PageFault<'_>, gen: u64) -> RetPf {
+        let vm = &*self.vm;
+        let _rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+        let (_, spte, _) = vm.tdp.last_spte(root, f.gfn);
+        if !spte.is_mmio() {
+            // The entry changed under us; let the vCPU look again.
+            return RetPf::Retry;
+        }
+        if gen & crate::memslot::GEN_UPDATE_IN_PROGRESS == 0 && spte.mmio_gen() == gen & MMIO_GEN_MASK {
+            CounterSet::inc(&self.shared.stats.mmio_fast_hits);
+            return RetPf::Emulate;
+        }
+        RetPf::Invalid
+    }
+
+    fn fault_can_be_fast(&self, f: &PageFault<'_>) -> bool {
+        if f.rsvd || f.private {
+            return false;
+        }
+        // Not present with A/D disabled: maybe an access-tracked entry.
+        // Present write: maybe write-protected but MMU-writable.
+        (!f.present && !self.vm.config.ad_enabled) || (f.present && f.write)
+    }
+
+    /// The lockless fast path (KVM's `fast_page_fault`): restore an access-tracked
+    /// entry or set W on an MMU-writable one with a compare-and-exchange, inside an
+    /// RCU read-side section. Only direct entries qualify: their gfn is fixed by
+    /// position, so a successful exchange can never apply to another gfn (the ABA
+    /// race of locking.rst), and any zap, remap or write-protect in between changes
+    /// the value and fails the exchange.
+    fn fast_page_fault(&self, root: &crate::root::Root, f: &PageFault<'_>) -> RetPf {
+        let vm = &*self.vm;
+        let stats = &self.shared.stats;
+        let _rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+        for _ in 0..4 {
+            let (sptep, spte, level) = vm.tdp.last_spte(root, f.gfn);
+            if !spte.is_leaf(level) {
+                return RetPf::Invalid;
+            }
+            if spte.allows(f.access) {
+                CounterSet::inc(&stats.fast_path_spurious);
+                return RetPf::Spurious;
+            }
+            let mut new = spte;
+            if new.is_access_tracked() {
+                new = new.restore_access_tracked();
+            }
+            if f.write && new.is_mmu_writable() {
+                // Only one 4 KiB page of a huge mapping could be logged; let the
+                // slow path map a 4 KiB entry instead.
+                if level > Level::K4 && f.slot.is_some_and(|s| s.dirty_logging()) {
+                    return RetPf::Invalid;
+                }
+                new = new.make_writable();
+            }
+            if new == spte || !new.allows(f.access) {
+                return RetPf::Invalid;
+            }
+            let ok = if vm.config.knobs.fast_path_plain_store {
+                sptep.store(new.0, Ordering::Release);
+                true
+            } else {
+                // AcqRel: the exchange must observe the latest value (including D
+                // set by hardware) and publish ours.
+                sptep.compare_exchange(spte.0, new.0, Ordering::AcqRel, Ordering::Acquire).is_ok()
+            };
+            if ok {
+                if new.is_writable() && !spte.is_writable() {
+                    if let Some(slot) = f.slot {
+                        slot.mark_dirty(f.gfn);
+                    }
+                }
+                CounterSet::inc(&stats.fast_path_fixed);
+                return RetPf::Fixed;
+            }
+        }
+        RetPf::Invalid
+    }
+
+    /// Resolve the frame (KVM's `kvm_mmu_faultin_pfn`), including the pre-check.
+    fn faultin_pfn(&self, f: &mut PageFault<'_>) -> Result<RetPf, FaultError> {
+        let vm = &*self.vm;
+        let stats = &self.shared.stats;
+        f.mmu_seq = vm.inval.snapshot();
+        // Private/shared first, so a mismatch exits to the VMM even without a slot.
+        // Until memory attributes exist every gfn is shared.
+        let gfn_is_private = false;
+        if f.private != gfn_is_private {
+            return Err(FaultError::MemoryFault { gpa: f.gfn.gpa(), size: PAGE_SIZE, private: f.private });
+        }
+        let Some(slot) = f.slot else {
+            // No memslot: MMIO. Cached as an MMIO entry (generation-checked, so no
+            // invalidation check is needed) unless caching is off.
+            return Ok(if vm.config.mmio_caching { RetPf::Continue } else { RetPf::Emulate });
+        };
+        if slot.is_invalid() {
+            CounterSet::inc(&stats.invalid_slot_retries);
+            return Ok(RetPf::Retry);
+        }
+        f.mmu_seq = vm.inval.snapshot();
+        if vm.config.precheck && vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
+            CounterSet::inc(&stats.precheck_retries);
+            return Ok(RetPf::Retry);
+        }
+        if f.write && slot.is_readonly() {
+            return Ok(RetPf::Emulate);
+        }
+        let hva = slot.gfn_to_hva(f.gfn);
+        let host = vm
+            .host
+            .primary
+            .faultin(hva, FaultinRequest { write: f.write })
+            .map_err(|cause| FaultError::Host { gpa: f.gfn.gpa(), hva, cause })?;
+        f.pfn = host.pfn;
+        f.map_writable = host.writable && !slot.is_readonly();
+        if vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
+            vm.host.primary.release(f.pfn, false);
+            f.slot = None;
+            CounterSet::inc(&stats.postcheck_retries);
+            return Ok(RetPf::Retry);
+        }
+        Ok(RetPf::Continue)
+    }
+
+    /// Under `mmu_lock`: has anything made this fault stale since it started?
+    fn is_stale(&self, root: &crate::root::Root, f: &PageFault<'_>) -> bool {
+        let stats = &self.shared.stats;
+        if root.is_invalid() {
+            CounterSet::inc(&stats.stale_root_retries);
+            return true;
+        }
+        if f.slot.is_some() && !self.vm.config.knobs.skip_locked_retry && self.vm.inval.retry_gfn(f.mmu_seq, f.gfn) {
+            CounterSet::inc(&stats.locked_retries);
+            return true;
+        }
+        false
+    }
+
+    /// Pick the largest level the slot, the configuration and the host's own
+    /// mapping allow (KVM's `kvm_mmu_hugepage_adjust`). Runs under `mmu_lock`; the
+    /// host level is validated by the invalidation sequence like the frame.
+    fn hugepage_adjust(&self, f: &mut PageFault<'_>) {
+        f.goal_level = Level::K4;
+        let Some(slot) = f.slot else { return };
+        if f.max_level == Level::K4 {
+            return;
+        }
+        let mut level = slot.max_mapping_level(f.gfn, f.max_level);
+        if level > Level::K4 {
+            let host_level = self.vm.host.primary.mapping_level(slot.gfn_to_hva(f.gfn));
+            level = level.min(host_level);
+        }
+        if level == Level::K4 || f.huge_page_disallowed {
+            return;
+        }
+        let mask = level.pages() - 1;
+        if (f.gfn.0 ^ f.pfn.0) & mask != 0 {
+            // The host claimed a huge mapping the frame isn't aligned for.
+            return;
+        }
+        f.goal_level = level;
+        f.pfn = Pfn(f.pfn.0 & !mask);
+    }
+}

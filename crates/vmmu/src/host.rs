@@ -1,0 +1,109 @@
+//! The traits through which the MMU talks to its host.
+//!
+//! A hypervisor embeds vmmu by implementing three small traits: where page-table
+//! pages come from ([`TableMemory`]), how a host virtual address becomes a frame
+//! ([`PrimaryMmu`]), and how a vCPU is interrupted ([`Kick`]). The machine model is
+//! one implementation; tests use small tracking ones.
+
+use crate::sync::AtomicU64;
+use crate::types::{Hva, Level, Pfn, ENTRIES_PER_TABLE};
+
+/// One page-table page: 512 entries, each updated atomically, because hardware
+/// walkers and lockless paths read and modify them concurrently.
+pub type Table = [AtomicU64; ENTRIES_PER_TABLE];
+
+/// Failure to provide memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TableMemoryError {
+    /// No page is available.
+    #[error("Out of memory for page-table pages")]
+    OutOfMemory,
+}
+
+/// Where page-table pages live.
+///
+/// The MMU fills a fresh page itself; the host only hands out frames and maps a
+/// frame number to its 512 entries. Frames handed to [`TableMemory::free_table_page`]
+/// are never touched by the MMU again; it retires them only after every lockless
+/// walker that could still read them is gone.
+pub trait TableMemory: Send + Sync {
+    /// A frame for a new table. Its contents are overwritten by the caller.
+    fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError>;
+    /// Return a frame obtained from [`TableMemory::alloc_table_page`].
+    fn free_table_page(&self, pfn: Pfn);
+    /// The entries of a table frame. The host keeps this memory mapped for its own
+    /// lifetime, so stale readers see stale values, never unmapped memory.
+    fn table(&self, pfn: Pfn) -> &Table;
+}
+
+/// What the fault path asks of the primary MMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultinRequest {
+    /// The access is a write: the host must make the page writable (break
+    /// copy-on-write) or fail.
+    pub write: bool,
+}
+
+/// A frame resolved by the primary MMU, with a reference the MMU must release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPfn {
+    /// The frame backing the address.
+    pub pfn: Pfn,
+    /// The host mapping allows writes (a read fault may then map writable).
+    pub writable: bool,
+}
+
+/// Why the primary MMU could not provide a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostFaultError {
+    /// Nothing is mapped at the address (no VMA).
+    #[error("No host mapping at the address")]
+    NotMapped,
+    /// A write to a mapping the host keeps read-only (mprotect, read-only VMA).
+    #[error("Write to a read-only host mapping")]
+    ReadOnly,
+    /// The host is out of memory.
+    #[error("Host out of memory")]
+    OutOfMemory,
+    /// The page is poisoned.
+    #[error("Host page is hardware-poisoned")]
+    HwPoison,
+}
+
+/// The host's own page tables (the "primary MMU"), as seen by a secondary MMU.
+pub trait PrimaryMmu: Send + Sync {
+    /// Resolve `hva` to a frame, faulting it in if needed, and take a reference
+    /// on it (like get_user_pages).
+    fn faultin(&self, hva: Hva, req: FaultinRequest) -> Result<HostPfn, HostFaultError>;
+    /// Drop the reference taken by [`PrimaryMmu::faultin`]; `mapped_writable` says
+    /// whether the MMU mapped the page writable (so the host treats it as dirty).
+    fn release(&self, pfn: Pfn, mapped_writable: bool);
+    /// The size of the host's own mapping of `hva` (4 KiB, or 2 MiB / 1 GiB for huge
+    /// pages). Read without locks; the result is validated by the invalidation
+    /// sequence like the frame itself.
+    fn mapping_level(&self, hva: Hva) -> Level;
+}
+
+/// Interrupting a vCPU that runs guest code (an IPI, a signal).
+pub trait Kick: Send + Sync {
+    /// Make vCPU `vcpu_id` leave guest mode soon. It will process its requests
+    /// before entering again.
+    fn kick(&self, vcpu_id: u32);
+}
+
+/// The host services a VM is built on.
+#[derive(Clone)]
+pub struct HostOps {
+    /// Page-table pages.
+    pub memory: std::sync::Arc<dyn TableMemory>,
+    /// hva → pfn.
+    pub primary: std::sync::Arc<dyn PrimaryMmu>,
+    /// vCPU interruption.
+    pub kick: std::sync::Arc<dyn Kick>,
+}
+
+impl std::fmt::Debug for HostOps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostOps")
+    }
+}

@@ -1,0 +1,700 @@
+//! Memslots: which guest frames are backed by which host virtual addresses.
+//!
+//! A [`MemslotSet`] is immutable once published. Readers (faults, notifiers) load
+//! the active set without blocking; an update builds the next set and swaps it in.
+//! Like KVM, two sets exist per address space: the update is applied to the
+//! inactive one, that one is published, and the same update is then applied to the
+//! set that was just retired (recycled once its last reader is gone), so an update
+//! costs O(slots) pointer moves, not a deep copy.
+
+use std::collections::BTreeMap;
+
+use bitflags::bitflags;
+
+use crate::sync::{Arc, AtomicU32, AtomicU64, Ordering};
+use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level, PAGE_SIZE};
+
+/// Slots per address space available to userspace (x86 `KVM_USER_MEM_SLOTS`).
+pub const USER_MEM_SLOTS: u32 = 32764;
+/// Largest slot in pages (`KVM_MEM_MAX_NR_PAGES`).
+pub const MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+/// One past the highest user-space address (x86-64, 4-level host paging).
+pub const USER_ADDR_LIMIT: u64 = 0x7fff_ffff_f000;
+/// Set in a generation while an update is being published.
+pub const GEN_UPDATE_IN_PROGRESS: u64 = 1 << 63;
+
+bitflags! {
+    /// `kvm_userspace_memory_region.flags`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct MemFlags: u32 {
+        /// `KVM_MEM_LOG_DIRTY_PAGES`: track writes in a dirty bitmap.
+        const LOG_DIRTY_PAGES = 1 << 0;
+        /// `KVM_MEM_READONLY`: guest writes exit to the VMM as MMIO.
+        const READONLY = 1 << 1;
+        /// `KVM_MEM_GUEST_MEMFD`: private memory from a guest_memfd.
+        const GUEST_MEMFD = 1 << 2;
+    }
+}
+
+/// Flags this implementation accepts today. guest_memfd arrives with private
+/// memory; until then it is refused like any unsupported flag.
+pub const SUPPORTED_FLAGS: MemFlags = MemFlags::LOG_DIRTY_PAGES.union(MemFlags::READONLY);
+
+/// The argument of `KVM_SET_USER_MEMORY_REGION`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UserMemoryRegion {
+    /// Slot number: address space in bits 31:16, slot id in bits 15:0.
+    pub slot: u32,
+    /// Raw flags (validated).
+    pub flags: u32,
+    /// First guest physical byte.
+    pub guest_phys_addr: u64,
+    /// Size in bytes; 0 deletes the slot.
+    pub memory_size: u64,
+    /// First host virtual byte.
+    pub userspace_addr: u64,
+}
+
+/// Why a memslot update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemslotError {
+    /// Unknown or unsupported flag bits (EINVAL).
+    #[error("Unsupported memslot flags {flags:#x} (supported: {supported:#x})")]
+    InvalidFlags {
+        /// The flags given.
+        flags: u32,
+        /// The flags accepted.
+        supported: u32,
+    },
+    /// Slot id or address space out of range (EINVAL).
+    #[error("Slot {slot:#x} out of range (address spaces {spaces}, {max} slots each)")]
+    InvalidSlot {
+        /// The slot number given.
+        slot: u32,
+        /// Address spaces configured.
+        spaces: u16,
+        /// Slots per address space.
+        max: u32,
+    },
+    /// Size, guest address or host address not page aligned (EINVAL).
+    #[error("Memslot {what} {value:#x} is not page aligned")]
+    Unaligned {
+        /// Which argument.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// The range wraps, exceeds the guest physical or host address space, or is too
+    /// large (EINVAL).
+    #[error("Memslot range gpa {gpa:#x} size {size:#x} hva {hva:#x} is out of bounds")]
+    OutOfRange {
+        /// Guest physical base.
+        gpa: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Host virtual base.
+        hva: u64,
+    },
+    /// Deleting a slot that does not exist (EINVAL).
+    #[error("Slot {slot:#x} does not exist")]
+    NoSuchSlot {
+        /// The slot number.
+        slot: u32,
+    },
+    /// Changing the host address, the size or read-only-ness of a slot (EINVAL).
+    #[error("Slot {slot:#x}: cannot change {what} of an existing slot")]
+    IllegalChange {
+        /// The slot number.
+        slot: u32,
+        /// What was changed.
+        what: &'static str,
+    },
+    /// The new range overlaps another slot (EEXIST).
+    #[error("Slot {slot:#x} gfn range {start:#x}..{end:#x} overlaps slot {other:#x}")]
+    Overlap {
+        /// The slot number.
+        slot: u32,
+        /// First gfn.
+        start: u64,
+        /// One past the last gfn.
+        end: u64,
+        /// The slot it collides with.
+        other: u32,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, MemslotError>;
+
+/// Per-level huge-page disallow counters (KVM's `lpage_info`), for 2 MiB and 1 GiB.
+/// Non-zero means: no huge mapping at that level for gfns in that chunk.
+#[derive(Debug)]
+pub(crate) struct LpageInfo {
+    levels: [Box<[AtomicU32]>; 2],
+}
+
+impl LpageInfo {
+    fn new(base: Gfn, npages: u64, hva: Hva) -> LpageInfo {
+        let make = |level: Level| -> Box<[AtomicU32]> {
+            let pages = level.pages();
+            let first = base.0 >> level.gfn_shift();
+            let last = (base.0 + npages - 1) >> level.gfn_shift();
+            let n = (last - first + 1) as usize;
+            let v: Box<[AtomicU32]> = (0..n).map(|_| AtomicU32::new(0)).collect();
+            if base.0 & (pages - 1) != 0 {
+                v[0].fetch_add(1, Ordering::Relaxed);
+            }
+            if (base.0 + npages) & (pages - 1) != 0 {
+                v[n - 1].fetch_add(1, Ordering::Relaxed);
+            }
+            // If gfn and hva are not congruent modulo the huge size, no chunk can
+            // be mapped huge: the host's huge page would straddle two guest ones.
+            if (base.0 ^ (hva.0 >> 12)) & (pages - 1) != 0 {
+                for c in v.iter() {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            v
+        };
+        LpageInfo { levels: [make(Level::M2), make(Level::G1)] }
+    }
+
+    fn disallowed(&self, base: Gfn, gfn: Gfn, level: Level) -> bool {
+        let idx = ((gfn.0 >> level.gfn_shift()) - (base.0 >> level.gfn_shift())) as usize;
+        let arr = &self.levels[(level.get() - 2) as usize];
+        arr.get(idx).map_or(true, |c| c.load(Ordering::Relaxed) != 0)
+    }
+}
+
+/// One memslot. Immutable once published; a change makes a new `Memslot`.
+#[derive(Debug)]
+pub struct Memslot {
+    id: u16,
+    as_id: u16,
+    base_gfn: Gfn,
+    npages: u64,
+    userspace_addr: Hva,
+    flags: MemFlags,
+    /// Being deleted or moved (`KVM_MEMSLOT_INVALID`): faults retry.
+    invalid: bool,
+    lpage: Arc<LpageInfo>,
+    dirty_bitmap: Option<Arc<DirtyBitmap>>,
+}
+
+/// One bit per page, set when the page may have been written while dirty logging
+/// is on.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    words: Box<[AtomicU64]>,
+}
+
+impl DirtyBitmap {
+    fn new(npages: u64) -> Self {
+        DirtyBitmap { words: (0..npages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+    }
+    /// Mark page `rel` (relative to the slot) dirty.
+    pub fn set(&self, rel: u64) {
+        if let Some(w) = self.words.get((rel / 64) as usize) {
+            w.fetch_or(1 << (rel % 64), Ordering::Relaxed);
+        }
+    }
+    /// Whether page `rel` is marked.
+    pub fn test(&self, rel: u64) -> bool {
+        self.words.get((rel / 64) as usize).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (rel % 64)) != 0)
+    }
+    /// Number of marked pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+}
+
+impl Memslot {
+    /// Slot id within its address space.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+    /// Address space (0, or 1 for SMM).
+    pub fn as_id(&self) -> u16 {
+        self.as_id
+    }
+    /// First gfn.
+    pub fn base_gfn(&self) -> Gfn {
+        self.base_gfn
+    }
+    /// Size in pages.
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+    /// Host virtual address of the first page.
+    pub fn userspace_addr(&self) -> Hva {
+        self.userspace_addr
+    }
+    /// Flags.
+    pub fn flags(&self) -> MemFlags {
+        self.flags
+    }
+    /// Being deleted or moved.
+    pub fn is_invalid(&self) -> bool {
+        self.invalid
+    }
+    /// Guest writes exit to the VMM.
+    pub fn is_readonly(&self) -> bool {
+        self.flags.contains(MemFlags::READONLY)
+    }
+    /// Dirty logging is enabled.
+    pub fn dirty_logging(&self) -> bool {
+        self.flags.contains(MemFlags::LOG_DIRTY_PAGES)
+    }
+    /// The dirty bitmap, when logging.
+    pub fn dirty_bitmap(&self) -> Option<&DirtyBitmap> {
+        self.dirty_bitmap.as_deref()
+    }
+    /// The gfns of the slot.
+    pub fn gfn_range(&self) -> GfnRange {
+        GfnRange::new(self.base_gfn, self.base_gfn.add(self.npages))
+    }
+    /// Whether `gfn` lies in the slot.
+    pub fn contains(&self, gfn: Gfn) -> bool {
+        gfn.0 >= self.base_gfn.0 && gfn.0 - self.base_gfn.0 < self.npages
+    }
+    /// Host address of `gfn` (which must lie in the slot).
+    pub fn gfn_to_hva(&self, gfn: Gfn) -> Hva {
+        self.userspace_addr.add((gfn.0 - self.base_gfn.0) * PAGE_SIZE)
+    }
+    /// The uAPI slot number (address space in the upper half).
+    pub fn slot_number(&self) -> u32 {
+        ((self.as_id as u32) << 16) | self.id as u32
+    }
+
+    /// Largest level `gfn` may be mapped at, considering alignment, the slot's
+    /// disallow counters and dirty logging (never above `max`).
+    pub(crate) fn max_mapping_level(&self, gfn: Gfn, max: Level) -> Level {
+        if self.dirty_logging() {
+            return Level::K4;
+        }
+        let mut level = max.min(Level::MAX_HUGE);
+        while level > Level::K4 {
+            if !self.lpage.disallowed(self.base_gfn, gfn, level) {
+                return level;
+            }
+            level = level.lower().unwrap_or(Level::K4);
+        }
+        Level::K4
+    }
+
+    /// Record that `gfn` was (or may be) written.
+    pub(crate) fn mark_dirty(&self, gfn: Gfn) {
+        if let Some(b) = &self.dirty_bitmap {
+            b.set(gfn.0 - self.base_gfn.0);
+        }
+    }
+
+    fn hva_end(&self) -> u64 {
+        self.userspace_addr.0 + self.npages * PAGE_SIZE
+    }
+
+    /// The gfns whose host addresses intersect `range`, if any.
+    pub fn hva_range_to_gfns(&self, range: HvaRange) -> Option<GfnRange> {
+        let start = range.start.0.max(self.userspace_addr.0);
+        let end = range.end.0.min(self.hva_end());
+        if start >= end {
+            return None;
+        }
+        let first = self.base_gfn.0 + (start - self.userspace_addr.0) / PAGE_SIZE;
+        let last = self.base_gfn.0 + (end - self.userspace_addr.0).div_ceil(PAGE_SIZE);
+        Some(GfnRange::new(Gfn(first), Gfn(last)))
+    }
+
+    fn invalid_copy(&self) -> Memslot {
+        Memslot { invalid: true, ..self.clone_shallow() }
+    }
+
+    fn clone_shallow(&self) -> Memslot {
+        Memslot {
+            id: self.id,
+            as_id: self.as_id,
+            base_gfn: self.base_gfn,
+            npages: self.npages,
+            userspace_addr: self.userspace_addr,
+            flags: self.flags,
+            invalid: self.invalid,
+            lpage: self.lpage.clone(),
+            dirty_bitmap: self.dirty_bitmap.clone(),
+        }
+    }
+}
+
+/// The memslots of one address space.
+#[derive(Debug)]
+pub struct MemslotSet {
+    generation: AtomicU64,
+    /// Sorted by base gfn; gfn ranges never overlap.
+    by_gfn: Vec<Arc<Memslot>>,
+    /// Sorted by host address; host ranges may overlap (aliases).
+    by_hva: Vec<Arc<Memslot>>,
+    by_id: BTreeMap<u16, Arc<Memslot>>,
+    /// Largest slot in bytes, bounding how far back an hva query must look.
+    max_bytes: u64,
+}
+
+impl Clone for MemslotSet {
+    fn clone(&self) -> Self {
+        MemslotSet {
+            generation: AtomicU64::new(self.generation()),
+            by_gfn: self.by_gfn.clone(),
+            by_hva: self.by_hva.clone(),
+            by_id: self.by_id.clone(),
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+impl MemslotSet {
+    pub(crate) fn new(as_id: u16) -> Self {
+        MemslotSet {
+            generation: AtomicU64::new(as_id as u64),
+            by_gfn: Vec::new(),
+            by_hva: Vec::new(),
+            by_id: BTreeMap::new(),
+            max_bytes: 0,
+        }
+    }
+
+    /// The set's generation (bit 63 set while an update is being published).
+    pub fn generation(&self) -> u64 {
+        // Acquire: pairs with the Release store that finishes an update.
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_generation(&self, gen: u64) {
+        self.generation.store(gen, Ordering::Release);
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.by_gfn.len()
+    }
+
+    /// Whether there are no slots.
+    pub fn is_empty(&self) -> bool {
+        self.by_gfn.is_empty()
+    }
+
+    /// The slot containing `gfn`.
+    pub fn lookup(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
+        let idx = self.by_gfn.partition_point(|s| s.base_gfn.0 <= gfn.0);
+        let slot = self.by_gfn.get(idx.checked_sub(1)?)?;
+        slot.contains(gfn).then_some(slot)
+    }
+
+    /// The slot with this id.
+    pub fn by_id(&self, id: u16) -> Option<&Arc<Memslot>> {
+        self.by_id.get(&id)
+    }
+
+    /// All slots in gfn order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
+        self.by_gfn.iter()
+    }
+
+    /// Slots whose host range intersects `range`, with the intersecting gfns.
+    pub fn for_each_hva_overlap(&self, range: HvaRange, mut f: impl FnMut(&Arc<Memslot>, GfnRange)) {
+        if range.is_empty() {
+            return;
+        }
+        let lower = range.start.0.saturating_sub(self.max_bytes);
+        let first = self.by_hva.partition_point(|s| s.userspace_addr.0 < lower);
+        for slot in &self.by_hva[first..] {
+            if slot.userspace_addr.0 >= range.end.0 {
+                break;
+            }
+            if let Some(g) = slot.hva_range_to_gfns(range) {
+                f(slot, g);
+            }
+        }
+    }
+
+    /// The first slot (other than `except`) whose gfns overlap `range`.
+    fn overlapping(&self, range: GfnRange, except: Option<u16>) -> Option<&Arc<Memslot>> {
+        let idx = self.by_gfn.partition_point(|s| s.base_gfn.0 < range.end.0);
+        self.by_gfn[..idx]
+            .iter()
+            .rev()
+            .take_while(|s| s.base_gfn.0 + s.npages > range.start.0 || Some(s.id) == except)
+            .find(|s| Some(s.id) != except && s.base_gfn.0 + s.npages > range.start.0)
+    }
+
+    fn insert(&mut self, slot: Arc<Memslot>) {
+        let i = self.by_gfn.partition_point(|s| s.base_gfn.0 < slot.base_gfn.0);
+        self.by_gfn.insert(i, slot.clone());
+        let key = (slot.userspace_addr.0, slot.id);
+        let j = self.by_hva.partition_point(|s| (s.userspace_addr.0, s.id) < key);
+        self.by_hva.insert(j, slot.clone());
+        self.max_bytes = self.max_bytes.max(slot.npages * PAGE_SIZE);
+        self.by_id.insert(slot.id, slot);
+    }
+
+    fn remove(&mut self, id: u16) -> Option<Arc<Memslot>> {
+        let slot = self.by_id.remove(&id)?;
+        self.by_gfn.retain(|s| s.id != id);
+        self.by_hva.retain(|s| s.id != id);
+        if slot.npages * PAGE_SIZE == self.max_bytes {
+            self.max_bytes = self.by_gfn.iter().map(|s| s.npages * PAGE_SIZE).max().unwrap_or(0);
+        }
+        Some(slot)
+    }
+
+    /// Apply one step of an update.
+    pub(crate) fn apply(&mut self, op: &SetOp) {
+        match op {
+            SetOp::Insert(s) => self.insert(s.clone()),
+            SetOp::Remove(id) => {
+                self.remove(*id);
+            }
+            SetOp::Replace(id, s) => {
+                self.remove(*id);
+                self.insert(s.clone());
+            }
+        }
+    }
+}
+
+/// One mutation of a set, applied to both copies.
+#[derive(Debug, Clone)]
+pub(crate) enum SetOp {
+    Insert(Arc<Memslot>),
+    Remove(u16),
+    Replace(u16, Arc<Memslot>),
+}
+
+/// What an update does (`enum kvm_mr_change`).
+#[derive(Debug)]
+pub(crate) enum Change {
+    Create(Arc<Memslot>),
+    Delete(Arc<Memslot>),
+    Move { old: Arc<Memslot>, new: Arc<Memslot> },
+    FlagsOnly { old: Arc<Memslot>, new: Arc<Memslot> },
+    Nothing,
+}
+
+impl Change {
+    /// The invalid copy that faults see while a delete or move zaps.
+    pub(crate) fn invalid_copy(old: &Memslot) -> Arc<Memslot> {
+        Arc::new(old.invalid_copy())
+    }
+}
+
+/// Validate `region` against the current set and classify it, like
+/// `kvm_set_memory_region` (all checks happen before anything changes).
+pub(crate) fn classify(
+    set: &MemslotSet,
+    region: &UserMemoryRegion,
+    address_spaces: u16,
+    gfn_limit: u64,
+) -> Result<Change> {
+    let flags = MemFlags::from_bits(region.flags)
+        .filter(|f| SUPPORTED_FLAGS.contains(*f))
+        .ok_or(MemslotError::InvalidFlags { flags: region.flags, supported: SUPPORTED_FLAGS.bits() })?;
+    let as_id = (region.slot >> 16) as u16;
+    let id = region.slot & 0xffff;
+    if as_id >= address_spaces || id >= USER_MEM_SLOTS {
+        return Err(MemslotError::InvalidSlot { slot: region.slot, spaces: address_spaces, max: USER_MEM_SLOTS });
+    }
+    let id = id as u16;
+    for (what, value) in [
+        ("size", region.memory_size),
+        ("guest physical address", region.guest_phys_addr),
+        ("userspace address", region.userspace_addr),
+    ] {
+        if value % PAGE_SIZE != 0 {
+            return Err(MemslotError::Unaligned { what, value });
+        }
+    }
+    let out_of_range = || MemslotError::OutOfRange {
+        gpa: region.guest_phys_addr,
+        size: region.memory_size,
+        hva: region.userspace_addr,
+    };
+    let gpa_end = region.guest_phys_addr.checked_add(region.memory_size).ok_or_else(out_of_range)?;
+    let hva_end = region.userspace_addr.checked_add(region.memory_size).ok_or_else(out_of_range)?;
+    if hva_end > USER_ADDR_LIMIT {
+        return Err(out_of_range());
+    }
+    let npages = region.memory_size / PAGE_SIZE;
+    if npages > MEM_MAX_NR_PAGES || (npages > 0 && (gpa_end / PAGE_SIZE) > gfn_limit) {
+        return Err(out_of_range());
+    }
+
+    let old = set.by_id(id).cloned();
+    if npages == 0 {
+        return match old {
+            Some(old) => Ok(Change::Delete(old)),
+            None => Err(MemslotError::NoSuchSlot { slot: region.slot }),
+        };
+    }
+    let base_gfn = Gfn(region.guest_phys_addr / PAGE_SIZE);
+    let hva = Hva(region.userspace_addr);
+    let check_overlap = |except: Option<u16>| -> Result<()> {
+        let range = GfnRange::new(base_gfn, base_gfn.add(npages));
+        match set.overlapping(range, except) {
+            Some(o) => Err(MemslotError::Overlap {
+                slot: region.slot,
+                start: range.start.0,
+                end: range.end.0,
+                other: o.slot_number(),
+            }),
+            None => Ok(()),
+        }
+    };
+    let dirty = |flags: MemFlags, old: Option<&Memslot>| -> Option<Arc<DirtyBitmap>> {
+        if !flags.contains(MemFlags::LOG_DIRTY_PAGES) {
+            return None;
+        }
+        old.and_then(|o| o.dirty_bitmap.clone()).or_else(|| Some(Arc::new(DirtyBitmap::new(npages))))
+    };
+    match old {
+        None => {
+            check_overlap(None)?;
+            Ok(Change::Create(Arc::new(Memslot {
+                id,
+                as_id,
+                base_gfn,
+                npages,
+                userspace_addr: hva,
+                flags,
+                invalid: false,
+                lpage: Arc::new(LpageInfo::new(base_gfn, npages, hva)),
+                dirty_bitmap: dirty(flags, None),
+            })))
+        }
+        Some(old) => {
+            if old.userspace_addr != hva {
+                return Err(MemslotError::IllegalChange { slot: region.slot, what: "the userspace address" });
+            }
+            if old.npages != npages {
+                return Err(MemslotError::IllegalChange { slot: region.slot, what: "the size" });
+            }
+            if (old.flags ^ flags).contains(MemFlags::READONLY) {
+                return Err(MemslotError::IllegalChange { slot: region.slot, what: "read-only-ness" });
+            }
+            if old.base_gfn != base_gfn {
+                check_overlap(Some(id))?;
+                let new = Arc::new(Memslot {
+                    base_gfn,
+                    flags,
+                    invalid: false,
+                    lpage: Arc::new(LpageInfo::new(base_gfn, npages, hva)),
+                    dirty_bitmap: dirty(flags, Some(&old)),
+                    ..old.clone_shallow()
+                });
+                return Ok(Change::Move { old, new });
+            }
+            if old.flags != flags {
+                let new = Arc::new(Memslot { flags, dirty_bitmap: dirty(flags, Some(&old)), ..old.clone_shallow() });
+                return Ok(Change::FlagsOnly { old, new });
+            }
+            Ok(Change::Nothing)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(slot: u32, gpa: u64, size: u64, hva: u64) -> UserMemoryRegion {
+        UserMemoryRegion { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva }
+    }
+
+    fn create(set: &mut MemslotSet, r: UserMemoryRegion) -> Result<()> {
+        match classify(set, &r, 2, 1 << 34)? {
+            Change::Create(s) => {
+                set.apply(&SetOp::Insert(s));
+                Ok(())
+            }
+            other => panic!("expected create, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_memslot_create_lookup_and_overlap_is_eexist() {
+        let mut set = MemslotSet::new(0);
+        create(&mut set, region(1, 0x10_0000, 0x20_0000, 0x4000_0000)).unwrap();
+        create(&mut set, region(2, 0x40_0000, 0x1000, 0x5000_0000)).unwrap();
+        assert_eq!(set.lookup(Gfn(0x100)).map(|s| s.id()), Some(1));
+        assert_eq!(set.lookup(Gfn(0x2ff)).map(|s| s.id()), Some(1));
+        assert!(set.lookup(Gfn(0x300)).is_none());
+        assert_eq!(set.lookup(Gfn(0x400)).map(|s| s.id()), Some(2));
+        let err = classify(&set, &region(3, 0x1f_f000, 0x2000, 0x6000_0000), 2, 1 << 34).unwrap_err();
+        assert!(matches!(err, MemslotError::Overlap { other: 1, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn test_memslot_validation_errors() {
+        let set = MemslotSet::new(0);
+        let bad = |r: UserMemoryRegion| classify(&set, &r, 2, 1 << 34).unwrap_err();
+        assert!(matches!(bad(region(1, 0x1001, 0x1000, 0)), MemslotError::Unaligned { .. }));
+        assert!(matches!(bad(region(1, 0, 0x1800, 0)), MemslotError::Unaligned { .. }));
+        assert!(matches!(bad(region(1, 0, 0x1000, 0x10)), MemslotError::Unaligned { .. }));
+        assert!(matches!(bad(region(40000, 0, 0x1000, 0)), MemslotError::InvalidSlot { .. }));
+        assert!(matches!(bad(region(2 << 16, 0, 0x1000, 0)), MemslotError::InvalidSlot { .. }));
+        assert!(matches!(bad(region(1, u64::MAX - 0xfff, 0x2000, 0)), MemslotError::OutOfRange { .. }));
+        assert!(matches!(bad(region(1, 1 << 46, 0x1000, 0)), MemslotError::OutOfRange { .. }));
+        assert!(matches!(bad(region(1, 0, 0, 0)), MemslotError::NoSuchSlot { .. }));
+        let mut r = region(1, 0, 0x1000, 0);
+        r.flags = 1 << 7;
+        assert!(matches!(bad(r), MemslotError::InvalidFlags { .. }));
+        r.flags = MemFlags::GUEST_MEMFD.bits();
+        assert!(matches!(bad(r), MemslotError::InvalidFlags { .. }));
+    }
+
+    #[test]
+    fn test_memslot_modify_rules() {
+        let mut set = MemslotSet::new(0);
+        create(&mut set, region(1, 0x10_0000, 0x20_0000, 0x4000_0000)).unwrap();
+        let c = |r: UserMemoryRegion| classify(&set, &r, 2, 1 << 34);
+        assert!(matches!(c(region(1, 0x10_0000, 0x20_0000, 0x4000_0000)), Ok(Change::Nothing)));
+        assert!(matches!(c(region(1, 0x80_0000, 0x20_0000, 0x4000_0000)), Ok(Change::Move { .. })));
+        assert!(matches!(c(region(1, 0x10_0000, 0x20_0000, 0x5000_0000)), Err(MemslotError::IllegalChange { .. })));
+        assert!(matches!(c(region(1, 0x10_0000, 0x10_0000, 0x4000_0000)), Err(MemslotError::IllegalChange { .. })));
+        let mut r = region(1, 0x10_0000, 0x20_0000, 0x4000_0000);
+        r.flags = MemFlags::READONLY.bits();
+        assert!(matches!(c(r), Err(MemslotError::IllegalChange { .. })));
+        r.flags = MemFlags::LOG_DIRTY_PAGES.bits();
+        assert!(matches!(c(r), Ok(Change::FlagsOnly { .. })));
+        // A move may overlap its own old range.
+        assert!(matches!(c(region(1, 0x11_0000, 0x20_0000, 0x4000_0000)), Ok(Change::Move { .. })));
+    }
+
+    #[test]
+    fn test_memslot_huge_levels_follow_alignment() {
+        let mut set = MemslotSet::new(0);
+        // 4 MiB + 4 KiB at 2 MiB, hva congruent at 2M but not at 1G.
+        create(&mut set, region(1, 0x20_0000, 0x40_1000, 0x7000_0020_0000)).unwrap();
+        let s = set.by_id(1).unwrap().clone();
+        assert_eq!(s.max_mapping_level(Gfn(0x200), Level::G1), Level::M2);
+        assert_eq!(s.max_mapping_level(Gfn(0x400), Level::G1), Level::M2);
+        assert_eq!(s.max_mapping_level(Gfn(0x600), Level::G1), Level::K4, "tail chunk partial");
+        // hva misaligned with gfn at 2M: no huge mappings anywhere.
+        create(&mut set, region(2, 0x4000_0000, 0x40_0000, 0x7100_0000_1000)).unwrap();
+        let s2 = set.by_id(2).unwrap().clone();
+        assert_eq!(s2.max_mapping_level(Gfn(0x40000), Level::G1), Level::K4);
+    }
+
+    #[test]
+    fn test_memslot_hva_overlap_with_aliases() {
+        let mut set = MemslotSet::new(0);
+        create(&mut set, region(1, 0, 0x10_0000, 0x1000_0000)).unwrap();
+        create(&mut set, region(2, 0x100_0000, 0x10_0000, 0x1000_0000)).unwrap();
+        create(&mut set, region(3, 0x200_0000, 0x1000, 0x2000_0000)).unwrap();
+        let mut hits = vec![];
+        set.for_each_hva_overlap(HvaRange::new(Hva(0x1000_2000), Hva(0x1000_3001)), |s, g| hits.push((s.id(), g)));
+        hits.sort_by_key(|h| h.0);
+        assert_eq!(hits.len(), 2);
+        assert_eq!(hits[0].1, GfnRange::new(Gfn(2), Gfn(4)));
+        assert_eq!(hits[1].1, GfnRange::new(Gfn(0x1002), Gfn(0x1004)));
+        let mut none = 0;
+        set.for_each_hva_overlap(HvaRange::new(Hva(0x3000_0000), Hva(0x3000_1000)), |_, _| none += 1);
+        assert_eq!(none, 0);
+    }
+}

@@ -1,0 +1,247 @@
+//! Invalidation state: the sequence count, the in-progress count and the merged
+//! range that let a fault detect that the frame it looked up may be stale.
+//!
+//! Writers (`begin`, `range_add`, `end`) run with `mmu_lock` held for write.
+//! Readers use either the locked check (under `mmu_lock`, exact) or the unlocked
+//! check (lock-free, may err either way, used to retry early and always followed by
+//! the locked one).
+//!
+//! Why the locked check is enough (proof sketch). A fault snapshots `seq` (Acquire)
+//! before it asks the host for a frame. The host changes a mapping only after
+//! `invalidate_range_start` for it returned, and that call ran `begin` and
+//! `range_add` under the write lock. When the fault later takes `mmu_lock`, either
+//! (1) its critical section precedes the invalidation's: whatever it installs is
+//! then zapped by that invalidation; or (2) it follows `begin`: if `end` has not run,
+//! `in_progress > 0` and the range covers the gfn; if `end` has run, `seq` was
+//! incremented under the same lock and differs from the snapshot. Either way it
+//! retries instead of installing the old frame.
+
+use std::panic::Location;
+
+use crate::sync::lockdep::{Held, LockClass};
+use crate::sync::{AtomicI64, AtomicU64, Condvar, Mutex, MmuWriteGuard, Ordering};
+use crate::types::{Gfn, GfnRange};
+
+/// "No range recorded".
+const INVALID_GFN: u64 = u64::MAX;
+
+/// `mmu_invalidate_seq`, `mmu_invalidate_in_progress` and the merged range.
+#[derive(Debug)]
+pub(crate) struct InvalidateState {
+    seq: AtomicU64,
+    in_progress: AtomicI64,
+    range_start: AtomicU64,
+    range_end: AtomicU64,
+    /// begin/end pairs that never recorded a range (KVM warns about these).
+    empty_pairs: AtomicU64,
+    range_added: AtomicU64,
+}
+
+impl InvalidateState {
+    pub(crate) fn new() -> Self {
+        InvalidateState {
+            seq: AtomicU64::new(0),
+            in_progress: AtomicI64::new(0),
+            range_start: AtomicU64::new(INVALID_GFN),
+            range_end: AtomicU64::new(INVALID_GFN),
+            empty_pairs: AtomicU64::new(0),
+            range_added: AtomicU64::new(0),
+        }
+    }
+
+    /// Snapshot the sequence for a fault. Acquire: loads that follow (the host's
+    /// page tables) cannot be satisfied before this one; pairs with the Release
+    /// decrement in [`InvalidateState::end`].
+    pub(crate) fn snapshot(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Start an invalidation (`kvm_mmu_invalidate_begin`).
+    pub(crate) fn begin(&self, _lock: &MmuWriteGuard<'_>) {
+        // Relaxed everywhere on the writer side: the write lock orders these
+        // stores against locked readers; unlocked readers only need `end`'s edge.
+        let n = self.in_progress.load(Ordering::Relaxed) + 1;
+        self.in_progress.store(n, Ordering::Relaxed);
+        if n == 1 {
+            self.range_start.store(INVALID_GFN, Ordering::Relaxed);
+            self.range_end.store(INVALID_GFN, Ordering::Relaxed);
+            self.range_added.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Widen the in-progress range to cover `range` (`kvm_mmu_invalidate_range_add`).
+    /// Ranges only grow until every concurrent invalidation has ended: a deliberate
+    /// over-approximation.
+    pub(crate) fn range_add(&self, range: GfnRange, _lock: &MmuWriteGuard<'_>) {
+        debug_assert!(self.in_progress.load(Ordering::Relaxed) > 0);
+        let start = self.range_start.load(Ordering::Relaxed);
+        if start == INVALID_GFN {
+            self.range_start.store(range.start.0, Ordering::Relaxed);
+            self.range_end.store(range.end.0, Ordering::Relaxed);
+        } else {
+            self.range_start.store(start.min(range.start.0), Ordering::Relaxed);
+            let end = self.range_end.load(Ordering::Relaxed);
+            self.range_end.store(end.max(range.end.0), Ordering::Relaxed);
+        }
+        self.range_added.store(1, Ordering::Relaxed);
+    }
+
+    /// End an invalidation (`kvm_mmu_invalidate_end`): bump the sequence, then drop
+    /// the in-progress count.
+    pub(crate) fn end(&self, _lock: &MmuWriteGuard<'_>) {
+        if self.range_added.load(Ordering::Relaxed) == 0 {
+            self.empty_pairs.fetch_add(1, Ordering::Relaxed);
+        }
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        // Release: an unlocked reader that sees the decremented count also sees the
+        // incremented sequence (KVM's smp_wmb); pairs with the Acquire load in
+        // `retry_gfn_unsafe`.
+        let prev = self.in_progress.fetch_sub(1, Ordering::Release);
+        debug_assert!(prev > 0, "invalidate end without begin");
+    }
+
+    /// The exact check, `mmu_lock` held (read or write): must the fault that took
+    /// snapshot `seq` for `gfn` retry?
+    pub(crate) fn retry_gfn(&self, seq: u64, gfn: Gfn) -> bool {
+        // Relaxed: mmu_lock orders these loads after every writer's stores.
+        if self.in_progress.load(Ordering::Relaxed) != 0 {
+            let start = self.range_start.load(Ordering::Relaxed);
+            let end = self.range_end.load(Ordering::Relaxed);
+            // No range yet means a begin is still in progress: retry to be safe.
+            if start == INVALID_GFN || (gfn.0 >= start && gfn.0 < end) {
+                return true;
+            }
+        }
+        self.seq.load(Ordering::Relaxed) != seq
+    }
+
+    /// The lock-free check (`mmu_invalidate_retry_gfn_unsafe`). May say "retry" when
+    /// the locked check would not, and may miss an invalidation that is starting;
+    /// never a substitute for [`InvalidateState::retry_gfn`].
+    pub(crate) fn retry_gfn_unsafe(&self, seq: u64, gfn: Gfn) -> bool {
+        // Acquire: pairs with the Release in `end`, so seeing the count drop means
+        // the sequence load below sees the bump.
+        if self.in_progress.load(Ordering::Acquire) != 0 {
+            // The range may be stale; a stale range only costs a spurious retry or
+            // defers the decision to the locked check.
+            let start = self.range_start.load(Ordering::Relaxed);
+            let end = self.range_end.load(Ordering::Relaxed);
+            if gfn.0 >= start && gfn.0 < end {
+                return true;
+            }
+        }
+        self.seq.load(Ordering::Relaxed) != seq
+    }
+
+    /// Number of invalidations currently in progress.
+    pub(crate) fn in_progress(&self) -> i64 {
+        self.in_progress.load(Ordering::Acquire)
+    }
+
+    /// begin/end pairs that recorded no range.
+    pub(crate) fn empty_pairs(&self) -> u64 {
+        self.empty_pairs.load(Ordering::Relaxed)
+    }
+}
+
+/// `mn_active_invalidate_count`: notifier invalidations between start and end.
+/// Memslot installs wait for it to be zero, because start and end must see the same
+/// memslots to take and release `mmu_lock` (and the in-progress count) in pairs.
+#[derive(Debug)]
+pub(crate) struct ActiveInvalidations {
+    count: Mutex<u64>,
+    idle: Condvar,
+}
+
+impl ActiveInvalidations {
+    pub(crate) fn new() -> Self {
+        ActiveInvalidations { count: Mutex::new(LockClass::MnInvalidateLock, 0), idle: Condvar::new() }
+    }
+
+    /// A notifier invalidation starts.
+    #[track_caller]
+    pub(crate) fn inc(&self) {
+        *self.count.lock() += 1;
+    }
+
+    /// A notifier invalidation ended; wake the installer if it was the last.
+    #[track_caller]
+    pub(crate) fn dec(&self) {
+        let mut c = self.count.lock();
+        debug_assert!(*c > 0);
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Wait until no notifier invalidation is active, then run `publish` while
+    /// still holding the lock, so no new one can start in between. Like KVM's open
+    /// coded wait, this is unfair: a stream of notifiers can delay the installer.
+    #[track_caller]
+    pub(crate) fn publish_when_idle<R>(&self, skip_wait: bool, publish: impl FnOnce() -> R) -> R {
+        let mut c = self.count.lock();
+        while *c != 0 && !skip_wait {
+            self.idle.wait(&mut c);
+        }
+        publish()
+    }
+}
+
+/// Pseudo-lock marking "inside an mmu_notifier callback" for the order checker.
+#[track_caller]
+pub(crate) fn notifier_section() -> Held {
+    Held::acquire(LockClass::NotifierCallback, Location::caller())
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::stats::CounterSet;
+    use crate::sync::MmuLock;
+
+    #[test]
+    fn test_invalidate_retry_inside_range_until_end_then_seq() {
+        let lock = MmuLock::new();
+        let st = CounterSet::default();
+        let inv = InvalidateState::new();
+        let seq = inv.snapshot();
+        assert!(!inv.retry_gfn(seq, Gfn(5)));
+        {
+            let w = lock.write(&st.lock);
+            inv.begin(&w);
+            inv.range_add(GfnRange::new(Gfn(4), Gfn(8)), &w);
+        }
+        assert!(inv.retry_gfn(seq, Gfn(5)));
+        assert!(inv.retry_gfn_unsafe(seq, Gfn(5)));
+        assert!(!inv.retry_gfn(seq, Gfn(8)), "outside the range, same seq");
+        {
+            let w = lock.write(&st.lock);
+            inv.end(&w);
+        }
+        assert!(inv.retry_gfn(seq, Gfn(100)), "seq moved");
+        let seq2 = inv.snapshot();
+        assert!(!inv.retry_gfn(seq2, Gfn(5)));
+    }
+
+    #[test]
+    fn test_invalidate_concurrent_ranges_merge_until_all_end() {
+        let lock = MmuLock::new();
+        let st = CounterSet::default();
+        let inv = InvalidateState::new();
+        let seq = inv.snapshot();
+        let w = lock.write(&st.lock);
+        inv.begin(&w);
+        inv.range_add(GfnRange::new(Gfn(10), Gfn(20)), &w);
+        inv.begin(&w);
+        inv.range_add(GfnRange::new(Gfn(30), Gfn(40)), &w);
+        inv.end(&w);
+        // One still in progress: the merged range [10, 40) still covers 25.
+        assert_eq!(inv.in_progress(), 1);
+        assert!(inv.retry_gfn(inv.snapshot(), Gfn(25)));
+        inv.end(&w);
+        assert_eq!(inv.in_progress(), 0);
+        assert!(inv.retry_gfn(seq, Gfn(25)));
+        assert!(!inv.retry_gfn(inv.snapshot(), Gfn(25)));
+    }
+}

@@ -1,0 +1,225 @@
+//! Counters, per VM and per vCPU.
+//!
+//! Every counter exists once in [`CounterSet`] (atomics, bumped with relaxed
+//! increments by whoever does the work) and once in [`Stats`] (a plain snapshot).
+//! Faults count into their vCPU's set, VM-wide work (notifiers, memslot changes,
+//! fast zaps) into the VM's set, so hot counters never share a cache line between
+//! vCPUs. A VM-level snapshot is the sum of all sets.
+
+use crate::sync::{AtomicU64, LockStats, Ordering};
+use crate::types::Level;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Live counters (atomics).
+        #[derive(Debug, Default)]
+        pub struct CounterSet {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+            /// `mmu_lock` acquisitions made by this set's owner.
+            pub lock: LockStats,
+        }
+
+        /// A snapshot of counters.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Stats {
+            $($(#[doc = $doc])* pub $name: u64,)*
+            /// `mmu_lock` taken for read.
+            pub mmu_lock_read: u64,
+            /// `mmu_lock` taken for write.
+            pub mmu_lock_write: u64,
+            /// Read acquisitions that had to wait.
+            pub mmu_lock_read_contended: u64,
+            /// Write acquisitions that had to wait.
+            pub mmu_lock_write_contended: u64,
+        }
+
+        impl CounterSet {
+            /// Add this set's values into `s`.
+            pub fn accumulate(&self, s: &mut Stats) {
+                $(s.$name += self.$name.load(Ordering::Relaxed);)*
+                s.mmu_lock_read += self.lock.read.load(Ordering::Relaxed);
+                s.mmu_lock_write += self.lock.write.load(Ordering::Relaxed);
+                s.mmu_lock_read_contended += self.lock.read_contended.load(Ordering::Relaxed);
+                s.mmu_lock_write_contended += self.lock.write_contended.load(Ordering::Relaxed);
+            }
+
+            /// Add a snapshot's values into this set (a departing vCPU's counts).
+            pub fn absorb(&self, s: &Stats) {
+                $(Self::add(&self.$name, s.$name);)*
+                Self::add(&self.lock.read, s.mmu_lock_read);
+                Self::add(&self.lock.write, s.mmu_lock_write);
+                Self::add(&self.lock.read_contended, s.mmu_lock_read_contended);
+                Self::add(&self.lock.write_contended, s.mmu_lock_write_contended);
+            }
+        }
+
+        impl Stats {
+            /// Every counter by name, in declaration order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![
+                    $((stringify!($name), self.$name),)*
+                    ("mmu_lock_read", self.mmu_lock_read),
+                    ("mmu_lock_write", self.mmu_lock_write),
+                    ("mmu_lock_read_contended", self.mmu_lock_read_contended),
+                    ("mmu_lock_write_contended", self.mmu_lock_write_contended),
+                ]
+            }
+
+            /// `self - earlier`, counter by counter (saturating).
+            pub fn since(&self, earlier: &Stats) -> Stats {
+                Stats {
+                    $($name: self.$name.saturating_sub(earlier.$name),)*
+                    mmu_lock_read: self.mmu_lock_read.saturating_sub(earlier.mmu_lock_read),
+                    mmu_lock_write: self.mmu_lock_write.saturating_sub(earlier.mmu_lock_write),
+                    mmu_lock_read_contended: self.mmu_lock_read_contended.saturating_sub(earlier.mmu_lock_read_contended),
+                    mmu_lock_write_contended: self.mmu_lock_write_contended.saturating_sub(earlier.mmu_lock_write_contended),
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Page faults handled (`pf_taken`).
+    faults,
+    /// Faults that installed a mapping (`pf_fixed`), including fast-path fixes.
+    faults_fixed,
+    /// Faults that found the access already allowed (`pf_spurious`).
+    faults_spurious,
+    /// Faults that asked the vCPU to retry.
+    faults_retry,
+    /// Faults sent to emulation: MMIO or writes to read-only memslots (`pf_emulate`).
+    faults_emulate,
+    /// Write faults on write-protected gfns.
+    faults_write_protected,
+    /// Faults that ended in an error returned to the VMM (memory fault, EFAULT).
+    faults_error,
+    /// Faults fixed by the lockless fast path (`pf_fast`).
+    fast_path_fixed,
+    /// Faults the fast path found already fixed.
+    fast_path_spurious,
+    /// Retries decided by the pre-check, before the host was asked for the pfn.
+    precheck_retries,
+    /// Retries decided by the unlocked check after the host returned the pfn.
+    postcheck_retries,
+    /// Retries decided by the locked invalidation check (sequence or range).
+    locked_retries,
+    /// Retries because the root had become obsolete.
+    stale_root_retries,
+    /// Retries because a compare-and-exchange on an entry lost a race.
+    map_retries,
+    /// Retries because the memslot was being deleted or moved.
+    invalid_slot_retries,
+    /// MMIO entries created.
+    mmio_sptes_created,
+    /// Faults answered from a cached MMIO entry.
+    mmio_fast_hits,
+    /// Yields of `mmu_lock` by long walks.
+    yields,
+    /// Local TLB flushes requested (root loads, flush requests processed).
+    tlb_flush_local,
+    /// Remote TLB flush requests issued (each kicks and waits for all vCPUs).
+    tlb_flush_remote,
+    /// Page-table pages linked into tables (roots excluded).
+    tables_allocated,
+    /// Page-table pages unlinked and handed to RCU for freeing (roots excluded).
+    tables_freed,
+    /// Roots created.
+    roots_created,
+    /// Roots invalidated.
+    roots_invalidated,
+    /// Roots freed (last reference dropped).
+    roots_freed,
+    /// Obsolete roots a vCPU dropped while handling "free obsolete roots".
+    obsolete_roots_dropped,
+    /// Cached previous roots that were still valid and kept.
+    prev_roots_kept,
+    /// Root switches satisfied from the previous-roots cache.
+    prev_root_hits,
+    /// Leaf entries installed by faults at 4 KiB.
+    leaves_mapped_4k,
+    /// Leaf entries installed by faults at 2 MiB.
+    leaves_mapped_2m,
+    /// Leaf entries installed by faults at 1 GiB.
+    leaves_mapped_1g,
+    /// Present 4 KiB leaves created (by faults or splits).
+    present_4k_added,
+    /// Present 4 KiB leaves removed.
+    present_4k_removed,
+    /// Present 2 MiB leaves created.
+    present_2m_added,
+    /// Present 2 MiB leaves removed.
+    present_2m_removed,
+    /// Present 1 GiB leaves created.
+    present_1g_added,
+    /// Present 1 GiB leaves removed.
+    present_1g_removed,
+    /// Huge leaves split into tables by faults.
+    huge_splits,
+    /// Leaf entries zapped.
+    leaves_zapped,
+    /// `invalidate_range_start` calls.
+    invalidations,
+    /// Invalidations that overlapped a memslot (and took `mmu_lock`).
+    invalidations_with_slots,
+    /// Aging callbacks (clear/test young).
+    aging_calls,
+    /// Entries aged (made old).
+    entries_aged,
+    /// Entries write-protected.
+    entries_write_protected,
+    /// Memslot updates published.
+    memslot_updates,
+    /// Fast zaps of all roots.
+    fast_zaps,
+    /// Internal invariant violations detected (a present leaf replaced by another
+    /// frame without a zap, an illegal writable combination). Always a bug.
+    invariant_violations,
+}
+
+impl Stats {
+    /// Present leaves currently mapped at `level`.
+    pub fn present(&self, level: Level) -> u64 {
+        match level.get() {
+            1 => self.present_4k_added.saturating_sub(self.present_4k_removed),
+            2 => self.present_2m_added.saturating_sub(self.present_2m_removed),
+            _ => self.present_1g_added.saturating_sub(self.present_1g_removed),
+        }
+    }
+}
+
+impl CounterSet {
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        if n != 0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn leaf_added(&self, level: Level, n: u64) {
+        match level.get() {
+            1 => Self::add(&self.present_4k_added, n),
+            2 => Self::add(&self.present_2m_added, n),
+            _ => Self::add(&self.present_1g_added, n),
+        }
+    }
+
+    pub(crate) fn leaf_removed(&self, level: Level, n: u64) {
+        match level.get() {
+            1 => Self::add(&self.present_4k_removed, n),
+            2 => Self::add(&self.present_2m_removed, n),
+            _ => Self::add(&self.present_1g_removed, n),
+        }
+    }
+
+    pub(crate) fn leaf_mapped(&self, level: Level) {
+        match level.get() {
+            1 => Self::inc(&self.leaves_mapped_4k),
+            2 => Self::inc(&self.leaves_mapped_2m),
+            _ => Self::inc(&self.leaves_mapped_1g),
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! RCU for page-table pages: readers pin, writers defer frees until every reader
+//! that might see the old memory has unpinned.
+//!
+//! Backed by one crossbeam-epoch `Collector` per VM, so destroying a VM runs every
+//! deferred free of that VM (KVM's `rcu_barrier()` at teardown) without waiting on
+//! unrelated VMs. Under loom, deferred frees are queued and run when the VM drops:
+//! never early, which is all the protocol models need.
+
+use std::marker::PhantomData;
+
+/// Per-VM RCU domain.
+pub(crate) struct Rcu {
+    #[cfg(not(loom))]
+    collector: crossbeam_epoch::Collector,
+    #[cfg(loom)]
+    deferred: super::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for Rcu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rcu")
+    }
+}
+
+/// A long-lived reader registration, one per vCPU, so pinning on the fault path is
+/// a couple of thread-local operations.
+pub(crate) struct RcuReader {
+    #[cfg(not(loom))]
+    handle: crossbeam_epoch::LocalHandle,
+}
+
+impl std::fmt::Debug for RcuReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RcuReader")
+    }
+}
+
+// SAFETY: a `LocalHandle` is `!Send` because its `Local` keeps per-thread state in
+// `Cell`s. That state has no thread identity: it is only unsafe to touch from two
+// threads at once. `RcuReader` is not `Sync`, every pin borrows it, and the
+// resulting guard is `!Send` and cannot outlive the borrow, so no guard exists
+// while the reader moves; moving it to another thread (which synchronises) is
+// then like handing a plain struct over.
+unsafe impl Send for RcuReader {}
+
+/// A read-side critical section. Memory retired while it is alive is not freed
+/// before it ends.
+pub(crate) struct RcuGuard<'a> {
+    #[cfg(not(loom))]
+    guard: crossbeam_epoch::Guard,
+    #[cfg(loom)]
+    rcu: &'a Rcu,
+    _p: PhantomData<&'a Rcu>,
+}
+
+impl Rcu {
+    pub(crate) fn new() -> Self {
+        Rcu {
+            #[cfg(not(loom))]
+            collector: crossbeam_epoch::Collector::new(),
+            #[cfg(loom)]
+            deferred: super::Mutex::new(super::LockClass::Leaf, Vec::new()),
+        }
+    }
+
+    /// Register a long-lived reader (one per vCPU).
+    pub(crate) fn register(&self) -> RcuReader {
+        RcuReader {
+            #[cfg(not(loom))]
+            handle: self.collector.register(),
+        }
+    }
+
+    /// Enter a read-side section from a thread without a registered reader.
+    pub(crate) fn read_lock(&self) -> RcuGuard<'_> {
+        #[cfg(not(loom))]
+        {
+            let handle = self.collector.register();
+            RcuGuard { guard: handle.pin(), _p: PhantomData }
+        }
+        #[cfg(loom)]
+        {
+            RcuGuard { rcu: self, _p: PhantomData }
+        }
+    }
+
+    /// Enter a read-side section through a registered reader.
+    pub(crate) fn read_lock_with<'a>(&'a self, reader: &'a RcuReader) -> RcuGuard<'a> {
+        #[cfg(not(loom))]
+        {
+            RcuGuard { guard: reader.handle.pin(), _p: PhantomData }
+        }
+        #[cfg(loom)]
+        {
+            let _ = reader;
+            RcuGuard { rcu: self, _p: PhantomData }
+        }
+    }
+}
+
+impl RcuGuard<'_> {
+    /// Run `f` once every reader that could have seen the retired memory is gone.
+    pub(crate) fn defer(&self, f: impl FnOnce() + Send + 'static) {
+        #[cfg(not(loom))]
+        self.guard.defer(f);
+        #[cfg(loom)]
+        self.rcu.deferred.lock().push(Box::new(f));
+    }
+
+    /// Hand deferred work to the collector so it can run soon.
+    pub(crate) fn flush(&self) {
+        #[cfg(not(loom))]
+        self.guard.flush();
+    }
+}
+
+#[cfg(loom)]
+impl Drop for Rcu {
+    fn drop(&mut self) {
+        let fs = std::mem::take(&mut *self.deferred.lock());
+        for f in fs {
+            f();
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::sync::{Arc, AtomicU64, Ordering};
+
+    #[test]
+    fn test_rcu_deferred_free_runs_by_drop_at_latest() {
+        let ran = Arc::new(AtomicU64::new(0));
+        {
+            let rcu = Rcu::new();
+            let reader = rcu.register();
+            for _ in 0..10 {
+                let g = rcu.read_lock();
+                let r = ran.clone();
+                g.defer(move || {
+                    r.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            let _g = rcu.read_lock_with(&reader);
+            drop(reader);
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 10);
+    }
+}

@@ -1,0 +1,74 @@
+//! SRCU for memslot readers: `synchronize` returns only after every read-side
+//! section that began before it has ended.
+//!
+//! Each reader (a vCPU) owns a reader-writer lock that it takes shared for a
+//! read-side section, so readers never share a cache line. `synchronize` takes each
+//! reader's lock exclusively once, in turn: when it has passed all of them, every
+//! section that was open when it started has closed. Like
+//! `synchronize_srcu_expedited`, it briefly holds off new sections of the reader it
+//! is passing.
+
+use std::panic::Location;
+
+use super::lockdep::{Held, LockClass};
+use super::{Arc, Mutex, Weak};
+
+#[cfg(not(loom))]
+use parking_lot::{RwLock, RwLockReadGuard};
+#[cfg(loom)]
+use loom::sync::{RwLock, RwLockReadGuard};
+
+/// The SRCU domain.
+#[derive(Debug)]
+pub(crate) struct Srcu {
+    readers: Mutex<Vec<Weak<RwLock<()>>>>,
+}
+
+/// One registered reader.
+#[derive(Debug)]
+pub(crate) struct SrcuReader {
+    lock: Arc<RwLock<()>>,
+}
+
+/// An open read-side section.
+pub(crate) struct SrcuReadGuard<'a> {
+    _g: RwLockReadGuard<'a, ()>,
+    _held: Held,
+}
+
+impl Srcu {
+    pub(crate) fn new() -> Self {
+        Srcu { readers: Mutex::new(LockClass::Leaf, Vec::new()) }
+    }
+
+    pub(crate) fn register(&self) -> SrcuReader {
+        let lock = Arc::new(RwLock::new(()));
+        let mut readers = self.readers.lock();
+        readers.retain(|w| w.strong_count() > 0);
+        readers.push(Arc::downgrade(&lock));
+        SrcuReader { lock }
+    }
+
+    /// Wait for every read-side section open at the time of the call to end.
+    pub(crate) fn synchronize(&self) {
+        let readers: Vec<_> = self.readers.lock().iter().filter_map(Weak::upgrade).collect();
+        for r in readers {
+            #[cfg(not(loom))]
+            drop(r.write());
+            #[cfg(loom)]
+            drop(r.write().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+}
+
+impl SrcuReader {
+    #[track_caller]
+    pub(crate) fn read_lock(&self) -> SrcuReadGuard<'_> {
+        let held = Held::acquire(LockClass::SrcuRead, Location::caller());
+        #[cfg(not(loom))]
+        let g = self.lock.read();
+        #[cfg(loom)]
+        let g = self.lock.read().unwrap_or_else(|e| e.into_inner());
+        SrcuReadGuard { _g: g, _held: held }
+    }
+}

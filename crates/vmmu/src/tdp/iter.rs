@@ -1,0 +1,258 @@
+//! The pre-order walker over one root's tables (KVM's `tdp_iter`).
+//!
+//! The walk visits every entry whose gfn range intersects `[start, end)`, parents
+//! before children, never descending below `min_level`. It never trusts a cached
+//! snapshot when descending: the entry is re-read, so a table that was zapped
+//! concurrently is not entered. After a yield it restarts from the root towards
+//! `next_last_level_gfn`, because tables may have been freed meanwhile.
+
+use std::time::{Duration, Instant};
+
+use crate::host::{Table, TableMemory};
+use crate::spte::Spte;
+use crate::sync::{AtomicU64, MmuGuard, Ordering};
+use crate::types::{Gfn, Level, Pfn};
+
+/// A position in a walk.
+pub(crate) struct TdpIter<'t> {
+    mem: &'t dyn TableMemory,
+    pt_path: [Option<&'t Table>; 6],
+    root_level: Level,
+    min_level: Level,
+    next_last_level_gfn: Gfn,
+    yielded_gfn: Gfn,
+    end: Gfn,
+    /// Level of the current entry.
+    pub(crate) level: Level,
+    /// First gfn mapped by the current entry.
+    pub(crate) gfn: Gfn,
+    /// The current entry as last read.
+    pub(crate) old_spte: Spte,
+    /// False once the walk has left the root.
+    pub(crate) valid: bool,
+}
+
+impl<'t> TdpIter<'t> {
+    /// Walk the tables under `root` for `[start, end)`.
+    pub(crate) fn new(
+        mem: &'t dyn TableMemory,
+        root: Pfn,
+        root_level: Level,
+        min_level: Level,
+        start: Gfn,
+        end: Gfn,
+    ) -> Self {
+        let mut pt_path = [None; 6];
+        pt_path[root_level.get() as usize] = Some(mem.table(root));
+        let mut it = TdpIter {
+            mem,
+            pt_path,
+            root_level,
+            min_level,
+            next_last_level_gfn: start,
+            yielded_gfn: start,
+            end,
+            level: root_level,
+            gfn: start,
+            old_spte: Spte::NONPRESENT,
+            valid: true,
+        };
+        it.restart();
+        it
+    }
+
+    /// Whether the current entry is inside the walk (the loop condition).
+    pub(crate) fn in_range(&self) -> bool {
+        self.valid && self.gfn < self.end
+    }
+
+    /// The current entry.
+    pub(crate) fn sptep(&self) -> &'t AtomicU64 {
+        let table = self.pt_path[self.level.get() as usize].unwrap_or_else(|| unreachable!("no table at level"));
+        &table[self.level.index(self.gfn)]
+    }
+
+    /// Re-read the current entry.
+    pub(crate) fn refresh(&mut self) {
+        // Acquire: a table linked by this entry was initialised before the link
+        // was published with a Release compare-and-exchange.
+        self.old_spte = Spte(self.sptep().load(Ordering::Acquire));
+    }
+
+    /// Go back to the root and walk down towards where the walk was heading.
+    pub(crate) fn restart(&mut self) {
+        self.yielded_gfn = self.next_last_level_gfn;
+        self.level = self.root_level;
+        self.gfn = self.next_last_level_gfn.align_down(self.level);
+        self.valid = true;
+        if self.gfn.0 >> (9 * self.root_level.get() as u32) != 0 {
+            // Past the end of the address space this root covers.
+            self.valid = false;
+            return;
+        }
+        self.refresh();
+    }
+
+    /// Whether the walk has moved since it last (re)started: yielding before that
+    /// could livelock.
+    pub(crate) fn has_progressed(&self) -> bool {
+        self.next_last_level_gfn != self.yielded_gfn
+    }
+
+    fn try_step_down(&mut self) -> bool {
+        if self.level == self.min_level {
+            return false;
+        }
+        self.refresh();
+        if !self.old_spte.is_table(self.level) {
+            return false;
+        }
+        let child = self.mem.table(self.old_spte.pfn());
+        let Some(lower) = self.level.lower() else { return false };
+        self.level = lower;
+        self.pt_path[lower.get() as usize] = Some(child);
+        self.gfn = self.next_last_level_gfn.align_down(lower);
+        self.refresh();
+        true
+    }
+
+    fn try_step_side(&mut self) -> bool {
+        if self.level.index(self.gfn) == 511 {
+            return false;
+        }
+        self.gfn = Gfn(self.gfn.0 + self.level.pages());
+        self.next_last_level_gfn = self.gfn;
+        self.refresh();
+        true
+    }
+
+    fn try_step_up(&mut self) -> bool {
+        if self.level == self.root_level {
+            return false;
+        }
+        let Some(upper) = self.level.upper() else { return false };
+        self.level = upper;
+        self.gfn = self.gfn.align_down(upper);
+        true
+    }
+
+    /// Advance in pre-order: into the child table if there is one, else to the
+    /// next entry, climbing as needed.
+    pub(crate) fn next(&mut self) {
+        if self.try_step_down() {
+            return;
+        }
+        loop {
+            if self.try_step_side() {
+                return;
+            }
+            if !self.try_step_up() {
+                self.valid = false;
+                return;
+            }
+        }
+    }
+}
+
+/// How long a walk may hold `mmu_lock` before it offers the CPU to others even
+/// without waiters (standing in for the scheduler's "need resched").
+const RESCHED_SLICE: Duration = Duration::from_millis(2);
+
+/// KVM's `tdp_mmu_iter_cond_resched` state for one long walk.
+pub(crate) struct Resched {
+    since: Instant,
+    checks: u32,
+}
+
+impl Resched {
+    pub(crate) fn new() -> Self {
+        Resched { since: Instant::now(), checks: 0 }
+    }
+
+    /// Whether the walk should yield now: only after forward progress, and only if
+    /// someone waits for the lock or the walk has held it for a full slice.
+    pub(crate) fn should_yield<G: MmuGuard>(&mut self, it: &TdpIter<'_>, guard: &G) -> bool {
+        if !it.has_progressed() {
+            return false;
+        }
+        if guard.needbreak() {
+            return true;
+        }
+        self.checks = self.checks.wrapping_add(1);
+        self.checks % 64 == 0 && self.since.elapsed() >= RESCHED_SLICE
+    }
+
+    /// Note that the lock was just re-taken.
+    pub(crate) fn yielded(&mut self) {
+        self.since = Instant::now();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::spte::LeafParams;
+    use crate::testing::TestMemory;
+
+    #[test]
+    fn test_iter_visits_parents_before_children_in_range() {
+        let mem = TestMemory::new();
+        let root = mem.new_table();
+        let l3 = mem.new_table();
+        let l2 = mem.new_table();
+        mem.table(root)[0].store(Spte::table(l3, true).0, Ordering::Relaxed);
+        mem.table(l3)[1].store(Spte::table(l2, true).0, Ordering::Relaxed);
+        let leaf = Spte::leaf(LeafParams {
+            pfn: Pfn(0x1000),
+            level: Level::M2,
+            host_writable: true,
+            prefetch: false,
+            ad_enabled: true,
+            executable: true,
+        });
+        mem.table(l2)[3].store(leaf.0, Ordering::Relaxed);
+        let start = Gfn((1 << 18) + (3 << 9));
+        let mut it = TdpIter::new(&mem, root, Level::L4, Level::K4, start, Gfn(start.0 + 512 * 2));
+        let mut seen = vec![];
+        while it.in_range() {
+            seen.push((it.level.get(), it.gfn.0, it.old_spte.is_shadow_present()));
+            it.next();
+        }
+        assert_eq!(
+            seen,
+            vec![(4, 0, true), (3, 1 << 18, true), (2, start.0, true), (2, start.0 + 512, false)]
+        );
+    }
+
+    #[test]
+    fn test_iter_yield_rule_requires_progress() {
+        let mem = TestMemory::new();
+        let root = mem.new_table();
+        let mut it = TdpIter::new(&mem, root, Level::L4, Level::K4, Gfn(0), Gfn(1 << 30));
+        assert!(!it.has_progressed());
+        it.next();
+        assert!(it.has_progressed());
+        it.restart();
+        assert!(!it.has_progressed(), "a restart resets the progress mark");
+        assert_eq!(it.level, Level::L4);
+        assert_eq!(it.gfn, Gfn(1 << 27));
+    }
+
+    #[test]
+    fn test_iter_restart_resumes_where_it_was_heading() {
+        let mem = TestMemory::new();
+        let root = mem.new_table();
+        let mut it = TdpIter::new(&mem, root, Level::L4, Level::K4, Gfn(0), Gfn(3 << 27));
+        it.next();
+        it.next();
+        let at = it.gfn;
+        it.restart();
+        assert_eq!(it.gfn, at);
+        let mut n = 0;
+        while it.in_range() {
+            n += 1;
+            it.next();
+        }
+        assert_eq!(n, 1, "only the third top-level entry remains");
+    }
+}

@@ -1,0 +1,253 @@
+//! The TDP MMU: second-stage tables built from [`Spte`]s, shared by all vCPUs.
+//!
+//! Entries change in three ways, each with its own rule (kvm-mmu-reference §2.6):
+//! - under `mmu_lock` held for read, only by compare-and-exchange from the value last
+//!   observed, never over a frozen entry ([`Tdp::try_set_spte_atomic`]);
+//! - under `mmu_lock` held for write, by a plain store, or an exchange when other
+//!   agents may still change the entry without the lock ([`Tdp::write_spte_exclusive`]);
+//! - without `mmu_lock` (fast page fault, aging), by compare-and-exchange inside an
+//!   RCU read-side section.
+//!
+//! Every change goes through [`Tdp::handle_changed_spte`], which keeps the leaf
+//! counts and tears down tables that a change disconnected. Disconnected tables are
+//! frozen entry by entry and freed after an RCU grace period, so lockless walkers
+//! that still hold a pointer into them read frozen entries, never reused memory.
+
+pub(crate) mod iter;
+pub(crate) mod map;
+pub(crate) mod ops;
+pub(crate) mod zap;
+
+use crate::config::GuardKnobs;
+use crate::host::{Table, TableMemory, TableMemoryError};
+use crate::root::Root;
+use crate::spte::Spte;
+use crate::stats::CounterSet;
+use crate::sync::{spin_wait, Arc, AtomicU64, LockClass, Mutex, Ordering, Rcu, RcuGuard};
+use crate::types::{Gfn, Level, Pfn};
+
+/// State of the TDP MMU shared by a VM.
+pub(crate) struct Tdp {
+    pub(crate) mem: Arc<dyn TableMemory>,
+    pub(crate) rcu: Rcu,
+    /// `tdp_mmu_roots`, protected by `tdp_mmu_pages_lock`.
+    pub(crate) roots: Mutex<Vec<Arc<Root>>>,
+    pub(crate) root_level: Level,
+    pub(crate) ad_enabled: bool,
+    pub(crate) knobs: GuardKnobs,
+    pub(crate) next_root_id: AtomicU64,
+    /// Non-root table pages currently linked (`tdp_mmu_pages`).
+    pub(crate) linked_tables: AtomicU64,
+}
+
+impl std::fmt::Debug for Tdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tdp").field("root_level", &self.root_level).finish_non_exhaustive()
+    }
+}
+
+/// What a change needs besides the tables: where to count, and the RCU section that
+/// defers frees.
+pub(crate) struct Ctx<'a> {
+    pub(crate) stats: &'a CounterSet,
+    pub(crate) rcu: &'a RcuGuard<'a>,
+}
+
+/// Pending remote TLB flush of a batch of changes (one flush per batch).
+#[derive(Debug, Default)]
+pub(crate) struct FlushBatch {
+    pending: bool,
+}
+
+impl FlushBatch {
+    pub(crate) fn mark(&mut self) {
+        self.pending = true;
+    }
+    /// Flush if anything is pending.
+    pub(crate) fn flush(&mut self, flusher: &dyn RemoteFlush, stats: &CounterSet) {
+        if std::mem::take(&mut self.pending) {
+            flusher.flush_remote_tlbs(stats);
+        }
+    }
+}
+
+/// Whoever can make every vCPU drop stale translations (the VM).
+pub(crate) trait RemoteFlush {
+    /// Request a TLB flush on every vCPU and wait until each vCPU that was running
+    /// guest code has left guest mode.
+    fn flush_remote_tlbs(&self, stats: &CounterSet);
+}
+
+/// Per-vCPU cache of initialised table pages, topped up before `mmu_lock` is taken
+/// so that faults never allocate while holding it.
+#[derive(Debug, Default)]
+pub(crate) struct TableCache {
+    pages: Vec<Pfn>,
+}
+
+impl TableCache {
+    /// Ensure at least `min` pages are cached.
+    pub(crate) fn topup(&mut self, tdp: &Tdp, min: usize) -> Result<(), TableMemoryError> {
+        while self.pages.len() < min {
+            let pfn = tdp.mem.alloc_table_page()?;
+            tdp.init_table(pfn);
+            self.pages.push(pfn);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Pfn> {
+        self.pages.pop()
+    }
+
+    /// Give back a page that was never made visible; it must hold only
+    /// not-present entries again.
+    pub(crate) fn push_clean(&mut self, pfn: Pfn) {
+        self.pages.push(pfn);
+    }
+
+    /// Return every cached page to the host.
+    pub(crate) fn drain(&mut self, tdp: &Tdp) {
+        for pfn in self.pages.drain(..) {
+            tdp.mem.free_table_page(pfn);
+        }
+    }
+}
+
+impl Tdp {
+    pub(crate) fn new(mem: Arc<dyn TableMemory>, root_level: Level, ad_enabled: bool, knobs: GuardKnobs) -> Self {
+        Tdp {
+            mem,
+            rcu: Rcu::new(),
+            roots: Mutex::new(LockClass::TdpMmuPagesLock, Vec::new()),
+            root_level,
+            ad_enabled,
+            knobs,
+            next_root_id: AtomicU64::new(1),
+            linked_tables: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn table(&self, pfn: Pfn) -> &Table {
+        self.mem.table(pfn)
+    }
+
+    /// Fill a fresh table with the not-present value (KVM's memset64 of
+    /// `SHADOW_NONPRESENT_VALUE`). Relaxed: the page becomes visible only through a
+    /// Release link.
+    pub(crate) fn init_table(&self, pfn: Pfn) {
+        for e in self.table(pfn).iter() {
+            e.store(Spte::NONPRESENT.0, Ordering::Relaxed);
+        }
+    }
+
+    /// Replace an entry under the read lock: compare-and-exchange from `*old`.
+    /// On failure `*old` is refreshed and false returned; the caller decides
+    /// whether to retry. On success the change is accounted.
+    pub(crate) fn try_set_spte_atomic(
+        &self,
+        ctx: &Ctx<'_>,
+        sptep: &AtomicU64,
+        old: &mut Spte,
+        new: Spte,
+        gfn: Gfn,
+        level: Level,
+    ) -> bool {
+        debug_assert!(!old.is_frozen(), "never overwrite a frozen entry under the read lock");
+        // AcqRel: Release publishes a child table's initialisation with the link;
+        // Acquire makes the replaced value's history visible to the bookkeeping.
+        match sptep.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                self.handle_changed_spte(ctx, gfn, *old, new, level, true);
+                true
+            }
+            Err(cur) => {
+                *old = Spte(cur);
+                false
+            }
+        }
+    }
+
+    /// Replace an entry under the write lock, returning the value actually
+    /// replaced. Leaves that hardware or the fast path may change without the lock
+    /// are exchanged atomically so no Dirty bit is lost.
+    pub(crate) fn write_spte_exclusive(&self, sptep: &AtomicU64, old: Spte, new: Spte, level: Level) -> Spte {
+        if old.is_leaf(level) && old.needs_atomic_update() && !self.knobs.nonatomic_zap {
+            // AcqRel: we learn the final value (with any D set by hardware).
+            Spte(sptep.swap(new.0, Ordering::AcqRel))
+        } else {
+            // Release: pairs with walkers' Acquire loads.
+            sptep.store(new.0, Ordering::Release);
+            old
+        }
+    }
+
+    /// Bookkeeping after any change of an entry (KVM's `handle_changed_spte`):
+    /// leaf counts, invariants, and teardown of a table the change disconnected.
+    /// TLB flushing is the caller's job.
+    pub(crate) fn handle_changed_spte(&self, ctx: &Ctx<'_>, gfn: Gfn, old: Spte, new: Spte, level: Level, shared: bool) {
+        if old == new {
+            return;
+        }
+        let was_leaf = old.is_leaf(level);
+        let is_leaf = new.is_leaf(level);
+        if is_leaf && !new.writable_bits_are_legal() {
+            CounterSet::inc(&ctx.stats.invariant_violations);
+            debug_assert!(false, "illegal writable bits in {new:?}");
+        }
+        if was_leaf && is_leaf && old.pfn() != new.pfn() {
+            // Remapping a gfn to another frame without zap + flush in between would
+            // let stale TLB entries reach the old frame.
+            CounterSet::inc(&ctx.stats.invariant_violations);
+            debug_assert!(false, "present leaf {old:?} replaced by {new:?} at {gfn:?}");
+        }
+        if was_leaf != is_leaf {
+            if was_leaf {
+                ctx.stats.leaf_removed(level, 1);
+            }
+            if is_leaf {
+                ctx.stats.leaf_added(level, 1);
+            }
+        }
+        if old.is_table(level) && !(new.is_table(level) && new.pfn() == old.pfn()) {
+            if let Some(child_level) = level.lower() {
+                self.handle_removed_table(ctx, old.pfn(), child_level, gfn, shared);
+            }
+        }
+    }
+
+    /// Tear down a table that is no longer reachable from any root: freeze every
+    /// entry (so nobody can install into it), account what it held, recurse into
+    /// child tables, and free the page after an RCU grace period.
+    pub(crate) fn handle_removed_table(&self, ctx: &Ctx<'_>, pfn: Pfn, level: Level, base: Gfn, shared: bool) {
+        self.linked_tables.fetch_sub(1, Ordering::Relaxed);
+        CounterSet::inc(&ctx.stats.tables_freed);
+        let table = self.table(pfn);
+        for (i, sptep) in table.iter().enumerate() {
+            let gfn = Gfn(base.0 + i as u64 * level.pages());
+            let old = if shared {
+                // Another thread may own this entry for a moment (it froze it for a
+                // multi-step change); wait for it to finish, then take it over.
+                let mut spins = 0;
+                loop {
+                    let v = Spte(sptep.swap(Spte::FROZEN.0, Ordering::AcqRel));
+                    if !v.is_frozen() {
+                        break v;
+                    }
+                    spin_wait(&mut spins);
+                }
+            } else {
+                let v = Spte(sptep.load(Ordering::Acquire));
+                if !v.is_shadow_present() {
+                    continue;
+                }
+                // Hardware may still set D through a stale walk into this table, so
+                // volatile leaves are exchanged.
+                self.write_spte_exclusive(sptep, v, Spte::FROZEN, level)
+            };
+            self.handle_changed_spte(ctx, gfn, old, Spte::FROZEN, level, shared);
+        }
+        let mem = self.mem.clone();
+        ctx.rcu.defer(move || mem.free_table_page(pfn));
+    }
+}

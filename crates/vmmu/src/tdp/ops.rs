@@ -1,0 +1,109 @@
+//! Operations on present leaves other than zapping: lockless lookup for the fast
+//! page-fault path, aging, and write-protection for dirty logging.
+
+use super::iter::TdpIter;
+use super::{Ctx, Tdp};
+use crate::root::Root;
+use crate::spte::Spte;
+use crate::stats::CounterSet;
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::{Gfn, GfnRange, Level};
+
+impl Tdp {
+    /// Walk from `root` towards `gfn` and return the last entry reached: a leaf, or
+    /// the first entry that is not a table. Lockless: the caller is inside an RCU
+    /// read-side section, so tables it walks through stay allocated.
+    pub(crate) fn last_spte(&self, root: &Root, gfn: Gfn) -> (&AtomicU64, Spte, Level) {
+        let mut table = self.table(root.pfn);
+        let mut level = self.root_level;
+        loop {
+            let sptep = &table[level.index(gfn)];
+            // Acquire: see the initialised contents of any table this links.
+            let spte = Spte(sptep.load(Ordering::Acquire));
+            match level.lower() {
+                Some(lower) if spte.is_table(level) => {
+                    table = self.table(spte.pfn());
+                    level = lower;
+                }
+                _ => return (sptep, spte, level),
+            }
+        }
+    }
+
+    /// Age the leaves of `root` in `range` without `mmu_lock` (KVM ≥ 6.15). With
+    /// `clear`, young entries are made old; a lost race leaves an entry young, which
+    /// only makes a page look used. Returns whether any entry was young.
+    ///
+    /// Deviation: the Accessed bit is cleared by compare-and-exchange rather than an
+    /// atomic AND, so an entry that was frozen or replaced meanwhile is never
+    /// modified (the frozen sentinel has the A bit set).
+    pub(crate) fn age_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange, clear: bool) -> bool {
+        let end = range.end.min(self.max_gfn());
+        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut young = false;
+        while it.in_range() {
+            let old = it.old_spte;
+            if old.is_leaf(it.level) && old.is_accessed() {
+                young = true;
+                if clear {
+                    let new = old.mark_old();
+                    // AcqRel: like every lockless change of a live entry.
+                    if it.sptep().compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                        CounterSet::inc(&ctx.stats.entries_aged);
+                    }
+                }
+            }
+            it.next();
+        }
+        young
+    }
+
+    /// Clear W (keeping MMU-writable) on every writable leaf of `root` in `range`,
+    /// under the read lock; the fast path can make them writable again and log the
+    /// write. Returns whether anything changed (the caller flushes once).
+    pub(crate) fn write_protect_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> bool {
+        let end = range.end.min(self.max_gfn());
+        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut changed = false;
+        while it.in_range() {
+            let mut old = it.old_spte;
+            if !old.is_leaf(it.level) || !old.is_writable() {
+                it.next();
+                continue;
+            }
+            let new = old.write_protect();
+            if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, new, it.gfn, it.level) {
+                it.old_spte = old;
+                continue;
+            }
+            CounterSet::inc(&ctx.stats.entries_write_protected);
+            changed = true;
+            it.next();
+        }
+        changed
+    }
+
+    /// Visit every present leaf of `root` (tests, oracles, dumps). Lockless.
+    pub(crate) fn for_each_leaf(&self, root: &Root, mut f: impl FnMut(Gfn, Level, Spte)) {
+        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, Gfn(0), self.max_gfn());
+        while it.in_range() {
+            if it.old_spte.is_leaf(it.level) {
+                f(it.gfn, it.level, it.old_spte);
+            }
+            it.next();
+        }
+    }
+
+    /// Count the tables reachable from `root` (excluding the root).
+    pub(crate) fn count_tables(&self, root: &Root) -> u64 {
+        let mut n = 0;
+        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, Gfn(0), self.max_gfn());
+        while it.in_range() {
+            if it.old_spte.is_table(it.level) {
+                n += 1;
+            }
+            it.next();
+        }
+        n
+    }
+}

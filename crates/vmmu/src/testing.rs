@@ -1,0 +1,260 @@
+//! Small host implementations for tests, examples and model checking.
+//!
+//! [`TestHost`] implements every host trait with simple, strict bookkeeping: it
+//! fails loudly on a double free or an unbalanced frame reference, and reports
+//! leaked table pages, so tests over random operation sequences can assert that
+//! the MMU neither leaks nor frees twice.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use crate::host::{FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory, TableMemoryError};
+use crate::spte::Spte;
+use crate::sync::{Arc, AtomicU64, AtomicU8, LockClass, Mutex, Ordering};
+use crate::types::{Hva, Level, Pfn, PAGE_SIZE};
+
+const CHUNK: usize = 256;
+const CHUNKS: usize = 256;
+/// Table frames are numbered from here, far from the data frames tests use.
+pub const TABLE_PFN_BASE: u64 = 1 << 28;
+
+/// Table memory that tracks every page.
+pub struct TestMemory {
+    chunks: Vec<OnceLock<Box<[Table]>>>,
+    state: Box<[AtomicU8]>,
+    free: Mutex<Vec<u32>>,
+    next: AtomicU64,
+    allocated: AtomicU64,
+    double_frees: AtomicU64,
+    limit: AtomicU64,
+}
+
+impl std::fmt::Debug for TestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TestMemory {{ allocated: {} }}", self.allocated())
+    }
+}
+
+impl Default for TestMemory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestMemory {
+    /// Room for 65536 tables.
+    pub fn new() -> Self {
+        let chunks: Vec<OnceLock<Box<[Table]>>> = (0..CHUNKS).map(|_| OnceLock::new()).collect();
+        // Pre-create the first chunk so small (model-checked) tests never race on
+        // lazy initialisation.
+        let _ = chunks[0].set(Self::make_chunk());
+        TestMemory {
+            chunks,
+            state: (0..CHUNK * CHUNKS).map(|_| AtomicU8::new(0)).collect(),
+            free: Mutex::new(LockClass::Leaf, Vec::new()),
+            next: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
+            double_frees: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn make_chunk() -> Box<[Table]> {
+        (0..CHUNK).map(|_| std::array::from_fn(|_| AtomicU64::new(Spte::NONPRESENT.0))).collect()
+    }
+
+    /// Allocate a table filled with not-present entries (for tests building tables
+    /// by hand).
+    pub fn new_table(&self) -> Pfn {
+        let pfn = self.alloc_table_page().unwrap_or_else(|e| panic!("{e}"));
+        for e in self.table(pfn).iter() {
+            e.store(Spte::NONPRESENT.0, Ordering::Relaxed);
+        }
+        pfn
+    }
+
+    /// Pages currently allocated.
+    pub fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::SeqCst)
+    }
+
+    /// Frees of pages that were not allocated.
+    pub fn double_frees(&self) -> u64 {
+        self.double_frees.load(Ordering::SeqCst)
+    }
+
+    /// Fail allocations once `n` pages are in use.
+    pub fn set_limit(&self, n: u64) {
+        self.limit.store(n, Ordering::SeqCst);
+    }
+}
+
+impl TableMemory for TestMemory {
+    fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError> {
+        if self.allocated.load(Ordering::SeqCst) >= self.limit.load(Ordering::SeqCst) {
+            return Err(TableMemoryError::OutOfMemory);
+        }
+        let idx = match self.free.lock().pop() {
+            Some(i) => i as u64,
+            None => self.next.fetch_add(1, Ordering::SeqCst),
+        };
+        if idx as usize >= CHUNK * CHUNKS {
+            return Err(TableMemoryError::OutOfMemory);
+        }
+        let prev = self.state[idx as usize].swap(1, Ordering::SeqCst);
+        assert_eq!(prev, 0, "table page {idx} handed out twice");
+        self.allocated.fetch_add(1, Ordering::SeqCst);
+        Ok(Pfn(TABLE_PFN_BASE + idx))
+    }
+
+    fn free_table_page(&self, pfn: Pfn) {
+        let idx = pfn.0.wrapping_sub(TABLE_PFN_BASE) as usize;
+        if idx >= CHUNK * CHUNKS || self.state[idx].swap(0, Ordering::SeqCst) != 1 {
+            self.double_frees.fetch_add(1, Ordering::SeqCst);
+            panic!("free of table page {pfn:?} that is not allocated");
+        }
+        // Poison, so a reader that should have been gone sees garbage.
+        for e in self.table(pfn).iter() {
+            e.store(0xdead_0000_0000_0007, Ordering::Relaxed);
+        }
+        self.allocated.fetch_sub(1, Ordering::SeqCst);
+        self.free.lock().push(idx as u32);
+    }
+
+    fn table(&self, pfn: Pfn) -> &Table {
+        let idx = pfn.0.wrapping_sub(TABLE_PFN_BASE) as usize;
+        assert!(idx < CHUNK * CHUNKS, "{pfn:?} is not a table page");
+        let chunk = self.chunks[idx / CHUNK].get_or_init(Self::make_chunk);
+        &chunk[idx % CHUNK]
+    }
+}
+
+/// A host address space: hva pages mapped to frames, with reference counting.
+#[derive(Debug)]
+struct Mapping {
+    pfn: Pfn,
+    writable: bool,
+}
+
+/// A complete test host: table memory, a primary MMU with explicit mappings, and
+/// a kick that does nothing (tests that run no guest code).
+pub struct TestHost {
+    /// Table pages.
+    pub memory: TestMemory,
+    map: Mutex<HashMap<u64, Mapping>>,
+    refs: Mutex<HashMap<u64, u64>>,
+    next_pfn: AtomicU64,
+    host_level: AtomicU8,
+    populate: bool,
+}
+
+impl std::fmt::Debug for TestHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHost").field("memory", &self.memory).finish_non_exhaustive()
+    }
+}
+
+impl TestHost {
+    /// A host that maps a fresh frame on first touch of any address (like
+    /// anonymous memory), writable.
+    pub fn new() -> Arc<Self> {
+        Arc::new(TestHost {
+            memory: TestMemory::new(),
+            map: Mutex::new(LockClass::Leaf, HashMap::new()),
+            refs: Mutex::new(LockClass::Leaf, HashMap::new()),
+            next_pfn: AtomicU64::new(0x1000),
+            host_level: AtomicU8::new(1),
+            populate: true,
+        })
+    }
+
+    /// Host services for [`crate::Vm::new`].
+    pub fn ops(self: &Arc<Self>) -> HostOps {
+        HostOps { memory: self.clone(), primary: self.clone(), kick: self.clone() }
+    }
+
+    /// The frame mapped at `hva`, if any.
+    pub fn lookup(&self, hva: Hva) -> Option<(Pfn, bool)> {
+        self.map.lock().get(&(hva.0 / PAGE_SIZE)).map(|m| (m.pfn, m.writable))
+    }
+
+    /// Map `hva` to `pfn`. Callers bracket changes of existing mappings with
+    /// invalidations, like a real host.
+    pub fn set(&self, hva: Hva, pfn: Pfn, writable: bool) {
+        self.map.lock().insert(hva.0 / PAGE_SIZE, Mapping { pfn, writable });
+    }
+
+    /// Remove the mapping of `hva`.
+    pub fn unmap(&self, hva: Hva) {
+        self.map.lock().remove(&(hva.0 / PAGE_SIZE));
+    }
+
+    /// A frame number never used before.
+    pub fn fresh_pfn(&self) -> Pfn {
+        Pfn(self.next_pfn.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// The level `mapping_level` reports for every address.
+    pub fn set_host_level(&self, level: Level) {
+        self.host_level.store(level.get(), Ordering::SeqCst);
+    }
+
+    /// Frame references taken and not yet released.
+    pub fn outstanding_refs(&self) -> u64 {
+        self.refs.lock().values().sum()
+    }
+}
+
+impl TableMemory for TestHost {
+    fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError> {
+        self.memory.alloc_table_page()
+    }
+    fn free_table_page(&self, pfn: Pfn) {
+        self.memory.free_table_page(pfn)
+    }
+    fn table(&self, pfn: Pfn) -> &Table {
+        self.memory.table(pfn)
+    }
+}
+
+impl PrimaryMmu for TestHost {
+    fn faultin(&self, hva: Hva, req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
+        let page = hva.0 / PAGE_SIZE;
+        let mut map = self.map.lock();
+        let m = match map.get(&page) {
+            Some(m) => m,
+            None if self.populate => {
+                let level = Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4);
+                // Huge host pages: frames congruent with the address.
+                let base = self.next_pfn.fetch_add(2 * level.pages(), Ordering::SeqCst);
+                let pfn = Pfn((base + level.pages()) & !(level.pages() - 1) | (page & (level.pages() - 1)));
+                map.entry(page).or_insert(Mapping { pfn, writable: true })
+            }
+            None => return Err(HostFaultError::NotMapped),
+        };
+        if req.write && !m.writable {
+            return Err(HostFaultError::ReadOnly);
+        }
+        let r = HostPfn { pfn: m.pfn, writable: m.writable };
+        drop(map);
+        *self.refs.lock().entry(r.pfn.0).or_insert(0) += 1;
+        Ok(r)
+    }
+
+    fn release(&self, pfn: Pfn, _mapped_writable: bool) {
+        let mut refs = self.refs.lock();
+        let n = refs.get_mut(&pfn.0).unwrap_or_else(|| panic!("release of unreferenced {pfn:?}"));
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(&pfn.0);
+        }
+    }
+
+    fn mapping_level(&self, _hva: Hva) -> Level {
+        Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4)
+    }
+}
+
+impl Kick for TestHost {
+    fn kick(&self, _vcpu_id: u32) {}
+}

@@ -1,0 +1,256 @@
+//! The per-vCPU MMU context: the current root, the previous-roots cache, the
+//! table-page cache, and request processing at guest entry.
+
+use crate::request::{
+    VcpuShared, EXITING_GUEST_MODE, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REQ_FREE_OBSOLETE_ROOTS, REQ_LOAD_ROOT,
+    REQ_TLB_FLUSH,
+};
+use crate::root::{Role, Root};
+use crate::stats::{CounterSet, Stats};
+use crate::sync::{Arc, Ordering, RcuReader, SrcuReader};
+use crate::tdp::{Ctx, TableCache};
+use crate::types::{Level, Pfn};
+use crate::vm::{Vm, VmError, VmInner};
+
+/// Number of cached previous roots (`KVM_MMU_NUM_PREV_ROOTS`).
+pub const NUM_PREV_ROOTS: usize = 3;
+
+/// What the vCPU's hardware needs to enter the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Frame of the root table (the EPT pointer).
+    pub root: Pfn,
+    /// Unique id of the root, to tag TLB entries.
+    pub root_id: u64,
+    /// Levels of the table.
+    pub root_level: Level,
+    /// Hardware A/D bits enabled (EPTP bit 6).
+    pub ad_enabled: bool,
+    /// The TLB must be flushed before entering.
+    pub flush_tlb: bool,
+}
+
+/// One vCPU's MMU. Owned by the thread running the vCPU (`Send`, not `Sync`).
+pub struct VcpuMmu {
+    pub(crate) vm: Arc<VmInner>,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) role: Role,
+    pub(crate) root: Option<Arc<Root>>,
+    pub(crate) prev_roots: [Option<Arc<Root>>; NUM_PREV_ROOTS],
+    pub(crate) cache: TableCache,
+    pub(crate) rcu: RcuReader,
+    pub(crate) srcu: SrcuReader,
+    _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
+}
+
+impl std::fmt::Debug for VcpuMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuMmu").field("id", &self.shared.id).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+impl VcpuMmu {
+    pub(crate) fn new(vm: Arc<VmInner>, shared: Arc<VcpuShared>) -> Self {
+        let role = Role { level: vm.config.root_level, smm: false, guest_mode: false };
+        VcpuMmu {
+            rcu: vm.tdp.rcu.register(),
+            srcu: vm.srcu.register(),
+            vm,
+            shared,
+            role,
+            root: None,
+            prev_roots: Default::default(),
+            cache: TableCache::default(),
+            _not_sync: std::marker::PhantomData,
+        }
+    }
+
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// The VM this vCPU belongs to.
+    pub fn vm(&self) -> Vm {
+        Vm { inner: self.vm.clone() }
+    }
+
+    /// This vCPU's counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        self.shared.stats.accumulate(&mut s);
+        s
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Id of the current root, if loaded.
+    pub fn root_id(&self) -> Option<u64> {
+        self.root.as_ref().map(|r| r.id)
+    }
+
+    /// Ids of the cached previous roots.
+    pub fn prev_root_ids(&self) -> Vec<Option<u64>> {
+        self.prev_roots.iter().map(|r| r.as_ref().map(|r| r.id)).collect()
+    }
+
+    /// Process pending requests and make sure a valid root is loaded (KVM's
+    /// request handling in `vcpu_enter_guest` plus `kvm_mmu_load`).
+    pub fn prepare_entry(&mut self) -> Result<Entry, VmError> {
+        // Acquire: requests were published with SeqCst stores by requesters.
+        let reqs = self.shared.requests.swap(0, Ordering::Acquire);
+        let mut flush = reqs & REQ_TLB_FLUSH != 0;
+        let current_invalid = self.root.as_ref().is_some_and(|r| r.is_invalid());
+        if reqs & REQ_FREE_OBSOLETE_ROOTS != 0 || current_invalid {
+            self.free_obsolete_roots();
+        }
+        if self.root.is_none() || reqs & REQ_LOAD_ROOT != 0 {
+            self.load_root()?;
+            // A newly loaded root may have been used before with other contents.
+            flush = true;
+        }
+        let root = self.root.as_ref().unwrap_or_else(|| unreachable!("load_root sets the root"));
+        if flush {
+            CounterSet::inc(&self.shared.stats.tlb_flush_local);
+        }
+        Ok(Entry {
+            root: root.pfn,
+            root_id: root.id,
+            root_level: self.vm.config.root_level,
+            ad_enabled: self.vm.config.ad_enabled,
+            flush_tlb: flush,
+        })
+    }
+
+    fn load_root(&mut self) -> Result<(), VmError> {
+        let vm = &*self.vm;
+        loop {
+            self.cache.topup(&vm.tdp, 1)?;
+            let stats = &self.shared.stats;
+            let _r = vm.mmu_lock.read(&stats.lock);
+            if let Some(root) = vm.tdp.find_or_create_root(stats, self.role, &mut self.cache) {
+                let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+                let ctx = Ctx { stats, rcu: &rcu };
+                if let Some(old) = self.root.replace(root) {
+                    vm.tdp.put_root(&ctx, &old);
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Drop the current root and every cached previous root that is obsolete; keep
+    /// valid previous roots (the 2021 fix: before it, every root was dropped).
+    pub(crate) fn free_obsolete_roots(&mut self) {
+        let vm = &*self.vm;
+        let stats = &self.shared.stats;
+        let _r = vm.mmu_lock.read(&stats.lock);
+        let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+        let ctx = Ctx { stats, rcu: &rcu };
+        if let Some(r) = self.root.take_if(|r| r.is_invalid()) {
+            vm.tdp.put_root(&ctx, &r);
+            CounterSet::inc(&stats.obsolete_roots_dropped);
+        }
+        for slot in self.prev_roots.iter_mut() {
+            match slot.take_if(|r| r.is_invalid()) {
+                Some(r) => {
+                    vm.tdp.put_root(&ctx, &r);
+                    CounterSet::inc(&stats.obsolete_roots_dropped);
+                }
+                None if slot.is_some() => CounterSet::inc(&stats.prev_roots_kept),
+                None => {}
+            }
+        }
+    }
+
+    /// Switch to role `smm` (entering or leaving system-management mode): the
+    /// current root moves to the previous-roots cache and a cached root for the new
+    /// role is reused if there is one (KVM's `fast_pgd_switch`); otherwise the root
+    /// is loaded at the next entry.
+    pub fn set_smm(&mut self, smm: bool) {
+        if self.role.smm == smm {
+            return;
+        }
+        self.role.smm = smm;
+        let want = self.role;
+        let hit = self.prev_roots.iter().position(|r| r.as_ref().is_some_and(|r| r.role == want && !r.is_invalid()));
+        let current = self.root.take();
+        match hit {
+            Some(i) => {
+                CounterSet::inc(&self.shared.stats.prev_root_hits);
+                self.root = self.prev_roots[i].take();
+                self.prev_roots[i] = current;
+            }
+            None => {
+                // Rotate: the least recently used cached root falls out.
+                let evicted = self.prev_roots[NUM_PREV_ROOTS - 1].take();
+                self.prev_roots.rotate_right(1);
+                self.prev_roots[0] = current;
+                if let Some(r) = evicted {
+                    let vm = &*self.vm;
+                    let stats = &self.shared.stats;
+                    let _l = vm.mmu_lock.read(&stats.lock);
+                    let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+                    vm.tdp.put_root(&Ctx { stats, rcu: &rcu }, &r);
+                }
+                self.shared.requests.fetch_or(REQ_LOAD_ROOT, Ordering::Relaxed);
+            }
+        }
+        // The new root needs a local flush before use.
+        self.shared.requests.fetch_or(REQ_TLB_FLUSH, Ordering::Relaxed);
+    }
+
+    /// Enter guest mode. Returns false (and stays outside) if a request arrived
+    /// since [`VcpuMmu::prepare_entry`]; call it again.
+    pub fn enter_guest_mode(&self) -> bool {
+        // SeqCst: Dekker pair with `VcpuShared::request` (store mode, load requests
+        // here; store requests, read-modify-write mode there).
+        self.shared.mode.store(IN_GUEST_MODE, Ordering::SeqCst);
+        if self.shared.requests.load(Ordering::SeqCst) != 0 {
+            self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    /// Leave guest mode. Release: everything done in guest mode happens before a
+    /// waiting requester continues.
+    pub fn exit_guest_mode(&self) {
+        self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+    }
+
+    /// Whether a requester asked this vCPU to leave guest mode (poll while running
+    /// guest code; the kick is the asynchronous version of this).
+    pub fn exit_requested(&self) -> bool {
+        self.shared.mode.load(Ordering::Relaxed) == EXITING_GUEST_MODE
+    }
+
+    /// Whether requests are pending.
+    pub fn has_requests(&self) -> bool {
+        self.shared.requests.load(Ordering::Relaxed) != 0
+    }
+}
+
+impl Drop for VcpuMmu {
+    fn drop(&mut self) {
+        let vm = &*self.vm;
+        {
+            let stats = &vm.stats;
+            let _r = vm.mmu_lock.read(&stats.lock);
+            let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+            let ctx = Ctx { stats, rcu: &rcu };
+            for r in self.root.take().into_iter().chain(self.prev_roots.iter_mut().filter_map(Option::take)) {
+                vm.tdp.put_root(&ctx, &r);
+            }
+        }
+        self.cache.drain(&vm.tdp);
+        // Fold this vCPU's counters into the VM's so they are not lost.
+        let mut s = Stats::default();
+        self.shared.stats.accumulate(&mut s);
+        vm.stats.absorb(&s);
+        Vm::remove_vcpu(vm, self.shared.id);
+    }
+}

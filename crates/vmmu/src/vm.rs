@@ -1,0 +1,497 @@
+//! The VM: memslots, the notifier callbacks, roots invalidation and requests, and
+//! the teardown that frees every table page.
+
+use std::collections::BTreeSet;
+
+use crate::config::VmConfig;
+use crate::host::{HostOps, TableMemoryError};
+use crate::memslot::{self, Change, MemslotError, MemslotSet, SetOp, UserMemoryRegion, GEN_UPDATE_IN_PROGRESS};
+use crate::notifier::{notifier_section, ActiveInvalidations, InvalidateState};
+use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_FLUSH};
+use crate::root::RootFilter;
+use crate::spte::{Spte, MMIO_GEN_MASK};
+use crate::stats::{CounterSet, Stats};
+use crate::sync::{spin_wait, Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
+use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
+use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level};
+use crate::vcpu::VcpuMmu;
+
+/// Why a VM or vCPU could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is inconsistent.
+    #[error("Invalid VM configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// A vCPU with this id exists.
+    #[error("vCPU {0} already exists")]
+    VcpuExists(u32),
+    /// Table memory ran out.
+    #[error(transparent)]
+    Memory(#[from] TableMemoryError),
+}
+
+/// State guarded by `slots_lock`: the inactive memslot set of each address space.
+#[derive(Debug)]
+pub(crate) struct SlotsState {
+    inactive: Vec<MemslotSet>,
+}
+
+/// The shared part of a VM (KVM's `struct kvm`).
+pub(crate) struct VmInner {
+    pub(crate) config: VmConfig,
+    pub(crate) host: HostOps,
+    pub(crate) tdp: Tdp,
+    pub(crate) mmu_lock: MmuLock,
+    pub(crate) inval: InvalidateState,
+    active_inval: ActiveInvalidations,
+    slots: Mutex<SlotsState>,
+    pub(crate) memslots: Vec<Snapshot<MemslotSet>>,
+    pub(crate) srcu: Srcu,
+    vcpu_registry: Mutex<Vec<Arc<VcpuShared>>>,
+    vcpus: Snapshot<Vec<Arc<VcpuShared>>>,
+    pub(crate) stats: CounterSet,
+}
+
+impl std::fmt::Debug for VmInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmInner").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A virtual machine's MMU. Cheap to clone (a handle).
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub(crate) inner: Arc<VmInner>,
+}
+
+impl RemoteFlush for VmInner {
+    fn flush_remote_tlbs(&self, stats: &CounterSet) {
+        CounterSet::inc(&stats.tlb_flush_remote);
+        self.make_all_vcpus_request(REQ_TLB_FLUSH, true);
+    }
+}
+
+impl VmInner {
+    /// Set `bits` on every vCPU, kick those in guest mode, and with `wait` return
+    /// only once each of them has left guest mode.
+    pub(crate) fn make_all_vcpus_request(&self, bits: u64, wait: bool) {
+        let vcpus = self.vcpus.load();
+        let mut waiting: Vec<&Arc<VcpuShared>> = Vec::new();
+        for v in vcpus.iter() {
+            match v.request(bits) {
+                RequestState::MustKick => {
+                    self.host.kick.kick(v.id);
+                    waiting.push(v);
+                }
+                RequestState::Exiting => waiting.push(v),
+                RequestState::Outside => {}
+            }
+        }
+        if wait {
+            for v in waiting {
+                let mut spins = 0;
+                while v.is_exiting() {
+                    spin_wait(&mut spins);
+                }
+            }
+        }
+    }
+
+    /// KVM's `kvm_mmu_zap_all_fast`: invalidate roots and make every vCPU drop them
+    /// in one write-locked section, then zap them under the read lock before
+    /// returning (after a memslot delete, notifiers can no longer find those
+    /// entries, so nothing may be left behind).
+    pub(crate) fn zap_roots_fast(&self, filter: RootFilter) {
+        crate::sync::lockdep::assert_held(LockClass::SlotsLock);
+        CounterSet::inc(&self.stats.fast_zaps);
+        {
+            let _w = self.mmu_lock.write(&self.stats.lock);
+            self.tdp.invalidate_roots(&self.stats, filter);
+            self.make_all_vcpus_request(REQ_FREE_OBSOLETE_ROOTS, true);
+        }
+        let rcu = self.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &self.stats, rcu: &rcu };
+        let mut r = self.mmu_lock.read(&self.stats.lock);
+        self.tdp.zap_invalidated_roots(&ctx, &mut r, &self.stats.lock);
+    }
+
+    fn for_each_overlap(&self, range: HvaRange, mut f: impl FnMut(u16, GfnRange)) {
+        for (as_id, set) in self.memslots.iter().enumerate() {
+            set.load().for_each_hva_overlap(range, |_, g| f(as_id as u16, g));
+        }
+    }
+
+    /// Zap leaves of `range` in every root of `as_id` (valid or not), flushing once.
+    fn unmap_gfn_range(&self, ctx: &Ctx<'_>, w: &mut crate::sync::MmuWriteGuard<'_>, as_id: u16, range: GfnRange, batch: &mut FlushBatch) {
+        for root in self.tdp.roots_snapshot() {
+            if root.role.as_id() == as_id {
+                self.tdp.zap_leafs(ctx, &root, range, w, &self.stats.lock, batch, self);
+            }
+        }
+    }
+
+    fn publish_memslots(&self, state: &mut SlotsState, as_id: u16, ops: &[SetOp]) {
+        let idx = as_id as usize;
+        let mut next = std::mem::replace(&mut state.inactive[idx], MemslotSet::new(as_id));
+        for op in ops {
+            next.apply(op);
+        }
+        let cur_gen = self.memslots[idx].load().generation() & !GEN_UPDATE_IN_PROGRESS;
+        next.set_generation(cur_gen | GEN_UPDATE_IN_PROGRESS);
+        let next = Arc::new(next);
+        let old = self
+            .active_inval
+            .publish_when_idle(self.config.knobs.skip_install_wait, || self.memslots[idx].swap(next.clone()));
+        // Every reader that might still use the old set is gone after this.
+        self.srcu.synchronize();
+        let new_gen = cur_gen + self.config.address_spaces as u64;
+        next.set_generation(new_gen);
+        CounterSet::inc(&self.stats.memslot_updates);
+        // Recycle the retired set if no reader holds it any more; otherwise start
+        // the next update from a copy of the new one.
+        state.inactive[idx] = match Arc::try_unwrap(old) {
+            Ok(mut set) => {
+                for op in ops {
+                    set.apply(op);
+                }
+                set
+            }
+            Err(_) => (*next).clone(),
+        };
+        if new_gen & MMIO_GEN_MASK < self.config.address_spaces as u64 {
+            // The generation slice stored in MMIO entries wrapped: an old MMIO
+            // entry could look current again, so drop everything.
+            self.zap_roots_fast(RootFilter::All);
+        }
+    }
+}
+
+impl Vm {
+    /// Create a VM on the given host.
+    pub fn new(config: VmConfig, host: HostOps) -> Result<Vm, VmError> {
+        if config.root_level != Level::L4 && config.root_level != Level::L5 {
+            return Err(VmError::InvalidConfig("root level must be 4 or 5"));
+        }
+        let max_bits = if config.root_level == Level::L4 { 48 } else { 57 };
+        if config.maxphyaddr < 32 || config.maxphyaddr > max_bits.min(52) {
+            return Err(VmError::InvalidConfig("maxphyaddr must be 32..=48 (4-level) or 32..=52 (5-level)"));
+        }
+        if config.address_spaces == 0 || config.address_spaces > 2 {
+            return Err(VmError::InvalidConfig("address spaces must be 1 or 2"));
+        }
+        if config.max_level > Level::MAX_HUGE {
+            return Err(VmError::InvalidConfig("max mapping level is 1G"));
+        }
+        let n = config.address_spaces;
+        let inner = VmInner {
+            tdp: Tdp::new(host.memory.clone(), config.root_level, config.ad_enabled, config.knobs),
+            host,
+            mmu_lock: MmuLock::new(),
+            inval: InvalidateState::new(),
+            active_inval: ActiveInvalidations::new(),
+            slots: Mutex::new(LockClass::SlotsLock, SlotsState { inactive: (0..n).map(MemslotSet::new).collect() }),
+            memslots: (0..n).map(|a| Snapshot::new(Arc::new(MemslotSet::new(a)))).collect(),
+            srcu: Srcu::new(),
+            vcpu_registry: Mutex::new(LockClass::VcpuRegistry, Vec::new()),
+            vcpus: Snapshot::new(Arc::new(Vec::new())),
+            stats: CounterSet::default(),
+            config,
+        };
+        Ok(Vm { inner: Arc::new(inner) })
+    }
+
+    /// The configuration the VM was created with.
+    pub fn config(&self) -> &VmConfig {
+        &self.inner.config
+    }
+
+    /// Create the MMU context of vCPU `id`.
+    pub fn create_vcpu(&self, id: u32) -> Result<VcpuMmu, VmError> {
+        let shared = {
+            let mut reg = self.inner.vcpu_registry.lock();
+            if reg.iter().any(|v| v.id == id) {
+                return Err(VmError::VcpuExists(id));
+            }
+            let shared = Arc::new(VcpuShared::new(id));
+            reg.push(shared.clone());
+            self.inner.vcpus.swap(Arc::new(reg.clone()));
+            shared
+        };
+        Ok(VcpuMmu::new(self.inner.clone(), shared))
+    }
+
+    pub(crate) fn remove_vcpu(inner: &VmInner, id: u32) {
+        let mut reg = inner.vcpu_registry.lock();
+        reg.retain(|v| v.id != id);
+        inner.vcpus.swap(Arc::new(reg.clone()));
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change the
+    /// flags of a slot. All validation happens before anything changes; a refused
+    /// call changes nothing.
+    ///
+    /// Delete and move first publish an invalid copy of the slot (faults on it
+    /// retry), wait for in-flight readers, zap every root (x86's default, the
+    /// slot-zap-all quirk), then publish the final set. Enabling dirty logging
+    /// write-protects the slot after the new flags are visible.
+    #[track_caller]
+    pub fn set_user_memory_region(&self, region: UserMemoryRegion) -> Result<(), MemslotError> {
+        let vm = &*self.inner;
+        let mut state = vm.slots.lock();
+        let as_id = (region.slot >> 16) as u16;
+        let change = {
+            let idx = (as_id as usize).min(vm.memslots.len().saturating_sub(1));
+            let set = vm.memslots[idx].load();
+            memslot::classify(&set, &region, vm.config.address_spaces, vm.config.gfn_limit())?
+        };
+        match change {
+            Change::Nothing => {}
+            Change::Create(slot) => vm.publish_memslots(&mut state, as_id, &[SetOp::Insert(slot)]),
+            Change::Delete(old) => {
+                let inv = Change::invalid_copy(&old);
+                vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), inv.clone())]);
+                vm.zap_roots_fast(RootFilter::All);
+                vm.publish_memslots(&mut state, as_id, &[SetOp::Remove(inv.id())]);
+            }
+            Change::Move { old, new } => {
+                let inv = Change::invalid_copy(&old);
+                vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), inv.clone())]);
+                vm.zap_roots_fast(RootFilter::All);
+                vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(inv.id(), new)]);
+            }
+            Change::FlagsOnly { old, new } => {
+                let logging_on = new.dirty_logging() && !old.dirty_logging();
+                let range = new.gfn_range();
+                vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), new)]);
+                if logging_on {
+                    self.write_protect_gfn_range(as_id, range);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The current memslots of an address space (a snapshot).
+    pub fn memslots(&self, as_id: u16) -> Option<Arc<MemslotSet>> {
+        self.inner.memslots.get(as_id as usize).map(|s| s.load_full())
+    }
+
+    /// mmu_notifier `invalidate_range_start`: the host is about to change the
+    /// mappings of `range`. On return no vCPU can use a translation of that range.
+    pub fn invalidate_range_start(&self, range: HvaRange) {
+        let vm = &*self.inner;
+        let _n = notifier_section();
+        CounterSet::inc(&vm.stats.invalidations);
+        vm.active_inval.inc();
+        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
+        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
+        if hits.is_empty() {
+            return;
+        }
+        CounterSet::inc(&vm.stats.invalidations_with_slots);
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let mut w = vm.mmu_lock.write(&vm.stats.lock);
+        vm.inval.begin(&w);
+        let mut batch = FlushBatch::default();
+        for (as_id, g) in hits {
+            vm.inval.range_add(g, &w);
+            vm.unmap_gfn_range(&ctx, &mut w, as_id, g, &mut batch);
+        }
+        batch.flush(vm, &vm.stats);
+    }
+
+    /// mmu_notifier `invalidate_range_end`: the host has finished changing `range`.
+    pub fn invalidate_range_end(&self, range: HvaRange) {
+        let vm = &*self.inner;
+        let _n = notifier_section();
+        let mut found = false;
+        vm.for_each_overlap(range, |_, _| found = true);
+        if found {
+            let w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.inval.end(&w);
+        }
+        vm.active_inval.dec();
+    }
+
+    fn age(&self, range: HvaRange, clear: bool) -> bool {
+        let vm = &*self.inner;
+        let _n = notifier_section();
+        CounterSet::inc(&vm.stats.aging_calls);
+        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
+        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
+        if hits.is_empty() {
+            return false;
+        }
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let mut young = false;
+        for root in vm.tdp.roots_snapshot() {
+            if root.is_invalid() {
+                continue;
+            }
+            for (as_id, g) in &hits {
+                if root.role.as_id() == *as_id {
+                    young |= vm.tdp.age_range(&ctx, &root, *g, clear);
+                }
+            }
+        }
+        young
+    }
+
+    /// mmu_notifier `clear_flush_young`: make the range old, report if it was
+    /// young. Like x86 since 6.13, no TLB flush: a stale TLB entry only makes a
+    /// page look old.
+    pub fn clear_flush_young(&self, range: HvaRange) -> bool {
+        self.age(range, true)
+    }
+
+    /// mmu_notifier `clear_young`.
+    pub fn clear_young(&self, range: HvaRange) -> bool {
+        self.age(range, true)
+    }
+
+    /// mmu_notifier `test_young`.
+    pub fn test_young(&self, hva: Hva) -> bool {
+        self.age(HvaRange::new(hva, hva.add(crate::types::PAGE_SIZE)), false)
+    }
+
+    /// Invalidate roots and zap them (KVM's fast zap). Every vCPU drops its
+    /// obsolete roots before it next enters the guest; valid ones survive.
+    pub fn invalidate_roots(&self, filter: RootFilter) {
+        let _s = self.inner.slots.lock();
+        self.inner.zap_roots_fast(filter);
+    }
+
+    /// Zap the leaves of `range` in valid roots, bracketed like an invalidation
+    /// (KVM's `kvm_zap_gfn_range`).
+    pub fn zap_gfn_range(&self, as_id: u16, range: GfnRange) {
+        let vm = &*self.inner;
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let mut w = vm.mmu_lock.write(&vm.stats.lock);
+        vm.inval.begin(&w);
+        vm.inval.range_add(range, &w);
+        let mut batch = FlushBatch::default();
+        for root in vm.tdp.roots_snapshot() {
+            if root.role.as_id() == as_id && !root.is_invalid() {
+                vm.tdp.zap_leafs(&ctx, &root, range, &mut w, &vm.stats.lock, &mut batch, vm);
+            }
+        }
+        batch.flush(vm, &vm.stats);
+        vm.inval.end(&w);
+    }
+
+    /// Clear W (keeping MMU-writable) on every mapping of `range`: the
+    /// write-protection dirty logging uses. Writes then take the fast path, which
+    /// makes the entry writable again and records the page as dirty.
+    pub fn write_protect_gfn_range(&self, as_id: u16, range: GfnRange) {
+        let vm = &*self.inner;
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let mut changed = false;
+        {
+            let _r = vm.mmu_lock.read(&vm.stats.lock);
+            for root in vm.tdp.roots_snapshot() {
+                if root.role.as_id() == as_id && !root.is_invalid() {
+                    changed |= vm.tdp.write_protect_range(&ctx, &root, range);
+                }
+            }
+        }
+        if changed {
+            vm.flush_remote_tlbs(&vm.stats);
+        }
+    }
+
+    /// Counters summed over the VM and all its live vCPUs (a vCPU's counts go away
+    /// with it; take snapshots before destroying vCPUs).
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        self.inner.stats.accumulate(&mut s);
+        for v in self.inner.vcpus.load().iter() {
+            v.stats.accumulate(&mut s);
+        }
+        s
+    }
+
+    /// Table pages in use: linked tables plus live roots.
+    pub fn table_pages_in_use(&self) -> u64 {
+        self.inner.tdp.linked_tables.load(crate::sync::Ordering::Relaxed)
+            + self.inner.tdp.roots_snapshot().iter().filter(|r| !r.is_freed()).count() as u64
+    }
+
+    /// Live roots: (id, address space, valid, reference count).
+    pub fn roots(&self) -> Vec<RootInfo> {
+        self.inner
+            .tdp
+            .roots_snapshot()
+            .iter()
+            .map(|r| RootInfo { id: r.id, as_id: r.role.as_id(), valid: !r.is_invalid(), refcount: r.refcount() })
+            .collect()
+    }
+
+    /// Every present leaf (and MMIO entry) in the valid roots of `as_id`, deduplicated
+    /// by gfn: for tests and oracles. Lockless; racing changes may or may not show.
+    pub fn mappings(&self, as_id: u16) -> Vec<(Gfn, Level, Spte)> {
+        let vm = &*self.inner;
+        let _rcu = vm.tdp.rcu.read_lock();
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for root in vm.tdp.roots_snapshot() {
+            if root.role.as_id() != as_id || root.is_invalid() {
+                continue;
+            }
+            vm.tdp.for_each_leaf(&root, |gfn, level, spte| {
+                if seen.insert((gfn, level)) {
+                    out.push((gfn, level, spte));
+                }
+            });
+        }
+        out
+    }
+
+    /// Tables reachable from live roots (excluding roots), counted by walking.
+    pub fn count_reachable_tables(&self) -> u64 {
+        let vm = &*self.inner;
+        let _rcu = vm.tdp.rcu.read_lock();
+        vm.tdp.roots_snapshot().iter().map(|r| vm.tdp.count_tables(r)).sum()
+    }
+
+    /// Invalidations currently between start and end.
+    pub fn invalidations_in_progress(&self) -> i64 {
+        self.inner.inval.in_progress()
+    }
+
+    /// begin/end pairs that recorded no range (should stay 0).
+    pub fn empty_invalidation_pairs(&self) -> u64 {
+        self.inner.inval.empty_pairs()
+    }
+}
+
+/// A summary of one root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootInfo {
+    /// Unique id.
+    pub id: u64,
+    /// Address space.
+    pub as_id: u16,
+    /// Not invalidated.
+    pub valid: bool,
+    /// References (vCPUs, cached previous roots, the MMU's own).
+    pub refcount: u32,
+}
+
+impl Drop for VmInner {
+    fn drop(&mut self) {
+        // Teardown (KVM's kvm_mmu_uninit_tdp_mmu): every vCPU is gone, so only the
+        // MMU's own references remain. Invalidate, zap and free every root; the RCU
+        // domain then runs every deferred free when it drops with `tdp`.
+        let rcu = self.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &self.stats, rcu: &rcu };
+        let mut w = self.mmu_lock.write(&self.stats.lock);
+        self.tdp.invalidate_roots(&self.stats, RootFilter::All);
+        self.tdp.zap_invalidated_roots(&ctx, &mut w, &self.stats.lock);
+        drop(w);
+        rcu.flush();
+    }
+}
