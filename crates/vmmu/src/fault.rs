@@ -108,6 +108,8 @@ pub(crate) struct PageFault<'s> {
     pub(crate) goal_level: Level,
     pub(crate) mmu_seq: u64,
     pub(crate) pfn: Pfn,
+    /// The frame the host returned (before huge-page alignment), released at the end.
+    pub(crate) host_pfn: Pfn,
     pub(crate) map_writable: bool,
     pub(crate) mmio_gen: u64,
     pub(crate) huge_page_disallowed: bool,
@@ -170,6 +172,7 @@ impl VcpuMmu {
             goal_level: Level::K4,
             mmu_seq: 0,
             pfn: Pfn(0),
+            host_pfn: Pfn(0),
             map_writable: false,
             mmio_gen: slots.generation() & MMIO_GEN_MASK,
             huge_page_disallowed: exec && vm.config.nx_huge_pages,
@@ -211,7 +214,7 @@ impl VcpuMmu {
         };
         if f.slot.is_some() {
             let mapped_writable = f.map_writable && matches!(result, RetPf::Fixed | RetPf::Spurious);
-            vm.host.primary.release(f.pfn, mapped_writable);
+            vm.host.primary.release(f.host_pfn, mapped_writable);
         }
         Ok(result)
     }
@@ -333,6 +336,7 @@ impl VcpuMmu {
             .faultin(hva, FaultinRequest { write: f.write })
             .map_err(|cause| FaultError::Host { gpa: f.gfn.gpa(), hva, cause })?;
         f.pfn = host.pfn;
+        f.host_pfn = host.pfn;
         f.map_writable = host.writable && !slot.is_readonly();
         if vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
             vm.host.primary.release(f.pfn, false);

@@ -134,6 +134,8 @@ impl TableMemory for TestMemory {
 struct Mapping {
     pfn: Pfn,
     writable: bool,
+    /// Size of the host page this address is part of.
+    level: Level,
 }
 
 /// A complete test host: table memory, a primary MMU with explicit mappings, and
@@ -180,13 +182,30 @@ impl TestHost {
 
     /// Map `hva` to `pfn`. Callers bracket changes of existing mappings with
     /// invalidations, like a real host.
+    /// Like the host splitting a huge page before changing part of it, every page
+    /// of the surrounding 1 GiB becomes a 4 KiB mapping.
     pub fn set(&self, hva: Hva, pfn: Pfn, writable: bool) {
-        self.map.lock().insert(hva.0 / PAGE_SIZE, Mapping { pfn, writable });
+        let mut map = self.map.lock();
+        Self::split(&mut map, hva.0 / PAGE_SIZE);
+        map.insert(hva.0 / PAGE_SIZE, Mapping { pfn, writable, level: Level::K4 });
     }
 
-    /// Remove the mapping of `hva`.
+    /// Remove the mapping of `hva` (splitting a huge page around it first).
     pub fn unmap(&self, hva: Hva) {
-        self.map.lock().remove(&(hva.0 / PAGE_SIZE));
+        let mut map = self.map.lock();
+        Self::split(&mut map, hva.0 / PAGE_SIZE);
+        map.remove(&(hva.0 / PAGE_SIZE));
+    }
+
+    fn split(map: &mut HashMap<u64, Mapping>, page: u64) {
+        let first = page & !(Level::G1.pages() - 1);
+        if map.get(&page).is_some_and(|m| m.level > Level::K4) {
+            for p in first..first + Level::G1.pages() {
+                if let Some(m) = map.get_mut(&p) {
+                    m.level = Level::K4;
+                }
+            }
+        }
     }
 
     /// A frame number never used before.
@@ -194,7 +213,7 @@ impl TestHost {
         Pfn(self.next_pfn.fetch_add(1, Ordering::SeqCst))
     }
 
-    /// The level `mapping_level` reports for every address.
+    /// The size of host pages populated from now on.
     pub fn set_host_level(&self, level: Level) {
         self.host_level.store(level.get(), Ordering::SeqCst);
     }
@@ -224,11 +243,22 @@ impl PrimaryMmu for TestHost {
         let m = match map.get(&page) {
             Some(m) => m,
             None if self.populate => {
-                let level = Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4);
-                // Huge host pages: frames congruent with the address.
-                let base = self.next_pfn.fetch_add(2 * level.pages(), Ordering::SeqCst);
-                let pfn = Pfn((base + level.pages()) & !(level.pages() - 1) | (page & (level.pages() - 1)));
-                map.entry(page).or_insert(Mapping { pfn, writable: true })
+                // Populate a whole host page (huge pages are physically contiguous,
+                // frames congruent with the address) if its range is still empty,
+                // else a 4 KiB page.
+                let mut level = Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4);
+                let first = page & !(level.pages() - 1);
+                if (first..first + level.pages()).any(|p| map.contains_key(&p)) {
+                    level = Level::K4;
+                }
+                let n = level.pages();
+                let first = page & !(n - 1);
+                let base = self.next_pfn.fetch_add(2 * n, Ordering::SeqCst);
+                let base_pfn = (base + n) & !(n - 1);
+                for i in 0..n {
+                    map.insert(first + i, Mapping { pfn: Pfn(base_pfn + i), writable: true, level });
+                }
+                map.get(&page).unwrap_or_else(|| unreachable!())
             }
             None => return Err(HostFaultError::NotMapped),
         };
@@ -250,8 +280,8 @@ impl PrimaryMmu for TestHost {
         }
     }
 
-    fn mapping_level(&self, _hva: Hva) -> Level {
-        Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4)
+    fn mapping_level(&self, hva: Hva) -> Level {
+        self.map.lock().get(&(hva.0 / PAGE_SIZE)).map_or(Level::K4, |m| m.level)
     }
 }
 
