@@ -60,9 +60,9 @@ pub struct GuardKnobs {
     pub nonatomic_zap: bool,
     /// Publish memslots without waiting for in-flight invalidations.
     pub skip_install_wait: bool,
-    /// Take a root reference with a plain increment instead of
-    /// increment-if-not-zero.
-    pub unconditional_root_get: bool,
+    /// Walk roots in notifier zaps without holding a reference, so a root can be
+    /// freed while a walk that yielded `mmu_lock` is still on it.
+    pub roots_without_refs: bool,
     /// Fast page fault writes with a plain store instead of compare-and-exchange.
     pub fast_path_plain_store: bool,
 }

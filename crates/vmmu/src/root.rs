@@ -87,10 +87,6 @@ impl RootFilter {
 impl Tdp {
     /// Take a reference unless the root is already on its way out.
     pub(crate) fn get_root(&self, root: &Root) -> bool {
-        if self.knobs.unconditional_root_get {
-            root.refcount.fetch_add(1, Ordering::Acquire);
-            return true;
-        }
         // Acquire on success: the root's state written before its creation or
         // invalidation is visible to the new holder.
         root.refcount
@@ -115,6 +111,27 @@ impl Tdp {
         let mem = self.mem.clone();
         let pfn = root.pfn;
         ctx.rcu.defer(move || mem.free_table_page(pfn));
+    }
+
+    /// Run `f` on every root of address space `as_id` (valid ones, and invalid ones
+    /// too unless `only_valid`), holding a reference across the call: walks yield
+    /// `mmu_lock`, and without the reference a root could be freed meanwhile.
+    /// Roots whose count already reached zero are skipped. The caller holds
+    /// `mmu_lock` (the final put may free a root).
+    pub(crate) fn for_each_root(&self, ctx: &Ctx<'_>, as_id: u16, only_valid: bool, mut f: impl FnMut(&Arc<Root>)) {
+        for root in self.roots_snapshot() {
+            if root.role.as_id() != as_id || (only_valid && root.is_invalid()) {
+                continue;
+            }
+            if self.knobs.roots_without_refs {
+                f(&root);
+                continue;
+            }
+            if self.get_root(&root) {
+                f(&root);
+                self.put_root(ctx, &root);
+            }
+        }
     }
 
     /// A snapshot of the roots list.
@@ -190,5 +207,88 @@ impl Tdp {
             }
             self.put_root(ctx, &root);
         }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! (c) A root is never freed while a walker holds it across a yield of
+    //! `mmu_lock`, and is freed exactly once when invalid and unreferenced.
+    use super::*;
+    use crate::config::GuardKnobs;
+    use crate::sync::MmuLock;
+    use crate::testing::TestMemory;
+
+    fn scenario(knobs: GuardKnobs) {
+        let mem = Arc::new(TestMemory::new());
+        // 512 gfns: every whole-root walk visits a single top-level entry.
+        let tdp = Arc::new(Tdp::new(mem.clone(), Level::L4, 512, true, knobs));
+        let lock = Arc::new(MmuLock::new());
+        let stats = Arc::new(CounterSet::default());
+        {
+            let mut cache = TableCache::default();
+            cache.topup(&tdp, 1).unwrap();
+            let _r = lock.read(&stats.lock);
+            let role = Role { level: Level::L4, smm: false, guest_mode: false };
+            let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
+            // The creating vCPU goes away: only the MMU's reference remains.
+            let rcu = tdp.rcu.read_lock();
+            tdp.put_root(&Ctx { stats: &stats, rcu: &rcu }, &root);
+        }
+        let (t2, l2, s2) = (tdp.clone(), lock.clone(), stats.clone());
+        let walker = loom::thread::spawn(move || {
+            // A notifier zap: walks every root and yields the lock midway.
+            let rcu = t2.rcu.read_lock();
+            let ctx = Ctx { stats: &s2, rcu: &rcu };
+            let mut w = l2.write(&s2.lock);
+            let mut walked_freed = false;
+            t2.for_each_root(&ctx, 0, false, |root| {
+                crate::sync::MmuGuard::yield_lock(&mut w, &s2.lock);
+                walked_freed |= root.is_freed();
+            });
+            walked_freed
+        });
+        // A fast zap.
+        {
+            let _w = lock.write(&stats.lock);
+            tdp.invalidate_roots(&stats, RootFilter::All);
+        }
+        {
+            let rcu = tdp.rcu.read_lock();
+            let ctx = Ctx { stats: &stats, rcu: &rcu };
+            let mut r = lock.read(&stats.lock);
+            tdp.zap_invalidated_roots(&ctx, &mut r, &stats.lock);
+        }
+        let walked_freed = walker.join().unwrap();
+        assert!(!walked_freed, "a walk resumed on a freed root");
+        assert!(tdp.roots_snapshot().is_empty(), "an invalid, unreferenced root was not freed");
+        drop(tdp);
+        assert_eq!(mem.allocated(), 0, "root page leaked");
+        assert_eq!(mem.double_frees(), 0);
+    }
+
+    fn check(bound: usize, f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(bound);
+        // Initialising a table is 512 stores, each a branch point.
+        b.max_branches = 100_000;
+        b.check(f);
+    }
+
+    #[test]
+    fn loom_root_never_freed_while_referenced() {
+        check(3, || scenario(GuardKnobs::default()));
+    }
+
+    #[test]
+    fn loom_root_freed_under_a_walk_without_references() {
+        let knobs = GuardKnobs { roots_without_refs: true, ..GuardKnobs::default() };
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = std::panic::catch_unwind(|| check(3, move || scenario(knobs)));
+        std::panic::set_hook(prev);
+        let err = r.expect_err("the model found no violation with the guard removed");
+        let msg = err.downcast_ref::<String>().cloned().or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()));
+        assert!(msg.unwrap_or_default().contains("freed root"));
     }
 }

@@ -158,6 +158,10 @@ counters! {
     huge_splits,
     /// Leaf entries zapped.
     leaves_zapped,
+    /// Leaves that were dirty when zapped (the final value, read atomically).
+    dirty_leaves_zapped,
+    /// Dirty bits cleared (and reported) by dirty-bit harvesting.
+    dirty_bits_harvested,
     /// `invalidate_range_start` calls.
     invalidations,
     /// Invalidations that overlapped a memslot (and took `mmu_lock`).

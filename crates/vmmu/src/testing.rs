@@ -13,8 +13,16 @@ use crate::spte::Spte;
 use crate::sync::{Arc, AtomicU64, AtomicU8, LockClass, Mutex, Ordering};
 use crate::types::{Hva, Level, Pfn, PAGE_SIZE};
 
+#[cfg(not(loom))]
 const CHUNK: usize = 256;
+#[cfg(not(loom))]
 const CHUNKS: usize = 256;
+// Model-checked tests create every atomic afresh in each explored execution: keep
+// the arena tiny there.
+#[cfg(loom)]
+const CHUNK: usize = 4;
+#[cfg(loom)]
+const CHUNKS: usize = 8;
 /// Table frames are numbered from here, far from the data frames tests use.
 pub const TABLE_PFN_BASE: u64 = 1 << 28;
 
@@ -42,12 +50,9 @@ impl Default for TestMemory {
 }
 
 impl TestMemory {
-    /// Room for 65536 tables.
+    /// Room for 65536 tables (32 under loom).
     pub fn new() -> Self {
         let chunks: Vec<OnceLock<Box<[Table]>>> = (0..CHUNKS).map(|_| OnceLock::new()).collect();
-        // Pre-create the first chunk so small (model-checked) tests never race on
-        // lazy initialisation.
-        let _ = chunks[0].set(Self::make_chunk());
         TestMemory {
             chunks,
             state: (0..CHUNK * CHUNKS).map(|_| AtomicU8::new(0)).collect(),
@@ -287,4 +292,28 @@ impl PrimaryMmu for TestHost {
 
 impl Kick for TestHost {
     fn kick(&self, _vcpu_id: u32) {}
+}
+
+/// What a processor does when it writes through an entry whose Dirty bit is
+/// clear: walk to the leaf and set D with a locked update of the value it read.
+/// Returns whether D was set (false if the entry is gone or changed under it, in
+/// which case real hardware would walk again and fault).
+pub fn hardware_set_dirty(vm: &crate::Vm, gpa: crate::Gpa) -> bool {
+    let gfn = gpa.gfn();
+    let inner = &vm.inner;
+    let _rcu = inner.tdp.rcu.read_lock();
+    for root in inner.tdp.roots_snapshot() {
+        if root.is_invalid() {
+            continue;
+        }
+        let (sptep, spte, level) = inner.tdp.last_spte(&root, gfn);
+        if !spte.is_leaf(level) || !spte.is_writable() {
+            return false;
+        }
+        // AcqRel: the locked read-modify-write the processor performs.
+        return sptep
+            .compare_exchange(spte.0, spte.0 | crate::spte::ept::D, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+    }
+    false
 }

@@ -92,6 +92,13 @@ impl VcpuMmu {
         self.root.as_ref().map(|r| r.id)
     }
 
+    /// Whether the current root's memory has been freed. Always false in a correct
+    /// MMU; model-checking tests use it to catch a root freed while referenced.
+    #[doc(hidden)]
+    pub fn debug_current_root_freed(&self) -> bool {
+        self.root.as_ref().is_some_and(|r| r.is_freed())
+    }
+
     /// Ids of the cached previous roots.
     pub fn prev_root_ids(&self) -> Vec<Option<u64>> {
         self.prev_roots.iter().map(|r| r.as_ref().map(|r| r.id)).collect()

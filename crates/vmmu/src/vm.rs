@@ -123,11 +123,9 @@ impl VmInner {
 
     /// Zap leaves of `range` in every root of `as_id` (valid or not), flushing once.
     fn unmap_gfn_range(&self, ctx: &Ctx<'_>, w: &mut crate::sync::MmuWriteGuard<'_>, as_id: u16, range: GfnRange, batch: &mut FlushBatch) {
-        for root in self.tdp.roots_snapshot() {
-            if root.role.as_id() == as_id {
-                self.tdp.zap_leafs(ctx, &root, range, w, &self.stats.lock, batch, self);
-            }
-        }
+        self.tdp.for_each_root(ctx, as_id, false, |root| {
+            self.tdp.zap_leafs(ctx, root, range, w, &self.stats.lock, batch, self);
+        });
     }
 
     fn publish_memslots(&self, state: &mut SlotsState, as_id: u16, ops: &[SetOp]) {
@@ -184,7 +182,7 @@ impl Vm {
         }
         let n = config.address_spaces;
         let inner = VmInner {
-            tdp: Tdp::new(host.memory.clone(), config.root_level, config.ad_enabled, config.knobs),
+            tdp: Tdp::new(host.memory.clone(), config.root_level, config.gfn_limit(), config.ad_enabled, config.knobs),
             host,
             mmu_lock: MmuLock::new(),
             inval: InvalidateState::new(),
@@ -373,11 +371,9 @@ impl Vm {
         vm.inval.begin(&w);
         vm.inval.range_add(range, &w);
         let mut batch = FlushBatch::default();
-        for root in vm.tdp.roots_snapshot() {
-            if root.role.as_id() == as_id && !root.is_invalid() {
-                vm.tdp.zap_leafs(&ctx, &root, range, &mut w, &vm.stats.lock, &mut batch, vm);
-            }
-        }
+        vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+            vm.tdp.zap_leafs(&ctx, root, range, &mut w, &vm.stats.lock, &mut batch, vm);
+        });
         batch.flush(vm, &vm.stats);
         vm.inval.end(&w);
     }
@@ -392,15 +388,29 @@ impl Vm {
         let mut changed = false;
         {
             let _r = vm.mmu_lock.read(&vm.stats.lock);
-            for root in vm.tdp.roots_snapshot() {
-                if root.role.as_id() == as_id && !root.is_invalid() {
-                    changed |= vm.tdp.write_protect_range(&ctx, &root, range);
-                }
-            }
+            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+                changed |= vm.tdp.write_protect_range(&ctx, root, range);
+            });
         }
         if changed {
             vm.flush_remote_tlbs(&vm.stats);
         }
+    }
+
+    /// Clear the Dirty bits of `range` in valid roots and return how many pages
+    /// were dirty (harvesting for D-bit based dirty logging). Clearing D needs no
+    /// immediate flush: a stale TLB entry can only make hardware skip setting D for
+    /// a page it already knew was dirty, and the harvester flushes before reuse.
+    pub fn clear_dirty_gfn_range(&self, as_id: u16, range: GfnRange) -> u64 {
+        let vm = &*self.inner;
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let _w = vm.mmu_lock.write(&vm.stats.lock);
+        let mut n = 0;
+        vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+            n += vm.tdp.clear_dirty_range(&ctx, root, range);
+        });
+        n
     }
 
     /// Counters summed over the VM and all its live vCPUs (a vCPU's counts go away

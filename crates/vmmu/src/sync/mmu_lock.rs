@@ -142,8 +142,9 @@ impl MmuGuard for MmuReadGuard<'_> {
         }
         #[cfg(loom)]
         {
+            // Releasing and re-taking are scheduling points of their own; an
+            // explicit yield would only multiply the explored schedules.
             self.guard = None;
-            loom::thread::yield_now();
             self.guard = Some(self.lock.read_inner(stats));
         }
     }
@@ -165,7 +166,6 @@ impl MmuGuard for MmuWriteGuard<'_> {
         #[cfg(loom)]
         {
             self.guard = None;
-            loom::thread::yield_now();
             self.guard = Some(self.lock.write_inner(stats));
         }
     }

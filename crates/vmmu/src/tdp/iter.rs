@@ -162,11 +162,12 @@ const RESCHED_SLICE: Duration = Duration::from_millis(2);
 pub(crate) struct Resched {
     since: Instant,
     checks: u32,
+    yields: u32,
 }
 
 impl Resched {
     pub(crate) fn new() -> Self {
-        Resched { since: Instant::now(), checks: 0 }
+        Resched { since: Instant::now(), checks: 0, yields: 0 }
     }
 
     /// Whether the walk should yield now: only after forward progress, and only if
@@ -175,11 +176,20 @@ impl Resched {
         if !it.has_progressed() {
             return false;
         }
+        // Under the model checker the lock cannot hand over fairly, so a walk that
+        // yields at every step to a waiter multiplies schedules without exploring
+        // anything new: one yield per walk is modelled.
+        if cfg!(loom) && self.yields > 0 {
+            return false;
+        }
         if guard.needbreak() {
+            self.yields += 1;
             return true;
         }
         self.checks = self.checks.wrapping_add(1);
-        self.checks % 64 == 0 && self.since.elapsed() >= RESCHED_SLICE
+        // Under the model checker every decision must be deterministic: only
+        // waiters count there.
+        !cfg!(loom) && self.checks % 64 == 0 && self.since.elapsed() >= RESCHED_SLICE
     }
 
     /// Note that the lock was just re-taken.

@@ -33,6 +33,8 @@ pub(crate) struct Tdp {
     /// `tdp_mmu_roots`, protected by `tdp_mmu_pages_lock`.
     pub(crate) roots: Mutex<Vec<Arc<Root>>>,
     pub(crate) root_level: Level,
+    /// One past the largest gfn memslots may contain.
+    pub(crate) gfn_limit: u64,
     pub(crate) ad_enabled: bool,
     pub(crate) knobs: GuardKnobs,
     pub(crate) next_root_id: AtomicU64,
@@ -115,12 +117,13 @@ impl TableCache {
 }
 
 impl Tdp {
-    pub(crate) fn new(mem: Arc<dyn TableMemory>, root_level: Level, ad_enabled: bool, knobs: GuardKnobs) -> Self {
+    pub(crate) fn new(mem: Arc<dyn TableMemory>, root_level: Level, gfn_limit: u64, ad_enabled: bool, knobs: GuardKnobs) -> Self {
         Tdp {
             mem,
             rcu: Rcu::new(),
             roots: Mutex::new(LockClass::TdpMmuPagesLock, Vec::new()),
             root_level,
+            gfn_limit,
             ad_enabled,
             knobs,
             next_root_id: AtomicU64::new(1),

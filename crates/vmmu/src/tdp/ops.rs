@@ -83,6 +83,36 @@ impl Tdp {
         changed
     }
 
+    /// Clear the Dirty bit of every leaf of `root` in `range` (dirty logging with
+    /// D-bit harvesting; KVM's `clear_dirty_pt_masked`), holding `mmu_lock` for
+    /// write. Entries the processor may still dirty are cleared with an atomic AND,
+    /// so a D set concurrently is either reported now or survives for the next
+    /// harvest. Returns how many entries were dirty.
+    pub(crate) fn clear_dirty_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> u64 {
+        let end = range.end.min(self.max_gfn());
+        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut dirty = 0;
+        while it.in_range() {
+            let old = it.old_spte;
+            if old.is_leaf(it.level) && old.is_dirty() {
+                let cleared = Spte(old.0 & !crate::spte::ept::D);
+                let real = if old.needs_atomic_update() && !self.knobs.nonatomic_zap {
+                    // AcqRel: learn the final value, including a D set by hardware.
+                    Spte(it.sptep().fetch_and(!crate::spte::ept::D, Ordering::AcqRel))
+                } else {
+                    it.sptep().store(cleared.0, Ordering::Release);
+                    old
+                };
+                if real.is_dirty() {
+                    dirty += 1;
+                }
+            }
+            it.next();
+        }
+        CounterSet::add(&ctx.stats.dirty_bits_harvested, dirty);
+        dirty
+    }
+
     /// Visit every present leaf of `root` (tests, oracles, dumps). Lockless.
     pub(crate) fn for_each_leaf(&self, root: &Root, mut f: impl FnMut(Gfn, Level, Spte)) {
         let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, Gfn(0), self.max_gfn());

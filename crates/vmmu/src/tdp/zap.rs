@@ -9,9 +9,11 @@ use crate::sync::{LockStats, MmuGuard, MmuWriteGuard};
 use crate::types::{Gfn, GfnRange, Level};
 
 impl Tdp {
-    /// One past the last gfn a root of this MMU can map.
+    /// One past the last gfn this VM can map: the guest physical address width,
+    /// which memslots cannot exceed (KVM's `tdp_mmu_max_gfn_exclusive`). Walks
+    /// over "everything" stop here instead of visiting unreachable entries.
     pub(crate) fn max_gfn(&self) -> Gfn {
-        Gfn(1u64 << (9 * self.root_level.get() as u32))
+        Gfn(self.gfn_limit.min(1u64 << (9 * self.root_level.get() as u32)))
     }
 
     /// Zap every leaf of `root` in `range` (KVM's `tdp_mmu_zap_leafs`), holding
@@ -40,6 +42,11 @@ impl Tdp {
                 guard.yield_lock(lock_stats);
                 CounterSet::inc(&ctx.stats.yields);
                 rs.yielded();
+                if root.is_freed() {
+                    // Only possible if the caller walks without a reference.
+                    CounterSet::inc(&ctx.stats.invariant_violations);
+                    return;
+                }
                 it.restart();
                 continue;
             }
@@ -50,6 +57,9 @@ impl Tdp {
             let old = self.write_spte_exclusive(it.sptep(), it.old_spte, Spte::NONPRESENT, it.level);
             self.handle_changed_spte(ctx, it.gfn, old, Spte::NONPRESENT, it.level, false);
             CounterSet::inc(&ctx.stats.leaves_zapped);
+            if old.is_dirty() {
+                CounterSet::inc(&ctx.stats.dirty_leaves_zapped);
+            }
             if !root.is_invalid() && !self.knobs.skip_flush_after_zap {
                 batch.mark();
             }

@@ -1,0 +1,221 @@
+//! Model-checked protocols (loom). Run with
+//! `RUSTFLAGS="--cfg loom" cargo test -p vmmu --release --test loom`.
+//!
+//! Each protocol is checked twice: once as built, where every interleaving within
+//! the preemption bound must keep the invariant, and once with its guarding step
+//! removed through a test-only knob, where the model must find a violating
+//! interleaving. A checker that cannot fail proves nothing.
+#![cfg(loom)]
+
+use std::sync::Arc;
+
+use loom::thread;
+use vmmu::testing::TestHost;
+use vmmu::{
+    ErrorCode, GfnRange, GuardKnobs, Gpa, Hva, HvaRange, MemFlags, Pfn, RetPf, UserMemoryRegion, Vm, VmConfig,
+};
+
+const GPA: u64 = 1 << 30;
+const HVA: u64 = 64 << 30;
+
+/// Explore every interleaving with at most `LOOM_MAX_PREEMPTIONS` (default
+/// `bound`) preemptions.
+fn model_bounded(bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(std::env::var("LOOM_MAX_PREEMPTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(bound));
+    b.max_branches = 100_000;
+    b.check(f);
+}
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(2, f);
+}
+
+/// Run `f` under the model and return the message of the first violation found
+/// (an assertion of the model, not a failure of the checker itself).
+fn model_finds_violation(f: impl Fn() + Sync + Send + 'static) -> String {
+    model_finds_violation_bounded(2, f)
+}
+
+fn model_finds_violation_bounded(bound: usize, f: impl Fn() + Sync + Send + 'static) -> String {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model_bounded(bound, f)));
+    std::panic::set_hook(prev);
+    let err = r.expect_err("the model found no violation with the guard removed");
+    err.downcast_ref::<String>().cloned().or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
+    let host = TestHost::new();
+    let vm = Vm::new(VmConfig { knobs, ..VmConfig::default() }, host.ops()).unwrap();
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags,
+        guest_phys_addr: GPA,
+        memory_size: 2 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    (host, vm)
+}
+
+fn leaf_pfn(vm: &Vm, gpa: u64) -> Option<(Pfn, bool)> {
+    let gfn = Gpa(gpa).gfn();
+    vm.mappings(0).into_iter().find(|(g, _, s)| *g == gfn && s.is_shadow_present()).map(|(_, _, s)| (s.pfn(), s.is_writable()))
+}
+
+/// (a) A fault racing an invalidation never leaves the old frame mapped once
+/// `invalidate_range_start` has returned and the host has moved the page.
+fn fault_vs_invalidation(knobs: GuardKnobs) {
+    let (host, vm) = vm_with_slot(knobs, 0);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    // Build the tables with a neighbour so the racing fault only installs a leaf.
+    assert_eq!(vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    host.set(Hva(HVA), Pfn(0x777), true);
+    let t = thread::spawn(move || {
+        let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE);
+        vcpu
+    });
+    let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
+    vm.invalidate_range_start(range);
+    // The host migrates the page only after start returned.
+    host.set(Hva(HVA), Pfn(0x888), true);
+    let vcpu = t.join().unwrap();
+    assert_ne!(leaf_pfn(&vm, GPA).map(|m| m.0), Some(Pfn(0x777)), "old frame mapped after invalidation");
+    vm.invalidate_range_end(range);
+    drop(vcpu);
+    drop(vm);
+    assert_eq!(host.memory.allocated(), 0);
+}
+
+#[test]
+fn loom_fault_vs_invalidation_never_maps_old_frame() {
+    model(|| fault_vs_invalidation(GuardKnobs::default()));
+}
+
+#[test]
+fn loom_fault_vs_invalidation_fails_without_locked_check() {
+    let knobs = GuardKnobs { skip_locked_retry: true, ..GuardKnobs::default() };
+    let msg = model_finds_violation(move || fault_vs_invalidation(knobs));
+    assert!(msg.contains("old frame mapped after invalidation"), "{msg}");
+}
+
+/// (b1) A dirty bit set by hardware while the entry is zapped is never lost: if
+/// the processor's update succeeded, the zap saw it.
+fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
+    let (host, vm) = vm_with_slot(knobs, 0);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
+    // Harvest D, leaving a writable clean entry that hardware may dirty.
+    assert_eq!(vm.clear_dirty_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1))), 1);
+    let hw_vm = vm.clone();
+    let hw = thread::spawn(move || {
+        // The processor's locked update of the entry it walked.
+        vmmu::testing::hardware_set_dirty(&hw_vm, Gpa(GPA))
+    });
+    let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
+    let before = vm.stats().dirty_leaves_zapped;
+    vm.invalidate_range_start(range);
+    let zapped_dirty = vm.stats().dirty_leaves_zapped - before;
+    vm.invalidate_range_end(range);
+    let hw_dirtied = hw.join().unwrap();
+    assert!(!hw_dirtied || zapped_dirty == 1, "hardware set D but the zap lost it");
+    drop(vcpu);
+    drop(vm);
+    assert_eq!(host.memory.allocated(), 0);
+}
+
+#[test]
+fn loom_zap_never_loses_hardware_dirty_bit() {
+    model(|| zap_vs_hardware_dirty(GuardKnobs::default()));
+}
+
+#[test]
+fn loom_zap_loses_dirty_bit_with_plain_store() {
+    let knobs = GuardKnobs { nonatomic_zap: true, ..GuardKnobs::default() };
+    let msg = model_finds_violation(move || zap_vs_hardware_dirty(knobs));
+    assert!(msg.contains("lost it"), "{msg}");
+}
+
+/// (b2) The fast path never makes an entry writable after it was zapped and the
+/// host moved the page.
+fn fast_path_vs_zap(knobs: GuardKnobs) {
+    let (host, vm) = vm_with_slot(knobs, MemFlags::LOG_DIRTY_PAGES.bits());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    host.set(Hva(HVA), Pfn(0x777), true);
+    vcpu.page_fault(Gpa(GPA), ErrorCode::empty()).unwrap();
+    vm.write_protect_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1)));
+    let t = thread::spawn(move || {
+        let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE | ErrorCode::PRESENT);
+        vcpu
+    });
+    let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
+    vm.invalidate_range_start(range);
+    host.set(Hva(HVA), Pfn(0x888), true);
+    vm.invalidate_range_end(range);
+    let vcpu = t.join().unwrap();
+    if let Some((pfn, writable)) = leaf_pfn(&vm, GPA) {
+        assert!(pfn != Pfn(0x777), "stale frame {pfn:?} (writable {writable}) survived the invalidation");
+    }
+    drop(vcpu);
+    drop(vm);
+}
+
+#[test]
+fn loom_fast_path_never_rewrites_a_changed_entry() {
+    model(|| fast_path_vs_zap(GuardKnobs::default()));
+}
+
+#[test]
+fn loom_fast_path_plain_store_resurrects_zapped_entry() {
+    let knobs = GuardKnobs { fast_path_plain_store: true, ..GuardKnobs::default() };
+    let msg = model_finds_violation(move || fast_path_vs_zap(knobs));
+    assert!(msg.contains("survived the invalidation"), "{msg}");
+}
+
+// (c) Root reference counting vs invalidation is checked inside the crate
+// (`src/root.rs`, `loom_root_*`), on the roots code alone: a whole-VM model spends
+// its budget walking table entries that play no part in that protocol.
+
+/// (d) A memslot install never completes between an invalidation's start and
+/// its end; otherwise start and end disagree on whether a slot overlapped, and the
+/// in-progress count is left unbalanced.
+fn install_vs_notifier(knobs: GuardKnobs) {
+    let host = TestHost::new();
+    let vm = Vm::new(VmConfig { knobs, ..VmConfig::default() }, host.ops()).unwrap();
+    let vm2 = vm.clone();
+    let installer = thread::spawn(move || {
+        vm2.set_user_memory_region(UserMemoryRegion {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: GPA,
+            memory_size: 1 << 20,
+            userspace_addr: HVA,
+        })
+        .unwrap();
+    });
+    let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
+    vm.invalidate_range_start(range);
+    let gen_after_start = vm.memslots(0).unwrap().len();
+    let gen_before_end = vm.memslots(0).unwrap().len();
+    vm.invalidate_range_end(range);
+    installer.join().unwrap();
+    assert_eq!(gen_after_start, gen_before_end, "memslots changed between start and end");
+    assert_eq!(vm.invalidations_in_progress(), 0, "unbalanced in-progress count");
+}
+
+#[test]
+fn loom_memslot_install_waits_for_invalidation_end() {
+    model(|| install_vs_notifier(GuardKnobs::default()));
+}
+
+#[test]
+fn loom_memslot_install_without_wait_breaks_pairing() {
+    let knobs = GuardKnobs { skip_install_wait: true, ..GuardKnobs::default() };
+    let msg = model_finds_violation(move || install_vs_notifier(knobs));
+    assert!(msg.contains("between start and end") || msg.contains("unbalanced"), "{msg}");
+}
