@@ -66,7 +66,9 @@ pub enum KvmError {
     },
 
     /// The guest's top physical address does not fit the vCPU's MAXPHYADDR.
-    #[error("Guest physical address {top:#x} needs more than the vCPU's {maxphyaddr} address bits")]
+    #[error(
+        "Guest physical address {top:#x} needs more than the vCPU's {maxphyaddr} address bits"
+    )]
     BeyondMaxPhyAddr {
         /// One past the last measured GPA.
         top: u64,

@@ -1,0 +1,245 @@
+//! One VM with its memslots, vCPUs and statistics fds, and the parallel run of a pass.
+
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::error::{KvmError, Result};
+use crate::guest::{self, DONE_PORT, MEASURED_GPA, SMALL_SLOT_GPA, SMALL_SLOT_SIZE};
+use crate::host_mem::{HostMemory, PAGE_SIZE};
+use crate::stats::{Snapshot, StatsFd};
+
+const SMALL_SLOT: u32 = 0;
+const MEASURED_SLOT: u32 = 1;
+
+fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}
+
+/// Wall time of a parallel pass: from the earliest thread's release to the latest
+/// thread's completion.
+pub(crate) fn span_ns(times: &[(Instant, Instant)]) -> u64 {
+    let start = times.iter().map(|t| t.0).min();
+    let end = times.iter().map(|t| t.1).max();
+    match (start, end) {
+        (Some(s), Some(e)) => {
+            u64::try_from(e.saturating_duration_since(s).as_nanos()).unwrap_or(u64::MAX)
+        }
+        _ => 0,
+    }
+}
+
+/// A VM running the demand-paging guest, one vCPU per chunk of the measured slot.
+///
+/// Field order is drop order: vCPUs, stats fds and the VM fd are closed before the host
+/// memory behind the memslots is unmapped.
+#[derive(Debug)]
+pub(crate) struct GuestVm {
+    vcpus: Vec<VcpuFd>,
+    vcpu_stats: Vec<StatsFd>,
+    vm_stats: StatsFd,
+    vm: VmFd,
+    bytes_per_vcpu: u64,
+    _small: HostMemory,
+    measured: HostMemory,
+}
+
+impl GuestVm {
+    /// Creates the VM, both memslots and `vcpus` vCPUs ready at the loop's entry.
+    pub(crate) fn new(
+        kvm: &Kvm,
+        cpuid: &CpuId,
+        code: &[u8],
+        vcpus: usize,
+        bytes_per_vcpu: u64,
+        measured: HostMemory,
+    ) -> Result<Self> {
+        let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        let vm_stats = StatsFd::open(&vm).map_err(|source| KvmError::Stats {
+            what: "VM".into(),
+            source,
+        })?;
+
+        let small = HostMemory::new(SMALL_SLOT_SIZE, false)?;
+        small.write_bytes(&guest::small_slot_image(measured.len(), code));
+        let regions = [
+            (SMALL_SLOT, SMALL_SLOT_GPA, &small),
+            (MEASURED_SLOT, MEASURED_GPA, &measured),
+        ];
+        for (slot, gpa, mem) in regions {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: mem.len(),
+                userspace_addr: mem.host_addr(),
+            };
+            // SAFETY: the region describes a live mapping owned by this `GuestVm`, which
+            // outlives the VM fd (field order), so KVM never sees a dangling range.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let mut fds = Vec::with_capacity(vcpus);
+        let mut vcpu_stats = Vec::with_capacity(vcpus);
+        for i in 0..vcpus {
+            let vcpu = vm
+                .create_vcpu(i as u64)
+                .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(cpuid)
+                .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+            let mut sregs = vcpu.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+            guest::setup_sregs(&mut sregs);
+            vcpu.set_sregs(&sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
+            let start = MEASURED_GPA + i as u64 * bytes_per_vcpu;
+            vcpu.set_regs(&guest::regs_for_chunk(start, start + bytes_per_vcpu))
+                .map_err(ioctl_err("KVM_SET_REGS"))?;
+            let stats = StatsFd::open(&vcpu).map_err(|source| KvmError::Stats {
+                what: format!("vCPU {i}"),
+                source,
+            })?;
+            fds.push(vcpu);
+            vcpu_stats.push(stats);
+        }
+        Ok(Self {
+            vcpus: fds,
+            vcpu_stats,
+            vm_stats,
+            vm,
+            bytes_per_vcpu,
+            _small: small,
+            measured,
+        })
+    }
+
+    /// VM statistics plus every vCPU's, summed by name.
+    pub(crate) fn snapshot(&self) -> Result<Snapshot> {
+        let mut snap = Snapshot::new();
+        self.vm_stats
+            .accumulate(&mut snap)
+            .map_err(|source| KvmError::Stats {
+                what: "VM".into(),
+                source,
+            })?;
+        for (i, s) in self.vcpu_stats.iter().enumerate() {
+            s.accumulate(&mut snap).map_err(|source| KvmError::Stats {
+                what: format!("vCPU {i}"),
+                source,
+            })?;
+        }
+        Ok(snap)
+    }
+
+    /// Runs pass number `pass` (1-based) on all vCPUs at once and returns its wall time.
+    ///
+    /// Every vCPU thread waits on one barrier, so all are released together; each
+    /// records its own release and completion instants and the pass spans the earliest
+    /// release to the latest completion.
+    pub(crate) fn run_pass(&mut self, pass: u8) -> Result<u64> {
+        let barrier = Barrier::new(self.vcpus.len());
+        let results: Vec<Result<(Instant, Instant)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .enumerate()
+                .map(|(i, vcpu)| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        let start = Instant::now();
+                        run_until_done(vcpu, i, pass)?;
+                        Ok((start, Instant::now()))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join()
+                        .unwrap_or(Err(KvmError::ThreadPanicked { index: i }))
+                })
+                .collect()
+        });
+        let times = results.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok(span_ns(&times))
+    }
+
+    /// Checks that every page of the measured slot holds `gpa + pass`.
+    pub(crate) fn verify(&self, pass: u8) -> Result<()> {
+        let total = self.bytes_per_vcpu * self.vcpus.len() as u64;
+        let mut offset = 0;
+        while offset < total {
+            let gpa = MEASURED_GPA + offset;
+            let expected = gpa + u64::from(pass);
+            let found = self.measured.read_u64(offset).unwrap_or(0);
+            if found != expected {
+                return Err(KvmError::MarkerMismatch {
+                    gpa,
+                    expected,
+                    found,
+                });
+            }
+            offset += PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// Deletes the (populated) measured memslot and returns how long the ioctl took.
+    pub(crate) fn delete_measured_slot(&mut self) -> Result<Duration> {
+        let region = kvm_userspace_memory_region {
+            slot: MEASURED_SLOT,
+            flags: 0,
+            guest_phys_addr: MEASURED_GPA,
+            memory_size: 0,
+            userspace_addr: self.measured.host_addr(),
+        };
+        let start = Instant::now();
+        // SAFETY: deleting a slot (size 0) makes KVM drop its references to the range;
+        // the memory itself stays mapped until `self` is dropped.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+        let took = start.elapsed();
+        Ok(took)
+    }
+}
+
+/// Enters the vCPU until the guest reports the end of `pass` on [`DONE_PORT`].
+fn run_until_done(vcpu: &mut VcpuFd, index: usize, pass: u8) -> Result<()> {
+    loop {
+        let unexpected = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if port == DONE_PORT => {
+                let found = data.first().copied().unwrap_or(0);
+                if found != pass {
+                    return Err(KvmError::WrongPass {
+                        vcpu: index,
+                        expected: pass,
+                        found,
+                    });
+                }
+                return Ok(());
+            }
+            // A host signal interrupted KVM_RUN; the guest state is intact, re-enter.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Ok(VcpuExit::Intr) => continue,
+            Ok(exit) => format!("{exit:?}"),
+            Err(e) => format!("KVM_RUN failed: {e}"),
+        };
+        let regs = vcpu.get_regs().ok();
+        let rip = regs.map(|r| r.rip).unwrap_or(0);
+        let mut exit = unexpected;
+        if let (Some(r), Ok(sr)) = (regs, vcpu.get_sregs()) {
+            exit.push_str(&format!(
+                " (rflags {:#x}, cs {:#x} dpl {}, cr0 {:#x}, cr4 {:#x}, efer {:#x})",
+                r.rflags, sr.cs.selector, sr.cs.dpl, sr.cr0, sr.cr4, sr.efer
+            ));
+        }
+        return Err(KvmError::UnexpectedExit {
+            vcpu: index,
+            exit,
+            rip,
+        });
+    }
+}
