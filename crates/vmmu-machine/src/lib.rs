@@ -1,0 +1,23 @@
+//! # vmmu-machine: a machine for the vmmu MMU to run in
+//!
+//! Host physical memory ([`host_memory`]), a host MMU that maps the VMM's address
+//! space and fires invalidations around every change ([`primary_mmu`]), vCPUs
+//! with a software EPT walker, a TLB and atomic A/D updates ([`cpu`], [`tlb`]),
+//! guest programs that read and write real bytes ([`guest`]), and an oracle that
+//! checks every access and the final state ([`oracle`]). It uses only the public
+//! API of `vmmu`, the same one a hypervisor would use.
+
+pub mod cpu;
+pub mod guest;
+pub mod host_memory;
+pub mod machine;
+pub mod oracle;
+pub mod primary_mmu;
+pub mod stress;
+pub(crate) mod sync;
+pub mod tlb;
+
+pub use machine::{
+    Machine, MachineConfig, MachineError, PhaseCtx, RunOptions, TeardownReport, Vcpu, VcpuReport,
+};
+pub use primary_mmu::{Backing, HostMmu};

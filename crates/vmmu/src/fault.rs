@@ -127,7 +127,9 @@ impl VcpuMmu {
             Ok(RetPf::Retry) => CounterSet::inc(&st.faults_retry),
             Ok(RetPf::Emulate) => CounterSet::inc(&st.faults_emulate),
             Ok(RetPf::WriteProtected) => CounterSet::inc(&st.faults_write_protected),
-            Ok(RetPf::Continue | RetPf::Invalid) => debug_assert!(false, "internal code escaped: {r:?}"),
+            Ok(RetPf::Continue | RetPf::Invalid) => {
+                debug_assert!(false, "internal code escaped: {r:?}")
+            }
             Err(_) => CounterSet::inc(&st.faults_error),
         }
         r
@@ -135,7 +137,9 @@ impl VcpuMmu {
 
     fn page_fault_inner(&mut self, gpa: Gpa, ec: ErrorCode) -> Result<RetPf, FaultError> {
         let gfn = gpa.gfn();
-        let Some(root) = self.root.clone() else { return Ok(RetPf::Retry) };
+        let Some(root) = self.root.clone() else {
+            return Ok(RetPf::Retry);
+        };
         let stats = &self.shared.stats;
         if root.is_invalid() {
             CounterSet::inc(&stats.stale_root_retries);
@@ -158,7 +162,12 @@ impl VcpuMmu {
             access |= Access::WRITE;
         }
         if exec {
-            access = Access::EXEC | if write { Access::WRITE } else { Access::empty() };
+            access = Access::EXEC
+                | if write {
+                    Access::WRITE
+                } else {
+                    Access::empty()
+                };
         }
         let mut f = PageFault {
             gfn,
@@ -193,7 +202,8 @@ impl VcpuMmu {
         }
 
         // Allocation may sleep: never under mmu_lock.
-        self.cache.topup(&vm.tdp, vm.config.root_level.get() as usize)?;
+        self.cache
+            .topup(&vm.tdp, vm.config.root_level.get() as usize)?;
 
         match self.faultin_pfn(&mut f)? {
             RetPf::Continue => {}
@@ -213,7 +223,8 @@ impl VcpuMmu {
             }
         };
         if f.slot.is_some() {
-            let mapped_writable = f.map_writable && matches!(result, RetPf::Fixed | RetPf::Spurious);
+            let mapped_writable =
+                f.map_writable && matches!(result, RetPf::Fixed | RetPf::Spurious);
             vm.host.primary.release(f.host_pfn, mapped_writable);
         }
         Ok(result)
@@ -230,7 +241,9 @@ impl VcpuMmu {
             // The entry changed under us; let the vCPU look again.
             return RetPf::Retry;
         }
-        if gen & crate::memslot::GEN_UPDATE_IN_PROGRESS == 0 && spte.mmio_gen() == gen & MMIO_GEN_MASK {
+        if gen & crate::memslot::GEN_UPDATE_IN_PROGRESS == 0
+            && spte.mmio_gen() == gen & MMIO_GEN_MASK
+        {
             CounterSet::inc(&self.shared.stats.mmio_fast_hits);
             return RetPf::Emulate;
         }
@@ -286,7 +299,9 @@ impl VcpuMmu {
             } else {
                 // AcqRel: the exchange must observe the latest value (including D
                 // set by hardware) and publish ours.
-                sptep.compare_exchange(spte.0, new.0, Ordering::AcqRel, Ordering::Acquire).is_ok()
+                sptep
+                    .compare_exchange(spte.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
             };
             if ok {
                 if new.is_writable() && !spte.is_writable() {
@@ -310,12 +325,20 @@ impl VcpuMmu {
         // Until memory attributes exist every gfn is shared.
         let gfn_is_private = false;
         if f.private != gfn_is_private {
-            return Err(FaultError::MemoryFault { gpa: f.gfn.gpa(), size: PAGE_SIZE, private: f.private });
+            return Err(FaultError::MemoryFault {
+                gpa: f.gfn.gpa(),
+                size: PAGE_SIZE,
+                private: f.private,
+            });
         }
         let Some(slot) = f.slot else {
             // No memslot: MMIO. Cached as an MMIO entry (generation-checked, so no
             // invalidation check is needed) unless caching is off.
-            return Ok(if vm.config.mmio_caching { RetPf::Continue } else { RetPf::Emulate });
+            return Ok(if vm.config.mmio_caching {
+                RetPf::Continue
+            } else {
+                RetPf::Emulate
+            });
         };
         if slot.is_invalid() {
             CounterSet::inc(&stats.invalid_slot_retries);
@@ -334,7 +357,11 @@ impl VcpuMmu {
             .host
             .primary
             .faultin(hva, FaultinRequest { write: f.write })
-            .map_err(|cause| FaultError::Host { gpa: f.gfn.gpa(), hva, cause })?;
+            .map_err(|cause| FaultError::Host {
+                gpa: f.gfn.gpa(),
+                hva,
+                cause,
+            })?;
         f.pfn = host.pfn;
         f.host_pfn = host.pfn;
         f.map_writable = host.writable && !slot.is_readonly();
@@ -354,7 +381,10 @@ impl VcpuMmu {
             CounterSet::inc(&stats.stale_root_retries);
             return true;
         }
-        if f.slot.is_some() && !self.vm.config.knobs.skip_locked_retry && self.vm.inval.retry_gfn(f.mmu_seq, f.gfn) {
+        if f.slot.is_some()
+            && !self.vm.config.knobs.skip_locked_retry
+            && self.vm.inval.retry_gfn(f.mmu_seq, f.gfn)
+        {
             CounterSet::inc(&stats.locked_retries);
             return true;
         }

@@ -55,7 +55,10 @@ pub mod vm;
 
 pub use config::{GuardKnobs, VmConfig};
 pub use fault::{ErrorCode, FaultError, RetPf};
-pub use host::{FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory, TableMemoryError};
+pub use host::{
+    FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory,
+    TableMemoryError,
+};
 pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion};
 pub use root::{Role, RootFilter};
 pub use spte::{Access, Spte};

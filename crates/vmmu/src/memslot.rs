@@ -156,13 +156,16 @@ impl LpageInfo {
             }
             v
         };
-        LpageInfo { levels: [make(Level::M2), make(Level::G1)] }
+        LpageInfo {
+            levels: [make(Level::M2), make(Level::G1)],
+        }
     }
 
     fn disallowed(&self, base: Gfn, gfn: Gfn, level: Level) -> bool {
         let idx = ((gfn.0 >> level.gfn_shift()) - (base.0 >> level.gfn_shift())) as usize;
         let arr = &self.levels[(level.get() - 2) as usize];
-        arr.get(idx).map_or(true, |c| c.load(Ordering::Relaxed) != 0)
+        arr.get(idx)
+            .map_or(true, |c| c.load(Ordering::Relaxed) != 0)
     }
 }
 
@@ -190,7 +193,11 @@ pub struct DirtyBitmap {
 
 impl DirtyBitmap {
     fn new(npages: u64) -> Self {
-        DirtyBitmap { words: (0..npages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+        DirtyBitmap {
+            words: (0..npages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
     }
     /// Mark page `rel` (relative to the slot) dirty.
     pub fn set(&self, rel: u64) {
@@ -200,11 +207,16 @@ impl DirtyBitmap {
     }
     /// Whether page `rel` is marked.
     pub fn test(&self, rel: u64) -> bool {
-        self.words.get((rel / 64) as usize).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (rel % 64)) != 0)
+        self.words
+            .get((rel / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (rel % 64)) != 0)
     }
     /// Number of marked pages.
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 }
 
@@ -259,7 +271,8 @@ impl Memslot {
     }
     /// Host address of `gfn` (which must lie in the slot).
     pub fn gfn_to_hva(&self, gfn: Gfn) -> Hva {
-        self.userspace_addr.add((gfn.0 - self.base_gfn.0) * PAGE_SIZE)
+        self.userspace_addr
+            .add((gfn.0 - self.base_gfn.0) * PAGE_SIZE)
     }
     /// The uAPI slot number (address space in the upper half).
     pub fn slot_number(&self) -> u32 {
@@ -306,7 +319,10 @@ impl Memslot {
     }
 
     fn invalid_copy(&self) -> Memslot {
-        Memslot { invalid: true, ..self.clone_shallow() }
+        Memslot {
+            invalid: true,
+            ..self.clone_shallow()
+        }
     }
 
     fn clone_shallow(&self) -> Memslot {
@@ -398,7 +414,11 @@ impl MemslotSet {
     }
 
     /// Slots whose host range intersects `range`, with the intersecting gfns.
-    pub fn for_each_hva_overlap(&self, range: HvaRange, mut f: impl FnMut(&Arc<Memslot>, GfnRange)) {
+    pub fn for_each_hva_overlap(
+        &self,
+        range: HvaRange,
+        mut f: impl FnMut(&Arc<Memslot>, GfnRange),
+    ) {
         if range.is_empty() {
             return;
         }
@@ -425,10 +445,14 @@ impl MemslotSet {
     }
 
     fn insert(&mut self, slot: Arc<Memslot>) {
-        let i = self.by_gfn.partition_point(|s| s.base_gfn.0 < slot.base_gfn.0);
+        let i = self
+            .by_gfn
+            .partition_point(|s| s.base_gfn.0 < slot.base_gfn.0);
         self.by_gfn.insert(i, slot.clone());
         let key = (slot.userspace_addr.0, slot.id);
-        let j = self.by_hva.partition_point(|s| (s.userspace_addr.0, s.id) < key);
+        let j = self
+            .by_hva
+            .partition_point(|s| (s.userspace_addr.0, s.id) < key);
         self.by_hva.insert(j, slot.clone());
         self.max_bytes = self.max_bytes.max(slot.npages * PAGE_SIZE);
         self.by_id.insert(slot.id, slot);
@@ -439,7 +463,12 @@ impl MemslotSet {
         self.by_gfn.retain(|s| s.id != id);
         self.by_hva.retain(|s| s.id != id);
         if slot.npages * PAGE_SIZE == self.max_bytes {
-            self.max_bytes = self.by_gfn.iter().map(|s| s.npages * PAGE_SIZE).max().unwrap_or(0);
+            self.max_bytes = self
+                .by_gfn
+                .iter()
+                .map(|s| s.npages * PAGE_SIZE)
+                .max()
+                .unwrap_or(0);
         }
         Some(slot)
     }
@@ -472,8 +501,14 @@ pub(crate) enum SetOp {
 pub(crate) enum Change {
     Create(Arc<Memslot>),
     Delete(Arc<Memslot>),
-    Move { old: Arc<Memslot>, new: Arc<Memslot> },
-    FlagsOnly { old: Arc<Memslot>, new: Arc<Memslot> },
+    Move {
+        old: Arc<Memslot>,
+        new: Arc<Memslot>,
+    },
+    FlagsOnly {
+        old: Arc<Memslot>,
+        new: Arc<Memslot>,
+    },
     Nothing,
 }
 
@@ -494,11 +529,18 @@ pub(crate) fn classify(
 ) -> Result<Change> {
     let flags = MemFlags::from_bits(region.flags)
         .filter(|f| SUPPORTED_FLAGS.contains(*f))
-        .ok_or(MemslotError::InvalidFlags { flags: region.flags, supported: SUPPORTED_FLAGS.bits() })?;
+        .ok_or(MemslotError::InvalidFlags {
+            flags: region.flags,
+            supported: SUPPORTED_FLAGS.bits(),
+        })?;
     let as_id = (region.slot >> 16) as u16;
     let id = region.slot & 0xffff;
     if as_id >= address_spaces || id >= USER_MEM_SLOTS {
-        return Err(MemslotError::InvalidSlot { slot: region.slot, spaces: address_spaces, max: USER_MEM_SLOTS });
+        return Err(MemslotError::InvalidSlot {
+            slot: region.slot,
+            spaces: address_spaces,
+            max: USER_MEM_SLOTS,
+        });
     }
     let id = id as u16;
     for (what, value) in [
@@ -515,8 +557,14 @@ pub(crate) fn classify(
         size: region.memory_size,
         hva: region.userspace_addr,
     };
-    let gpa_end = region.guest_phys_addr.checked_add(region.memory_size).ok_or_else(out_of_range)?;
-    let hva_end = region.userspace_addr.checked_add(region.memory_size).ok_or_else(out_of_range)?;
+    let gpa_end = region
+        .guest_phys_addr
+        .checked_add(region.memory_size)
+        .ok_or_else(out_of_range)?;
+    let hva_end = region
+        .userspace_addr
+        .checked_add(region.memory_size)
+        .ok_or_else(out_of_range)?;
     if hva_end > USER_ADDR_LIMIT {
         return Err(out_of_range());
     }
@@ -550,7 +598,8 @@ pub(crate) fn classify(
         if !flags.contains(MemFlags::LOG_DIRTY_PAGES) {
             return None;
         }
-        old.and_then(|o| o.dirty_bitmap.clone()).or_else(|| Some(Arc::new(DirtyBitmap::new(npages))))
+        old.and_then(|o| o.dirty_bitmap.clone())
+            .or_else(|| Some(Arc::new(DirtyBitmap::new(npages))))
     };
     match old {
         None => {
@@ -569,13 +618,22 @@ pub(crate) fn classify(
         }
         Some(old) => {
             if old.userspace_addr != hva {
-                return Err(MemslotError::IllegalChange { slot: region.slot, what: "the userspace address" });
+                return Err(MemslotError::IllegalChange {
+                    slot: region.slot,
+                    what: "the userspace address",
+                });
             }
             if old.npages != npages {
-                return Err(MemslotError::IllegalChange { slot: region.slot, what: "the size" });
+                return Err(MemslotError::IllegalChange {
+                    slot: region.slot,
+                    what: "the size",
+                });
             }
             if (old.flags ^ flags).contains(MemFlags::READONLY) {
-                return Err(MemslotError::IllegalChange { slot: region.slot, what: "read-only-ness" });
+                return Err(MemslotError::IllegalChange {
+                    slot: region.slot,
+                    what: "read-only-ness",
+                });
             }
             if old.base_gfn != base_gfn {
                 check_overlap(Some(id))?;
@@ -590,7 +648,11 @@ pub(crate) fn classify(
                 return Ok(Change::Move { old, new });
             }
             if old.flags != flags {
-                let new = Arc::new(Memslot { flags, dirty_bitmap: dirty(flags, Some(&old)), ..old.clone_shallow() });
+                let new = Arc::new(Memslot {
+                    flags,
+                    dirty_bitmap: dirty(flags, Some(&old)),
+                    ..old.clone_shallow()
+                });
                 return Ok(Change::FlagsOnly { old, new });
             }
             Ok(Change::Nothing)
@@ -603,7 +665,13 @@ mod tests {
     use super::*;
 
     fn region(slot: u32, gpa: u64, size: u64, hva: u64) -> UserMemoryRegion {
-        UserMemoryRegion { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva }
+        UserMemoryRegion {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: hva,
+        }
     }
 
     fn create(set: &mut MemslotSet, r: UserMemoryRegion) -> Result<()> {
@@ -625,22 +693,50 @@ mod tests {
         assert_eq!(set.lookup(Gfn(0x2ff)).map(|s| s.id()), Some(1));
         assert!(set.lookup(Gfn(0x300)).is_none());
         assert_eq!(set.lookup(Gfn(0x400)).map(|s| s.id()), Some(2));
-        let err = classify(&set, &region(3, 0x1f_f000, 0x2000, 0x6000_0000), 2, 1 << 34).unwrap_err();
-        assert!(matches!(err, MemslotError::Overlap { other: 1, .. }), "{err:?}");
+        let err =
+            classify(&set, &region(3, 0x1f_f000, 0x2000, 0x6000_0000), 2, 1 << 34).unwrap_err();
+        assert!(
+            matches!(err, MemslotError::Overlap { other: 1, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn test_memslot_validation_errors() {
         let set = MemslotSet::new(0);
         let bad = |r: UserMemoryRegion| classify(&set, &r, 2, 1 << 34).unwrap_err();
-        assert!(matches!(bad(region(1, 0x1001, 0x1000, 0)), MemslotError::Unaligned { .. }));
-        assert!(matches!(bad(region(1, 0, 0x1800, 0)), MemslotError::Unaligned { .. }));
-        assert!(matches!(bad(region(1, 0, 0x1000, 0x10)), MemslotError::Unaligned { .. }));
-        assert!(matches!(bad(region(40000, 0, 0x1000, 0)), MemslotError::InvalidSlot { .. }));
-        assert!(matches!(bad(region(2 << 16, 0, 0x1000, 0)), MemslotError::InvalidSlot { .. }));
-        assert!(matches!(bad(region(1, u64::MAX - 0xfff, 0x2000, 0)), MemslotError::OutOfRange { .. }));
-        assert!(matches!(bad(region(1, 1 << 46, 0x1000, 0)), MemslotError::OutOfRange { .. }));
-        assert!(matches!(bad(region(1, 0, 0, 0)), MemslotError::NoSuchSlot { .. }));
+        assert!(matches!(
+            bad(region(1, 0x1001, 0x1000, 0)),
+            MemslotError::Unaligned { .. }
+        ));
+        assert!(matches!(
+            bad(region(1, 0, 0x1800, 0)),
+            MemslotError::Unaligned { .. }
+        ));
+        assert!(matches!(
+            bad(region(1, 0, 0x1000, 0x10)),
+            MemslotError::Unaligned { .. }
+        ));
+        assert!(matches!(
+            bad(region(40000, 0, 0x1000, 0)),
+            MemslotError::InvalidSlot { .. }
+        ));
+        assert!(matches!(
+            bad(region(2 << 16, 0, 0x1000, 0)),
+            MemslotError::InvalidSlot { .. }
+        ));
+        assert!(matches!(
+            bad(region(1, u64::MAX - 0xfff, 0x2000, 0)),
+            MemslotError::OutOfRange { .. }
+        ));
+        assert!(matches!(
+            bad(region(1, 1 << 46, 0x1000, 0)),
+            MemslotError::OutOfRange { .. }
+        ));
+        assert!(matches!(
+            bad(region(1, 0, 0, 0)),
+            MemslotError::NoSuchSlot { .. }
+        ));
         let mut r = region(1, 0, 0x1000, 0);
         r.flags = 1 << 7;
         assert!(matches!(bad(r), MemslotError::InvalidFlags { .. }));
@@ -653,17 +749,32 @@ mod tests {
         let mut set = MemslotSet::new(0);
         create(&mut set, region(1, 0x10_0000, 0x20_0000, 0x4000_0000)).unwrap();
         let c = |r: UserMemoryRegion| classify(&set, &r, 2, 1 << 34);
-        assert!(matches!(c(region(1, 0x10_0000, 0x20_0000, 0x4000_0000)), Ok(Change::Nothing)));
-        assert!(matches!(c(region(1, 0x80_0000, 0x20_0000, 0x4000_0000)), Ok(Change::Move { .. })));
-        assert!(matches!(c(region(1, 0x10_0000, 0x20_0000, 0x5000_0000)), Err(MemslotError::IllegalChange { .. })));
-        assert!(matches!(c(region(1, 0x10_0000, 0x10_0000, 0x4000_0000)), Err(MemslotError::IllegalChange { .. })));
+        assert!(matches!(
+            c(region(1, 0x10_0000, 0x20_0000, 0x4000_0000)),
+            Ok(Change::Nothing)
+        ));
+        assert!(matches!(
+            c(region(1, 0x80_0000, 0x20_0000, 0x4000_0000)),
+            Ok(Change::Move { .. })
+        ));
+        assert!(matches!(
+            c(region(1, 0x10_0000, 0x20_0000, 0x5000_0000)),
+            Err(MemslotError::IllegalChange { .. })
+        ));
+        assert!(matches!(
+            c(region(1, 0x10_0000, 0x10_0000, 0x4000_0000)),
+            Err(MemslotError::IllegalChange { .. })
+        ));
         let mut r = region(1, 0x10_0000, 0x20_0000, 0x4000_0000);
         r.flags = MemFlags::READONLY.bits();
         assert!(matches!(c(r), Err(MemslotError::IllegalChange { .. })));
         r.flags = MemFlags::LOG_DIRTY_PAGES.bits();
         assert!(matches!(c(r), Ok(Change::FlagsOnly { .. })));
         // A move may overlap its own old range.
-        assert!(matches!(c(region(1, 0x11_0000, 0x20_0000, 0x4000_0000)), Ok(Change::Move { .. })));
+        assert!(matches!(
+            c(region(1, 0x11_0000, 0x20_0000, 0x4000_0000)),
+            Ok(Change::Move { .. })
+        ));
     }
 
     #[test]
@@ -674,9 +785,17 @@ mod tests {
         let s = set.by_id(1).unwrap().clone();
         assert_eq!(s.max_mapping_level(Gfn(0x200), Level::G1), Level::M2);
         assert_eq!(s.max_mapping_level(Gfn(0x400), Level::G1), Level::M2);
-        assert_eq!(s.max_mapping_level(Gfn(0x600), Level::G1), Level::K4, "tail chunk partial");
+        assert_eq!(
+            s.max_mapping_level(Gfn(0x600), Level::G1),
+            Level::K4,
+            "tail chunk partial"
+        );
         // hva misaligned with gfn at 2M: no huge mappings anywhere.
-        create(&mut set, region(2, 0x4000_0000, 0x40_0000, 0x7100_0000_1000)).unwrap();
+        create(
+            &mut set,
+            region(2, 0x4000_0000, 0x40_0000, 0x7100_0000_1000),
+        )
+        .unwrap();
         let s2 = set.by_id(2).unwrap().clone();
         assert_eq!(s2.max_mapping_level(Gfn(0x40000), Level::G1), Level::K4);
     }
@@ -688,13 +807,17 @@ mod tests {
         create(&mut set, region(2, 0x100_0000, 0x10_0000, 0x1000_0000)).unwrap();
         create(&mut set, region(3, 0x200_0000, 0x1000, 0x2000_0000)).unwrap();
         let mut hits = vec![];
-        set.for_each_hva_overlap(HvaRange::new(Hva(0x1000_2000), Hva(0x1000_3001)), |s, g| hits.push((s.id(), g)));
+        set.for_each_hva_overlap(HvaRange::new(Hva(0x1000_2000), Hva(0x1000_3001)), |s, g| {
+            hits.push((s.id(), g))
+        });
         hits.sort_by_key(|h| h.0);
         assert_eq!(hits.len(), 2);
         assert_eq!(hits[0].1, GfnRange::new(Gfn(2), Gfn(4)));
         assert_eq!(hits[1].1, GfnRange::new(Gfn(0x1002), Gfn(0x1004)));
         let mut none = 0;
-        set.for_each_hva_overlap(HvaRange::new(Hva(0x3000_0000), Hva(0x3000_1000)), |_, _| none += 1);
+        set.for_each_hva_overlap(HvaRange::new(Hva(0x3000_0000), Hva(0x3000_1000)), |_, _| {
+            none += 1
+        });
         assert_eq!(none, 0);
     }
 }

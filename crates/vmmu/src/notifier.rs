@@ -19,7 +19,7 @@
 use std::panic::Location;
 
 use crate::sync::lockdep::{Held, LockClass};
-use crate::sync::{AtomicI64, AtomicU64, Condvar, Mutex, MmuWriteGuard, Ordering};
+use crate::sync::{AtomicI64, AtomicU64, Condvar, MmuWriteGuard, Mutex, Ordering};
 use crate::types::{Gfn, GfnRange};
 
 /// "No range recorded".
@@ -79,9 +79,11 @@ impl InvalidateState {
             self.range_start.store(range.start.0, Ordering::Relaxed);
             self.range_end.store(range.end.0, Ordering::Relaxed);
         } else {
-            self.range_start.store(start.min(range.start.0), Ordering::Relaxed);
+            self.range_start
+                .store(start.min(range.start.0), Ordering::Relaxed);
             let end = self.range_end.load(Ordering::Relaxed);
-            self.range_end.store(end.max(range.end.0), Ordering::Relaxed);
+            self.range_end
+                .store(end.max(range.end.0), Ordering::Relaxed);
         }
         self.range_added.store(1, Ordering::Relaxed);
     }
@@ -155,7 +157,10 @@ pub(crate) struct ActiveInvalidations {
 
 impl ActiveInvalidations {
     pub(crate) fn new() -> Self {
-        ActiveInvalidations { count: Mutex::new(LockClass::MnInvalidateLock, 0), idle: Condvar::new() }
+        ActiveInvalidations {
+            count: Mutex::new(LockClass::MnInvalidateLock, 0),
+            idle: Condvar::new(),
+        }
     }
 
     /// A notifier invalidation starts.

@@ -51,7 +51,12 @@ impl VcpuShared {
         // SeqCst: the store of the bits must be ordered before the mode check below
         // (Dekker pair with `enter_guest_mode`).
         self.requests.fetch_or(bits, Ordering::SeqCst);
-        match self.mode.compare_exchange(IN_GUEST_MODE, EXITING_GUEST_MODE, Ordering::SeqCst, Ordering::SeqCst) {
+        match self.mode.compare_exchange(
+            IN_GUEST_MODE,
+            EXITING_GUEST_MODE,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
             Ok(_) => RequestState::MustKick,
             Err(EXITING_GUEST_MODE) => RequestState::Exiting,
             Err(_) => RequestState::Outside,

@@ -90,7 +90,13 @@ impl Tdp {
         // Acquire on success: the root's state written before its creation or
         // invalidation is visible to the new holder.
         root.refcount
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |c| if c == 0 { None } else { Some(c + 1) })
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |c| {
+                if c == 0 {
+                    None
+                } else {
+                    Some(c + 1)
+                }
+            })
             .is_ok()
     }
 
@@ -104,7 +110,10 @@ impl Tdp {
         }
         // Acquire: pairs with every other holder's Release decrement.
         fence(Ordering::Acquire);
-        debug_assert!(root.is_invalid(), "only invalid roots may lose their last reference");
+        debug_assert!(
+            root.is_invalid(),
+            "only invalid roots may lose their last reference"
+        );
         self.roots.lock().retain(|r| !Arc::ptr_eq(r, root));
         root.freed.store(true, Ordering::Release);
         CounterSet::inc(&ctx.stats.roots_freed);
@@ -118,7 +127,13 @@ impl Tdp {
     /// `mmu_lock`, and without the reference a root could be freed meanwhile.
     /// Roots whose count already reached zero are skipped. The caller holds
     /// `mmu_lock` (the final put may free a root).
-    pub(crate) fn for_each_root(&self, ctx: &Ctx<'_>, as_id: u16, only_valid: bool, mut f: impl FnMut(&Arc<Root>)) {
+    pub(crate) fn for_each_root(
+        &self,
+        ctx: &Ctx<'_>,
+        as_id: u16,
+        only_valid: bool,
+        mut f: impl FnMut(&Arc<Root>),
+    ) {
         for root in self.roots_snapshot() {
             if root.role.as_id() != as_id || (only_valid && root.is_invalid()) {
                 continue;
@@ -141,7 +156,12 @@ impl Tdp {
 
     /// Find a valid root for `role` and take a reference, or create one from the
     /// vCPU's cache (KVM's `kvm_tdp_mmu_alloc_root`). `mmu_lock` is held for read.
-    pub(crate) fn find_or_create_root(&self, stats: &CounterSet, role: Role, cache: &mut TableCache) -> Option<Arc<Root>> {
+    pub(crate) fn find_or_create_root(
+        &self,
+        stats: &CounterSet,
+        role: Role,
+        cache: &mut TableCache,
+    ) -> Option<Arc<Root>> {
         let matching = |r: &Arc<Root>| r.role == role && !r.is_invalid();
         for r in self.roots_snapshot().iter().filter(|r| matching(r)) {
             if self.get_root(r) {
@@ -229,17 +249,30 @@ mod loom_tests {
             let mut cache = TableCache::default();
             cache.topup(&tdp, 1).unwrap();
             let _r = lock.read(&stats.lock);
-            let role = Role { level: Level::L4, smm: false, guest_mode: false };
+            let role = Role {
+                level: Level::L4,
+                smm: false,
+                guest_mode: false,
+            };
             let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
             // The creating vCPU goes away: only the MMU's reference remains.
             let rcu = tdp.rcu.read_lock();
-            tdp.put_root(&Ctx { stats: &stats, rcu: &rcu }, &root);
+            tdp.put_root(
+                &Ctx {
+                    stats: &stats,
+                    rcu: &rcu,
+                },
+                &root,
+            );
         }
         let (t2, l2, s2) = (tdp.clone(), lock.clone(), stats.clone());
         let walker = loom::thread::spawn(move || {
             // A notifier zap: walks every root and yields the lock midway.
             let rcu = t2.rcu.read_lock();
-            let ctx = Ctx { stats: &s2, rcu: &rcu };
+            let ctx = Ctx {
+                stats: &s2,
+                rcu: &rcu,
+            };
             let mut w = l2.write(&s2.lock);
             let mut walked_freed = false;
             t2.for_each_root(&ctx, 0, false, |root| {
@@ -255,13 +288,19 @@ mod loom_tests {
         }
         {
             let rcu = tdp.rcu.read_lock();
-            let ctx = Ctx { stats: &stats, rcu: &rcu };
+            let ctx = Ctx {
+                stats: &stats,
+                rcu: &rcu,
+            };
             let mut r = lock.read(&stats.lock);
             tdp.zap_invalidated_roots(&ctx, &mut r, &stats.lock);
         }
         let walked_freed = walker.join().unwrap();
         assert!(!walked_freed, "a walk resumed on a freed root");
-        assert!(tdp.roots_snapshot().is_empty(), "an invalid, unreferenced root was not freed");
+        assert!(
+            tdp.roots_snapshot().is_empty(),
+            "an invalid, unreferenced root was not freed"
+        );
         drop(tdp);
         assert_eq!(mem.allocated(), 0, "root page leaked");
         assert_eq!(mem.double_frees(), 0);
@@ -282,13 +321,19 @@ mod loom_tests {
 
     #[test]
     fn loom_root_freed_under_a_walk_without_references() {
-        let knobs = GuardKnobs { roots_without_refs: true, ..GuardKnobs::default() };
+        let knobs = GuardKnobs {
+            roots_without_refs: true,
+            ..GuardKnobs::default()
+        };
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let r = std::panic::catch_unwind(|| check(3, move || scenario(knobs)));
         std::panic::set_hook(prev);
         let err = r.expect_err("the model found no violation with the guard removed");
-        let msg = err.downcast_ref::<String>().cloned().or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()));
+        let msg = err
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()));
         assert!(msg.unwrap_or_default().contains("freed root"));
     }
 }

@@ -359,7 +359,10 @@ impl Spte {
         let h = self.is_host_writable();
         let m = self.is_mmu_writable();
         let w = self.is_writable();
-        matches!((h, m, w), (true, true, true) | (true, true, false) | (true, false, false) | (false, false, false))
+        matches!(
+            (h, m, w),
+            (true, true, true) | (true, true, false) | (true, false, false) | (false, false, false)
+        )
     }
 }
 
@@ -470,7 +473,10 @@ mod tests {
         assert!(!old.is_accessed());
         let back = old.restore_access_tracked();
         assert!(back.allows(Access::READ | Access::EXEC));
-        assert!(!back.is_writable(), "W is never restored by access tracking");
+        assert!(
+            !back.is_writable(),
+            "W is never restored by access tracking"
+        );
         assert!(back.is_mmu_writable());
         assert!(back.is_accessed());
         assert_eq!(back.make_writable().permits(), Access::all());
@@ -500,7 +506,10 @@ mod tests {
     #[test]
     fn test_spte_needs_atomic_update_rules() {
         let w = leaf(Level::K4, true, true);
-        assert!(!w.needs_atomic_update(), "W+D: nothing can change it locklessly");
+        assert!(
+            !w.needs_atomic_update(),
+            "W+D: nothing can change it locklessly"
+        );
         let w_clean = Spte(w.raw() & !ept::D);
         assert!(w_clean.needs_atomic_update(), "CPU may set D");
         let ro = leaf(Level::K4, false, true);

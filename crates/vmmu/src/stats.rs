@@ -185,9 +185,15 @@ impl Stats {
     /// Present leaves currently mapped at `level`.
     pub fn present(&self, level: Level) -> u64 {
         match level.get() {
-            1 => self.present_4k_added.saturating_sub(self.present_4k_removed),
-            2 => self.present_2m_added.saturating_sub(self.present_2m_removed),
-            _ => self.present_1g_added.saturating_sub(self.present_1g_removed),
+            1 => self
+                .present_4k_added
+                .saturating_sub(self.present_4k_removed),
+            2 => self
+                .present_2m_added
+                .saturating_sub(self.present_2m_removed),
+            _ => self
+                .present_1g_added
+                .saturating_sub(self.present_1g_removed),
         }
     }
 }

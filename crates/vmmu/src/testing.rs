@@ -8,7 +8,10 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use crate::host::{FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory, TableMemoryError};
+use crate::host::{
+    FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory,
+    TableMemoryError,
+};
 use crate::spte::Spte;
 use crate::sync::{Arc, AtomicU64, AtomicU8, LockClass, Mutex, Ordering};
 use crate::types::{Hva, Level, Pfn, PAGE_SIZE};
@@ -65,7 +68,9 @@ impl TestMemory {
     }
 
     fn make_chunk() -> Box<[Table]> {
-        (0..CHUNK).map(|_| std::array::from_fn(|_| AtomicU64::new(Spte::NONPRESENT.0))).collect()
+        (0..CHUNK)
+            .map(|_| std::array::from_fn(|_| AtomicU64::new(Spte::NONPRESENT.0)))
+            .collect()
     }
 
     /// Allocate a table filled with not-present entries (for tests building tables
@@ -157,7 +162,9 @@ pub struct TestHost {
 
 impl std::fmt::Debug for TestHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestHost").field("memory", &self.memory).finish_non_exhaustive()
+        f.debug_struct("TestHost")
+            .field("memory", &self.memory)
+            .finish_non_exhaustive()
     }
 }
 
@@ -177,12 +184,19 @@ impl TestHost {
 
     /// Host services for [`crate::Vm::new`].
     pub fn ops(self: &Arc<Self>) -> HostOps {
-        HostOps { memory: self.clone(), primary: self.clone(), kick: self.clone() }
+        HostOps {
+            memory: self.clone(),
+            primary: self.clone(),
+            kick: self.clone(),
+        }
     }
 
     /// The frame mapped at `hva`, if any.
     pub fn lookup(&self, hva: Hva) -> Option<(Pfn, bool)> {
-        self.map.lock().get(&(hva.0 / PAGE_SIZE)).map(|m| (m.pfn, m.writable))
+        self.map
+            .lock()
+            .get(&(hva.0 / PAGE_SIZE))
+            .map(|m| (m.pfn, m.writable))
     }
 
     /// Map `hva` to `pfn`. Callers bracket changes of existing mappings with
@@ -192,7 +206,14 @@ impl TestHost {
     pub fn set(&self, hva: Hva, pfn: Pfn, writable: bool) {
         let mut map = self.map.lock();
         Self::split(&mut map, hva.0 / PAGE_SIZE);
-        map.insert(hva.0 / PAGE_SIZE, Mapping { pfn, writable, level: Level::K4 });
+        map.insert(
+            hva.0 / PAGE_SIZE,
+            Mapping {
+                pfn,
+                writable,
+                level: Level::K4,
+            },
+        );
     }
 
     /// Remove the mapping of `hva` (splitting a huge page around it first).
@@ -251,7 +272,8 @@ impl PrimaryMmu for TestHost {
                 // Populate a whole host page (huge pages are physically contiguous,
                 // frames congruent with the address) if its range is still empty,
                 // else a 4 KiB page.
-                let mut level = Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4);
+                let mut level =
+                    Level::new(self.host_level.load(Ordering::SeqCst)).unwrap_or(Level::K4);
                 let first = page & !(level.pages() - 1);
                 if (first..first + level.pages()).any(|p| map.contains_key(&p)) {
                     level = Level::K4;
@@ -261,7 +283,14 @@ impl PrimaryMmu for TestHost {
                 let base = self.next_pfn.fetch_add(2 * n, Ordering::SeqCst);
                 let base_pfn = (base + n) & !(n - 1);
                 for i in 0..n {
-                    map.insert(first + i, Mapping { pfn: Pfn(base_pfn + i), writable: true, level });
+                    map.insert(
+                        first + i,
+                        Mapping {
+                            pfn: Pfn(base_pfn + i),
+                            writable: true,
+                            level,
+                        },
+                    );
                 }
                 map.get(&page).unwrap_or_else(|| unreachable!())
             }
@@ -270,7 +299,10 @@ impl PrimaryMmu for TestHost {
         if req.write && !m.writable {
             return Err(HostFaultError::ReadOnly);
         }
-        let r = HostPfn { pfn: m.pfn, writable: m.writable };
+        let r = HostPfn {
+            pfn: m.pfn,
+            writable: m.writable,
+        };
         drop(map);
         *self.refs.lock().entry(r.pfn.0).or_insert(0) += 1;
         Ok(r)
@@ -278,7 +310,9 @@ impl PrimaryMmu for TestHost {
 
     fn release(&self, pfn: Pfn, _mapped_writable: bool) {
         let mut refs = self.refs.lock();
-        let n = refs.get_mut(&pfn.0).unwrap_or_else(|| panic!("release of unreferenced {pfn:?}"));
+        let n = refs
+            .get_mut(&pfn.0)
+            .unwrap_or_else(|| panic!("release of unreferenced {pfn:?}"));
         *n -= 1;
         if *n == 0 {
             refs.remove(&pfn.0);
@@ -286,7 +320,10 @@ impl PrimaryMmu for TestHost {
     }
 
     fn mapping_level(&self, hva: Hva) -> Level {
-        self.map.lock().get(&(hva.0 / PAGE_SIZE)).map_or(Level::K4, |m| m.level)
+        self.map
+            .lock()
+            .get(&(hva.0 / PAGE_SIZE))
+            .map_or(Level::K4, |m| m.level)
     }
 }
 
@@ -312,7 +349,12 @@ pub fn hardware_set_dirty(vm: &crate::Vm, gpa: crate::Gpa) -> bool {
         }
         // AcqRel: the locked read-modify-write the processor performs.
         return sptep
-            .compare_exchange(spte.0, spte.0 | crate::spte::ept::D, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                spte.0,
+                spte.0 | crate::spte::ept::D,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok();
     }
     false

@@ -2,8 +2,8 @@
 //! table-page cache, and request processing at guest entry.
 
 use crate::request::{
-    VcpuShared, EXITING_GUEST_MODE, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REQ_FREE_OBSOLETE_ROOTS, REQ_LOAD_ROOT,
-    REQ_TLB_FLUSH,
+    VcpuShared, EXITING_GUEST_MODE, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REQ_FREE_OBSOLETE_ROOTS,
+    REQ_LOAD_ROOT, REQ_TLB_FLUSH,
 };
 use crate::root::{Role, Root};
 use crate::stats::{CounterSet, Stats};
@@ -45,13 +45,20 @@ pub struct VcpuMmu {
 
 impl std::fmt::Debug for VcpuMmu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuMmu").field("id", &self.shared.id).field("role", &self.role).finish_non_exhaustive()
+        f.debug_struct("VcpuMmu")
+            .field("id", &self.shared.id)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
     }
 }
 
 impl VcpuMmu {
     pub(crate) fn new(vm: Arc<VmInner>, shared: Arc<VcpuShared>) -> Self {
-        let role = Role { level: vm.config.root_level, smm: false, guest_mode: false };
+        let role = Role {
+            level: vm.config.root_level,
+            smm: false,
+            guest_mode: false,
+        };
         VcpuMmu {
             rcu: vm.tdp.rcu.register(),
             srcu: vm.srcu.register(),
@@ -72,7 +79,9 @@ impl VcpuMmu {
 
     /// The VM this vCPU belongs to.
     pub fn vm(&self) -> Vm {
-        Vm { inner: self.vm.clone() }
+        Vm {
+            inner: self.vm.clone(),
+        }
     }
 
     /// This vCPU's counters.
@@ -101,7 +110,10 @@ impl VcpuMmu {
 
     /// Ids of the cached previous roots.
     pub fn prev_root_ids(&self) -> Vec<Option<u64>> {
-        self.prev_roots.iter().map(|r| r.as_ref().map(|r| r.id)).collect()
+        self.prev_roots
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.id))
+            .collect()
     }
 
     /// Process pending requests and make sure a valid root is loaded (KVM's
@@ -119,7 +131,10 @@ impl VcpuMmu {
             // A newly loaded root may have been used before with other contents.
             flush = true;
         }
-        let root = self.root.as_ref().unwrap_or_else(|| unreachable!("load_root sets the root"));
+        let root = self
+            .root
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("load_root sets the root"));
         if flush {
             CounterSet::inc(&self.shared.stats.tlb_flush_local);
         }
@@ -138,7 +153,10 @@ impl VcpuMmu {
             self.cache.topup(&vm.tdp, 1)?;
             let stats = &self.shared.stats;
             let _r = vm.mmu_lock.read(&stats.lock);
-            if let Some(root) = vm.tdp.find_or_create_root(stats, self.role, &mut self.cache) {
+            if let Some(root) = vm
+                .tdp
+                .find_or_create_root(stats, self.role, &mut self.cache)
+            {
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                 let ctx = Ctx { stats, rcu: &rcu };
                 if let Some(old) = self.root.replace(root) {
@@ -183,7 +201,10 @@ impl VcpuMmu {
         }
         self.role.smm = smm;
         let want = self.role;
-        let hit = self.prev_roots.iter().position(|r| r.as_ref().is_some_and(|r| r.role == want && !r.is_invalid()));
+        let hit = self.prev_roots.iter().position(|r| {
+            r.as_ref()
+                .is_some_and(|r| r.role == want && !r.is_invalid())
+        });
         let current = self.root.take();
         match hit {
             Some(i) => {
@@ -203,11 +224,15 @@ impl VcpuMmu {
                     let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                     vm.tdp.put_root(&Ctx { stats, rcu: &rcu }, &r);
                 }
-                self.shared.requests.fetch_or(REQ_LOAD_ROOT, Ordering::Relaxed);
+                self.shared
+                    .requests
+                    .fetch_or(REQ_LOAD_ROOT, Ordering::Relaxed);
             }
         }
         // The new root needs a local flush before use.
-        self.shared.requests.fetch_or(REQ_TLB_FLUSH, Ordering::Relaxed);
+        self.shared
+            .requests
+            .fetch_or(REQ_TLB_FLUSH, Ordering::Relaxed);
     }
 
     /// Enter guest mode. Returns false (and stays outside) if a request arrived
@@ -217,7 +242,9 @@ impl VcpuMmu {
         // here; store requests, read-modify-write mode there).
         self.shared.mode.store(IN_GUEST_MODE, Ordering::SeqCst);
         if self.shared.requests.load(Ordering::SeqCst) != 0 {
-            self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+            self.shared
+                .mode
+                .store(OUTSIDE_GUEST_MODE, Ordering::Release);
             return false;
         }
         true
@@ -226,7 +253,9 @@ impl VcpuMmu {
     /// Leave guest mode. Release: everything done in guest mode happens before a
     /// waiting requester continues.
     pub fn exit_guest_mode(&self) {
-        self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+        self.shared
+            .mode
+            .store(OUTSIDE_GUEST_MODE, Ordering::Release);
     }
 
     /// Whether a requester asked this vCPU to leave guest mode (poll while running
@@ -249,7 +278,12 @@ impl Drop for VcpuMmu {
             let _r = vm.mmu_lock.read(&stats.lock);
             let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
             let ctx = Ctx { stats, rcu: &rcu };
-            for r in self.root.take().into_iter().chain(self.prev_roots.iter_mut().filter_map(Option::take)) {
+            for r in self
+                .root
+                .take()
+                .into_iter()
+                .chain(self.prev_roots.iter_mut().filter_map(Option::take))
+            {
                 vm.tdp.put_root(&ctx, &r);
             }
         }

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 
 use crate::config::VmConfig;
 use crate::host::{HostOps, TableMemoryError};
-use crate::memslot::{self, Change, MemslotError, MemslotSet, SetOp, UserMemoryRegion, GEN_UPDATE_IN_PROGRESS};
+use crate::memslot::{
+    self, Change, MemslotError, MemslotSet, SetOp, UserMemoryRegion, GEN_UPDATE_IN_PROGRESS,
+};
 use crate::notifier::{notifier_section, ActiveInvalidations, InvalidateState};
 use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_FLUSH};
 use crate::root::RootFilter;
@@ -54,7 +56,9 @@ pub(crate) struct VmInner {
 
 impl std::fmt::Debug for VmInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmInner").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("VmInner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -110,21 +114,34 @@ impl VmInner {
             self.make_all_vcpus_request(REQ_FREE_OBSOLETE_ROOTS, true);
         }
         let rcu = self.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &self.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &self.stats,
+            rcu: &rcu,
+        };
         let mut r = self.mmu_lock.read(&self.stats.lock);
-        self.tdp.zap_invalidated_roots(&ctx, &mut r, &self.stats.lock);
+        self.tdp
+            .zap_invalidated_roots(&ctx, &mut r, &self.stats.lock);
     }
 
     fn for_each_overlap(&self, range: HvaRange, mut f: impl FnMut(u16, GfnRange)) {
         for (as_id, set) in self.memslots.iter().enumerate() {
-            set.load().for_each_hva_overlap(range, |_, g| f(as_id as u16, g));
+            set.load()
+                .for_each_hva_overlap(range, |_, g| f(as_id as u16, g));
         }
     }
 
     /// Zap leaves of `range` in every root of `as_id` (valid or not), flushing once.
-    fn unmap_gfn_range(&self, ctx: &Ctx<'_>, w: &mut crate::sync::MmuWriteGuard<'_>, as_id: u16, range: GfnRange, batch: &mut FlushBatch) {
+    fn unmap_gfn_range(
+        &self,
+        ctx: &Ctx<'_>,
+        w: &mut crate::sync::MmuWriteGuard<'_>,
+        as_id: u16,
+        range: GfnRange,
+        batch: &mut FlushBatch,
+    ) {
         self.tdp.for_each_root(ctx, as_id, false, |root| {
-            self.tdp.zap_leafs(ctx, root, range, w, &self.stats.lock, batch, self);
+            self.tdp
+                .zap_leafs(ctx, root, range, w, &self.stats.lock, batch, self);
         });
     }
 
@@ -139,7 +156,9 @@ impl VmInner {
         let next = Arc::new(next);
         let old = self
             .active_inval
-            .publish_when_idle(self.config.knobs.skip_install_wait, || self.memslots[idx].swap(next.clone()));
+            .publish_when_idle(self.config.knobs.skip_install_wait, || {
+                self.memslots[idx].swap(next.clone())
+            });
         // Every reader that might still use the old set is gone after this.
         self.srcu.synchronize();
         let new_gen = cur_gen + self.config.address_spaces as u64;
@@ -170,9 +189,15 @@ impl Vm {
         if config.root_level != Level::L4 && config.root_level != Level::L5 {
             return Err(VmError::InvalidConfig("root level must be 4 or 5"));
         }
-        let max_bits = if config.root_level == Level::L4 { 48 } else { 57 };
+        let max_bits = if config.root_level == Level::L4 {
+            48
+        } else {
+            57
+        };
         if config.maxphyaddr < 32 || config.maxphyaddr > max_bits.min(52) {
-            return Err(VmError::InvalidConfig("maxphyaddr must be 32..=48 (4-level) or 32..=52 (5-level)"));
+            return Err(VmError::InvalidConfig(
+                "maxphyaddr must be 32..=48 (4-level) or 32..=52 (5-level)",
+            ));
         }
         if config.address_spaces == 0 || config.address_spaces > 2 {
             return Err(VmError::InvalidConfig("address spaces must be 1 or 2"));
@@ -182,20 +207,35 @@ impl Vm {
         }
         let n = config.address_spaces;
         let inner = VmInner {
-            tdp: Tdp::new(host.memory.clone(), config.root_level, config.gfn_limit(), config.ad_enabled, config.knobs),
+            tdp: Tdp::new(
+                host.memory.clone(),
+                config.root_level,
+                config.gfn_limit(),
+                config.ad_enabled,
+                config.knobs,
+            ),
             host,
             mmu_lock: MmuLock::new(),
             inval: InvalidateState::new(),
             active_inval: ActiveInvalidations::new(),
-            slots: Mutex::new(LockClass::SlotsLock, SlotsState { inactive: (0..n).map(MemslotSet::new).collect() }),
-            memslots: (0..n).map(|a| Snapshot::new(Arc::new(MemslotSet::new(a)))).collect(),
+            slots: Mutex::new(
+                LockClass::SlotsLock,
+                SlotsState {
+                    inactive: (0..n).map(MemslotSet::new).collect(),
+                },
+            ),
+            memslots: (0..n)
+                .map(|a| Snapshot::new(Arc::new(MemslotSet::new(a))))
+                .collect(),
             srcu: Srcu::new(),
             vcpu_registry: Mutex::new(LockClass::VcpuRegistry, Vec::new()),
             vcpus: Snapshot::new(Arc::new(Vec::new())),
             stats: CounterSet::default(),
             config,
         };
-        Ok(Vm { inner: Arc::new(inner) })
+        Ok(Vm {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The configuration the VM was created with.
@@ -240,7 +280,12 @@ impl Vm {
         let change = {
             let idx = (as_id as usize).min(vm.memslots.len().saturating_sub(1));
             let set = vm.memslots[idx].load();
-            memslot::classify(&set, &region, vm.config.address_spaces, vm.config.gfn_limit())?
+            memslot::classify(
+                &set,
+                &region,
+                vm.config.address_spaces,
+                vm.config.gfn_limit(),
+            )?
         };
         match change {
             Change::Nothing => {}
@@ -271,7 +316,10 @@ impl Vm {
 
     /// The current memslots of an address space (a snapshot).
     pub fn memslots(&self, as_id: u16) -> Option<Arc<MemslotSet>> {
-        self.inner.memslots.get(as_id as usize).map(|s| s.load_full())
+        self.inner
+            .memslots
+            .get(as_id as usize)
+            .map(|s| s.load_full())
     }
 
     /// mmu_notifier `invalidate_range_start`: the host is about to change the
@@ -288,7 +336,10 @@ impl Vm {
         }
         CounterSet::inc(&vm.stats.invalidations_with_slots);
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
         let mut w = vm.mmu_lock.write(&vm.stats.lock);
         vm.inval.begin(&w);
         let mut batch = FlushBatch::default();
@@ -322,7 +373,10 @@ impl Vm {
             return false;
         }
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
         let mut young = false;
         for root in vm.tdp.roots_snapshot() {
             if root.is_invalid() {
@@ -366,13 +420,17 @@ impl Vm {
     pub fn zap_gfn_range(&self, as_id: u16, range: GfnRange) {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
         let mut w = vm.mmu_lock.write(&vm.stats.lock);
         vm.inval.begin(&w);
         vm.inval.range_add(range, &w);
         let mut batch = FlushBatch::default();
         vm.tdp.for_each_root(&ctx, as_id, true, |root| {
-            vm.tdp.zap_leafs(&ctx, root, range, &mut w, &vm.stats.lock, &mut batch, vm);
+            vm.tdp
+                .zap_leafs(&ctx, root, range, &mut w, &vm.stats.lock, &mut batch, vm);
         });
         batch.flush(vm, &vm.stats);
         vm.inval.end(&w);
@@ -384,7 +442,10 @@ impl Vm {
     pub fn write_protect_gfn_range(&self, as_id: u16, range: GfnRange) {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
         let mut changed = false;
         {
             let _r = vm.mmu_lock.read(&vm.stats.lock);
@@ -404,7 +465,10 @@ impl Vm {
     pub fn clear_dirty_gfn_range(&self, as_id: u16, range: GfnRange) -> u64 {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &vm.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
         let _w = vm.mmu_lock.write(&vm.stats.lock);
         let mut n = 0;
         vm.tdp.for_each_root(&ctx, as_id, true, |root| {
@@ -426,8 +490,17 @@ impl Vm {
 
     /// Table pages in use: linked tables plus live roots.
     pub fn table_pages_in_use(&self) -> u64 {
-        self.inner.tdp.linked_tables.load(crate::sync::Ordering::Relaxed)
-            + self.inner.tdp.roots_snapshot().iter().filter(|r| !r.is_freed()).count() as u64
+        self.inner
+            .tdp
+            .linked_tables
+            .load(crate::sync::Ordering::Relaxed)
+            + self
+                .inner
+                .tdp
+                .roots_snapshot()
+                .iter()
+                .filter(|r| !r.is_freed())
+                .count() as u64
     }
 
     /// Live roots: (id, address space, valid, reference count).
@@ -436,7 +509,12 @@ impl Vm {
             .tdp
             .roots_snapshot()
             .iter()
-            .map(|r| RootInfo { id: r.id, as_id: r.role.as_id(), valid: !r.is_invalid(), refcount: r.refcount() })
+            .map(|r| RootInfo {
+                id: r.id,
+                as_id: r.role.as_id(),
+                valid: !r.is_invalid(),
+                refcount: r.refcount(),
+            })
             .collect()
     }
 
@@ -464,7 +542,11 @@ impl Vm {
     pub fn count_reachable_tables(&self) -> u64 {
         let vm = &*self.inner;
         let _rcu = vm.tdp.rcu.read_lock();
-        vm.tdp.roots_snapshot().iter().map(|r| vm.tdp.count_tables(r)).sum()
+        vm.tdp
+            .roots_snapshot()
+            .iter()
+            .map(|r| vm.tdp.count_tables(r))
+            .sum()
     }
 
     /// Invalidations currently between start and end.
@@ -497,10 +579,14 @@ impl Drop for VmInner {
         // MMU's own references remain. Invalidate, zap and free every root; the RCU
         // domain then runs every deferred free when it drops with `tdp`.
         let rcu = self.tdp.rcu.read_lock();
-        let ctx = Ctx { stats: &self.stats, rcu: &rcu };
+        let ctx = Ctx {
+            stats: &self.stats,
+            rcu: &rcu,
+        };
         let mut w = self.mmu_lock.write(&self.stats.lock);
         self.tdp.invalidate_roots(&self.stats, RootFilter::All);
-        self.tdp.zap_invalidated_roots(&ctx, &mut w, &self.stats.lock);
+        self.tdp
+            .zap_invalidated_roots(&ctx, &mut w, &self.stats.lock);
         drop(w);
         rcu.flush();
     }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use loom::thread;
 use vmmu::testing::TestHost;
 use vmmu::{
-    ErrorCode, GfnRange, GuardKnobs, Gpa, Hva, HvaRange, MemFlags, Pfn, RetPf, UserMemoryRegion, Vm, VmConfig,
+    ErrorCode, GfnRange, Gpa, GuardKnobs, Hva, HvaRange, MemFlags, Pfn, RetPf, UserMemoryRegion,
+    Vm, VmConfig,
 };
 
 const GPA: u64 = 1 << 30;
@@ -22,7 +23,12 @@ const HVA: u64 = 64 << 30;
 /// `bound`) preemptions.
 fn model_bounded(bound: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(std::env::var("LOOM_MAX_PREEMPTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(bound));
+    b.preemption_bound = Some(
+        std::env::var("LOOM_MAX_PREEMPTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(bound),
+    );
     b.max_branches = 100_000;
     b.check(f);
 }
@@ -43,12 +49,22 @@ fn model_finds_violation_bounded(bound: usize, f: impl Fn() + Sync + Send + 'sta
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model_bounded(bound, f)));
     std::panic::set_hook(prev);
     let err = r.expect_err("the model found no violation with the guard removed");
-    err.downcast_ref::<String>().cloned().or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    err.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
     let host = TestHost::new();
-    let vm = Vm::new(VmConfig { knobs, ..VmConfig::default() }, host.ops()).unwrap();
+    let vm = Vm::new(
+        VmConfig {
+            knobs,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
     vm.set_user_memory_region(UserMemoryRegion {
         slot: 0,
         flags,
@@ -62,7 +78,10 @@ fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
 
 fn leaf_pfn(vm: &Vm, gpa: u64) -> Option<(Pfn, bool)> {
     let gfn = Gpa(gpa).gfn();
-    vm.mappings(0).into_iter().find(|(g, _, s)| *g == gfn && s.is_shadow_present()).map(|(_, _, s)| (s.pfn(), s.is_writable()))
+    vm.mappings(0)
+        .into_iter()
+        .find(|(g, _, s)| *g == gfn && s.is_shadow_present())
+        .map(|(_, _, s)| (s.pfn(), s.is_writable()))
 }
 
 /// (a) A fault racing an invalidation never leaves the old frame mapped once
@@ -72,7 +91,10 @@ fn fault_vs_invalidation(knobs: GuardKnobs) {
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     // Build the tables with a neighbour so the racing fault only installs a leaf.
-    assert_eq!(vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     host.set(Hva(HVA), Pfn(0x777), true);
     let t = thread::spawn(move || {
         let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE);
@@ -83,7 +105,11 @@ fn fault_vs_invalidation(knobs: GuardKnobs) {
     // The host migrates the page only after start returned.
     host.set(Hva(HVA), Pfn(0x888), true);
     let vcpu = t.join().unwrap();
-    assert_ne!(leaf_pfn(&vm, GPA).map(|m| m.0), Some(Pfn(0x777)), "old frame mapped after invalidation");
+    assert_ne!(
+        leaf_pfn(&vm, GPA).map(|m| m.0),
+        Some(Pfn(0x777)),
+        "old frame mapped after invalidation"
+    );
     vm.invalidate_range_end(range);
     drop(vcpu);
     drop(vm);
@@ -97,7 +123,10 @@ fn loom_fault_vs_invalidation_never_maps_old_frame() {
 
 #[test]
 fn loom_fault_vs_invalidation_fails_without_locked_check() {
-    let knobs = GuardKnobs { skip_locked_retry: true, ..GuardKnobs::default() };
+    let knobs = GuardKnobs {
+        skip_locked_retry: true,
+        ..GuardKnobs::default()
+    };
     let msg = model_finds_violation(move || fault_vs_invalidation(knobs));
     assert!(msg.contains("old frame mapped after invalidation"), "{msg}");
 }
@@ -110,7 +139,10 @@ fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
     vcpu.prepare_entry().unwrap();
     vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
     // Harvest D, leaving a writable clean entry that hardware may dirty.
-    assert_eq!(vm.clear_dirty_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1))), 1);
+    assert_eq!(
+        vm.clear_dirty_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1))),
+        1
+    );
     let hw_vm = vm.clone();
     let hw = thread::spawn(move || {
         // The processor's locked update of the entry it walked.
@@ -122,7 +154,10 @@ fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
     let zapped_dirty = vm.stats().dirty_leaves_zapped - before;
     vm.invalidate_range_end(range);
     let hw_dirtied = hw.join().unwrap();
-    assert!(!hw_dirtied || zapped_dirty == 1, "hardware set D but the zap lost it");
+    assert!(
+        !hw_dirtied || zapped_dirty == 1,
+        "hardware set D but the zap lost it"
+    );
     drop(vcpu);
     drop(vm);
     assert_eq!(host.memory.allocated(), 0);
@@ -135,7 +170,10 @@ fn loom_zap_never_loses_hardware_dirty_bit() {
 
 #[test]
 fn loom_zap_loses_dirty_bit_with_plain_store() {
-    let knobs = GuardKnobs { nonatomic_zap: true, ..GuardKnobs::default() };
+    let knobs = GuardKnobs {
+        nonatomic_zap: true,
+        ..GuardKnobs::default()
+    };
     let msg = model_finds_violation(move || zap_vs_hardware_dirty(knobs));
     assert!(msg.contains("lost it"), "{msg}");
 }
@@ -159,7 +197,10 @@ fn fast_path_vs_zap(knobs: GuardKnobs) {
     vm.invalidate_range_end(range);
     let vcpu = t.join().unwrap();
     if let Some((pfn, writable)) = leaf_pfn(&vm, GPA) {
-        assert!(pfn != Pfn(0x777), "stale frame {pfn:?} (writable {writable}) survived the invalidation");
+        assert!(
+            pfn != Pfn(0x777),
+            "stale frame {pfn:?} (writable {writable}) survived the invalidation"
+        );
     }
     drop(vcpu);
     drop(vm);
@@ -172,7 +213,10 @@ fn loom_fast_path_never_rewrites_a_changed_entry() {
 
 #[test]
 fn loom_fast_path_plain_store_resurrects_zapped_entry() {
-    let knobs = GuardKnobs { fast_path_plain_store: true, ..GuardKnobs::default() };
+    let knobs = GuardKnobs {
+        fast_path_plain_store: true,
+        ..GuardKnobs::default()
+    };
     let msg = model_finds_violation(move || fast_path_vs_zap(knobs));
     assert!(msg.contains("survived the invalidation"), "{msg}");
 }
@@ -186,7 +230,14 @@ fn loom_fast_path_plain_store_resurrects_zapped_entry() {
 /// in-progress count is left unbalanced.
 fn install_vs_notifier(knobs: GuardKnobs) {
     let host = TestHost::new();
-    let vm = Vm::new(VmConfig { knobs, ..VmConfig::default() }, host.ops()).unwrap();
+    let vm = Vm::new(
+        VmConfig {
+            knobs,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
     let vm2 = vm.clone();
     let installer = thread::spawn(move || {
         vm2.set_user_memory_region(UserMemoryRegion {
@@ -204,8 +255,15 @@ fn install_vs_notifier(knobs: GuardKnobs) {
     let gen_before_end = vm.memslots(0).unwrap().len();
     vm.invalidate_range_end(range);
     installer.join().unwrap();
-    assert_eq!(gen_after_start, gen_before_end, "memslots changed between start and end");
-    assert_eq!(vm.invalidations_in_progress(), 0, "unbalanced in-progress count");
+    assert_eq!(
+        gen_after_start, gen_before_end,
+        "memslots changed between start and end"
+    );
+    assert_eq!(
+        vm.invalidations_in_progress(),
+        0,
+        "unbalanced in-progress count"
+    );
 }
 
 #[test]
@@ -215,7 +273,13 @@ fn loom_memslot_install_waits_for_invalidation_end() {
 
 #[test]
 fn loom_memslot_install_without_wait_breaks_pairing() {
-    let knobs = GuardKnobs { skip_install_wait: true, ..GuardKnobs::default() };
+    let knobs = GuardKnobs {
+        skip_install_wait: true,
+        ..GuardKnobs::default()
+    };
     let msg = model_finds_violation(move || install_vs_notifier(knobs));
-    assert!(msg.contains("between start and end") || msg.contains("unbalanced"), "{msg}");
+    assert!(
+        msg.contains("between start and end") || msg.contains("unbalanced"),
+        "{msg}"
+    );
 }

@@ -6,7 +6,10 @@
 
 use proptest::prelude::*;
 use vmmu::testing::TestHost;
-use vmmu::{ErrorCode, GfnRange, Gpa, Hva, HvaRange, Level, MemFlags, RootFilter, UserMemoryRegion, Vm, VmConfig};
+use vmmu::{
+    ErrorCode, GfnRange, Gpa, Hva, HvaRange, Level, MemFlags, RootFilter, UserMemoryRegion, Vm,
+    VmConfig,
+};
 
 const GPA: u64 = 1 << 30;
 const HVA: u64 = 64 << 30;
@@ -14,21 +17,58 @@ const PAGES: u64 = 2048; // two slots of 1024 pages (4 MiB each)
 
 #[derive(Debug, Clone)]
 enum Op {
-    Fault { vcpu: usize, page: u64, write: bool, present: bool },
-    Remap { page: u64 },
-    Protect { page: u64, writable: bool },
-    Unmap { page: u64, n: u64 },
-    Age { page: u64, n: u64 },
-    WriteProtect { page: u64, n: u64 },
-    ZapGfns { page: u64, n: u64 },
+    Fault {
+        vcpu: usize,
+        page: u64,
+        write: bool,
+        present: bool,
+    },
+    Remap {
+        page: u64,
+    },
+    Protect {
+        page: u64,
+        writable: bool,
+    },
+    Unmap {
+        page: u64,
+        n: u64,
+    },
+    Age {
+        page: u64,
+        n: u64,
+    },
+    WriteProtect {
+        page: u64,
+        n: u64,
+    },
+    ZapGfns {
+        page: u64,
+        n: u64,
+    },
     DeleteSlot1,
-    CreateSlot1 { readonly: bool },
-    MoveSlot1 { up: bool },
-    LogDirty { on: bool },
-    InvalidateRoots { smm_only: bool },
-    Smm { vcpu: usize, on: bool },
-    Enter { vcpu: usize },
-    HostLevel { huge: bool },
+    CreateSlot1 {
+        readonly: bool,
+    },
+    MoveSlot1 {
+        up: bool,
+    },
+    LogDirty {
+        on: bool,
+    },
+    InvalidateRoots {
+        smm_only: bool,
+    },
+    Smm {
+        vcpu: usize,
+        on: bool,
+    },
+    Enter {
+        vcpu: usize,
+    },
+    HostLevel {
+        huge: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -69,7 +109,14 @@ struct World {
 impl World {
     fn new(ad: bool) -> World {
         let host = TestHost::new();
-        let vm = Vm::new(VmConfig { ad_enabled: ad, ..VmConfig::default() }, host.ops()).unwrap();
+        let vm = Vm::new(
+            VmConfig {
+                ad_enabled: ad,
+                ..VmConfig::default()
+            },
+            host.ops(),
+        )
+        .unwrap();
         vm.set_user_memory_region(UserMemoryRegion {
             slot: 0,
             flags: 0,
@@ -79,7 +126,14 @@ impl World {
         })
         .unwrap();
         let vcpus = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
-        let mut w = World { host, vm, vcpus, slot1_gpa: None, slot1_ro: false, slot0_log: false };
+        let mut w = World {
+            host,
+            vm,
+            vcpus,
+            slot1_gpa: None,
+            slot1_ro: false,
+            slot0_log: false,
+        };
         w.create_slot1(GPA + (4 << 20), false);
         w
     }
@@ -116,7 +170,12 @@ impl World {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Fault { vcpu, page, write, present } => {
+            Op::Fault {
+                vcpu,
+                page,
+                write,
+                present,
+            } => {
                 let gpa = self.gpa_of(page);
                 let v = &mut self.vcpus[vcpu];
                 if v.prepare_entry().is_err() {
@@ -151,7 +210,8 @@ impl World {
             }
             Op::WriteProtect { page, n } => {
                 let g = self.gpa_of(page).gfn();
-                self.vm.write_protect_gfn_range(0, GfnRange::new(g, g.add(n)));
+                self.vm
+                    .write_protect_gfn_range(0, GfnRange::new(g, g.add(n)));
             }
             Op::ZapGfns { page, n } => {
                 let g = self.gpa_of(page).gfn();
@@ -160,7 +220,10 @@ impl World {
             Op::DeleteSlot1 => {
                 if self.slot1_gpa.is_some() {
                     self.vm
-                        .set_user_memory_region(UserMemoryRegion { slot: 1, ..Default::default() })
+                        .set_user_memory_region(UserMemoryRegion {
+                            slot: 1,
+                            ..Default::default()
+                        })
                         .unwrap();
                     self.slot1_gpa = None;
                 }
@@ -172,12 +235,20 @@ impl World {
             }
             Op::MoveSlot1 { up } => {
                 if self.slot1_gpa.is_some() {
-                    let gpa = if up { GPA + (64 << 20) } else { GPA + (4 << 20) };
+                    let gpa = if up {
+                        GPA + (64 << 20)
+                    } else {
+                        GPA + (4 << 20)
+                    };
                     self.create_slot1(gpa, self.slot1_ro);
                 }
             }
             Op::LogDirty { on } => {
-                let flags = if on { MemFlags::LOG_DIRTY_PAGES.bits() } else { 0 };
+                let flags = if on {
+                    MemFlags::LOG_DIRTY_PAGES.bits()
+                } else {
+                    0
+                };
                 self.vm
                     .set_user_memory_region(UserMemoryRegion {
                         slot: 0,
@@ -190,13 +261,20 @@ impl World {
                 self.slot0_log = on;
             }
             Op::InvalidateRoots { smm_only } => {
-                self.vm.invalidate_roots(if smm_only { RootFilter::AddressSpace(1) } else { RootFilter::All });
+                self.vm.invalidate_roots(if smm_only {
+                    RootFilter::AddressSpace(1)
+                } else {
+                    RootFilter::All
+                });
             }
             Op::Smm { vcpu, on } => self.vcpus[vcpu].set_smm(on),
             Op::Enter { vcpu } => {
                 let _ = self.vcpus[vcpu].prepare_entry();
             }
-            Op::HostLevel { huge } => self.host.set_host_level(if huge { Level::M2 } else { Level::K4 }),
+            Op::HostLevel { huge } => {
+                self.host
+                    .set_host_level(if huge { Level::M2 } else { Level::K4 })
+            }
         }
     }
 
@@ -209,18 +287,36 @@ impl World {
             for i in 0..level.pages() {
                 let g = gfn.add(i);
                 let slot = slots.lookup(g);
-                prop_assert!(slot.is_some(), "leaf {spte:?} at {g:?} outside every memslot");
+                prop_assert!(
+                    slot.is_some(),
+                    "leaf {spte:?} at {g:?} outside every memslot"
+                );
                 let slot = slot.unwrap();
                 let host = self.host.lookup(slot.gfn_to_hva(g));
-                prop_assert!(host.is_some(), "leaf {spte:?} at {g:?} but the host unmapped it");
+                prop_assert!(
+                    host.is_some(),
+                    "leaf {spte:?} at {g:?} but the host unmapped it"
+                );
                 let (pfn, writable) = host.unwrap();
-                prop_assert_eq!(spte.pfn().0 + i, pfn.0, "stale frame at {:?} ({:?})", g, spte);
+                prop_assert_eq!(
+                    spte.pfn().0 + i,
+                    pfn.0,
+                    "stale frame at {:?} ({:?})",
+                    g,
+                    spte
+                );
                 if spte.is_writable() {
-                    prop_assert!(writable && !slot.is_readonly(), "writable leaf {spte:?} at {g:?} the host or slot forbids");
+                    prop_assert!(
+                        writable && !slot.is_readonly(),
+                        "writable leaf {spte:?} at {g:?} the host or slot forbids"
+                    );
                 }
                 if spte.is_writable() && slot.dirty_logging() {
                     let rel = g.0 - slot.base_gfn().0;
-                    prop_assert!(slot.dirty_bitmap().unwrap().test(rel), "writable page {g:?} not logged");
+                    prop_assert!(
+                        slot.dirty_bitmap().unwrap().test(rel),
+                        "writable page {g:?} not logged"
+                    );
                 }
             }
         }
@@ -236,7 +332,9 @@ fn run(ops: &[Op], ad: bool) -> Result<(), TestCaseError> {
         w.apply(op);
         w.check()?;
     }
-    let World { host, vm, vcpus, .. } = w;
+    let World {
+        host, vm, vcpus, ..
+    } = w;
     drop(vcpus);
     drop(vm);
     prop_assert_eq!(host.memory.allocated(), 0, "table pages leaked");

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use vmmu::testing::TestHost;
 use vmmu::{
-    ErrorCode, FaultError, Gfn, GfnRange, Gpa, HostFaultError, Hva, HvaRange, Level, MemFlags, RetPf, RootFilter,
-    UserMemoryRegion, VcpuMmu, Vm, VmConfig,
+    ErrorCode, FaultError, Gfn, GfnRange, Gpa, HostFaultError, Hva, HvaRange, Level, MemFlags,
+    RetPf, RootFilter, UserMemoryRegion, VcpuMmu, Vm, VmConfig,
 };
 
 const GPA: u64 = 1 << 30;
@@ -16,14 +16,21 @@ const SIZE: u64 = 8 << 20;
 fn setup(config: VmConfig) -> (Arc<TestHost>, Vm, VcpuMmu) {
     let host = TestHost::new();
     let vm = Vm::new(config, host.ops()).unwrap();
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0)).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     (host, vm, vcpu)
 }
 
 fn region(slot: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> UserMemoryRegion {
-    UserMemoryRegion { slot, flags, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva }
+    UserMemoryRegion {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: hva,
+    }
 }
 
 fn gpa(page: u64) -> Gpa {
@@ -53,12 +60,18 @@ fn teardown(host: Arc<TestHost>, vm: Vm, vcpus: Vec<VcpuMmu>) {
 #[test]
 fn test_fault_write_maps_writable_4k_then_read_is_spurious() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
-    assert_eq!(vcpu.page_fault(gpa(3), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(3), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     let (level, spte) = leaf(&vm, 3).unwrap();
     assert_eq!(level, Level::K4);
     assert!(spte.is_writable() && spte.is_dirty());
     assert_eq!(Some(spte.pfn()), host.lookup(hva(3)).map(|m| m.0));
-    assert_eq!(vcpu.page_fault(gpa(3), ErrorCode::empty()).unwrap(), RetPf::Spurious);
+    assert_eq!(
+        vcpu.page_fault(gpa(3), ErrorCode::empty()).unwrap(),
+        RetPf::Spurious
+    );
     let s = vm.stats();
     assert_eq!(s.faults_fixed, 1);
     assert_eq!(s.present(Level::K4), 1);
@@ -71,14 +84,23 @@ fn test_fault_huge_host_page_maps_2m_and_respects_slot_alignment() {
     let host = TestHost::new();
     host.set_host_level(Level::M2);
     let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0)).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
     // A slot whose hva is misaligned with its gpa at 2M can never be mapped huge.
-    vm.set_user_memory_region(region(1, 2 * GPA, SIZE, 2 * HVA + 4096, 0)).unwrap();
+    vm.set_user_memory_region(region(1, 2 * GPA, SIZE, 2 * HVA + 4096, 0))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
-    assert_eq!(vcpu.page_fault(gpa(513), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(513), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     assert_eq!(leaf(&vm, 513).unwrap().0, Level::M2);
-    assert_eq!(vcpu.page_fault(Gpa(2 * GPA + 4096), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(Gpa(2 * GPA + 4096), ErrorCode::WRITE)
+            .unwrap(),
+        RetPf::Fixed
+    );
     let st = vm.stats();
     assert_eq!(st.leaves_mapped_2m, 1);
     assert_eq!(st.leaves_mapped_4k, 1);
@@ -93,26 +115,44 @@ fn test_invalidation_zaps_and_precheck_retries_without_mmu_lock() {
     vm.invalidate_range_start(range);
     assert!(leaf(&vm, 1).is_none(), "start must zap");
     let before = vcpu.stats();
-    assert_eq!(vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(), RetPf::Retry);
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(),
+        RetPf::Retry
+    );
     let d = vcpu.stats().since(&before);
     assert_eq!(d.precheck_retries, 1);
-    assert_eq!(d.mmu_lock_read, 0, "a fault inside an in-progress invalidation must not take mmu_lock");
+    assert_eq!(
+        d.mmu_lock_read, 0,
+        "a fault inside an in-progress invalidation must not take mmu_lock"
+    );
     // Outside the range: maps normally while the invalidation is in progress.
-    assert_eq!(vcpu.page_fault(gpa(100), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(100), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     vm.invalidate_range_end(range);
-    assert_eq!(vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     assert_eq!(vm.invalidations_in_progress(), 0);
     teardown(host, vm, vec![vcpu]);
 }
 
 #[test]
 fn test_invalidation_without_precheck_retries_under_the_lock() {
-    let config = VmConfig { precheck: false, ..VmConfig::default() };
+    let config = VmConfig {
+        precheck: false,
+        ..VmConfig::default()
+    };
     let (host, vm, mut vcpu) = setup(config);
     let range = HvaRange::new(hva(0), hva(16));
     vm.invalidate_range_start(range);
     let before = vcpu.stats();
-    assert_eq!(vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(), RetPf::Retry);
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(),
+        RetPf::Retry
+    );
     let d = vcpu.stats().since(&before);
     assert_eq!(d.precheck_retries, 0);
     assert_eq!(d.postcheck_retries + d.locked_retries, 1);
@@ -134,7 +174,10 @@ fn test_fault_racing_invalidation_retries_on_sequence_change() {
     let new = host.fresh_pfn();
     host.set(hva(5), new, true);
     vm.invalidate_range_end(range);
-    assert_eq!(vcpu.page_fault(gpa(5), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(5), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     let (_, spte) = leaf(&vm, 5).unwrap();
     assert_eq!(spte.pfn(), new);
     assert_ne!(spte.pfn(), old);
@@ -146,13 +189,20 @@ fn test_memslot_delete_makes_accesses_mmio_and_frees_obsolete_roots() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
     vcpu.page_fault(gpa(7), ErrorCode::WRITE).unwrap();
     let root_before = vcpu.root_id();
-    vm.set_user_memory_region(region(0, GPA, 0, HVA, 0)).unwrap();
-    assert!(vm.mappings(0).iter().all(|(_, _, s)| !s.is_shadow_present()));
+    vm.set_user_memory_region(region(0, GPA, 0, HVA, 0))
+        .unwrap();
+    assert!(vm
+        .mappings(0)
+        .iter()
+        .all(|(_, _, s)| !s.is_shadow_present()));
     assert!(vcpu.has_requests());
     let e = vcpu.prepare_entry().unwrap();
     assert!(e.flush_tlb);
     assert_ne!(vcpu.root_id(), root_before, "obsolete root replaced");
-    assert_eq!(vcpu.page_fault(gpa(7), ErrorCode::empty()).unwrap(), RetPf::Emulate);
+    assert_eq!(
+        vcpu.page_fault(gpa(7), ErrorCode::empty()).unwrap(),
+        RetPf::Emulate
+    );
     let s = vm.stats();
     assert_eq!(s.roots_invalidated, 1);
     assert_eq!(s.roots_freed, 1);
@@ -166,12 +216,23 @@ fn test_memslot_move_old_gpa_is_mmio_new_gpa_maps() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
     vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap();
     let pfn = leaf(&vm, 1).unwrap().1.pfn();
-    vm.set_user_memory_region(region(0, 4 * GPA, SIZE, HVA, 0)).unwrap();
+    vm.set_user_memory_region(region(0, 4 * GPA, SIZE, HVA, 0))
+        .unwrap();
     vcpu.prepare_entry().unwrap();
-    assert_eq!(vcpu.page_fault(gpa(1), ErrorCode::empty()).unwrap(), RetPf::Emulate);
-    assert_eq!(vcpu.page_fault(Gpa(4 * GPA + 4096), ErrorCode::empty()).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(1), ErrorCode::empty()).unwrap(),
+        RetPf::Emulate
+    );
+    assert_eq!(
+        vcpu.page_fault(Gpa(4 * GPA + 4096), ErrorCode::empty())
+            .unwrap(),
+        RetPf::Fixed
+    );
     let m = vm.mappings(0);
-    let moved = m.iter().find(|(g, _, s)| *g == Gfn((4 * GPA >> 12) + 1) && s.is_shadow_present()).unwrap();
+    let moved = m
+        .iter()
+        .find(|(g, _, s)| *g == Gfn((4 * GPA >> 12) + 1) && s.is_shadow_present())
+        .unwrap();
     assert_eq!(moved.2.pfn(), pfn, "same host memory, new guest address");
     teardown(host, vm, vec![vcpu]);
 }
@@ -180,14 +241,25 @@ fn test_memslot_move_old_gpa_is_mmio_new_gpa_maps() {
 fn test_readonly_slot_write_emulates_read_maps_readonly() {
     let host = TestHost::new();
     let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::READONLY.bits())).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::READONLY.bits()))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
-    assert_eq!(vcpu.page_fault(gpa(0), ErrorCode::WRITE).unwrap(), RetPf::Emulate);
-    assert_eq!(vcpu.page_fault(gpa(0), ErrorCode::empty()).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(0), ErrorCode::WRITE).unwrap(),
+        RetPf::Emulate
+    );
+    assert_eq!(
+        vcpu.page_fault(gpa(0), ErrorCode::empty()).unwrap(),
+        RetPf::Fixed
+    );
     let (_, s) = leaf(&vm, 0).unwrap();
     assert!(!s.is_writable() && !s.is_host_writable() && !s.is_mmu_writable());
-    assert_eq!(vcpu.page_fault(gpa(0), ErrorCode::WRITE | ErrorCode::PRESENT).unwrap(), RetPf::Emulate);
+    assert_eq!(
+        vcpu.page_fault(gpa(0), ErrorCode::WRITE | ErrorCode::PRESENT)
+            .unwrap(),
+        RetPf::Emulate
+    );
     teardown(host, vm, vec![vcpu]);
 }
 
@@ -197,8 +269,20 @@ fn test_host_readonly_write_is_efault_and_read_maps_readonly() {
     let pfn = host.fresh_pfn();
     host.set(hva(9), pfn, false);
     let err = vcpu.page_fault(gpa(9), ErrorCode::WRITE).unwrap_err();
-    assert!(matches!(err, FaultError::Host { cause: HostFaultError::ReadOnly, .. }), "{err:?}");
-    assert_eq!(vcpu.page_fault(gpa(9), ErrorCode::empty()).unwrap(), RetPf::Fixed);
+    assert!(
+        matches!(
+            err,
+            FaultError::Host {
+                cause: HostFaultError::ReadOnly,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        vcpu.page_fault(gpa(9), ErrorCode::empty()).unwrap(),
+        RetPf::Fixed
+    );
     assert!(!leaf(&vm, 9).unwrap().1.is_writable());
     teardown(host, vm, vec![vcpu]);
 }
@@ -206,10 +290,21 @@ fn test_host_readonly_write_is_efault_and_read_maps_readonly() {
 #[test]
 fn test_private_fault_without_private_memory_is_memory_fault_exit() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
-    let err = vcpu.page_fault(gpa(1), ErrorCode::PRIVATE | ErrorCode::WRITE).unwrap_err();
-    assert_eq!(err, FaultError::MemoryFault { gpa: gpa(1), size: 4096, private: true });
+    let err = vcpu
+        .page_fault(gpa(1), ErrorCode::PRIVATE | ErrorCode::WRITE)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        FaultError::MemoryFault {
+            gpa: gpa(1),
+            size: 4096,
+            private: true
+        }
+    );
     // Also without any memslot: the mismatch wins over MMIO emulation.
-    let err = vcpu.page_fault(Gpa(0x1000), ErrorCode::PRIVATE).unwrap_err();
+    let err = vcpu
+        .page_fault(Gpa(0x1000), ErrorCode::PRIVATE)
+        .unwrap_err();
     assert!(matches!(err, FaultError::MemoryFault { .. }));
     teardown(host, vm, vec![vcpu]);
 }
@@ -217,7 +312,8 @@ fn test_private_fault_without_private_memory_is_memory_fault_exit() {
 #[test]
 fn test_fast_path_restores_write_protected_entry_and_logs_dirty() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::LOG_DIRTY_PAGES.bits())).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::LOG_DIRTY_PAGES.bits()))
+        .unwrap();
     vcpu.prepare_entry().unwrap();
     vcpu.page_fault(gpa(4), ErrorCode::empty()).unwrap();
     vm.write_protect_gfn_range(0, GfnRange::new(gpa(0).gfn(), gpa(512).gfn()));
@@ -227,7 +323,11 @@ fn test_fast_path_restores_write_protected_entry_and_logs_dirty() {
     let bitmap = slots.by_id(0).unwrap().dirty_bitmap().unwrap();
     let dirty_before = bitmap.test(4);
     let before = vcpu.stats();
-    assert_eq!(vcpu.page_fault(gpa(4), ErrorCode::WRITE | ErrorCode::PRESENT).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(4), ErrorCode::WRITE | ErrorCode::PRESENT)
+            .unwrap(),
+        RetPf::Fixed
+    );
     let d = vcpu.stats().since(&before);
     assert_eq!(d.fast_path_fixed, 1);
     assert_eq!(d.mmu_lock_read, 0, "fast path is lockless");
@@ -239,7 +339,10 @@ fn test_fast_path_restores_write_protected_entry_and_logs_dirty() {
 
 #[test]
 fn test_access_tracking_without_ad_bits_restored_by_fast_path() {
-    let config = VmConfig { ad_enabled: false, ..VmConfig::default() };
+    let config = VmConfig {
+        ad_enabled: false,
+        ..VmConfig::default()
+    };
     let (host, vm, mut vcpu) = setup(config);
     vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap();
     assert!(vm.test_young(hva(2)));
@@ -249,12 +352,19 @@ fn test_access_tracking_without_ad_bits_restored_by_fast_path() {
     assert!(!vm.test_young(hva(2)));
     let before = vcpu.stats();
     // The hardware sees a not-present entry and reports a read violation.
-    assert_eq!(vcpu.page_fault(gpa(2), ErrorCode::empty()).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::empty()).unwrap(),
+        RetPf::Fixed
+    );
     assert_eq!(vcpu.stats().since(&before).fast_path_fixed, 1);
     let (_, s) = leaf(&vm, 2).unwrap();
     assert!(s.is_accessed() && !s.is_writable() && s.is_mmu_writable());
     // A write then sets W through the fast path too.
-    assert_eq!(vcpu.page_fault(gpa(2), ErrorCode::WRITE | ErrorCode::PRESENT).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::WRITE | ErrorCode::PRESENT)
+            .unwrap(),
+        RetPf::Fixed
+    );
     assert!(leaf(&vm, 2).unwrap().1.is_writable());
     teardown(host, vm, vec![vcpu]);
 }
@@ -273,13 +383,23 @@ fn test_aging_with_ad_bits_clears_accessed() {
 fn test_mmio_entry_answers_from_cache_and_goes_stale_with_generation() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
     let hole = Gpa(3 * GPA);
-    assert_eq!(vcpu.page_fault(hole, ErrorCode::empty()).unwrap(), RetPf::Emulate);
+    assert_eq!(
+        vcpu.page_fault(hole, ErrorCode::empty()).unwrap(),
+        RetPf::Emulate
+    );
     let before = vcpu.stats();
-    assert_eq!(vcpu.page_fault(hole, ErrorCode::RSVD).unwrap(), RetPf::Emulate);
+    assert_eq!(
+        vcpu.page_fault(hole, ErrorCode::RSVD).unwrap(),
+        RetPf::Emulate
+    );
     assert_eq!(vcpu.stats().since(&before).mmio_fast_hits, 1);
     // A slot appears there: the generation moved, so the cached entry is stale.
-    vm.set_user_memory_region(region(1, 3 * GPA, 1 << 20, 2 * HVA, 0)).unwrap();
-    assert_eq!(vcpu.page_fault(hole, ErrorCode::RSVD).unwrap(), RetPf::Fixed);
+    vm.set_user_memory_region(region(1, 3 * GPA, 1 << 20, 2 * HVA, 0))
+        .unwrap();
+    assert_eq!(
+        vcpu.page_fault(hole, ErrorCode::RSVD).unwrap(),
+        RetPf::Fixed
+    );
     teardown(host, vm, vec![vcpu]);
 }
 
@@ -323,7 +443,11 @@ fn test_unloaded_root_is_kept_by_the_mmu_reference() {
     drop(vcpu);
     let mut v = vm.create_vcpu(5).unwrap();
     v.prepare_entry().unwrap();
-    assert_eq!(v.root_id(), id, "root preserved until explicitly invalidated");
+    assert_eq!(
+        v.root_id(),
+        id,
+        "root preserved until explicitly invalidated"
+    );
     teardown(host, vm, vec![v]);
 }
 
@@ -342,9 +466,16 @@ fn test_table_collapses_into_huge_leaf_after_host_collapse() {
     host.set_host_level(Level::M2);
     vm.invalidate_range_end(range);
     let freed = vm.stats().tables_freed;
-    assert_eq!(vcpu.page_fault(gpa(600), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(600), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     assert_eq!(leaf(&vm, 600).unwrap().0, Level::M2);
-    assert_eq!(vm.stats().tables_freed, freed + 1, "the 4K table was replaced and freed");
+    assert_eq!(
+        vm.stats().tables_freed,
+        freed + 1,
+        "the 4K table was replaced and freed"
+    );
     assert!(vm.stats().tlb_flush_remote >= 1);
     teardown(host, vm, vec![vcpu]);
 }
@@ -354,21 +485,30 @@ fn test_huge_leaf_split_when_smaller_mapping_needed() {
     let host = TestHost::new();
     host.set_host_level(Level::M2);
     let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0)).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     vcpu.page_fault(gpa(512), ErrorCode::empty()).unwrap();
     assert_eq!(leaf(&vm, 512).unwrap().0, Level::M2);
     // Dirty logging forces 4K: a write fault splits the huge leaf.
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::LOG_DIRTY_PAGES.bits())).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::LOG_DIRTY_PAGES.bits()))
+        .unwrap();
     let (_, s) = leaf(&vm, 512).unwrap();
     assert!(!s.is_writable(), "enabling dirty logging write-protects");
-    assert_eq!(vcpu.page_fault(gpa(513), ErrorCode::WRITE | ErrorCode::PRESENT).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(gpa(513), ErrorCode::WRITE | ErrorCode::PRESENT)
+            .unwrap(),
+        RetPf::Fixed
+    );
     let st = vm.stats();
     assert_eq!(st.huge_splits, 1);
     assert_eq!(leaf(&vm, 513).unwrap().0, Level::K4);
     assert!(leaf(&vm, 513).unwrap().1.is_writable());
-    assert!(!leaf(&vm, 514).unwrap().1.is_writable(), "siblings keep the huge leaf's protection");
+    assert!(
+        !leaf(&vm, 514).unwrap().1.is_writable(),
+        "siblings keep the huge leaf's protection"
+    );
     teardown(host, vm, vec![vcpu]);
 }
 
@@ -390,9 +530,15 @@ fn test_out_of_table_memory_is_an_error_not_a_panic() {
 #[test]
 fn test_vm_config_and_vcpu_validation() {
     let host = TestHost::new();
-    let bad = VmConfig { maxphyaddr: 60, ..VmConfig::default() };
+    let bad = VmConfig {
+        maxphyaddr: 60,
+        ..VmConfig::default()
+    };
     assert!(Vm::new(bad, host.ops()).is_err());
-    let bad = VmConfig { root_level: Level::M2, ..VmConfig::default() };
+    let bad = VmConfig {
+        root_level: Level::M2,
+        ..VmConfig::default()
+    };
     assert!(Vm::new(bad, host.ops()).is_err());
     let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
     let _v = vm.create_vcpu(1).unwrap();
@@ -401,14 +547,22 @@ fn test_vm_config_and_vcpu_validation() {
 
 #[test]
 fn test_five_level_tables_map_high_gpa() {
-    let config = VmConfig { root_level: Level::L5, maxphyaddr: 52, ..VmConfig::default() };
+    let config = VmConfig {
+        root_level: Level::L5,
+        maxphyaddr: 52,
+        ..VmConfig::default()
+    };
     let host = TestHost::new();
     let vm = Vm::new(config, host.ops()).unwrap();
     let high = 1u64 << 50;
-    vm.set_user_memory_region(region(0, high, 1 << 20, HVA, 0)).unwrap();
+    vm.set_user_memory_region(region(0, high, 1 << 20, HVA, 0))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     assert_eq!(vcpu.prepare_entry().unwrap().root_level, Level::L5);
-    assert_eq!(vcpu.page_fault(Gpa(high + 4096), ErrorCode::WRITE).unwrap(), RetPf::Fixed);
+    assert_eq!(
+        vcpu.page_fault(Gpa(high + 4096), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
     assert_eq!(vm.mappings(0).len(), 1);
     teardown(host, vm, vec![vcpu]);
 }

@@ -20,12 +20,14 @@ pub enum LockClass {
     VcpuMutex = 20,
     /// `kvm->slots_lock`: memslot and attribute updates, fast zap.
     SlotsLock = 30,
-    /// Pseudo-lock held for the duration of an mmu_notifier callback. Ranked after
-    /// `slots_lock` so a notifier taking `slots_lock` is reported: the memslot
-    /// installer holds `slots_lock` while it waits for notifiers to finish.
-    NotifierCallback = 35,
     /// `kvm->srcu` read side (memslot readers).
     SrcuRead = 40,
+    /// Pseudo-lock held for the duration of an mmu_notifier callback. Ranked after
+    /// `slots_lock` so a notifier taking `slots_lock` is reported: the memslot
+    /// installer holds `slots_lock` while it waits for notifiers to finish. Ranked
+    /// after the SRCU read side because a vCPU fault (inside SRCU) can trigger one,
+    /// e.g. when faulting in the page breaks copy-on-write.
+    NotifierCallback = 45,
     /// `kvm->mn_invalidate_lock`: the active-invalidation count.
     MnInvalidateLock = 50,
     /// `kvm->mmu_lock`.
@@ -124,7 +126,9 @@ impl Held {
     pub fn acquire(class: LockClass, site: &'static Location<'static>) -> Held {
         #[cfg(all(not(loom), any(debug_assertions, feature = "lockdep")))]
         {
-            Held { token: imp::acquire(class, site) }
+            Held {
+                token: imp::acquire(class, site),
+            }
         }
         #[cfg(not(all(not(loom), any(debug_assertions, feature = "lockdep"))))]
         {

@@ -18,7 +18,6 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 #[cfg(loom)]
 use loom::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-
 /// Counters kept by whoever takes the lock (per vCPU or per VM).
 #[derive(Debug, Default)]
 pub struct LockStats {
@@ -55,7 +54,10 @@ pub(crate) struct MmuWriteGuard<'a> {
 
 impl MmuLock {
     pub(crate) fn new() -> Self {
-        MmuLock { lock: RwLock::new(()), waiters: AtomicUsize::new(0) }
+        MmuLock {
+            lock: RwLock::new(()),
+            waiters: AtomicUsize::new(0),
+        }
     }
 
     fn read_inner(&self, stats: &LockStats) -> RwLockReadGuard<'_, ()> {
@@ -103,14 +105,22 @@ impl MmuLock {
     #[track_caller]
     pub(crate) fn read<'a>(&'a self, stats: &LockStats) -> MmuReadGuard<'a> {
         let held = Held::acquire(LockClass::MmuLock, Location::caller());
-        MmuReadGuard { lock: self, guard: Some(self.read_inner(stats)), _held: held }
+        MmuReadGuard {
+            lock: self,
+            guard: Some(self.read_inner(stats)),
+            _held: held,
+        }
     }
 
     /// Take the lock exclusively.
     #[track_caller]
     pub(crate) fn write<'a>(&'a self, stats: &LockStats) -> MmuWriteGuard<'a> {
         let held = Held::acquire(LockClass::MmuLock, Location::caller());
-        MmuWriteGuard { lock: self, guard: Some(self.write_inner(stats)), _held: held }
+        MmuWriteGuard {
+            lock: self,
+            guard: Some(self.write_inner(stats)),
+            _held: held,
+        }
     }
 
     /// Whether some thread is blocked waiting for the lock.

@@ -29,7 +29,10 @@ pub(crate) struct MutexGuard<'a, T> {
 
 impl<T> Mutex<T> {
     pub(crate) fn new(class: LockClass, value: T) -> Self {
-        Mutex { inner: Inner::new(value), class }
+        Mutex {
+            inner: Inner::new(value),
+            class,
+        }
     }
 
     #[track_caller]
@@ -39,7 +42,10 @@ impl<T> Mutex<T> {
         let g = self.inner.lock();
         #[cfg(loom)]
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        MutexGuard { inner: Some(g), _held: held }
+        MutexGuard {
+            inner: Some(g),
+            _held: held,
+        }
     }
 }
 

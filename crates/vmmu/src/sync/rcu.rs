@@ -76,11 +76,17 @@ impl Rcu {
         #[cfg(not(loom))]
         {
             let handle = self.collector.register();
-            RcuGuard { guard: handle.pin(), _p: PhantomData }
+            RcuGuard {
+                guard: handle.pin(),
+                _p: PhantomData,
+            }
         }
         #[cfg(loom)]
         {
-            RcuGuard { rcu: self, _p: PhantomData }
+            RcuGuard {
+                rcu: self,
+                _p: PhantomData,
+            }
         }
     }
 
@@ -88,12 +94,18 @@ impl Rcu {
     pub(crate) fn read_lock_with<'a>(&'a self, reader: &'a RcuReader) -> RcuGuard<'a> {
         #[cfg(not(loom))]
         {
-            RcuGuard { guard: reader.handle.pin(), _p: PhantomData }
+            RcuGuard {
+                guard: reader.handle.pin(),
+                _p: PhantomData,
+            }
         }
         #[cfg(loom)]
         {
             let _ = reader;
-            RcuGuard { rcu: self, _p: PhantomData }
+            RcuGuard {
+                rcu: self,
+                _p: PhantomData,
+            }
         }
     }
 }

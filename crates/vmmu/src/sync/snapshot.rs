@@ -32,11 +32,15 @@ impl<T> Snapshot<T> {
     pub(crate) fn new(value: Arc<T>) -> Self {
         #[cfg(not(loom))]
         {
-            Snapshot { inner: arc_swap::ArcSwap::new(value) }
+            Snapshot {
+                inner: arc_swap::ArcSwap::new(value),
+            }
         }
         #[cfg(loom)]
         {
-            Snapshot { inner: super::Mutex::new(super::LockClass::Leaf, value) }
+            Snapshot {
+                inner: super::Mutex::new(super::LockClass::Leaf, value),
+            }
         }
     }
 

@@ -13,10 +13,10 @@ use std::panic::Location;
 use super::lockdep::{Held, LockClass};
 use super::{Arc, Mutex, Weak};
 
-#[cfg(not(loom))]
-use parking_lot::{RwLock, RwLockReadGuard};
 #[cfg(loom)]
 use loom::sync::{RwLock, RwLockReadGuard};
+#[cfg(not(loom))]
+use parking_lot::{RwLock, RwLockReadGuard};
 
 /// The SRCU domain.
 #[derive(Debug)]
@@ -38,7 +38,9 @@ pub(crate) struct SrcuReadGuard<'a> {
 
 impl Srcu {
     pub(crate) fn new() -> Self {
-        Srcu { readers: Mutex::new(LockClass::Leaf, Vec::new()) }
+        Srcu {
+            readers: Mutex::new(LockClass::Leaf, Vec::new()),
+        }
     }
 
     pub(crate) fn register(&self) -> SrcuReader {
@@ -51,7 +53,12 @@ impl Srcu {
 
     /// Wait for every read-side section open at the time of the call to end.
     pub(crate) fn synchronize(&self) {
-        let readers: Vec<_> = self.readers.lock().iter().filter_map(Weak::upgrade).collect();
+        let readers: Vec<_> = self
+            .readers
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         for r in readers {
             #[cfg(not(loom))]
             drop(r.write());

@@ -68,7 +68,8 @@ impl<'t> TdpIter<'t> {
 
     /// The current entry.
     pub(crate) fn sptep(&self) -> &'t AtomicU64 {
-        let table = self.pt_path[self.level.get() as usize].unwrap_or_else(|| unreachable!("no table at level"));
+        let table = self.pt_path[self.level.get() as usize]
+            .unwrap_or_else(|| unreachable!("no table at level"));
         &table[self.level.index(self.gfn)]
     }
 
@@ -108,7 +109,9 @@ impl<'t> TdpIter<'t> {
             return false;
         }
         let child = self.mem.table(self.old_spte.pfn());
-        let Some(lower) = self.level.lower() else { return false };
+        let Some(lower) = self.level.lower() else {
+            return false;
+        };
         self.level = lower;
         self.pt_path[lower.get() as usize] = Some(child);
         self.gfn = self.next_last_level_gfn.align_down(lower);
@@ -130,7 +133,9 @@ impl<'t> TdpIter<'t> {
         if self.level == self.root_level {
             return false;
         }
-        let Some(upper) = self.level.upper() else { return false };
+        let Some(upper) = self.level.upper() else {
+            return false;
+        };
         self.level = upper;
         self.gfn = self.gfn.align_down(upper);
         true
@@ -167,7 +172,11 @@ pub(crate) struct Resched {
 
 impl Resched {
     pub(crate) fn new() -> Self {
-        Resched { since: Instant::now(), checks: 0, yields: 0 }
+        Resched {
+            since: Instant::now(),
+            checks: 0,
+            yields: 0,
+        }
     }
 
     /// Whether the walk should yield now: only after forward progress, and only if
@@ -222,7 +231,14 @@ mod tests {
         });
         mem.table(l2)[3].store(leaf.0, Ordering::Relaxed);
         let start = Gfn((1 << 18) + (3 << 9));
-        let mut it = TdpIter::new(&mem, root, Level::L4, Level::K4, start, Gfn(start.0 + 512 * 2));
+        let mut it = TdpIter::new(
+            &mem,
+            root,
+            Level::L4,
+            Level::K4,
+            start,
+            Gfn(start.0 + 512 * 2),
+        );
         let mut seen = vec![];
         while it.in_range() {
             seen.push((it.level.get(), it.gfn.0, it.old_spte.is_shadow_present()));
@@ -230,7 +246,12 @@ mod tests {
         }
         assert_eq!(
             seen,
-            vec![(4, 0, true), (3, 1 << 18, true), (2, start.0, true), (2, start.0 + 512, false)]
+            vec![
+                (4, 0, true),
+                (3, 1 << 18, true),
+                (2, start.0, true),
+                (2, start.0 + 512, false)
+            ]
         );
     }
 

@@ -23,7 +23,14 @@ impl Tdp {
         cache: &mut TableCache,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, f.goal_level, f.gfn, f.gfn.add(1));
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            f.goal_level,
+            f.gfn,
+            f.gfn.add(1),
+        );
         while it.in_range() {
             if it.old_spte.is_frozen() {
                 // Someone owns the entry for a multi-step change; don't bother
@@ -72,7 +79,13 @@ impl Tdp {
         RetPf::Retry
     }
 
-    fn map_target_level(&self, ctx: &Ctx<'_>, it: &mut TdpIter<'_>, f: &PageFault<'_>, flusher: &dyn RemoteFlush) -> RetPf {
+    fn map_target_level(
+        &self,
+        ctx: &Ctx<'_>,
+        it: &mut TdpIter<'_>,
+        f: &PageFault<'_>,
+        flusher: &dyn RemoteFlush,
+    ) -> RetPf {
         let old = it.old_spte;
         let level = it.level;
         if old.is_leaf(level) && old.allows(f.access) {

@@ -44,7 +44,9 @@ pub(crate) struct Tdp {
 
 impl std::fmt::Debug for Tdp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tdp").field("root_level", &self.root_level).finish_non_exhaustive()
+        f.debug_struct("Tdp")
+            .field("root_level", &self.root_level)
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,7 +119,13 @@ impl TableCache {
 }
 
 impl Tdp {
-    pub(crate) fn new(mem: Arc<dyn TableMemory>, root_level: Level, gfn_limit: u64, ad_enabled: bool, knobs: GuardKnobs) -> Self {
+    pub(crate) fn new(
+        mem: Arc<dyn TableMemory>,
+        root_level: Level,
+        gfn_limit: u64,
+        ad_enabled: bool,
+        knobs: GuardKnobs,
+    ) -> Self {
         Tdp {
             mem,
             rcu: Rcu::new(),
@@ -156,7 +164,10 @@ impl Tdp {
         gfn: Gfn,
         level: Level,
     ) -> bool {
-        debug_assert!(!old.is_frozen(), "never overwrite a frozen entry under the read lock");
+        debug_assert!(
+            !old.is_frozen(),
+            "never overwrite a frozen entry under the read lock"
+        );
         // AcqRel: Release publishes a child table's initialisation with the link;
         // Acquire makes the replaced value's history visible to the bookkeeping.
         match sptep.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
@@ -174,7 +185,13 @@ impl Tdp {
     /// Replace an entry under the write lock, returning the value actually
     /// replaced. Leaves that hardware or the fast path may change without the lock
     /// are exchanged atomically so no Dirty bit is lost.
-    pub(crate) fn write_spte_exclusive(&self, sptep: &AtomicU64, old: Spte, new: Spte, level: Level) -> Spte {
+    pub(crate) fn write_spte_exclusive(
+        &self,
+        sptep: &AtomicU64,
+        old: Spte,
+        new: Spte,
+        level: Level,
+    ) -> Spte {
         if old.is_leaf(level) && old.needs_atomic_update() && !self.knobs.nonatomic_zap {
             // AcqRel: we learn the final value (with any D set by hardware).
             Spte(sptep.swap(new.0, Ordering::AcqRel))
@@ -188,7 +205,15 @@ impl Tdp {
     /// Bookkeeping after any change of an entry (KVM's `handle_changed_spte`):
     /// leaf counts, invariants, and teardown of a table the change disconnected.
     /// TLB flushing is the caller's job.
-    pub(crate) fn handle_changed_spte(&self, ctx: &Ctx<'_>, gfn: Gfn, old: Spte, new: Spte, level: Level, shared: bool) {
+    pub(crate) fn handle_changed_spte(
+        &self,
+        ctx: &Ctx<'_>,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: Level,
+        shared: bool,
+    ) {
         if old == new {
             return;
         }
@@ -222,7 +247,14 @@ impl Tdp {
     /// Tear down a table that is no longer reachable from any root: freeze every
     /// entry (so nobody can install into it), account what it held, recurse into
     /// child tables, and free the page after an RCU grace period.
-    pub(crate) fn handle_removed_table(&self, ctx: &Ctx<'_>, pfn: Pfn, level: Level, base: Gfn, shared: bool) {
+    pub(crate) fn handle_removed_table(
+        &self,
+        ctx: &Ctx<'_>,
+        pfn: Pfn,
+        level: Level,
+        base: Gfn,
+        shared: bool,
+    ) {
         self.linked_tables.fetch_sub(1, Ordering::Relaxed);
         CounterSet::inc(&ctx.stats.tables_freed);
         let table = self.table(pfn);

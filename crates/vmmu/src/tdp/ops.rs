@@ -37,9 +37,22 @@ impl Tdp {
     /// Deviation: the Accessed bit is cleared by compare-and-exchange rather than an
     /// atomic AND, so an entry that was frozen or replaced meanwhile is never
     /// modified (the frozen sentinel has the A bit set).
-    pub(crate) fn age_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange, clear: bool) -> bool {
+    pub(crate) fn age_range(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        range: GfnRange,
+        clear: bool,
+    ) -> bool {
         let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            Level::K4,
+            range.start,
+            end,
+        );
         let mut young = false;
         while it.in_range() {
             let old = it.old_spte;
@@ -48,7 +61,11 @@ impl Tdp {
                 if clear {
                     let new = old.mark_old();
                     // AcqRel: like every lockless change of a live entry.
-                    if it.sptep().compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    if it
+                        .sptep()
+                        .compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
                         CounterSet::inc(&ctx.stats.entries_aged);
                     }
                 }
@@ -63,7 +80,14 @@ impl Tdp {
     /// write. Returns whether anything changed (the caller flushes once).
     pub(crate) fn write_protect_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> bool {
         let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            Level::K4,
+            range.start,
+            end,
+        );
         let mut changed = false;
         while it.in_range() {
             let mut old = it.old_spte;
@@ -90,7 +114,14 @@ impl Tdp {
     /// harvest. Returns how many entries were dirty.
     pub(crate) fn clear_dirty_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> u64 {
         let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            Level::K4,
+            range.start,
+            end,
+        );
         let mut dirty = 0;
         while it.in_range() {
             let old = it.old_spte;
@@ -115,7 +146,14 @@ impl Tdp {
 
     /// Visit every present leaf of `root` (tests, oracles, dumps). Lockless.
     pub(crate) fn for_each_leaf(&self, root: &Root, mut f: impl FnMut(Gfn, Level, Spte)) {
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, Gfn(0), self.max_gfn());
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            Level::K4,
+            Gfn(0),
+            self.max_gfn(),
+        );
         while it.in_range() {
             if it.old_spte.is_leaf(it.level) {
                 f(it.gfn, it.level, it.old_spte);
@@ -127,7 +165,14 @@ impl Tdp {
     /// Count the tables reachable from `root` (excluding the root).
     pub(crate) fn count_tables(&self, root: &Root) -> u64 {
         let mut n = 0;
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, Gfn(0), self.max_gfn());
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            Level::K4,
+            Gfn(0),
+            self.max_gfn(),
+        );
         while it.in_range() {
             if it.old_spte.is_table(it.level) {
                 n += 1;

@@ -13,7 +13,9 @@ impl Tdp {
     /// which memslots cannot exceed (KVM's `tdp_mmu_max_gfn_exclusive`). Walks
     /// over "everything" stop here instead of visiting unreachable entries.
     pub(crate) fn max_gfn(&self) -> Gfn {
-        Gfn(self.gfn_limit.min(1u64 << (9 * self.root_level.get() as u32)))
+        Gfn(self
+            .gfn_limit
+            .min(1u64 << (9 * self.root_level.get() as u32)))
     }
 
     /// Zap every leaf of `root` in `range` (KVM's `tdp_mmu_zap_leafs`), holding
@@ -34,7 +36,14 @@ impl Tdp {
         flusher: &dyn RemoteFlush,
     ) {
         let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, Level::K4, range.start, end);
+        let mut it = TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            Level::K4,
+            range.start,
+            end,
+        );
         let mut rs = Resched::new();
         while it.in_range() {
             if rs.should_yield(&it, guard) {
@@ -54,7 +63,8 @@ impl Tdp {
                 it.next();
                 continue;
             }
-            let old = self.write_spte_exclusive(it.sptep(), it.old_spte, Spte::NONPRESENT, it.level);
+            let old =
+                self.write_spte_exclusive(it.sptep(), it.old_spte, Spte::NONPRESENT, it.level);
             self.handle_changed_spte(ctx, it.gfn, old, Spte::NONPRESENT, it.level, false);
             CounterSet::inc(&ctx.stats.leaves_zapped);
             if old.is_dirty() {
@@ -85,7 +95,14 @@ impl Tdp {
         levels.push(self.root_level);
         let mut rs = Resched::new();
         for zap_level in levels {
-            let mut it = TdpIter::new(&*self.mem, root.pfn, self.root_level, zap_level, Gfn(0), self.max_gfn());
+            let mut it = TdpIter::new(
+                &*self.mem,
+                root.pfn,
+                self.root_level,
+                zap_level,
+                Gfn(0),
+                self.max_gfn(),
+            );
             while it.in_range() {
                 if rs.should_yield(&it, guard) {
                     guard.yield_lock(lock_stats);
@@ -101,7 +118,14 @@ impl Tdp {
                 let was_leaf = it.old_spte.is_leaf(it.level);
                 if shared {
                     let mut old = it.old_spte;
-                    if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, Spte::NONPRESENT, it.gfn, it.level) {
+                    if !self.try_set_spte_atomic(
+                        ctx,
+                        it.sptep(),
+                        &mut old,
+                        Spte::NONPRESENT,
+                        it.gfn,
+                        it.level,
+                    ) {
                         // Lost a race (hardware set A/D): look again at the same
                         // entry. A frozen entry belongs to whoever is tearing its
                         // table down; leave it to them.
@@ -113,7 +137,12 @@ impl Tdp {
                         continue;
                     }
                 } else {
-                    let old = self.write_spte_exclusive(it.sptep(), it.old_spte, Spte::NONPRESENT, it.level);
+                    let old = self.write_spte_exclusive(
+                        it.sptep(),
+                        it.old_spte,
+                        Spte::NONPRESENT,
+                        it.level,
+                    );
                     self.handle_changed_spte(ctx, it.gfn, old, Spte::NONPRESENT, it.level, false);
                 }
                 if was_leaf {

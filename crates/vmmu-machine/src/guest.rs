@@ -1,0 +1,317 @@
+//! Guest programs: the access streams vCPUs run.
+//!
+//! Every store writes a stamp that names the vCPU, the pass and the page, into the
+//! first word of the page; a per-vCPU reference model remembers what each page
+//! must hold, and reads that are checked compare against it. Streams are
+//! deterministic for a seed.
+
+use vmmu::{Gpa, PAGE_SIZE};
+
+/// What the guest does with one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessKind {
+    /// Load 8 bytes.
+    Read,
+    /// Store 8 bytes.
+    Write(u64),
+}
+
+/// One access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestAccess {
+    /// Where.
+    pub gpa: Gpa,
+    /// What.
+    pub kind: AccessKind,
+}
+
+/// How an access completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessResult {
+    /// Done against memory; for reads, the value loaded.
+    Memory(u64),
+    /// Emulated as MMIO (no memslot, or a write to a read-only slot); reads
+    /// return [`MMIO_READ_VALUE`].
+    Mmio,
+    /// The run failed with EFAULT (the host refused the page); the access did
+    /// not happen.
+    Fault,
+}
+
+/// What an emulated MMIO read returns (the selftests answer 0xBEEF).
+pub const MMIO_READ_VALUE: u64 = 0xbeef;
+
+/// A deterministic generator (splitmix64).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    /// Next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// The stamp a store writes: vCPU, pass and page, never zero.
+pub fn stamp(vcpu: u32, pass: u32, page: u64) -> u64 {
+    ((vcpu as u64 + 1) << 52) | ((pass as u64 & 0xfffff) << 32) | (page & 0xffff_ffff)
+}
+
+/// What each page of a vCPU's chunk must contain.
+#[derive(Clone, Debug)]
+pub struct RefModel {
+    /// First guest address of the chunk.
+    pub base: Gpa,
+    /// Expected first word per page (0 = never written).
+    pub expected: Vec<u64>,
+}
+
+impl RefModel {
+    /// A chunk of `pages` pages at `base`, all zero.
+    pub fn new(base: Gpa, pages: u64) -> RefModel {
+        RefModel {
+            base,
+            expected: vec![0; pages as usize],
+        }
+    }
+    /// Pages in the chunk.
+    pub fn pages(&self) -> u64 {
+        self.expected.len() as u64
+    }
+    /// Address of page `i`.
+    pub fn gpa(&self, i: u64) -> Gpa {
+        Gpa(self.base.0 + i * PAGE_SIZE)
+    }
+}
+
+/// Pages whose contents the host may have discarded (MADV_DONTNEED): a read of
+/// one is not checked until the guest writes it again. The host marks pages before
+/// and after discarding them; the guest clears a mark right after its store, in
+/// the same guest-mode section, so a store the host discarded is always marked.
+#[derive(Debug)]
+pub struct Discarded {
+    base: Gpa,
+    bits: Box<[crate::sync::AtomicU64]>,
+}
+
+impl Discarded {
+    /// Marks for `pages` pages from `base`.
+    pub fn new(base: Gpa, pages: u64) -> Discarded {
+        Discarded {
+            base,
+            bits: (0..pages.div_ceil(64))
+                .map(|_| crate::sync::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+    fn idx(&self, gpa: Gpa) -> Option<(usize, u64)> {
+        let p = gpa.0.checked_sub(self.base.0)? / PAGE_SIZE;
+        ((p / 64) < self.bits.len() as u64).then_some(((p / 64) as usize, 1 << (p % 64)))
+    }
+    /// Mark `[gpa, gpa + pages)`.
+    pub fn mark(&self, gpa: Gpa, pages: u64) {
+        for i in 0..pages {
+            if let Some((w, b)) = self.idx(Gpa(gpa.0 + i * PAGE_SIZE)) {
+                self.bits[w].fetch_or(b, crate::sync::Ordering::SeqCst);
+            }
+        }
+    }
+    fn clear(&self, gpa: Gpa) {
+        if let Some((w, b)) = self.idx(gpa) {
+            self.bits[w].fetch_and(!b, crate::sync::Ordering::SeqCst);
+        }
+    }
+    fn test(&self, gpa: Gpa) -> bool {
+        self.idx(gpa)
+            .is_some_and(|(w, b)| self.bits[w].load(crate::sync::Ordering::SeqCst) & b != 0)
+    }
+}
+
+/// Order in which a pass visits pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// 0, 1, 2, ...
+    Sequential,
+    /// Uniformly random pages, as many accesses as pages.
+    Random,
+    /// 90 % of accesses go to the first 10 % of pages.
+    HotSet,
+}
+
+/// A guest program.
+pub trait GuestProgram: Send {
+    /// The next access, or `None` when the program is done.
+    fn next(&mut self) -> Option<GuestAccess>;
+    /// The outcome of the last access returned by `next`.
+    fn complete(&mut self, access: &GuestAccess, result: AccessResult);
+    /// Reads whose value differed from the reference model.
+    fn mismatches(&self) -> u64;
+    /// A description of the first mismatch.
+    fn first_mismatch(&self) -> Option<String> {
+        None
+    }
+}
+
+/// One pass over a vCPU's chunk: each visited page is written with a stamp (with
+/// probability `write_percent`) or read and, if `verify`, checked against the
+/// reference model.
+#[derive(Debug)]
+pub struct Pass {
+    vcpu: u32,
+    pass: u32,
+    pattern: Pattern,
+    write_percent: u32,
+    verify: bool,
+    model: RefModel,
+    rng: Rng,
+    discarded: Option<std::sync::Arc<Discarded>>,
+    i: u64,
+    current: u64,
+    mismatches: u64,
+    first: Option<String>,
+    /// Stores that failed with EFAULT.
+    pub faults: u64,
+    /// Accesses that completed as MMIO.
+    pub mmio: u64,
+}
+
+impl Pass {
+    /// A pass of vCPU `vcpu`, numbered `pass`.
+    pub fn new(
+        vcpu: u32,
+        pass: u32,
+        pattern: Pattern,
+        write_percent: u32,
+        verify: bool,
+        model: RefModel,
+        seed: u64,
+    ) -> Pass {
+        Pass {
+            vcpu,
+            pass,
+            pattern,
+            write_percent,
+            verify,
+            model,
+            rng: Rng::new(seed ^ ((vcpu as u64) << 32) ^ pass as u64),
+            discarded: None,
+            i: 0,
+            current: 0,
+            mismatches: 0,
+            first: None,
+            faults: 0,
+            mmio: 0,
+        }
+    }
+
+    /// Skip checking pages the host may have discarded.
+    pub fn with_discarded(mut self, d: std::sync::Arc<Discarded>) -> Pass {
+        self.discarded = Some(d);
+        self
+    }
+
+    /// The reference model after the pass.
+    pub fn into_model(self) -> RefModel {
+        self.model
+    }
+
+    fn page_of(&self, gpa: Gpa) -> u64 {
+        (gpa.0 - self.model.base.0) / PAGE_SIZE
+    }
+}
+
+impl GuestProgram for Pass {
+    fn next(&mut self) -> Option<GuestAccess> {
+        let n = self.model.pages();
+        if self.i >= n || n == 0 {
+            return None;
+        }
+        let page = match self.pattern {
+            Pattern::Sequential => self.i,
+            Pattern::Random => self.rng.below(n),
+            Pattern::HotSet => {
+                let hot = (n / 10).max(1);
+                if self.rng.below(100) < 90 {
+                    self.rng.below(hot)
+                } else {
+                    self.rng.below(n)
+                }
+            }
+        };
+        self.i += 1;
+        self.current = page;
+        let write = self.write_percent >= 100
+            || (self.write_percent > 0 && self.rng.below(100) < self.write_percent as u64);
+        let kind = if write {
+            AccessKind::Write(stamp(self.vcpu, self.pass, page))
+        } else {
+            AccessKind::Read
+        };
+        Some(GuestAccess {
+            gpa: self.model.gpa(page),
+            kind,
+        })
+    }
+
+    fn complete(&mut self, access: &GuestAccess, result: AccessResult) {
+        let page = self.page_of(access.gpa);
+        match (access.kind, result) {
+            (AccessKind::Write(v), AccessResult::Memory(_)) => {
+                self.model.expected[page as usize] = v;
+                if let Some(d) = &self.discarded {
+                    d.clear(access.gpa);
+                }
+            }
+            (AccessKind::Read, AccessResult::Memory(v)) => {
+                let want = self.model.expected[page as usize];
+                if self.discarded.as_ref().is_some_and(|d| d.test(access.gpa)) {
+                    // The host may have dropped the page: zero, or what we wrote.
+                    if v == 0 {
+                        self.model.expected[page as usize] = 0;
+                    }
+                    if v != want && v != 0 && self.verify {
+                        self.mismatches += 1;
+                        if self.first.is_none() {
+                            self.first = Some(format!(
+                                "vCPU {} pass {} read {:#x} from discarded {} (page {}), expected 0 or {:#x}",
+                                self.vcpu, self.pass, v, access.gpa, page, want
+                            ));
+                        }
+                    }
+                    return;
+                }
+                if self.verify && v != want {
+                    self.mismatches += 1;
+                    if self.first.is_none() {
+                        self.first = Some(format!(
+                            "vCPU {} pass {} read {:#x} from {} (page {}), expected {:#x}",
+                            self.vcpu, self.pass, v, access.gpa, page, want
+                        ));
+                    }
+                }
+            }
+            (_, AccessResult::Mmio) => self.mmio += 1,
+            (_, AccessResult::Fault) => self.faults += 1,
+        }
+    }
+
+    fn mismatches(&self) -> u64 {
+        self.mismatches
+    }
+
+    fn first_mismatch(&self) -> Option<String> {
+        self.first.clone()
+    }
+}

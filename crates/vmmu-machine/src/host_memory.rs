@@ -1,0 +1,451 @@
+//! Host physical memory: a pfn arena over one large anonymous mapping.
+//!
+//! The arena is reserved with `MAP_NORESERVE`, so sizes of tens of GiB cost
+//! nothing until pages are touched. Frame numbers are page indices offset by
+//! [`PFN_BASE`] (so frame 0 is never valid). Every 4 KiB frame carries a state
+//! (free, data, table) and a reference count; allocation zeroes, freeing poisons,
+//! so a stale access through a translation that should have been gone reads
+//! [`POISON`] and is caught by the oracle's data checks.
+//!
+//! All accesses to arena memory are atomic (relaxed where no ordering is needed),
+//! because the MMU, the page walker and guest accesses touch the same words from
+//! different threads; a correct run never races on data, a buggy one must still be
+//! memory safe.
+
+use std::ptr::NonNull;
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use vmmu::{Pfn, Table, TableMemory, TableMemoryError};
+
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+/// First valid frame number.
+pub const PFN_BASE: u64 = 0x1000;
+/// Value written over every word of a freed page.
+pub const POISON: u64 = 0xdead_beef_dead_beef;
+/// 4 KiB.
+pub const PAGE: u64 = 4096;
+const WORDS: usize = 512;
+
+/// Allocation sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Order {
+    /// 4 KiB.
+    K4,
+    /// 2 MiB, 2 MiB aligned.
+    M2,
+    /// 1 GiB, 1 GiB aligned.
+    G1,
+}
+
+impl Order {
+    /// 4 KiB frames in a block.
+    pub const fn pages(self) -> u64 {
+        match self {
+            Order::K4 => 1,
+            Order::M2 => 512,
+            Order::G1 => 512 * 512,
+        }
+    }
+}
+
+/// What a frame is used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageState {
+    /// On a free list.
+    Free = 0,
+    /// Guest or host data.
+    Data = 1,
+    /// An MMU page-table page.
+    Table = 2,
+}
+
+/// Errors of the arena.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    /// The arena could not be reserved.
+    #[error("Cannot reserve {bytes} bytes of host memory: {reason}")]
+    Reserve {
+        /// Requested size.
+        bytes: u64,
+        /// What mmap said.
+        reason: String,
+    },
+    /// No free block of the requested size.
+    #[error("Host memory exhausted allocating a {0:?} block")]
+    Exhausted(Order),
+}
+
+/// Number of 4 KiB free-list shards; threads spread over them so concurrent
+/// faults do not serialise on one lock.
+const SHARDS: usize = 8;
+
+/// Violations of the arena's own rules (freeing twice, freeing a page of the
+/// wrong kind). Always bugs of the code above it.
+#[derive(Debug, Default)]
+pub struct ArenaViolations {
+    /// Frees of free pages.
+    pub double_frees: AtomicU64,
+    /// References dropped on free pages.
+    pub bad_puts: AtomicU64,
+}
+
+/// The arena.
+pub struct HostMemory {
+    base: NonNull<AtomicU64>,
+    npages: u64,
+    state: Box<[AtomicU8]>,
+    refs: Box<[AtomicU32]>,
+    small: [CachePadded<Mutex<Vec<u32>>>; SHARDS],
+    medium: Mutex<Vec<u32>>,
+    large: Mutex<Vec<u32>>,
+    bump: AtomicU64,
+    data_pages: AtomicU64,
+    table_pages: AtomicU64,
+    poison_on_free: bool,
+    /// Rule violations seen.
+    pub violations: ArenaViolations,
+}
+
+// SAFETY: the arena memory is only ever accessed through `AtomicU64`s, which are
+// `Sync`; the raw pointer is just the base of that array and never changes.
+unsafe impl Send for HostMemory {}
+// SAFETY: as above; all shared state is atomics or mutexes.
+unsafe impl Sync for HostMemory {}
+
+impl std::fmt::Debug for HostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostMemory")
+            .field("pages", &self.npages)
+            .field("data", &self.data_pages())
+            .field("tables", &self.table_pages())
+            .finish()
+    }
+}
+
+/// A boxed slice of atomics, zero-initialised by the allocator (lazily committed
+/// by the kernel for large sizes).
+fn zeroed_atomics<T: Default>(n: usize) -> Box<[T]> {
+    // All integer atomics are valid when zeroed, and `Default` is zero for them.
+    let layout =
+        std::alloc::Layout::array::<T>(n.max(1)).unwrap_or_else(|_| std::alloc::Layout::new::<T>());
+    // SAFETY: layout has non-zero size (n.max(1) elements of a non-zero-size type).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if p.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `p` points to `n.max(1)` zeroed `T`s allocated with the global
+    // allocator with exactly this layout; the all-zero pattern is a valid atomic
+    // integer (callers only use atomic integer types).
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n.max(1))) }
+}
+
+thread_local! {
+    static SHARD: usize = {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS
+    };
+}
+
+impl HostMemory {
+    /// Reserve `bytes` (rounded up to 1 GiB) of host memory.
+    pub fn new(bytes: u64, poison_on_free: bool) -> Result<HostMemory, MemoryError> {
+        let gib = 1u64 << 30;
+        let bytes = bytes.div_ceil(gib).max(1) * gib;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Reserve {
+                bytes,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        // Keep the host's own THP out of the picture: the machine models huge
+        // pages itself, and first-touch costs must be comparable to a plain 4 KiB
+        // baseline.
+        // SAFETY: advising the mapping we just created.
+        unsafe { libc::madvise(p, bytes as usize, libc::MADV_NOHUGEPAGE) };
+        let npages = bytes / PAGE;
+        Ok(HostMemory {
+            base: NonNull::new(p as *mut AtomicU64).ok_or(MemoryError::Exhausted(Order::G1))?,
+            npages,
+            state: zeroed_atomics(npages as usize),
+            refs: zeroed_atomics(npages as usize),
+            small: std::array::from_fn(|_| CachePadded::new(Mutex::new(Vec::new()))),
+            medium: Mutex::new(Vec::new()),
+            large: Mutex::new(Vec::new()),
+            bump: AtomicU64::new(0),
+            data_pages: AtomicU64::new(0),
+            table_pages: AtomicU64::new(0),
+            poison_on_free,
+            violations: ArenaViolations::default(),
+        })
+    }
+
+    /// Total frames.
+    pub fn capacity_pages(&self) -> u64 {
+        self.npages
+    }
+
+    fn index(&self, pfn: Pfn) -> Option<usize> {
+        let i = pfn.0.checked_sub(PFN_BASE)?;
+        (i < self.npages).then_some(i as usize)
+    }
+
+    /// The 512 words of frame `pfn`. Panics on a frame outside the arena (an MMU
+    /// or model bug, never input).
+    pub fn page(&self, pfn: Pfn) -> &[AtomicU64; WORDS] {
+        let i = self
+            .index(pfn)
+            .unwrap_or_else(|| panic!("{pfn:?} outside the host arena"));
+        // SAFETY: `i < npages`, so the page lies inside the mapping, which lives as
+        // long as `self`; the memory is 4 KiB aligned and only accessed atomically.
+        unsafe { &*(self.base.as_ptr().add(i * WORDS) as *const [AtomicU64; WORDS]) }
+    }
+
+    /// Whether `pfn` is inside the arena.
+    pub fn contains(&self, pfn: Pfn) -> bool {
+        self.index(pfn).is_some()
+    }
+
+    /// State of a frame.
+    pub fn state(&self, pfn: Pfn) -> PageState {
+        match self
+            .index(pfn)
+            .map(|i| self.state[i].load(Ordering::Acquire))
+        {
+            Some(1) => PageState::Data,
+            Some(2) => PageState::Table,
+            _ => PageState::Free,
+        }
+    }
+
+    fn pop_block(&self, order: Order) -> Result<u64, MemoryError> {
+        match order {
+            Order::K4 => {
+                let shard = SHARD.with(|s| *s);
+                if let Some(i) = self.small[shard].lock().pop() {
+                    return Ok(i as u64);
+                }
+                // Refill this shard from a 2 MiB block.
+                let block = self.pop_block(Order::M2)?;
+                let mut list = self.small[shard].lock();
+                list.extend((block + 1..block + 512).rev().map(|i| i as u32));
+                Ok(block)
+            }
+            Order::M2 => {
+                if let Some(i) = self.medium.lock().pop() {
+                    return Ok(i as u64);
+                }
+                let block = self.pop_block(Order::G1)?;
+                let mut list = self.medium.lock();
+                list.extend((1..512).rev().map(|k| (block + k * 512) as u32));
+                Ok(block)
+            }
+            Order::G1 => {
+                if let Some(i) = self.large.lock().pop() {
+                    return Ok(i as u64);
+                }
+                let i = self.bump.fetch_add(Order::G1.pages(), Ordering::Relaxed);
+                if i + Order::G1.pages() > self.npages {
+                    return Err(MemoryError::Exhausted(Order::G1));
+                }
+                Ok(i)
+            }
+        }
+    }
+
+    /// Allocate a zeroed block; every 4 KiB frame in it gets `state` and a
+    /// reference count of 1.
+    pub fn alloc(&self, order: Order, state: PageState) -> Result<Pfn, MemoryError> {
+        let i = self
+            .pop_block(order)
+            .map_err(|_| MemoryError::Exhausted(order))?;
+        for k in i..i + order.pages() {
+            let k = k as usize;
+            self.refs[k].store(1, Ordering::Relaxed);
+            // Zero with atomic stores (plain movs on x86).
+            // SAFETY: k < npages (the block lies inside the arena).
+            let words =
+                unsafe { &*(self.base.as_ptr().add(k * WORDS) as *const [AtomicU64; WORDS]) };
+            for w in words.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
+            // Release: the zeroed contents are visible to whoever sees the state.
+            self.state[k].store(state as u8, Ordering::Release);
+        }
+        let counter = if state == PageState::Table {
+            &self.table_pages
+        } else {
+            &self.data_pages
+        };
+        counter.fetch_add(order.pages(), Ordering::Relaxed);
+        Ok(Pfn(PFN_BASE + i))
+    }
+
+    /// Take another reference on a frame.
+    pub fn get(&self, pfn: Pfn) {
+        if let Some(i) = self.index(pfn) {
+            self.refs[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drop a reference; the last one frees the frame (poisoned, back on a 4 KiB
+    /// free list). Returns whether it was freed.
+    pub fn put(&self, pfn: Pfn) -> bool {
+        let Some(i) = self.index(pfn) else {
+            return false;
+        };
+        let prev =
+            self.refs[i].fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+        match prev {
+            Ok(1) => {
+                self.release_frame(i);
+                true
+            }
+            Ok(_) => false,
+            Err(_) => {
+                self.violations.bad_puts.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn release_frame(&self, i: usize) {
+        let prev = self.state[i].swap(PageState::Free as u8, Ordering::AcqRel);
+        if prev == PageState::Free as u8 {
+            self.violations.double_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let counter = if prev == PageState::Table as u8 {
+            &self.table_pages
+        } else {
+            &self.data_pages
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
+        if self.poison_on_free {
+            // SAFETY: i < npages.
+            let words =
+                unsafe { &*(self.base.as_ptr().add(i * WORDS) as *const [AtomicU64; WORDS]) };
+            for w in words.iter() {
+                w.store(POISON, Ordering::Relaxed);
+            }
+        }
+        let shard = SHARD.with(|s| *s);
+        self.small[shard].lock().push(i as u32);
+    }
+
+    /// Reference count of a frame.
+    pub fn refcount(&self, pfn: Pfn) -> u32 {
+        self.index(pfn)
+            .map_or(0, |i| self.refs[i].load(Ordering::Acquire))
+    }
+
+    /// Data frames allocated.
+    pub fn data_pages(&self) -> u64 {
+        self.data_pages.load(Ordering::Relaxed)
+    }
+
+    /// Table frames allocated.
+    pub fn table_pages(&self) -> u64 {
+        self.table_pages.load(Ordering::Relaxed)
+    }
+
+    /// Copy one frame's contents to another.
+    pub fn copy_page(&self, from: Pfn, to: Pfn) {
+        let (a, b) = (self.page(from), self.page(to));
+        for (s, d) in a.iter().zip(b.iter()) {
+            d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in `new`; no references to
+        // it can outlive `self`.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr() as *mut libc::c_void,
+                (self.npages * PAGE) as usize,
+            )
+        };
+    }
+}
+
+impl TableMemory for HostMemory {
+    fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError> {
+        self.alloc(Order::K4, PageState::Table)
+            .map_err(|_| TableMemoryError::OutOfMemory)
+    }
+
+    fn free_table_page(&self, pfn: Pfn) {
+        if self.state(pfn) != PageState::Table {
+            self.violations.double_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.put(pfn);
+    }
+
+    fn table(&self, pfn: Pfn) -> &Table {
+        self.page(pfn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_arena_alloc_zeroes_free_poisons_and_reuses() {
+        let m = HostMemory::new(1 << 30, true).unwrap();
+        let p = m.alloc(Order::K4, PageState::Data).unwrap();
+        assert!(m.page(p).iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        m.page(p)[3].store(42, Ordering::Relaxed);
+        assert_eq!(m.data_pages(), 1);
+        assert!(m.put(p));
+        assert_eq!(m.state(p), PageState::Free);
+        assert_eq!(m.page(p)[3].load(Ordering::Relaxed), POISON);
+        assert!(!m.put(p), "a put on a free page is a violation, not a free");
+        assert_eq!(m.violations.bad_puts.load(Ordering::Relaxed), 1);
+        let q = m.alloc(Order::K4, PageState::Data).unwrap();
+        assert_eq!(q, p, "LIFO reuse");
+        assert_eq!(m.page(q)[3].load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn test_arena_huge_blocks_are_aligned() {
+        let m = HostMemory::new(2 << 30, false).unwrap();
+        let a = m.alloc(Order::M2, PageState::Data).unwrap();
+        assert_eq!((a.0 - PFN_BASE) % 512, 0);
+        let g = m.alloc(Order::G1, PageState::Data).unwrap();
+        assert_eq!((g.0 - PFN_BASE) % (512 * 512), 0);
+        assert_eq!(m.data_pages(), 512 + 512 * 512);
+        assert!(
+            m.alloc(Order::G1, PageState::Data).is_err(),
+            "the first 1G was split for the 2M block"
+        );
+    }
+
+    #[test]
+    fn test_arena_table_double_free_is_counted() {
+        let m = HostMemory::new(1 << 30, true).unwrap();
+        let t = m.alloc_table_page().unwrap();
+        assert_eq!(m.table_pages(), 1);
+        m.free_table_page(t);
+        m.free_table_page(t);
+        assert_eq!(m.table_pages(), 0);
+        assert_eq!(m.violations.double_frees.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,582 @@
+//! The machine: host memory, the host MMU, one VM and its vCPU threads.
+//!
+//! A vCPU thread runs a guest program access by access. Each access goes through
+//! the vCPU's TLB and page walker; a violation exits guest mode and is handed to
+//! the MMU's fault pipeline, then the access is retried. With the oracle on, every
+//! access made in guest mode is checked against the host's current mapping first.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use vmmu::{
+    Access, FaultError, Gpa, HostOps, Hva, HvaRange, Kick, MemslotError, MemslotSet, RetPf,
+    UserMemoryRegion, VcpuMmu, Vm, VmConfig, VmError,
+};
+
+use crate::cpu::{translate, Exit, Mmu};
+use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram};
+use crate::host_memory::{HostMemory, MemoryError};
+use crate::oracle::{Oracle, Violation};
+use crate::primary_mmu::{Backing, HostError, HostMmu};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::tlb::Tlb;
+
+/// How a machine is built.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Host memory to reserve (only touched pages cost memory).
+    pub memory_bytes: u64,
+    /// The VM's MMU configuration.
+    pub vm: VmConfig,
+    /// Check every guest access against the host (slower).
+    pub oracle: bool,
+    /// Poison freed frames.
+    pub poison: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            memory_bytes: 4 << 30,
+            vm: VmConfig::default(),
+            oracle: true,
+            poison: true,
+        }
+    }
+}
+
+/// Errors building or driving a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Host memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A host mapping.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A memslot.
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+}
+
+/// Counts kicks; vCPU threads notice them by polling their exit request.
+#[derive(Debug, Default)]
+pub struct Kicker {
+    /// Kicks delivered.
+    pub kicks: AtomicU64,
+}
+
+impl Kick for Kicker {
+    fn kick(&self, _vcpu_id: u32) {
+        self.kicks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-vCPU counters of one run.
+#[derive(Debug, Default, Clone)]
+pub struct VcpuCounters {
+    /// Accesses completed (memory, MMIO or fault).
+    pub accesses: u64,
+    /// Guest entries.
+    pub entries: u64,
+    /// EPT violation exits.
+    pub violations: u64,
+    /// EPT misconfiguration (MMIO entry) exits.
+    pub misconfigs: u64,
+    /// Exits because a requester asked (kick) or the batch ended.
+    pub other_exits: u64,
+    /// Accesses completed as MMIO.
+    pub mmio: u64,
+    /// Accesses that failed with EFAULT.
+    pub efaults: u64,
+    /// Memory-fault exits.
+    pub memory_faults: u64,
+    /// Faults that said "retry".
+    pub retries: u64,
+    /// TLB hits / misses.
+    pub tlb_hits: u64,
+    /// TLB misses.
+    pub tlb_misses: u64,
+}
+
+/// One vCPU: its MMU context, its TLB.
+#[derive(Debug)]
+pub struct Vcpu {
+    /// Id.
+    pub id: u32,
+    /// The MMU context.
+    pub mmu: VcpuMmu,
+    /// Hardware TLB.
+    pub tlb: Tlb,
+}
+
+/// Options of one run.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Sorts faults into latency buckets by address (e.g. inside/outside a range).
+    pub classify: Option<Arc<dyn Fn(Gpa) -> usize + Send + Sync>>,
+    /// Number of buckets `classify` returns.
+    pub buckets: usize,
+    /// Switch into SMM and back every this many accesses (root switching).
+    pub smm_toggle_every: Option<u64>,
+    /// Stop all vCPUs when set.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("buckets", &self.buckets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one vCPU did in a run.
+#[derive(Debug)]
+pub struct VcpuReport {
+    /// vCPU id.
+    pub id: u32,
+    /// Time from the common start to this vCPU's last access.
+    pub elapsed: Duration,
+    /// Counters.
+    pub counters: VcpuCounters,
+    /// Time from an access's first exit to its completion, per bucket (ns).
+    pub resolve_ns: Vec<Histogram<u64>>,
+    /// Time of each `page_fault` call, per bucket (ns).
+    pub fault_ns: Vec<Histogram<u64>>,
+}
+
+/// Things the closure running beside the vCPUs can use.
+pub struct PhaseCtx<'a> {
+    /// The host MMU.
+    pub host: &'a Arc<HostMmu>,
+    /// The VM.
+    pub vm: &'a Vm,
+    /// vCPUs still running.
+    pub running: &'a AtomicU64,
+}
+
+impl std::fmt::Debug for PhaseCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhaseCtx").finish_non_exhaustive()
+    }
+}
+
+impl PhaseCtx<'_> {
+    /// Whether every vCPU finished its program.
+    pub fn done(&self) -> bool {
+        self.running.load(Ordering::Acquire) == 0
+    }
+}
+
+/// What teardown found.
+#[derive(Debug, Clone, Default)]
+pub struct TeardownReport {
+    /// Data frames still allocated after everything was unmapped.
+    pub leaked_data_pages: u64,
+    /// Table pages still allocated after the VM was destroyed.
+    pub leaked_table_pages: u64,
+    /// Double frees and bad reference drops seen by the arena.
+    pub double_frees: u64,
+}
+
+/// The machine.
+pub struct Machine {
+    /// Host memory.
+    pub mem: Arc<HostMemory>,
+    /// The host MMU.
+    pub host: Arc<HostMmu>,
+    /// The VM.
+    pub vm: Vm,
+    /// The oracle.
+    pub oracle: Arc<Oracle>,
+    /// Kicks.
+    pub kicker: Arc<Kicker>,
+    vcpus: Vec<Vcpu>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("mem", &self.mem)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const BATCH: u32 = 256;
+const STUCK_AFTER: Duration = Duration::from_secs(20);
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+impl Machine {
+    /// Build a machine with `vcpus` vCPUs and no memory mapped yet.
+    pub fn new(cfg: MachineConfig, vcpus: u32) -> Result<Machine, MachineError> {
+        let mem = Arc::new(HostMemory::new(cfg.memory_bytes, cfg.poison)?);
+        let host = Arc::new(HostMmu::new(mem.clone()));
+        let kicker = Arc::new(Kicker::default());
+        let ops = HostOps {
+            memory: mem.clone(),
+            primary: host.clone(),
+            kick: kicker.clone(),
+        };
+        let vm = Vm::new(cfg.vm, ops)?;
+        host.register(Arc::new(vm.clone()));
+        let vcpus = (0..vcpus)
+            .map(|id| {
+                Ok(Vcpu {
+                    id,
+                    mmu: vm.create_vcpu(id)?,
+                    tlb: Tlb::default(),
+                })
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        Ok(Machine {
+            mem,
+            host,
+            vm,
+            oracle: Arc::new(Oracle::new(cfg.oracle)),
+            kicker,
+            vcpus,
+        })
+    }
+
+    /// The vCPUs.
+    pub fn vcpus(&mut self) -> &mut [Vcpu] {
+        &mut self.vcpus
+    }
+
+    /// Map host memory.
+    pub fn map(&self, hva: Hva, len: u64, backing: Backing) -> Result<(), MachineError> {
+        Ok(self.host.map_region(hva, len, backing)?)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    pub fn set_memslot(&self, region: UserMemoryRegion) -> Result<(), MachineError> {
+        Ok(self.vm.set_user_memory_region(region)?)
+    }
+
+    /// Run one program per vCPU to completion, all released together, while
+    /// `meanwhile` runs on the calling thread.
+    pub fn run<P: GuestProgram>(
+        &mut self,
+        programs: Vec<P>,
+        opts: &RunOptions,
+        meanwhile: impl FnOnce(&PhaseCtx<'_>),
+    ) -> Vec<(P, VcpuReport)> {
+        assert_eq!(programs.len(), self.vcpus.len(), "one program per vCPU");
+        let running = AtomicU64::new(programs.len() as u64);
+        let barrier = std::sync::Barrier::new(programs.len() + 1);
+        let (mem, host, oracle, vm) = (&self.mem, &self.host, &self.oracle, &self.vm);
+        let out = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .zip(programs)
+                .map(|(vcpu, mut prog)| {
+                    let (barrier, running) = (&barrier, &running);
+                    s.spawn(move || {
+                        barrier.wait();
+                        let report = run_vcpu(mem, host, oracle, vm, vcpu, &mut prog, opts);
+                        running.fetch_sub(1, Ordering::AcqRel);
+                        (prog, report)
+                    })
+                })
+                .collect();
+            barrier.wait();
+            meanwhile(&PhaseCtx {
+                host,
+                vm,
+                running: &running,
+            });
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect::<Vec<_>>()
+        });
+        for (p, _) in &out {
+            self.oracle
+                .report_n(Violation::DataMismatch, p.mismatches(), || {
+                    p.first_mismatch().unwrap_or_default()
+                });
+        }
+        let inv = self.vm.stats().invariant_violations;
+        let seen = self.oracle.count(Violation::MmuInvariant);
+        if inv > seen {
+            self.oracle
+                .report_n(Violation::MmuInvariant, inv - seen, || {
+                    "the MMU counted invariant violations".into()
+                });
+        }
+        out
+    }
+
+    /// Destroy the VM, unmap everything, and check that nothing leaked.
+    pub fn teardown(self) -> TeardownReport {
+        let Machine {
+            mem,
+            host,
+            vm,
+            oracle,
+            kicker: _,
+            vcpus,
+        } = self;
+        drop(vcpus);
+        host.unregister_all();
+        drop(vm);
+        let leaked_table_pages = mem.table_pages();
+        host.ksm_release();
+        let regions: Vec<u64> = host.region_starts();
+        for r in regions {
+            host.unmap_region(Hva(r));
+        }
+        let report = TeardownReport {
+            leaked_data_pages: mem.data_pages(),
+            leaked_table_pages,
+            double_frees: mem.violations.double_frees.load(Ordering::Relaxed)
+                + mem.violations.bad_puts.load(Ordering::Relaxed),
+        };
+        let bad = report.leaked_data_pages + report.leaked_table_pages + report.double_frees;
+        oracle.report_n(Violation::Leak, bad, || format!("teardown: {report:?}"));
+        report
+    }
+}
+
+fn check_access(
+    oracle: &Oracle,
+    host: &HostMmu,
+    slots: &MemslotSet,
+    gpa: Gpa,
+    pfn: vmmu::Pfn,
+    write: bool,
+) {
+    oracle.checked();
+    let gfn = gpa.gfn();
+    match slots.lookup(gfn) {
+        None => oracle.report(Violation::NoSlotAccess, || {
+            format!("{gpa} reached {pfn:?} with no memslot")
+        }),
+        Some(s) if s.is_invalid() => {}
+        Some(s) => {
+            let hva = s.gfn_to_hva(gfn);
+            match host.translate(hva) {
+                None => oracle.report(Violation::StaleTranslation, || {
+                    format!("{gpa} ({hva}) reached {pfn:?} but the host maps nothing there")
+                }),
+                Some(m) if m.pfn != pfn => oracle.report(Violation::StaleTranslation, || {
+                    format!(
+                        "{gpa} ({hva}) reached {pfn:?} but the host maps {:?}",
+                        m.pfn
+                    )
+                }),
+                Some(m) if write && !m.writable => oracle
+                    .report(Violation::WriteToReadOnly, || {
+                        format!("write to {gpa} ({hva}, {pfn:?}) the host maps read-only")
+                    }),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_vcpu<P: GuestProgram>(
+    mem: &HostMemory,
+    host: &HostMmu,
+    oracle: &Oracle,
+    vm: &Vm,
+    vcpu: &mut Vcpu,
+    prog: &mut P,
+    opts: &RunOptions,
+) -> VcpuReport {
+    let start = Instant::now();
+    let buckets = opts.buckets.max(1);
+    let mut resolve_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
+    let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
+    let mut c = VcpuCounters::default();
+    let (h0, m0) = (vcpu.tlb.hits, vcpu.tlb.misses);
+    let mut in_guest = false;
+    let mut mmu_view: Option<Mmu> = None;
+    let mut slots: Option<Arc<MemslotSet>> = None;
+    let mut batch = 0u32;
+    let mut pending: Option<(GuestAccess, Option<Instant>)> = None;
+    let mut since_toggle = 0u64;
+    loop {
+        if opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            break;
+        }
+        if !in_guest {
+            if let Some(every) = opts.smm_toggle_every {
+                if since_toggle >= every {
+                    since_toggle = 0;
+                    vcpu.mmu.set_smm(true);
+                    if let Ok(e) = vcpu.mmu.prepare_entry() {
+                        if e.flush_tlb {
+                            vcpu.tlb.flush_all();
+                        }
+                    }
+                    vcpu.mmu.set_smm(false);
+                }
+            }
+            let entry = match vcpu.mmu.prepare_entry() {
+                Ok(e) => e,
+                Err(_) => break,
+            };
+            if entry.flush_tlb {
+                vcpu.tlb.flush_all();
+            }
+            if !vcpu.mmu.enter_guest_mode() {
+                continue;
+            }
+            in_guest = true;
+            batch = 0;
+            c.entries += 1;
+            mmu_view = Some(Mmu {
+                root: entry.root,
+                root_id: entry.root_id,
+                root_level: entry.root_level,
+                ad: entry.ad_enabled,
+            });
+            if oracle.enabled() {
+                slots = vm.memslots(vcpu.mmu.role().as_id());
+            }
+        }
+        let (access, first_exit) = match pending.take() {
+            Some(p) => p,
+            None => match prog.next() {
+                Some(a) => (a, None),
+                None => break,
+            },
+        };
+        if vcpu.mmu.exit_requested() || batch >= BATCH {
+            vcpu.mmu.exit_guest_mode();
+            in_guest = false;
+            c.other_exits += 1;
+            pending = Some((access, first_exit));
+            continue;
+        }
+        batch += 1;
+        let Some(view) = mmu_view else { break };
+        let write = matches!(access.kind, AccessKind::Write(_));
+        let want = if write { Access::WRITE } else { Access::READ };
+        match translate(mem, &mut vcpu.tlb, &view, access.gpa, want) {
+            Ok(t) => {
+                if let Some(s) = &slots {
+                    check_access(oracle, host, s, access.gpa, t.pfn, write);
+                }
+                let word = &mem.page(t.pfn)[((access.gpa.0 & 0xfff) / 8) as usize];
+                let result = match access.kind {
+                    AccessKind::Read => AccessResult::Memory(word.load(Ordering::Relaxed)),
+                    AccessKind::Write(v) => {
+                        word.store(v, Ordering::Relaxed);
+                        AccessResult::Memory(v)
+                    }
+                };
+                prog.complete(&access, result);
+                c.accesses += 1;
+                since_toggle += 1;
+                if let Some(t0) = first_exit {
+                    let b = opts
+                        .classify
+                        .as_ref()
+                        .map_or(0, |f| f(access.gpa))
+                        .min(buckets - 1);
+                    let _ = resolve_ns[b].record(t0.elapsed().as_nanos() as u64);
+                }
+            }
+            Err(exit) => {
+                vcpu.mmu.exit_guest_mode();
+                in_guest = false;
+                let t0 = first_exit.unwrap_or_else(Instant::now);
+                let (gpa, error) = match exit {
+                    Exit::Violation { gpa, error } => {
+                        c.violations += 1;
+                        (gpa, error)
+                    }
+                    Exit::Misconfig { gpa } => {
+                        c.misconfigs += 1;
+                        (gpa, vmmu::ErrorCode::RSVD)
+                    }
+                    Exit::Wild { gpa } => {
+                        oracle.report(Violation::WildWalk, || {
+                            format!("walk for {gpa} left host memory")
+                        });
+                        prog.complete(&access, AccessResult::Fault);
+                        continue;
+                    }
+                };
+                let b = opts
+                    .classify
+                    .as_ref()
+                    .map_or(0, |f| f(gpa))
+                    .min(buckets - 1);
+                let f0 = Instant::now();
+                let r = vcpu.mmu.page_fault(gpa, error);
+                let _ = fault_ns[b].record(f0.elapsed().as_nanos() as u64);
+                match r {
+                    Ok(RetPf::Emulate) => {
+                        c.mmio += 1;
+                        c.accesses += 1;
+                        // Reads complete with MMIO_READ_VALUE; writes go to the device.
+                        prog.complete(&access, AccessResult::Mmio);
+                    }
+                    Ok(RetPf::Retry) => {
+                        c.retries += 1;
+                        if t0.elapsed() > STUCK_AFTER {
+                            oracle.report(Violation::Stuck, || {
+                                format!("vCPU {} retried {gpa} for 20 s", vcpu.id)
+                            });
+                            prog.complete(&access, AccessResult::Fault);
+                        } else {
+                            pending = Some((access, Some(t0)));
+                        }
+                    }
+                    Ok(_) => pending = Some((access, Some(t0))),
+                    Err(FaultError::MemoryFault { .. }) => {
+                        c.memory_faults += 1;
+                        c.accesses += 1;
+                        prog.complete(&access, AccessResult::Fault);
+                    }
+                    Err(FaultError::Host { .. }) => {
+                        c.efaults += 1;
+                        c.accesses += 1;
+                        prog.complete(&access, AccessResult::Fault);
+                    }
+                    Err(FaultError::NoMemory(_)) => {
+                        c.efaults += 1;
+                        prog.complete(&access, AccessResult::Fault);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if in_guest {
+        vcpu.mmu.exit_guest_mode();
+    }
+    c.tlb_hits = vcpu.tlb.hits - h0;
+    c.tlb_misses = vcpu.tlb.misses - m0;
+    VcpuReport {
+        id: vcpu.id,
+        elapsed: start.elapsed(),
+        counters: c,
+        resolve_ns,
+        fault_ns,
+    }
+}
+
+/// Convenience: an `HvaRange` of `len` bytes at `start`.
+pub fn hva_range(start: u64, len: u64) -> HvaRange {
+    HvaRange::new(Hva(start), Hva(start + len))
+}

@@ -1,0 +1,989 @@
+//! The host's own MMU ("primary MMU"): the VMM process's address space.
+//!
+//! Regions of host virtual addresses map to frames of the [`HostMemory`] arena
+//! through one entry per 4 KiB page, protected by per-2 MiB "page-table locks" (as
+//! Linux splits its PTL). Every host event that changes or removes a mapping is
+//! bracketed by `invalidate_range_start` / `invalidate_range_end` on every
+//! registered secondary MMU, in Linux's order: start, change the entries, free
+//! the old frames, end. Frames are freed only after start has returned, so a
+//! secondary MMU that still used one would read poison.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use vmmu::{FaultinRequest, HostFaultError, HostPfn, Hva, HvaRange, Level, Pfn, PrimaryMmu};
+
+use crate::host_memory::{HostMemory, Order, PageState, PAGE};
+use crate::sync::{AtomicU64, Ordering};
+
+/// How a region is backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backing {
+    /// Private anonymous memory, 4 KiB pages.
+    Anonymous,
+    /// Anonymous memory with transparent huge pages: 2 MiB when a whole aligned
+    /// chunk is populated at once, split and collapsed by host events.
+    AnonymousThp,
+    /// hugetlbfs, 2 MiB pages.
+    Hugetlb2M,
+    /// hugetlbfs, 1 GiB pages.
+    Hugetlb1G,
+    /// Shared memory (shmem/memfd), 4 KiB pages.
+    Shmem,
+}
+
+impl Backing {
+    /// The selftests' name (`-s`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anonymous",
+            Backing::AnonymousThp => "anonymous_thp",
+            Backing::Hugetlb2M => "hugetlb2m",
+            Backing::Hugetlb1G => "hugetlb1g",
+            Backing::Shmem => "shmem",
+        }
+    }
+
+    /// Parse a selftest backing name.
+    pub fn parse(s: &str) -> Option<Backing> {
+        Some(match s {
+            "anonymous" => Backing::Anonymous,
+            "anonymous_thp" => Backing::AnonymousThp,
+            "hugetlb2m" | "anonymous_hugetlb_2mb" => Backing::Hugetlb2M,
+            "hugetlb1g" | "anonymous_hugetlb_1gb" => Backing::Hugetlb1G,
+            "shmem" => Backing::Shmem,
+            _ => return None,
+        })
+    }
+
+    /// Alignment a region of this backing needs.
+    pub fn alignment(self) -> u64 {
+        match self {
+            Backing::Hugetlb1G => 1 << 30,
+            Backing::Hugetlb2M | Backing::AnonymousThp => 2 << 20,
+            _ => PAGE,
+        }
+    }
+}
+
+/// Receives the primary MMU's notifications (an mmu_notifier subscriber).
+pub trait SecondaryMmu: Send + Sync {
+    /// Mappings of `range` are about to change.
+    fn invalidate_range_start(&self, range: HvaRange);
+    /// The change of `range` is complete.
+    fn invalidate_range_end(&self, range: HvaRange);
+    /// Clear accessed state, report if any page was young.
+    fn clear_young(&self, range: HvaRange) -> bool;
+    /// Report whether a page is young.
+    fn test_young(&self, hva: Hva) -> bool;
+}
+
+impl SecondaryMmu for vmmu::Vm {
+    fn invalidate_range_start(&self, range: HvaRange) {
+        vmmu::Vm::invalidate_range_start(self, range)
+    }
+    fn invalidate_range_end(&self, range: HvaRange) {
+        vmmu::Vm::invalidate_range_end(self, range)
+    }
+    fn clear_young(&self, range: HvaRange) -> bool {
+        vmmu::Vm::clear_young(self, range)
+    }
+    fn test_young(&self, hva: Hva) -> bool {
+        vmmu::Vm::test_young(self, hva)
+    }
+}
+
+// Entry bits (one entry per 4 KiB of a region).
+const PRESENT: u64 = 1 << 63;
+const WRITE: u64 = 1 << 62;
+const PROT_RO: u64 = 1 << 61;
+const KSM: u64 = 1 << 60;
+const SWAPPED: u64 = 1 << 59;
+const HUGE_2M: u64 = 1 << 58;
+const HUGE_1G: u64 = 1 << 57;
+const FRAME: u64 = (1 << 48) - 1;
+
+/// Errors of host operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// The range is not page aligned or is empty.
+    #[error("Host range {start:#x}+{len:#x} is not aligned to {align:#x}")]
+    Unaligned {
+        /// Start.
+        start: u64,
+        /// Length.
+        len: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// The range overlaps an existing region.
+    #[error("Host range {start:#x}+{len:#x} overlaps an existing mapping")]
+    Overlap {
+        /// Start.
+        start: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// One mapped region.
+struct Region {
+    start: u64,
+    pages: u64,
+    backing: Backing,
+    entries: Box<[AtomicU64]>,
+    locks: Box<[Mutex<()>]>,
+    /// Serialises 1 GiB population and huge-page reshaping of the region.
+    reshape: Mutex<()>,
+}
+
+impl Region {
+    fn contains(&self, hva: u64) -> bool {
+        hva >= self.start && hva < self.start + self.pages * PAGE
+    }
+    fn idx(&self, hva: u64) -> usize {
+        ((hva - self.start) / PAGE) as usize
+    }
+    fn lock(&self, idx: usize) -> parking_lot::MutexGuard<'_, ()> {
+        self.locks[idx / 512].lock()
+    }
+}
+
+/// Counters of the host's own activity.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// Faults that populated a page.
+    pub populated: AtomicU64,
+    /// Copy-on-write breaks (KSM pages written).
+    pub cow_breaks: AtomicU64,
+    /// Pages migrated.
+    pub migrated: AtomicU64,
+    /// Pages swapped out.
+    pub swapped_out: AtomicU64,
+    /// Pages swapped in.
+    pub swapped_in: AtomicU64,
+    /// Pages merged by KSM.
+    pub ksm_merged: AtomicU64,
+    /// Huge pages split.
+    pub thp_splits: AtomicU64,
+    /// Huge pages collapsed.
+    pub thp_collapses: AtomicU64,
+    /// Pages unmapped.
+    pub unmapped: AtomicU64,
+    /// Protection changes.
+    pub mprotects: AtomicU64,
+    /// Notifier start/end pairs issued.
+    pub invalidations: AtomicU64,
+    /// Aging calls.
+    pub aging: AtomicU64,
+    /// Migrations skipped because the page was pinned (an extra reference).
+    pub migrate_busy: AtomicU64,
+}
+
+/// The host MMU.
+pub struct HostMmu {
+    mem: Arc<HostMemory>,
+    regions: ArcSwap<Vec<Arc<Region>>>,
+    regions_update: Mutex<()>,
+    secondaries: ArcSwap<Vec<Arc<dyn SecondaryMmu>>>,
+    swap: Mutex<HashMap<u64, Box<[u64]>>>,
+    next_swap: AtomicU64,
+    ksm: Mutex<HashMap<Vec<u64>, Pfn>>,
+    /// Counters.
+    pub stats: HostStats,
+}
+
+impl std::fmt::Debug for HostMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostMmu")
+            .field("regions", &self.regions.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the host currently maps at an address (for the oracle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMapping {
+    /// The 4 KiB frame.
+    pub pfn: Pfn,
+    /// Writes are allowed without a fault.
+    pub writable: bool,
+}
+
+impl HostMmu {
+    /// An empty address space over `mem`.
+    pub fn new(mem: Arc<HostMemory>) -> Self {
+        HostMmu {
+            mem,
+            regions: ArcSwap::new(Arc::new(Vec::new())),
+            regions_update: Mutex::new(()),
+            secondaries: ArcSwap::new(Arc::new(Vec::new())),
+            swap: Mutex::new(HashMap::new()),
+            next_swap: AtomicU64::new(1),
+            ksm: Mutex::new(HashMap::new()),
+            stats: HostStats::default(),
+        }
+    }
+
+    /// The arena.
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+
+    /// Subscribe a secondary MMU to invalidations.
+    pub fn register(&self, s: Arc<dyn SecondaryMmu>) {
+        let mut v: Vec<_> = (**self.secondaries.load()).clone();
+        v.push(s);
+        self.secondaries.store(Arc::new(v));
+    }
+
+    /// Drop every subscriber (before tearing the secondary MMUs down).
+    pub fn unregister_all(&self) {
+        self.secondaries.store(Arc::new(Vec::new()));
+    }
+
+    /// `mmap` a region.
+    pub fn map_region(&self, start: Hva, len: u64, backing: Backing) -> Result<(), HostError> {
+        let align = backing.alignment();
+        if len == 0
+            || start.0 % align != 0
+            || len % align != 0
+            || start.0.checked_add(len).is_none()
+        {
+            return Err(HostError::Unaligned {
+                start: start.0,
+                len,
+                align,
+            });
+        }
+        let _u = self.regions_update.lock();
+        let cur = self.regions.load();
+        if cur
+            .iter()
+            .any(|r| start.0 < r.start + r.pages * PAGE && r.start < start.0 + len)
+        {
+            return Err(HostError::Overlap {
+                start: start.0,
+                len,
+            });
+        }
+        let pages = len / PAGE;
+        let region = Arc::new(Region {
+            start: start.0,
+            pages,
+            backing,
+            entries: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            locks: (0..pages.div_ceil(512)).map(|_| Mutex::new(())).collect(),
+            reshape: Mutex::new(()),
+        });
+        let mut v: Vec<_> = (**cur).clone();
+        v.push(region);
+        v.sort_by_key(|r| r.start);
+        self.regions.store(Arc::new(v));
+        Ok(())
+    }
+
+    /// `munmap` a whole region: invalidate, free every frame, forget it.
+    pub fn unmap_region(&self, start: Hva) -> bool {
+        let Some(r) = self.region(start.0) else {
+            return false;
+        };
+        self.madvise_dontneed(HvaRange::new(Hva(r.start), Hva(r.start + r.pages * PAGE)));
+        let _u = self.regions_update.lock();
+        let v: Vec<_> = self
+            .regions
+            .load()
+            .iter()
+            .filter(|x| !Arc::ptr_eq(x, &r))
+            .cloned()
+            .collect();
+        self.regions.store(Arc::new(v));
+        true
+    }
+
+    fn region(&self, hva: u64) -> Option<Arc<Region>> {
+        let regions = self.regions.load();
+        let i = regions.partition_point(|r| r.start <= hva);
+        let r = regions.get(i.checked_sub(1)?)?;
+        r.contains(hva).then(|| r.clone())
+    }
+
+    /// What the host maps at `hva` now (lock-free read of the entry).
+    pub fn translate(&self, hva: Hva) -> Option<HostMapping> {
+        let r = self.region(hva.0)?;
+        let e = r.entries[r.idx(hva.0)].load(Ordering::Acquire);
+        (e & PRESENT != 0).then_some(HostMapping {
+            pfn: Pfn(e & FRAME),
+            writable: e & WRITE != 0 && e & PROT_RO == 0,
+        })
+    }
+
+    /// Run `f` between `invalidate_range_start` and `invalidate_range_end` on every
+    /// secondary MMU. The notified range is grown to whole huge pages: changing
+    /// part of a huge page (splitting it, moving it) changes how all of it is
+    /// mapped, and Linux invalidates the whole folio or PMD range in that case.
+    fn bracket<R>(&self, range: HvaRange, f: impl FnOnce() -> R) -> R {
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        let notified = self.huge_aligned(range);
+        let subs = self.secondaries.load_full();
+        for s in subs.iter() {
+            s.invalidate_range_start(notified);
+        }
+        let r = f();
+        for s in subs.iter() {
+            s.invalidate_range_end(notified);
+        }
+        r
+    }
+
+    fn populate(&self, r: &Region, idx: usize, write: bool) -> Result<u64, HostFaultError> {
+        let alloc = |order| {
+            self.mem
+                .alloc(order, PageState::Data)
+                .map_err(|_| HostFaultError::OutOfMemory)
+        };
+        let prot = |i: usize| r.entries[i].load(Ordering::Relaxed) & PROT_RO;
+        let entry = |pfn: u64, i: usize, huge: u64| {
+            let ro = prot(i);
+            PRESENT | huge | pfn | if ro != 0 { 0 } else { WRITE } | ro
+        };
+        match r.backing {
+            Backing::Hugetlb1G => {
+                let first = idx & !(512 * 512 - 1);
+                let pfn = alloc(Order::G1)?;
+                for k in 0..512 * 512 {
+                    r.entries[first + k].store(
+                        entry(pfn.0 + k as u64, first + k, HUGE_1G),
+                        Ordering::Release,
+                    );
+                }
+            }
+            Backing::Hugetlb2M | Backing::AnonymousThp => {
+                let first = idx & !511;
+                let chunk_empty = (first..first + 512)
+                    .all(|i| r.entries[i].load(Ordering::Relaxed) & (PRESENT | SWAPPED) == 0);
+                if chunk_empty {
+                    let pfn = alloc(Order::M2)?;
+                    for k in 0..512 {
+                        r.entries[first + k].store(
+                            entry(pfn.0 + k as u64, first + k, HUGE_2M),
+                            Ordering::Release,
+                        );
+                    }
+                } else {
+                    let pfn = alloc(Order::K4)?;
+                    r.entries[idx].store(entry(pfn.0, idx, 0), Ordering::Release);
+                }
+            }
+            Backing::Anonymous | Backing::Shmem => {
+                let pfn = alloc(Order::K4)?;
+                r.entries[idx].store(entry(pfn.0, idx, 0), Ordering::Release);
+            }
+        }
+        let _ = write;
+        self.stats.populated.fetch_add(1, Ordering::Relaxed);
+        Ok(r.entries[idx].load(Ordering::Relaxed))
+    }
+
+    fn swap_in(&self, r: &Region, idx: usize, e: u64) -> Result<u64, HostFaultError> {
+        let pfn = self
+            .mem
+            .alloc(Order::K4, PageState::Data)
+            .map_err(|_| HostFaultError::OutOfMemory)?;
+        if let Some(data) = self.swap.lock().remove(&(e & FRAME)) {
+            for (w, v) in self.mem.page(pfn).iter().zip(data.iter()) {
+                w.store(*v, Ordering::Relaxed);
+            }
+        }
+        let ro = e & PROT_RO;
+        let new = PRESENT | pfn.0 | ro | if ro != 0 { 0 } else { WRITE };
+        r.entries[idx].store(new, Ordering::Release);
+        self.stats.swapped_in.fetch_add(1, Ordering::Relaxed);
+        Ok(new)
+    }
+
+    /// Give a written KSM page its own copy (Linux's `wp_page_copy`), bracketed by
+    /// an invalidation of that page.
+    fn break_cow(&self, r: &Region, idx: usize) -> Result<(), HostFaultError> {
+        let hva = r.start + idx as u64 * PAGE;
+        let range = HvaRange::new(Hva(hva), Hva(hva + PAGE));
+        self.bracket(range, || {
+            let _l = r.lock(idx);
+            let e = r.entries[idx].load(Ordering::Acquire);
+            if e & PRESENT == 0 || e & KSM == 0 {
+                return Ok(());
+            }
+            let new = self
+                .mem
+                .alloc(Order::K4, PageState::Data)
+                .map_err(|_| HostFaultError::OutOfMemory)?;
+            self.mem.copy_page(Pfn(e & FRAME), new);
+            r.entries[idx].store(PRESENT | WRITE | new.0 | (e & PROT_RO), Ordering::Release);
+            self.mem.put(Pfn(e & FRAME));
+            self.stats.cow_breaks.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    /// Host-side touch of every page (the VMM pre-faulting its memory).
+    pub fn prefault(&self, range: HvaRange) -> Result<(), HostFaultError> {
+        let mut hva = range.start.0;
+        while hva < range.end.0 {
+            let p = self.faultin(Hva(hva), FaultinRequest { write: true })?;
+            self.release(p.pfn, true);
+            hva += PAGE;
+        }
+        Ok(())
+    }
+
+    fn for_each_page(&self, range: HvaRange, mut f: impl FnMut(&Region, usize)) {
+        let mut hva = range.start.0 & !(PAGE - 1);
+        while hva < range.end.0 {
+            let Some(r) = self.region(hva) else {
+                hva += PAGE;
+                continue;
+            };
+            let end = range.end.0.min(r.start + r.pages * PAGE);
+            while hva < end {
+                f(&r, r.idx(hva));
+                hva += PAGE;
+            }
+        }
+    }
+
+    /// Turn the huge mapping containing entry `idx` into 4 KiB mappings of the
+    /// same frames (caller holds the reshape lock and is inside a bracket).
+    fn split_at(&self, r: &Region, idx: usize) {
+        let e = r.entries[idx].load(Ordering::Acquire);
+        let (n, bit) = if e & HUGE_1G != 0 {
+            (512 * 512, HUGE_1G)
+        } else if e & HUGE_2M != 0 {
+            (512, HUGE_2M)
+        } else {
+            return;
+        };
+        let first = idx & !(n - 1);
+        for i in first..first + n {
+            let _l = r.lock(i);
+            r.entries[i].fetch_and(!bit, Ordering::AcqRel);
+        }
+        self.stats.thp_splits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn split_range(&self, r: &Region, range: HvaRange) {
+        for hva in [range.start.0, range.end.0.saturating_sub(PAGE)] {
+            if r.contains(hva) {
+                self.split_at(r, r.idx(hva));
+            }
+        }
+    }
+
+    /// `MADV_DONTNEED`: drop the pages of `range`; later accesses see zeroes.
+    pub fn madvise_dontneed(&self, range: HvaRange) {
+        self.bracket(range, || {
+            self.with_regions(range, |r| {
+                let _s = r.reshape.lock();
+                self.split_range(r, range);
+            });
+            self.for_each_page(range, |r, i| {
+                let _l = r.lock(i);
+                let e = r.entries[i].load(Ordering::Acquire);
+                r.entries[i].store(e & PROT_RO, Ordering::Release);
+                if e & PRESENT != 0 {
+                    self.mem.put(Pfn(e & FRAME));
+                    self.stats.unmapped.fetch_add(1, Ordering::Relaxed);
+                } else if e & SWAPPED != 0 {
+                    self.swap.lock().remove(&(e & FRAME));
+                }
+            });
+        });
+    }
+
+    /// Grow `range` to whole huge pages of the regions it touches: an operation
+    /// on part of a huge page (migration, split, collapse) changes all of it, so the
+    /// invalidation must cover all of it, as Linux invalidates a whole folio.
+    fn huge_aligned(&self, range: HvaRange) -> HvaRange {
+        let (mut start, mut end) = (range.start.0, range.end.0);
+        self.with_regions(range, |r| {
+            // Regions are aligned to their page size, so this stays inside them.
+            let a = r.backing.alignment();
+            start = start.min(range.start.0 & !(a - 1));
+            end = end.max(range.end.0.div_ceil(a) * a);
+        });
+        HvaRange::new(Hva(start), Hva(end))
+    }
+
+    fn with_regions(&self, range: HvaRange, mut f: impl FnMut(&Region)) {
+        for r in self.regions.load().iter() {
+            if r.start < range.end.0 && range.start.0 < r.start + r.pages * PAGE {
+                f(r);
+            }
+        }
+    }
+
+    /// Migrate the pages of `range` to new frames (NUMA balancing, compaction).
+    /// Pages with an extra reference (pinned by an in-flight fault) are skipped,
+    /// as Linux does. Huge pages move as a whole.
+    pub fn migrate(&self, range: HvaRange) -> u64 {
+        self.bracket(range, || {
+            let mut moved = 0;
+            self.with_regions(range, |r| {
+                let _s = r.reshape.lock();
+                let mut hva = range.start.0.max(r.start);
+                let end = range.end.0.min(r.start + r.pages * PAGE);
+                while hva < end {
+                    let idx = r.idx(hva);
+                    let e = r.entries[idx].load(Ordering::Acquire);
+                    let (order, n) = if e & HUGE_1G != 0 {
+                        (Order::G1, 512 * 512)
+                    } else if e & HUGE_2M != 0 {
+                        (Order::M2, 512)
+                    } else {
+                        (Order::K4, 1)
+                    };
+                    let first = idx & !(n - 1);
+                    hva = r.start + (first + n) as u64 * PAGE;
+                    if e & PRESENT == 0 || e & KSM != 0 {
+                        continue;
+                    }
+                    let old = Pfn((e & FRAME) - (idx - first) as u64);
+                    if (0..n as u64).any(|k| self.mem.refcount(Pfn(old.0 + k)) != 1) {
+                        self.stats.migrate_busy.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Ok(new) = self.mem.alloc(order, PageState::Data) else {
+                        continue;
+                    };
+                    for k in 0..n {
+                        let _l = r.lock(first + k);
+                        let cur = r.entries[first + k].load(Ordering::Acquire);
+                        self.mem
+                            .copy_page(Pfn(old.0 + k as u64), Pfn(new.0 + k as u64));
+                        r.entries[first + k]
+                            .store((cur & !FRAME) | (new.0 + k as u64), Ordering::Release);
+                    }
+                    for k in 0..n as u64 {
+                        self.mem.put(Pfn(old.0 + k));
+                    }
+                    moved += n as u64;
+                }
+            });
+            self.stats.migrated.fetch_add(moved, Ordering::Relaxed);
+            moved
+        })
+    }
+
+    /// Swap out the unpinned 4 KiB pages of `range` (huge pages are split first).
+    pub fn swap_out(&self, range: HvaRange) -> u64 {
+        self.bracket(range, || {
+            let mut n = 0;
+            self.with_regions(range, |r| {
+                if matches!(r.backing, Backing::Hugetlb2M | Backing::Hugetlb1G) {
+                    return; // hugetlbfs is never swapped
+                }
+                let _s = r.reshape.lock();
+                self.split_range(r, range);
+                let mut hva = range.start.0.max(r.start);
+                let end = range.end.0.min(r.start + r.pages * PAGE);
+                while hva < end {
+                    let i = r.idx(hva);
+                    hva += PAGE;
+                    let _l = r.lock(i);
+                    let e = r.entries[i].load(Ordering::Acquire);
+                    if e & PRESENT == 0 || e & (KSM | HUGE_2M | HUGE_1G) != 0 {
+                        continue;
+                    }
+                    let pfn = Pfn(e & FRAME);
+                    if self.mem.refcount(pfn) != 1 {
+                        continue;
+                    }
+                    let data: Box<[u64]> = self
+                        .mem
+                        .page(pfn)
+                        .iter()
+                        .map(|w| w.load(Ordering::Relaxed))
+                        .collect();
+                    let slot = self.next_swap.fetch_add(1, Ordering::Relaxed);
+                    self.swap.lock().insert(slot, data);
+                    r.entries[i].store(SWAPPED | slot | (e & PROT_RO), Ordering::Release);
+                    self.mem.put(pfn);
+                    n += 1;
+                }
+            });
+            self.stats.swapped_out.fetch_add(n, Ordering::Relaxed);
+            n
+        })
+    }
+
+    /// KSM: merge unpinned 4 KiB pages of `range` whose contents are identical
+    /// into one read-only frame; a later write copies it again.
+    pub fn ksm_merge(&self, range: HvaRange) -> u64 {
+        self.bracket(range, || {
+            let mut n = 0;
+            self.with_regions(range, |r| {
+                if matches!(r.backing, Backing::Hugetlb2M | Backing::Hugetlb1G) {
+                    return;
+                }
+                let _s = r.reshape.lock();
+                self.split_range(r, range);
+                let mut hva = range.start.0.max(r.start);
+                let end = range.end.0.min(r.start + r.pages * PAGE);
+                while hva < end {
+                    let i = r.idx(hva);
+                    hva += PAGE;
+                    let _l = r.lock(i);
+                    let e = r.entries[i].load(Ordering::Acquire);
+                    if e & PRESENT == 0 || e & (KSM | HUGE_2M | HUGE_1G) != 0 {
+                        continue;
+                    }
+                    let pfn = Pfn(e & FRAME);
+                    if self.mem.refcount(pfn) != 1 {
+                        continue;
+                    }
+                    let content: Vec<u64> = self
+                        .mem
+                        .page(pfn)
+                        .iter()
+                        .map(|w| w.load(Ordering::Relaxed))
+                        .collect();
+                    let mut ksm = self.ksm.lock();
+                    let stable = *ksm.entry(content).or_insert_with(|| {
+                        // This page becomes the stable copy; the tree holds a
+                        // reference of its own.
+                        self.mem.get(pfn);
+                        pfn
+                    });
+                    if stable != pfn {
+                        self.mem.get(stable);
+                        self.mem.put(pfn);
+                        n += 1;
+                    }
+                    r.entries[i].store(PRESENT | KSM | stable.0 | (e & PROT_RO), Ordering::Release);
+                }
+            });
+            self.stats.ksm_merged.fetch_add(n, Ordering::Relaxed);
+            n
+        })
+    }
+
+    /// Forget KSM's stable tree (its own references); merged pages stay shared
+    /// until written or unmapped.
+    pub fn ksm_release(&self) {
+        for (_, pfn) in self.ksm.lock().drain() {
+            self.mem.put(pfn);
+        }
+    }
+
+    /// Split every huge page intersecting `range` into 4 KiB mappings.
+    pub fn thp_split(&self, range: HvaRange) {
+        self.bracket(range, || {
+            self.with_regions(range, |r| {
+                let _s = r.reshape.lock();
+                let mut hva = range.start.0.max(r.start) & !((2 << 20) - 1);
+                let end = range.end.0.min(r.start + r.pages * PAGE);
+                while hva < end {
+                    self.split_at(r, r.idx(hva.max(r.start)));
+                    hva += 2 << 20;
+                }
+            });
+        });
+    }
+
+    /// khugepaged: collapse each fully populated, unpinned 2 MiB chunk of a THP
+    /// region in `range` into one huge page.
+    pub fn thp_collapse(&self, range: HvaRange) -> u64 {
+        self.bracket(range, || {
+            let mut n = 0;
+            self.with_regions(range, |r| {
+                if r.backing != Backing::AnonymousThp {
+                    return;
+                }
+                let _s = r.reshape.lock();
+                // Whole, aligned 2 MiB chunks only.
+                let mut hva = range.start.0.max(r.start).div_ceil(2 << 20) * (2 << 20);
+                let end = range.end.0.min(r.start + r.pages * PAGE);
+                while hva + (2 << 20) <= end {
+                    let first = r.idx(hva);
+                    hva += 2 << 20;
+                    let ok = (first..first + 512).all(|i| {
+                        let e = r.entries[i].load(Ordering::Acquire);
+                        e & PRESENT != 0
+                            && e & (KSM | HUGE_2M) == 0
+                            && self.mem.refcount(Pfn(e & FRAME)) == 1
+                    });
+                    if !ok {
+                        continue;
+                    }
+                    let Ok(new) = self.mem.alloc(Order::M2, PageState::Data) else {
+                        continue;
+                    };
+                    let _l = r.lock(first);
+                    for k in 0..512 {
+                        let e = r.entries[first + k].load(Ordering::Acquire);
+                        self.mem.copy_page(Pfn(e & FRAME), Pfn(new.0 + k as u64));
+                        let ro = e & PROT_RO;
+                        r.entries[first + k].store(
+                            PRESENT
+                                | HUGE_2M
+                                | (new.0 + k as u64)
+                                | ro
+                                | if ro != 0 { 0 } else { WRITE },
+                            Ordering::Release,
+                        );
+                        self.mem.put(Pfn(e & FRAME));
+                    }
+                    n += 1;
+                }
+            });
+            self.stats.thp_collapses.fetch_add(n, Ordering::Relaxed);
+            n
+        })
+    }
+
+    /// `mprotect`: make `range` read-only or writable again.
+    pub fn mprotect(&self, range: HvaRange, writable: bool) {
+        self.stats.mprotects.fetch_add(1, Ordering::Relaxed);
+        self.bracket(range, || {
+            // Protection is per huge page: split those the range cuts through.
+            self.with_regions(range, |r| {
+                let _s = r.reshape.lock();
+                self.split_range(r, range);
+            });
+            self.for_each_page(range, |r, i| {
+                let _l = r.lock(i);
+                let e = r.entries[i].load(Ordering::Acquire);
+                let new = if writable {
+                    e & !PROT_RO
+                } else {
+                    (e | PROT_RO) & !WRITE
+                };
+                r.entries[i].store(new, Ordering::Release);
+            });
+        });
+    }
+
+    /// Age `range` through the secondary MMUs (page_idle / MGLRU); returns
+    /// whether any page was young.
+    pub fn age(&self, range: HvaRange) -> bool {
+        self.stats.aging.fetch_add(1, Ordering::Relaxed);
+        let mut young = false;
+        for s in self.secondaries.load().iter() {
+            young |= s.clear_young(range);
+        }
+        young
+    }
+
+    /// Start addresses of all regions.
+    pub fn region_starts(&self) -> Vec<u64> {
+        self.regions.load().iter().map(|r| r.start).collect()
+    }
+
+    /// Pages currently mapped (present) in all regions.
+    pub fn resident_pages(&self) -> u64 {
+        self.regions
+            .load()
+            .iter()
+            .map(|r| {
+                r.entries
+                    .iter()
+                    .filter(|e| e.load(Ordering::Relaxed) & PRESENT != 0)
+                    .count() as u64
+            })
+            .sum()
+    }
+
+    /// Swap slots in use.
+    pub fn swap_slots(&self) -> usize {
+        self.swap.lock().len()
+    }
+}
+
+impl PrimaryMmu for HostMmu {
+    fn faultin(&self, hva: Hva, req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
+        let r = self.region(hva.0).ok_or(HostFaultError::NotMapped)?;
+        let idx = r.idx(hva.0);
+        loop {
+            let guard = r.lock(idx);
+            let mut e = r.entries[idx].load(Ordering::Acquire);
+            if req.write && e & PROT_RO != 0 {
+                return Err(HostFaultError::ReadOnly);
+            }
+            if e & PRESENT == 0 {
+                if r.backing == Backing::Hugetlb1G
+                    || matches!(r.backing, Backing::Hugetlb2M | Backing::AnonymousThp)
+                {
+                    // Whole-chunk population takes the reshape lock first.
+                    drop(guard);
+                    let _s = r.reshape.lock();
+                    let _g = r.lock(idx);
+                    let e2 = r.entries[idx].load(Ordering::Acquire);
+                    if e2 & PRESENT == 0 {
+                        if e2 & SWAPPED != 0 {
+                            self.swap_in(&r, idx, e2)?;
+                        } else {
+                            self.populate(&r, idx, req.write)?;
+                        }
+                    }
+                    continue;
+                }
+                e = if e & SWAPPED != 0 {
+                    self.swap_in(&r, idx, e)?
+                } else {
+                    self.populate(&r, idx, req.write)?
+                };
+            }
+            if req.write && e & WRITE == 0 {
+                if e & KSM != 0 {
+                    drop(guard);
+                    self.break_cow(&r, idx)?;
+                    continue;
+                }
+                // An exclusive page made read-only by mprotect and writable again:
+                // reuse it (no new frame, so no invalidation). A huge page has one
+                // write bit for all of it.
+                e |= WRITE;
+                let n = if e & HUGE_1G != 0 {
+                    512 * 512
+                } else if e & HUGE_2M != 0 {
+                    512
+                } else {
+                    1
+                };
+                let first = idx & !(n - 1);
+                for i in first..first + n {
+                    r.entries[i].fetch_or(WRITE, Ordering::AcqRel);
+                }
+            }
+            let pfn = Pfn(e & FRAME);
+            self.mem.get(pfn);
+            return Ok(HostPfn {
+                pfn,
+                writable: e & WRITE != 0 && e & PROT_RO == 0,
+            });
+        }
+    }
+
+    fn release(&self, pfn: Pfn, _mapped_writable: bool) {
+        self.mem.put(pfn);
+    }
+
+    fn mapping_level(&self, hva: Hva) -> Level {
+        let Some(r) = self.region(hva.0) else {
+            return Level::K4;
+        };
+        let e = r.entries[r.idx(hva.0)].load(Ordering::Acquire);
+        if e & PRESENT == 0 {
+            Level::K4
+        } else if e & HUGE_1G != 0 {
+            Level::G1
+        } else if e & HUGE_2M != 0 {
+            Level::M2
+        } else {
+            Level::K4
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::Rng;
+
+    const BASE: u64 = 0x10_0000_0000;
+
+    /// Every present entry points at an allocated frame whose reference count
+    /// equals the number of entries mapping it (plus KSM's own reference).
+    fn check(h: &HostMmu) {
+        let mut maps: HashMap<u64, u32> = HashMap::new();
+        for r in h.regions.load().iter() {
+            for e in r.entries.iter() {
+                let e = e.load(Ordering::Relaxed);
+                if e & PRESENT != 0 {
+                    *maps.entry(e & FRAME).or_default() += 1;
+                }
+            }
+        }
+        for pfn in h.ksm.lock().values() {
+            *maps.entry(pfn.0).or_default() += 1;
+        }
+        for (pfn, n) in &maps {
+            assert_eq!(
+                h.mem.state(Pfn(*pfn)),
+                PageState::Data,
+                "{pfn:#x} mapped but free"
+            );
+            assert_eq!(h.mem.refcount(Pfn(*pfn)), *n, "refcount of {pfn:#x}");
+        }
+        assert_eq!(
+            h.mem.data_pages(),
+            maps.len() as u64,
+            "frames allocated but unmapped"
+        );
+        assert_eq!(h.mem.violations.double_frees.load(Ordering::Relaxed), 0);
+        assert_eq!(h.mem.violations.bad_puts.load(Ordering::Relaxed), 0);
+    }
+
+    fn random_ops(backing: Backing, seed: u64) {
+        let mem = Arc::new(HostMemory::new(1 << 30, true).unwrap());
+        let h = HostMmu::new(mem);
+        let len = 8 << 20;
+        h.map_region(Hva(BASE), len, backing).unwrap();
+        let pages = len / PAGE;
+        let mut rng = Rng::new(seed);
+        for step in 0..3000 {
+            let p = rng.below(pages);
+            let n = 1 + rng.below(1500.min(pages - p));
+            let range = HvaRange::new(Hva(BASE + p * PAGE), Hva(BASE + (p + n) * PAGE));
+            match rng.below(11) {
+                10 => {
+                    let _ = h.prefault(range);
+                }
+                0..=2 => {
+                    let write = rng.below(2) == 0;
+                    if let Ok(x) = h.faultin(Hva(BASE + p * PAGE), FaultinRequest { write }) {
+                        h.release(x.pfn, write);
+                    }
+                }
+                3 => {
+                    h.migrate(range);
+                }
+                4 => {
+                    h.swap_out(range);
+                }
+                5 => {
+                    h.ksm_merge(range);
+                }
+                6 => h.thp_split(range),
+                7 => {
+                    h.thp_collapse(range);
+                }
+                8 => h.mprotect(range, rng.below(2) == 0),
+                _ => h.madvise_dontneed(range),
+            }
+            check(&h);
+            let _ = step;
+        }
+        h.ksm_release();
+        h.unmap_region(Hva(BASE));
+        assert_eq!(h.mem.data_pages(), 0);
+    }
+
+    #[test]
+    fn test_host_random_ops_keep_refcounts_exact_anonymous() {
+        random_ops(Backing::Anonymous, 1);
+    }
+
+    #[test]
+    fn test_host_random_ops_keep_refcounts_exact_thp() {
+        for seed in 1..4 {
+            random_ops(Backing::AnonymousThp, seed);
+        }
+    }
+
+    #[test]
+    fn test_host_random_ops_keep_refcounts_exact_hugetlb() {
+        random_ops(Backing::Hugetlb2M, 5);
+    }
+}

@@ -1,0 +1,264 @@
+//! The stress run: vCPUs write and verify while a host thread performs a random
+//! mix of every host event and memslot change, with the oracle on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmmu::{Gpa, GuardKnobs, Hva, HvaRange, MemFlags, UserMemoryRegion, VmConfig};
+
+use crate::guest::{Discarded, Pass, Pattern, RefModel, Rng};
+use crate::machine::{Machine, MachineConfig, MachineError, PhaseCtx, RunOptions};
+use crate::primary_mmu::Backing;
+
+/// Guest physical base of the data slot.
+pub const DATA_GPA: u64 = 1 << 30;
+/// Host virtual base of the data region.
+pub const DATA_HVA: u64 = 0x10_0000_0000;
+const DUMMY_SLOT: u32 = 7;
+const DATA_SLOT: u32 = 1;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct StressConfig {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Bytes each vCPU owns (multiple of 2 MiB).
+    pub bytes_per_vcpu: u64,
+    /// How long to keep going.
+    pub duration: Duration,
+    /// Seed of the guest programs and the host event mix.
+    pub seed: u64,
+    /// Backing of the data region.
+    pub backing: Backing,
+    /// Test-only switches that remove a guarding step in the MMU.
+    pub knobs: GuardKnobs,
+    /// Hardware A/D bits (off: access tracking).
+    pub ad_enabled: bool,
+    /// The fault pre-check.
+    pub precheck: bool,
+    /// Stop as soon as the oracle has seen a violation.
+    pub stop_on_violation: bool,
+}
+
+impl Default for StressConfig {
+    fn default() -> Self {
+        StressConfig {
+            vcpus: 2,
+            bytes_per_vcpu: 8 << 20,
+            duration: Duration::from_secs(10),
+            seed: 1,
+            backing: Backing::AnonymousThp,
+            knobs: GuardKnobs::default(),
+            ad_enabled: true,
+            precheck: true,
+            stop_on_violation: false,
+        }
+    }
+}
+
+/// Host events, by kind.
+pub const EVENT_NAMES: [&str; 13] = [
+    "migrate",
+    "swap_out",
+    "ksm_merge",
+    "thp_split",
+    "thp_collapse",
+    "mprotect_ro_rw",
+    "age",
+    "dontneed",
+    "dummy_slot_create_delete",
+    "data_slot_move",
+    "data_slot_delete_recreate",
+    "dirty_log_toggle",
+    "zap_all_roots",
+];
+
+/// What a stress run did.
+#[derive(Debug, Clone, Default)]
+pub struct StressReport {
+    /// Write/verify passes completed per vCPU.
+    pub passes: u64,
+    /// Guest accesses.
+    pub accesses: u64,
+    /// Accesses the oracle checked.
+    pub checked: u64,
+    /// MMU faults handled.
+    pub faults: u64,
+    /// Host events by kind (same order as [`EVENT_NAMES`]).
+    pub events: [u64; 13],
+    /// Oracle violations by kind.
+    pub violations: Vec<(&'static str, u64)>,
+    /// Total violations.
+    pub total_violations: u64,
+    /// First violations, described.
+    pub log: Vec<String>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+fn data_region(bytes: u64, gpa: u64, flags: u32) -> UserMemoryRegion {
+    UserMemoryRegion {
+        slot: DATA_SLOT,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: bytes,
+        userspace_addr: DATA_HVA,
+    }
+}
+
+/// The host's side: random events until the vCPUs are done.
+fn host_events(
+    ctx: &PhaseCtx<'_>,
+    rng: &mut Rng,
+    total: u64,
+    discarded: &Discarded,
+    events: &mut [u64; 13],
+) {
+    let pages = total / 4096;
+    while !ctx.done() {
+        let kind = rng.below(EVENT_NAMES.len() as u64) as usize;
+        let start_page = rng.below(pages);
+        let n = 1 + rng.below(1024.min(pages - start_page));
+        let range = HvaRange::new(
+            Hva(DATA_HVA + start_page * 4096),
+            Hva(DATA_HVA + (start_page + n) * 4096),
+        );
+        match kind {
+            0 => {
+                ctx.host.migrate(range);
+            }
+            1 => {
+                ctx.host.swap_out(range);
+            }
+            2 => {
+                ctx.host.ksm_merge(range);
+            }
+            3 => ctx.host.thp_split(range),
+            4 => {
+                ctx.host.thp_collapse(range);
+            }
+            5 => {
+                ctx.host.mprotect(range, false);
+                std::thread::sleep(Duration::from_micros(200));
+                ctx.host.mprotect(range, true);
+            }
+            6 => {
+                ctx.host.age(range);
+            }
+            7 => {
+                let gpa = Gpa(DATA_GPA + start_page * 4096);
+                discarded.mark(gpa, n);
+                ctx.host.madvise_dontneed(range);
+                discarded.mark(gpa, n);
+            }
+            8 => {
+                let r = UserMemoryRegion {
+                    slot: DUMMY_SLOT,
+                    flags: 0,
+                    guest_phys_addr: DATA_GPA - 4096,
+                    memory_size: 4096,
+                    userspace_addr: DATA_HVA - 0x10_0000,
+                };
+                if ctx.vm.set_user_memory_region(r).is_ok() {
+                    let _ = ctx.vm.set_user_memory_region(UserMemoryRegion {
+                        memory_size: 0,
+                        ..r
+                    });
+                }
+            }
+            9 => {
+                let _ = ctx
+                    .vm
+                    .set_user_memory_region(data_region(total, 8 * DATA_GPA, 0));
+                std::thread::sleep(Duration::from_micros(300));
+                let _ = ctx
+                    .vm
+                    .set_user_memory_region(data_region(total, DATA_GPA, 0));
+            }
+            10 => {
+                let _ = ctx.vm.set_user_memory_region(data_region(0, DATA_GPA, 0));
+                std::thread::sleep(Duration::from_micros(300));
+                let _ = ctx
+                    .vm
+                    .set_user_memory_region(data_region(total, DATA_GPA, 0));
+            }
+            11 => {
+                let _ = ctx.vm.set_user_memory_region(data_region(
+                    total,
+                    DATA_GPA,
+                    MemFlags::LOG_DIRTY_PAGES.bits(),
+                ));
+                std::thread::sleep(Duration::from_micros(300));
+                let _ = ctx
+                    .vm
+                    .set_user_memory_region(data_region(total, DATA_GPA, 0));
+            }
+            _ => ctx.vm.invalidate_roots(vmmu::RootFilter::All),
+        }
+        events[kind] += 1;
+    }
+}
+
+/// Run the stress test.
+pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
+    let total = cfg.vcpus as u64 * cfg.bytes_per_vcpu;
+    let vm = VmConfig {
+        knobs: cfg.knobs,
+        ad_enabled: cfg.ad_enabled,
+        precheck: cfg.precheck,
+        ..VmConfig::default()
+    };
+    let mcfg = MachineConfig {
+        memory_bytes: (total * 3).max(1 << 30) + (1 << 30),
+        vm,
+        oracle: true,
+        poison: true,
+    };
+    let mut m = Machine::new(mcfg, cfg.vcpus)?;
+    m.map(Hva(DATA_HVA), total, cfg.backing)?;
+    m.map(Hva(DATA_HVA - 0x10_0000), 0x10_0000, Backing::Anonymous)?;
+    m.set_memslot(data_region(total, DATA_GPA, 0))?;
+    let discarded = Arc::new(Discarded::new(Gpa(DATA_GPA), total / 4096));
+    let mut models: Vec<RefModel> = (0..cfg.vcpus)
+        .map(|i| {
+            RefModel::new(
+                Gpa(DATA_GPA + i as u64 * cfg.bytes_per_vcpu),
+                cfg.bytes_per_vcpu / 4096,
+            )
+        })
+        .collect();
+    let mut rng = Rng::new(cfg.seed);
+    let mut report = StressReport::default();
+    let start = Instant::now();
+    let mut pass_no = 0u32;
+    while start.elapsed() < cfg.duration && !(cfg.stop_on_violation && m.oracle.total() > 0) {
+        pass_no += 1;
+        let pattern = [Pattern::Sequential, Pattern::Random, Pattern::HotSet][pass_no as usize % 3];
+        let write = if pass_no % 2 == 1 { 100 } else { 0 };
+        let progs: Vec<Pass> = models
+            .drain(..)
+            .enumerate()
+            .map(|(i, md)| {
+                Pass::new(i as u32, pass_no, pattern, write, true, md, cfg.seed)
+                    .with_discarded(discarded.clone())
+            })
+            .collect();
+        let out = m.run(progs, &RunOptions::default(), |ctx| {
+            host_events(ctx, &mut rng, total, &discarded, &mut report.events);
+        });
+        for (p, r) in out {
+            report.accesses += r.counters.accesses;
+            models.push(p.into_model());
+        }
+        report.passes += 1;
+    }
+    report.elapsed = start.elapsed();
+    report.faults = m.vm.stats().faults;
+    report.checked = m.oracle.checks();
+    let oracle = m.oracle.clone();
+    m.teardown();
+    report.violations = oracle.by_kind();
+    report.total_violations = oracle.total();
+    report.log = oracle.log();
+    Ok(report)
+}
