@@ -177,6 +177,7 @@ pub struct Pass {
     model: RefModel,
     rng: Rng,
     discarded: Option<std::sync::Arc<Discarded>>,
+    repeat: bool,
     i: u64,
     current: u64,
     mismatches: u64,
@@ -207,6 +208,7 @@ impl Pass {
             model,
             rng: Rng::new(seed ^ ((vcpu as u64) << 32) ^ pass as u64),
             discarded: None,
+            repeat: false,
             i: 0,
             current: 0,
             mismatches: 0,
@@ -214,6 +216,17 @@ impl Pass {
             faults: 0,
             mmio: 0,
         }
+    }
+
+    /// Start over with the next pass number when done, until stopped.
+    pub fn repeating(mut self) -> Pass {
+        self.repeat = true;
+        self
+    }
+
+    /// Passes completed (for repeating programs).
+    pub fn pass_number(&self) -> u32 {
+        self.pass
     }
 
     /// Skip checking pages the host may have discarded.
@@ -235,6 +248,10 @@ impl Pass {
 impl GuestProgram for Pass {
     fn next(&mut self) -> Option<GuestAccess> {
         let n = self.model.pages();
+        if self.i >= n && self.repeat && n > 0 {
+            self.i = 0;
+            self.pass += 1;
+        }
         if self.i >= n || n == 0 {
             return None;
         }

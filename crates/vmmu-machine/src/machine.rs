@@ -125,6 +125,41 @@ pub struct RunOptions {
     pub smm_toggle_every: Option<u64>,
     /// Stop all vCPUs when set.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Count completed accesses here (for progress bars).
+    pub progress: Option<Arc<AtomicU64>>,
+    /// Record every fault (start, duration, address, outcome) relative to this
+    /// instant, up to `trace_limit` per vCPU.
+    pub trace_epoch: Option<Instant>,
+    /// Cap on recorded faults per vCPU.
+    pub trace_limit: usize,
+}
+
+/// One recorded fault.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultRecord {
+    /// Start, ns since the trace epoch.
+    pub start_ns: u64,
+    /// Duration of the `page_fault` call.
+    pub dur_ns: u64,
+    /// Faulting address.
+    pub gpa: u64,
+    /// Outcome (KVM's name).
+    pub outcome: &'static str,
+    /// `mmu_lock` read acquisitions during the call.
+    pub lock_reads: u64,
+}
+
+/// Per-bucket fault counts.
+#[derive(Debug, Clone, Default)]
+pub struct BucketCounts {
+    /// `page_fault` calls.
+    pub faults: u64,
+    /// Calls that returned Retry.
+    pub retries: u64,
+    /// `mmu_lock` read acquisitions made by those calls.
+    pub lock_reads: u64,
+    /// Retry calls that took `mmu_lock`.
+    pub retries_locked: u64,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -148,6 +183,10 @@ pub struct VcpuReport {
     pub resolve_ns: Vec<Histogram<u64>>,
     /// Time of each `page_fault` call, per bucket (ns).
     pub fault_ns: Vec<Histogram<u64>>,
+    /// Fault counts per bucket.
+    pub buckets: Vec<BucketCounts>,
+    /// Recorded faults (with `trace_epoch`).
+    pub trace: Vec<FaultRecord>,
 }
 
 /// Things the closure running beside the vCPUs can use.
@@ -400,6 +439,8 @@ fn run_vcpu<P: GuestProgram>(
     let buckets = opts.buckets.max(1);
     let mut resolve_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
     let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
+    let mut bucket_counts: Vec<BucketCounts> = vec![BucketCounts::default(); buckets];
+    let mut trace: Vec<FaultRecord> = Vec::new();
     let mut c = VcpuCounters::default();
     let (h0, m0) = (vcpu.tlb.hits, vcpu.tlb.misses);
     let mut in_guest = false;
@@ -485,6 +526,11 @@ fn run_vcpu<P: GuestProgram>(
                 };
                 prog.complete(&access, result);
                 c.accesses += 1;
+                if c.accesses % 4096 == 0 {
+                    if let Some(p) = &opts.progress {
+                        p.fetch_add(4096, Ordering::Relaxed);
+                    }
+                }
                 since_toggle += 1;
                 if let Some(t0) = first_exit {
                     let b = opts
@@ -521,9 +567,39 @@ fn run_vcpu<P: GuestProgram>(
                     .as_ref()
                     .map_or(0, |f| f(gpa))
                     .min(buckets - 1);
+                let l0 = vcpu.mmu.mmu_lock_reads();
                 let f0 = Instant::now();
                 let r = vcpu.mmu.page_fault(gpa, error);
-                let _ = fault_ns[b].record(f0.elapsed().as_nanos() as u64);
+                let dur = f0.elapsed().as_nanos() as u64;
+                let locks = vcpu.mmu.mmu_lock_reads() - l0;
+                let _ = fault_ns[b].record(dur.max(1));
+                let bc = &mut bucket_counts[b];
+                bc.faults += 1;
+                bc.lock_reads += locks;
+                if matches!(r, Ok(RetPf::Retry)) {
+                    bc.retries += 1;
+                    bc.retries_locked += (locks > 0) as u64;
+                }
+                if let Some(epoch) = opts.trace_epoch {
+                    if trace.len() < opts.trace_limit {
+                        trace.push(FaultRecord {
+                            start_ns: f0.duration_since(epoch).as_nanos() as u64,
+                            dur_ns: dur,
+                            gpa: gpa.0,
+                            outcome: match r {
+                                Ok(RetPf::Fixed) => "fixed",
+                                Ok(RetPf::Spurious) => "spurious",
+                                Ok(RetPf::Retry) => "retry",
+                                Ok(RetPf::Emulate) => "emulate",
+                                Ok(RetPf::WriteProtected) => "write_protected",
+                                Ok(_) => "other",
+                                Err(FaultError::MemoryFault { .. }) => "memory_fault",
+                                Err(_) => "efault",
+                            },
+                            lock_reads: locks,
+                        });
+                    }
+                }
                 match r {
                     Ok(RetPf::Emulate) => {
                         c.mmio += 1;
@@ -567,12 +643,17 @@ fn run_vcpu<P: GuestProgram>(
     }
     c.tlb_hits = vcpu.tlb.hits - h0;
     c.tlb_misses = vcpu.tlb.misses - m0;
+    if let Some(p) = &opts.progress {
+        p.fetch_add(c.accesses % 4096, Ordering::Relaxed);
+    }
     VcpuReport {
         id: vcpu.id,
         elapsed: start.elapsed(),
         counters: c,
         resolve_ns,
         fault_ns,
+        buckets: bucket_counts,
+        trace,
     }
 }
 

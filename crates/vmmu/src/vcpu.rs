@@ -91,6 +91,12 @@ impl VcpuMmu {
         s
     }
 
+    /// `mmu_lock` read acquisitions made by this vCPU so far (cheap: one atomic
+    /// load; used to attribute lock traffic to individual faults).
+    pub fn mmu_lock_reads(&self) -> u64 {
+        self.shared.stats.lock.read.load(Ordering::Relaxed)
+    }
+
     /// The current role.
     pub fn role(&self) -> Role {
         self.role

@@ -1,0 +1,209 @@
+//! Flags shared by the scenarios (the selftests' conventions) and their
+//! validation against this machine, done before anything is allocated.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vmmu_machine::Backing;
+
+/// Flags every scenario accepts.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus")]
+    pub vcpus: Option<u32>,
+    /// Guest memory per vCPU (e.g. 512M, 1G).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size)]
+    pub bytes: Option<u64>,
+    /// Iterations (passes, or operations for churn scenarios).
+    #[arg(short = 'i', long = "iterations")]
+    pub iterations: Option<u32>,
+    /// Backing: anonymous, anonymous_thp, hugetlb2m, hugetlb1g, shmem.
+    #[arg(short = 's', long = "backing", value_parser = parse_backing)]
+    pub backing: Option<Backing>,
+    /// Number of memslots the test region is split into.
+    #[arg(short = 'x', long = "slots")]
+    pub slots: Option<u32>,
+    /// Percentage of accesses that are writes.
+    #[arg(short = 'w', long = "write-percent")]
+    pub write_percent: Option<u32>,
+    /// Visit pages in random order.
+    #[arg(short = 'a', long = "random")]
+    pub random: bool,
+    /// Every vCPU walks the whole region (no data verification then).
+    #[arg(short = 'o', long = "overlap")]
+    pub overlap: bool,
+    /// Seed of everything random.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a Chrome trace-event timeline (opens in Perfetto).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Skip the oracle's per-access checks (faster; data and leak checks remain).
+    #[arg(long)]
+    pub no_oracle: bool,
+    /// Turn off the fault pre-check (to measure what it buys).
+    #[arg(long)]
+    pub no_precheck: bool,
+    /// Run without EPT A/D bits (pages aged by access tracking).
+    #[arg(long)]
+    pub no_ad: bool,
+    /// Print nothing (benchmarks collect the figures themselves).
+    #[arg(skip)]
+    pub quiet: bool,
+}
+
+/// A refused argument: one line, non-zero exit.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// Parse `512M`, `1G`, `4096`, `2m`, `64K`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix '{c}' in '{s}' (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
+    n.checked_mul(mult).filter(|v| *v > 0).ok_or_else(|| format!("'{s}' is not a positive size that fits 64 bits"))
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    Backing::parse(s).ok_or_else(|| format!("unknown backing '{s}' (anonymous, anonymous_thp, hugetlb2m, hugetlb1g, shmem)"))
+}
+
+/// Bytes the kernel says are available.
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
+}
+
+/// Human size.
+pub fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
+/// Largest guest memory a run may use on this machine: the arena is reserved
+/// lazily, but every page a scenario touches is real memory.
+pub const MAX_GUEST_BYTES: u64 = 64 << 30;
+
+/// The resolved shape of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Bytes per vCPU.
+    pub bytes_per_vcpu: u64,
+    /// Total guest bytes.
+    pub total: u64,
+    /// Backing.
+    pub backing: Backing,
+    /// Memslots.
+    pub slots: u32,
+    /// Write percentage.
+    pub write_percent: u32,
+    /// Iterations.
+    pub iterations: u32,
+}
+
+impl Common {
+    /// Resolve flags against the scenario's defaults and check they fit.
+    pub fn shape(&self, vcpus: u32, bytes: u64, iterations: u32, backing: Backing) -> Result<Shape, BadInput> {
+        let vcpus = self.vcpus.unwrap_or(vcpus);
+        let bytes_per_vcpu = self.bytes.unwrap_or(bytes);
+        let backing = self.backing.unwrap_or(backing);
+        let iterations = self.iterations.unwrap_or(iterations);
+        let slots = self.slots.unwrap_or(1);
+        let write_percent = self.write_percent.unwrap_or(100);
+        if vcpus == 0 || vcpus > 64 {
+            return Err(BadInput(format!("-v {vcpus}: vCPUs must be 1..=64")));
+        }
+        if iterations == 0 {
+            return Err(BadInput("-i 0: at least one iteration is needed".into()));
+        }
+        if write_percent > 100 {
+            return Err(BadInput(format!("-w {write_percent}: a percentage must be 0..=100")));
+        }
+        let align = backing.alignment();
+        if bytes_per_vcpu % align != 0 {
+            return Err(BadInput(format!(
+                "-b {}: must be a multiple of the {} page size of -s {}",
+                human(bytes_per_vcpu),
+                human(align),
+                backing.name()
+            )));
+        }
+        let total = (vcpus as u64).checked_mul(bytes_per_vcpu).unwrap_or(u64::MAX);
+        let avail = mem_available();
+        let need = total.saturating_add(total / 128).saturating_add(256 << 20);
+        if total > MAX_GUEST_BYTES || need > avail {
+            return Err(BadInput(format!(
+                "-v {vcpus} -b {}: {} of guest memory does not fit this machine ({} available, limit {})",
+                human(bytes_per_vcpu),
+                human(total),
+                human(avail),
+                human(MAX_GUEST_BYTES)
+            )));
+        }
+        let pages = total / 4096;
+        if slots == 0 || pages % slots as u64 != 0 || (total / slots as u64) % align != 0 {
+            return Err(BadInput(format!("-x {slots}: the {pages} pages must split evenly into {slots} memslots")));
+        }
+        if slots > vmmu::memslot::USER_MEM_SLOTS - 8 {
+            return Err(BadInput(format!("-x {slots}: at most {} memslots", vmmu::memslot::USER_MEM_SLOTS - 8)));
+        }
+        Ok(Shape { vcpus, bytes_per_vcpu, total, backing, slots, write_percent, iterations })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_size_suffixes_and_errors() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! What a run reports: the selftest's lines, a human table, or one JSON object.
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+use vmmu::Stats;
+
+/// A run's results.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Bytes per vCPU.
+    pub bytes_per_vcpu: u64,
+    /// 4 KiB pages touched.
+    pub pages: u64,
+    /// Phase timings, in order.
+    pub phases: Vec<(String, u64)>,
+    /// MMU counters over the run.
+    pub stats: Stats,
+    /// Oracle violations.
+    pub violations: u64,
+    /// Violations by kind.
+    pub violation_kinds: Vec<(&'static str, u64)>,
+    /// First violations, described.
+    pub violation_log: Vec<String>,
+    /// Scenario-specific values (shown in the table and the JSON).
+    pub extra: Vec<(String, Value)>,
+    /// The selftest-style lines.
+    pub lines: Vec<String>,
+}
+
+/// Percentile summary of a latency histogram (ns).
+pub fn latency_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_ns": h.value_at_quantile(0.50),
+        "p90_ns": h.value_at_quantile(0.90),
+        "p99_ns": h.value_at_quantile(0.99),
+        "max_ns": h.max(),
+        "mean_ns": h.mean().round() as u64,
+    })
+}
+
+/// Format ns as seconds with 9 decimals, as the selftests print timespecs.
+pub fn secs(ns: u64) -> String {
+    format!("{}.{:09}s", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+impl Report {
+    /// Record a phase.
+    pub fn phase(&mut self, name: &str, ns: u64) {
+        self.phases.push((name.to_string(), ns));
+    }
+
+    /// Record a value.
+    pub fn put(&mut self, key: &str, v: impl Into<Value>) {
+        self.extra.push((key.to_string(), v.into()));
+    }
+
+    /// Print a selftest line (stored; shown in human mode).
+    pub fn line(&mut self, s: impl Into<String>) {
+        self.lines.push(s.into());
+    }
+
+    /// The JSON object.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("scenario".into(), json!(self.scenario));
+        m.insert("vcpus".into(), json!(self.vcpus));
+        m.insert("bytes_per_vcpu".into(), json!(self.bytes_per_vcpu));
+        m.insert("pages".into(), json!(self.pages));
+        for (name, ns) in &self.phases {
+            m.insert(format!("{name}_ns"), json!(ns));
+        }
+        let s = &self.stats;
+        m.insert("faults".into(), json!(s.faults));
+        m.insert("fast_path_fixes".into(), json!(s.fast_path_fixed));
+        m.insert("retries".into(), json!(s.faults_retry));
+        m.insert("precheck_retries".into(), json!(s.precheck_retries));
+        m.insert("locked_retries".into(), json!(s.locked_retries));
+        m.insert("mmu_lock_read".into(), json!(s.mmu_lock_read));
+        m.insert("mmu_lock_write".into(), json!(s.mmu_lock_write));
+        m.insert("mmu_lock_waits".into(), json!(s.mmu_lock_read_contended + s.mmu_lock_write_contended));
+        m.insert("tlb_flushes_local".into(), json!(s.tlb_flush_local));
+        m.insert("tlb_flushes_remote".into(), json!(s.tlb_flush_remote));
+        m.insert("tables_allocated".into(), json!(s.tables_allocated));
+        m.insert("tables_freed".into(), json!(s.tables_freed));
+        m.insert("roots_created".into(), json!(s.roots_created));
+        m.insert("roots_invalidated".into(), json!(s.roots_invalidated));
+        m.insert("roots_freed".into(), json!(s.roots_freed));
+        let mut counters = Map::new();
+        for (k, v) in s.fields() {
+            counters.insert(k.into(), json!(v));
+        }
+        m.insert("counters".into(), Value::Object(counters));
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        m.insert("violations".into(), json!(self.violations));
+        let kinds: Map<String, Value> = self.violation_kinds.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        m.insert("violations_by_kind".into(), Value::Object(kinds));
+        if !self.violation_log.is_empty() {
+            m.insert("violation_log".into(), json!(self.violation_log));
+        }
+        Value::Object(m)
+    }
+
+    /// Print: the JSON object alone, or the selftest lines and a table.
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", self.to_json());
+            return;
+        }
+        for l in &self.lines {
+            println!("{l}");
+        }
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(vec!["metric", "value"]);
+        t.add_row(vec!["scenario".to_string(), self.scenario.clone()]);
+        t.add_row(vec!["vCPUs x memory".to_string(), format!("{} x {}", self.vcpus, crate::args::human(self.bytes_per_vcpu))]);
+        t.add_row(vec!["pages (4 KiB)".to_string(), self.pages.to_string()]);
+        for (name, ns) in &self.phases {
+            t.add_row(vec![format!("{name} time"), secs(*ns)]);
+        }
+        let s = &self.stats;
+        for (k, v) in [
+            ("faults", s.faults),
+            ("  fixed", s.faults_fixed),
+            ("  spurious", s.faults_spurious),
+            ("  retry", s.faults_retry),
+            ("  emulate (MMIO)", s.faults_emulate),
+            ("  error (EFAULT/memory fault)", s.faults_error),
+            ("fast-path fixes", s.fast_path_fixed),
+            ("retries: pre-check / post-check / locked", 0),
+            ("mmu_lock read / write", 0),
+            ("mmu_lock waits (read / write)", 0),
+            ("TLB flushes: local / remote", 0),
+            ("tables allocated / freed", 0),
+            ("roots created / invalidated / freed", 0),
+        ] {
+            let val = match k {
+                "retries: pre-check / post-check / locked" => {
+                    format!("{} / {} / {}", s.precheck_retries, s.postcheck_retries, s.locked_retries)
+                }
+                "mmu_lock read / write" => format!("{} / {}", s.mmu_lock_read, s.mmu_lock_write),
+                "mmu_lock waits (read / write)" => format!("{} / {}", s.mmu_lock_read_contended, s.mmu_lock_write_contended),
+                "TLB flushes: local / remote" => format!("{} / {}", s.tlb_flush_local, s.tlb_flush_remote),
+                "tables allocated / freed" => format!("{} / {}", s.tables_allocated, s.tables_freed),
+                "roots created / invalidated / freed" => {
+                    format!("{} / {} / {}", s.roots_created, s.roots_invalidated, s.roots_freed)
+                }
+                _ => v.to_string(),
+            };
+            t.add_row(vec![k.to_string(), val]);
+        }
+        for (k, v) in &self.extra {
+            let shown = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            t.add_row(vec![k.clone(), shown]);
+        }
+        t.add_row(vec!["oracle violations".to_string(), self.violations.to_string()]);
+        println!("{t}");
+        for l in &self.violation_log {
+            println!("violation: {l}");
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! `invalidation-storm`: vCPUs fault over a region while the host keeps
+//! migrating overlapping sub-ranges of part of it (as NUMA balancing does).
+//!
+//! Each vCPU's chunk has a hot half, which the host migrates piece by piece, and
+//! a cold half, which the host never touches: every access alternates between a
+//! random hot page and the next cold page, and the cold pages are unmapped before
+//! each round so every cold access is a fault. Faults are reported separately for
+//! gfns inside the storm (hot) and outside it (cold), first without a storm (the
+//! baseline), then with it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use vmmu::{Gpa, Hva, HvaRange, Stats};
+use vmmu_machine::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram, Rng};
+use vmmu_machine::{Backing, RunOptions, VcpuReport};
+
+use super::{build, progress_bar, Env, REGION_GPA, REGION_HVA};
+use crate::args::Common;
+use crate::report::{latency_json, Report};
+
+/// Alternates random hot accesses with sequential cold first touches.
+#[derive(Debug)]
+struct StormProgram {
+    hot: (u64, u64),
+    cold: (u64, u64),
+    next_cold: u64,
+    rng: Rng,
+    turn: bool,
+}
+
+impl GuestProgram for StormProgram {
+    fn next(&mut self) -> Option<GuestAccess> {
+        self.turn = !self.turn;
+        if self.turn {
+            let p = self.hot.0 + self.rng.below(self.hot.1);
+            let kind = if self.rng.below(2) == 0 { AccessKind::Read } else { AccessKind::Write(p) };
+            return Some(GuestAccess { gpa: Gpa(p * 4096), kind });
+        }
+        if self.next_cold >= self.cold.1 {
+            return None;
+        }
+        let p = self.cold.0 + self.next_cold;
+        self.next_cold += 1;
+        Some(GuestAccess { gpa: Gpa(p * 4096), kind: AccessKind::Write(p) })
+    }
+    fn complete(&mut self, _: &GuestAccess, _: AccessResult) {}
+    fn mismatches(&self) -> u64 {
+        0
+    }
+}
+
+struct PhaseResult {
+    inside: Bucket,
+    outside: Bucket,
+    invalidations: u64,
+    stats: Stats,
+    elapsed_ns: u64,
+}
+
+#[derive(Default)]
+struct Bucket {
+    faults: u64,
+    retries: u64,
+    retries_locked: u64,
+    lock_reads: u64,
+    resolve: Option<Histogram<u64>>,
+    call: Option<Histogram<u64>>,
+}
+
+impl Bucket {
+    fn add(&mut self, r: &VcpuReport, b: usize) {
+        let c = &r.buckets[b];
+        self.faults += c.faults;
+        self.retries += c.retries;
+        self.retries_locked += c.retries_locked;
+        self.lock_reads += c.lock_reads;
+        for (dst, src) in [(&mut self.resolve, &r.resolve_ns[b]), (&mut self.call, &r.fault_ns[b])] {
+            match dst {
+                Some(h) => {
+                    let _ = h.add(src);
+                }
+                None => *dst = Some(src.clone()),
+            }
+        }
+    }
+    fn json(&self) -> Value {
+        json!({
+            "faults": self.faults,
+            "retries": self.retries,
+            "retries_that_took_mmu_lock": self.retries_locked,
+            "mmu_lock_reads": self.lock_reads,
+            "resolve_latency": self.resolve.as_ref().map(latency_json),
+            "fault_call_latency": self.call.as_ref().map(latency_json),
+        })
+    }
+    fn p99(&self) -> u64 {
+        self.resolve.as_ref().map_or(0, |h| h.value_at_quantile(0.99))
+    }
+}
+
+fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult {
+    let s = env.shape;
+    let pages = s.bytes_per_vcpu / 4096;
+    let half = pages / 2;
+    let base = REGION_GPA / 4096;
+    let classify: Arc<dyn Fn(Gpa) -> usize + Send + Sync> = Arc::new(move |gpa: Gpa| {
+        let p = gpa.0 / 4096 - base;
+        if p % pages < half {
+            0
+        } else {
+            1
+        }
+    });
+    let before = env.m.vm.stats();
+    let mut inside = Bucket::default();
+    let mut outside = Bucket::default();
+    let mut invalidations = 0u64;
+    let t0 = Instant::now();
+    for r in 0..rounds {
+        // Unmap the cold halves so every cold access faults again.
+        for i in 0..s.vcpus as u64 {
+            let g = vmmu::Gfn(base + i * pages + half);
+            env.m.vm.zap_gfn_range(0, vmmu::GfnRange::new(g, g.add(pages - half)));
+        }
+        let progs: Vec<StormProgram> = (0..s.vcpus as u64)
+            .map(|i| StormProgram {
+                hot: (base + i * pages, half),
+                cold: (base + i * pages + half, pages - half),
+                next_cold: 0,
+                rng: Rng::new(env.common.seed ^ (i << 20) ^ r as u64),
+                turn: false,
+            })
+            .collect();
+        let progress = Arc::new(AtomicU64::new(0));
+        let opts = RunOptions { classify: Some(classify.clone()), buckets: 2, ..env.options(&progress) };
+        let bar = progress_bar(if storm { "storm" } else { "baseline" }, 2 * (pages - half) * s.vcpus as u64, env.common.json);
+        let trace = env.trace.clone();
+        let out = env.m.run(progs, &opts, |ctx| {
+            while !ctx.done() {
+                if let Some(b) = &bar {
+                    b.set_position(progress.load(Ordering::Relaxed));
+                }
+                if !storm {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                }
+                // Migrate 256 pages at a random place in a random vCPU's hot half:
+                // successive ranges overlap.
+                let v = rng.below(s.vcpus as u64);
+                let n = 256.min(half);
+                let off = rng.below(half - n + 1);
+                let start = REGION_HVA + (v * pages + off) * 4096;
+                let range = HvaRange::new(Hva(start), Hva(start + n * 4096));
+                let st = Instant::now();
+                ctx.host.migrate(range);
+                if let Some(t) = &trace {
+                    t.host_span("migrate", st, Instant::now(), json!({"hva": format!("{start:#x}"), "pages": n}));
+                }
+                invalidations += 1;
+            }
+        });
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        for (_, rep) in &out {
+            inside.add(rep, 0);
+            outside.add(rep, 1);
+            if let Some(t) = &env.trace {
+                t.faults(rep.id, &rep.trace);
+            }
+        }
+    }
+    let elapsed_ns = t0.elapsed().as_nanos() as u64;
+    PhaseResult { inside, outside, invalidations, stats: env.m.vm.stats().since(&before), elapsed_ns }
+}
+
+fn phase_json(p: &PhaseResult) -> Value {
+    let s = &p.stats;
+    json!({
+        "elapsed_ns": p.elapsed_ns,
+        "inside": p.inside.json(),
+        "outside": p.outside.json(),
+        "invalidations": p.invalidations,
+        "precheck_retries": s.precheck_retries,
+        "postcheck_retries": s.postcheck_retries,
+        "locked_retries": s.locked_retries,
+        "mmu_lock_read": s.mmu_lock_read,
+        "mmu_lock_write": s.mmu_lock_write,
+        "mmu_lock_read_waits": s.mmu_lock_read_contended,
+        "mmu_lock_write_waits": s.mmu_lock_write_contended,
+        "yields": s.yields,
+        "remote_tlb_flushes": s.tlb_flush_remote,
+        "remote_tlb_flushes_per_invalidation": if p.invalidations > 0 { s.tlb_flush_remote as f64 / p.invalidations as f64 } else { 0.0 },
+    })
+}
+
+/// Results for `bench`: (baseline outside p99, storm outside p99, storm json).
+pub struct StormFigures {
+    /// The JSON of both phases.
+    pub json: Value,
+    /// p99 of outside faults without a storm (ns).
+    pub baseline_outside_p99: u64,
+    /// p99 of outside faults during the storm (ns).
+    pub storm_outside_p99: u64,
+    /// Retries decided under mmu_lock during the storm.
+    pub storm_locked_retries: u64,
+    /// Pre-check retries during the storm.
+    pub storm_precheck_retries: u64,
+    /// Remote flushes per invalidation during the storm.
+    pub flushes_per_invalidation: f64,
+    /// Read acquisitions of mmu_lock by inside faults that retried.
+    pub inside_retry_lock_reads: u64,
+    /// Yields by zaps during the storm.
+    pub yields: u64,
+    /// Violations.
+    pub violations: u64,
+}
+
+/// Run both phases on a fresh machine; `report` gets the details.
+pub fn measure(common: &Common, report: Option<&mut Report>) -> anyhow::Result<(StormFigures, i32)> {
+    let shape = common.shape(2, 512 << 20, 2, Backing::Anonymous)?;
+    if shape.bytes_per_vcpu < 4 << 20 {
+        anyhow::bail!(crate::args::BadInput(format!("-b {}: the storm needs at least 4M per vCPU", crate::args::human(shape.bytes_per_vcpu))));
+    }
+    let mut env = build(common, shape)?;
+    // Host memory pre-touched: faults measure the MMU, not page allocation.
+    env.m.host.prefault(HvaRange::new(Hva(REGION_HVA), Hva(REGION_HVA + shape.total)))?;
+    let mut rng = Rng::new(common.seed);
+    // Map the hot halves first.
+    let warm = round(&mut env, false, 1, &mut rng);
+    let _ = warm;
+    let baseline = round(&mut env, false, shape.iterations, &mut rng);
+    let storm = round(&mut env, true, shape.iterations, &mut rng);
+    let figures = StormFigures {
+        json: json!({"baseline": phase_json(&baseline), "storm": phase_json(&storm), "precheck": !common.no_precheck}),
+        baseline_outside_p99: baseline.outside.p99(),
+        storm_outside_p99: storm.outside.p99(),
+        storm_locked_retries: storm.stats.locked_retries,
+        storm_precheck_retries: storm.stats.precheck_retries,
+        flushes_per_invalidation: if storm.invalidations > 0 {
+            storm.stats.tlb_flush_remote as f64 / storm.invalidations as f64
+        } else {
+            0.0
+        },
+        inside_retry_lock_reads: storm.inside.retries_locked,
+        yields: storm.stats.yields,
+        violations: 0,
+    };
+    let mut r = Report {
+        scenario: "invalidation-storm".into(),
+        vcpus: shape.vcpus,
+        bytes_per_vcpu: shape.bytes_per_vcpu,
+        pages: shape.total / 4096,
+        ..Report::default()
+    };
+    let ratio = figures.storm_outside_p99 as f64 / figures.baseline_outside_p99.max(1) as f64;
+    r.line(format!("pre-check: {}", if common.no_precheck { "off" } else { "on" }));
+    r.line(format!(
+        "outside the storm: p99 {} ns without, {} ns with the storm ({ratio:.2}x)",
+        figures.baseline_outside_p99, figures.storm_outside_p99
+    ));
+    r.line(format!(
+        "inside the storm: {} faults, {} retried; pre-check retries {}, post-check {}, locked {}; retries that took mmu_lock {}",
+        storm.inside.faults,
+        storm.inside.retries,
+        storm.stats.precheck_retries,
+        storm.stats.postcheck_retries,
+        storm.stats.locked_retries,
+        storm.inside.retries_locked
+    ));
+    r.line(format!(
+        "{} invalidations, {:.2} remote TLB flushes per invalidation, {} yields, mmu_lock write waits {}",
+        storm.invalidations, figures.flushes_per_invalidation, storm.stats.yields, storm.stats.mmu_lock_write_contended
+    ));
+    r.phase("baseline", baseline.elapsed_ns);
+    r.phase("storm", storm.elapsed_ns);
+    r.put("outside_p99_ratio", (ratio * 100.0).round() / 100.0);
+    r.put("baseline", phase_json(&baseline));
+    r.put("storm", phase_json(&storm));
+    let _ = report;
+    let code = env.finish(r)?;
+    Ok((StormFigures { violations: if code != 0 { 1 } else { 0 }, ..figures }, code))
+}
+
+/// Run it.
+pub fn run(common: &Common) -> anyhow::Result<i32> {
+    Ok(measure(common, None)?.1)
+}

@@ -1,0 +1,198 @@
+//! Scenarios: KVM selftests re-created on the machine model.
+
+pub mod demand_paging;
+pub mod invalidation_storm;
+pub mod memslot_churn;
+pub mod mmu_stress;
+pub mod roots;
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use vmmu::{Gpa, Hva, UserMemoryRegion, VmConfig};
+use vmmu_machine::guest::{Pass, Pattern, RefModel};
+use vmmu_machine::{Machine, MachineConfig, PhaseCtx, RunOptions, VcpuReport};
+
+use crate::args::{Common, Shape};
+use crate::report::Report;
+use crate::trace::Trace;
+
+/// Guest physical base of the test region.
+pub const REGION_GPA: u64 = 4 << 30;
+/// Host virtual base of the test region.
+pub const REGION_HVA: u64 = 0x100_0000_0000;
+
+/// A built machine and what the run needs to know about it.
+pub struct Env {
+    /// The machine.
+    pub m: Machine,
+    /// The run's shape.
+    pub shape: Shape,
+    /// Flags.
+    pub common: Common,
+    /// The trace, when asked for.
+    pub trace: Option<Arc<Trace>>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("shape", &self.shape).finish_non_exhaustive()
+    }
+}
+
+/// The VM configuration the flags ask for.
+pub fn vm_config(common: &Common) -> VmConfig {
+    VmConfig { precheck: !common.no_precheck, ad_enabled: !common.no_ad, ..VmConfig::default() }
+}
+
+/// Build the machine: the region mapped with the backing, split into memslots.
+pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
+    let cfg = MachineConfig {
+        memory_bytes: shape.total + shape.total / 64 + (1 << 30),
+        vm: vm_config(common),
+        oracle: !common.no_oracle,
+        poison: true,
+    };
+    let m = Machine::new(cfg, shape.vcpus)?;
+    m.map(Hva(REGION_HVA), shape.total, shape.backing)?;
+    let per_slot = shape.total / shape.slots as u64;
+    for i in 0..shape.slots as u64 {
+        m.set_memslot(UserMemoryRegion {
+            slot: 1 + i as u32,
+            flags: 0,
+            guest_phys_addr: REGION_GPA + i * per_slot,
+            memory_size: per_slot,
+            userspace_addr: REGION_HVA + i * per_slot,
+        })?;
+    }
+    let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
+    Ok(Env { m, shape, common: common.clone(), trace })
+}
+
+impl Env {
+    /// Per-vCPU reference models (each vCPU owns a chunk, or with `-o` the whole
+    /// region).
+    pub fn models(&self) -> Vec<RefModel> {
+        let s = &self.shape;
+        (0..s.vcpus)
+            .map(|i| {
+                if self.common.overlap {
+                    RefModel::new(Gpa(REGION_GPA), s.total / 4096)
+                } else {
+                    RefModel::new(Gpa(REGION_GPA + i as u64 * s.bytes_per_vcpu), s.bytes_per_vcpu / 4096)
+                }
+            })
+            .collect()
+    }
+
+    /// Default run options (progress and trace wired in).
+    pub fn options(&self, progress: &Arc<std::sync::atomic::AtomicU64>) -> RunOptions {
+        RunOptions {
+            progress: Some(progress.clone()),
+            trace_epoch: self.trace.as_ref().map(|t| t.epoch),
+            trace_limit: 200_000,
+            ..RunOptions::default()
+        }
+    }
+
+    /// Run one pass of `pattern` on every vCPU; returns the models, the reports
+    /// and the wall time.
+    pub fn pass(
+        &mut self,
+        label: &str,
+        models: Vec<RefModel>,
+        pass: u32,
+        pattern: Pattern,
+        write_percent: u32,
+        opts: Option<RunOptions>,
+        meanwhile: impl FnOnce(&PhaseCtx<'_>),
+    ) -> (Vec<RefModel>, Vec<VcpuReport>, Duration) {
+        let verify = !self.common.overlap;
+        let progs: Vec<Pass> = models
+            .into_iter()
+            .enumerate()
+            .map(|(i, md)| Pass::new(i as u32, pass, pattern, write_percent, verify, md, self.common.seed))
+            .collect();
+        let copies = if self.common.overlap { self.shape.vcpus as u64 } else { 1 };
+        let total = self.shape.total / 4096 * copies;
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let opts = opts.unwrap_or_else(|| self.options(&progress));
+        let progress = opts.progress.clone().unwrap_or(progress);
+        let bar = progress_bar(label, total, self.common.json);
+        let t0 = Instant::now();
+        let out = self.m.run(progs, &opts, |ctx| {
+            let watcher = || {
+                while !ctx.done() {
+                    if let Some(b) = &bar {
+                        b.set_position(progress.load(std::sync::atomic::Ordering::Relaxed));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            };
+            if bar.is_some() {
+                std::thread::scope(|s| {
+                    s.spawn(watcher);
+                    meanwhile(ctx);
+                });
+            } else {
+                meanwhile(ctx);
+            }
+        });
+        let elapsed = t0.elapsed();
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let mut models = Vec::new();
+        let mut reports = Vec::new();
+        for (p, r) in out {
+            if let Some(t) = &self.trace {
+                t.faults(r.id, &r.trace);
+            }
+            models.push(p.into_model());
+            reports.push(r);
+        }
+        (models, reports, elapsed)
+    }
+
+    /// Tear down, check for leaks, fill the report's oracle results, write the
+    /// trace. Returns the process exit code.
+    pub fn finish(self, mut report: Report) -> anyhow::Result<i32> {
+        let Env { m, common, trace, .. } = self;
+        report.stats = m.vm.stats();
+        let oracle = m.oracle.clone();
+        let teardown = m.teardown();
+        report.put("leaked_data_pages", teardown.leaked_data_pages);
+        report.put("leaked_table_pages", teardown.leaked_table_pages);
+        report.put("oracle_checked_accesses", oracle.checks());
+        report.violations = oracle.total();
+        report.violation_kinds = oracle.by_kind();
+        report.violation_log = oracle.log();
+        if let (Some(t), Some(path)) = (&trace, &common.trace) {
+            t.write(path).map_err(|e| anyhow::anyhow!("cannot write trace {}: {e}", path.display()))?;
+        }
+        if !common.quiet {
+            report.print(common.json);
+        }
+        Ok(if report.violations > 0 { 1 } else { 0 })
+    }
+}
+
+/// A progress bar on stderr when stdout is a terminal (and not in JSON mode).
+pub fn progress_bar(label: &str, total: u64, json: bool) -> Option<ProgressBar> {
+    if json || !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let b = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} pages ({per_sec})") {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b.set_prefix(label.to_string());
+    Some(b)
+}
+
+/// Sum of a counter over vCPU reports.
+pub fn sum(reports: &[VcpuReport], f: impl Fn(&VcpuReport) -> u64) -> u64 {
+    reports.iter().map(f).sum()
+}

@@ -1,0 +1,104 @@
+//! `roots`: fast zaps of roots while vCPUs run and switch between two roles
+//! (normal and SMM, as SMM entry/exit does). Half the zaps invalidate every root,
+//! half only the SMM address space's: then a vCPU's cached normal root is still
+//! valid and must survive its "free obsolete roots" request while the obsolete
+//! SMM root is dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmmu::RootFilter;
+use vmmu_machine::guest::{Pass, Pattern};
+use vmmu_machine::Backing;
+
+use super::{build, sum};
+use crate::args::Common;
+use crate::report::Report;
+
+/// Run it.
+pub fn run(common: &Common) -> anyhow::Result<i32> {
+    let shape = common.shape(2, 64 << 20, 20, Backing::Anonymous)?;
+    let mut env = build(common, shape)?;
+    let mut r = Report {
+        scenario: "roots".into(),
+        vcpus: shape.vcpus,
+        bytes_per_vcpu: shape.bytes_per_vcpu,
+        pages: shape.total / 4096,
+        ..Report::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut opts = env.options(&progress);
+    opts.stop = Some(stop.clone());
+    opts.smm_toggle_every = Some(2048);
+    let progs: Vec<Pass> = env
+        .models()
+        .into_iter()
+        .enumerate()
+        .map(|(i, md)| Pass::new(i as u32, 1, Pattern::Random, 50, !common.overlap, md, common.seed).repeating())
+        .collect();
+    let iterations = shape.iterations;
+    let trace = env.trace.clone();
+    let mut all_zaps = 0u64;
+    let mut smm_zaps = 0u64;
+    let t0 = Instant::now();
+    let out = env.m.run(progs, &opts, |ctx| {
+        std::thread::sleep(Duration::from_millis(10));
+        for i in 0..iterations {
+            let filter = if i % 2 == 0 { RootFilter::All } else { RootFilter::AddressSpace(1) };
+            let s = Instant::now();
+            ctx.vm.invalidate_roots(filter);
+            if let Some(t) = &trace {
+                t.host_span(if i % 2 == 0 { "zap_all_roots" } else { "zap_smm_roots" }, s, Instant::now(), serde_json::json!({}));
+            }
+            if i % 2 == 0 {
+                all_zaps += 1;
+            } else {
+                smm_zaps += 1;
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        stop.store(true, Ordering::Release);
+    });
+    let elapsed = t0.elapsed();
+    let owned: Vec<_> = out.into_iter().map(|(_, x)| x).collect();
+    if let Some(t) = &env.trace {
+        for x in &owned {
+            t.faults(x.id, &x.trace);
+        }
+    }
+    // Let every vCPU handle its pending requests once more, as it would before
+    // its next entry.
+    for v in env.m.vcpus() {
+        let _ = v.mmu.prepare_entry();
+    }
+    let st = env.m.vm.stats();
+    let roots = env.m.vm.roots();
+    let invalid_left = roots.iter().filter(|x| !x.valid).count();
+    r.phase("run", elapsed.as_nanos() as u64);
+    r.put("zaps_all_roots", all_zaps);
+    r.put("zaps_smm_roots", smm_zaps);
+    r.put("accesses", sum(&owned, |x| x.counters.accesses));
+    r.put("prev_roots_kept", st.prev_roots_kept);
+    r.put("obsolete_roots_dropped", st.obsolete_roots_dropped);
+    r.put("prev_root_hits", st.prev_root_hits);
+    r.put("live_roots", roots.len() as u64);
+    r.put("invalid_roots_left", invalid_left as u64);
+    r.line(format!(
+        "roots: created {}, invalidated {}, freed {}; previous roots kept valid {} times, obsolete roots dropped {}",
+        st.roots_created, st.roots_invalidated, st.roots_freed, st.prev_roots_kept, st.obsolete_roots_dropped
+    ));
+    let freed_all = st.roots_freed == st.roots_invalidated;
+    let kept = st.prev_roots_kept > 0 || smm_zaps == 0;
+    let code = env.finish(r)?;
+    if invalid_left > 0 || !freed_all {
+        eprintln!("vmmu: roots: {invalid_left} invalid roots left after every vCPU handled its requests");
+        return Ok(1);
+    }
+    if !kept {
+        eprintln!("vmmu: roots: no valid cached previous root survived an SMM-only zap");
+        return Ok(1);
+    }
+    Ok(code)
+}

@@ -1,0 +1,492 @@
+//! Microbenchmarks of the MMU core. Each bench measures one named path:
+//!
+//! - `fault_4k_resident`: one 4 KiB write fault through the slow path (pre-check,
+//!   memslot lookup, host faultin, `mmu_lock` for read, walk, leaf install) into
+//!   tables that already exist, with the frame already resident in the host.
+//! - `fault_2m`: the same, installing a 2 MiB leaf.
+//! - `fast_path_fix`: a present write fault on a write-protected, MMU-writable
+//!   4 KiB entry, fixed by the lockless fast path.
+//! - `zap_1g_4k`: `zap_gfn_range` over 1 GiB mapped with 262144 4 KiB leaves.
+//! - `invalidate_nothing_mapped/{in_slot,no_slot}`: an mmu_notifier
+//!   `invalidate_range_start` + `invalidate_range_end` pair over 2 MiB where
+//!   nothing is mapped, inside a memslot or outside every memslot.
+//! - `memslot_lookup/{10,509,32764}`: `MemslotSet::lookup` of a random gfn.
+//!
+//! The host is deliberately trivial ([`BenchHost`]): frames are computed from the
+//! host address, and table pages come from a preallocated arena, so the numbers
+//! are the MMU's own work. Every bench checks outside the timed region that the
+//! expected thing happened (leaf counts, fast-path counters), so none can
+//! silently measure a no-op.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use vmmu::memslot::USER_MEM_SLOTS;
+use vmmu::{
+    ErrorCode, FaultinRequest, Gfn, GfnRange, Gpa, HostFaultError, HostOps, HostPfn, Hva, HvaRange,
+    Kick, Level, Pfn, PrimaryMmu, RetPf, Table, TableMemory, TableMemoryError, UserMemoryRegion,
+    VcpuMmu, Vm, VmConfig, PAGE_SIZE,
+};
+
+/// Guest memory starts at 4 GiB (1 GiB aligned).
+const GPA_BASE: u64 = 4 << 30;
+/// Host addresses start at 64 GiB (1 GiB aligned), so `hva >> 12` is a frame
+/// number congruent with the gfn at every level.
+const HVA_BASE: u64 = 64 << 30;
+/// Table frames are numbered from here, far above the data frames `hva >> 12`.
+const TABLE_PFN_BASE: u64 = 1 << 28;
+const MIB2: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+
+/// A host whose primary MMU always has the frame resident and writable, and whose
+/// table memory is a preallocated arena.
+///
+/// `faultin` is arithmetic (`pfn = hva >> 12`), `release` does nothing, and
+/// `table` is an index into a boxed slice: no locks, no maps on any path a
+/// steady-state fault takes. Allocation (only when a vCPU refills its table cache,
+/// or a root is created) and freeing take a mutex-protected free list.
+struct BenchHost {
+    tables: Box<[Table]>,
+    next: AtomicUsize,
+    free: Mutex<Vec<usize>>,
+    allocated: AtomicU64,
+    /// What `mapping_level` reports for every address.
+    level: Level,
+}
+
+impl std::fmt::Debug for BenchHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchHost")
+            .field("capacity", &self.tables.len())
+            .field("allocated", &self.allocated.load(Ordering::Relaxed))
+            .field("level", &self.level)
+            .finish()
+    }
+}
+
+impl BenchHost {
+    /// A host with room for `capacity` table pages whose mappings are all `level`.
+    fn new(capacity: usize, level: Level) -> Arc<Self> {
+        let tables: Box<[Table]> = (0..capacity)
+            .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+            .collect();
+        Arc::new(BenchHost {
+            tables,
+            next: AtomicUsize::new(0),
+            free: Mutex::new(Vec::new()),
+            allocated: AtomicU64::new(0),
+            level,
+        })
+    }
+
+    fn ops(self: &Arc<Self>) -> HostOps {
+        HostOps {
+            memory: self.clone(),
+            primary: self.clone(),
+            kick: self.clone(),
+        }
+    }
+
+    fn index(&self, pfn: Pfn) -> usize {
+        let idx = pfn.0.wrapping_sub(TABLE_PFN_BASE) as usize;
+        assert!(idx < self.tables.len(), "{pfn:?} is not a table page");
+        idx
+    }
+}
+
+impl TableMemory for BenchHost {
+    fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError> {
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let idx = match reused {
+            Some(i) => i,
+            None => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed);
+                if i >= self.tables.len() {
+                    return Err(TableMemoryError::OutOfMemory);
+                }
+                i
+            }
+        };
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        Ok(Pfn(TABLE_PFN_BASE + idx as u64))
+    }
+
+    fn free_table_page(&self, pfn: Pfn) {
+        let idx = self.index(pfn);
+        self.allocated.fetch_sub(1, Ordering::Relaxed);
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(idx);
+    }
+
+    fn table(&self, pfn: Pfn) -> &Table {
+        &self.tables[self.index(pfn)]
+    }
+}
+
+impl PrimaryMmu for BenchHost {
+    fn faultin(&self, hva: Hva, _req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
+        Ok(HostPfn {
+            pfn: Pfn(hva.0 / PAGE_SIZE),
+            writable: true,
+        })
+    }
+
+    fn release(&self, _pfn: Pfn, _mapped_writable: bool) {}
+
+    fn mapping_level(&self, _hva: Hva) -> Level {
+        self.level
+    }
+}
+
+impl Kick for BenchHost {
+    fn kick(&self, _vcpu_id: u32) {}
+}
+
+/// A VM with one memslot at [`GPA_BASE`] / [`HVA_BASE`] and one vCPU with a root
+/// loaded.
+struct Guest {
+    vm: Vm,
+    vcpu: VcpuMmu,
+    host: Arc<BenchHost>,
+    /// The gfns of the memslot.
+    slot: GfnRange,
+}
+
+impl Guest {
+    fn new(host_level: Level, size: u64, table_capacity: usize) -> Guest {
+        let host = BenchHost::new(table_capacity, host_level);
+        let vm = Vm::new(VmConfig::default(), host.ops()).expect("create VM");
+        vm.set_user_memory_region(UserMemoryRegion {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: GPA_BASE,
+            memory_size: size,
+            userspace_addr: HVA_BASE,
+        })
+        .expect("create memslot");
+        let mut vcpu = vm.create_vcpu(0).expect("create vCPU");
+        vcpu.prepare_entry().expect("load root");
+        let first = Gpa(GPA_BASE).gfn();
+        Guest {
+            vm,
+            vcpu,
+            host,
+            slot: GfnRange::new(first, first.add(size / PAGE_SIZE)),
+        }
+    }
+
+    /// Fault `n` pages `stride` bytes apart from the start of the slot with `ec`;
+    /// returns how many returned [`RetPf::Fixed`].
+    #[inline]
+    fn fault_pages(&mut self, stride: u64, n: u64, ec: ErrorCode) -> u64 {
+        let mut fixed = 0;
+        for i in 0..n {
+            let r = self.vcpu.page_fault(Gpa(GPA_BASE + i * stride), ec);
+            fixed += u64::from(r == Ok(RetPf::Fixed));
+        }
+        fixed
+    }
+
+    /// Gfns of the first `n` pages of `stride` bytes.
+    fn range(&self, stride: u64, n: u64) -> GfnRange {
+        GfnRange::new(self.slot.start, self.slot.start.add(n * stride / PAGE_SIZE))
+    }
+
+    /// Zap the whole slot and consume the resulting flush request, as a vCPU would
+    /// before its next entry.
+    fn zap_slot(&mut self) {
+        self.vm.zap_gfn_range(0, self.slot);
+        self.vcpu.prepare_entry().expect("re-enter");
+    }
+}
+
+/// Shared body of `fault_4k_resident` and `fault_2m`: per batch, fault up to
+/// `batch` distinct pages of `level` size (timed), then zap them (not timed).
+/// The tables are built once beforehand and survive leaf zaps, so every timed
+/// fault installs exactly one leaf into existing tables.
+fn bench_fault(c: &mut Criterion, name: &str, level: Level, batch: u64) {
+    let page = level.bytes();
+    let mut g = Guest::new(level, batch * page, 1024);
+
+    // Build the tables, check one leaf per fault at the right level, zap.
+    assert_eq!(g.fault_pages(page, batch, ErrorCode::WRITE), batch);
+    let s = g.vm.stats();
+    assert_eq!(s.present(level), batch, "{name}: leaves after populate");
+    assert_eq!(
+        s.present(Level::K4) + s.present(Level::M2) + s.present(Level::G1),
+        batch
+    );
+    let tables = s.tables_allocated;
+    g.zap_slot();
+    assert_eq!(g.vm.stats().present(level), 0, "{name}: leaves after zap");
+    let host_pages = g.host.allocated.load(Ordering::Relaxed);
+
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(batch);
+                let start = Instant::now();
+                let fixed = g.fault_pages(page, n, ErrorCode::WRITE);
+                total += start.elapsed();
+                assert_eq!(fixed, n, "{name}: faults not fixed");
+                assert_eq!(g.vm.stats().present(level), n, "{name}: leaves mapped");
+                g.zap_slot();
+                left -= n;
+            }
+            total
+        })
+    });
+
+    let s = g.vm.stats();
+    assert_eq!(
+        s.tables_allocated, tables,
+        "{name}: timed faults linked new tables"
+    );
+    assert_eq!(
+        g.host.allocated.load(Ordering::Relaxed),
+        host_pages,
+        "{name}: table pages allocated while measuring"
+    );
+    assert_eq!(s.present(level), 0);
+    assert_eq!(s.faults_retry, 0, "{name}: faults retried");
+}
+
+/// Timed: one `page_fault(gpa, WRITE)` on a not-present 4 KiB page whose frame the
+/// host has resident (host mapping level 4K), installing a 4 KiB leaf into
+/// existing tables. Batches of 4096 consecutive pages (16 MiB); the zap between
+/// batches is not timed.
+fn fault_4k_resident(c: &mut Criterion) {
+    bench_fault(c, "fault_4k_resident", Level::K4, 4096);
+}
+
+/// Timed: one `page_fault(gpa, WRITE)` on a not-present 2 MiB-aligned region with
+/// a 2 MiB host mapping, installing a 2 MiB leaf into an existing directory.
+/// Batches of 256 consecutive 2 MiB pages (512 MiB); the zap is not timed.
+fn fault_2m(c: &mut Criterion) {
+    bench_fault(c, "fault_2m", Level::M2, 256);
+}
+
+/// Timed: one `page_fault(gpa, PRESENT | WRITE)` on a 4 KiB leaf that
+/// `write_protect_gfn_range` made read-only (MMU-writable kept), which the lockless
+/// fast path makes writable with one compare-and-exchange. Batches of 4096 pages;
+/// re-protecting them between batches is not timed.
+fn fast_path_fix(c: &mut Criterion) {
+    const BATCH: u64 = 4096;
+    let ec = ErrorCode::PRESENT | ErrorCode::WRITE;
+    let mut g = Guest::new(Level::K4, BATCH * PAGE_SIZE, 64);
+    assert_eq!(g.fault_pages(PAGE_SIZE, BATCH, ErrorCode::WRITE), BATCH);
+
+    // Sanity: protection applies to every leaf and the fast path fixes them.
+    let before = g.vm.stats();
+    g.vm.write_protect_gfn_range(0, g.slot);
+    g.vcpu.prepare_entry().expect("re-enter");
+    let s = g.vm.stats();
+    assert_eq!(
+        s.entries_write_protected - before.entries_write_protected,
+        BATCH
+    );
+    let fast = g.vcpu.stats().fast_path_fixed;
+    assert_eq!(g.fault_pages(PAGE_SIZE, BATCH, ec), BATCH);
+    let s = g.vm.stats();
+    assert_eq!(g.vcpu.stats().fast_path_fixed - fast, BATCH);
+    assert_eq!(s.leaves_mapped_4k, before.leaves_mapped_4k, "slow path ran");
+    assert_eq!(s.present(Level::K4), BATCH);
+
+    c.bench_function("fast_path_fix", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BATCH);
+                let range = g.range(PAGE_SIZE, n);
+                g.vm.write_protect_gfn_range(0, range);
+                g.vcpu.prepare_entry().expect("re-enter");
+                let fast = g.vcpu.stats().fast_path_fixed;
+                let start = Instant::now();
+                let fixed = g.fault_pages(PAGE_SIZE, n, ec);
+                total += start.elapsed();
+                assert_eq!(fixed, n, "fast_path_fix: faults not fixed");
+                assert_eq!(g.vcpu.stats().fast_path_fixed - fast, n, "not fast path");
+                left -= n;
+            }
+            total
+        })
+    });
+
+    let s = g.vm.stats();
+    assert_eq!(s.leaves_mapped_4k, before.leaves_mapped_4k, "slow path ran");
+    assert_eq!(s.present(Level::K4), BATCH);
+}
+
+/// Timed: one `zap_gfn_range` over 1 GiB mapped entirely with 4 KiB leaves
+/// (262144 leaves; includes the remote-flush request and any `mmu_lock` yields).
+/// Re-populating by faulting every page is not timed. Leaf tables survive the
+/// zap, so every iteration zaps the same shape.
+fn zap_1g_4k(c: &mut Criterion) {
+    const PAGES: u64 = GIB / PAGE_SIZE;
+    let mut g = Guest::new(Level::K4, GIB, 1024);
+    c.bench_function("zap_1g_4k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                assert_eq!(g.fault_pages(PAGE_SIZE, PAGES, ErrorCode::WRITE), PAGES);
+                let before = g.vm.stats();
+                assert_eq!(before.present(Level::K4), PAGES, "zap_1g_4k: populate");
+                let start = Instant::now();
+                g.vm.zap_gfn_range(0, g.slot);
+                total += start.elapsed();
+                let s = g.vm.stats();
+                assert_eq!(s.present(Level::K4), 0, "zap_1g_4k: leaves left");
+                assert_eq!(s.leaves_zapped - before.leaves_zapped, PAGES);
+                g.vcpu.prepare_entry().expect("re-enter");
+            }
+            total
+        })
+    });
+    let s = g.vm.stats();
+    assert_eq!(s.invariant_violations, 0);
+}
+
+/// Timed: `invalidate_range_start` + `invalidate_range_end` over 2 MiB of host
+/// addresses where nothing is mapped. The VM has one 1 GiB memslot whose first
+/// 2 MiB are mapped (so the root has tables down to that region) and a loaded
+/// root. `in_slot`: the range is the slot's second 2 MiB (takes `mmu_lock` for
+/// write twice, walks and finds nothing). `no_slot`: the range overlaps no memslot
+/// (no lock, no walk).
+fn invalidate_nothing_mapped(c: &mut Criterion) {
+    const MAPPED: u64 = MIB2 / PAGE_SIZE;
+    let mut g = Guest::new(Level::K4, GIB, 64);
+    assert_eq!(g.fault_pages(PAGE_SIZE, MAPPED, ErrorCode::WRITE), MAPPED);
+    let in_slot = HvaRange::new(Hva(HVA_BASE + MIB2), Hva(HVA_BASE + 2 * MIB2));
+    let no_slot = HvaRange::new(Hva(HVA_BASE + 2 * GIB), Hva(HVA_BASE + 2 * GIB + MIB2));
+    let vm = g.vm.clone();
+
+    for (range, hits_slot) in [(in_slot, 1), (no_slot, 0)] {
+        let before = vm.stats();
+        vm.invalidate_range_start(range);
+        vm.invalidate_range_end(range);
+        let s = vm.stats();
+        assert_eq!(s.invalidations - before.invalidations, 1);
+        assert_eq!(
+            s.invalidations_with_slots - before.invalidations_with_slots,
+            hits_slot
+        );
+        assert_eq!(s.leaves_zapped, before.leaves_zapped);
+        assert_eq!(vm.invalidations_in_progress(), 0);
+    }
+
+    let before = vm.stats();
+    let mut group = c.benchmark_group("invalidate_nothing_mapped");
+    group.bench_function("in_slot", |b| {
+        b.iter(|| {
+            vm.invalidate_range_start(black_box(in_slot));
+            vm.invalidate_range_end(black_box(in_slot));
+        })
+    });
+    group.bench_function("no_slot", |b| {
+        b.iter(|| {
+            vm.invalidate_range_start(black_box(no_slot));
+            vm.invalidate_range_end(black_box(no_slot));
+        })
+    });
+    group.finish();
+
+    let s = vm.stats();
+    assert_eq!(s.leaves_zapped, before.leaves_zapped);
+    assert_eq!(s.present(Level::K4), MAPPED);
+    assert_eq!(vm.invalidations_in_progress(), 0);
+}
+
+/// xorshift64*: deterministic, dependency-free random numbers.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Timed: one `MemslotSet::lookup(gfn)` hitting a slot, for a set of 10, 509 or
+/// 32764 (`USER_MEM_SLOTS`) one-page slots placed every other page (so each
+/// lookup must check containment). The gfns are drawn uniformly over the slots
+/// from a precomputed table of 16384; creating the slots is not measured.
+fn memslot_lookup(c: &mut Criterion) {
+    const GFNS: usize = 1 << 14;
+    let base = Gpa(GPA_BASE).gfn();
+    let mut group = c.benchmark_group("memslot_lookup");
+    for n in [10u32, 509, USER_MEM_SLOTS] {
+        let host = BenchHost::new(16, Level::K4);
+        let vm = Vm::new(VmConfig::default(), host.ops()).expect("create VM");
+        let t = Instant::now();
+        for i in 0..u64::from(n) {
+            vm.set_user_memory_region(UserMemoryRegion {
+                slot: i as u32,
+                flags: 0,
+                guest_phys_addr: GPA_BASE + 2 * i * PAGE_SIZE,
+                memory_size: PAGE_SIZE,
+                userspace_addr: HVA_BASE + i * PAGE_SIZE,
+            })
+            .expect("create memslot");
+        }
+        let created = t.elapsed();
+        if created > Duration::from_secs(1) {
+            eprintln!("memslot_lookup: creating {n} slots took {created:.2?}");
+        }
+        let set = vm.memslots(0).expect("address space 0");
+        assert_eq!(set.len(), n as usize);
+
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(n);
+        let gfns: Vec<Gfn> = (0..GFNS)
+            .map(|_| base.add(2 * (next_random(&mut rng) % u64::from(n))))
+            .collect();
+        for &gfn in &gfns {
+            let slot = set.lookup(gfn).expect("gfn in a slot");
+            assert!(slot.contains(gfn));
+            assert_eq!(slot.base_gfn(), gfn);
+        }
+        assert!(set.lookup(base.add(1)).is_none(), "hole between slots");
+
+        let mut i = 0usize;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &gfns, |b, gfns| {
+            b.iter(|| {
+                let gfn = gfns[i % GFNS];
+                i = i.wrapping_add(1);
+                set.lookup(black_box(gfn))
+            })
+        });
+        drop(set);
+        drop(vm);
+        assert_eq!(host.allocated.load(Ordering::Relaxed), 0);
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    fault_4k_resident,
+    fault_2m,
+    fast_path_fix,
+    invalidate_nothing_mapped,
+    memslot_lookup
+);
+criterion_group! {
+    name = zap;
+    // Each iteration re-populates 262144 pages untimed (roughly 50-100x the timed
+    // zap), so keep warm-up and measurement short.
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    targets = zap_1g_4k
+}
+criterion_main!(benches, zap);
