@@ -78,18 +78,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix '{c}' in '{s}' (use K, M, G or T)")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix '{c}' in '{s}' (use K, M, G or T)"
+                    ))
+                }
             };
             (&s[..i], m)
         }
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
-    n.checked_mul(mult).filter(|v| *v > 0).ok_or_else(|| format!("'{s}' is not a positive size that fits 64 bits"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 1G)"))?;
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("'{s}' is not a positive size that fits 64 bits"))
 }
 
 fn parse_backing(s: &str) -> Result<Backing, String> {
-    Backing::parse(s).ok_or_else(|| format!("unknown backing '{s}' (anonymous, anonymous_thp, hugetlb2m, hugetlb1g, shmem)"))
+    Backing::parse(s).ok_or_else(|| {
+        format!("unknown backing '{s}' (anonymous, anonymous_thp, hugetlb2m, hugetlb1g, shmem)")
+    })
 }
 
 /// Bytes the kernel says are available.
@@ -143,7 +153,13 @@ pub struct Shape {
 
 impl Common {
     /// Resolve flags against the scenario's defaults and check they fit.
-    pub fn shape(&self, vcpus: u32, bytes: u64, iterations: u32, backing: Backing) -> Result<Shape, BadInput> {
+    pub fn shape(
+        &self,
+        vcpus: u32,
+        bytes: u64,
+        iterations: u32,
+        backing: Backing,
+    ) -> Result<Shape, BadInput> {
         let vcpus = self.vcpus.unwrap_or(vcpus);
         let bytes_per_vcpu = self.bytes.unwrap_or(bytes);
         let backing = self.backing.unwrap_or(backing);
@@ -157,7 +173,9 @@ impl Common {
             return Err(BadInput("-i 0: at least one iteration is needed".into()));
         }
         if write_percent > 100 {
-            return Err(BadInput(format!("-w {write_percent}: a percentage must be 0..=100")));
+            return Err(BadInput(format!(
+                "-w {write_percent}: a percentage must be 0..=100"
+            )));
         }
         let align = backing.alignment();
         if bytes_per_vcpu % align != 0 {
@@ -168,7 +186,9 @@ impl Common {
                 backing.name()
             )));
         }
-        let total = (vcpus as u64).checked_mul(bytes_per_vcpu).unwrap_or(u64::MAX);
+        let total = (vcpus as u64)
+            .checked_mul(bytes_per_vcpu)
+            .unwrap_or(u64::MAX);
         let avail = mem_available();
         let need = total.saturating_add(total / 128).saturating_add(256 << 20);
         if total > MAX_GUEST_BYTES || need > avail {
@@ -182,12 +202,25 @@ impl Common {
         }
         let pages = total / 4096;
         if slots == 0 || pages % slots as u64 != 0 || (total / slots as u64) % align != 0 {
-            return Err(BadInput(format!("-x {slots}: the {pages} pages must split evenly into {slots} memslots")));
+            return Err(BadInput(format!(
+                "-x {slots}: the {pages} pages must split evenly into {slots} memslots"
+            )));
         }
         if slots > vmmu::memslot::USER_MEM_SLOTS - 8 {
-            return Err(BadInput(format!("-x {slots}: at most {} memslots", vmmu::memslot::USER_MEM_SLOTS - 8)));
+            return Err(BadInput(format!(
+                "-x {slots}: at most {} memslots",
+                vmmu::memslot::USER_MEM_SLOTS - 8
+            )));
         }
-        Ok(Shape { vcpus, bytes_per_vcpu, total, backing, slots, write_percent, iterations })
+        Ok(Shape {
+            vcpus,
+            bytes_per_vcpu,
+            total,
+            backing,
+            slots,
+            write_percent,
+            iterations,
+        })
     }
 }
 

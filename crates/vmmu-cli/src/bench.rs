@@ -33,7 +33,12 @@ fn per_page(ns: u64, pages: u64) -> f64 {
 
 /// vmmu's populate over `vcpus` x `bytes` with host memory untouched or
 /// pre-touched, then (pre-touched only) a warm pass and deleting the slot.
-fn vmmu_run(common: &Common, vcpus: u32, bytes: u64, pretouch: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
+fn vmmu_run(
+    common: &Common,
+    vcpus: u32,
+    bytes: u64,
+    pretouch: bool,
+) -> anyhow::Result<(u64, u64, u64, u64)> {
     let mut c = common.clone();
     c.vcpus = Some(vcpus);
     c.bytes = Some(bytes);
@@ -42,19 +47,47 @@ fn vmmu_run(common: &Common, vcpus: u32, bytes: u64, pretouch: bool) -> anyhow::
     let shape = c.shape(vcpus, bytes, 1, Backing::Anonymous)?;
     let mut env = build(&c, shape)?;
     if pretouch {
-        env.m.host.prefault(HvaRange::new(Hva(REGION_HVA), Hva(REGION_HVA + shape.total)))?;
+        env.m.host.prefault(HvaRange::new(
+            Hva(REGION_HVA),
+            Hva(REGION_HVA + shape.total),
+        ))?;
     }
     let models = env.models();
-    let (models, _, first) = env.pass("first pass", models, 1, Pattern::Sequential, 100, None, |_| {});
-    let (_, _, warm) = env.pass("warm pass", models, 2, Pattern::Sequential, 100, None, |_| {});
+    let (models, _, first) = env.pass(
+        "first pass",
+        models,
+        1,
+        Pattern::Sequential,
+        100,
+        None,
+        |_| {},
+    );
+    let (_, _, warm) = env.pass(
+        "warm pass",
+        models,
+        2,
+        Pattern::Sequential,
+        100,
+        None,
+        |_| {},
+    );
     let t = Instant::now();
-    env.m.set_memslot(UserMemoryRegion { slot: 1, memory_size: 0, ..UserMemoryRegion::default() })?;
+    env.m.set_memslot(UserMemoryRegion {
+        slot: 1,
+        memory_size: 0,
+        ..UserMemoryRegion::default()
+    })?;
     let delete = t.elapsed().as_nanos() as u64;
     let violations = {
         let code = env.finish(crate::report::Report::default())?;
         code as u64
     };
-    Ok((first.as_nanos() as u64, warm.as_nanos() as u64, delete, violations))
+    Ok((
+        first.as_nanos() as u64,
+        warm.as_nanos() as u64,
+        delete,
+        violations,
+    ))
 }
 
 /// `vmmu bench demand-paging`.
@@ -78,7 +111,11 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
         match vmmu_kvm::kvm_available() {
             Ok(info) => {
                 kvm_note = info.description.clone();
-                let cfg = vmmu_kvm::DemandPagingConfig { vcpus: v as usize, bytes_per_vcpu: b, host_thp: false };
+                let cfg = vmmu_kvm::DemandPagingConfig {
+                    vcpus: v as usize,
+                    bytes_per_vcpu: b,
+                    host_thp: false,
+                };
                 match vmmu_kvm::run_demand_paging(&cfg) {
                     Ok(r) => Some(r),
                     Err(e) => {
@@ -96,9 +133,24 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
         None
     };
     let phases = [
-        Phase { name: "first pass, host memory untouched", vmmu_ns: untouched, kvm_ns: kvm.as_ref().map(|k| k.first_touch_untouched_host.wall_ns), pages },
-        Phase { name: "first pass, host memory pre-touched", vmmu_ns: pretouched, kvm_ns: kvm.as_ref().map(|k| k.first_touch_pretouched_host.wall_ns), pages },
-        Phase { name: "warm pass (all mapped)", vmmu_ns: warm, kvm_ns: kvm.as_ref().map(|k| k.warm.wall_ns), pages },
+        Phase {
+            name: "first pass, host memory untouched",
+            vmmu_ns: untouched,
+            kvm_ns: kvm.as_ref().map(|k| k.first_touch_untouched_host.wall_ns),
+            pages,
+        },
+        Phase {
+            name: "first pass, host memory pre-touched",
+            vmmu_ns: pretouched,
+            kvm_ns: kvm.as_ref().map(|k| k.first_touch_pretouched_host.wall_ns),
+            pages,
+        },
+        Phase {
+            name: "warm pass (all mapped)",
+            vmmu_ns: warm,
+            kvm_ns: kvm.as_ref().map(|k| k.warm.wall_ns),
+            pages,
+        },
     ];
     let scaling = (one_pretouched as f64 / 1.0) / (pretouched as f64 / v as f64);
     let violations = viol1 + viol2 + viol3;
@@ -127,7 +179,14 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
     }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["phase", "vmmu ns/page", "KVM ns/page", "vmmu / KVM", "plain first-touch ns/page", "vmmu / plain"]);
+    t.set_header(vec![
+        "phase",
+        "vmmu ns/page",
+        "KVM ns/page",
+        "vmmu / KVM",
+        "plain first-touch ns/page",
+        "vmmu / plain",
+    ]);
     for p in &phases {
         let vm = per_page(p.vmmu_ns, p.pages);
         let kv = p.kvm_ns.map(|k| per_page(k, p.pages));
@@ -138,8 +197,16 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
             format!("{vm:.0}"),
             kv.map_or("-".into(), |k| format!("{k:.0}")),
             kv.map_or("-".into(), |k| format!("{:.2}", vm / k)),
-            if plain { format!("{base:.0}") } else { "-".into() },
-            if plain { format!("{:.2}", vm / base) } else { "-".into() },
+            if plain {
+                format!("{base:.0}")
+            } else {
+                "-".into()
+            },
+            if plain {
+                format!("{:.2}", vm / base)
+            } else {
+                "-".into()
+            },
         ]);
     }
     let kd = kvm.as_ref().map(|k| k.delete_populated_slot_ns);
@@ -179,24 +246,57 @@ pub fn invalidation_storm(common: &Common, oracle: bool) -> anyhow::Result<i32> 
     c.no_precheck = true;
     let (without, code2) = crate::scenario::invalidation_storm::measure(&c, None)?;
     if common.json {
-        println!("{}", json!({"scenario": "bench-invalidation-storm", "with_precheck": with.json, "without_precheck": without.json}));
+        println!(
+            "{}",
+            json!({"scenario": "bench-invalidation-storm", "with_precheck": with.json, "without_precheck": without.json})
+        );
         return Ok(code1.max(code2));
     }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec!["", "pre-check on", "pre-check off"]);
     let row = |name: &str, a: String, b: String| vec![name.to_string(), a, b];
-    t.add_row(row("outside p99, no storm (ns)", with.baseline_outside_p99.to_string(), without.baseline_outside_p99.to_string()));
-    t.add_row(row("outside p99, storm (ns)", with.storm_outside_p99.to_string(), without.storm_outside_p99.to_string()));
+    t.add_row(row(
+        "outside p99, no storm (ns)",
+        with.baseline_outside_p99.to_string(),
+        without.baseline_outside_p99.to_string(),
+    ));
+    t.add_row(row(
+        "outside p99, storm (ns)",
+        with.storm_outside_p99.to_string(),
+        without.storm_outside_p99.to_string(),
+    ));
     t.add_row(row(
         "outside p99 ratio storm / no storm",
-        format!("{:.2}", with.storm_outside_p99 as f64 / with.baseline_outside_p99.max(1) as f64),
-        format!("{:.2}", without.storm_outside_p99 as f64 / without.baseline_outside_p99.max(1) as f64),
+        format!(
+            "{:.2}",
+            with.storm_outside_p99 as f64 / with.baseline_outside_p99.max(1) as f64
+        ),
+        format!(
+            "{:.2}",
+            without.storm_outside_p99 as f64 / without.baseline_outside_p99.max(1) as f64
+        ),
     ));
-    t.add_row(row("retries by the pre-check", with.storm_precheck_retries.to_string(), without.storm_precheck_retries.to_string()));
-    t.add_row(row("retries decided under mmu_lock", with.storm_locked_retries.to_string(), without.storm_locked_retries.to_string()));
-    t.add_row(row("mmu_lock reads by retried inside faults", with.inside_retry_lock_reads.to_string(), without.inside_retry_lock_reads.to_string()));
-    t.add_row(row("zap yields", with.yields.to_string(), without.yields.to_string()));
+    t.add_row(row(
+        "retries by the pre-check",
+        with.storm_precheck_retries.to_string(),
+        without.storm_precheck_retries.to_string(),
+    ));
+    t.add_row(row(
+        "retries decided under mmu_lock",
+        with.storm_locked_retries.to_string(),
+        without.storm_locked_retries.to_string(),
+    ));
+    t.add_row(row(
+        "mmu_lock reads by retried inside faults",
+        with.inside_retry_lock_reads.to_string(),
+        without.inside_retry_lock_reads.to_string(),
+    ));
+    t.add_row(row(
+        "zap yields",
+        with.yields.to_string(),
+        without.yields.to_string(),
+    ));
     t.add_row(row(
         "remote TLB flushes per invalidation",
         format!("{:.2}", with.flushes_per_invalidation),

@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use args::{BadInput, Common};
 
 #[derive(Parser, Debug)]
-#[command(name = "vmmu", version, about = "The x86 KVM MMU in Rust: selftest scenarios, benchmarks, soak runs")]
+#[command(
+    name = "vmmu",
+    version,
+    about = "The x86 KVM MMU in Rust: selftest scenarios, benchmarks, soak runs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -89,12 +93,22 @@ enum BenchScenario {
     InvalidationStorm,
 }
 
-fn soak(seed: u64, secs: u64, vcpus: u32, bytes: u64, no_ad: bool, json: bool) -> anyhow::Result<i32> {
+fn soak(
+    seed: u64,
+    secs: u64,
+    vcpus: u32,
+    bytes: u64,
+    no_ad: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     if vcpus == 0 || vcpus > 64 {
         anyhow::bail!(BadInput(format!("-v {vcpus}: vCPUs must be 1..=64")));
     }
     if bytes % (2 << 20) != 0 || bytes > 4 << 30 {
-        anyhow::bail!(BadInput(format!("-b {}: soak memory per vCPU must be a multiple of 2M, at most 4G", args::human(bytes))));
+        anyhow::bail!(BadInput(format!(
+            "-b {}: soak memory per vCPU must be a multiple of 2M, at most 4G",
+            args::human(bytes)
+        )));
     }
     let cfg = vmmu_machine::stress::StressConfig {
         vcpus,
@@ -128,7 +142,10 @@ fn soak(seed: u64, secs: u64, vcpus: u32, bytes: u64, no_ad: bool, json: bool) -
             r.faults,
             total_events
         );
-        for (k, v) in vmmu_machine::stress::EVENT_NAMES.iter().zip(r.events.iter()) {
+        for (k, v) in vmmu_machine::stress::EVENT_NAMES
+            .iter()
+            .zip(r.events.iter())
+        {
             println!("  {k:<26} {v}");
         }
         println!("violations: {}", r.total_violations);
@@ -144,13 +161,28 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
-                return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 });
+                return ExitCode::from(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
             }
             // One line: clap's first line, without its "error: " prefix.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
             eprintln!("vmmu: {first} (see vmmu --help)");
             return ExitCode::from(2);
         }
@@ -163,11 +195,23 @@ fn main() -> ExitCode {
             Scenario::InvalidationStorm => scenario::invalidation_storm::run(&common),
             Scenario::Roots => scenario::roots::run(&common),
         },
-        Cmd::Bench { scenario, vs_kvm, oracle, common } => match scenario {
+        Cmd::Bench {
+            scenario,
+            vs_kvm,
+            oracle,
+            common,
+        } => match scenario {
             BenchScenario::DemandPaging => bench::demand_paging(&common, vs_kvm, oracle),
             BenchScenario::InvalidationStorm => bench::invalidation_storm(&common, oracle),
         },
-        Cmd::Soak { seed, duration, vcpus, bytes, no_ad, json } => soak(seed, duration, vcpus, bytes, no_ad, json),
+        Cmd::Soak {
+            seed,
+            duration,
+            vcpus,
+            bytes,
+            no_ad,
+            json,
+        } => soak(seed, duration, vcpus, bytes, no_ad, json),
     };
     match r {
         Ok(0) => ExitCode::SUCCESS,

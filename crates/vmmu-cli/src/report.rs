@@ -83,7 +83,10 @@ impl Report {
         m.insert("locked_retries".into(), json!(s.locked_retries));
         m.insert("mmu_lock_read".into(), json!(s.mmu_lock_read));
         m.insert("mmu_lock_write".into(), json!(s.mmu_lock_write));
-        m.insert("mmu_lock_waits".into(), json!(s.mmu_lock_read_contended + s.mmu_lock_write_contended));
+        m.insert(
+            "mmu_lock_waits".into(),
+            json!(s.mmu_lock_read_contended + s.mmu_lock_write_contended),
+        );
         m.insert("tlb_flushes_local".into(), json!(s.tlb_flush_local));
         m.insert("tlb_flushes_remote".into(), json!(s.tlb_flush_remote));
         m.insert("tables_allocated".into(), json!(s.tables_allocated));
@@ -100,7 +103,11 @@ impl Report {
             m.insert(k.clone(), v.clone());
         }
         m.insert("violations".into(), json!(self.violations));
-        let kinds: Map<String, Value> = self.violation_kinds.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let kinds: Map<String, Value> = self
+            .violation_kinds
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
         m.insert("violations_by_kind".into(), Value::Object(kinds));
         if !self.violation_log.is_empty() {
             m.insert("violation_log".into(), json!(self.violation_log));
@@ -121,7 +128,14 @@ impl Report {
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header(vec!["metric", "value"]);
         t.add_row(vec!["scenario".to_string(), self.scenario.clone()]);
-        t.add_row(vec!["vCPUs x memory".to_string(), format!("{} x {}", self.vcpus, crate::args::human(self.bytes_per_vcpu))]);
+        t.add_row(vec![
+            "vCPUs x memory".to_string(),
+            format!(
+                "{} x {}",
+                self.vcpus,
+                crate::args::human(self.bytes_per_vcpu)
+            ),
+        ]);
         t.add_row(vec!["pages (4 KiB)".to_string(), self.pages.to_string()]);
         for (name, ns) in &self.phases {
             t.add_row(vec![format!("{name} time"), secs(*ns)]);
@@ -144,14 +158,27 @@ impl Report {
         ] {
             let val = match k {
                 "retries: pre-check / post-check / locked" => {
-                    format!("{} / {} / {}", s.precheck_retries, s.postcheck_retries, s.locked_retries)
+                    format!(
+                        "{} / {} / {}",
+                        s.precheck_retries, s.postcheck_retries, s.locked_retries
+                    )
                 }
                 "mmu_lock read / write" => format!("{} / {}", s.mmu_lock_read, s.mmu_lock_write),
-                "mmu_lock waits (read / write)" => format!("{} / {}", s.mmu_lock_read_contended, s.mmu_lock_write_contended),
-                "TLB flushes: local / remote" => format!("{} / {}", s.tlb_flush_local, s.tlb_flush_remote),
-                "tables allocated / freed" => format!("{} / {}", s.tables_allocated, s.tables_freed),
+                "mmu_lock waits (read / write)" => format!(
+                    "{} / {}",
+                    s.mmu_lock_read_contended, s.mmu_lock_write_contended
+                ),
+                "TLB flushes: local / remote" => {
+                    format!("{} / {}", s.tlb_flush_local, s.tlb_flush_remote)
+                }
+                "tables allocated / freed" => {
+                    format!("{} / {}", s.tables_allocated, s.tables_freed)
+                }
                 "roots created / invalidated / freed" => {
-                    format!("{} / {} / {}", s.roots_created, s.roots_invalidated, s.roots_freed)
+                    format!(
+                        "{} / {} / {}",
+                        s.roots_created, s.roots_invalidated, s.roots_freed
+                    )
                 }
                 _ => v.to_string(),
             };
@@ -160,11 +187,16 @@ impl Report {
         for (k, v) in &self.extra {
             let shown = match v {
                 Value::String(s) => s.clone(),
+                // Nested details are for --json; the selftest lines summarise them.
+                Value::Object(_) | Value::Array(_) => continue,
                 other => other.to_string(),
             };
             t.add_row(vec![k.clone(), shown]);
         }
-        t.add_row(vec!["oracle violations".to_string(), self.violations.to_string()]);
+        t.add_row(vec![
+            "oracle violations".to_string(),
+            self.violations.to_string(),
+        ]);
         println!("{t}");
         for l in &self.violation_log {
             println!("violation: {l}");

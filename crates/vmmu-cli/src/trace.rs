@@ -23,7 +23,10 @@ const HOST_TID: u64 = 1000;
 impl Trace {
     /// A new, empty trace.
     pub fn new() -> Trace {
-        let t = Trace { epoch: Instant::now(), events: Mutex::new(Vec::new()) };
+        let t = Trace {
+            epoch: Instant::now(),
+            events: Mutex::new(Vec::new()),
+        };
         t.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": HOST_TID, "args": {"name": "host"}}));
         t
     }
@@ -40,13 +43,17 @@ impl Trace {
 
     /// A span on the host track.
     pub fn host_span(&self, name: &str, start: Instant, end: Instant, args: Value) {
-        self.push(json!({"name": name, "cat": "host", "ph": "X", "pid": 1, "tid": HOST_TID,
-            "ts": self.us(start), "dur": (self.us(end) - self.us(start)).max(0.001), "args": args}));
+        self.push(
+            json!({"name": name, "cat": "host", "ph": "X", "pid": 1, "tid": HOST_TID,
+            "ts": self.us(start), "dur": (self.us(end) - self.us(start)).max(0.001), "args": args}),
+        );
     }
 
     /// A counter sample.
     pub fn counter(&self, name: &str, at: Instant, value: u64) {
-        self.push(json!({"name": name, "ph": "C", "pid": 1, "ts": self.us(at), "args": {"value": value}}));
+        self.push(
+            json!({"name": name, "ph": "C", "pid": 1, "ts": self.us(at), "args": {"value": value}}),
+        );
     }
 
     /// Faults recorded by a vCPU.
@@ -63,7 +70,10 @@ impl Trace {
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let events = self.events.lock().map(|e| e.clone()).unwrap_or_default();
         let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-        serde_json::to_writer(&mut f, &json!({"traceEvents": events, "displayTimeUnit": "ns"}))?;
+        serde_json::to_writer(
+            &mut f,
+            &json!({"traceEvents": events, "displayTimeUnit": "ns"}),
+        )?;
         f.flush()
     }
 }

@@ -18,7 +18,7 @@ pub(crate) mod sync;
 pub mod tlb;
 
 pub use machine::{
-    BucketCounts, FaultRecord,
-    Machine, MachineConfig, MachineError, PhaseCtx, RunOptions, TeardownReport, Vcpu, VcpuReport,
+    BucketCounts, FaultRecord, Machine, MachineConfig, MachineError, PhaseCtx, RunOptions,
+    TeardownReport, Vcpu, VcpuReport,
 };
 pub use primary_mmu::{Backing, HostMmu};

@@ -121,7 +121,7 @@ pub struct RunOptions {
     pub classify: Option<Arc<dyn Fn(Gpa) -> usize + Send + Sync>>,
     /// Number of buckets `classify` returns.
     pub buckets: usize,
-    /// Switch into SMM and back every this many accesses (root switching).
+    /// Enter or leave SMM every this many accesses (root switching).
     pub smm_toggle_every: Option<u64>,
     /// Stop all vCPUs when set.
     pub stop: Option<Arc<AtomicBool>>,
@@ -461,13 +461,9 @@ fn run_vcpu<P: GuestProgram>(
             if let Some(every) = opts.smm_toggle_every {
                 if since_toggle >= every {
                     since_toggle = 0;
-                    vcpu.mmu.set_smm(true);
-                    if let Ok(e) = vcpu.mmu.prepare_entry() {
-                        if e.flush_tlb {
-                            vcpu.tlb.flush_all();
-                        }
-                    }
-                    vcpu.mmu.set_smm(false);
+                    // Enter or leave SMM: switch roles (and roots).
+                    let smm = vcpu.mmu.role().smm;
+                    vcpu.mmu.set_smm(!smm);
                 }
             }
             let entry = match vcpu.mmu.prepare_entry() {

@@ -26,22 +26,46 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     ));
     r.line("Finished creating vCPUs and starting uffd threads");
     r.line("Started all vCPUs");
-    let pattern = if common.random { Pattern::Random } else { Pattern::Sequential };
+    let pattern = if common.random {
+        Pattern::Random
+    } else {
+        Pattern::Sequential
+    };
     let models = env.models();
-    let (models, reports, t) = env.pass("populate", models, 1, pattern, shape.write_percent, None, |_| {});
+    let (models, reports, t) = env.pass(
+        "populate",
+        models,
+        1,
+        pattern,
+        shape.write_percent,
+        None,
+        |_| {},
+    );
     r.line("All vCPU threads joined");
     let ns = t.as_nanos() as u64;
-    let pages_per_vcpu = if common.overlap { shape.total / 4096 } else { shape.bytes_per_vcpu / 4096 };
-    let per_vcpu: f64 =
-        reports.iter().map(|x| pages_per_vcpu as f64 / x.elapsed.as_secs_f64().max(1e-9)).sum::<f64>() / reports.len() as f64;
+    let pages_per_vcpu = if common.overlap {
+        shape.total / 4096
+    } else {
+        shape.bytes_per_vcpu / 4096
+    };
+    let per_vcpu: f64 = reports
+        .iter()
+        .map(|x| pages_per_vcpu as f64 / x.elapsed.as_secs_f64().max(1e-9))
+        .sum::<f64>()
+        / reports.len() as f64;
     let overall = (pages_per_vcpu * shape.vcpus as u64) as f64 / t.as_secs_f64().max(1e-9);
     r.line(format!("Total guest execution time: {}", secs(ns)));
-    r.line(format!("Per-vcpu demand paging rate: {per_vcpu:.2} pgs/sec/vcpu"));
+    r.line(format!(
+        "Per-vcpu demand paging rate: {per_vcpu:.2} pgs/sec/vcpu"
+    ));
     r.line(format!("Overall demand paging rate: {overall:.2} pgs/sec"));
     r.phase("populate", ns);
     r.put("per_vcpu_rate_pages_per_s", per_vcpu.round());
     r.put("overall_rate_pages_per_s", overall.round());
-    r.put("populate_ns_per_page", (ns as f64 / (pages_per_vcpu * shape.vcpus as u64) as f64).round());
+    r.put(
+        "populate_ns_per_page",
+        (ns as f64 / (pages_per_vcpu * shape.vcpus as u64) as f64).round(),
+    );
     r.put("efaults", sum(&reports, |x| x.counters.efaults));
     let (_, _, v) = env.pass("verify", models, 2, Pattern::Sequential, 0, None, |_| {});
     r.phase("verify", v.as_nanos() as u64);

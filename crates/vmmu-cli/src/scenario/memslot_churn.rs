@@ -44,7 +44,11 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         memory_size: 4096,
         userspace_addr: REGION_HVA - (2 << 20),
     };
-    env.m.map(vmmu::Hva(REGION_HVA - (2 << 20)), 2 << 20, Backing::Anonymous)?;
+    env.m.map(
+        vmmu::Hva(REGION_HVA - (2 << 20)),
+        2 << 20,
+        Backing::Anonymous,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let mut opts = env.options(&progress);
@@ -53,35 +57,69 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         .models()
         .into_iter()
         .enumerate()
-        .map(|(i, md)| Pass::new(i as u32, 1, Pattern::Random, shape.write_percent.min(50), !common.overlap, md, common.seed).repeating())
+        .map(|(i, md)| {
+            Pass::new(
+                i as u32,
+                1,
+                Pattern::Random,
+                shape.write_percent.min(50),
+                !common.overlap,
+                md,
+                common.seed,
+            )
+            .repeating()
+        })
         .collect();
     r.line("Started all vCPUs");
     let iterations = shape.iterations;
-    let mut op_ns: Vec<(&str, u64, u64)> = vec![("dummy_create", 0, 0), ("dummy_delete", 0, 0), ("move_away", 0, 0), ("move_back", 0, 0), ("delete", 0, 0), ("recreate", 0, 0)];
+    let mut op_ns: Vec<(&str, u64, u64)> = vec![
+        ("dummy_create", 0, 0),
+        ("dummy_delete", 0, 0),
+        ("move_away", 0, 0),
+        ("move_back", 0, 0),
+        ("delete", 0, 0),
+        ("recreate", 0, 0),
+    ];
     let t0 = Instant::now();
     let trace = env.trace.clone();
     let out = env.m.run(progs, &opts, |ctx| {
-        let mut timed = |i: usize, f: &dyn Fn() -> Result<(), vmmu::MemslotError>| -> anyhow::Result<()> {
-            let s = Instant::now();
-            f()?;
-            let e = Instant::now();
-            op_ns[i].1 += (e - s).as_nanos() as u64;
-            op_ns[i].2 += 1;
-            if let Some(t) = &trace {
-                t.host_span(op_ns[i].0, s, e, serde_json::json!({}));
-            }
-            Ok(())
-        };
+        let mut timed =
+            |i: usize, f: &dyn Fn() -> Result<(), vmmu::MemslotError>| -> anyhow::Result<()> {
+                let s = Instant::now();
+                f()?;
+                let e = Instant::now();
+                op_ns[i].1 += (e - s).as_nanos() as u64;
+                op_ns[i].2 += 1;
+                if let Some(t) = &trace {
+                    t.host_span(op_ns[i].0, s, e, serde_json::json!({}));
+                }
+                Ok(())
+            };
         let res: anyhow::Result<()> = (|| {
             // Let the vCPUs fault everything in first.
             std::thread::sleep(Duration::from_millis(20));
             for _ in 0..iterations {
                 timed(0, &|| ctx.vm.set_user_memory_region(dummy))?;
-                timed(1, &|| ctx.vm.set_user_memory_region(UserMemoryRegion { memory_size: 0, ..dummy }))?;
-                timed(2, &|| ctx.vm.set_user_memory_region(UserMemoryRegion { guest_phys_addr: REGION_GPA + (64 << 30), ..slot1 }))?;
+                timed(1, &|| {
+                    ctx.vm.set_user_memory_region(UserMemoryRegion {
+                        memory_size: 0,
+                        ..dummy
+                    })
+                })?;
+                timed(2, &|| {
+                    ctx.vm.set_user_memory_region(UserMemoryRegion {
+                        guest_phys_addr: REGION_GPA + (64 << 30),
+                        ..slot1
+                    })
+                })?;
                 std::thread::sleep(Duration::from_millis(1));
                 timed(3, &|| ctx.vm.set_user_memory_region(slot1))?;
-                timed(4, &|| ctx.vm.set_user_memory_region(UserMemoryRegion { memory_size: 0, ..slot1 }))?;
+                timed(4, &|| {
+                    ctx.vm.set_user_memory_region(UserMemoryRegion {
+                        memory_size: 0,
+                        ..slot1
+                    })
+                })?;
                 std::thread::sleep(Duration::from_millis(1));
                 timed(5, &|| ctx.vm.set_user_memory_region(slot1))?;
             }
@@ -110,6 +148,10 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     for (name, ns, n) in &op_ns {
         r.put(&format!("{name}_avg_ns"), if *n > 0 { ns / n } else { 0 });
     }
-    r.line(format!("Memslot operations: {} in {}", op_ns.iter().map(|o| o.2).sum::<u64>(), secs(elapsed.as_nanos() as u64)));
+    r.line(format!(
+        "Memslot operations: {} in {}",
+        op_ns.iter().map(|o| o.2).sum::<u64>(),
+        secs(elapsed.as_nanos() as u64)
+    ));
     env.finish(r)
 }

@@ -20,7 +20,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     c.slots = Some(1);
     let shape = c.shape(2, 256 << 20, 1, Backing::Shmem)?;
     if aliases == 0 || aliases > 512 {
-        anyhow::bail!(crate::args::BadInput(format!("-x {aliases}: aliased memslots must be 1..=512")));
+        anyhow::bail!(crate::args::BadInput(format!(
+            "-x {aliases}: aliased memslots must be 1..=512"
+        )));
     }
     let mut env = build(&c, shape)?;
     // Extra aliases of the same host memory at consecutive guest addresses.
@@ -40,12 +42,20 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         pages: shape.total / 4096,
         ..Report::default()
     };
-    r.line(format!("Running with {} of guest memory and {} vCPUs ({} aliased memslots)", crate::args::human(shape.total), shape.vcpus, aliases));
+    r.line(format!(
+        "Running with {} of guest memory and {} vCPUs ({} aliased memslots)",
+        crate::args::human(shape.total),
+        shape.vcpus,
+        aliases
+    ));
     // vCPU i works through alias i % aliases on its own host chunk.
     let models: Vec<RefModel> = (0..shape.vcpus as u64)
         .map(|i| {
             let alias = i % aliases as u64;
-            RefModel::new(Gpa(REGION_GPA + alias * shape.total + i * shape.bytes_per_vcpu), shape.bytes_per_vcpu / 4096)
+            RefModel::new(
+                Gpa(REGION_GPA + alias * shape.total + i * shape.bytes_per_vcpu),
+                shape.bytes_per_vcpu / 4096,
+            )
         })
         .collect();
     let pages = shape.total / 4096;
@@ -71,11 +81,13 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     env.m.host.mprotect(range, false);
     let ro_call = t.elapsed();
     r.line("Waiting for vCPUs to finish the read-only stage (every store must fail)...");
-    let (models, ro_reports, ro) = env.pass("ro", models, 4, Pattern::Sequential, 100, None, |_| {});
+    let (models, ro_reports, ro) =
+        env.pass("ro", models, 4, Pattern::Sequential, 100, None, |_| {});
     let ro_efaults = sum(&ro_reports, |x| x.counters.efaults);
     env.m.host.mprotect(range, true);
     r.line("Waiting for vCPUs to finish the read-write stage...");
-    let (models, rw_reports, rw) = env.pass("rw", models, 5, Pattern::Sequential, 100, None, |_| {});
+    let (models, rw_reports, rw) =
+        env.pass("rw", models, 5, Pattern::Sequential, 100, None, |_| {});
     let rw_efaults = sum(&rw_reports, |x| x.counters.efaults);
     let (_, _, verify) = env.pass("verify", models, 6, Pattern::Sequential, 0, None, |_| {});
     r.line(format!(
@@ -86,7 +98,15 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         secs(ro.as_nanos() as u64),
         secs(rw.as_nanos() as u64)
     ));
-    for (n, d) in [("run1", run1), ("reset", reset), ("run2", run2), ("read", read), ("ro", ro), ("rw", rw), ("verify", verify)] {
+    for (n, d) in [
+        ("run1", run1),
+        ("reset", reset),
+        ("run2", run2),
+        ("read", read),
+        ("ro", ro),
+        ("rw", rw),
+        ("verify", verify),
+    ] {
         r.phase(n, d.as_nanos() as u64);
     }
     r.put("mprotect_ro_call_ns", ro_call.as_nanos() as u64);
@@ -100,7 +120,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         return Ok(1);
     }
     if rw_efaults != 0 {
-        eprintln!("vmmu: mmu-stress: {rw_efaults} stores failed after the memory was made writable again");
+        eprintln!(
+            "vmmu: mmu-stress: {rw_efaults} stores failed after the memory was made writable again"
+        );
         return Ok(1);
     }
     Ok(code)

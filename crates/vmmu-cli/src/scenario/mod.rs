@@ -38,13 +38,19 @@ pub struct Env {
 
 impl std::fmt::Debug for Env {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Env").field("shape", &self.shape).finish_non_exhaustive()
+        f.debug_struct("Env")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
     }
 }
 
 /// The VM configuration the flags ask for.
 pub fn vm_config(common: &Common) -> VmConfig {
-    VmConfig { precheck: !common.no_precheck, ad_enabled: !common.no_ad, ..VmConfig::default() }
+    VmConfig {
+        precheck: !common.no_precheck,
+        ad_enabled: !common.no_ad,
+        ..VmConfig::default()
+    }
 }
 
 /// Build the machine: the region mapped with the backing, split into memslots.
@@ -68,7 +74,12 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         })?;
     }
     let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
-    Ok(Env { m, shape, common: common.clone(), trace })
+    Ok(Env {
+        m,
+        shape,
+        common: common.clone(),
+        trace,
+    })
 }
 
 impl Env {
@@ -81,7 +92,10 @@ impl Env {
                 if self.common.overlap {
                     RefModel::new(Gpa(REGION_GPA), s.total / 4096)
                 } else {
-                    RefModel::new(Gpa(REGION_GPA + i as u64 * s.bytes_per_vcpu), s.bytes_per_vcpu / 4096)
+                    RefModel::new(
+                        Gpa(REGION_GPA + i as u64 * s.bytes_per_vcpu),
+                        s.bytes_per_vcpu / 4096,
+                    )
                 }
             })
             .collect()
@@ -113,9 +127,23 @@ impl Env {
         let progs: Vec<Pass> = models
             .into_iter()
             .enumerate()
-            .map(|(i, md)| Pass::new(i as u32, pass, pattern, write_percent, verify, md, self.common.seed))
+            .map(|(i, md)| {
+                Pass::new(
+                    i as u32,
+                    pass,
+                    pattern,
+                    write_percent,
+                    verify,
+                    md,
+                    self.common.seed,
+                )
+            })
             .collect();
-        let copies = if self.common.overlap { self.shape.vcpus as u64 } else { 1 };
+        let copies = if self.common.overlap {
+            self.shape.vcpus as u64
+        } else {
+            1
+        };
         let total = self.shape.total / 4096 * copies;
         let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let opts = opts.unwrap_or_else(|| self.options(&progress));
@@ -159,7 +187,9 @@ impl Env {
     /// Tear down, check for leaks, fill the report's oracle results, write the
     /// trace. Returns the process exit code.
     pub fn finish(self, mut report: Report) -> anyhow::Result<i32> {
-        let Env { m, common, trace, .. } = self;
+        let Env {
+            m, common, trace, ..
+        } = self;
         report.stats = m.vm.stats();
         let oracle = m.oracle.clone();
         let teardown = m.teardown();
@@ -170,7 +200,8 @@ impl Env {
         report.violation_kinds = oracle.by_kind();
         report.violation_log = oracle.log();
         if let (Some(t), Some(path)) = (&trace, &common.trace) {
-            t.write(path).map_err(|e| anyhow::anyhow!("cannot write trace {}: {e}", path.display()))?;
+            t.write(path)
+                .map_err(|e| anyhow::anyhow!("cannot write trace {}: {e}", path.display()))?;
         }
         if !common.quiet {
             report.print(common.json);
@@ -185,7 +216,9 @@ pub fn progress_bar(label: &str, total: u64, json: bool) -> Option<ProgressBar> 
         return None;
     }
     let b = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} pages ({per_sec})") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} pages ({per_sec})")
+    {
         b.set_style(style.progress_chars("=> "));
     }
     b.set_prefix(label.to_string());

@@ -1,8 +1,9 @@
-//! `roots`: fast zaps of roots while vCPUs run and switch between two roles
-//! (normal and SMM, as SMM entry/exit does). Half the zaps invalidate every root,
-//! half only the SMM address space's: then a vCPU's cached normal root is still
-//! valid and must survive its "free obsolete roots" request while the obsolete
-//! SMM root is dropped.
+//! `roots`: fast zaps of roots while vCPUs run and enter and leave SMM (each
+//! switch swaps the current root with one from the previous-roots cache). SMM
+//! sees the same memory through address space 1. Half the zaps invalidate every
+//! root, half only the SMM address space's: a vCPU in SMM then holds a valid
+//! cached normal root, which must survive its "free obsolete roots" request while
+//! its obsolete SMM root is dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,17 @@ use crate::report::Report;
 pub fn run(common: &Common) -> anyhow::Result<i32> {
     let shape = common.shape(2, 64 << 20, 20, Backing::Anonymous)?;
     let mut env = build(common, shape)?;
+    // SMM sees the same memory through address space 1, as KVM mirrors memslots.
+    let per_slot = shape.total / shape.slots as u64;
+    for i in 0..shape.slots as u64 {
+        env.m.set_memslot(vmmu::UserMemoryRegion {
+            slot: (1 << 16) | (1 + i as u32),
+            flags: 0,
+            guest_phys_addr: super::REGION_GPA + i * per_slot,
+            memory_size: per_slot,
+            userspace_addr: super::REGION_HVA + i * per_slot,
+        })?;
+    }
     let mut r = Report {
         scenario: "roots".into(),
         vcpus: shape.vcpus,
@@ -36,7 +48,18 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         .models()
         .into_iter()
         .enumerate()
-        .map(|(i, md)| Pass::new(i as u32, 1, Pattern::Random, 50, !common.overlap, md, common.seed).repeating())
+        .map(|(i, md)| {
+            Pass::new(
+                i as u32,
+                1,
+                Pattern::Random,
+                50,
+                !common.overlap,
+                md,
+                common.seed,
+            )
+            .repeating()
+        })
         .collect();
     let iterations = shape.iterations;
     let trace = env.trace.clone();
@@ -46,11 +69,24 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let out = env.m.run(progs, &opts, |ctx| {
         std::thread::sleep(Duration::from_millis(10));
         for i in 0..iterations {
-            let filter = if i % 2 == 0 { RootFilter::All } else { RootFilter::AddressSpace(1) };
+            let filter = if i % 2 == 0 {
+                RootFilter::All
+            } else {
+                RootFilter::AddressSpace(1)
+            };
             let s = Instant::now();
             ctx.vm.invalidate_roots(filter);
             if let Some(t) = &trace {
-                t.host_span(if i % 2 == 0 { "zap_all_roots" } else { "zap_smm_roots" }, s, Instant::now(), serde_json::json!({}));
+                t.host_span(
+                    if i % 2 == 0 {
+                        "zap_all_roots"
+                    } else {
+                        "zap_smm_roots"
+                    },
+                    s,
+                    Instant::now(),
+                    serde_json::json!({}),
+                );
             }
             if i % 2 == 0 {
                 all_zaps += 1;
@@ -93,7 +129,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let kept = st.prev_roots_kept > 0 || smm_zaps == 0;
     let code = env.finish(r)?;
     if invalid_left > 0 || !freed_all {
-        eprintln!("vmmu: roots: {invalid_left} invalid roots left after every vCPU handled its requests");
+        eprintln!(
+            "vmmu: roots: {invalid_left} invalid roots left after every vCPU handled its requests"
+        );
         return Ok(1);
     }
     if !kept {

@@ -1,0 +1,110 @@
+//! The `vmmu` binary as a user runs it: scenarios finish with zero violations and
+//! well-formed JSON; bad input gets one line and a non-zero exit.
+
+use std::process::Command;
+
+fn vmmu(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(args)
+        .output()
+        .expect("run vmmu");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_run(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (code, out, err) = vmmu(&a);
+    assert_eq!(code, 0, "vmmu {args:?} failed: {err}\n{out}");
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "--json prints exactly one line on stdout: {out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert_eq!(v["violations"], 0, "{v}");
+    v
+}
+
+#[test]
+fn test_demand_paging_json_has_the_selftest_figures() {
+    let v = json_run(&["run", "demand-paging", "-v", "2", "-b", "8M"]);
+    assert_eq!(v["scenario"], "demand-paging");
+    assert_eq!(v["pages"], 4096);
+    assert_eq!(v["faults"], 4096, "one fault per page");
+    assert!(v["populate_ns"].as_u64().unwrap() > 0);
+    assert!(v["counters"]["tables_allocated"].as_u64().unwrap() > 0);
+    assert_eq!(v["leaked_table_pages"], 0);
+}
+
+#[test]
+fn test_human_output_has_selftest_lines_and_table() {
+    let (code, out, _) = vmmu(&["run", "demand-paging", "-b", "4M"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Total guest execution time:"), "{out}");
+    assert!(out.contains("Overall demand paging rate:"), "{out}");
+    assert!(out.contains("oracle violations"), "{out}");
+}
+
+#[test]
+fn test_mmu_stress_every_store_fails_while_read_only() {
+    let v = json_run(&["run", "mmu-stress", "-v", "2", "-b", "4M", "-x", "2"]);
+    assert_eq!(v["ro_stage_efaults"], v["ro_stage_stores"]);
+    assert_eq!(v["rw_stage_efaults"], 0);
+}
+
+#[test]
+fn test_memslot_churn_and_roots_and_storm_run_clean() {
+    json_run(&["run", "memslot-churn", "-b", "8M", "-i", "5"]);
+    let r = json_run(&["run", "roots", "-b", "8M", "-i", "6"]);
+    assert!(r["prev_roots_kept"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["invalid_roots_left"], 0);
+    let s = json_run(&["run", "invalidation-storm", "-b", "16M", "-i", "1"]);
+    assert!(s["storm"]["invalidations"].as_u64().unwrap() > 0, "{s}");
+}
+
+#[test]
+fn test_trace_file_is_chrome_trace_json() {
+    let path = std::env::temp_dir().join(format!("vmmu-trace-{}.json", std::process::id()));
+    let p = path.to_string_lossy().to_string();
+    let (code, _, err) = vmmu(&["run", "demand-paging", "-b", "4M", "--json", "--trace", &p]);
+    assert_eq!(code, 0, "{err}");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let events = t["traceEvents"].as_array().unwrap();
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["cat"] == "fault"));
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn test_bad_input_is_one_line_and_nonzero() {
+    for args in [
+        &["run", "demand-paging", "-b", "100T"][..],
+        &["run", "no-such-scenario"],
+        &["run", "demand-paging", "--bogus"],
+        &["run", "demand-paging", "-b", "12Q"],
+        &["run", "demand-paging", "-v", "0"],
+        &["run", "demand-paging", "-s", "hugetlb2m", "-b", "3M"],
+        &["run", "demand-paging", "-x", "3", "-b", "4M"],
+        &["soak", "--duration", "soon"],
+    ] {
+        let (code, out, err) = vmmu(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?} printed on stdout: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("vmmu: "), "{err}");
+    }
+}
+
+#[test]
+fn test_soak_short_run_is_clean() {
+    let (code, out, err) = vmmu(&["soak", "--duration", "2", "-b", "4M", "--json"]);
+    assert_eq!(code, 0, "{err}{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["violations"], 0);
+    assert!(v["host_events"].as_u64().unwrap() > 0);
+}
