@@ -117,7 +117,7 @@ pub fn mem_available() -> u64 {
 
 /// Human size.
 pub fn human(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{} GiB", bytes >> 30)
     } else if bytes >= 1 << 30 {
         format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -178,7 +178,7 @@ impl Common {
             )));
         }
         let align = backing.alignment();
-        if bytes_per_vcpu % align != 0 {
+        if !bytes_per_vcpu.is_multiple_of(align) {
             return Err(BadInput(format!(
                 "-b {}: must be a multiple of the {} page size of -s {}",
                 human(bytes_per_vcpu),
@@ -186,9 +186,7 @@ impl Common {
                 backing.name()
             )));
         }
-        let total = (vcpus as u64)
-            .checked_mul(bytes_per_vcpu)
-            .unwrap_or(u64::MAX);
+        let total = (vcpus as u64).saturating_mul(bytes_per_vcpu);
         let avail = mem_available();
         let need = total.saturating_add(total / 128).saturating_add(256 << 20);
         if total > MAX_GUEST_BYTES || need > avail {
@@ -201,7 +199,7 @@ impl Common {
             )));
         }
         let pages = total / 4096;
-        if slots == 0 || pages % slots as u64 != 0 || (total / slots as u64) % align != 0 {
+        if slots == 0 || !pages.is_multiple_of(slots as u64) || !(total / slots as u64).is_multiple_of(align) {
             return Err(BadInput(format!(
                 "-x {slots}: the {pages} pages must split evenly into {slots} memslots"
             )));

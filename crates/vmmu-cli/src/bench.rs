@@ -59,7 +59,6 @@ fn vmmu_run(
         1,
         Pattern::Sequential,
         100,
-        None,
         |_| {},
     );
     let (_, _, warm) = env.pass(
@@ -68,7 +67,6 @@ fn vmmu_run(
         2,
         Pattern::Sequential,
         100,
-        None,
         |_| {},
     );
     let t = Instant::now();

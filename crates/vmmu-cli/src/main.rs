@@ -104,7 +104,7 @@ fn soak(
     if vcpus == 0 || vcpus > 64 {
         anyhow::bail!(BadInput(format!("-v {vcpus}: vCPUs must be 1..=64")));
     }
-    if bytes % (2 << 20) != 0 || bytes > 4 << 30 {
+    if !bytes.is_multiple_of(2 << 20) || bytes > 4 << 30 {
         anyhow::bail!(BadInput(format!(
             "-b {}: soak memory per vCPU must be a multiple of 2M, at most 4G",
             args::human(bytes)

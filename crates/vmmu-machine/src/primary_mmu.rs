@@ -248,8 +248,8 @@ impl HostMmu {
     pub fn map_region(&self, start: Hva, len: u64, backing: Backing) -> Result<(), HostError> {
         let align = backing.alignment();
         if len == 0
-            || start.0 % align != 0
-            || len % align != 0
+            || !start.0.is_multiple_of(align)
+            || !len.is_multiple_of(align)
             || start.0.checked_add(len).is_none()
         {
             return Err(HostError::Unaligned {

@@ -345,7 +345,9 @@ fn zap_1g_4k(c: &mut Criterion) {
                 assert_eq!(before.present(Level::K4), PAGES, "zap_1g_4k: populate");
                 let start = Instant::now();
                 g.vm.zap_gfn_range(0, g.slot);
-                total += start.elapsed();
+                let e = start.elapsed();
+                total += e;
+                eprintln!("DBG zap {:?} yields {}", e, g.vm.stats().yields);
                 let s = g.vm.stats();
                 assert_eq!(s.present(Level::K4), 0, "zap_1g_4k: leaves left");
                 assert_eq!(s.leaves_zapped - before.leaves_zapped, PAGES);

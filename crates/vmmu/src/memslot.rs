@@ -164,8 +164,7 @@ impl LpageInfo {
     fn disallowed(&self, base: Gfn, gfn: Gfn, level: Level) -> bool {
         let idx = ((gfn.0 >> level.gfn_shift()) - (base.0 >> level.gfn_shift())) as usize;
         let arr = &self.levels[(level.get() - 2) as usize];
-        arr.get(idx)
-            .map_or(true, |c| c.load(Ordering::Relaxed) != 0)
+        arr.get(idx).is_none_or(|c| c.load(Ordering::Relaxed) != 0)
     }
 }
 

@@ -500,7 +500,7 @@ mod tests {
         let p = s.write_protect_mmu();
         assert!(!p.is_mmu_writable() && p.is_host_writable());
         assert!(p.writable_bits_are_legal());
-        assert!(Spte(ept::MMU_PRESENT | ept::W).writable_bits_are_legal() == false);
+        assert!(!Spte(ept::MMU_PRESENT | ept::W).writable_bits_are_legal());
     }
 
     #[test]

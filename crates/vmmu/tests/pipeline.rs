@@ -231,7 +231,7 @@ fn test_memslot_move_old_gpa_is_mmio_new_gpa_maps() {
     let m = vm.mappings(0);
     let moved = m
         .iter()
-        .find(|(g, _, s)| *g == Gfn((4 * GPA >> 12) + 1) && s.is_shadow_present())
+        .find(|(g, _, s)| *g == Gfn(((4 * GPA) >> 12) + 1) && s.is_shadow_present())
         .unwrap();
     assert_eq!(moved.2.pfn(), pfn, "same host memory, new guest address");
     teardown(host, vm, vec![vcpu]);

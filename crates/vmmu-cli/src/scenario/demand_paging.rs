@@ -38,7 +38,6 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         1,
         pattern,
         shape.write_percent,
-        None,
         |_| {},
     );
     r.line("All vCPU threads joined");
@@ -67,7 +66,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         (ns as f64 / (pages_per_vcpu * shape.vcpus as u64) as f64).round(),
     );
     r.put("efaults", sum(&reports, |x| x.counters.efaults));
-    let (_, _, v) = env.pass("verify", models, 2, Pattern::Sequential, 0, None, |_| {});
+    let (_, _, v) = env.pass("verify", models, 2, Pattern::Sequential, 0, |_| {});
     r.phase("verify", v.as_nanos() as u64);
     env.finish(r)
 }

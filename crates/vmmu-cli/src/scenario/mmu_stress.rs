@@ -61,7 +61,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let pages = shape.total / 4096;
 
     r.line("Waiting for vCPUs to finish run 1...");
-    let (models, _, run1) = env.pass("run1", models, 1, Pattern::Sequential, 100, None, |_| {});
+    let (models, _, run1) = env.pass("run1", models, 1, Pattern::Sequential, 100, |_| {});
     let t = Instant::now();
     for v in env.m.vcpus() {
         // Reset the MMU context: unload the root and load it again (the root is
@@ -73,23 +73,23 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     }
     let reset = t.elapsed();
     r.line("Waiting for vCPUs to finish run 2...");
-    let (models, _, run2) = env.pass("run2", models, 2, Pattern::Sequential, 100, None, |_| {});
+    let (models, _, run2) = env.pass("run2", models, 2, Pattern::Sequential, 100, |_| {});
     r.line("Waiting for vCPUs to finish reading...");
-    let (models, _, read) = env.pass("read", models, 3, Pattern::Sequential, 0, None, |_| {});
+    let (models, _, read) = env.pass("read", models, 3, Pattern::Sequential, 0, |_| {});
     let range = HvaRange::new(Hva(REGION_HVA), Hva(REGION_HVA + shape.total));
     let t = Instant::now();
     env.m.host.mprotect(range, false);
     let ro_call = t.elapsed();
     r.line("Waiting for vCPUs to finish the read-only stage (every store must fail)...");
     let (models, ro_reports, ro) =
-        env.pass("ro", models, 4, Pattern::Sequential, 100, None, |_| {});
+        env.pass("ro", models, 4, Pattern::Sequential, 100, |_| {});
     let ro_efaults = sum(&ro_reports, |x| x.counters.efaults);
     env.m.host.mprotect(range, true);
     r.line("Waiting for vCPUs to finish the read-write stage...");
     let (models, rw_reports, rw) =
-        env.pass("rw", models, 5, Pattern::Sequential, 100, None, |_| {});
+        env.pass("rw", models, 5, Pattern::Sequential, 100, |_| {});
     let rw_efaults = sum(&rw_reports, |x| x.counters.efaults);
-    let (_, _, verify) = env.pass("verify", models, 6, Pattern::Sequential, 0, None, |_| {});
+    let (_, _, verify) = env.pass("verify", models, 6, Pattern::Sequential, 0, |_| {});
     r.line(format!(
         "run1 = {}, reset = {}, run2 = {}, ro = {}, rw = {}",
         secs(run1.as_nanos() as u64),

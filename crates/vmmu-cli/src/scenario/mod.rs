@@ -120,7 +120,6 @@ impl Env {
         pass: u32,
         pattern: Pattern,
         write_percent: u32,
-        opts: Option<RunOptions>,
         meanwhile: impl FnOnce(&PhaseCtx<'_>),
     ) -> (Vec<RefModel>, Vec<VcpuReport>, Duration) {
         let verify = !self.common.overlap;
@@ -146,8 +145,7 @@ impl Env {
         };
         let total = self.shape.total / 4096 * copies;
         let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let opts = opts.unwrap_or_else(|| self.options(&progress));
-        let progress = opts.progress.clone().unwrap_or(progress);
+        let opts = self.options(&progress);
         let bar = progress_bar(label, total, self.common.json);
         let t0 = Instant::now();
         let out = self.m.run(progs, &opts, |ctx| {

@@ -198,7 +198,7 @@ impl Resched {
         self.checks = self.checks.wrapping_add(1);
         // Under the model checker every decision must be deterministic: only
         // waiters count there.
-        !cfg!(loom) && self.checks % 64 == 0 && self.since.elapsed() >= RESCHED_SLICE
+        !cfg!(loom) && self.checks.is_multiple_of(64) && self.since.elapsed() >= RESCHED_SLICE
     }
 
     /// Note that the lock was just re-taken.
