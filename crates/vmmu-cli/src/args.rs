@@ -199,7 +199,10 @@ impl Common {
             )));
         }
         let pages = total / 4096;
-        if slots == 0 || !pages.is_multiple_of(slots as u64) || !(total / slots as u64).is_multiple_of(align) {
+        if slots == 0
+            || !pages.is_multiple_of(slots as u64)
+            || !(total / slots as u64).is_multiple_of(align)
+        {
             return Err(BadInput(format!(
                 "-x {slots}: the {pages} pages must split evenly into {slots} memslots"
             )));

@@ -53,22 +53,8 @@ fn vmmu_run(
         ))?;
     }
     let models = env.models();
-    let (models, _, first) = env.pass(
-        "first pass",
-        models,
-        1,
-        Pattern::Sequential,
-        100,
-        |_| {},
-    );
-    let (_, _, warm) = env.pass(
-        "warm pass",
-        models,
-        2,
-        Pattern::Sequential,
-        100,
-        |_| {},
-    );
+    let (models, _, first) = env.pass("first pass", models, 1, Pattern::Sequential, 100, |_| {});
+    let (_, _, warm) = env.pass("warm pass", models, 2, Pattern::Sequential, 100, |_| {});
     let t = Instant::now();
     env.m.set_memslot(UserMemoryRegion {
         slot: 1,

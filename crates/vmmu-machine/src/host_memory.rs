@@ -54,12 +54,14 @@ impl Order {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum PageState {
-    /// On a free list.
-    Free = 0,
+    /// Never allocated: still the kernel's zero-filled, untouched memory.
+    Fresh = 0,
     /// Guest or host data.
     Data = 1,
     /// An MMU page-table page.
     Table = 2,
+    /// Freed (and poisoned) before; zeroed again when reallocated.
+    Free = 3,
 }
 
 /// Errors of the arena.
@@ -102,8 +104,9 @@ pub struct HostMemory {
     medium: Mutex<Vec<u32>>,
     large: Mutex<Vec<u32>>,
     bump: AtomicU64,
-    data_pages: AtomicU64,
-    table_pages: AtomicU64,
+    /// Per-shard signed counts of allocated frames, [data, table]: threads update
+    /// their own shard so concurrent faults do not bounce one cache line.
+    counts: [CachePadded<[std::sync::atomic::AtomicI64; 2]>; SHARDS],
     poison_on_free: bool,
     /// Rule violations seen.
     pub violations: ArenaViolations,
@@ -186,8 +189,7 @@ impl HostMemory {
             medium: Mutex::new(Vec::new()),
             large: Mutex::new(Vec::new()),
             bump: AtomicU64::new(0),
-            data_pages: AtomicU64::new(0),
-            table_pages: AtomicU64::new(0),
+            counts: std::array::from_fn(|_| CachePadded::new(Default::default())),
             poison_on_free,
             violations: ArenaViolations::default(),
         })
@@ -227,6 +229,7 @@ impl HostMemory {
         {
             Some(1) => PageState::Data,
             Some(2) => PageState::Table,
+            Some(0) => PageState::Fresh,
             _ => PageState::Free,
         }
     }
@@ -275,22 +278,21 @@ impl HostMemory {
         for k in i..i + order.pages() {
             let k = k as usize;
             self.refs[k].store(1, Ordering::Relaxed);
-            // Zero with atomic stores (plain movs on x86).
-            // SAFETY: k < npages (the block lies inside the arena).
-            let words =
-                unsafe { &*(self.base.as_ptr().add(k * WORDS) as *const [AtomicU64; WORDS]) };
-            for w in words.iter() {
-                w.store(0, Ordering::Relaxed);
+            // Never-used frames are still the kernel's zero pages (and stay
+            // uncommitted until first written, as a host's fresh pages do); reused
+            // ones were poisoned and are zeroed with atomic stores (plain movs).
+            if self.state[k].load(Ordering::Relaxed) != PageState::Fresh as u8 {
+                // SAFETY: k < npages (the block lies inside the arena).
+                let words =
+                    unsafe { &*(self.base.as_ptr().add(k * WORDS) as *const [AtomicU64; WORDS]) };
+                for w in words.iter() {
+                    w.store(0, Ordering::Relaxed);
+                }
             }
             // Release: the zeroed contents are visible to whoever sees the state.
             self.state[k].store(state as u8, Ordering::Release);
         }
-        let counter = if state == PageState::Table {
-            &self.table_pages
-        } else {
-            &self.data_pages
-        };
-        counter.fetch_add(order.pages(), Ordering::Relaxed);
+        self.count(state == PageState::Table, order.pages() as i64);
         Ok(Pfn(PFN_BASE + i))
     }
 
@@ -324,16 +326,11 @@ impl HostMemory {
 
     fn release_frame(&self, i: usize) {
         let prev = self.state[i].swap(PageState::Free as u8, Ordering::AcqRel);
-        if prev == PageState::Free as u8 {
+        if prev == PageState::Free as u8 || prev == PageState::Fresh as u8 {
             self.violations.double_frees.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let counter = if prev == PageState::Table as u8 {
-            &self.table_pages
-        } else {
-            &self.data_pages
-        };
-        counter.fetch_sub(1, Ordering::Relaxed);
+        self.count(prev == PageState::Table as u8, -1);
         if self.poison_on_free {
             // SAFETY: i < npages.
             let words =
@@ -354,12 +351,25 @@ impl HostMemory {
 
     /// Data frames allocated.
     pub fn data_pages(&self) -> u64 {
-        self.data_pages.load(Ordering::Relaxed)
+        self.total(0)
+    }
+
+    fn count(&self, table: bool, n: i64) {
+        let shard = SHARD.with(|s| *s);
+        self.counts[shard][table as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn total(&self, which: usize) -> u64 {
+        self.counts
+            .iter()
+            .map(|c| c[which].load(Ordering::Relaxed))
+            .sum::<i64>()
+            .max(0) as u64
     }
 
     /// Table frames allocated.
     pub fn table_pages(&self) -> u64 {
-        self.table_pages.load(Ordering::Relaxed)
+        self.total(1)
     }
 
     /// Copy one frame's contents to another.
@@ -416,6 +426,7 @@ mod tests {
         assert_eq!(m.data_pages(), 1);
         assert!(m.put(p));
         assert_eq!(m.state(p), PageState::Free);
+        assert_eq!(m.state(Pfn(p.0 + 100)), PageState::Fresh);
         assert_eq!(m.page(p)[3].load(Ordering::Relaxed), POISON);
         assert!(!m.put(p), "a put on a free page is a violation, not a free");
         assert_eq!(m.violations.bad_puts.load(Ordering::Relaxed), 1);

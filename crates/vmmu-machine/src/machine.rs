@@ -132,6 +132,8 @@ pub struct RunOptions {
     pub trace_epoch: Option<Instant>,
     /// Cap on recorded faults per vCPU.
     pub trace_limit: usize,
+    /// Measure fault latencies (two clock reads per fault).
+    pub latency: bool,
 }
 
 /// One recorded fault.
@@ -436,6 +438,7 @@ fn run_vcpu<P: GuestProgram>(
     opts: &RunOptions,
 ) -> VcpuReport {
     let start = Instant::now();
+    let timing = opts.latency || opts.trace_epoch.is_some();
     let buckets = opts.buckets.max(1);
     let mut resolve_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
     let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
@@ -528,7 +531,7 @@ fn run_vcpu<P: GuestProgram>(
                     }
                 }
                 since_toggle += 1;
-                if let Some(t0) = first_exit {
+                if let (true, Some(t0)) = (timing, first_exit) {
                     let b = opts
                         .classify
                         .as_ref()
@@ -540,7 +543,11 @@ fn run_vcpu<P: GuestProgram>(
             Err(exit) => {
                 vcpu.mmu.exit_guest_mode();
                 in_guest = false;
-                let t0 = first_exit.unwrap_or_else(Instant::now);
+                let t0 = if timing {
+                    Some(first_exit.unwrap_or_else(Instant::now))
+                } else {
+                    first_exit
+                };
                 let (gpa, error) = match exit {
                     Exit::Violation { gpa, error } => {
                         c.violations += 1;
@@ -564,11 +571,13 @@ fn run_vcpu<P: GuestProgram>(
                     .map_or(0, |f| f(gpa))
                     .min(buckets - 1);
                 let l0 = vcpu.mmu.mmu_lock_reads();
-                let f0 = Instant::now();
+                let f0 = timing.then(Instant::now);
                 let r = vcpu.mmu.page_fault(gpa, error);
-                let dur = f0.elapsed().as_nanos() as u64;
+                let dur = f0.map_or(0, |f0| f0.elapsed().as_nanos() as u64);
                 let locks = vcpu.mmu.mmu_lock_reads() - l0;
-                let _ = fault_ns[b].record(dur.max(1));
+                if timing {
+                    let _ = fault_ns[b].record(dur.max(1));
+                }
                 let bc = &mut bucket_counts[b];
                 bc.faults += 1;
                 bc.lock_reads += locks;
@@ -576,7 +585,7 @@ fn run_vcpu<P: GuestProgram>(
                     bc.retries += 1;
                     bc.retries_locked += (locks > 0) as u64;
                 }
-                if let Some(epoch) = opts.trace_epoch {
+                if let (Some(epoch), Some(f0)) = (opts.trace_epoch, f0) {
                     if trace.len() < opts.trace_limit {
                         trace.push(FaultRecord {
                             start_ns: f0.duration_since(epoch).as_nanos() as u64,
@@ -605,6 +614,7 @@ fn run_vcpu<P: GuestProgram>(
                     }
                     Ok(RetPf::Retry) => {
                         c.retries += 1;
+                        let t0 = t0.unwrap_or_else(Instant::now);
                         if t0.elapsed() > STUCK_AFTER {
                             oracle.report(Violation::Stuck, || {
                                 format!("vCPU {} retried {gpa} for 20 s", vcpu.id)
@@ -614,7 +624,7 @@ fn run_vcpu<P: GuestProgram>(
                             pending = Some((access, Some(t0)));
                         }
                     }
-                    Ok(_) => pending = Some((access, Some(t0))),
+                    Ok(_) => pending = Some((access, t0)),
                     Err(FaultError::MemoryFault { .. }) => {
                         c.memory_faults += 1;
                         c.accesses += 1;

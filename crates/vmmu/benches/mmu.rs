@@ -483,8 +483,8 @@ criterion_group! {
     name = zap;
     // Each iteration re-populates 262144 pages untimed (several times the timed
     // zap). Criterion sizes the warm-up and the iteration counts by the wall time
-    // of `iter_custom` calls, populate included: 3 s gives 10 linear samples
-    // (110 iterations) in about 3 s of wall time, without a "cannot complete"
+    // of `iter_custom` calls, populate included: 3 s gives 10 linear samples of
+    // 110 iterations in all (about 4 s of wall time) without a "cannot complete"
     // warning.
     config = Criterion::default()
         .sample_size(10)

@@ -32,14 +32,8 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         Pattern::Sequential
     };
     let models = env.models();
-    let (models, reports, t) = env.pass(
-        "populate",
-        models,
-        1,
-        pattern,
-        shape.write_percent,
-        |_| {},
-    );
+    let (models, reports, t) =
+        env.pass("populate", models, 1, pattern, shape.write_percent, |_| {});
     r.line("All vCPU threads joined");
     let ns = t.as_nanos() as u64;
     let pages_per_vcpu = if common.overlap {

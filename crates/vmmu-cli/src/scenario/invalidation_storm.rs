@@ -156,6 +156,7 @@ fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult 
         let opts = RunOptions {
             classify: Some(classify.clone()),
             buckets: 2,
+            latency: true,
             ..env.options(&progress)
         };
         let bar = progress_bar(

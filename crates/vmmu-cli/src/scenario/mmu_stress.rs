@@ -81,13 +81,11 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     env.m.host.mprotect(range, false);
     let ro_call = t.elapsed();
     r.line("Waiting for vCPUs to finish the read-only stage (every store must fail)...");
-    let (models, ro_reports, ro) =
-        env.pass("ro", models, 4, Pattern::Sequential, 100, |_| {});
+    let (models, ro_reports, ro) = env.pass("ro", models, 4, Pattern::Sequential, 100, |_| {});
     let ro_efaults = sum(&ro_reports, |x| x.counters.efaults);
     env.m.host.mprotect(range, true);
     r.line("Waiting for vCPUs to finish the read-write stage...");
-    let (models, rw_reports, rw) =
-        env.pass("rw", models, 5, Pattern::Sequential, 100, |_| {});
+    let (models, rw_reports, rw) = env.pass("rw", models, 5, Pattern::Sequential, 100, |_| {});
     let rw_efaults = sum(&rw_reports, |x| x.counters.efaults);
     let (_, _, verify) = env.pass("verify", models, 6, Pattern::Sequential, 0, |_| {});
     r.line(format!(

@@ -12,6 +12,11 @@ use std::marker::PhantomData;
 pub(crate) struct Rcu {
     #[cfg(not(loom))]
     collector: crossbeam_epoch::Collector,
+    /// Registered readers lent to threads without one of their own (notifiers,
+    /// memslot updates): registering a participant allocates, and those paths run
+    /// on every host event.
+    #[cfg(not(loom))]
+    pool: super::Mutex<Vec<RcuReader>>,
     #[cfg(loom)]
     deferred: super::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
@@ -37,17 +42,20 @@ impl std::fmt::Debug for RcuReader {
 
 // SAFETY: a `LocalHandle` is `!Send` because its `Local` keeps per-thread state in
 // `Cell`s. That state has no thread identity: it is only unsafe to touch from two
-// threads at once. `RcuReader` is not `Sync`, every pin borrows it, and the
-// resulting guard is `!Send` and cannot outlive the borrow, so no guard exists
-// while the reader moves; moving it to another thread (which synchronises) is
-// then like handing a plain struct over.
+// threads at once. `RcuReader` is not `Sync`, every pin borrows it (or, for pooled
+// readers, owns it inside one guard), and the guard is unpinned before the reader
+// moves, so no guard exists while a reader changes threads; moving it (which
+// synchronises) is then like handing a plain struct over.
 unsafe impl Send for RcuReader {}
 
 /// A read-side critical section. Memory retired while it is alive is not freed
 /// before it ends.
 pub(crate) struct RcuGuard<'a> {
     #[cfg(not(loom))]
-    guard: crossbeam_epoch::Guard,
+    guard: Option<crossbeam_epoch::Guard>,
+    /// The pooled reader this guard pinned, returned to the pool on drop.
+    #[cfg(not(loom))]
+    lent: Option<(RcuReader, &'a Rcu)>,
     #[cfg(loom)]
     rcu: &'a Rcu,
     _p: PhantomData<&'a Rcu>,
@@ -58,6 +66,8 @@ impl Rcu {
         Rcu {
             #[cfg(not(loom))]
             collector: crossbeam_epoch::Collector::new(),
+            #[cfg(not(loom))]
+            pool: super::Mutex::new(super::LockClass::Leaf, Vec::new()),
             #[cfg(loom)]
             deferred: super::Mutex::new(super::LockClass::Leaf, Vec::new()),
         }
@@ -75,9 +85,11 @@ impl Rcu {
     pub(crate) fn read_lock(&self) -> RcuGuard<'_> {
         #[cfg(not(loom))]
         {
-            let handle = self.collector.register();
+            let reader = self.pool.lock().pop().unwrap_or_else(|| self.register());
+            let guard = reader.handle.pin();
             RcuGuard {
-                guard: handle.pin(),
+                guard: Some(guard),
+                lent: Some((reader, self)),
                 _p: PhantomData,
             }
         }
@@ -95,7 +107,8 @@ impl Rcu {
         #[cfg(not(loom))]
         {
             RcuGuard {
-                guard: reader.handle.pin(),
+                guard: Some(reader.handle.pin()),
+                lent: None,
                 _p: PhantomData,
             }
         }
@@ -114,7 +127,9 @@ impl RcuGuard<'_> {
     /// Run `f` once every reader that could have seen the retired memory is gone.
     pub(crate) fn defer(&self, f: impl FnOnce() + Send + 'static) {
         #[cfg(not(loom))]
-        self.guard.defer(f);
+        if let Some(g) = &self.guard {
+            g.defer(f);
+        }
         #[cfg(loom)]
         self.rcu.deferred.lock().push(Box::new(f));
     }
@@ -122,7 +137,21 @@ impl RcuGuard<'_> {
     /// Hand deferred work to the collector so it can run soon.
     pub(crate) fn flush(&self) {
         #[cfg(not(loom))]
-        self.guard.flush();
+        if let Some(g) = &self.guard {
+            g.flush();
+        }
+    }
+}
+
+#[cfg(not(loom))]
+impl Drop for RcuGuard<'_> {
+    fn drop(&mut self) {
+        // Unpin before the reader goes back to the pool: no guard may exist while
+        // a reader moves between threads.
+        self.guard.take();
+        if let Some((reader, rcu)) = self.lent.take() {
+            rcu.pool.lock().push(reader);
+        }
     }
 }
 
@@ -154,7 +183,13 @@ mod tests {
                     r.fetch_add(1, Ordering::Relaxed);
                 });
             }
-            let _g = rcu.read_lock_with(&reader);
+            assert_eq!(
+                rcu.pool.lock().len(),
+                1,
+                "one pooled reader serves sequential sections"
+            );
+            let g = rcu.read_lock_with(&reader);
+            drop(g);
             drop(reader);
         }
         assert_eq!(ran.load(Ordering::Relaxed), 10);
