@@ -51,6 +51,10 @@ pub struct Common {
     /// Run without EPT A/D bits (pages aged by access tracking).
     #[arg(long)]
     pub no_ad: bool,
+    /// Touch all host memory before the vCPUs start, so faults measure the MMU
+    /// rather than host page allocation (demand-paging).
+    #[arg(long)]
+    pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
     #[arg(skip)]
     pub quiet: bool,

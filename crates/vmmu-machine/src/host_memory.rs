@@ -343,6 +343,30 @@ impl HostMemory {
         self.small[shard].lock().push(i as u32);
     }
 
+    /// Make the kernel back a frame with real memory now, without changing its
+    /// contents (MADV_POPULATE_WRITE). A load-then-store would first map the
+    /// kernel's zero page and then copy it on write, two faults and a TLB
+    /// shootdown that interrupts every other thread of the process.
+    pub fn commit(&self, pfn: Pfn) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let page = self.page(pfn);
+        // SAFETY: the range is one page of our own mapping; populating does not
+        // change its contents.
+        let r = unsafe {
+            libc::madvise(
+                page.as_ptr() as *mut libc::c_void,
+                PAGE as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            // Older kernels: a real store of the current value.
+            let w = &page[0];
+            let v = w.load(Ordering::Relaxed);
+            w.store(v, Ordering::Relaxed);
+        }
+    }
+
     /// Reference count of a frame.
     pub fn refcount(&self, pfn: Pfn) -> u32 {
         self.index(pfn)

@@ -105,6 +105,7 @@ pub struct VcpuCounters {
 
 /// One vCPU: its MMU context, its TLB.
 #[derive(Debug)]
+#[repr(align(128))] // the TLB's counters change on every access: no sharing a line
 pub struct Vcpu {
     /// Id.
     pub id: u32,

@@ -427,11 +427,15 @@ impl HostMmu {
         })
     }
 
-    /// Host-side touch of every page (the VMM pre-faulting its memory).
+    /// Host-side touch of every page (the VMM pre-faulting its memory): each page
+    /// is faulted in for write and written.
     pub fn prefault(&self, range: HvaRange) -> Result<(), HostFaultError> {
         let mut hva = range.start.0;
         while hva < range.end.0 {
             let p = self.faultin(Hva(hva), FaultinRequest { write: true })?;
+            // Touch the page as the VMM's own write would: a fresh arena frame is
+            // only committed by the kernel when first written.
+            self.mem.commit(p.pfn);
             self.release(p.pfn, true);
             hva += PAGE;
         }

@@ -12,6 +12,13 @@ use crate::report::{secs, Report};
 pub fn run(common: &Common) -> anyhow::Result<i32> {
     let shape = common.shape(1, 1 << 30, 1, Backing::Anonymous)?;
     let mut env = build(common, shape)?;
+    if common.prefault_host {
+        let range = vmmu::HvaRange::new(
+            vmmu::Hva(super::REGION_HVA),
+            vmmu::Hva(super::REGION_HVA + shape.total),
+        );
+        env.m.host.prefault(range)?;
+    }
     let mut r = Report {
         scenario: "demand-paging".into(),
         vcpus: shape.vcpus,

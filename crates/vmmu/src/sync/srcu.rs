@@ -10,6 +10,8 @@
 
 use std::panic::Location;
 
+use crossbeam_utils::CachePadded;
+
 use super::lockdep::{Held, LockClass};
 use super::{Arc, Mutex, Weak};
 
@@ -18,16 +20,20 @@ use loom::sync::{RwLock, RwLockReadGuard};
 #[cfg(not(loom))]
 use parking_lot::{RwLock, RwLockReadGuard};
 
+/// One reader's lock, alone on its cache lines: a vCPU takes it on every fault,
+/// and sharing a line with another vCPU's would make their faults contend.
+type ReaderLock = CachePadded<RwLock<()>>;
+
 /// The SRCU domain.
 #[derive(Debug)]
 pub(crate) struct Srcu {
-    readers: Mutex<Vec<Weak<RwLock<()>>>>,
+    readers: Mutex<Vec<Weak<ReaderLock>>>,
 }
 
 /// One registered reader.
 #[derive(Debug)]
 pub(crate) struct SrcuReader {
-    lock: Arc<RwLock<()>>,
+    lock: Arc<ReaderLock>,
 }
 
 /// An open read-side section.
@@ -44,7 +50,7 @@ impl Srcu {
     }
 
     pub(crate) fn register(&self) -> SrcuReader {
-        let lock = Arc::new(RwLock::new(()));
+        let lock = Arc::new(CachePadded::new(RwLock::new(())));
         let mut readers = self.readers.lock();
         readers.retain(|w| w.strong_count() > 0);
         readers.push(Arc::downgrade(&lock));
