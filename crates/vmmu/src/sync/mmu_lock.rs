@@ -74,6 +74,7 @@ pub(crate) struct MmuLock {
 /// Shared hold of [`MmuLock`].
 pub(crate) struct MmuReadGuard<'a> {
     lock: &'a MmuLock,
+    #[cfg_attr(not(loom), allow(dead_code))]
     shard: usize,
     guard: Option<RwLockReadGuard<'a, ()>>,
     _held: Held,
