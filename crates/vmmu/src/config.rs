@@ -15,9 +15,11 @@ pub struct VmConfig {
     pub ad_enabled: bool,
     /// Largest leaf the MMU maps.
     pub max_level: Level,
-    /// Check for an in-progress invalidation covering the gfn before asking the
-    /// host for the frame and before taking `mmu_lock` (KVM ≥ 6.9). Off only to
-    /// measure what it buys.
+    /// The unlocked invalidation checks of KVM ≥ 6.9: before asking the host for
+    /// the frame (the pre-check) and again after it (the post-check), retry
+    /// without taking `mmu_lock` if an in-progress invalidation covers the gfn.
+    /// Off reproduces earlier kernels, where every fault took `mmu_lock` and only
+    /// the locked check retried it; used to measure what the checks buy.
     pub precheck: bool,
     /// Cache "no memslot here" as MMIO entries (KVM's `enable_mmio_caching`).
     pub mmio_caching: bool,

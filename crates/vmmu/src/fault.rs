@@ -365,7 +365,7 @@ impl VcpuMmu {
         f.pfn = host.pfn;
         f.host_pfn = host.pfn;
         f.map_writable = host.writable && !slot.is_readonly();
-        if vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
+        if vm.config.precheck && vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
             vm.host.primary.release(f.pfn, false);
             f.slot = None;
             CounterSet::inc(&stats.postcheck_retries);
