@@ -50,6 +50,17 @@ pub fn secs(ns: u64) -> String {
 }
 
 impl Report {
+    /// An empty report for `scenario` run with `shape`.
+    pub fn new(scenario: &str, shape: &crate::args::Shape) -> Report {
+        Report {
+            scenario: scenario.into(),
+            vcpus: shape.vcpus,
+            bytes_per_vcpu: shape.bytes_per_vcpu,
+            pages: shape.total / 4096,
+            ..Report::default()
+        }
+    }
+
     /// Record a phase.
     pub fn phase(&mut self, name: &str, ns: u64) {
         self.phases.push((name.to_string(), ns));

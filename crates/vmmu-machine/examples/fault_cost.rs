@@ -36,6 +36,14 @@ fn machine(vcpus: u32, bytes: u64) -> Machine {
     m
 }
 
+fn clean(t: vmmu_machine::TeardownReport) {
+    assert_eq!(
+        t.leaked_data_pages + t.leaked_table_pages + t.double_frees,
+        0,
+        "{t:?}"
+    );
+}
+
 /// Pages per second of a populate pass with `vcpus` vCPUs.
 fn populate(vcpus: u32, bytes: u64) -> f64 {
     let mut m = machine(vcpus, bytes);
@@ -56,7 +64,7 @@ fn populate(vcpus: u32, bytes: u64) -> f64 {
     let t = Instant::now();
     m.run(progs, &RunOptions::default(), |_| {});
     let rate = (vcpus as u64 * pages) as f64 / t.elapsed().as_secs_f64();
-    drop(m.teardown());
+    clean(m.teardown());
     rate
 }
 
@@ -85,7 +93,7 @@ fn main() {
         "page_fault called directly: {:.0} ns/fault",
         t.elapsed().as_nanos() as f64 / pages as f64
     );
-    drop(m.teardown());
+    clean(m.teardown());
 
     // The same from two threads at once, each on its own vCPU and range.
     let mut m = machine(2, bytes);
@@ -107,7 +115,7 @@ fn main() {
         "page_fault called directly from 2 threads: {:.0} ns/fault of wall time",
         t.elapsed().as_nanos() as f64 / (2 * pages) as f64
     );
-    drop(m.teardown());
+    clean(m.teardown());
 
     for r in 0..rounds {
         let one = populate(1, bytes);

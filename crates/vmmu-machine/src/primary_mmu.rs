@@ -581,54 +581,66 @@ impl HostMmu {
 
     /// Swap out the unpinned 4 KiB pages of `range` (huge pages are split first).
     pub fn swap_out(&self, range: HvaRange) -> u64 {
-        self.bracket(range, || {
-            let mut n = 0;
-            self.with_regions(range, |r| {
-                if matches!(r.backing, Backing::Hugetlb2M | Backing::Hugetlb1G) {
-                    return; // hugetlbfs is never swapped
-                }
-                let _s = r.reshape.lock();
-                self.split_range(r, range);
-                let mut hva = range.start.0.max(r.start);
-                let end = range.end.0.min(r.start + r.pages * PAGE);
-                while hva < end {
-                    let i = r.idx(hva);
-                    hva += PAGE;
-                    let _l = r.lock(i);
-                    let e = r.entries[i].load(Ordering::Acquire);
-                    if e & PRESENT == 0 || e & (KSM | HUGE_2M | HUGE_1G) != 0 {
-                        continue;
-                    }
-                    let pfn = Pfn(e & FRAME);
-                    if self.mem.refcount(pfn) != 1 {
-                        continue;
-                    }
-                    let data: Box<[u64]> = self
-                        .mem
-                        .page(pfn)
-                        .iter()
-                        .map(|w| w.load(Ordering::Relaxed))
-                        .collect();
-                    let slot = self.next_swap.fetch_add(1, Ordering::Relaxed);
-                    self.swap.lock().insert(slot, data);
-                    r.entries[i].store(SWAPPED | slot | (e & PROT_RO), Ordering::Release);
-                    self.mem.put(pfn);
-                    n += 1;
-                }
-            });
-            self.stats.swapped_out.fetch_add(n, Ordering::Relaxed);
-            n
-        })
+        let n = self.for_each_small_page(range, |r, i, e, pfn| {
+            let data: Box<[u64]> = self
+                .mem
+                .page(pfn)
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .collect();
+            let slot = self.next_swap.fetch_add(1, Ordering::Relaxed);
+            self.swap.lock().insert(slot, data);
+            r.entries[i].store(SWAPPED | slot | (e & PROT_RO), Ordering::Release);
+            self.mem.put(pfn);
+            true
+        });
+        self.stats.swapped_out.fetch_add(n, Ordering::Relaxed);
+        n
     }
 
     /// KSM: merge unpinned 4 KiB pages of `range` whose contents are identical
     /// into one read-only frame; a later write copies it again.
     pub fn ksm_merge(&self, range: HvaRange) -> u64 {
+        let n = self.for_each_small_page(range, |r, i, e, pfn| {
+            let content: Vec<u64> = self
+                .mem
+                .page(pfn)
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .collect();
+            let mut ksm = self.ksm.lock();
+            let stable = *ksm.entry(content).or_insert_with(|| {
+                // This page becomes the stable copy; the tree holds a reference of
+                // its own.
+                self.mem.get(pfn);
+                pfn
+            });
+            let merged = stable != pfn;
+            if merged {
+                self.mem.get(stable);
+                self.mem.put(pfn);
+            }
+            r.entries[i].store(PRESENT | KSM | stable.0 | (e & PROT_RO), Ordering::Release);
+            merged
+        });
+        self.stats.ksm_merged.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Inside one invalidation of `range`, run `f` on every present, unpinned,
+    /// ordinary 4 KiB page (huge pages cut by the range are split first; KSM and
+    /// hugetlbfs pages are left alone), holding its page-table lock. Returns how
+    /// many calls returned true.
+    fn for_each_small_page(
+        &self,
+        range: HvaRange,
+        mut f: impl FnMut(&Region, usize, u64, Pfn) -> bool,
+    ) -> u64 {
         self.bracket(range, || {
             let mut n = 0;
             self.with_regions(range, |r| {
                 if matches!(r.backing, Backing::Hugetlb2M | Backing::Hugetlb1G) {
-                    return;
+                    return; // hugetlbfs is never swapped or merged
                 }
                 let _s = r.reshape.lock();
                 self.split_range(r, range);
@@ -643,31 +655,11 @@ impl HostMmu {
                         continue;
                     }
                     let pfn = Pfn(e & FRAME);
-                    if self.mem.refcount(pfn) != 1 {
-                        continue;
-                    }
-                    let content: Vec<u64> = self
-                        .mem
-                        .page(pfn)
-                        .iter()
-                        .map(|w| w.load(Ordering::Relaxed))
-                        .collect();
-                    let mut ksm = self.ksm.lock();
-                    let stable = *ksm.entry(content).or_insert_with(|| {
-                        // This page becomes the stable copy; the tree holds a
-                        // reference of its own.
-                        self.mem.get(pfn);
-                        pfn
-                    });
-                    if stable != pfn {
-                        self.mem.get(stable);
-                        self.mem.put(pfn);
+                    if self.mem.refcount(pfn) == 1 && f(r, i, e, pfn) {
                         n += 1;
                     }
-                    r.entries[i].store(PRESENT | KSM | stable.0 | (e & PROT_RO), Ordering::Release);
                 }
             });
-            self.stats.ksm_merged.fetch_add(n, Ordering::Relaxed);
             n
         })
     }

@@ -19,13 +19,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         );
         env.m.host.prefault(range)?;
     }
-    let mut r = Report {
-        scenario: "demand-paging".into(),
-        vcpus: shape.vcpus,
-        bytes_per_vcpu: shape.bytes_per_vcpu,
-        pages: shape.total / 4096,
-        ..Report::default()
-    };
+    let mut r = Report::new("demand-paging", &shape);
     r.line(format!(
         "guest physical test memory: [{:#x}, {:#x})",
         super::REGION_GPA,

@@ -298,13 +298,7 @@ pub fn measure(
         inside_retry_lock_reads: storm.inside.retries_locked,
         yields: storm.stats.yields,
     };
-    let mut r = Report {
-        scenario: "invalidation-storm".into(),
-        vcpus: shape.vcpus,
-        bytes_per_vcpu: shape.bytes_per_vcpu,
-        pages: shape.total / 4096,
-        ..Report::default()
-    };
+    let mut r = Report::new("invalidation-storm", &shape);
     let ratio = figures.storm_outside_p99 as f64 / figures.baseline_outside_p99.max(1) as f64;
     r.line(format!(
         "pre-check: {}",

@@ -4,12 +4,10 @@
 //! slot must reach MMIO emulation, never stale memory (the oracle checks every
 //! access against the memslots published when the vCPU entered).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vmmu::UserMemoryRegion;
-use vmmu_machine::guest::{Pass, Pattern};
 use vmmu_machine::Backing;
 
 use super::{build, sum, REGION_GPA, REGION_HVA};
@@ -20,13 +18,7 @@ use crate::report::{secs, Report};
 pub fn run(common: &Common) -> anyhow::Result<i32> {
     let shape = common.shape(1, 256 << 20, 10, Backing::Anonymous)?;
     let mut env = build(common, shape)?;
-    let mut r = Report {
-        scenario: "memslot-churn".into(),
-        vcpus: shape.vcpus,
-        bytes_per_vcpu: shape.bytes_per_vcpu,
-        pages: shape.total / 4096,
-        ..Report::default()
-    };
+    let mut r = Report::new("memslot-churn", &shape);
     r.line("Memslot zap quirk enabled");
     r.line("Finished creating vCPUs");
     let per_slot = shape.total / shape.slots as u64;
@@ -49,27 +41,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         2 << 20,
         Backing::Anonymous,
     )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut opts = env.options(&progress);
-    opts.stop = Some(stop.clone());
-    let progs: Vec<Pass> = env
-        .models()
-        .into_iter()
-        .enumerate()
-        .map(|(i, md)| {
-            Pass::new(
-                i as u32,
-                1,
-                Pattern::Random,
-                shape.write_percent.min(50),
-                !common.overlap,
-                md,
-                common.seed,
-            )
-            .repeating()
-        })
-        .collect();
+    let (progs, opts, stop) = env.repeating(shape.write_percent.min(50));
     r.line("Started all vCPUs");
     let iterations = shape.iterations;
     let mut op_ns: Vec<(&str, u64, u64)> = vec![

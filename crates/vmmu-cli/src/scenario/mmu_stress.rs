@@ -35,13 +35,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
             userspace_addr: REGION_HVA,
         })?;
     }
-    let mut r = Report {
-        scenario: "mmu-stress".into(),
-        vcpus: shape.vcpus,
-        bytes_per_vcpu: shape.bytes_per_vcpu,
-        pages: shape.total / 4096,
-        ..Report::default()
-    };
+    let mut r = Report::new("mmu-stress", &shape);
     r.line(format!(
         "Running with {} of guest memory and {} vCPUs ({} aliased memslots)",
         crate::args::human(shape.total),

@@ -111,6 +111,36 @@ impl Env {
         }
     }
 
+    /// Programs that keep writing (`write_percent` of accesses) and verifying in
+    /// random order until stopped, with run options wired to the stop flag.
+    pub fn repeating(
+        &self,
+        write_percent: u32,
+    ) -> (Vec<Pass>, RunOptions, Arc<std::sync::atomic::AtomicBool>) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut opts = self.options(&Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        opts.stop = Some(stop.clone());
+        let verify = !self.common.overlap;
+        let progs = self
+            .models()
+            .into_iter()
+            .enumerate()
+            .map(|(i, md)| {
+                Pass::new(
+                    i as u32,
+                    1,
+                    Pattern::Random,
+                    write_percent,
+                    verify,
+                    md,
+                    self.common.seed,
+                )
+                .repeating()
+            })
+            .collect();
+        (progs, opts, stop)
+    }
+
     /// Run one pass of `pattern` on every vCPU; returns the models, the reports
     /// and the wall time.
     pub fn pass(

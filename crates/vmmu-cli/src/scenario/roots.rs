@@ -5,12 +5,10 @@
 //! cached normal root, which must survive its "free obsolete roots" request while
 //! its obsolete SMM root is dropped.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vmmu::RootFilter;
-use vmmu_machine::guest::{Pass, Pattern};
 use vmmu_machine::Backing;
 
 use super::{build, sum};
@@ -32,35 +30,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
             userspace_addr: super::REGION_HVA + i * per_slot,
         })?;
     }
-    let mut r = Report {
-        scenario: "roots".into(),
-        vcpus: shape.vcpus,
-        bytes_per_vcpu: shape.bytes_per_vcpu,
-        pages: shape.total / 4096,
-        ..Report::default()
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut opts = env.options(&progress);
-    opts.stop = Some(stop.clone());
+    let mut r = Report::new("roots", &shape);
+    let (progs, mut opts, stop) = env.repeating(50);
     opts.smm_toggle_every = Some(2048);
-    let progs: Vec<Pass> = env
-        .models()
-        .into_iter()
-        .enumerate()
-        .map(|(i, md)| {
-            Pass::new(
-                i as u32,
-                1,
-                Pattern::Random,
-                50,
-                !common.overlap,
-                md,
-                common.seed,
-            )
-            .repeating()
-        })
-        .collect();
     let iterations = shape.iterations;
     let trace = env.trace.clone();
     let mut all_zaps = 0u64;
