@@ -241,6 +241,22 @@ impl HostMemory {
                 if let Some(i) = self.small[shard].lock().pop() {
                     return Ok(i as u64);
                 }
+                // Frames freed by other threads (the host frees what vCPUs
+                // allocated) before fresh memory: otherwise every thread's shard
+                // would keep growing with frames only others free.
+                for k in 1..SHARDS {
+                    let other = (shard + k) % SHARDS;
+                    let mut list = self.small[other].lock();
+                    if let Some(i) = list.pop() {
+                        // Take a batch, so the next allocations stay local.
+                        let take = list.len().min(63);
+                        let at = list.len() - take;
+                        let batch: Vec<u32> = list.drain(at..).collect();
+                        drop(list);
+                        self.small[shard].lock().extend(batch);
+                        return Ok(i as u64);
+                    }
+                }
                 // Refill this shard from a 2 MiB block.
                 let block = self.pop_block(Order::M2)?;
                 let mut list = self.small[shard].lock();

@@ -350,27 +350,26 @@ impl HostMmu {
             PRESENT | huge | pfn | if ro != 0 { 0 } else { WRITE } | ro
         };
         match r.backing {
-            Backing::Hugetlb1G => {
-                let first = idx & !(512 * 512 - 1);
-                let pfn = alloc(Order::G1)?;
-                for k in 0..512 * 512 {
-                    r.entries[first + k].store(
-                        entry(pfn.0 + k as u64, first + k, HUGE_1G),
-                        Ordering::Release,
-                    );
-                }
-            }
-            Backing::Hugetlb2M | Backing::AnonymousThp => {
-                let first = idx & !511;
-                let chunk_empty = (first..first + 512)
-                    .all(|i| r.entries[i].load(Ordering::Relaxed) & (PRESENT | SWAPPED) == 0);
-                if chunk_empty {
-                    let pfn = alloc(Order::M2)?;
-                    for k in 0..512 {
-                        r.entries[first + k].store(
-                            entry(pfn.0 + k as u64, first + k, HUGE_2M),
-                            Ordering::Release,
-                        );
+            Backing::Hugetlb1G | Backing::Hugetlb2M | Backing::AnonymousThp => {
+                let (n, order, bit) = if r.backing == Backing::Hugetlb1G {
+                    (512 * 512, Order::G1, HUGE_1G)
+                } else {
+                    (512, Order::M2, HUGE_2M)
+                };
+                let first = idx & !(n - 1);
+                // A huge page needs the whole range empty and under one
+                // protection: Linux only allocates one inside a single VMA, and the
+                // MMU maps a huge page with one write permission for all of it.
+                let prot0 = r.entries[first].load(Ordering::Relaxed) & PROT_RO;
+                let empty = (first..first + n).all(|i| {
+                    let e = r.entries[i].load(Ordering::Relaxed);
+                    e & (PRESENT | SWAPPED) == 0 && e & PROT_RO == prot0
+                });
+                if empty {
+                    let pfn = alloc(order)?;
+                    for k in 0..n {
+                        r.entries[first + k]
+                            .store(entry(pfn.0 + k as u64, first + k, bit), Ordering::Release);
                     }
                 } else {
                     let pfn = alloc(Order::K4)?;
@@ -599,8 +598,13 @@ impl HostMmu {
     }
 
     /// KSM: merge unpinned 4 KiB pages of `range` whose contents are identical
-    /// into one read-only frame; a later write copies it again.
+    /// into one read-only frame; a later write copies it again. Like KSM's
+    /// unstable tree, a page is only shared once a second page with the same
+    /// contents turns up (here, or in the stable tree from earlier scans); stable
+    /// pages nobody maps any more are dropped first.
     pub fn ksm_merge(&self, range: HvaRange) -> u64 {
+        self.ksm_prune();
+        let mut unstable: HashMap<Vec<u64>, (u64, usize, Pfn)> = HashMap::new();
         let n = self.for_each_small_page(range, |r, i, e, pfn| {
             let content: Vec<u64> = self
                 .mem
@@ -609,22 +613,52 @@ impl HostMmu {
                 .map(|w| w.load(Ordering::Relaxed))
                 .collect();
             let mut ksm = self.ksm.lock();
-            let stable = *ksm.entry(content).or_insert_with(|| {
-                // This page becomes the stable copy; the tree holds a reference of
-                // its own.
-                self.mem.get(pfn);
-                pfn
-            });
-            let merged = stable != pfn;
-            if merged {
+            let stable = match ksm.get(&content) {
+                Some(s) => *s,
+                None => match unstable.remove(&content) {
+                    // A twin seen earlier in this scan (same region): it becomes
+                    // the stable copy, read-only, with a reference of the tree's.
+                    Some((start, j, first)) if start == r.start && j != i => {
+                        let _l = (j / 512 != i / 512).then(|| r.lock(j));
+                        let ej = r.entries[j].load(Ordering::Acquire);
+                        if ej & (PRESENT | KSM | HUGE_2M | HUGE_1G) != PRESENT
+                            || ej & FRAME != first.0
+                        {
+                            return false;
+                        }
+                        r.entries[j]
+                            .store(PRESENT | KSM | first.0 | (ej & PROT_RO), Ordering::Release);
+                        self.mem.get(first);
+                        ksm.insert(content, first);
+                        first
+                    }
+                    _ => {
+                        unstable.insert(content, (r.start, i, pfn));
+                        return false;
+                    }
+                },
+            };
+            if stable != pfn {
                 self.mem.get(stable);
                 self.mem.put(pfn);
             }
             r.entries[i].store(PRESENT | KSM | stable.0 | (e & PROT_RO), Ordering::Release);
-            merged
+            true
         });
         self.stats.ksm_merged.fetch_add(n, Ordering::Relaxed);
         n
+    }
+
+    /// Drop stable pages only the tree still references.
+    fn ksm_prune(&self) {
+        self.ksm.lock().retain(|_, pfn| {
+            if self.mem.refcount(*pfn) == 1 {
+                self.mem.put(*pfn);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Inside one invalidation of `range`, run `f` on every present, unpinned,
