@@ -241,24 +241,26 @@ impl HostMemory {
                 if let Some(i) = self.small[shard].lock().pop() {
                     return Ok(i as u64);
                 }
-                // Frames freed by other threads (the host frees what vCPUs
-                // allocated) before fresh memory: otherwise every thread's shard
-                // would keep growing with frames only others free.
-                for k in 1..SHARDS {
-                    let other = (shard + k) % SHARDS;
-                    let mut list = self.small[other].lock();
-                    if let Some(i) = list.pop() {
-                        // Take a batch, so the next allocations stay local.
-                        let take = list.len().min(63);
-                        let at = list.len() - take;
-                        let batch: Vec<u32> = list.drain(at..).collect();
-                        drop(list);
-                        self.small[shard].lock().extend(batch);
-                        return Ok(i as u64);
+                // Refill this shard from a 2 MiB block; when the arena has no
+                // block left, take frames other threads freed (the host frees what
+                // vCPUs allocated), so long runs reuse memory instead of failing.
+                let block = match self.pop_block(Order::M2) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        for k in 1..SHARDS {
+                            let mut list = self.small[(shard + k) % SHARDS].lock();
+                            if let Some(i) = list.pop() {
+                                let take = list.len().min(63);
+                                let at = list.len() - take;
+                                let batch: Vec<u32> = list.drain(at..).collect();
+                                drop(list);
+                                self.small[shard].lock().extend(batch);
+                                return Ok(i as u64);
+                            }
+                        }
+                        return Err(e);
                     }
-                }
-                // Refill this shard from a 2 MiB block.
-                let block = self.pop_block(Order::M2)?;
+                };
                 let mut list = self.small[shard].lock();
                 list.extend((block + 1..block + 512).rev().map(|i| i as u32));
                 Ok(block)
@@ -486,6 +488,37 @@ mod tests {
         assert!(
             m.alloc(Order::G1, PageState::Data).is_err(),
             "the first 1G was split for the 2M block"
+        );
+    }
+
+    #[test]
+    fn test_arena_reuses_frames_freed_by_other_threads_when_full() {
+        let m = std::sync::Arc::new(HostMemory::new(1 << 30, false).unwrap());
+        let pages = m.capacity_pages();
+        // Another thread allocates half the arena and frees it: the frames land on
+        // that thread's free list.
+        let m2 = m.clone();
+        std::thread::spawn(move || {
+            let v: Vec<_> = (0..pages / 2)
+                .map(|_| m2.alloc(Order::K4, PageState::Data).unwrap())
+                .collect();
+            for p in v {
+                m2.put(p);
+            }
+        })
+        .join()
+        .unwrap();
+        // This thread can still allocate the whole arena.
+        let v: Vec<_> = (0..pages)
+            .map(|_| m.alloc(Order::K4, PageState::Data))
+            .collect();
+        assert!(
+            v.iter().all(|r| r.is_ok()),
+            "frames freed elsewhere were not reused"
+        );
+        assert!(
+            m.alloc(Order::K4, PageState::Data).is_err(),
+            "the arena is full"
         );
     }
 
