@@ -116,21 +116,6 @@ fn fault_vs_invalidation(knobs: GuardKnobs) {
     assert_eq!(host.memory.allocated(), 0);
 }
 
-#[test]
-fn loom_fault_vs_invalidation_never_maps_old_frame() {
-    model(|| fault_vs_invalidation(GuardKnobs::default()));
-}
-
-#[test]
-fn loom_fault_vs_invalidation_fails_without_locked_check() {
-    let knobs = GuardKnobs {
-        skip_locked_retry: true,
-        ..GuardKnobs::default()
-    };
-    let msg = model_finds_violation(move || fault_vs_invalidation(knobs));
-    assert!(msg.contains("old frame mapped after invalidation"), "{msg}");
-}
-
 /// (b1) A dirty bit set by hardware while the entry is zapped is never lost: if
 /// the processor's update succeeded, the zap saw it.
 fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
@@ -163,21 +148,6 @@ fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
     assert_eq!(host.memory.allocated(), 0);
 }
 
-#[test]
-fn loom_zap_never_loses_hardware_dirty_bit() {
-    model(|| zap_vs_hardware_dirty(GuardKnobs::default()));
-}
-
-#[test]
-fn loom_zap_loses_dirty_bit_with_plain_store() {
-    let knobs = GuardKnobs {
-        nonatomic_zap: true,
-        ..GuardKnobs::default()
-    };
-    let msg = model_finds_violation(move || zap_vs_hardware_dirty(knobs));
-    assert!(msg.contains("lost it"), "{msg}");
-}
-
 /// (b2) The fast path never makes an entry writable after it was zapped and the
 /// host moved the page.
 fn fast_path_vs_zap(knobs: GuardKnobs) {
@@ -204,21 +174,6 @@ fn fast_path_vs_zap(knobs: GuardKnobs) {
     }
     drop(vcpu);
     drop(vm);
-}
-
-#[test]
-fn loom_fast_path_never_rewrites_a_changed_entry() {
-    model(|| fast_path_vs_zap(GuardKnobs::default()));
-}
-
-#[test]
-fn loom_fast_path_plain_store_resurrects_zapped_entry() {
-    let knobs = GuardKnobs {
-        fast_path_plain_store: true,
-        ..GuardKnobs::default()
-    };
-    let msg = model_finds_violation(move || fast_path_vs_zap(knobs));
-    assert!(msg.contains("survived the invalidation"), "{msg}");
 }
 
 // (c) Root reference counting vs invalidation is checked inside the crate
@@ -266,20 +221,51 @@ fn install_vs_notifier(knobs: GuardKnobs) {
     );
 }
 
-#[test]
-fn loom_memslot_install_waits_for_invalidation_end() {
-    model(|| install_vs_notifier(GuardKnobs::default()));
+/// One protocol, checked twice: as built, every explored interleaving must keep
+/// the invariant; with its guarding step removed, the model must find a violation
+/// (one of the messages given), or the check proves nothing.
+macro_rules! protocol {
+    ($holds:ident, $fails:ident, $scenario:ident, $knob:ident, $($msg:literal),+) => {
+        #[test]
+        fn $holds() {
+            model(|| $scenario(GuardKnobs::default()));
+        }
+
+        #[test]
+        fn $fails() {
+            let knobs = GuardKnobs { $knob: true, ..GuardKnobs::default() };
+            let msg = model_finds_violation(move || $scenario(knobs));
+            assert!([$($msg),+].iter().any(|m| msg.contains(m)), "{msg}");
+        }
+    };
 }
 
-#[test]
-fn loom_memslot_install_without_wait_breaks_pairing() {
-    let knobs = GuardKnobs {
-        skip_install_wait: true,
-        ..GuardKnobs::default()
-    };
-    let msg = model_finds_violation(move || install_vs_notifier(knobs));
-    assert!(
-        msg.contains("between start and end") || msg.contains("unbalanced"),
-        "{msg}"
-    );
-}
+protocol!(
+    loom_fault_vs_invalidation_never_maps_old_frame,
+    loom_fault_vs_invalidation_fails_without_locked_check,
+    fault_vs_invalidation,
+    skip_locked_retry,
+    "old frame mapped after invalidation"
+);
+protocol!(
+    loom_zap_never_loses_hardware_dirty_bit,
+    loom_zap_loses_dirty_bit_with_plain_store,
+    zap_vs_hardware_dirty,
+    nonatomic_zap,
+    "lost it"
+);
+protocol!(
+    loom_fast_path_never_rewrites_a_changed_entry,
+    loom_fast_path_plain_store_resurrects_zapped_entry,
+    fast_path_vs_zap,
+    fast_path_plain_store,
+    "survived the invalidation"
+);
+protocol!(
+    loom_memslot_install_waits_for_invalidation_end,
+    loom_memslot_install_without_wait_breaks_pairing,
+    install_vs_notifier,
+    skip_install_wait,
+    "between start and end",
+    "unbalanced"
+);

@@ -23,14 +23,7 @@ impl Tdp {
         cache: &mut TableCache,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            f.goal_level,
-            f.gfn,
-            f.gfn.add(1),
-        );
+        let mut it = self.walk(root, f.goal_level, f.gfn, f.gfn.add(1));
         while it.in_range() {
             if it.old_spte.is_frozen() {
                 // Someone owns the entry for a multi-step change; don't bother

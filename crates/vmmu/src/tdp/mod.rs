@@ -139,6 +139,25 @@ impl Tdp {
         }
     }
 
+    /// A walk over `[start, end)` of `root` (clamped to the VM's gfn space),
+    /// descending no lower than `min_level`.
+    pub(crate) fn walk(
+        &self,
+        root: &Root,
+        min_level: Level,
+        start: Gfn,
+        end: Gfn,
+    ) -> iter::TdpIter<'_> {
+        iter::TdpIter::new(
+            &*self.mem,
+            root.pfn,
+            self.root_level,
+            min_level,
+            start,
+            end.min(self.max_gfn()),
+        )
+    }
+
     pub(crate) fn table(&self, pfn: Pfn) -> &Table {
         self.mem.table(pfn)
     }

@@ -1,7 +1,6 @@
 //! Operations on present leaves other than zapping: lockless lookup for the fast
 //! page-fault path, aging, and write-protection for dirty logging.
 
-use super::iter::TdpIter;
 use super::{Ctx, Tdp};
 use crate::root::Root;
 use crate::spte::Spte;
@@ -44,15 +43,7 @@ impl Tdp {
         range: GfnRange,
         clear: bool,
     ) -> bool {
-        let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            Level::K4,
-            range.start,
-            end,
-        );
+        let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut young = false;
         while it.in_range() {
             let old = it.old_spte;
@@ -79,15 +70,7 @@ impl Tdp {
     /// under the read lock; the fast path can make them writable again and log the
     /// write. Returns whether anything changed (the caller flushes once).
     pub(crate) fn write_protect_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> bool {
-        let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            Level::K4,
-            range.start,
-            end,
-        );
+        let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut changed = false;
         while it.in_range() {
             let mut old = it.old_spte;
@@ -113,15 +96,7 @@ impl Tdp {
     /// so a D set concurrently is either reported now or survives for the next
     /// harvest. Returns how many entries were dirty.
     pub(crate) fn clear_dirty_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> u64 {
-        let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            Level::K4,
-            range.start,
-            end,
-        );
+        let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut dirty = 0;
         while it.in_range() {
             let old = it.old_spte;
@@ -146,14 +121,7 @@ impl Tdp {
 
     /// Visit every present leaf of `root` (tests, oracles, dumps). Lockless.
     pub(crate) fn for_each_leaf(&self, root: &Root, mut f: impl FnMut(Gfn, Level, Spte)) {
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            Level::K4,
-            Gfn(0),
-            self.max_gfn(),
-        );
+        let mut it = self.walk(root, Level::K4, Gfn(0), self.max_gfn());
         while it.in_range() {
             if it.old_spte.is_leaf(it.level) {
                 f(it.gfn, it.level, it.old_spte);
@@ -165,14 +133,7 @@ impl Tdp {
     /// Count the tables reachable from `root` (excluding the root).
     pub(crate) fn count_tables(&self, root: &Root) -> u64 {
         let mut n = 0;
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            Level::K4,
-            Gfn(0),
-            self.max_gfn(),
-        );
+        let mut it = self.walk(root, Level::K4, Gfn(0), self.max_gfn());
         while it.in_range() {
             if it.old_spte.is_table(it.level) {
                 n += 1;

@@ -1,6 +1,6 @@
 //! Zapping: removing mappings, with yields and batched TLB flushes.
 
-use super::iter::{Resched, TdpIter};
+use super::iter::Resched;
 use super::{Ctx, FlushBatch, RemoteFlush, Tdp};
 use crate::root::Root;
 use crate::spte::Spte;
@@ -35,15 +35,7 @@ impl Tdp {
         batch: &mut FlushBatch,
         flusher: &dyn RemoteFlush,
     ) {
-        let end = range.end.min(self.max_gfn());
-        let mut it = TdpIter::new(
-            &*self.mem,
-            root.pfn,
-            self.root_level,
-            Level::K4,
-            range.start,
-            end,
-        );
+        let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut rs = Resched::new();
         while it.in_range() {
             if rs.should_yield(&it, guard) {
@@ -95,14 +87,7 @@ impl Tdp {
         levels.push(self.root_level);
         let mut rs = Resched::new();
         for zap_level in levels {
-            let mut it = TdpIter::new(
-                &*self.mem,
-                root.pfn,
-                self.root_level,
-                zap_level,
-                Gfn(0),
-                self.max_gfn(),
-            );
+            let mut it = self.walk(root, zap_level, Gfn(0), self.max_gfn());
             while it.in_range() {
                 if rs.should_yield(&it, guard) {
                     guard.yield_lock(lock_stats);
