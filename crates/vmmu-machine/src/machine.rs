@@ -516,6 +516,18 @@ fn run_vcpu<P: GuestProgram>(
                 if let Some(s) = &slots {
                     check_access(oracle, host, s, access.gpa, t.pfn, write);
                 }
+                if !mem.contains(t.pfn) {
+                    // Only a corrupted or freed table can translate to a frame that
+                    // is not host memory; never let it reach the access.
+                    oracle.report(Violation::WildWalk, || {
+                        format!(
+                            "{} translated to {:?}, outside host memory",
+                            access.gpa, t.pfn
+                        )
+                    });
+                    prog.complete(&access, AccessResult::Fault);
+                    continue;
+                }
                 let word = &mem.page(t.pfn)[((access.gpa.0 & 0xfff) / 8) as usize];
                 let result = match access.kind {
                     AccessKind::Read => AccessResult::Memory(word.load(Ordering::Relaxed)),
