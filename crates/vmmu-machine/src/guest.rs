@@ -179,7 +179,6 @@ pub struct Pass {
     discarded: Option<std::sync::Arc<Discarded>>,
     repeat: bool,
     i: u64,
-    current: u64,
     mismatches: u64,
     first: Option<String>,
     /// Stores that failed with EFAULT.
@@ -210,7 +209,6 @@ impl Pass {
             discarded: None,
             repeat: false,
             i: 0,
-            current: 0,
             mismatches: 0,
             first: None,
             faults: 0,
@@ -268,7 +266,6 @@ impl GuestProgram for Pass {
             }
         };
         self.i += 1;
-        self.current = page;
         let write = self.write_percent >= 100
             || (self.write_percent > 0 && self.rng.below(100) < self.write_percent as u64);
         let kind = if write {

@@ -441,7 +441,14 @@ impl HostMmu {
         Ok(())
     }
 
-    fn for_each_page(&self, range: HvaRange, mut f: impl FnMut(&Region, usize)) {
+    /// Inside a bracket: split the huge pages `range` cuts through (a change to
+    /// part of one changes how all of it is mapped), then run `f` on every page of
+    /// `range`, holding its page-table lock.
+    fn for_each_page_locked(&self, range: HvaRange, mut f: impl FnMut(&Region, usize)) {
+        self.with_regions(range, |r| {
+            let _s = r.reshape.lock();
+            self.split_range(r, range);
+        });
         let mut hva = range.start.0 & !(PAGE - 1);
         while hva < range.end.0 {
             let Some(r) = self.region(hva) else {
@@ -450,7 +457,9 @@ impl HostMmu {
             };
             let end = range.end.0.min(r.start + r.pages * PAGE);
             while hva < end {
-                f(&r, r.idx(hva));
+                let i = r.idx(hva);
+                let _l = r.lock(i);
+                f(&r, i);
                 hva += PAGE;
             }
         }
@@ -486,12 +495,7 @@ impl HostMmu {
     /// `MADV_DONTNEED`: drop the pages of `range`; later accesses see zeroes.
     pub fn madvise_dontneed(&self, range: HvaRange) {
         self.bracket(range, || {
-            self.with_regions(range, |r| {
-                let _s = r.reshape.lock();
-                self.split_range(r, range);
-            });
-            self.for_each_page(range, |r, i| {
-                let _l = r.lock(i);
+            self.for_each_page_locked(range, |r, i| {
                 let e = r.entries[i].load(Ordering::Acquire);
                 r.entries[i].store(e & PROT_RO, Ordering::Release);
                 if e & PRESENT != 0 {
@@ -776,13 +780,7 @@ impl HostMmu {
     pub fn mprotect(&self, range: HvaRange, writable: bool) {
         self.stats.mprotects.fetch_add(1, Ordering::Relaxed);
         self.bracket(range, || {
-            // Protection is per huge page: split those the range cuts through.
-            self.with_regions(range, |r| {
-                let _s = r.reshape.lock();
-                self.split_range(r, range);
-            });
-            self.for_each_page(range, |r, i| {
-                let _l = r.lock(i);
+            self.for_each_page_locked(range, |r, i| {
                 let e = r.entries[i].load(Ordering::Acquire);
                 let new = if writable {
                     e & !PROT_RO

@@ -55,7 +55,7 @@ fn model_finds_violation_bounded(bound: usize, f: impl Fn() + Sync + Send + 'sta
         .unwrap_or_default()
 }
 
-fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
+fn vm_with(knobs: GuardKnobs) -> (Arc<TestHost>, Vm) {
     let host = TestHost::new();
     let vm = Vm::new(
         VmConfig {
@@ -65,6 +65,11 @@ fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
         host.ops(),
     )
     .unwrap();
+    (host, vm)
+}
+
+fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
+    let (host, vm) = vm_with(knobs);
     vm.set_user_memory_region(UserMemoryRegion {
         slot: 0,
         flags,
@@ -184,15 +189,7 @@ fn fast_path_vs_zap(knobs: GuardKnobs) {
 /// its end; otherwise start and end disagree on whether a slot overlapped, and the
 /// in-progress count is left unbalanced.
 fn install_vs_notifier(knobs: GuardKnobs) {
-    let host = TestHost::new();
-    let vm = Vm::new(
-        VmConfig {
-            knobs,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
+    let (_host, vm) = vm_with(knobs);
     let vm2 = vm.clone();
     let installer = thread::spawn(move || {
         vm2.set_user_memory_region(UserMemoryRegion {
