@@ -2,7 +2,8 @@
 //!
 //! The arena is reserved with `MAP_NORESERVE`, so sizes of tens of GiB cost
 //! nothing until pages are touched. Frame numbers are page indices offset by
-//! [`PFN_BASE`] (so frame 0 is never valid). Every 4 KiB frame carries a state
+//! [`PFN_BASE`] (so frame 0 is never valid, and every block is aligned in frame
+//! numbers for the largest page the arena hands out). Every 4 KiB frame carries a state
 //! (free, data, table) and a reference count; allocation zeroes, freeing poisons,
 //! so a stale access through a translation that should have been gone reads
 //! [`POISON`] and is caught by the oracle's data checks.
@@ -20,8 +21,11 @@ use vmmu::{Pfn, Table, TableMemory, TableMemoryError};
 
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
-/// First valid frame number.
-pub const PFN_BASE: u64 = 0x1000;
+/// First valid frame number: 1 GiB in frames, so a 1 GiB block that is aligned
+/// inside the arena also has a 1 GiB-aligned frame number. The MMU maps a huge
+/// page only where gfn and pfn agree modulo its size; a base aligned for 2 MiB only
+/// would make every 1 GiB host page fall back to 2 MiB mappings.
+pub const PFN_BASE: u64 = 1 << 18;
 /// Value written over every word of a freed page.
 pub const POISON: u64 = 0xdead_beef_dead_beef;
 /// 4 KiB.
@@ -481,9 +485,13 @@ mod tests {
     fn test_arena_huge_blocks_are_aligned() {
         let m = HostMemory::new(2 << 30, false).unwrap();
         let a = m.alloc(Order::M2, PageState::Data).unwrap();
-        assert_eq!((a.0 - PFN_BASE) % 512, 0);
+        assert_eq!(a.0 % 512, 0, "2M block at a 2M-aligned frame number");
         let g = m.alloc(Order::G1, PageState::Data).unwrap();
-        assert_eq!((g.0 - PFN_BASE) % (512 * 512), 0);
+        assert_eq!(
+            g.0 % (512 * 512),
+            0,
+            "1G block at a 1G-aligned frame number"
+        );
         assert_eq!(m.data_pages(), 512 + 512 * 512);
         assert!(
             m.alloc(Order::G1, PageState::Data).is_err(),

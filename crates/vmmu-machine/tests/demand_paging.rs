@@ -44,3 +44,25 @@ fn test_thp_backing_maps_2m_leaves() {
     m.teardown();
     assert_eq!(oracle.total(), 0, "{:?}", oracle.log());
 }
+
+#[test]
+fn test_hugetlb_1g_backing_maps_1g_leaves() {
+    // Regression: the arena's first frame was aligned for 2 MiB only, so a 1 GiB
+    // host page never agreed with its gfn modulo 1 GiB and every fault fell
+    // straight to 4 KiB.
+    let bytes = 1 << 30;
+    let cfg = MachineConfig {
+        memory_bytes: 3 << 30,
+        ..MachineConfig::default()
+    };
+    let mut m = machine(cfg, 1, bytes, Backing::Hugetlb1G);
+    let md = pass(&mut m, models(1, bytes), 1, Pattern::Random, 0);
+    drop(md);
+    let st = m.vm.stats();
+    assert_eq!(st.leaves_mapped_1g, 1, "{st:?}");
+    assert_eq!(st.leaves_mapped_4k + st.leaves_mapped_2m, 0);
+    assert_eq!(m.oracle.total(), 0, "{:?}", m.oracle.log());
+    let oracle = m.oracle.clone();
+    m.teardown();
+    assert_eq!(oracle.total(), 0, "{:?}", oracle.log());
+}

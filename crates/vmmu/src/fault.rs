@@ -106,6 +106,9 @@ pub(crate) struct PageFault<'s> {
     pub(crate) slot: Option<&'s Memslot>,
     pub(crate) max_level: Level,
     pub(crate) goal_level: Level,
+    /// The largest level the slot, the host and the frame allow, before the NX
+    /// mitigation (KVM's `req_level`).
+    pub(crate) req_level: Level,
     pub(crate) mmu_seq: u64,
     pub(crate) pfn: Pfn,
     /// The frame the host returned (before huge-page alignment), released at the end.
@@ -179,6 +182,7 @@ impl VcpuMmu {
             slot,
             max_level: vm.config.max_level,
             goal_level: Level::K4,
+            req_level: Level::K4,
             mmu_seq: 0,
             pfn: Pfn(0),
             host_pfn: Pfn(0),
@@ -396,6 +400,7 @@ impl VcpuMmu {
     /// host level is validated by the invalidation sequence like the frame.
     fn hugepage_adjust(&self, f: &mut PageFault<'_>) {
         f.goal_level = Level::K4;
+        f.req_level = Level::K4;
         let Some(slot) = f.slot else { return };
         if f.max_level == Level::K4 {
             return;
@@ -405,14 +410,18 @@ impl VcpuMmu {
             let host_level = self.vm.host.primary.mapping_level(slot.gfn_to_hva(f.gfn));
             level = level.min(host_level);
         }
+        // The frame must agree with the gfn modulo the mapping size. The host's
+        // level normally guarantees it; a host that claims a huge mapping over a
+        // frame aligned only for a smaller one still gets the largest level that
+        // fits, one level at a time, never straight 4 KiB.
+        while level > Level::K4 && (f.gfn.0 ^ f.pfn.0) & (level.pages() - 1) != 0 {
+            level = level.lower().unwrap_or(Level::K4);
+        }
+        f.req_level = level;
         if level == Level::K4 || f.huge_page_disallowed {
             return;
         }
         let mask = level.pages() - 1;
-        if (f.gfn.0 ^ f.pfn.0) & mask != 0 {
-            // The host claimed a huge mapping the frame isn't aligned for.
-            return;
-        }
         f.goal_level = level;
         f.pfn = Pfn(f.pfn.0 & !mask);
     }

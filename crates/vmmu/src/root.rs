@@ -242,7 +242,7 @@ mod loom_tests {
     fn scenario(knobs: GuardKnobs) {
         let mem = Arc::new(TestMemory::new());
         // 512 gfns: every whole-root walk visits a single top-level entry.
-        let tdp = Arc::new(Tdp::new(mem.clone(), Level::L4, 512, true, knobs));
+        let tdp = Arc::new(Tdp::new(mem.clone(), Level::L4, 512, true, false, knobs));
         let lock = Arc::new(MmuLock::new());
         let stats = Arc::new(CounterSet::default());
         {

@@ -315,6 +315,17 @@ impl Spte {
         Spte(self.0 | ept::W | ept::D)
     }
 
+    /// Give a leaf execute permission (a 4 KiB child of a split huge leaf that the
+    /// NX mitigation had made non-executable). An access-tracked entry gets the
+    /// saved X bit instead, so it stays not-present until its next access.
+    pub fn make_executable(self) -> Spte {
+        if self.is_access_tracked() {
+            Spte(self.0 | (ept::X << ept::ACC_TRACK_SAVED_SHIFT))
+        } else {
+            Spte(self.0 | ept::X)
+        }
+    }
+
     /// Child `index` of this huge leaf when split into a table of `child_level`.
     pub fn split_child(self, child_level: Level, index: usize) -> Spte {
         let pfn = Pfn(self.pfn().0 + index as u64 * child_level.pages());

@@ -212,6 +212,7 @@ impl Vm {
                 config.root_level,
                 config.gfn_limit(),
                 config.ad_enabled,
+                config.nx_huge_pages,
                 config.knobs,
             ),
             host,

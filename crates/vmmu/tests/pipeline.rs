@@ -566,3 +566,123 @@ fn test_five_level_tables_map_high_gpa() {
     assert_eq!(vm.mappings(0).len(), 1);
     teardown(host, vm, vec![vcpu]);
 }
+
+fn huge_host_vm(config: VmConfig) -> (Arc<TestHost>, Vm, VcpuMmu) {
+    let host = TestHost::new();
+    host.set_host_level(Level::M2);
+    let vm = Vm::new(config, host.ops()).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    (host, vm, vcpu)
+}
+
+fn executable(s: vmmu::Spte) -> bool {
+    s.raw() & vmmu::spte::ept::X != 0
+}
+
+#[test]
+fn test_nx_huge_pages_read_and_write_faults_map_non_executable_huge_leaves() {
+    let config = VmConfig {
+        nx_huge_pages: true,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = huge_host_vm(config);
+    for (page, ec) in [(512, ErrorCode::empty()), (1024, ErrorCode::WRITE)] {
+        assert_eq!(vcpu.page_fault(gpa(page), ec).unwrap(), RetPf::Fixed);
+        let (level, s) = leaf(&vm, page).unwrap();
+        assert_eq!(level, Level::M2);
+        assert!(!executable(s), "huge leaf {s:?} is executable");
+    }
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_nx_huge_pages_fetch_splits_and_maps_executed_page_at_4k() {
+    let config = VmConfig {
+        nx_huge_pages: true,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = huge_host_vm(config);
+    vcpu.page_fault(gpa(512), ErrorCode::empty()).unwrap();
+    assert_eq!(leaf(&vm, 512).unwrap().0, Level::M2);
+    // The guest executes from the huge page: the hardware reports an exec
+    // violation on the non-executable leaf. Splitting it makes the 4 KiB children
+    // executable again, so the target entry already allows the fetch (KVM
+    // answers spurious there too).
+    let r = vcpu
+        .page_fault(gpa(513), ErrorCode::FETCH | ErrorCode::PRESENT)
+        .unwrap();
+    assert!(matches!(r, RetPf::Fixed | RetPf::Spurious), "{r:?}");
+    let (level, s) = leaf(&vm, 513).unwrap();
+    assert_eq!(level, Level::K4);
+    assert!(executable(s));
+    assert_eq!(vm.stats().huge_splits, 1);
+    // A fetch in a region never mapped maps 4 KiB straight away.
+    assert_eq!(
+        vcpu.page_fault(gpa(1024 + 7), ErrorCode::FETCH).unwrap(),
+        RetPf::Fixed
+    );
+    let (level, s) = leaf(&vm, 1024 + 7).unwrap();
+    assert_eq!(level, Level::K4);
+    assert!(executable(s));
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_without_nx_huge_pages_huge_leaves_are_executable() {
+    let (host, vm, mut vcpu) = huge_host_vm(VmConfig::default());
+    vcpu.page_fault(gpa(512), ErrorCode::FETCH).unwrap();
+    let (level, s) = leaf(&vm, 512).unwrap();
+    assert_eq!(level, Level::M2);
+    assert!(executable(s));
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// A host that claims 1 GiB mappings over frames aligned only for 2 MiB.
+struct MisalignedHost {
+    inner: Arc<TestHost>,
+}
+
+const SHIFT_PFN: u64 = 512;
+
+impl vmmu::PrimaryMmu for MisalignedHost {
+    fn faultin(
+        &self,
+        hva: Hva,
+        req: vmmu::FaultinRequest,
+    ) -> Result<vmmu::HostPfn, HostFaultError> {
+        let mut r = self.inner.faultin(hva, req)?;
+        r.pfn = vmmu::Pfn(r.pfn.0 + SHIFT_PFN);
+        Ok(r)
+    }
+    fn release(&self, pfn: vmmu::Pfn, w: bool) {
+        self.inner.release(vmmu::Pfn(pfn.0 - SHIFT_PFN), w)
+    }
+    fn mapping_level(&self, _hva: Hva) -> Level {
+        Level::G1
+    }
+}
+
+#[test]
+fn test_huge_level_falls_back_one_level_when_frame_is_misaligned() {
+    let host = TestHost::new();
+    host.set_host_level(Level::G1);
+    let mut ops = host.ops();
+    ops.primary = Arc::new(MisalignedHost {
+        inner: host.clone(),
+    });
+    let vm = Vm::new(VmConfig::default(), ops).unwrap();
+    vm.set_user_memory_region(region(0, GPA, 1 << 30, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(
+        vcpu.page_fault(gpa(3), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
+    assert_eq!(leaf(&vm, 3).unwrap().0, Level::M2, "2M, not 4K");
+    assert_eq!(vm.stats().leaves_mapped_2m, 1);
+    teardown(host, vm, vec![vcpu]);
+}

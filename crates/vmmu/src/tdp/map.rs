@@ -45,9 +45,15 @@ impl Tdp {
             let split = it.old_spte.is_leaf(it.level);
             if split {
                 // Children inherit the huge leaf's permissions and A/D, so the
-                // translation is unchanged and no flush is needed.
+                // translation is unchanged and no flush is needed. 4 KiB children
+                // get exec back: the NX mitigation only concerns huge leaves.
+                let exec = child_level == Level::K4 && self.nx_huge_pages;
                 for (i, e) in self.table(child).iter().enumerate() {
-                    e.store(it.old_spte.split_child(child_level, i).0, Ordering::Relaxed);
+                    let mut c = it.old_spte.split_child(child_level, i);
+                    if exec {
+                        c = c.make_executable();
+                    }
+                    e.store(c.0, Ordering::Relaxed);
                 }
             }
             let mut old = it.old_spte;
@@ -92,7 +98,10 @@ impl Tdp {
                 host_writable: f.map_writable,
                 prefetch: false,
                 ad_enabled: self.ad_enabled,
-                executable: !(f.huge_page_disallowed && level > Level::K4),
+                // The iTLB-multihit mitigation: with it on, no huge leaf is ever
+                // executable; an instruction fetch maps its page at 4 KiB
+                // (`huge_page_disallowed` made the goal level 4 KiB).
+                executable: !(self.nx_huge_pages && level > Level::K4),
             }),
         };
         if new == old {

@@ -36,6 +36,8 @@ pub(crate) struct Tdp {
     /// One past the largest gfn memslots may contain.
     pub(crate) gfn_limit: u64,
     pub(crate) ad_enabled: bool,
+    /// The iTLB-multihit mitigation: huge leaves are never executable.
+    pub(crate) nx_huge_pages: bool,
     pub(crate) knobs: GuardKnobs,
     pub(crate) next_root_id: AtomicU64,
     /// Non-root table pages currently linked (`tdp_mmu_pages`).
@@ -124,6 +126,7 @@ impl Tdp {
         root_level: Level,
         gfn_limit: u64,
         ad_enabled: bool,
+        nx_huge_pages: bool,
         knobs: GuardKnobs,
     ) -> Self {
         Tdp {
@@ -133,6 +136,7 @@ impl Tdp {
             root_level,
             gfn_limit,
             ad_enabled,
+            nx_huge_pages,
             knobs,
             next_root_id: AtomicU64::new(1),
             linked_tables: AtomicU64::new(0),
