@@ -97,6 +97,8 @@ pub struct VcpuCounters {
     pub memory_faults: u64,
     /// Faults that said "retry".
     pub retries: u64,
+    /// SMM switches the VM refused (it has one address space).
+    pub smm_refused: u64,
     /// TLB hits / misses.
     pub tlb_hits: u64,
     /// TLB misses.
@@ -453,6 +455,7 @@ fn run_vcpu<P: GuestProgram>(
     let mut batch = 0u32;
     let mut pending: Option<(GuestAccess, Option<Instant>)> = None;
     let mut since_toggle = 0u64;
+    let mut smm_toggle = opts.smm_toggle_every;
     loop {
         if opts
             .stop
@@ -462,12 +465,16 @@ fn run_vcpu<P: GuestProgram>(
             break;
         }
         if !in_guest {
-            if let Some(every) = opts.smm_toggle_every {
+            if let Some(every) = smm_toggle {
                 if since_toggle >= every {
                     since_toggle = 0;
-                    // Enter or leave SMM: switch roles (and roots).
+                    // Enter or leave SMM: switch roles (and roots). A VM without
+                    // the SMM address space refuses; stop asking.
                     let smm = vcpu.mmu.role().smm;
-                    vcpu.mmu.set_smm(!smm);
+                    if vcpu.mmu.set_smm(!smm).is_err() {
+                        c.smm_refused += 1;
+                        smm_toggle = None;
+                    }
                 }
             }
             let entry = match vcpu.mmu.prepare_entry() {

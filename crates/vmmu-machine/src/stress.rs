@@ -193,7 +193,10 @@ fn host_events(
                     .vm
                     .set_user_memory_region(data_region(total, DATA_GPA, 0));
             }
-            _ => ctx.vm.invalidate_roots(vmmu::RootFilter::All),
+            _ => {
+                // Every VM has address space 0: `All` is never refused.
+                let _ = ctx.vm.invalidate_roots(vmmu::RootFilter::All);
+            }
         }
         events[kind] += 1;
     }

@@ -204,7 +204,7 @@ impl Guest {
     /// Zap the whole slot and consume the resulting flush request, as a vCPU would
     /// before its next entry.
     fn zap_slot(&mut self) {
-        self.vm.zap_gfn_range(0, self.slot);
+        self.vm.zap_gfn_range(0, self.slot).expect("valid range");
         self.vcpu.prepare_entry().expect("re-enter");
     }
 }
@@ -289,7 +289,8 @@ fn fast_path_fix(c: &mut Criterion) {
 
     // Sanity: protection applies to every leaf and the fast path fixes them.
     let before = g.vm.stats();
-    g.vm.write_protect_gfn_range(0, g.slot);
+    g.vm.write_protect_gfn_range(0, g.slot)
+        .expect("valid range");
     g.vcpu.prepare_entry().expect("re-enter");
     let s = g.vm.stats();
     assert_eq!(
@@ -310,7 +311,7 @@ fn fast_path_fix(c: &mut Criterion) {
             while left > 0 {
                 let n = left.min(BATCH);
                 let range = g.range(PAGE_SIZE, n);
-                g.vm.write_protect_gfn_range(0, range);
+                g.vm.write_protect_gfn_range(0, range).expect("valid range");
                 g.vcpu.prepare_entry().expect("re-enter");
                 let fast = g.vcpu.stats().fast_path_fixed;
                 let start = Instant::now();
@@ -344,7 +345,7 @@ fn zap_1g_4k(c: &mut Criterion) {
                 let before = g.vm.stats();
                 assert_eq!(before.present(Level::K4), PAGES, "zap_1g_4k: populate");
                 let start = Instant::now();
-                g.vm.zap_gfn_range(0, g.slot);
+                g.vm.zap_gfn_range(0, g.slot).expect("valid range");
                 total += start.elapsed();
                 let s = g.vm.stats();
                 assert_eq!(s.present(Level::K4), 0, "zap_1g_4k: leaves left");

@@ -94,6 +94,24 @@ pub enum FaultError {
     NoMemory(#[from] TableMemoryError),
 }
 
+impl FaultError {
+    /// The errno `KVM_RUN` returns with this exit: `EFAULT` for memory-fault exits
+    /// and host failures (KVM turns every failed host lookup into an error pfn),
+    /// `EHWPOISON` for a poisoned page, `ENOMEM` when table pages ran out.
+    pub fn errno(&self) -> i32 {
+        use crate::errno::*;
+        match self {
+            FaultError::MemoryFault { .. } => EFAULT,
+            FaultError::Host {
+                cause: HostFaultError::HwPoison,
+                ..
+            } => EHWPOISON,
+            FaultError::NoMemory(_) => ENOMEM,
+            FaultError::Host { .. } => EFAULT,
+        }
+    }
+}
+
 /// One fault as it moves through the pipeline (KVM's `struct kvm_page_fault`).
 #[derive(Debug)]
 pub(crate) struct PageFault<'s> {

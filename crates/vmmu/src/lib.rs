@@ -38,6 +38,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod config;
+pub mod errno;
 pub mod fault;
 pub mod host;
 pub mod memslot;

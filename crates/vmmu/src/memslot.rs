@@ -123,6 +123,16 @@ pub enum MemslotError {
     },
 }
 
+impl MemslotError {
+    /// The errno `KVM_SET_USER_MEMORY_REGION` returns for this refusal.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MemslotError::Overlap { .. } => crate::errno::EEXIST,
+            _ => crate::errno::EINVAL,
+        }
+    }
+}
+
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, MemslotError>;
 

@@ -19,8 +19,6 @@ use crate::sync::{AtomicU64, AtomicU8, Ordering};
 pub const REQ_TLB_FLUSH: u64 = 1 << 0;
 /// Drop roots that were invalidated (current and cached previous ones).
 pub const REQ_FREE_OBSOLETE_ROOTS: u64 = 1 << 1;
-/// (Re)load the root for the current role.
-pub const REQ_LOAD_ROOT: u64 = 1 << 2;
 
 pub(crate) const OUTSIDE_GUEST_MODE: u8 = 0;
 pub(crate) const IN_GUEST_MODE: u8 = 1;

@@ -126,6 +126,8 @@ counters! {
     tables_freed,
     /// Roots created.
     roots_created,
+    /// Root loads at guest entry (a vCPU had no usable current root).
+    root_loads,
     /// Roots invalidated.
     roots_invalidated,
     /// Roots freed (last reference dropped).

@@ -3,7 +3,7 @@
 
 use crate::request::{
     VcpuShared, EXITING_GUEST_MODE, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REQ_FREE_OBSOLETE_ROOTS,
-    REQ_LOAD_ROOT, REQ_TLB_FLUSH,
+    REQ_TLB_FLUSH,
 };
 use crate::root::{Role, Root};
 use crate::stats::{CounterSet, Stats};
@@ -132,7 +132,7 @@ impl VcpuMmu {
         if reqs & REQ_FREE_OBSOLETE_ROOTS != 0 || current_invalid {
             self.free_obsolete_roots();
         }
-        if self.root.is_none() || reqs & REQ_LOAD_ROOT != 0 {
+        if self.root.is_none() {
             self.load_root()?;
             // A newly loaded root may have been used before with other contents.
             flush = true;
@@ -155,6 +155,7 @@ impl VcpuMmu {
 
     fn load_root(&mut self) -> Result<(), VmError> {
         let vm = &*self.vm;
+        CounterSet::inc(&self.shared.stats.root_loads);
         loop {
             self.cache.topup(&vm.tdp, 1)?;
             let stats = &self.shared.stats;
@@ -200,10 +201,16 @@ impl VcpuMmu {
     /// Switch to role `smm` (entering or leaving system-management mode): the
     /// current root moves to the previous-roots cache and a cached root for the new
     /// role is reused if there is one (KVM's `fast_pgd_switch`); otherwise the root
-    /// is loaded at the next entry.
-    pub fn set_smm(&mut self, smm: bool) {
+    /// is loaded at the next entry. A valid root that comes back from the cache is
+    /// never reloaded. Refused (and nothing changes) on a VM without the SMM
+    /// address space.
+    pub fn set_smm(&mut self, smm: bool) -> Result<(), VmError> {
+        let spaces = self.vm.config.address_spaces;
+        if smm && spaces < 2 {
+            return Err(VmError::SmmUnsupported { spaces });
+        }
         if self.role.smm == smm {
-            return;
+            return Ok(());
         }
         self.role.smm = smm;
         let want = self.role;
@@ -219,7 +226,8 @@ impl VcpuMmu {
                 self.prev_roots[i] = current;
             }
             None => {
-                // Rotate: the least recently used cached root falls out.
+                // Rotate: the least recently used cached root falls out. The
+                // current root stays empty, so the next entry loads one.
                 let evicted = self.prev_roots[NUM_PREV_ROOTS - 1].take();
                 self.prev_roots.rotate_right(1);
                 self.prev_roots[0] = current;
@@ -230,15 +238,13 @@ impl VcpuMmu {
                     let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                     vm.tdp.put_root(&Ctx { stats, rcu: &rcu }, &r);
                 }
-                self.shared
-                    .requests
-                    .fetch_or(REQ_LOAD_ROOT, Ordering::Relaxed);
             }
         }
         // The new root needs a local flush before use.
         self.shared
             .requests
             .fetch_or(REQ_TLB_FLUSH, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Enter guest mode. Returns false (and stays outside) if a request arrived

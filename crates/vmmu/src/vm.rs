@@ -18,19 +18,69 @@ use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
 use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level};
 use crate::vcpu::VcpuMmu;
 
-/// Why a VM or vCPU could not be created.
+/// Why a VM or vCPU call was refused. A refused call changes nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VmError {
-    /// The configuration is inconsistent.
+    /// The configuration is inconsistent (EINVAL).
     #[error("Invalid VM configuration: {0}")]
     InvalidConfig(&'static str),
-    /// A vCPU with this id exists.
+    /// A vCPU with this id exists (EEXIST).
     #[error("vCPU {0} already exists")]
     VcpuExists(u32),
-    /// Table memory ran out.
+    /// vCPU ids are below `max` (`KVM_MAX_VCPU_IDS`; EINVAL).
+    #[error("vCPU id {id} out of range (ids are 0..{max})")]
+    InvalidVcpuId {
+        /// The id given.
+        id: u32,
+        /// One past the largest id.
+        max: u32,
+    },
+    /// System-management mode needs a second address space (EINVAL, as KVM
+    /// refuses `KVM_SMI` where SMM is not supported).
+    #[error("SMM needs 2 address spaces; this VM has {spaces}")]
+    SmmUnsupported {
+        /// Address spaces the VM was created with.
+        spaces: u16,
+    },
+    /// An address space the VM does not have (EINVAL).
+    #[error("Address space {as_id} out of range (this VM has {spaces})")]
+    InvalidAddressSpace {
+        /// The address space given.
+        as_id: u16,
+        /// Address spaces the VM has.
+        spaces: u16,
+    },
+    /// A gfn range whose end lies before its start (EINVAL).
+    #[error("Inverted gfn range {start:#x}..{end:#x}")]
+    InvalidRange {
+        /// First gfn.
+        start: u64,
+        /// One past the last gfn.
+        end: u64,
+    },
+    /// Table memory ran out (ENOMEM).
     #[error(transparent)]
     Memory(#[from] TableMemoryError),
 }
+
+impl VmError {
+    /// The errno KVM would return for this refusal.
+    pub fn errno(&self) -> i32 {
+        use crate::errno::*;
+        match self {
+            VmError::VcpuExists(_) => EEXIST,
+            VmError::Memory(_) => ENOMEM,
+            VmError::InvalidConfig(_)
+            | VmError::InvalidVcpuId { .. }
+            | VmError::SmmUnsupported { .. }
+            | VmError::InvalidAddressSpace { .. }
+            | VmError::InvalidRange { .. } => EINVAL,
+        }
+    }
+}
+
+/// `KVM_MAX_VCPU_IDS` on x86.
+pub const MAX_VCPU_IDS: u32 = 4096;
 
 /// State guarded by `slots_lock`: the inactive memslot set of each address space.
 #[derive(Debug)]
@@ -184,6 +234,23 @@ impl VmInner {
 }
 
 impl Vm {
+    /// Refuse an address space the VM does not have, or an inverted range.
+    fn check_range(&self, as_id: u16, range: Option<GfnRange>) -> Result<(), VmError> {
+        let spaces = self.inner.config.address_spaces;
+        if as_id >= spaces {
+            return Err(VmError::InvalidAddressSpace { as_id, spaces });
+        }
+        if let Some(r) = range {
+            if r.start.0 > r.end.0 {
+                return Err(VmError::InvalidRange {
+                    start: r.start.0,
+                    end: r.end.0,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Create a VM on the given host.
     pub fn new(config: VmConfig, host: HostOps) -> Result<Vm, VmError> {
         if config.root_level != Level::L4 && config.root_level != Level::L5 {
@@ -246,6 +313,12 @@ impl Vm {
 
     /// Create the MMU context of vCPU `id`.
     pub fn create_vcpu(&self, id: u32) -> Result<VcpuMmu, VmError> {
+        if id >= MAX_VCPU_IDS {
+            return Err(VmError::InvalidVcpuId {
+                id,
+                max: MAX_VCPU_IDS,
+            });
+        }
         let shared = {
             let mut reg = self.inner.vcpu_registry.lock();
             if reg.iter().any(|v| v.id == id) {
@@ -308,7 +381,8 @@ impl Vm {
                 let range = new.gfn_range();
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), new)]);
                 if logging_on {
-                    self.write_protect_gfn_range(as_id, range);
+                    // The slot exists in `as_id` and its range is ordered.
+                    let _ = self.write_protect_gfn_range(as_id, range);
                 }
             }
         }
@@ -411,14 +485,20 @@ impl Vm {
 
     /// Invalidate roots and zap them (KVM's fast zap). Every vCPU drops its
     /// obsolete roots before it next enters the guest; valid ones survive.
-    pub fn invalidate_roots(&self, filter: RootFilter) {
+    pub fn invalidate_roots(&self, filter: RootFilter) -> Result<(), VmError> {
+        if let RootFilter::AddressSpace(as_id) = filter {
+            self.check_range(as_id, None)?;
+        }
         let _s = self.inner.slots.lock();
         self.inner.zap_roots_fast(filter);
+        Ok(())
     }
 
     /// Zap the leaves of `range` in valid roots, bracketed like an invalidation
-    /// (KVM's `kvm_zap_gfn_range`).
-    pub fn zap_gfn_range(&self, as_id: u16, range: GfnRange) {
+    /// (KVM's `kvm_zap_gfn_range`). Gfns beyond the guest's physical address
+    /// width are never mapped, so a range may extend past them.
+    pub fn zap_gfn_range(&self, as_id: u16, range: GfnRange) -> Result<(), VmError> {
+        self.check_range(as_id, Some(range))?;
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
@@ -435,12 +515,14 @@ impl Vm {
         });
         batch.flush(vm, &vm.stats);
         vm.inval.end(&w);
+        Ok(())
     }
 
     /// Clear W (keeping MMU-writable) on every mapping of `range`: the
     /// write-protection dirty logging uses. Writes then take the fast path, which
     /// makes the entry writable again and records the page as dirty.
-    pub fn write_protect_gfn_range(&self, as_id: u16, range: GfnRange) {
+    pub fn write_protect_gfn_range(&self, as_id: u16, range: GfnRange) -> Result<(), VmError> {
+        self.check_range(as_id, Some(range))?;
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
@@ -457,13 +539,15 @@ impl Vm {
         if changed {
             vm.flush_remote_tlbs(&vm.stats);
         }
+        Ok(())
     }
 
     /// Clear the Dirty bits of `range` in valid roots and return how many pages
     /// were dirty (harvesting for D-bit based dirty logging). Clearing D needs no
     /// immediate flush: a stale TLB entry can only make hardware skip setting D for
     /// a page it already knew was dirty, and the harvester flushes before reuse.
-    pub fn clear_dirty_gfn_range(&self, as_id: u16, range: GfnRange) -> u64 {
+    pub fn clear_dirty_gfn_range(&self, as_id: u16, range: GfnRange) -> Result<u64, VmError> {
+        self.check_range(as_id, Some(range))?;
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
@@ -475,7 +559,7 @@ impl Vm {
         vm.tdp.for_each_root(&ctx, as_id, true, |root| {
             n += vm.tdp.clear_dirty_range(&ctx, root, range);
         });
-        n
+        Ok(n)
     }
 
     /// Counters summed over the VM and all its live vCPUs (a vCPU's counts go away

@@ -130,7 +130,8 @@ fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
     vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
     // Harvest D, leaving a writable clean entry that hardware may dirty.
     assert_eq!(
-        vm.clear_dirty_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1))),
+        vm.clear_dirty_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1)))
+            .unwrap(),
         1
     );
     let hw_vm = vm.clone();
@@ -161,7 +162,8 @@ fn fast_path_vs_zap(knobs: GuardKnobs) {
     vcpu.prepare_entry().unwrap();
     host.set(Hva(HVA), Pfn(0x777), true);
     vcpu.page_fault(Gpa(GPA), ErrorCode::empty()).unwrap();
-    vm.write_protect_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1)));
+    vm.write_protect_gfn_range(0, GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1)))
+        .unwrap();
     let t = thread::spawn(move || {
         let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE | ErrorCode::PRESENT);
         vcpu

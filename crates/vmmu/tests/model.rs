@@ -211,11 +211,14 @@ impl World {
             Op::WriteProtect { page, n } => {
                 let g = self.gpa_of(page).gfn();
                 self.vm
-                    .write_protect_gfn_range(0, GfnRange::new(g, g.add(n)));
+                    .write_protect_gfn_range(0, GfnRange::new(g, g.add(n)))
+                    .unwrap();
             }
             Op::ZapGfns { page, n } => {
                 let g = self.gpa_of(page).gfn();
-                self.vm.zap_gfn_range(0, GfnRange::new(g, g.add(n)));
+                self.vm
+                    .zap_gfn_range(0, GfnRange::new(g, g.add(n)))
+                    .unwrap();
             }
             Op::DeleteSlot1 => {
                 if self.slot1_gpa.is_some() {
@@ -261,13 +264,15 @@ impl World {
                 self.slot0_log = on;
             }
             Op::InvalidateRoots { smm_only } => {
-                self.vm.invalidate_roots(if smm_only {
-                    RootFilter::AddressSpace(1)
-                } else {
-                    RootFilter::All
-                });
+                self.vm
+                    .invalidate_roots(if smm_only {
+                        RootFilter::AddressSpace(1)
+                    } else {
+                        RootFilter::All
+                    })
+                    .unwrap();
             }
-            Op::Smm { vcpu, on } => self.vcpus[vcpu].set_smm(on),
+            Op::Smm { vcpu, on } => self.vcpus[vcpu].set_smm(on).unwrap(),
             Op::Enter { vcpu } => {
                 let _ = self.vcpus[vcpu].prepare_entry();
             }

@@ -316,7 +316,8 @@ fn test_fast_path_restores_write_protected_entry_and_logs_dirty() {
         .unwrap();
     vcpu.prepare_entry().unwrap();
     vcpu.page_fault(gpa(4), ErrorCode::empty()).unwrap();
-    vm.write_protect_gfn_range(0, GfnRange::new(gpa(0).gfn(), gpa(512).gfn()));
+    vm.write_protect_gfn_range(0, GfnRange::new(gpa(0).gfn(), gpa(512).gfn()))
+        .unwrap();
     let (_, s) = leaf(&vm, 4).unwrap();
     assert!(!s.is_writable() && s.is_mmu_writable());
     let slots = vm.memslots(0).unwrap();
@@ -410,22 +411,22 @@ fn test_roots_shared_by_vcpus_and_previous_root_survives_other_space_invalidatio
     v1.prepare_entry().unwrap();
     assert_eq!(v0.root_id(), v1.root_id(), "same role, same root");
     let normal = v0.root_id();
-    v0.set_smm(true);
+    v0.set_smm(true).unwrap();
     v0.prepare_entry().unwrap();
     let smm = v0.root_id();
     assert_ne!(smm, normal);
     assert_eq!(v0.prev_root_ids()[0], normal);
     // Leave SMM: the cached root is reused, nothing is created.
     let created = vm.stats().roots_created;
-    v0.set_smm(false);
+    v0.set_smm(false).unwrap();
     v0.prepare_entry().unwrap();
     assert_eq!(v0.root_id(), normal);
     assert_eq!(vm.stats().roots_created, created);
-    v0.set_smm(true);
+    v0.set_smm(true).unwrap();
     v0.prepare_entry().unwrap();
     // Invalidate only SMM roots: the current (SMM) root is obsolete, the cached
     // normal root survives.
-    vm.invalidate_roots(RootFilter::AddressSpace(1));
+    vm.invalidate_roots(RootFilter::AddressSpace(1)).unwrap();
     v0.prepare_entry().unwrap();
     assert_eq!(v0.prev_root_ids()[0], normal, "valid previous root kept");
     assert_ne!(v0.root_id(), smm, "obsolete current root replaced");
@@ -684,5 +685,97 @@ fn test_huge_level_falls_back_one_level_when_frame_is_misaligned() {
     );
     assert_eq!(leaf(&vm, 3).unwrap().0, Level::M2, "2M, not 4K");
     assert_eq!(vm.stats().leaves_mapped_2m, 1);
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_smm_on_a_vm_without_smm_address_space_is_refused_and_changes_nothing() {
+    let config = VmConfig {
+        address_spaces: 1,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    let root = vcpu.root_id();
+    let err = vcpu.set_smm(true).unwrap_err();
+    assert_eq!(err, vmmu::VmError::SmmUnsupported { spaces: 1 });
+    assert_eq!(err.errno(), vmmu::errno::EINVAL);
+    assert!(!vcpu.role().smm);
+    assert!(!vcpu.has_requests(), "a refused call makes no request");
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(vcpu.root_id(), root);
+    // Faults keep working in address space 0.
+    assert_eq!(
+        vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
+    // Leaving SMM when not in it is a no-op, not an error.
+    vcpu.set_smm(false).unwrap();
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_calls_naming_a_missing_address_space_or_an_inverted_range_are_refused() {
+    let config = VmConfig {
+        address_spaces: 1,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap();
+    let before = (vm.mappings(0), vm.roots(), vm.stats().tlb_flush_remote);
+    let all = GfnRange::new(gpa(0).gfn(), gpa(64).gfn());
+    let inverted = GfnRange::new(gpa(64).gfn(), gpa(0).gfn());
+    let bad_as = vmmu::VmError::InvalidAddressSpace {
+        as_id: 1,
+        spaces: 1,
+    };
+    assert_eq!(vm.zap_gfn_range(1, all), Err(bad_as.clone()));
+    assert_eq!(vm.write_protect_gfn_range(1, all), Err(bad_as.clone()));
+    assert_eq!(vm.clear_dirty_gfn_range(1, all), Err(bad_as.clone()));
+    assert_eq!(
+        vm.invalidate_roots(RootFilter::AddressSpace(1)),
+        Err(bad_as)
+    );
+    for r in [
+        vm.zap_gfn_range(0, inverted),
+        vm.write_protect_gfn_range(0, inverted),
+        vm.clear_dirty_gfn_range(0, inverted).map(|_| ()),
+    ] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, vmmu::VmError::InvalidRange { .. }), "{e:?}");
+        assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    }
+    assert_eq!(
+        (vm.mappings(0), vm.roots(), vm.stats().tlb_flush_remote),
+        before,
+        "refused calls changed the VM"
+    );
+    assert!(matches!(
+        vm.create_vcpu(vmmu::vm::MAX_VCPU_IDS),
+        Err(vmmu::VmError::InvalidVcpuId { .. })
+    ));
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_smm_round_trip_before_entry_never_reloads_the_valid_root() {
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    let normal = vcpu.root_id();
+    let loads = vcpu.stats().root_loads;
+    // Enter and leave SMM before the next entry: the normal root comes straight
+    // back from the previous-roots cache.
+    vcpu.set_smm(true).unwrap();
+    vcpu.set_smm(false).unwrap();
+    let e = vcpu.prepare_entry().unwrap();
+    assert_eq!(vcpu.root_id(), normal);
+    assert_eq!(
+        vcpu.stats().root_loads,
+        loads,
+        "a valid current root was reloaded"
+    );
+    assert!(e.flush_tlb, "a role switch still flushes the TLB");
+    // And a real switch does load one.
+    vcpu.set_smm(true).unwrap();
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(vcpu.stats().root_loads, loads + 1);
     teardown(host, vm, vec![vcpu]);
 }

@@ -60,9 +60,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     for v in env.m.vcpus() {
         // Reset the MMU context: unload the root and load it again (the root is
         // preserved by the MMU's own reference and comes back from the cache).
-        v.mmu.set_smm(true);
+        v.mmu.set_smm(true)?;
         let _ = v.mmu.prepare_entry();
-        v.mmu.set_smm(false);
+        v.mmu.set_smm(false)?;
         let _ = v.mmu.prepare_entry();
     }
     let reset = t.elapsed();

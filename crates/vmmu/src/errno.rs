@@ -1,0 +1,29 @@
+//! The Linux errno values KVM's ioctls return, so every typed error of this crate
+//! can say which one KVM would have answered (`-errno` from the ioctl).
+//!
+//! The values are the x86-64 Linux ones; the core does not depend on libc.
+
+/// No such file or directory.
+pub const ENOENT: i32 = 2;
+/// Argument list too long (KVM: a range beyond what a call accepts).
+pub const E2BIG: i32 = 7;
+/// Try again.
+pub const EAGAIN: i32 = 11;
+/// Out of memory.
+pub const ENOMEM: i32 = 12;
+/// Bad address.
+pub const EFAULT: i32 = 14;
+/// Device or resource busy.
+pub const EBUSY: i32 = 16;
+/// File exists.
+pub const EEXIST: i32 = 17;
+/// Invalid argument.
+pub const EINVAL: i32 = 22;
+/// Inappropriate ioctl (an unknown or unsupported ioctl).
+pub const ENOTTY: i32 = 25;
+/// No space left.
+pub const ENOSPC: i32 = 28;
+/// Operation not supported.
+pub const EOPNOTSUPP: i32 = 95;
+/// Memory page has hardware error.
+pub const EHWPOISON: i32 = 133;
