@@ -70,10 +70,9 @@ impl Backing {
 
 /// Receives the primary MMU's notifications (an mmu_notifier subscriber).
 pub trait SecondaryMmu: Send + Sync {
-    /// Mappings of `range` are about to change.
-    fn invalidate_range_start(&self, range: HvaRange);
-    /// The change of `range` is complete.
-    fn invalidate_range_end(&self, range: HvaRange);
+    /// Mappings of `range` are about to change. Ending the returned invalidation
+    /// says the change is complete (`invalidate_range_end`).
+    fn invalidate_range_start(&self, range: HvaRange) -> vmmu::Invalidation;
     /// Clear accessed state, report if any page was young.
     fn clear_young(&self, range: HvaRange) -> bool;
     /// Report whether a page is young.
@@ -81,11 +80,8 @@ pub trait SecondaryMmu: Send + Sync {
 }
 
 impl SecondaryMmu for vmmu::Vm {
-    fn invalidate_range_start(&self, range: HvaRange) {
+    fn invalidate_range_start(&self, range: HvaRange) -> vmmu::Invalidation {
         vmmu::Vm::invalidate_range_start(self, range)
-    }
-    fn invalidate_range_end(&self, range: HvaRange) {
-        vmmu::Vm::invalidate_range_end(self, range)
     }
     fn clear_young(&self, range: HvaRange) -> bool {
         vmmu::Vm::clear_young(self, range)
@@ -328,12 +324,14 @@ impl HostMmu {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         let notified = self.huge_aligned(range);
         let subs = self.secondaries.load_full();
-        for s in subs.iter() {
-            s.invalidate_range_start(notified);
-        }
+        let started: Vec<vmmu::Invalidation> = subs
+            .iter()
+            .map(|s| s.invalidate_range_start(notified))
+            .collect();
         let r = f();
-        for s in subs.iter() {
-            s.invalidate_range_end(notified);
+        // End in the order they started.
+        for inv in started {
+            inv.end();
         }
         r
     }

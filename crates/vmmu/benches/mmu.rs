@@ -375,8 +375,8 @@ fn invalidate_nothing_mapped(c: &mut Criterion) {
 
     for (range, hits_slot) in [(in_slot, 1), (no_slot, 0)] {
         let before = vm.stats();
-        vm.invalidate_range_start(range);
-        vm.invalidate_range_end(range);
+        let inv = vm.invalidate_range_start(range);
+        inv.end();
         let s = vm.stats();
         assert_eq!(s.invalidations - before.invalidations, 1);
         assert_eq!(
@@ -391,14 +391,14 @@ fn invalidate_nothing_mapped(c: &mut Criterion) {
     let mut group = c.benchmark_group("invalidate_nothing_mapped");
     group.bench_function("in_slot", |b| {
         b.iter(|| {
-            vm.invalidate_range_start(black_box(in_slot));
-            vm.invalidate_range_end(black_box(in_slot));
+            let inv = vm.invalidate_range_start(black_box(in_slot));
+            inv.end();
         })
     });
     group.bench_function("no_slot", |b| {
         b.iter(|| {
-            vm.invalidate_range_start(black_box(no_slot));
-            vm.invalidate_range_end(black_box(no_slot));
+            let inv = vm.invalidate_range_start(black_box(no_slot));
+            inv.end();
         })
     });
     group.finish();

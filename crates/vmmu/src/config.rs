@@ -31,6 +31,52 @@ pub struct VmConfig {
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
     pub knobs: GuardKnobs,
+    /// Test-only callbacks at points of multi-step operations, so a test can act
+    /// inside a window that is otherwise too short to hit. Never set outside
+    /// tests; only off the hot paths.
+    #[doc(hidden)]
+    pub hooks: TestHooks,
+}
+
+/// Where a [`TestHooks`] callback runs.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HookPoint {
+    /// A memslot update stored the final generation of `as_id`'s new set.
+    MemslotGenerationPublished {
+        /// The address space.
+        as_id: u16,
+        /// The generation now visible.
+        generation: u64,
+    },
+}
+
+/// Test-only callbacks (see [`VmConfig::hooks`]).
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct TestHooks {
+    /// Called at every [`HookPoint`] with no VM lock held beyond the ones the
+    /// point names.
+    pub on: Option<std::sync::Arc<dyn Fn(HookPoint) + Send + Sync>>,
+}
+
+impl TestHooks {
+    pub(crate) fn run(&self, point: HookPoint) {
+        if let Some(f) = &self.on {
+            f(point);
+        }
+    }
+}
+
+impl std::fmt::Debug for TestHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.on.is_some() {
+            "TestHooks(set)"
+        } else {
+            "TestHooks"
+        })
+    }
 }
 
 impl Default for VmConfig {
@@ -45,6 +91,7 @@ impl Default for VmConfig {
             address_spaces: 2,
             nx_huge_pages: false,
             knobs: GuardKnobs::default(),
+            hooks: TestHooks::default(),
         }
     }
 }
@@ -67,11 +114,25 @@ pub struct GuardKnobs {
     pub roots_without_refs: bool,
     /// Fast page fault writes with a plain store instead of compare-and-exchange.
     pub fast_path_plain_store: bool,
+    /// Publish a new memslot generation before zapping for an MMIO-generation
+    /// wrap (the order before the fix), instead of after.
+    pub zap_after_publish: bool,
+    /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
+    /// so a test reaches a generation wrap within a few updates. Not a guard.
+    pub mmio_gen_bits: u32,
 }
 
 impl VmConfig {
     /// One past the largest gfn the guest can address.
     pub fn gfn_limit(&self) -> u64 {
         1u64 << (self.maxphyaddr.saturating_sub(12)).min(52)
+    }
+
+    /// The memslot-generation bits that MMIO entries store.
+    pub(crate) fn mmio_gen_mask(&self) -> u64 {
+        match self.knobs.mmio_gen_bits {
+            0 => crate::spte::MMIO_GEN_MASK,
+            b => ((1u64 << b.min(crate::spte::MMIO_GEN_BITS)) - 1).max(1),
+        }
     }
 }

@@ -11,7 +11,7 @@ use bitflags::bitflags;
 
 use crate::host::{FaultinRequest, HostFaultError, TableMemoryError};
 use crate::memslot::Memslot;
-use crate::spte::{Access, MMIO_GEN_MASK};
+use crate::spte::Access;
 use crate::stats::CounterSet;
 use crate::sync::Ordering;
 use crate::tdp::Ctx;
@@ -205,7 +205,7 @@ impl VcpuMmu {
             pfn: Pfn(0),
             host_pfn: Pfn(0),
             map_writable: false,
-            mmio_gen: slots.generation() & MMIO_GEN_MASK,
+            mmio_gen: slots.generation() & vm.mmio_gen_mask,
             huge_page_disallowed: exec && vm.config.nx_huge_pages,
         };
 
@@ -264,7 +264,7 @@ impl VcpuMmu {
             return RetPf::Retry;
         }
         if gen & crate::memslot::GEN_UPDATE_IN_PROGRESS == 0
-            && spte.mmio_gen() == gen & MMIO_GEN_MASK
+            && spte.mmio_gen() == gen & vm.mmio_gen_mask
         {
             CounterSet::inc(&self.shared.stats.mmio_fast_hits);
             return RetPf::Emulate;

@@ -54,7 +54,7 @@ pub mod types;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{GuardKnobs, VmConfig};
+pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig};
 pub use fault::{ErrorCode, FaultError, RetPf};
 pub use host::{
     FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory,
@@ -66,4 +66,4 @@ pub use spte::{Access, Spte};
 pub use stats::Stats;
 pub use types::{Gfn, GfnRange, Gpa, Hva, HvaRange, Level, Pfn, PAGE_SIZE};
 pub use vcpu::{Entry, VcpuMmu};
-pub use vm::{RootInfo, Vm, VmError};
+pub use vm::{Invalidation, RootInfo, Vm, VmError};

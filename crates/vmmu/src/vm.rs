@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::config::HookPoint;
 use crate::config::VmConfig;
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::{
@@ -11,7 +12,7 @@ use crate::memslot::{
 use crate::notifier::{notifier_section, ActiveInvalidations, InvalidateState};
 use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_FLUSH};
 use crate::root::RootFilter;
-use crate::spte::{Spte, MMIO_GEN_MASK};
+use crate::spte::Spte;
 use crate::stats::{CounterSet, Stats};
 use crate::sync::{spin_wait, Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
 use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
@@ -102,6 +103,8 @@ pub(crate) struct VmInner {
     vcpu_registry: Mutex<Vec<Arc<VcpuShared>>>,
     vcpus: Snapshot<Vec<Arc<VcpuShared>>>,
     pub(crate) stats: CounterSet,
+    /// Generation bits kept in MMIO entries (all 19 outside tests).
+    pub(crate) mmio_gen_mask: u64,
 }
 
 impl std::fmt::Debug for VmInner {
@@ -212,7 +215,26 @@ impl VmInner {
         // Every reader that might still use the old set is gone after this.
         self.srcu.synchronize();
         let new_gen = cur_gen + self.config.address_spaces as u64;
+        // KVM's `kvm_arch_memslots_updated`, before the generation is stored: if
+        // the generation slice kept in MMIO entries wrapped, an entry cached a
+        // whole wrap ago would match the new generation and make a fault emulate
+        // MMIO for a gfn that may now have a slot. Zap everything first; until the
+        // store below, the in-progress bit keeps every MMIO entry stale.
+        let wrapped = new_gen & self.mmio_gen_mask < self.config.address_spaces as u64;
+        let zap_first = !self.config.knobs.zap_after_publish;
+        if wrapped && zap_first {
+            self.zap_roots_fast(RootFilter::All);
+        }
         next.set_generation(new_gen);
+        self.config
+            .hooks
+            .run(HookPoint::MemslotGenerationPublished {
+                as_id,
+                generation: new_gen,
+            });
+        if wrapped && !zap_first {
+            self.zap_roots_fast(RootFilter::All);
+        }
         CounterSet::inc(&self.stats.memslot_updates);
         // Recycle the retired set if no reader holds it any more; otherwise start
         // the next update from a copy of the new one.
@@ -225,11 +247,6 @@ impl VmInner {
             }
             Err(_) => (*next).clone(),
         };
-        if new_gen & MMIO_GEN_MASK < self.config.address_spaces as u64 {
-            // The generation slice stored in MMIO entries wrapped: an old MMIO
-            // entry could look current again, so drop everything.
-            self.zap_roots_fast(RootFilter::All);
-        }
     }
 }
 
@@ -299,6 +316,7 @@ impl Vm {
             vcpu_registry: Mutex::new(LockClass::VcpuRegistry, Vec::new()),
             vcpus: Snapshot::new(Arc::new(Vec::new())),
             stats: CounterSet::default(),
+            mmio_gen_mask: config.mmio_gen_mask(),
             config,
         };
         Ok(Vm {
@@ -399,15 +417,24 @@ impl Vm {
 
     /// mmu_notifier `invalidate_range_start`: the host is about to change the
     /// mappings of `range`. On return no vCPU can use a translation of that range.
-    pub fn invalidate_range_start(&self, range: HvaRange) {
+    ///
+    /// The returned [`Invalidation`] is the matching `invalidate_range_end`:
+    /// ending it (or dropping it) is the only way to end the invalidation, so a
+    /// start and its end always pair up and the in-progress count can never be
+    /// unbalanced. An empty or inverted range overlaps nothing.
+    pub fn invalidate_range_start(&self, range: HvaRange) -> Invalidation {
         let vm = &*self.inner;
         let _n = notifier_section();
         CounterSet::inc(&vm.stats.invalidations);
         vm.active_inval.inc();
+        let token = Invalidation {
+            vm: self.clone(),
+            range,
+        };
         let mut hits: Vec<(u16, GfnRange)> = Vec::new();
         vm.for_each_overlap(range, |a, g| hits.push((a, g)));
         if hits.is_empty() {
-            return;
+            return token;
         }
         CounterSet::inc(&vm.stats.invalidations_with_slots);
         let rcu = vm.tdp.rcu.read_lock();
@@ -423,10 +450,13 @@ impl Vm {
             vm.unmap_gfn_range(&ctx, &mut w, as_id, g, &mut batch);
         }
         batch.flush(vm, &vm.stats);
+        token
     }
 
-    /// mmu_notifier `invalidate_range_end`: the host has finished changing `range`.
-    pub fn invalidate_range_end(&self, range: HvaRange) {
+    /// mmu_notifier `invalidate_range_end`, reached only through
+    /// [`Invalidation`]. Like KVM it looks at the memslots again: installs wait
+    /// for every active invalidation, so start and end see the same slots.
+    fn invalidate_range_end(&self, range: HvaRange) {
         let vm = &*self.inner;
         let _n = notifier_section();
         let mut found = false;
@@ -642,6 +672,45 @@ impl Vm {
     /// begin/end pairs that recorded no range (should stay 0).
     pub fn empty_invalidation_pairs(&self) -> u64 {
         self.inner.inval.empty_pairs()
+    }
+}
+
+/// An invalidation between `invalidate_range_start` and `invalidate_range_end`
+/// (see [`Vm::invalidate_range_start`]). Ending it is the end call; dropping it
+/// without calling [`Invalidation::end`] ends it too. There is no other way to
+/// end an invalidation, so an end without its start cannot be written:
+///
+/// ```compile_fail
+/// # use vmmu::{testing::TestHost, Hva, HvaRange, Vm, VmConfig};
+/// let host = TestHost::new();
+/// let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
+/// let inv = vm.invalidate_range_start(HvaRange::new(Hva(0), Hva(4096)));
+/// inv.end();
+/// inv.end(); // error: `inv` was moved by the first end
+/// ```
+#[must_use = "the invalidation lasts until this is ended or dropped"]
+#[derive(Debug)]
+pub struct Invalidation {
+    vm: Vm,
+    range: HvaRange,
+}
+
+impl Invalidation {
+    /// The host range being invalidated.
+    pub fn range(&self) -> HvaRange {
+        self.range
+    }
+
+    /// mmu_notifier `invalidate_range_end`: the host has finished changing the
+    /// range.
+    pub fn end(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Invalidation {
+    fn drop(&mut self) {
+        self.vm.invalidate_range_end(self.range);
     }
 }
 

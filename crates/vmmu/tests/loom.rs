@@ -106,7 +106,7 @@ fn fault_vs_invalidation(knobs: GuardKnobs) {
         vcpu
     });
     let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     // The host migrates the page only after start returned.
     host.set(Hva(HVA), Pfn(0x888), true);
     let vcpu = t.join().unwrap();
@@ -115,7 +115,7 @@ fn fault_vs_invalidation(knobs: GuardKnobs) {
         Some(Pfn(0x777)),
         "old frame mapped after invalidation"
     );
-    vm.invalidate_range_end(range);
+    inv.end();
     drop(vcpu);
     drop(vm);
     assert_eq!(host.memory.allocated(), 0);
@@ -141,9 +141,9 @@ fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
     });
     let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
     let before = vm.stats().dirty_leaves_zapped;
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     let zapped_dirty = vm.stats().dirty_leaves_zapped - before;
-    vm.invalidate_range_end(range);
+    inv.end();
     let hw_dirtied = hw.join().unwrap();
     assert!(
         !hw_dirtied || zapped_dirty == 1,
@@ -169,9 +169,9 @@ fn fast_path_vs_zap(knobs: GuardKnobs) {
         vcpu
     });
     let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     host.set(Hva(HVA), Pfn(0x888), true);
-    vm.invalidate_range_end(range);
+    inv.end();
     let vcpu = t.join().unwrap();
     if let Some((pfn, writable)) = leaf_pfn(&vm, GPA) {
         assert!(
@@ -204,10 +204,10 @@ fn install_vs_notifier(knobs: GuardKnobs) {
         .unwrap();
     });
     let range = HvaRange::new(Hva(HVA), Hva(HVA + 4096));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     let gen_after_start = vm.memslots(0).unwrap().len();
     let gen_before_end = vm.memslots(0).unwrap().len();
-    vm.invalidate_range_end(range);
+    inv.end();
     installer.join().unwrap();
     assert_eq!(
         gen_after_start, gen_before_end,

@@ -163,9 +163,9 @@ impl World {
 
     fn bracket(&self, page: u64, n: u64, f: impl FnOnce()) {
         let r = HvaRange::new(hva(page), hva((page + n).min(PAGES)));
-        self.vm.invalidate_range_start(r);
+        let inv = self.vm.invalidate_range_start(r);
         f();
-        self.vm.invalidate_range_end(r);
+        inv.end();
     }
 
     fn apply(&mut self, op: &Op) {

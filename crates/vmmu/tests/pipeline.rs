@@ -112,7 +112,7 @@ fn test_invalidation_zaps_and_precheck_retries_without_mmu_lock() {
     let (host, vm, mut vcpu) = setup(VmConfig::default());
     vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap();
     let range = HvaRange::new(hva(0), hva(16));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     assert!(leaf(&vm, 1).is_none(), "start must zap");
     let before = vcpu.stats();
     assert_eq!(
@@ -130,7 +130,7 @@ fn test_invalidation_zaps_and_precheck_retries_without_mmu_lock() {
         vcpu.page_fault(gpa(100), ErrorCode::WRITE).unwrap(),
         RetPf::Fixed
     );
-    vm.invalidate_range_end(range);
+    inv.end();
     assert_eq!(
         vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(),
         RetPf::Fixed
@@ -147,7 +147,7 @@ fn test_invalidation_without_precheck_retries_under_the_lock() {
     };
     let (host, vm, mut vcpu) = setup(config);
     let range = HvaRange::new(hva(0), hva(16));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     let before = vcpu.stats();
     assert_eq!(
         vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(),
@@ -156,7 +156,7 @@ fn test_invalidation_without_precheck_retries_under_the_lock() {
     let d = vcpu.stats().since(&before);
     assert_eq!(d.precheck_retries, 0);
     assert_eq!(d.postcheck_retries + d.locked_retries, 1);
-    vm.invalidate_range_end(range);
+    inv.end();
     teardown(host, vm, vec![vcpu]);
 }
 
@@ -170,10 +170,10 @@ fn test_fault_racing_invalidation_retries_on_sequence_change() {
     vcpu.page_fault(gpa(5), ErrorCode::WRITE).unwrap();
     let old = host.lookup(hva(5)).unwrap().0;
     let range = HvaRange::new(hva(5), hva(6));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     let new = host.fresh_pfn();
     host.set(hva(5), new, true);
-    vm.invalidate_range_end(range);
+    inv.end();
     assert_eq!(
         vcpu.page_fault(gpa(5), ErrorCode::WRITE).unwrap(),
         RetPf::Fixed
@@ -460,12 +460,12 @@ fn test_table_collapses_into_huge_leaf_after_host_collapse() {
     }
     // The host collapses the range into one 2M page (a THP collapse).
     let range = HvaRange::new(hva(512), hva(1024));
-    vm.invalidate_range_start(range);
+    let inv = vm.invalidate_range_start(range);
     for p in 512..1024 {
         host.unmap(hva(p));
     }
     host.set_host_level(Level::M2);
-    vm.invalidate_range_end(range);
+    inv.end();
     let freed = vm.stats().tables_freed;
     assert_eq!(
         vcpu.page_fault(gpa(600), ErrorCode::WRITE).unwrap(),
@@ -778,4 +778,124 @@ fn test_smm_round_trip_before_entry_never_reloads_the_valid_root() {
     vcpu.prepare_entry().unwrap();
     assert_eq!(vcpu.stats().root_loads, loads + 1);
     teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_invalidation_token_pairs_start_and_end_even_when_dropped() {
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    let range = HvaRange::new(hva(0), hva(4));
+    let a = vm.invalidate_range_start(range);
+    let b = vm.invalidate_range_start(range);
+    assert_eq!(a.range(), range);
+    assert_eq!(vm.invalidations_in_progress(), 2);
+    a.end();
+    assert_eq!(vm.invalidations_in_progress(), 1);
+    // A host that forgets to call end still ends the invalidation (an unwinding
+    // host thread, an early return).
+    drop(b);
+    assert_eq!(vm.invalidations_in_progress(), 0);
+    assert_eq!(
+        vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed,
+        "faults stop retrying once every invalidation ended"
+    );
+    // A range that overlaps no slot pairs up too, without touching the count.
+    let c = vm.invalidate_range_start(HvaRange::new(Hva(1 << 40), Hva(1 << 39)));
+    assert_eq!(vm.invalidations_in_progress(), 0);
+    c.end();
+    assert_eq!(vm.empty_invalidation_pairs(), 0);
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// A fault that runs right after a memslot update stored a generation whose
+/// MMIO slice wrapped (a 3-bit slice: address space 0 wraps every 4 updates).
+/// Returns what a misconfiguration fault on a gfn that now has a slot answered.
+fn fault_at_generation_wrap(knobs: vmmu::GuardKnobs) -> RetPf {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<RetPf>();
+    let answer: Arc<Mutex<Option<RetPf>>> = Arc::default();
+    let chan = Mutex::new((go_tx, done_rx));
+    let seen = answer.clone();
+    let hook = move |p: vmmu::HookPoint| {
+        if let vmmu::HookPoint::MemslotGenerationPublished { generation, .. } = p {
+            if generation & 7 == 0 {
+                // Let the vCPU fault inside the window, and wait for it.
+                let c = chan.lock().unwrap();
+                c.0.send(()).unwrap();
+                *seen.lock().unwrap() = c.1.recv().ok();
+            }
+        }
+    };
+    let host = TestHost::new();
+    let config = VmConfig {
+        knobs: vmmu::GuardKnobs {
+            mmio_gen_bits: 3,
+            ..knobs
+        },
+        hooks: vmmu::TestHooks {
+            on: Some(Arc::new(hook)),
+        },
+        ..VmConfig::default()
+    };
+    let vm = Vm::new(config, host.ops()).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    let hole = Gpa(3 * GPA);
+    // Generation 0: the hole is cached as MMIO.
+    assert_eq!(
+        vcpu.page_fault(hole, ErrorCode::empty()).unwrap(),
+        RetPf::Emulate
+    );
+    assert_eq!(vm.stats().mmio_sptes_created, 1);
+    // Three creates elsewhere (generations 2, 4, 6) zap nothing; the entry stays
+    // (a fault on it now would refresh it with the current generation).
+    for i in 0..3u32 {
+        let gpa = GPA + i as u64 * SIZE;
+        vm.set_user_memory_region(region(10 + i, gpa, SIZE, HVA + i as u64 * SIZE, 0))
+            .unwrap();
+    }
+    let t = std::thread::spawn(move || {
+        go_rx.recv().unwrap();
+        let r = vcpu.page_fault(hole, ErrorCode::RSVD).unwrap();
+        done_tx.send(r).unwrap();
+        vcpu
+    });
+    // The fourth update (generation 8, slice 0) gives the hole a slot.
+    vm.set_user_memory_region(region(1, 3 * GPA, 1 << 20, 2 * HVA, 0))
+        .unwrap();
+    let mut vcpu = t.join().unwrap();
+    let r = answer
+        .lock()
+        .unwrap()
+        .expect("the hook ran at the wrapping update");
+    // Afterwards the gfn maps memory.
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(
+        vcpu.page_fault(hole, ErrorCode::empty()).unwrap(),
+        RetPf::Fixed
+    );
+    teardown(host, vm, vec![vcpu]);
+    r
+}
+
+#[test]
+fn test_mmio_generation_wrap_is_zapped_before_the_generation_is_visible() {
+    let r = fault_at_generation_wrap(vmmu::GuardKnobs::default());
+    assert_ne!(
+        r,
+        RetPf::Emulate,
+        "emulated MMIO for a gfn that has a memslot"
+    );
+}
+
+#[test]
+fn test_mmio_generation_wrap_zapped_after_publish_emulates_a_memory_gfn() {
+    // The order before the fix: the check above must be able to fail.
+    let knobs = vmmu::GuardKnobs {
+        zap_after_publish: true,
+        ..vmmu::GuardKnobs::default()
+    };
+    assert_eq!(fault_at_generation_wrap(knobs), RetPf::Emulate);
 }

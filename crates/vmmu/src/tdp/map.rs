@@ -5,7 +5,7 @@ use super::iter::TdpIter;
 use super::{Ctx, RemoteFlush, TableCache, Tdp};
 use crate::fault::{PageFault, RetPf};
 use crate::root::Root;
-use crate::spte::{LeafParams, Spte};
+use crate::spte::{leaf_change_needs_flush, LeafParams, Spte};
 use crate::stats::CounterSet;
 use crate::sync::Ordering;
 use crate::types::Level;
@@ -112,9 +112,12 @@ impl Tdp {
             CounterSet::inc(&ctx.stats.map_retries);
             return RetPf::Retry;
         }
-        if old.is_table(level) {
-            // A table was replaced by a huge leaf: translations through the old
-            // table must go before anyone relies on the new mapping.
+        // A table replaced by a huge leaf, or a present leaf replaced by something
+        // that allows less (an MMIO entry from a fault that saw the memslots before
+        // an update, another frame): translations the old entry gave must be gone
+        // before anyone relies on the new one. Upgrades (more permissions, the
+        // same frame) need no flush.
+        if old.is_shadow_present() && (!old.is_leaf(level) || leaf_change_needs_flush(old, new)) {
             flusher.flush_remote_tlbs(ctx.stats);
         }
         match f.slot {
@@ -134,5 +137,120 @@ impl Tdp {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::config::GuardKnobs;
+    use crate::memslot::{classify, Change, Memslot, MemslotSet, UserMemoryRegion};
+    use crate::root::Role;
+    use crate::spte::Access;
+    use crate::sync::{Arc, AtomicU64};
+    use crate::testing::TestMemory;
+    use crate::types::{Gfn, Pfn};
+
+    #[derive(Default)]
+    struct CountingFlush(AtomicU64);
+
+    impl RemoteFlush for CountingFlush {
+        fn flush_remote_tlbs(&self, _stats: &CounterSet) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn slot() -> Arc<Memslot> {
+        let region = UserMemoryRegion {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: 1 << 30,
+        };
+        match classify(&MemslotSet::new(0), &region, 1, 1 << 34) {
+            Ok(Change::Create(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn fault<'s>(gfn: Gfn, slot: Option<&'s Memslot>, pfn: Pfn, write: bool) -> PageFault<'s> {
+        PageFault {
+            gfn,
+            write,
+            present: false,
+            rsvd: false,
+            private: false,
+            access: if write {
+                Access::READ | Access::WRITE
+            } else {
+                Access::READ
+            },
+            slot,
+            max_level: Level::K4,
+            goal_level: Level::K4,
+            req_level: Level::K4,
+            mmu_seq: 0,
+            pfn,
+            host_pfn: pfn,
+            map_writable: true,
+            mmio_gen: 0,
+            huge_page_disallowed: false,
+        }
+    }
+
+    #[test]
+    fn test_map_replacing_a_present_leaf_flushes_only_when_it_allows_less() {
+        let tdp = Tdp::new(
+            Arc::new(TestMemory::new()),
+            Level::L4,
+            1 << 34,
+            true,
+            false,
+            GuardKnobs::default(),
+        );
+        let stats = CounterSet::default();
+        let mut cache = TableCache::default();
+        cache.topup(&tdp, 8).unwrap();
+        let role = Role {
+            level: Level::L4,
+            smm: false,
+            guest_mode: false,
+        };
+        let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
+        let rcu = tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &stats,
+            rcu: &rcu,
+        };
+        let flush = CountingFlush::default();
+        let s = slot();
+        let gfn = Gfn(5);
+        // A read fault maps a read-only leaf (the host maps the page read-only);
+        // a fresh map needs no flush.
+        let mut f = fault(gfn, Some(&s), Pfn(0x1234), false);
+        f.map_writable = false;
+        assert_eq!(tdp.map(&ctx, &root, &f, &mut cache, &flush), RetPf::Fixed);
+        assert_eq!(flush.0.load(Ordering::Relaxed), 0);
+        // A write fault that looked at the memslots before the slot existed
+        // installs an MMIO entry over the leaf: vCPUs may hold the leaf in their
+        // TLBs, and no later zap would find it to flush.
+        let stale = fault(gfn, None, Pfn(0), true);
+        cache.topup(&tdp, 8).unwrap();
+        assert_eq!(
+            tdp.map(&ctx, &root, &stale, &mut cache, &flush),
+            RetPf::Emulate
+        );
+        assert_eq!(
+            flush.0.load(Ordering::Relaxed),
+            1,
+            "a present leaf was replaced without a TLB flush"
+        );
+        // Mapping the leaf again over the MMIO entry allows more: no flush.
+        cache.topup(&tdp, 8).unwrap();
+        assert_eq!(tdp.map(&ctx, &root, &f, &mut cache, &flush), RetPf::Fixed);
+        assert_eq!(flush.0.load(Ordering::Relaxed), 1);
+        drop(rcu);
+        cache.drain(&tdp);
     }
 }
