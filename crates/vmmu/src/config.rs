@@ -117,6 +117,8 @@ pub struct GuardKnobs {
     /// Publish a new memslot generation before zapping for an MMIO-generation
     /// wrap (the order before the fix), instead of after.
     pub zap_after_publish: bool,
+    /// Bump the invalidation sequence with a Relaxed store instead of Release.
+    pub relaxed_seq_bump: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -342,6 +342,11 @@ impl VcpuMmu {
     fn faultin_pfn(&self, f: &mut PageFault<'_>) -> Result<RetPf, FaultError> {
         let vm = &*self.vm;
         let stats = &self.shared.stats;
+        // The one snapshot of the fault, before anything it decides on is read
+        // (the attributes, the memslot's state, the host's page tables): an
+        // invalidation that changes any of them after this point is caught by the
+        // checks below. A second snapshot later would let a change that ended in
+        // between go unnoticed.
         f.mmu_seq = vm.inval.snapshot();
         // Private/shared first, so a mismatch exits to the VMM even without a slot.
         // Until memory attributes exist every gfn is shared.
@@ -366,7 +371,6 @@ impl VcpuMmu {
             CounterSet::inc(&stats.invalid_slot_retries);
             return Ok(RetPf::Retry);
         }
-        f.mmu_seq = vm.inval.snapshot();
         if vm.config.precheck && vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
             CounterSet::inc(&stats.precheck_retries);
             return Ok(RetPf::Retry);

@@ -71,6 +71,24 @@ pub enum HostFaultError {
 }
 
 /// The host's own page tables (the "primary MMU"), as seen by a secondary MMU.
+///
+/// # What the MMU requires of a host
+/// The MMU never trusts a frame it got from [`PrimaryMmu::faultin`] by itself; it
+/// trusts the invalidation protocol around it. That works if the host keeps
+/// two rules, the ones Linux's mm keeps for KVM:
+/// 1. Before it changes or removes a mapping that a fault may already have
+///    returned, the host calls `Vm::invalidate_range_start` for its range, and
+///    changes the mapping only after that returned.
+/// 2. Every store of the change (the host's own page-table entries, however it
+///    keeps them) happens before it ends the invalidation ([`crate::Invalidation::end`]),
+///    in program order or by its own synchronisation, and `faultin` reads the
+///    host's state afresh on each call.
+///
+/// The MMU supplies the rest: a fault takes an Acquire snapshot of the
+/// invalidation sequence before it calls `faultin`, and ending an invalidation
+/// bumps the sequence with Release. So a fault that sees the bump sees the
+/// change, even if `faultin` reads the host's tables with relaxed loads and no
+/// lock; a fault that does not see it retries under `mmu_lock`.
 pub trait PrimaryMmu: Send + Sync {
     /// Resolve `hva` to a frame, faulting it in if needed, and take a reference
     /// on it (like get_user_pages).

@@ -35,11 +35,15 @@ pub(crate) struct InvalidateState {
     /// begin/end pairs that never recorded a range (KVM warns about these).
     empty_pairs: AtomicU64,
     range_added: AtomicU64,
+    /// Test-only: bump the sequence with a Relaxed store (the bug the loom model
+    /// of a lockless host catches).
+    relaxed_seq_bump: bool,
 }
 
 impl InvalidateState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(relaxed_seq_bump: bool) -> Self {
         InvalidateState {
+            relaxed_seq_bump,
             seq: AtomicU64::new(0),
             in_progress: AtomicI64::new(0),
             range_start: AtomicU64::new(INVALID_GFN),
@@ -49,9 +53,11 @@ impl InvalidateState {
         }
     }
 
-    /// Snapshot the sequence for a fault. Acquire: loads that follow (the host's
-    /// page tables) cannot be satisfied before this one; pairs with the Release
-    /// decrement in [`InvalidateState::end`].
+    /// Snapshot the sequence for a fault. Acquire: pairs with the Release bump
+    /// in [`InvalidateState::end`], so a fault that sees an invalidation's bump
+    /// also sees every change the host made before ending it, even in host page
+    /// tables it reads without locks; and loads that follow (the host's page
+    /// tables) cannot be satisfied before this one.
     pub(crate) fn snapshot(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }
@@ -94,7 +100,16 @@ impl InvalidateState {
         if self.range_added.load(Ordering::Relaxed) == 0 {
             self.empty_pairs.fetch_add(1, Ordering::Relaxed);
         }
-        self.seq.fetch_add(1, Ordering::Relaxed);
+        // Release: the host changed its mapping before ending the invalidation, so
+        // a fault whose snapshot reads this bump must also read the new mapping;
+        // pairs with the Acquire in `snapshot`. mmu_lock does not provide that
+        // edge: the fault reads the host's tables before it takes the lock.
+        let bump = if self.relaxed_seq_bump {
+            Ordering::Relaxed
+        } else {
+            Ordering::Release
+        };
+        self.seq.fetch_add(1, bump);
         // Release: an unlocked reader that sees the decremented count also sees the
         // incremented sequence (KVM's smp_wmb); pairs with the Acquire load in
         // `retry_gfn_unsafe`.
@@ -209,7 +224,7 @@ mod tests {
     fn test_invalidate_retry_inside_range_until_end_then_seq() {
         let lock = MmuLock::new();
         let st = CounterSet::default();
-        let inv = InvalidateState::new();
+        let inv = InvalidateState::new(false);
         let seq = inv.snapshot();
         assert!(!inv.retry_gfn(seq, Gfn(5)));
         {
@@ -233,7 +248,7 @@ mod tests {
     fn test_invalidate_concurrent_ranges_merge_until_all_end() {
         let lock = MmuLock::new();
         let st = CounterSet::default();
-        let inv = InvalidateState::new();
+        let inv = InvalidateState::new(false);
         let seq = inv.snapshot();
         let w = lock.write(&st.lock);
         inv.begin(&w);

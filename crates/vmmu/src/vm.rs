@@ -301,7 +301,7 @@ impl Vm {
             ),
             host,
             mmu_lock: MmuLock::new(),
-            inval: InvalidateState::new(),
+            inval: InvalidateState::new(config.knobs.relaxed_seq_bump),
             active_inval: ActiveInvalidations::new(),
             slots: Mutex::new(
                 LockClass::SlotsLock,

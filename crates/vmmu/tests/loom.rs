@@ -183,6 +183,81 @@ fn fast_path_vs_zap(knobs: GuardKnobs) {
     drop(vm);
 }
 
+/// A primary MMU whose one page-table entry is an atomic read and written
+/// without any lock or fence (like a lockless page-table walk). Only the MMU's
+/// invalidation protocol orders the fault's read against the host's change.
+struct LocklessPte {
+    pfn: loom::sync::atomic::AtomicU64,
+}
+
+impl vmmu::PrimaryMmu for LocklessPte {
+    fn faultin(
+        &self,
+        _hva: Hva,
+        _req: vmmu::FaultinRequest,
+    ) -> Result<vmmu::HostPfn, vmmu::HostFaultError> {
+        Ok(vmmu::HostPfn {
+            pfn: Pfn(self.pfn.load(loom::sync::atomic::Ordering::Relaxed)),
+            writable: true,
+        })
+    }
+    fn release(&self, _pfn: Pfn, _mapped_writable: bool) {}
+    fn mapping_level(&self, _hva: Hva) -> vmmu::Level {
+        vmmu::Level::K4
+    }
+}
+
+/// (a') A fault never installs the frame a lockless host replaced before it
+/// ended the invalidation: the fault that sees the end's sequence bump sees the
+/// new frame, one that does not see it retries under the lock.
+fn lockless_host_vs_fault(knobs: GuardKnobs) {
+    let host = TestHost::new();
+    let pte = Arc::new(LocklessPte {
+        pfn: loom::sync::atomic::AtomicU64::new(0x777),
+    });
+    let mut ops = host.ops();
+    ops.primary = pte.clone();
+    let vm = Vm::new(
+        VmConfig {
+            knobs,
+            // Only the snapshot's edge is under test; the unlocked checks would
+            // add edges of their own in some interleavings.
+            precheck: false,
+            ..VmConfig::default()
+        },
+        ops,
+    )
+    .unwrap();
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: GPA,
+        memory_size: 2 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    // Build the tables with a neighbour so the racing fault only installs a leaf.
+    vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap();
+    let hvm = vm.clone();
+    let hpte = pte.clone();
+    let hostt = thread::spawn(move || {
+        let inv = hvm.invalidate_range_start(HvaRange::new(Hva(HVA), Hva(HVA + 4096)));
+        hpte.pfn.store(0x888, loom::sync::atomic::Ordering::Relaxed);
+        inv.end();
+    });
+    let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE);
+    hostt.join().unwrap();
+    assert_ne!(
+        leaf_pfn(&vm, GPA).map(|m| m.0),
+        Some(Pfn(0x777)),
+        "old frame of a lockless host mapped after its invalidation"
+    );
+    drop(vcpu);
+    drop(vm);
+}
+
 // (c) Root reference counting vs invalidation is checked inside the crate
 // (`src/root.rs`, `loom_root_*`), on the roots code alone: a whole-VM model spends
 // its budget walking table entries that play no part in that protocol.
@@ -245,6 +320,13 @@ protocol!(
     fault_vs_invalidation,
     skip_locked_retry,
     "old frame mapped after invalidation"
+);
+protocol!(
+    loom_lockless_host_change_is_seen_by_faults_after_the_end,
+    loom_lockless_host_change_missed_with_relaxed_sequence_bump,
+    lockless_host_vs_fault,
+    relaxed_seq_bump,
+    "old frame of a lockless host"
 );
 protocol!(
     loom_zap_never_loses_hardware_dirty_bit,
