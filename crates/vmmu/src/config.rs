@@ -117,6 +117,9 @@ pub struct GuardKnobs {
     /// Publish a new memslot generation before zapping for an MMIO-generation
     /// wrap (the order before the fix), instead of after.
     pub zap_after_publish: bool,
+    /// Keep one RCU read-side section across every `mmu_lock` yield of a long
+    /// zap (the behaviour before the fix), holding back deferred table frees.
+    pub rcu_pinned_across_yields: bool,
     /// Bump the invalidation sequence with a Relaxed store instead of Release.
     pub relaxed_seq_bump: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),

@@ -117,9 +117,7 @@ impl Tdp {
         self.roots.lock().retain(|r| !Arc::ptr_eq(r, root));
         root.freed.store(true, Ordering::Release);
         CounterSet::inc(&ctx.stats.roots_freed);
-        let mem = self.mem.clone();
-        let pfn = root.pfn;
-        ctx.rcu.defer(move || mem.free_table_page(pfn));
+        self.free_after_grace_period(ctx, root.pfn);
     }
 
     /// Run `f` on every root of address space `as_id` (valid ones, and invalid ones

@@ -664,6 +664,25 @@ impl Vm {
             .sum()
     }
 
+    /// Table pages retired and still waiting for their RCU grace period, and
+    /// the most there have been since [`Vm::reset_pending_free_peak`].
+    pub fn tables_pending_free(&self) -> (u64, u64) {
+        let t = &self.inner.tdp;
+        (
+            t.pending_free.load(crate::sync::Ordering::Relaxed),
+            t.pending_free_peak.load(crate::sync::Ordering::Relaxed),
+        )
+    }
+
+    /// Start measuring the peak of [`Vm::tables_pending_free`] afresh.
+    pub fn reset_pending_free_peak(&self) {
+        let t = &self.inner.tdp;
+        t.pending_free_peak.store(
+            t.pending_free.load(crate::sync::Ordering::Relaxed),
+            crate::sync::Ordering::Relaxed,
+        );
+    }
+
     /// Invalidations currently between start and end.
     pub fn invalidations_in_progress(&self) -> i64 {
         self.inner.inval.in_progress()

@@ -51,8 +51,11 @@ unsafe impl Send for RcuReader {}
 /// A read-side critical section. Memory retired while it is alive is not freed
 /// before it ends.
 pub(crate) struct RcuGuard<'a> {
+    /// In a cell so a long writer can re-pin through the shared reference its
+    /// callees hold ([`RcuGuard::repin`]); the guard is `!Sync`, so only its own
+    /// thread ever borrows it, and never re-entrantly.
     #[cfg(not(loom))]
-    guard: Option<crossbeam_epoch::Guard>,
+    guard: std::cell::RefCell<Option<crossbeam_epoch::Guard>>,
     /// The pooled reader this guard pinned, returned to the pool on drop.
     #[cfg(not(loom))]
     lent: Option<(RcuReader, &'a Rcu)>,
@@ -88,7 +91,7 @@ impl Rcu {
             let reader = self.pool.lock().pop().unwrap_or_else(|| self.register());
             let guard = reader.handle.pin();
             RcuGuard {
-                guard: Some(guard),
+                guard: std::cell::RefCell::new(Some(guard)),
                 lent: Some((reader, self)),
                 _p: PhantomData,
             }
@@ -107,7 +110,7 @@ impl Rcu {
         #[cfg(not(loom))]
         {
             RcuGuard {
-                guard: Some(reader.handle.pin()),
+                guard: std::cell::RefCell::new(Some(reader.handle.pin())),
                 lent: None,
                 _p: PhantomData,
             }
@@ -127,7 +130,7 @@ impl RcuGuard<'_> {
     /// Run `f` once every reader that could have seen the retired memory is gone.
     pub(crate) fn defer(&self, f: impl FnOnce() + Send + 'static) {
         #[cfg(not(loom))]
-        if let Some(g) = &self.guard {
+        if let Some(g) = self.guard.borrow().as_ref() {
             g.defer(f);
         }
         #[cfg(loom)]
@@ -137,7 +140,20 @@ impl RcuGuard<'_> {
     /// Hand deferred work to the collector so it can run soon.
     pub(crate) fn flush(&self) {
         #[cfg(not(loom))]
-        if let Some(g) = &self.guard {
+        if let Some(g) = self.guard.borrow().as_ref() {
+            g.flush();
+        }
+    }
+
+    /// End the read-side section and start a new one (a writer that just
+    /// yielded `mmu_lock` and restarts its walk from the root holds no pointer
+    /// into tables it may have retired), then hand what it deferred to the
+    /// collector. Without this a long zap would hold back every deferred free of
+    /// the VM until it ends.
+    pub(crate) fn repin(&self) {
+        #[cfg(not(loom))]
+        if let Some(g) = self.guard.borrow_mut().as_mut() {
+            g.repin();
             g.flush();
         }
     }
@@ -148,7 +164,7 @@ impl Drop for RcuGuard<'_> {
     fn drop(&mut self) {
         // Unpin before the reader goes back to the pool: no guard may exist while
         // a reader moves between threads.
-        self.guard.take();
+        self.guard.get_mut().take();
         if let Some((reader, rcu)) = self.lent.take() {
             rcu.pool.lock().push(reader);
         }

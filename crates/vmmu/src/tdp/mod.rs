@@ -42,6 +42,10 @@ pub(crate) struct Tdp {
     pub(crate) next_root_id: AtomicU64,
     /// Non-root table pages currently linked (`tdp_mmu_pages`).
     pub(crate) linked_tables: AtomicU64,
+    /// Table pages retired and waiting for their RCU grace period.
+    pub(crate) pending_free: Arc<AtomicU64>,
+    /// The most `pending_free` has been since the last reset.
+    pub(crate) pending_free_peak: AtomicU64,
 }
 
 impl std::fmt::Debug for Tdp {
@@ -140,6 +144,30 @@ impl Tdp {
             knobs,
             next_root_id: AtomicU64::new(1),
             linked_tables: AtomicU64::new(0),
+            pending_free: Arc::new(AtomicU64::new(0)),
+            pending_free_peak: AtomicU64::new(0),
+        }
+    }
+
+    /// Free a table page (or root) once every lockless walker that might still
+    /// read it is gone.
+    pub(crate) fn free_after_grace_period(&self, ctx: &Ctx<'_>, pfn: Pfn) {
+        // Relaxed: a statistic.
+        let n = self.pending_free.fetch_add(1, Ordering::Relaxed) + 1;
+        self.pending_free_peak.fetch_max(n, Ordering::Relaxed);
+        let mem = self.mem.clone();
+        let pending = self.pending_free.clone();
+        ctx.rcu.defer(move || {
+            mem.free_table_page(pfn);
+            pending.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// After a walk yielded `mmu_lock`: start a new RCU read-side section, so
+    /// tables retired before the yield can be freed while the walk goes on.
+    pub(crate) fn after_yield(&self, ctx: &Ctx<'_>) {
+        if !self.knobs.rcu_pinned_across_yields {
+            ctx.rcu.repin();
         }
     }
 
@@ -305,7 +333,6 @@ impl Tdp {
             };
             self.handle_changed_spte(ctx, gfn, old, Spte::FROZEN, level, shared);
         }
-        let mem = self.mem.clone();
-        ctx.rcu.defer(move || mem.free_table_page(pfn));
+        self.free_after_grace_period(ctx, pfn);
     }
 }

@@ -41,6 +41,7 @@ impl Tdp {
             if rs.should_yield(&it, guard) {
                 batch.flush(flusher, ctx.stats);
                 guard.yield_lock(lock_stats);
+                self.after_yield(ctx);
                 CounterSet::inc(&ctx.stats.yields);
                 rs.yielded();
                 if root.is_freed() {
@@ -91,6 +92,7 @@ impl Tdp {
             while it.in_range() {
                 if rs.should_yield(&it, guard) {
                     guard.yield_lock(lock_stats);
+                    self.after_yield(ctx);
                     CounterSet::inc(&ctx.stats.yields);
                     rs.yielded();
                     it.restart();
