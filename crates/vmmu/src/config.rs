@@ -120,6 +120,10 @@ pub struct GuardKnobs {
     /// Keep one RCU read-side section across every `mmu_lock` yield of a long
     /// zap (the behaviour before the fix), holding back deferred table frees.
     pub rcu_pinned_across_yields: bool,
+    /// Long walks yield `mmu_lock` after every step that made progress, as if
+    /// someone always waited: makes yield-dependent behaviour deterministic in
+    /// tests. Not a guard.
+    pub yield_every_step: bool,
     /// Bump the invalidation sequence with a Relaxed store instead of Release.
     pub relaxed_seq_bump: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),

@@ -168,14 +168,17 @@ pub(crate) struct Resched {
     since: Instant,
     checks: u32,
     yields: u32,
+    /// Test-only: yield after every step that made progress.
+    always: bool,
 }
 
 impl Resched {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(always: bool) -> Self {
         Resched {
             since: Instant::now(),
             checks: 0,
             yields: 0,
+            always,
         }
     }
 
@@ -184,6 +187,10 @@ impl Resched {
     pub(crate) fn should_yield<G: MmuGuard>(&mut self, it: &TdpIter<'_>, guard: &G) -> bool {
         if !it.has_progressed() {
             return false;
+        }
+        if self.always {
+            self.yields += 1;
+            return true;
         }
         // Under the model checker the lock cannot hand over fairly, so a walk that
         // yields at every step to a waiter multiplies schedules without exploring

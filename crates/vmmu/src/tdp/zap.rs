@@ -36,7 +36,7 @@ impl Tdp {
         flusher: &dyn RemoteFlush,
     ) {
         let mut it = self.walk(root, Level::K4, range.start, range.end);
-        let mut rs = Resched::new();
+        let mut rs = Resched::new(self.knobs.yield_every_step);
         while it.in_range() {
             if rs.should_yield(&it, guard) {
                 batch.flush(flusher, ctx.stats);
@@ -86,7 +86,7 @@ impl Tdp {
         let mut levels = vec![Level::K4, Level::M2, Level::G1];
         levels.retain(|l| *l < self.root_level);
         levels.push(self.root_level);
-        let mut rs = Resched::new();
+        let mut rs = Resched::new(self.knobs.yield_every_step);
         for zap_level in levels {
             let mut it = self.walk(root, zap_level, Gfn(0), self.max_gfn());
             while it.in_range() {
