@@ -138,7 +138,12 @@ pub(crate) struct PageFault<'s> {
 
 impl VcpuMmu {
     /// Handle an EPT violation or misconfiguration at `gpa`.
+    #[track_caller]
     pub fn page_fault(&mut self, gpa: Gpa, error_code: ErrorCode) -> Result<RetPf, FaultError> {
+        let _m = crate::sync::lockdep::Held::acquire(
+            crate::sync::LockClass::VcpuMutex,
+            std::panic::Location::caller(),
+        );
         let r = self.page_fault_inner(gpa, error_code);
         let st = &self.shared.stats;
         CounterSet::inc(&st.faults);

@@ -114,7 +114,12 @@ impl Tdp {
             root.is_invalid(),
             "only invalid roots may lose their last reference"
         );
-        self.roots.lock().retain(|r| !Arc::ptr_eq(r, root));
+        {
+            let _l = self.roots.lock();
+            let mut next: Vec<Arc<Root>> = (*self.roots_list.load_full()).clone();
+            next.retain(|r| !Arc::ptr_eq(r, root));
+            self.roots_list.swap(Arc::new(next));
+        }
         root.freed.store(true, Ordering::Release);
         CounterSet::inc(&ctx.stats.roots_freed);
         self.free_after_grace_period(ctx, root.pfn);
@@ -132,24 +137,24 @@ impl Tdp {
         only_valid: bool,
         mut f: impl FnMut(&Arc<Root>),
     ) {
-        for root in self.roots_snapshot() {
+        for root in self.roots_snapshot().iter() {
             if root.role.as_id() != as_id || (only_valid && root.is_invalid()) {
                 continue;
             }
             if self.knobs.roots_without_refs {
-                f(&root);
+                f(root);
                 continue;
             }
-            if self.get_root(&root) {
-                f(&root);
-                self.put_root(ctx, &root);
+            if self.get_root(root) {
+                f(root);
+                self.put_root(ctx, root);
             }
         }
     }
 
-    /// A snapshot of the roots list.
-    pub(crate) fn roots_snapshot(&self) -> Vec<Arc<Root>> {
-        self.roots.lock().clone()
+    /// A snapshot of the roots list; needs no lock.
+    pub(crate) fn roots_snapshot(&self) -> Arc<Vec<Arc<Root>>> {
+        self.roots_list.load_full()
     }
 
     /// Find a valid root for `role` and take a reference, or create one from the
@@ -166,7 +171,8 @@ impl Tdp {
                 return Some(r.clone());
             }
         }
-        let mut roots = self.roots.lock();
+        let _l = self.roots.lock();
+        let roots = self.roots_list.load_full();
         // Another vCPU may have added one since the scan.
         if let Some(r) = roots.iter().find(|r| matching(r)) {
             if self.get_root(r) {
@@ -184,7 +190,9 @@ impl Tdp {
             scheduled_to_zap: AtomicBool::new(false),
             freed: AtomicBool::new(false),
         });
-        roots.push(root.clone());
+        let mut next: Vec<Arc<Root>> = (*roots).clone();
+        next.push(root.clone());
+        self.roots_list.swap(Arc::new(next));
         CounterSet::inc(&stats.roots_created);
         Some(root)
     }
@@ -193,7 +201,8 @@ impl Tdp {
     /// `mmu_lock` held for write (or a dying VM). Returns how many were invalidated.
     pub(crate) fn invalidate_roots(&self, stats: &CounterSet, filter: RootFilter) -> u64 {
         let mut n = 0;
-        for r in self.roots.lock().iter() {
+        let _l = self.roots.lock();
+        for r in self.roots_list.load().iter() {
             if filter.matches(&r.role) && !r.is_invalid() {
                 r.scheduled_to_zap.store(true, Ordering::Relaxed);
                 // Release: pairs with `is_invalid`.
@@ -214,16 +223,16 @@ impl Tdp {
         lock_stats: &crate::sync::LockStats,
     ) {
         let shared = !guard.is_exclusive();
-        for root in self.roots_snapshot() {
-            if !root.scheduled_to_zap.load(Ordering::Relaxed) || !self.get_root(&root) {
+        for root in self.roots_snapshot().iter() {
+            if !root.scheduled_to_zap.load(Ordering::Relaxed) || !self.get_root(root) {
                 continue;
             }
             if root.scheduled_to_zap.swap(false, Ordering::AcqRel) {
-                self.zap_root(ctx, &root, guard, lock_stats, shared);
+                self.zap_root(ctx, root, guard, lock_stats, shared);
                 // The MMU's own reference, "gifted" to the zapper.
-                self.put_root(ctx, &root);
+                self.put_root(ctx, root);
             }
-            self.put_root(ctx, &root);
+            self.put_root(ctx, root);
         }
     }
 }

@@ -339,11 +339,11 @@ pub fn hardware_set_dirty(vm: &crate::Vm, gpa: crate::Gpa) -> bool {
     let gfn = gpa.gfn();
     let inner = &vm.inner;
     let _rcu = inner.tdp.rcu.read_lock();
-    for root in inner.tdp.roots_snapshot() {
+    for root in inner.tdp.roots_snapshot().iter() {
         if root.is_invalid() {
             continue;
         }
-        let (sptep, spte, level) = inner.tdp.last_spte(&root, gfn);
+        let (sptep, spte, level) = inner.tdp.last_spte(root, gfn);
         if !spte.is_leaf(level) || !spte.is_writable() {
             return false;
         }

@@ -7,10 +7,22 @@ use crate::request::{
 };
 use crate::root::{Role, Root};
 use crate::stats::{CounterSet, Stats};
-use crate::sync::{Arc, Ordering, RcuReader, SrcuReader};
+use std::panic::Location;
+
+use crate::sync::lockdep::Held;
+use crate::sync::{Arc, LockClass, Ordering, RcuReader, SrcuReader};
 use crate::tdp::{Ctx, TableCache};
 use crate::types::{Level, Pfn};
 use crate::vm::{Vm, VmError, VmInner};
+
+/// `vcpu->mutex` for the lock-order checker. Exclusive access to a vCPU is
+/// already `&mut VcpuMmu`; what the pseudo-lock adds is the check that nothing a
+/// vCPU call does (including host callbacks it triggers) takes a lock that must
+/// come before `vcpu->mutex`, such as `kvm->lock`. Free in release builds.
+#[track_caller]
+fn vcpu_mutex() -> Held {
+    Held::acquire(LockClass::VcpuMutex, Location::caller())
+}
 
 /// Number of cached previous roots (`KVM_MMU_NUM_PREV_ROOTS`).
 pub const NUM_PREV_ROOTS: usize = 3;
@@ -125,6 +137,7 @@ impl VcpuMmu {
     /// Process pending requests and make sure a valid root is loaded (KVM's
     /// request handling in `vcpu_enter_guest` plus `kvm_mmu_load`).
     pub fn prepare_entry(&mut self) -> Result<Entry, VmError> {
+        let _m = vcpu_mutex();
         // Acquire: requests were published with SeqCst stores by requesters.
         let reqs = self.shared.requests.swap(0, Ordering::Acquire);
         let mut flush = reqs & REQ_TLB_FLUSH != 0;
@@ -205,6 +218,7 @@ impl VcpuMmu {
     /// never reloaded. Refused (and nothing changes) on a VM without the SMM
     /// address space.
     pub fn set_smm(&mut self, smm: bool) -> Result<(), VmError> {
+        let _m = vcpu_mutex();
         let spaces = self.vm.config.address_spaces;
         if smm && spaces < 2 {
             return Err(VmError::SmmUnsupported { spaces });

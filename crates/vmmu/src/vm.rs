@@ -100,7 +100,11 @@ pub(crate) struct VmInner {
     slots: Mutex<SlotsState>,
     pub(crate) memslots: Vec<Snapshot<MemslotSet>>,
     pub(crate) srcu: Srcu,
+    /// The vCPU list, under `kvm->lock` (as `kvm_vm_ioctl_create_vcpu` takes it).
     vcpu_registry: Mutex<Vec<Arc<VcpuShared>>>,
+    /// `kvm->slots_arch_lock`: held by a memslot update from publishing its new
+    /// set until just before it waits for SRCU readers.
+    slots_arch_lock: Mutex<()>,
     vcpus: Snapshot<Vec<Arc<VcpuShared>>>,
     pub(crate) stats: CounterSet,
     /// Generation bits kept in MMIO entries (all 19 outside tests).
@@ -207,11 +211,16 @@ impl VmInner {
         let cur_gen = self.memslots[idx].load().generation() & !GEN_UPDATE_IN_PROGRESS;
         next.set_generation(cur_gen | GEN_UPDATE_IN_PROGRESS);
         let next = Arc::new(next);
-        let old = self
-            .active_inval
-            .publish_when_idle(self.config.knobs.skip_install_wait, || {
-                self.memslots[idx].swap(next.clone())
-            });
+        let old = {
+            // KVM's kvm_swap_active_memslots: slots_arch_lock is held while the
+            // installer waits for notifiers and publishes, and dropped before it
+            // waits for SRCU readers (so it may be taken inside a read section).
+            let _arch = self.slots_arch_lock.lock();
+            self.active_inval
+                .publish_when_idle(self.config.knobs.skip_install_wait, || {
+                    self.memslots[idx].swap(next.clone())
+                })
+        };
         // Every reader that might still use the old set is gone after this.
         self.srcu.synchronize();
         let new_gen = cur_gen + self.config.address_spaces as u64;
@@ -313,7 +322,8 @@ impl Vm {
                 .map(|a| Snapshot::new(Arc::new(MemslotSet::new(a))))
                 .collect(),
             srcu: Srcu::new(),
-            vcpu_registry: Mutex::new(LockClass::VcpuRegistry, Vec::new()),
+            vcpu_registry: Mutex::new(LockClass::KvmLock, Vec::new()),
+            slots_arch_lock: Mutex::new(LockClass::SlotsArchLock, ()),
             vcpus: Snapshot::new(Arc::new(Vec::new())),
             stats: CounterSet::default(),
             mmio_gen_mask: config.mmio_gen_mask(),
@@ -483,13 +493,13 @@ impl Vm {
             rcu: &rcu,
         };
         let mut young = false;
-        for root in vm.tdp.roots_snapshot() {
+        for root in vm.tdp.roots_snapshot().iter() {
             if root.is_invalid() {
                 continue;
             }
             for (as_id, g) in &hits {
                 if root.role.as_id() == *as_id {
-                    young |= vm.tdp.age_range(&ctx, &root, *g, clear);
+                    young |= vm.tdp.age_range(&ctx, root, *g, clear);
                 }
             }
         }
@@ -640,11 +650,11 @@ impl Vm {
         let _rcu = vm.tdp.rcu.read_lock();
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
-        for root in vm.tdp.roots_snapshot() {
+        for root in vm.tdp.roots_snapshot().iter() {
             if root.role.as_id() != as_id || root.is_invalid() {
                 continue;
             }
-            vm.tdp.for_each_leaf(&root, |gfn, level, spte| {
+            vm.tdp.for_each_leaf(root, |gfn, level, spte| {
                 if seen.insert((gfn, level)) {
                     out.push((gfn, level, spte));
                 }

@@ -959,3 +959,58 @@ fn test_long_zap_pinned_across_yields_holds_back_every_free() {
     eprintln!("1 GiB zap, pinned: {retired} tables retired, peak {peak} unfreed at once");
     assert!(peak >= retired, "peak {peak}, retired {retired}");
 }
+
+/// A host whose fault-in handler changes memslots: `slots_lock` (whose holder
+/// waits for SRCU readers) taken inside a vCPU fault, which holds the SRCU read
+/// side. A real deadlock when two vCPUs race a memslot update; the lock-order
+/// checker reports it the first time it happens.
+struct MemslotUpdatingHost {
+    inner: Arc<TestHost>,
+    vm: std::sync::OnceLock<Vm>,
+}
+
+impl vmmu::PrimaryMmu for MemslotUpdatingHost {
+    fn faultin(
+        &self,
+        hva: Hva,
+        req: vmmu::FaultinRequest,
+    ) -> Result<vmmu::HostPfn, HostFaultError> {
+        if let Some(vm) = self.vm.get() {
+            let _ = vm.set_user_memory_region(region(9, 16 * GPA, 4096, 16 * HVA, 0));
+        }
+        self.inner.faultin(hva, req)
+    }
+    fn release(&self, pfn: vmmu::Pfn, w: bool) {
+        self.inner.release(pfn, w)
+    }
+    fn mapping_level(&self, hva: Hva) -> Level {
+        self.inner.mapping_level(hva)
+    }
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn test_lock_order_checker_reports_a_host_callback_that_takes_slots_lock_in_a_fault() {
+    let host = TestHost::new();
+    let bad = Arc::new(MemslotUpdatingHost {
+        inner: host.clone(),
+        vm: std::sync::OnceLock::new(),
+    });
+    let mut ops = host.ops();
+    ops.primary = bad.clone();
+    let vm = Vm::new(VmConfig::default(), ops).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let _ = bad.vm.set(vm.clone());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = vcpu.page_fault(gpa(1), ErrorCode::WRITE);
+    }));
+    let err = r.expect_err("the checker did not report slots_lock inside a fault");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("acquiring kvm->slots_lock") && msg.contains("while holding kvm->srcu (read)"),
+        "{msg}"
+    );
+}

@@ -58,7 +58,13 @@ impl Srcu {
     }
 
     /// Wait for every read-side section open at the time of the call to end.
+    /// Checked by the lock-order checker like taking the read side exclusively:
+    /// called inside a read section, under `mmu_lock`, `slots_arch_lock` or in a
+    /// notifier it would wait for itself (or for a reader waiting for what the
+    /// caller holds), so it is reported instead of hanging.
+    #[track_caller]
     pub(crate) fn synchronize(&self) {
+        let _held = Held::acquire(LockClass::SrcuSync, Location::caller());
         let readers: Vec<_> = self
             .readers
             .lock()

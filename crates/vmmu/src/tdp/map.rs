@@ -148,6 +148,9 @@ mod tests {
     use crate::root::Role;
     use crate::spte::Access;
     use crate::sync::{Arc, AtomicU64};
+
+    // `tdp_mmu_pages_lock` is only taken under `mmu_lock`: the test holds it for
+    // read, as a faulting vCPU does.
     use crate::testing::TestMemory;
     use crate::types::{Gfn, Pfn};
 
@@ -210,6 +213,8 @@ mod tests {
             GuardKnobs::default(),
         );
         let stats = CounterSet::default();
+        let lock = crate::sync::MmuLock::new();
+        let _r = lock.read(&stats.lock);
         let mut cache = TableCache::default();
         cache.topup(&tdp, 8).unwrap();
         let role = Role {

@@ -23,15 +23,18 @@ use crate::host::{Table, TableMemory, TableMemoryError};
 use crate::root::Root;
 use crate::spte::Spte;
 use crate::stats::CounterSet;
-use crate::sync::{spin_wait, Arc, AtomicU64, LockClass, Mutex, Ordering, Rcu, RcuGuard};
+use crate::sync::{spin_wait, Arc, AtomicU64, LockClass, Mutex, Ordering, Rcu, RcuGuard, Snapshot};
 use crate::types::{Gfn, Level, Pfn};
 
 /// State of the TDP MMU shared by a VM.
 pub(crate) struct Tdp {
     pub(crate) mem: Arc<dyn TableMemory>,
     pub(crate) rcu: Rcu,
-    /// `tdp_mmu_roots`, protected by `tdp_mmu_pages_lock`.
-    pub(crate) roots: Mutex<Vec<Arc<Root>>>,
+    /// `tdp_mmu_roots`: changed under `tdp_mmu_pages_lock` (itself only taken
+    /// under `mmu_lock`) and published whole, so lockless readers (aging, dumps)
+    /// walk a snapshot, like KVM's RCU list.
+    pub(crate) roots: Mutex<()>,
+    pub(crate) roots_list: Snapshot<Vec<Arc<Root>>>,
     pub(crate) root_level: Level,
     /// One past the largest gfn memslots may contain.
     pub(crate) gfn_limit: u64,
@@ -136,7 +139,8 @@ impl Tdp {
         Tdp {
             mem,
             rcu: Rcu::new(),
-            roots: Mutex::new(LockClass::TdpMmuPagesLock, Vec::new()),
+            roots: Mutex::new(LockClass::TdpMmuPagesLock, ()),
+            roots_list: Snapshot::new(Arc::new(Vec::new())),
             root_level,
             gfn_limit,
             ad_enabled,
