@@ -128,6 +128,15 @@ pub fn walk(mem: &HostMemory, mmu: &Mmu, gpa: Gpa, access: Access) -> Result<Tra
     }
 }
 
+/// How an access was translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// From the TLB.
+    Tlb,
+    /// By walking the tables (and setting A/D as the access needed).
+    Walk,
+}
+
 /// Translate through the TLB, walking on a miss (or on a write through a
 /// translation cached clean) and caching the result.
 pub fn translate(
@@ -136,14 +145,37 @@ pub fn translate(
     mmu: &Mmu,
     gpa: Gpa,
     access: Access,
-) -> Result<Translation, Exit> {
+) -> Result<(Translation, Source), Exit> {
     let gfn: Gfn = gpa.gfn();
     if let Some(t) = tlb.lookup(mmu.root_id, gfn) {
         if t.perm.contains(access) && (!access.contains(Access::WRITE) || t.dirty || !mmu.ad) {
-            return Ok(t);
+            return Ok((t, Source::Tlb));
         }
     }
     let t = walk(mem, mmu, gpa, access)?;
     tlb.insert(mmu.root_id, gfn, t.pfn, t.level, t.perm, t.dirty);
-    Ok(t)
+    Ok((t, Source::Walk))
+}
+
+/// The leaf entry that maps `gpa` now, read without changing anything (the
+/// oracle's view of the tables, not a processor's): `None` if the walk does not
+/// reach a present leaf.
+pub fn peek_leaf(mem: &HostMemory, mmu: &Mmu, gpa: Gpa) -> Option<(Spte, Level)> {
+    let gfn = gpa.gfn();
+    let mut table = mmu.root;
+    let mut level = mmu.root_level;
+    loop {
+        if !mem.contains(table) {
+            return None;
+        }
+        let spte = Spte(mem.page(table)[level.index(gfn)].load(Ordering::Acquire));
+        if spte.0 & ept::RWX == 0 || !spte.is_shadow_present() {
+            return None;
+        }
+        if level == Level::K4 || spte.0 & ept::LARGE != 0 {
+            return Some((spte, level));
+        }
+        table = spte.pfn();
+        level = level.lower()?;
+    }
 }

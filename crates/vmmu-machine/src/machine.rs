@@ -14,7 +14,7 @@ use vmmu::{
     UserMemoryRegion, VcpuMmu, Vm, VmConfig, VmError,
 };
 
-use crate::cpu::{translate, Exit, Mmu};
+use crate::cpu::{peek_leaf, translate, Exit, Mmu, Source};
 use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram};
 use crate::host_memory::{HostMemory, MemoryError};
 use crate::oracle::{Oracle, Violation};
@@ -202,6 +202,7 @@ pub struct PhaseCtx<'a> {
     pub vm: &'a Vm,
     /// vCPUs still running.
     pub running: &'a AtomicU64,
+    harvests: &'a AtomicU64,
 }
 
 impl std::fmt::Debug for PhaseCtx<'_> {
@@ -214,6 +215,18 @@ impl PhaseCtx<'_> {
     /// Whether every vCPU finished its program.
     pub fn done(&self) -> bool {
         self.running.load(Ordering::Acquire) == 0
+    }
+
+    /// Harvest (clear) the Dirty bits of `range` while vCPUs run. Harvests go
+    /// through here so the oracle knows a clean leaf may be the harvest's doing,
+    /// not a processor that forgot to set D.
+    pub fn clear_dirty(&self, as_id: u16, range: vmmu::GfnRange) -> Result<u64, VmError> {
+        // SeqCst: a vCPU that reads the same even count before its walk and
+        // after its check saw no harvest in between.
+        self.harvests.fetch_add(1, Ordering::SeqCst);
+        let r = self.vm.clear_dirty_gfn_range(as_id, range);
+        self.harvests.fetch_add(1, Ordering::SeqCst);
+        r
     }
 }
 
@@ -240,6 +253,8 @@ pub struct Machine {
     pub oracle: Arc<Oracle>,
     /// Kicks.
     pub kicker: Arc<Kicker>,
+    /// Dirty-bit harvests started and finished (odd while one runs).
+    harvests: Arc<AtomicU64>,
     vcpus: Vec<Vcpu>,
 }
 
@@ -288,6 +303,7 @@ impl Machine {
             vm,
             oracle: Arc::new(Oracle::new(cfg.oracle)),
             kicker,
+            harvests: Arc::new(AtomicU64::new(0)),
             vcpus,
         })
     }
@@ -319,6 +335,7 @@ impl Machine {
         let running = AtomicU64::new(programs.len() as u64);
         let barrier = std::sync::Barrier::new(programs.len() + 1);
         let (mem, host, oracle, vm) = (&self.mem, &self.host, &self.oracle, &self.vm);
+        let harvests = &*self.harvests;
         let out = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .vcpus
@@ -328,7 +345,14 @@ impl Machine {
                     let (barrier, running) = (&barrier, &running);
                     s.spawn(move || {
                         barrier.wait();
-                        let report = run_vcpu(mem, host, oracle, vm, vcpu, &mut prog, opts);
+                        let env = VcpuEnv {
+                            mem,
+                            host,
+                            oracle,
+                            vm,
+                            harvests,
+                        };
+                        let report = run_vcpu(&env, vcpu, &mut prog, opts);
                         running.fetch_sub(1, Ordering::AcqRel);
                         (prog, report)
                     })
@@ -339,6 +363,7 @@ impl Machine {
                 host,
                 vm,
                 running: &running,
+                harvests,
             });
             handles
                 .into_iter()
@@ -370,6 +395,7 @@ impl Machine {
             vm,
             oracle,
             kicker: _,
+            harvests: _,
             vcpus,
         } = self;
         drop(vcpus);
@@ -430,16 +456,77 @@ fn check_access(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_vcpu<P: GuestProgram>(
-    mem: &HostMemory,
-    host: &HostMmu,
+/// Oracle (d), the reverse direction: the MMU answered "emulate" for `gpa`.
+/// That is wrong if the memslots the vCPU entered with are still the current
+/// ones (so the fault saw them too) and hold a valid slot there, unless the
+/// access writes a read-only slot.
+fn check_emulated(
     oracle: &Oracle,
     vm: &Vm,
+    entry_slots: &Arc<MemslotSet>,
+    as_id: u16,
+    gpa: Gpa,
+    write: bool,
+) {
+    let Some(current) = vm.memslots(as_id) else {
+        return;
+    };
+    if !Arc::ptr_eq(&current, entry_slots) {
+        return;
+    }
+    if let Some(slot) = current.lookup(gpa.gfn()) {
+        if !slot.is_invalid() && !(write && slot.is_readonly()) {
+            oracle.report(Violation::EmulatedMemory, || {
+                format!(
+                    "{} {gpa} completed as MMIO, but slot {:#x} maps it (generation {:#x})",
+                    if write { "write to" } else { "read of" },
+                    slot.slot_number(),
+                    current.generation()
+                )
+            });
+        }
+    }
+}
+
+/// Oracle (e): a write that walked the tables (A/D on) must leave the leaf it
+/// used dirty. Only checked while the leaf still maps the same frame writable
+/// (a zap or a remap in between replaced it, and a writable leaf is created
+/// dirty) and when `no_harvest` says no Dirty-bit harvest overlapped.
+fn check_dirty_after_walk(
+    oracle: &Oracle,
+    mem: &HostMemory,
+    view: &Mmu,
+    gpa: Gpa,
+    pfn: vmmu::Pfn,
+    no_harvest: impl FnOnce() -> bool,
+) {
+    if let Some((leaf, level)) = peek_leaf(mem, view, gpa) {
+        let offset = gpa.gfn().0 & (level.pages() - 1);
+        let same = leaf.pfn().0 + offset == pfn.0;
+        if same && leaf.is_writable() && !leaf.is_dirty() && no_harvest() {
+            oracle.report(Violation::DirtyNotSet, || {
+                format!("write to {gpa} ({pfn:?}) walked the tables but its leaf {leaf:?} is clean")
+            });
+        }
+    }
+}
+
+/// What a vCPU thread shares with the machine.
+struct VcpuEnv<'a> {
+    mem: &'a HostMemory,
+    host: &'a HostMmu,
+    oracle: &'a Oracle,
+    vm: &'a Vm,
+    harvests: &'a AtomicU64,
+}
+
+fn run_vcpu<P: GuestProgram>(
+    env: &VcpuEnv<'_>,
     vcpu: &mut Vcpu,
     prog: &mut P,
     opts: &RunOptions,
 ) -> VcpuReport {
+    let (mem, host, oracle, vm) = (env.mem, env.host, env.oracle, env.vm);
     let start = Instant::now();
     let timing = opts.latency || opts.trace_epoch.is_some();
     let buckets = opts.buckets.max(1);
@@ -518,10 +605,23 @@ fn run_vcpu<P: GuestProgram>(
         let Some(view) = mmu_view else { break };
         let write = matches!(access.kind, AccessKind::Write(_));
         let want = if write { Access::WRITE } else { Access::READ };
+        let check_dirty = write && view.ad && slots.is_some();
+        // SeqCst: pairs with the harvest count in `PhaseCtx::clear_dirty`.
+        let harvests_before = if check_dirty {
+            env.harvests.load(Ordering::SeqCst)
+        } else {
+            0
+        };
         match translate(mem, &mut vcpu.tlb, &view, access.gpa, want) {
-            Ok(t) => {
+            Ok((t, source)) => {
                 if let Some(s) = &slots {
                     check_access(oracle, host, s, access.gpa, t.pfn, write);
+                    if check_dirty && source == Source::Walk {
+                        check_dirty_after_walk(oracle, mem, &view, access.gpa, t.pfn, || {
+                            harvests_before % 2 == 0
+                                && env.harvests.load(Ordering::SeqCst) == harvests_before
+                        });
+                    }
                 }
                 if !mem.contains(t.pfn) {
                     // Only a corrupted or freed table can translate to a frame that
@@ -627,6 +727,9 @@ fn run_vcpu<P: GuestProgram>(
                 }
                 match r {
                     Ok(RetPf::Emulate) => {
+                        if let Some(s) = &slots {
+                            check_emulated(oracle, vm, s, vcpu.mmu.role().as_id(), gpa, write);
+                        }
                         c.mmio += 1;
                         c.accesses += 1;
                         // Reads complete with MMIO_READ_VALUE; writes go to the device.

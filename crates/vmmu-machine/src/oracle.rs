@@ -12,6 +12,13 @@
 //! (c) No frame or table page is leaked or freed twice at teardown.
 //! (d) Accesses to guest addresses without a memslot (in the set published when
 //!     the vCPU entered) never reach memory: after a delete completes, only MMIO.
+//!     And the reverse: an access the MMU completes as MMIO while the memslots
+//!     published at entry are still current and hold a valid slot for its address
+//!     is a violation (a write to a read-only slot excepted), e.g. a cached MMIO
+//!     entry that outlived the update that gave its gfn a slot.
+//! (e) With EPT A/D bits, a write that walked the tables leaves the leaf it went
+//!     through dirty: the processor's D update is what dirty logging and the
+//!     host's write-back rely on.
 
 use parking_lot::Mutex;
 
@@ -36,9 +43,13 @@ pub enum Violation {
     MmuInvariant,
     /// A vCPU made no progress on an access for too long.
     Stuck,
+    /// An access to a gfn with a valid memslot completed as MMIO.
+    EmulatedMemory,
+    /// A write walked the tables but left the leaf's Dirty bit clear.
+    DirtyNotSet,
 }
 
-const KINDS: [Violation; 8] = [
+const KINDS: [Violation; 10] = [
     Violation::StaleTranslation,
     Violation::WriteToReadOnly,
     Violation::NoSlotAccess,
@@ -47,6 +58,8 @@ const KINDS: [Violation; 8] = [
     Violation::Leak,
     Violation::MmuInvariant,
     Violation::Stuck,
+    Violation::EmulatedMemory,
+    Violation::DirtyNotSet,
 ];
 
 impl Violation {
@@ -61,6 +74,8 @@ impl Violation {
             Violation::Leak => "leak",
             Violation::MmuInvariant => "mmu_invariant",
             Violation::Stuck => "stuck",
+            Violation::EmulatedMemory => "emulated_memory",
+            Violation::DirtyNotSet => "dirty_not_set",
         }
     }
 }
@@ -69,7 +84,7 @@ impl Violation {
 #[derive(Debug)]
 pub struct Oracle {
     enabled: bool,
-    counts: [AtomicU64; 8],
+    counts: [AtomicU64; 10],
     checks: AtomicU64,
     log: Mutex<Vec<String>>,
 }

@@ -131,7 +131,10 @@ struct Region {
     backing: Backing,
     entries: Box<[AtomicU64]>,
     locks: Box<[Mutex<()>]>,
-    /// Serialises 1 GiB population and huge-page reshaping of the region.
+    /// Serialises host events on the region (each holds it from its checks to
+    /// its changes) and huge-page population; taken before page-table locks.
+    /// Events may still be in `invalidate_range_start` at the same time, as
+    /// concurrent invalidations are in Linux.
     reshape: Mutex<()>,
 }
 
@@ -407,6 +410,8 @@ impl HostMmu {
         let hva = r.start + idx as u64 * PAGE;
         let range = HvaRange::new(Hva(hva), Hva(hva + PAGE));
         self.bracket(range, || {
+            // Reshape first, like every other host event on the region.
+            let _s = r.reshape.lock();
             let _l = r.lock(idx);
             let e = r.entries[idx].load(Ordering::Acquire);
             if e & PRESENT == 0 || e & KSM == 0 {
@@ -441,26 +446,22 @@ impl HostMmu {
 
     /// Inside a bracket: split the huge pages `range` cuts through (a change to
     /// part of one changes how all of it is mapped), then run `f` on every page of
-    /// `range`, holding its page-table lock.
+    /// `range`, holding its page-table lock. The region's reshape lock is held
+    /// throughout, so no other host event (migration, collapse, KSM) works on
+    /// entries of the range between its checks and its changes.
     fn for_each_page_locked(&self, range: HvaRange, mut f: impl FnMut(&Region, usize)) {
         self.with_regions(range, |r| {
             let _s = r.reshape.lock();
             self.split_range(r, range);
-        });
-        let mut hva = range.start.0 & !(PAGE - 1);
-        while hva < range.end.0 {
-            let Some(r) = self.region(hva) else {
-                hva += PAGE;
-                continue;
-            };
+            let mut hva = range.start.0.max(r.start) & !(PAGE - 1);
             let end = range.end.0.min(r.start + r.pages * PAGE);
             while hva < end {
                 let i = r.idx(hva);
                 let _l = r.lock(i);
-                f(&r, i);
+                f(r, i);
                 hva += PAGE;
             }
-        }
+        });
     }
 
     /// Turn the huge mapping containing entry `idx` into 4 KiB mappings of the

@@ -38,6 +38,9 @@ pub struct StressConfig {
     pub precheck: bool,
     /// Stop as soon as the oracle has seen a violation.
     pub stop_on_violation: bool,
+    /// Threads running host events at once (Linux invalidates from many CPUs;
+    /// with one thread a zapper never finds another zapper's work done).
+    pub host_threads: u32,
 }
 
 impl Default for StressConfig {
@@ -52,12 +55,13 @@ impl Default for StressConfig {
             ad_enabled: true,
             precheck: true,
             stop_on_violation: false,
+            host_threads: 2,
         }
     }
 }
 
 /// Host events, by kind.
-pub const EVENT_NAMES: [&str; 13] = [
+pub const EVENT_NAMES: [&str; EVENTS] = [
     "migrate",
     "swap_out",
     "ksm_merge",
@@ -71,7 +75,11 @@ pub const EVENT_NAMES: [&str; 13] = [
     "data_slot_delete_recreate",
     "dirty_log_toggle",
     "zap_all_roots",
+    "dirty_harvest",
 ];
+
+/// Number of host event kinds.
+pub const EVENTS: usize = 14;
 
 /// What a stress run did.
 #[derive(Debug, Clone, Default)]
@@ -85,7 +93,7 @@ pub struct StressReport {
     /// MMU faults handled.
     pub faults: u64,
     /// Host events by kind (same order as [`EVENT_NAMES`]).
-    pub events: [u64; 13],
+    pub events: [u64; EVENTS],
     /// Oracle violations by kind.
     pub violations: Vec<(&'static str, u64)>,
     /// Total violations.
@@ -112,7 +120,7 @@ fn host_events(
     rng: &mut Rng,
     total: u64,
     discarded: &Discarded,
-    events: &mut [u64; 13],
+    events: &mut [u64; EVENTS],
 ) {
     let pages = total / 4096;
     while !ctx.done() {
@@ -193,9 +201,16 @@ fn host_events(
                     .vm
                     .set_user_memory_region(data_region(total, DATA_GPA, 0));
             }
-            _ => {
+            12 => {
                 // Every VM has address space 0: `All` is never refused.
                 let _ = ctx.vm.invalidate_roots(vmmu::RootFilter::All);
+            }
+            _ => {
+                // Clear the Dirty bits of the range (as D-bit dirty logging
+                // harvests), so the next writes must set them again through the
+                // processor's walk.
+                let g = vmmu::Gfn((DATA_GPA >> 12) + start_page);
+                let _ = ctx.clear_dirty(0, vmmu::GfnRange::new(g, g.add(n)));
             }
         }
         events[kind] += 1;
@@ -246,8 +261,32 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
                     .with_discarded(discarded.clone())
             })
             .collect();
+        let threads = cfg.host_threads.max(1);
+        let seeds: Vec<u64> = (0..threads).map(|_| rng.next_u64()).collect();
         let out = m.run(progs, &RunOptions::default(), |ctx| {
-            host_events(ctx, &mut rng, total, &discarded, &mut report.events);
+            let per_thread: Vec<[u64; EVENTS]> = std::thread::scope(|s| {
+                let handles: Vec<_> = seeds
+                    .iter()
+                    .map(|&seed| {
+                        let discarded = &discarded;
+                        s.spawn(move || {
+                            let mut rng = Rng::new(seed);
+                            let mut events = [0u64; EVENTS];
+                            host_events(ctx, &mut rng, total, discarded, &mut events);
+                            events
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            });
+            for ev in per_thread {
+                for (total, n) in report.events.iter_mut().zip(ev) {
+                    *total += n;
+                }
+            }
         });
         for (p, r) in out {
             report.accesses += r.counters.accesses;

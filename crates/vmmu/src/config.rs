@@ -117,6 +117,14 @@ pub struct GuardKnobs {
     /// Publish a new memslot generation before zapping for an MMIO-generation
     /// wrap (the order before the fix), instead of after.
     pub zap_after_publish: bool,
+    /// A leaf zap that yields `mmu_lock` without first flushing what it zapped.
+    pub skip_flush_before_yield: bool,
+    /// Requests with "wait" semantics return without waiting for kicked vCPUs
+    /// to leave guest mode.
+    pub skip_request_wait: bool,
+    /// Guest entry does not look at pending requests after announcing guest
+    /// mode (breaking the Dekker pair with requesters).
+    pub enter_without_request_check: bool,
     /// Keep one RCU read-side section across every `mmu_lock` yield of a long
     /// zap (the behaviour before the fix), holding back deferred table frees.
     pub rcu_pinned_across_yields: bool,

@@ -7,13 +7,19 @@
 //! every vCPU that is in guest mode and waits until each has left it; such a vCPU
 //! cannot re-enter without processing its requests first.
 //!
-//! The entry and the requester form a Dekker pair, all SeqCst: the vCPU stores
-//! `mode = IN_GUEST` and then loads its requests; the requester stores the request
-//! bit and then examines the mode. At least one of them sees the other's store,
-//! so either the vCPU aborts the entry or the requester kicks it.
+//! The entry and the requester form a Dekker pair: the vCPU stores
+//! `mode = IN_GUEST`, issues a full fence and loads its requests; the requester
+//! stores the request bit, issues a full fence and examines the mode (KVM's
+//! `smp_store_mb(vcpu->mode, IN_GUEST_MODE)` against `smp_mb__before_atomic()`
+//! in `kvm_vcpu_exiting_guest_mode`). With both fences at least one of them sees
+//! the other's store, so either the vCPU aborts the entry or the requester kicks
+//! it. An all-SeqCst version (the store, the load, the bit and the exchange)
+//! is equally correct on paper; the fences are KVM's form, and the one the
+//! model checker can prove, since loom treats SeqCst loads and stores as
+//! Acquire/Release and only SeqCst fences as a total order.
 
 use crate::stats::CounterSet;
-use crate::sync::{AtomicU64, AtomicU8, Ordering};
+use crate::sync::{fence, AtomicU64, AtomicU8, Ordering};
 
 /// Flush this vCPU's TLB before entering the guest.
 pub const REQ_TLB_FLUSH: u64 = 1 << 0;
@@ -34,6 +40,10 @@ pub(crate) struct VcpuShared {
     pub(crate) requests: AtomicU64,
     pub(crate) mode: AtomicU8,
     pub(crate) stats: CounterSet,
+    #[cfg(loom)]
+    exit_lock: crate::sync::Mutex<()>,
+    #[cfg(loom)]
+    exit_cv: crate::sync::Condvar,
 }
 
 impl VcpuShared {
@@ -43,20 +53,27 @@ impl VcpuShared {
             requests: AtomicU64::new(0),
             mode: AtomicU8::new(OUTSIDE_GUEST_MODE),
             stats: CounterSet::default(),
+            #[cfg(loom)]
+            exit_lock: crate::sync::Mutex::new(crate::sync::LockClass::Leaf, ()),
+            #[cfg(loom)]
+            exit_cv: crate::sync::Condvar::new(),
         }
     }
 
     /// Set request bits. Returns true if the vCPU was in guest mode and must be
     /// kicked (it has been marked as exiting).
     pub(crate) fn request(&self, bits: u64) -> RequestState {
-        // SeqCst: the store of the bits must be ordered before the mode check below
-        // (Dekker pair with `enter_guest_mode`).
-        self.requests.fetch_or(bits, Ordering::SeqCst);
+        // Release: whatever the requester changed (zapped entries) is visible to
+        // the vCPU that takes the bits with its Acquire swap in `prepare_entry`.
+        self.requests.fetch_or(bits, Ordering::Release);
+        // SeqCst fence: the store of the bits is ordered before the mode check
+        // below (Dekker pair with the fence in `enter_guest_mode`).
+        fence(Ordering::SeqCst);
         match self.mode.compare_exchange(
             IN_GUEST_MODE,
             EXITING_GUEST_MODE,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
         ) {
             Ok(_) => RequestState::MustKick,
             Err(EXITING_GUEST_MODE) => RequestState::Exiting,
@@ -69,6 +86,51 @@ impl VcpuShared {
         // Acquire: pairs with the Release store in `exit_guest_mode`, so once we see
         // it out, nothing it did in guest mode is still in flight.
         self.mode.load(Ordering::Acquire) == EXITING_GUEST_MODE
+    }
+
+    /// Set the vCPU's mode with `order`, from the vCPU's own thread.
+    pub(crate) fn set_mode(&self, mode: u8, order: Ordering) {
+        #[cfg(not(loom))]
+        self.mode.store(mode, order);
+        // The model checker may order a plain store before a requester's
+        // compare-and-exchange that read the value the store overwrites, which
+        // no processor does to a store its own thread then reads back. An
+        // exchange is placed after everything it read, as the hardware's store
+        // is after the requester's locked update it could not see.
+        #[cfg(loom)]
+        self.mode.swap(mode, order);
+    }
+
+    /// Wait until the vCPU is no longer on its way out of guest mode.
+    pub(crate) fn wait_until_exited(&self) {
+        #[cfg(not(loom))]
+        {
+            let mut spins = 0;
+            while self.is_exiting() {
+                super::sync::spin_wait(&mut spins);
+            }
+        }
+        // Under the model checker a spinning load may read the same old value
+        // forever (the memory model promises nothing about when a store becomes
+        // visible without a happens-before edge), so the model blocks on a
+        // condition variable the leaving vCPU signals instead: the same
+        // condition, with the eventual visibility real processors give.
+        #[cfg(loom)]
+        {
+            let mut g = self.exit_lock.lock();
+            while self.is_exiting() {
+                self.exit_cv.wait(&mut g);
+            }
+        }
+    }
+
+    /// The vCPU left (or gave up entering) guest mode.
+    pub(crate) fn left_guest_mode(&self) {
+        #[cfg(loom)]
+        {
+            let _g = self.exit_lock.lock();
+            self.exit_cv.notify_all();
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use crate::stats::{CounterSet, Stats};
 use std::panic::Location;
 
 use crate::sync::lockdep::Held;
-use crate::sync::{Arc, LockClass, Ordering, RcuReader, SrcuReader};
+use crate::sync::{fence, Arc, LockClass, Ordering, RcuReader, SrcuReader};
 use crate::tdp::{Ctx, TableCache};
 use crate::types::{Level, Pfn};
 use crate::vm::{Vm, VmError, VmInner};
@@ -264,13 +264,16 @@ impl VcpuMmu {
     /// Enter guest mode. Returns false (and stays outside) if a request arrived
     /// since [`VcpuMmu::prepare_entry`]; call it again.
     pub fn enter_guest_mode(&self) -> bool {
-        // SeqCst: Dekker pair with `VcpuShared::request` (store mode, load requests
-        // here; store requests, read-modify-write mode there).
-        self.shared.mode.store(IN_GUEST_MODE, Ordering::SeqCst);
-        if self.shared.requests.load(Ordering::SeqCst) != 0 {
-            self.shared
-                .mode
-                .store(OUTSIDE_GUEST_MODE, Ordering::Release);
+        // Dekker pair with `VcpuShared::request`: store the mode, full fence,
+        // load the requests here; store requests, full fence, update the mode
+        // there.
+        self.shared.set_mode(IN_GUEST_MODE, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if !self.vm.config.knobs.enter_without_request_check
+            && self.shared.requests.load(Ordering::Relaxed) != 0
+        {
+            self.shared.set_mode(OUTSIDE_GUEST_MODE, Ordering::Release);
+            self.shared.left_guest_mode();
             return false;
         }
         true
@@ -279,9 +282,8 @@ impl VcpuMmu {
     /// Leave guest mode. Release: everything done in guest mode happens before a
     /// waiting requester continues.
     pub fn exit_guest_mode(&self) {
-        self.shared
-            .mode
-            .store(OUTSIDE_GUEST_MODE, Ordering::Release);
+        self.shared.set_mode(OUTSIDE_GUEST_MODE, Ordering::Release);
+        self.shared.left_guest_mode();
     }
 
     /// Whether a requester asked this vCPU to leave guest mode (poll while running

@@ -14,7 +14,7 @@ use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_
 use crate::root::RootFilter;
 use crate::spte::Spte;
 use crate::stats::{CounterSet, Stats};
-use crate::sync::{spin_wait, Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
+use crate::sync::{Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
 use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
 use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level};
 use crate::vcpu::VcpuMmu;
@@ -148,12 +148,9 @@ impl VmInner {
                 RequestState::Outside => {}
             }
         }
-        if wait {
+        if wait && !self.config.knobs.skip_request_wait {
             for v in waiting {
-                let mut spins = 0;
-                while v.is_exiting() {
-                    spin_wait(&mut spins);
-                }
+                v.wait_until_exited();
             }
         }
     }
@@ -691,6 +688,18 @@ impl Vm {
             t.pending_free.load(crate::sync::Ordering::Relaxed),
             crate::sync::Ordering::Relaxed,
         );
+    }
+
+    /// The request bits pending on vCPU `id` (for model-checking tests that
+    /// must observe them from another thread).
+    #[doc(hidden)]
+    pub fn debug_pending_requests(&self, id: u32) -> Option<u64> {
+        self.inner
+            .vcpus
+            .load()
+            .iter()
+            .find(|v| v.id == id)
+            .map(|v| v.requests.load(crate::sync::Ordering::SeqCst))
     }
 
     /// Invalidations currently between start and end.

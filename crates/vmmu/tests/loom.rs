@@ -258,6 +258,83 @@ fn lockless_host_vs_fault(knobs: GuardKnobs) {
     drop(vm);
 }
 
+/// (e) Two invalidations of one page at once: whichever returns first, the
+/// page's translation may be cached in a vCPU's TLB only until a flush the
+/// vCPU has been asked for. A zapper that yields `mmu_lock` midway must flush
+/// what it zapped before, or the other one finds the leaf gone, flushes
+/// nothing and lets the host change the page under a live TLB entry.
+fn two_invalidations_one_page(knobs: GuardKnobs) {
+    let (_host, vm) = vm_with_slot(knobs, 0);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
+    vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap();
+    // The vCPU enters with both translations cached; nothing is pending.
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(vm.debug_pending_requests(0), Some(0));
+    let bvm = vm.clone();
+    let b = thread::spawn(move || {
+        let inv = bvm.invalidate_range_start(HvaRange::new(Hva(HVA), Hva(HVA + 4096)));
+        // The host may now change the page: the vCPU must have a flush pending.
+        let pending = bvm.debug_pending_requests(0).unwrap_or(0);
+        inv.end();
+        pending
+    });
+    // The other zap covers two leaves, so its walk has made progress when B's
+    // wait for mmu_lock makes it yield.
+    vm.invalidate_range_start(HvaRange::new(Hva(HVA), Hva(HVA + 8192)))
+        .end();
+    let pending = b.join().unwrap();
+    drop(vcpu);
+    // Asserted once every thread is done: a model panic must not unwind
+    // through live locks of other threads.
+    assert!(
+        pending & vmmu::request::REQ_TLB_FLUSH != 0,
+        "an invalidation returned with the page's translation still usable"
+    );
+}
+
+/// (f) The request / guest-mode protocol: a TLB flush requested while a vCPU
+/// enters, runs or leaves guest mode is done before the vCPU uses its TLB
+/// again, and a requester that waits returns only once no vCPU can still use
+/// the old translation.
+fn flush_vs_guest_entry(knobs: GuardKnobs) {
+    let (_host, vm) = vm_with_slot(knobs, 0);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
+    vcpu.prepare_entry().unwrap();
+    let changed = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+    let (hvm, hchanged) = (vm.clone(), changed.clone());
+    let host = thread::spawn(move || {
+        let inv = hvm.invalidate_range_start(HvaRange::new(Hva(HVA), Hva(HVA + 4096)));
+        // Release: pairs with the guest's Acquire below.
+        hchanged.store(true, loom::sync::atomic::Ordering::Release);
+        inv.end();
+    });
+    // The vCPU's TLB holds the page's translation.
+    let mut tlb_valid = true;
+    let mut stale = false;
+    for _ in 0..2 {
+        let e = vcpu.prepare_entry().unwrap();
+        if e.flush_tlb {
+            tlb_valid = false;
+        }
+        if !vcpu.enter_guest_mode() {
+            continue;
+        }
+        // One guest access through the TLB, then an exit.
+        stale |= tlb_valid && changed.load(loom::sync::atomic::Ordering::Acquire);
+        vcpu.exit_guest_mode();
+    }
+    host.join().unwrap();
+    drop(vcpu);
+    assert!(
+        !stale,
+        "the guest used a translation the host had already changed"
+    );
+}
+
 // (c) Root reference counting vs invalidation is checked inside the crate
 // (`src/root.rs`, `loom_root_*`), on the roots code alone: a whole-VM model spends
 // its budget walking table entries that play no part in that protocol.
@@ -328,6 +405,31 @@ protocol!(
     relaxed_seq_bump,
     "old frame of a lockless host"
 );
+protocol!(
+    loom_two_invalidations_of_one_page_both_leave_a_flush_behind,
+    loom_two_invalidations_lose_the_flush_when_a_zap_yields_unflushed,
+    two_invalidations_one_page,
+    skip_flush_before_yield,
+    "still usable"
+);
+protocol!(
+    loom_flush_requests_reach_vcpus_entering_or_in_guest_mode,
+    loom_flush_request_missed_without_waiting_for_kicked_vcpus,
+    flush_vs_guest_entry,
+    skip_request_wait,
+    "already changed"
+);
+
+#[test]
+fn loom_flush_request_missed_when_entry_ignores_requests() {
+    let knobs = GuardKnobs {
+        enter_without_request_check: true,
+        ..GuardKnobs::default()
+    };
+    let msg = model_finds_violation(move || flush_vs_guest_entry(knobs));
+    assert!(msg.contains("already changed"), "{msg}");
+}
+
 protocol!(
     loom_zap_never_loses_hardware_dirty_bit,
     loom_zap_loses_dirty_bit_with_plain_store,

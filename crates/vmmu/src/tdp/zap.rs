@@ -39,7 +39,9 @@ impl Tdp {
         let mut rs = Resched::new(self.knobs.yield_every_step);
         while it.in_range() {
             if rs.should_yield(&it, guard) {
-                batch.flush(flusher, ctx.stats);
+                if !self.knobs.skip_flush_before_yield {
+                    batch.flush(flusher, ctx.stats);
+                }
                 guard.yield_lock(lock_stats);
                 self.after_yield(ctx);
                 CounterSet::inc(&ctx.stats.yields);
