@@ -475,7 +475,8 @@ fn check_emulated(
         return;
     }
     if let Some(slot) = current.lookup(gpa.gfn()) {
-        if !slot.is_invalid() && !(write && slot.is_readonly()) {
+        let legitimate = slot.is_invalid() || (write && slot.is_readonly());
+        if !legitimate {
             oracle.report(Violation::EmulatedMemory, || {
                 format!(
                     "{} {gpa} completed as MMIO, but slot {:#x} maps it (generation {:#x})",
