@@ -74,6 +74,12 @@ fn vmmu_run(
     ))
 }
 
+/// Check the flags of `vmmu bench demand-paging` (before anything is allocated).
+pub fn validate_demand_paging(common: &Common) -> anyhow::Result<()> {
+    common.shape(2, 512 << 20, 1, Backing::Anonymous)?;
+    Ok(())
+}
+
 /// `vmmu bench demand-paging`.
 pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Result<i32> {
     let mut c = common.clone();

@@ -8,9 +8,14 @@ use super::{build, sum};
 use crate::args::Common;
 use crate::report::{secs, Report};
 
+/// Check the flags (before anything is allocated).
+pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
+    Ok(common.shape(1, 1 << 30, 1, Backing::Anonymous)?)
+}
+
 /// Run it; returns the exit code.
 pub fn run(common: &Common) -> anyhow::Result<i32> {
-    let shape = common.shape(1, 1 << 30, 1, Backing::Anonymous)?;
+    let shape = validate(common)?;
     let mut env = build(common, shape)?;
     if common.prefault_host {
         let range = vmmu::HvaRange::new(

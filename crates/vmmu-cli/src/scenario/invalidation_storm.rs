@@ -262,11 +262,8 @@ pub struct StormFigures {
     pub yields: u64,
 }
 
-/// Run both phases on a fresh machine; `report` gets the details.
-pub fn measure(
-    common: &Common,
-    report: Option<&mut Report>,
-) -> anyhow::Result<(StormFigures, i32)> {
+/// Check the flags (before anything is allocated).
+pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
     let shape = common.shape(2, 512 << 20, 2, Backing::Anonymous)?;
     if shape.bytes_per_vcpu < 4 << 20 {
         anyhow::bail!(crate::args::BadInput(format!(
@@ -274,6 +271,15 @@ pub fn measure(
             crate::args::human(shape.bytes_per_vcpu)
         )));
     }
+    Ok(shape)
+}
+
+/// Run both phases on a fresh machine; `report` gets the details.
+pub fn measure(
+    common: &Common,
+    report: Option<&mut Report>,
+) -> anyhow::Result<(StormFigures, i32)> {
+    let shape = validate(common)?;
     let mut env = build(common, shape)?;
     // Host memory pre-touched: faults measure the MMU, not page allocation.
     env.m.host.prefault(HvaRange::new(

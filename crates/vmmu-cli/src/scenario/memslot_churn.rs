@@ -14,9 +14,14 @@ use super::{build, sum, REGION_GPA, REGION_HVA};
 use crate::args::Common;
 use crate::report::{secs, Report};
 
+/// Check the flags (before anything is allocated).
+pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
+    Ok(common.shape(1, 256 << 20, 10, Backing::Anonymous)?)
+}
+
 /// Run it.
 pub fn run(common: &Common) -> anyhow::Result<i32> {
-    let shape = common.shape(1, 256 << 20, 10, Backing::Anonymous)?;
+    let shape = validate(common)?;
     let mut env = build(common, shape)?;
     let mut r = Report::new("memslot-churn", &shape);
     r.line("Memslot zap quirk enabled");

@@ -13,8 +13,8 @@ use super::{build, sum, REGION_GPA, REGION_HVA};
 use crate::args::Common;
 use crate::report::{secs, Report};
 
-/// Run it.
-pub fn run(common: &Common) -> anyhow::Result<i32> {
+/// Check the flags (before anything is allocated).
+pub fn validate(common: &Common) -> anyhow::Result<(crate::args::Shape, u32, Common)> {
     let aliases = common.slots.unwrap_or(1);
     let mut c = common.clone();
     c.slots = Some(1);
@@ -24,6 +24,12 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
             "-x {aliases}: aliased memslots must be 1..=512"
         )));
     }
+    Ok((shape, aliases, c))
+}
+
+/// Run it.
+pub fn run(common: &Common) -> anyhow::Result<i32> {
+    let (shape, aliases, c) = validate(common)?;
     let mut env = build(&c, shape)?;
     // Extra aliases of the same host memory at consecutive guest addresses.
     for a in 1..aliases as u64 {

@@ -15,9 +15,14 @@ use super::{build, sum};
 use crate::args::Common;
 use crate::report::Report;
 
+/// Check the flags (before anything is allocated).
+pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
+    Ok(common.shape(2, 64 << 20, 20, Backing::Anonymous)?)
+}
+
 /// Run it.
 pub fn run(common: &Common) -> anyhow::Result<i32> {
-    let shape = common.shape(2, 64 << 20, 20, Backing::Anonymous)?;
+    let shape = validate(common)?;
     let mut env = build(common, shape)?;
     // SMM sees the same memory through address space 1, as KVM mirrors memslots.
     let per_slot = shape.total / shape.slots as u64;

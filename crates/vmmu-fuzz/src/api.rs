@@ -1,0 +1,757 @@
+//! The public API of [`Vm`] and [`VcpuMmu`] driven by arbitrary operations.
+//!
+//! Every call a hypervisor can make is here, with arguments drawn both from
+//! plausible values (so runs reach deep states: mapped pages, huge pages,
+//! invalidations in progress, roots in the cache) and from raw 64-bit ones (so
+//! every validation path is hit). After each operation the harness checks:
+//! - nothing panicked (the fuzzer itself catches panics);
+//! - a call that returned an error changed nothing: the memslots, their
+//!   generations, every mapping, the roots and the invalidation count are
+//!   exactly what they were before it;
+//! - with no invalidation in progress, every present leaf agrees with the host:
+//!   it lies in a memslot, maps the frame the host maps at the slot's address,
+//!   and is writable only where the host and the slot allow writes;
+//! - the MMU counted no internal invariant violation;
+//! - at the end, dropping everything frees every table page and releases every
+//!   frame reference (the tracking host panics on a double free).
+//!
+//! The host behaves like a correct host: it changes a mapping only between an
+//! invalidation's start and end. Everything runs on one thread, so two things a
+//! real VMM does on other threads are arranged around: vCPUs never stay in
+//! guest mode across operations (a requester that waits for a vCPU to leave
+//! guest mode would wait for itself), and a memslot update first ends the open
+//! invalidations (it waits for them to end, as KVM's does, and the host thread
+//! that would end them is this one).
+
+use std::sync::Arc;
+
+use arbitrary::{Arbitrary, Unstructured};
+use vmmu::testing::TestHost;
+use vmmu::{
+    ErrorCode, Gfn, GfnRange, Gpa, Hva, HvaRange, Invalidation, Level, RootFilter, RootInfo,
+    UserMemoryRegion, VcpuMmu, Vm, VmConfig,
+};
+
+/// Guest physical base of the "plausible" addresses.
+const BASE_GPA: u64 = 1 << 30;
+/// Host virtual base of the "plausible" addresses.
+const BASE_HVA: u64 = 64 << 30;
+/// At most this many operations per input.
+const MAX_OPS: usize = 96;
+/// At most this many vCPUs at once.
+const MAX_VCPUS: usize = 4;
+
+/// An address: near the bases (plausible) or anything.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Addr {
+    /// 4 KiB page `n % 1024` above the base (the first half is the initial
+    /// memslot).
+    Page(u16),
+    /// 2 MiB page `n` above the base.
+    Huge(u8),
+    /// Any value.
+    Raw(u64),
+}
+
+impl Addr {
+    fn at(self, base: u64) -> u64 {
+        match self {
+            Addr::Page(n) => base + (n as u64 % 1024) * 4096,
+            Addr::Huge(n) => base + n as u64 * (2 << 20),
+            Addr::Raw(v) => v,
+        }
+    }
+    fn gpa(self) -> u64 {
+        self.at(BASE_GPA)
+    }
+    fn hva(self) -> u64 {
+        self.at(BASE_HVA)
+    }
+    fn gfn(self) -> Gfn {
+        Gpa(self.gpa()).gfn()
+    }
+}
+
+/// A size: pages, huge pages, or anything.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Size {
+    /// `n` 4 KiB pages.
+    Pages(u8),
+    /// `n` 2 MiB pages.
+    Huge(u8),
+    /// Any value.
+    Raw(u64),
+}
+
+impl Size {
+    fn bytes(self) -> u64 {
+        match self {
+            Size::Pages(n) => n as u64 * 4096,
+            Size::Huge(n) => n as u64 * (2 << 20),
+            Size::Raw(v) => v,
+        }
+    }
+}
+
+/// A slot number: a small id in a small address space, or anything.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum SlotNo {
+    /// Address space `as_id % 3`, slot `id % 8`.
+    Small {
+        /// Address space (2 is beyond every VM).
+        as_id: u8,
+        /// Slot id.
+        id: u8,
+    },
+    /// Any value.
+    Raw(u32),
+}
+
+impl SlotNo {
+    fn raw(self) -> u32 {
+        match self {
+            SlotNo::Small { as_id, id } => ((as_id as u32 % 3) << 16) | (id as u32 % 8),
+            SlotNo::Raw(v) => v,
+        }
+    }
+}
+
+/// One call.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Op {
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    Region {
+        /// Slot number.
+        slot: SlotNo,
+        /// Flags: the low bits (log dirty, read-only, guest_memfd) or raw.
+        flags: Result<u8, u32>,
+        /// Guest address.
+        gpa: Addr,
+        /// Size.
+        size: Size,
+        /// Host address.
+        hva: Addr,
+    },
+    /// A fault on vCPU `vcpu` (after its entry).
+    Fault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Address.
+        gpa: Addr,
+        /// Error code: the x86 bits (present, write, user, rsvd, fetch) plus
+        /// private, or any raw value.
+        ec: Result<u8, u64>,
+    },
+    /// Enter and leave guest mode.
+    EnterExit {
+        /// vCPU index.
+        vcpu: u8,
+    },
+    /// Enter or leave SMM.
+    Smm {
+        /// vCPU index.
+        vcpu: u8,
+        /// SMM on.
+        on: bool,
+    },
+    /// Create a vCPU.
+    CreateVcpu {
+        /// Its id (any value).
+        id: u32,
+    },
+    /// Destroy a vCPU.
+    DropVcpu {
+        /// vCPU index.
+        vcpu: u8,
+    },
+    /// `invalidate_range_start`, left open.
+    InvalidateStart {
+        /// Start.
+        start: Addr,
+        /// Length (may wrap or invert the range).
+        len: Size,
+    },
+    /// End the most recent open invalidation.
+    InvalidateEnd,
+    /// The host moves a page to a new frame (inside an invalidation).
+    HostRemap {
+        /// Host address.
+        hva: Addr,
+    },
+    /// The host changes a page's protection (inside an invalidation).
+    HostProtect {
+        /// Host address.
+        hva: Addr,
+        /// Writable afterwards.
+        writable: bool,
+    },
+    /// The host unmaps a page (inside an invalidation).
+    HostUnmap {
+        /// Host address.
+        hva: Addr,
+    },
+    /// Size of host pages populated from now on.
+    HostHuge {
+        /// 2 MiB pages (else 4 KiB).
+        huge: bool,
+    },
+    /// Invalidate and zap roots.
+    InvalidateRoots {
+        /// One address space (any value), or all.
+        as_id: Option<u16>,
+    },
+    /// Zap a gfn range.
+    Zap {
+        /// Address space (any value).
+        as_id: u16,
+        /// Start.
+        start: Addr,
+        /// End.
+        end: Addr,
+    },
+    /// Write-protect a gfn range.
+    WriteProtect {
+        /// Address space (any value).
+        as_id: u16,
+        /// Start.
+        start: Addr,
+        /// End.
+        end: Addr,
+    },
+    /// Harvest Dirty bits of a gfn range.
+    ClearDirty {
+        /// Address space (any value).
+        as_id: u16,
+        /// Start.
+        start: Addr,
+        /// End.
+        end: Addr,
+    },
+    /// `clear_young` / `clear_flush_young` / `test_young`.
+    Age {
+        /// Start.
+        start: Addr,
+        /// Length.
+        len: Size,
+        /// 0: clear_young, 1: clear_flush_young, else test_young of `start`.
+        how: u8,
+    },
+}
+
+/// The VM's configuration: mostly valid ones (so the calls reach a VM), some
+/// drawn from anything (so creation's validation is hit).
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Config {
+    /// A valid configuration.
+    Plausible {
+        /// 5-level tables (57-bit guest physical space).
+        five_level: bool,
+        /// EPT A/D bits.
+        ad_enabled: bool,
+        /// Largest mapping: 4K, 2M or 1G.
+        max_level: u8,
+        /// The unlocked invalidation checks.
+        precheck: bool,
+        /// MMIO entries.
+        mmio_caching: bool,
+        /// Two address spaces (SMM).
+        smm: bool,
+        /// The NX huge page mitigation.
+        nx_huge_pages: bool,
+    },
+    /// Anything.
+    Raw {
+        /// Root level.
+        root_level: u8,
+        /// Guest physical width.
+        maxphyaddr: u8,
+        /// Largest mapping level.
+        max_level: u8,
+        /// Address spaces.
+        address_spaces: u8,
+    },
+}
+
+impl Config {
+    fn vm_config(self) -> Option<VmConfig> {
+        let level = |v: u8| Level::new(v % 6);
+        Some(match self {
+            Config::Plausible {
+                five_level,
+                ad_enabled,
+                max_level,
+                precheck,
+                mmio_caching,
+                smm,
+                nx_huge_pages,
+            } => VmConfig {
+                root_level: if five_level { Level::L5 } else { Level::L4 },
+                maxphyaddr: if five_level { 52 } else { 46 },
+                ad_enabled,
+                max_level: level(max_level % 3 + 1)?,
+                precheck,
+                mmio_caching,
+                address_spaces: if smm { 2 } else { 1 },
+                nx_huge_pages,
+                ..VmConfig::default()
+            },
+            Config::Raw {
+                root_level,
+                maxphyaddr,
+                max_level,
+                address_spaces,
+            } => VmConfig {
+                root_level: level(root_level)?,
+                maxphyaddr: maxphyaddr as u32 % 64,
+                max_level: level(max_level)?,
+                address_spaces: (address_spaces % 4) as u16,
+                ..VmConfig::default()
+            },
+        })
+    }
+}
+
+/// What a run reached, so a bounded run can show it was not vacuous.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Coverage {
+    /// Inputs that created a VM.
+    pub vms: u64,
+    /// Calls made.
+    pub calls: u64,
+    /// Calls refused (each checked to have changed nothing).
+    pub refused: u64,
+    /// Faults that installed a mapping.
+    pub faults_fixed: u64,
+    /// Huge leaves mapped.
+    pub huge_leaves: u64,
+    /// Leaves checked against the host.
+    pub leaves_checked: u64,
+}
+
+/// A whole input: a configuration and the calls.
+#[derive(Debug)]
+pub struct Input {
+    /// The VM.
+    pub config: Config,
+    /// The calls, in order.
+    pub ops: Vec<Op>,
+}
+
+impl<'a> Arbitrary<'a> for Input {
+    /// The configuration, then calls for as long as the bytes last (at most
+    /// [`MAX_OPS`]): denser than a length-prefixed vector, so short inputs
+    /// still make many calls.
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let config = Config::arbitrary(u)?;
+        let mut ops = Vec::new();
+        while !u.is_empty() && ops.len() < MAX_OPS {
+            // A third of the calls are faults, the call that builds the state
+            // every other call works on.
+            let op = if u.ratio(1, 3)? {
+                Op::Fault {
+                    vcpu: u.arbitrary()?,
+                    gpa: u.arbitrary()?,
+                    ec: u.arbitrary()?,
+                }
+            } else {
+                Op::arbitrary(u)?
+            };
+            ops.push(op);
+        }
+        Ok(Input { config, ops })
+    }
+}
+
+/// One memslot as seen from outside: number, base gfn, pages, host address,
+/// flags, being deleted.
+type SlotView = (u32, u64, u64, u64, u32, bool);
+
+/// Everything a refused call must leave as it was.
+#[derive(Debug, PartialEq, Eq)]
+struct Observable {
+    /// Per address space: the generation and the slots.
+    slots: Vec<Option<(u64, Vec<SlotView>)>>,
+    mappings: Vec<Vec<(Gfn, Level, u64)>>,
+    roots: Vec<RootInfo>,
+    in_progress: i64,
+}
+
+struct World {
+    host: Arc<TestHost>,
+    vm: Vm,
+    spaces: u16,
+    vcpus: Vec<VcpuMmu>,
+    open: Vec<Invalidation>,
+}
+
+impl World {
+    fn observe(&self) -> Observable {
+        let slots = (0..4)
+            .map(|a| {
+                self.vm.memslots(a).map(|s| {
+                    (
+                        s.generation(),
+                        s.iter()
+                            .map(|m| {
+                                (
+                                    m.slot_number(),
+                                    m.base_gfn().0,
+                                    m.npages(),
+                                    m.userspace_addr().0,
+                                    m.flags().bits(),
+                                    m.is_invalid(),
+                                )
+                            })
+                            .collect(),
+                    )
+                })
+            })
+            .collect();
+        let mappings = (0..self.spaces)
+            .map(|a| {
+                let mut m: Vec<_> = self
+                    .vm
+                    .mappings(a)
+                    .into_iter()
+                    .map(|(g, l, s)| (g, l, s.raw()))
+                    .collect();
+                m.sort_unstable();
+                m
+            })
+            .collect();
+        Observable {
+            slots,
+            mappings,
+            roots: self.vm.roots(),
+            in_progress: self.vm.invalidations_in_progress(),
+        }
+    }
+
+    /// With no invalidation open, every present leaf agrees with the host.
+    fn check_leaves(&self, cov: &mut Coverage) -> Result<(), String> {
+        if !self.open.is_empty() {
+            return Ok(());
+        }
+        for a in 0..self.spaces {
+            let Some(slots) = self.vm.memslots(a) else {
+                continue;
+            };
+            for (gfn, level, spte) in self.vm.mappings(a) {
+                if !spte.is_shadow_present() {
+                    continue;
+                }
+                cov.leaves_checked += 1;
+                for i in 0..level.pages() {
+                    let g = gfn.add(i);
+                    let Some(slot) = slots.lookup(g) else {
+                        return Err(format!("leaf {spte:?} at {g:?} outside every memslot"));
+                    };
+                    let Some((pfn, writable)) = self.host.lookup(slot.gfn_to_hva(g)) else {
+                        return Err(format!("leaf {spte:?} at {g:?}: the host maps nothing"));
+                    };
+                    if spte.pfn().0 + i != pfn.0 {
+                        return Err(format!("leaf {spte:?} at {g:?}: the host maps {pfn:?}"));
+                    }
+                    let may_write = writable && !slot.is_readonly();
+                    if spte.is_writable() && !may_write {
+                        return Err(format!(
+                            "writable leaf {spte:?} at {g:?} where writes are refused"
+                        ));
+                    }
+                }
+            }
+        }
+        let inv = self.vm.stats().invariant_violations;
+        if inv != 0 {
+            return Err(format!("the MMU counted {inv} invariant violations"));
+        }
+        Ok(())
+    }
+
+    fn vcpu(&mut self, i: u8) -> Option<&mut VcpuMmu> {
+        let n = self.vcpus.len();
+        if n == 0 {
+            return None;
+        }
+        self.vcpus.get_mut(i as usize % n)
+    }
+
+    /// Run a host change of `hva` inside its own invalidation.
+    fn host_change(&self, hva: u64, f: impl FnOnce(&TestHost, Hva)) {
+        let hva = Hva(hva & !0xfff);
+        let end = Hva(hva.0.saturating_add(4096));
+        let inv = self.vm.invalidate_range_start(HvaRange::new(hva, end));
+        f(&self.host, hva);
+        inv.end();
+    }
+
+    /// Apply one call. `Ok(true)` if it was refused (so nothing may change).
+    fn apply(&mut self, op: &Op) -> Result<bool, String> {
+        let range = |s: &Addr, e: &Addr| GfnRange::new(s.gfn(), e.gfn());
+        Ok(match op {
+            Op::Region {
+                slot,
+                flags,
+                gpa,
+                size,
+                hva,
+            } => {
+                let flags = match *flags {
+                    Ok(b) => (b & 7) as u32,
+                    Err(raw) => raw,
+                };
+                let r = self.vm.set_user_memory_region(UserMemoryRegion {
+                    slot: slot.raw(),
+                    flags,
+                    guest_phys_addr: gpa.gpa(),
+                    memory_size: size.bytes(),
+                    userspace_addr: hva.hva(),
+                });
+                match r {
+                    Ok(()) => false,
+                    Err(e) => {
+                        if e.to_string().is_empty() || e.errno() <= 0 {
+                            return Err(format!("error without message or errno: {e:?}"));
+                        }
+                        true
+                    }
+                }
+            }
+            Op::Fault { vcpu, gpa, ec } => {
+                let ec = match *ec {
+                    Ok(b) => {
+                        let mut e = ErrorCode::from_bits_truncate((b & 0x1f) as u64);
+                        if b & 0x20 != 0 {
+                            e |= ErrorCode::PRIVATE;
+                        }
+                        e
+                    }
+                    Err(raw) => ErrorCode::from_bits_retain(raw),
+                };
+                let gpa = Gpa(gpa.gpa());
+                if let Some(v) = self.vcpu(*vcpu) {
+                    if v.prepare_entry().is_ok() {
+                        let _ = v.page_fault(gpa, ec);
+                    }
+                }
+                false
+            }
+            Op::EnterExit { vcpu } => {
+                if let Some(v) = self.vcpu(*vcpu) {
+                    if v.prepare_entry().is_ok() && v.enter_guest_mode() {
+                        v.exit_guest_mode();
+                    }
+                }
+                false
+            }
+            Op::Smm { vcpu, on } => match self.vcpu(*vcpu) {
+                Some(v) => {
+                    let before = (v.role(), v.root_id(), v.prev_root_ids(), v.has_requests());
+                    let refused = v.set_smm(*on).is_err();
+                    if refused {
+                        let after = (v.role(), v.root_id(), v.prev_root_ids(), v.has_requests());
+                        if before != after {
+                            return Err(format!(
+                                "refused set_smm changed the vCPU: {before:?} -> {after:?}"
+                            ));
+                        }
+                    }
+                    refused
+                }
+                None => false,
+            },
+            Op::CreateVcpu { id } => {
+                if self.vcpus.len() >= MAX_VCPUS {
+                    return Ok(false);
+                }
+                match self.vm.create_vcpu(*id) {
+                    Ok(v) => {
+                        self.vcpus.push(v);
+                        false
+                    }
+                    Err(_) => true,
+                }
+            }
+            Op::DropVcpu { vcpu } => {
+                if !self.vcpus.is_empty() {
+                    let i = *vcpu as usize % self.vcpus.len();
+                    drop(self.vcpus.swap_remove(i));
+                }
+                false
+            }
+            Op::InvalidateStart { start, len } => {
+                let s = start.hva();
+                let r = HvaRange::new(Hva(s), Hva(s.wrapping_add(len.bytes())));
+                self.open.push(self.vm.invalidate_range_start(r));
+                false
+            }
+            Op::InvalidateEnd => {
+                if let Some(inv) = self.open.pop() {
+                    inv.end();
+                }
+                false
+            }
+            Op::HostRemap { hva } => {
+                self.host_change(hva.hva(), |h, a| {
+                    if let Some((_, w)) = h.lookup(a) {
+                        h.set(a, h.fresh_pfn(), w);
+                    }
+                });
+                false
+            }
+            Op::HostProtect { hva, writable } => {
+                self.host_change(hva.hva(), |h, a| {
+                    if let Some((pfn, _)) = h.lookup(a) {
+                        h.set(a, pfn, *writable);
+                    }
+                });
+                false
+            }
+            Op::HostUnmap { hva } => {
+                self.host_change(hva.hva(), |h, a| h.unmap(a));
+                false
+            }
+            Op::HostHuge { huge } => {
+                self.host
+                    .set_host_level(if *huge { Level::M2 } else { Level::K4 });
+                false
+            }
+            Op::InvalidateRoots { as_id } => {
+                let f = as_id.map_or(RootFilter::All, RootFilter::AddressSpace);
+                self.vm.invalidate_roots(f).is_err()
+            }
+            Op::Zap { as_id, start, end } => {
+                self.vm.zap_gfn_range(*as_id, range(start, end)).is_err()
+            }
+            Op::WriteProtect { as_id, start, end } => self
+                .vm
+                .write_protect_gfn_range(*as_id, range(start, end))
+                .is_err(),
+            Op::ClearDirty { as_id, start, end } => self
+                .vm
+                .clear_dirty_gfn_range(*as_id, range(start, end))
+                .is_err(),
+            Op::Age { start, len, how } => {
+                let s = start.hva();
+                let r = HvaRange::new(Hva(s), Hva(s.wrapping_add(len.bytes())));
+                match how % 3 {
+                    0 => {
+                        self.vm.clear_young(r);
+                    }
+                    1 => {
+                        self.vm.clear_flush_young(r);
+                    }
+                    _ => {
+                        self.vm.test_young(Hva(s));
+                    }
+                }
+                false
+            }
+        })
+    }
+}
+
+/// Run one input. `Err` names the property that failed.
+pub fn run(input: &Input) -> Result<(), String> {
+    run_counted(input, &mut Coverage::default())
+}
+
+/// [`run`], adding what the input reached to `cov`.
+pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
+    let host = TestHost::new();
+    let Some(config) = input.config.vm_config() else {
+        return Ok(());
+    };
+    let spaces = config.address_spaces;
+    let vm = match Vm::new(config, host.ops()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            return if e.errno() > 0 {
+                Ok(())
+            } else {
+                Err(format!("{e:?} has no errno"))
+            };
+        }
+    };
+    cov.vms += 1;
+    // Every run starts from a VM a hypervisor would have: one vCPU and 2 MiB of
+    // memory at the plausible addresses. The calls may change or remove both.
+    let slot0 = UserMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: BASE_GPA,
+        memory_size: 2 << 20,
+        userspace_addr: BASE_HVA,
+    };
+    vm.set_user_memory_region(slot0)
+        .map_err(|e| format!("the initial memslot was refused: {e}"))?;
+    let vcpu0 = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("vCPU 0 was refused: {e}"))?;
+    let mut w = World {
+        host,
+        vm,
+        spaces,
+        vcpus: vec![vcpu0],
+        open: Vec::new(),
+    };
+    for (i, op) in input.ops.iter().take(MAX_OPS).enumerate() {
+        if matches!(op, Op::Region { .. }) {
+            for inv in w.open.drain(..).rev() {
+                inv.end();
+            }
+        }
+        let before = w.observe();
+        let refused = w.apply(op).map_err(|e| format!("op {i} {op:?}: {e}"))?;
+        cov.calls += 1;
+        if refused {
+            cov.refused += 1;
+            let after = w.observe();
+            if before != after {
+                return Err(format!(
+                    "op {i} {op:?} was refused but changed the VM:\n before {before:?}\n after  {after:?}"
+                ));
+            }
+        }
+        w.check_leaves(cov)
+            .map_err(|e| format!("after op {i} {op:?}: {e}"))?;
+    }
+    let st = w.vm.stats();
+    cov.faults_fixed += st.faults_fixed;
+    cov.huge_leaves += st.leaves_mapped_2m + st.leaves_mapped_1g;
+    let World {
+        host,
+        vm,
+        vcpus,
+        open,
+        ..
+    } = w;
+    drop(open);
+    drop(vcpus);
+    drop(vm);
+    if host.memory.allocated() != 0 {
+        return Err(format!("{} table pages leaked", host.memory.allocated()));
+    }
+    if host.outstanding_refs() != 0 {
+        return Err(format!(
+            "{} frame references leaked",
+            host.outstanding_refs()
+        ));
+    }
+    Ok(())
+}
+
+/// Decode `data` as an [`Input`] and run it; inputs that do not decode are
+/// skipped (`Ok`).
+pub fn run_bytes(data: &[u8]) -> Result<(), String> {
+    run_bytes_counted(data, &mut Coverage::default())
+}
+
+/// [`run_bytes`], adding what the input reached to `cov`.
+pub fn run_bytes_counted(data: &[u8], cov: &mut Coverage) -> Result<(), String> {
+    let mut u = Unstructured::new(data);
+    match Input::arbitrary(&mut u) {
+        Ok(input) => run_counted(&input, cov),
+        Err(_) => Ok(()),
+    }
+}
