@@ -740,10 +740,14 @@ impl HostMmu {
                 while hva + (2 << 20) <= end {
                     let first = r.idx(hva);
                     hva += 2 << 20;
+                    // One protection for all of it, like one VMA: a huge page
+                    // has a single write permission in every page table.
+                    let prot0 = r.entries[first].load(Ordering::Acquire) & PROT_RO;
                     let ok = (first..first + 512).all(|i| {
                         let e = r.entries[i].load(Ordering::Acquire);
                         e & PRESENT != 0
                             && e & (KSM | HUGE_2M) == 0
+                            && e & PROT_RO == prot0
                             && self.mem.refcount(Pfn(e & FRAME)) == 1
                     });
                     if !ok {
@@ -935,6 +939,21 @@ mod tests {
         for pfn in h.ksm.lock().values() {
             *maps.entry(pfn.0).or_default() += 1;
         }
+        // A huge page is one mapping: one protection for all of its pages.
+        for r in h.regions.load().iter() {
+            for (i, e) in r.entries.iter().enumerate() {
+                let e = e.load(Ordering::Relaxed);
+                if e & (HUGE_2M | HUGE_1G) != 0 {
+                    let n = if e & HUGE_1G != 0 { 512 * 512 } else { 512 };
+                    let first = r.entries[i & !(n - 1)].load(Ordering::Relaxed);
+                    assert_eq!(
+                        e & PROT_RO,
+                        first & PROT_RO,
+                        "huge page at entry {i:#x} mixes protections"
+                    );
+                }
+            }
+        }
         for (pfn, n) in &maps {
             assert_eq!(
                 h.mem.state(Pfn(*pfn)),
@@ -950,6 +969,27 @@ mod tests {
         );
         assert_eq!(h.mem.violations.double_frees.load(Ordering::Relaxed), 0);
         assert_eq!(h.mem.violations.bad_puts.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn test_host_thp_collapse_refuses_a_chunk_with_mixed_protections() {
+        // Two host threads: one mprotects half a chunk read-only while another
+        // runs khugepaged over it. A collapse then would make one huge page with
+        // two protections, which the MMU would map with one.
+        let mem = Arc::new(HostMemory::new(1 << 30, true).unwrap());
+        let h = HostMmu::new(mem);
+        h.map_region(Hva(BASE), 2 << 20, Backing::AnonymousThp)
+            .unwrap();
+        let all = HvaRange::new(Hva(BASE), Hva(BASE + (2 << 20)));
+        h.prefault(all).unwrap();
+        h.thp_split(all);
+        h.mprotect(HvaRange::new(Hva(BASE), Hva(BASE + (1 << 20))), false);
+        assert_eq!(h.thp_collapse(all), 0, "collapsed over two protections");
+        check(&h);
+        h.mprotect(all, true);
+        assert_eq!(h.thp_collapse(all), 1, "one protection again: collapses");
+        check(&h);
+        h.unmap_region(Hva(BASE));
     }
 
     fn random_ops(backing: Backing, seed: u64) {
