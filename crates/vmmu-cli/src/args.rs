@@ -3,61 +3,51 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
 use vmmu_machine::Backing;
 
-/// Flags every scenario accepts.
-#[derive(Args, Debug, Clone)]
+/// The flags of a run, resolved: what the scenario code works with. Built from
+/// a scenario's command-line arguments (`crate::cli`), which carry each
+/// scenario's defaults; `None` means the scenario does not take that flag.
+#[derive(Debug, Clone, Default)]
 pub struct Common {
     /// Number of vCPUs.
-    #[arg(short = 'v', long = "vcpus")]
     pub vcpus: Option<u32>,
-    /// Guest memory per vCPU (e.g. 512M, 1G).
-    #[arg(short = 'b', long = "bytes", value_parser = parse_size)]
+    /// Guest memory per vCPU.
     pub bytes: Option<u64>,
     /// Iterations (passes, or operations for churn scenarios).
-    #[arg(short = 'i', long = "iterations")]
     pub iterations: Option<u32>,
-    /// Backing: anonymous, anonymous_thp, hugetlb2m, hugetlb1g, shmem.
-    #[arg(short = 's', long = "backing", value_parser = parse_backing)]
+    /// Backing source.
     pub backing: Option<Backing>,
     /// Number of memslots the test region is split into.
-    #[arg(short = 'x', long = "slots")]
     pub slots: Option<u32>,
+    /// Aliased memslots of the same host memory (mmu-stress).
+    pub aliases: Option<u32>,
     /// Percentage of accesses that are writes.
-    #[arg(short = 'w', long = "write-percent")]
     pub write_percent: Option<u32>,
+    /// Delay between memslot changes, microseconds (memslot-churn).
+    pub delay_us: u64,
     /// Visit pages in random order.
-    #[arg(short = 'a', long = "random")]
     pub random: bool,
     /// Every vCPU walks the whole region (no data verification then).
-    #[arg(short = 'o', long = "overlap")]
     pub overlap: bool,
     /// Seed of everything random.
-    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Print one JSON object on stdout and nothing else there.
-    #[arg(long)]
     pub json: bool,
-    /// Write a Chrome trace-event timeline (opens in Perfetto).
-    #[arg(long, value_name = "FILE")]
+    /// Write a Chrome trace-event timeline.
     pub trace: Option<PathBuf>,
-    /// Skip the oracle's per-access checks (faster; data and leak checks remain).
-    #[arg(long)]
+    /// Skip the oracle's per-access checks.
     pub no_oracle: bool,
-    /// Turn off the fault pre-check (to measure what it buys).
-    #[arg(long)]
+    /// Turn off the fault pre-check.
     pub no_precheck: bool,
-    /// Run without EPT A/D bits (pages aged by access tracking).
-    #[arg(long)]
+    /// Run without EPT A/D bits.
     pub no_ad: bool,
-    /// Touch all host memory before the vCPUs start, so faults measure the MMU
-    /// rather than host page allocation (demand-paging).
-    #[arg(long)]
+    /// Touch all host memory before the vCPUs start (demand-paging).
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
-    #[arg(skip)]
     pub quiet: bool,
+    /// The configuration block of the JSON report (`report::config_json`).
+    pub config: serde_json::Value,
 }
 
 /// A refused argument: one line, non-zero exit.
@@ -100,10 +90,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is not a positive size that fits 64 bits"))
 }
 
-fn parse_backing(s: &str) -> Result<Backing, String> {
-    Backing::parse(s).ok_or_else(|| {
-        format!("unknown backing '{s}' (anonymous, anonymous_thp, hugetlb2m, hugetlb1g, shmem)")
-    })
+/// The backing names `-s` accepts: the selftests' (`backing_src_help`) and
+/// vmmu's short ones.
+pub const BACKING_NAMES: &str =
+    "anonymous, anonymous_thp, anonymous_hugetlb, anonymous_hugetlb_2mb, \
+anonymous_hugetlb_1gb, shared_hugetlb, shmem (also hugetlb2m, hugetlb1g)";
+
+/// Parse a backing source name.
+pub fn parse_backing(s: &str) -> Result<Backing, String> {
+    Backing::parse(s).ok_or_else(|| format!("unknown backing '{s}' (valid: {BACKING_NAMES})"))
 }
 
 /// Bytes the kernel says are available.
@@ -119,17 +114,28 @@ pub fn mem_available() -> u64 {
         .map_or(8 << 30, |kb| kb * 1024)
 }
 
-/// Human size.
+/// A size as a person would write it, exactly: `1 GiB`, `1.5 GiB` only when
+/// exact, `1000 bytes` for a size that is not a whole number of KiB.
 pub fn human(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
-        format!("{} GiB", bytes >> 30)
-    } else if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else if bytes >= 1 << 20 {
-        format!("{} MiB", bytes >> 20)
-    } else {
-        format!("{} KiB", bytes >> 10)
+    for (unit, name) in [
+        (1u64 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ] {
+        if bytes >= unit {
+            if bytes.is_multiple_of(unit) {
+                return format!("{} {name}", bytes / unit);
+            }
+            if (bytes * 2).is_multiple_of(unit) {
+                return format!("{}.5 {name}", bytes / unit);
+            }
+        }
     }
+    if bytes.is_multiple_of(1 << 10) {
+        return format!("{} KiB", bytes >> 10);
+    }
+    format!("{bytes} bytes")
 }
 
 /// Largest guest memory a run may use on this machine: the arena is reserved
@@ -203,10 +209,10 @@ impl Common {
             )));
         }
         let pages = total / 4096;
-        if slots == 0
-            || !pages.is_multiple_of(slots as u64)
-            || !(total / slots as u64).is_multiple_of(align)
-        {
+        if slots == 0 {
+            return Err(BadInput("-x 0: at least one memslot is needed".into()));
+        }
+        if !pages.is_multiple_of(slots as u64) || !(total / slots as u64).is_multiple_of(align) {
             return Err(BadInput(format!(
                 "-x {slots}: the {pages} pages must split evenly into {slots} memslots"
             )));
@@ -243,5 +249,34 @@ mod tests {
         assert!(parse_size("abc").is_err());
         assert!(parse_size("0").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn test_human_sizes_are_exact() {
+        assert_eq!(human(1000), "1000 bytes");
+        assert_eq!(human(4096), "4 KiB");
+        assert_eq!(human(3 << 20), "3 MiB");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+        assert_eq!(human((1 << 30) + 4096), "1048580 KiB");
+    }
+
+    #[test]
+    fn test_backing_accepts_selftest_names() {
+        for name in [
+            "anonymous_hugetlb",
+            "anonymous_hugetlb_2mb",
+            "shared_hugetlb",
+        ] {
+            assert_eq!(parse_backing(name).unwrap(), Backing::Hugetlb2M, "{name}");
+        }
+        assert_eq!(
+            parse_backing("anonymous_hugetlb_1gb").unwrap(),
+            Backing::Hugetlb1G
+        );
+        let e = parse_backing("hugepages").unwrap_err();
+        assert!(
+            e.contains("anonymous_hugetlb_2mb") && e.contains("shmem"),
+            "{e}"
+        );
     }
 }

@@ -9,7 +9,8 @@ use vmmu::{Hva, HvaRange, UserMemoryRegion};
 use vmmu_machine::guest::Pattern;
 use vmmu_machine::Backing;
 
-use crate::args::{human, Common};
+use crate::args::{human, BadInput, Common};
+use crate::cli::{BenchDemandPagingArgs, BenchStormArgs};
 use crate::scenario::{build, REGION_HVA};
 
 const EXPLAIN: &str = "\
@@ -20,8 +21,18 @@ KVM's *shadow* MMU (tdp_mmu=N): every fault is a real VM exit under nesting. The
 threads writing 8 bytes per 4 KiB page of fresh anonymous memory: the host's own first-touch cost. \
 All figures come from this one run; compare ratios, not absolute times across runs.";
 
+const STORM_EXPLAIN: &str = "\
+What is compared: the same machine runs two phases twice, once with the fault pre-check (KVM >= 6.9) \
+and once without: faults with no invalidation, then faults while a storm of page migrations \
+invalidates the hot half of each vCPU's memory. \"outside\" faults are on pages no invalidation \
+covers; \"inside\" faults hit an invalidation in progress. The pre-check retries an inside fault \
+before it asks the host for the page or takes mmu_lock; without it the fault takes mmu_lock and the \
+locked check retries it. \"zap yields\" counts zaps giving up mmu_lock to waiters.";
+
 struct Phase {
     name: &'static str,
+    /// Its stable JSON name.
+    key: &'static str,
     vmmu_ns: u64,
     kvm_ns: Option<u64>,
     pages: u64,
@@ -46,6 +57,7 @@ fn vmmu_run(
     c.quiet = true;
     let shape = c.shape(vcpus, bytes, 1, Backing::Anonymous)?;
     let mut env = build(&c, shape)?;
+    let _ = &shape;
     if pretouch {
         env.m.host.prefault(HvaRange::new(
             Hva(REGION_HVA),
@@ -74,28 +86,58 @@ fn vmmu_run(
     ))
 }
 
+/// The resolved flags of `vmmu bench demand-paging`.
+fn demand_paging_common(a: &BenchDemandPagingArgs) -> anyhow::Result<Common> {
+    if !matches!(a.backing, Backing::Anonymous | Backing::AnonymousThp) {
+        anyhow::bail!(BadInput(format!(
+            "-s {}: the real-KVM and plain sides of this benchmark take anonymous or anonymous_thp",
+            a.backing.name()
+        )));
+    }
+    Ok(Common {
+        vcpus: Some(a.vcpus),
+        bytes: Some(a.bytes),
+        backing: Some(a.backing),
+        json: a.flags.json,
+        // Per-access oracle checks would be measured too; they are off unless asked.
+        no_oracle: !a.flags.oracle,
+        ..Common::default()
+    })
+}
+
 /// Check the flags of `vmmu bench demand-paging` (before anything is allocated).
-pub fn validate_demand_paging(common: &Common) -> anyhow::Result<()> {
-    common.shape(2, 512 << 20, 1, Backing::Anonymous)?;
+pub fn validate_demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<()> {
+    let c = demand_paging_common(a)?;
+    c.shape(2, 512 << 20, 1, Backing::Anonymous)?;
     Ok(())
 }
 
 /// `vmmu bench demand-paging`.
-pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Result<i32> {
-    let mut c = common.clone();
-    // Per-access oracle checks would be measured too; they are off unless asked.
-    c.no_oracle = !oracle;
+pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
+    let c = demand_paging_common(a)?;
+    let common = &c;
+    let vs_kvm = a.vs_kvm;
+    let thp = a.backing == Backing::AnonymousThp;
     let shape = c.shape(2, 512 << 20, 1, Backing::Anonymous)?;
     let (v, b) = (shape.vcpus, shape.bytes_per_vcpu);
     let pages = shape.total / 4096;
     if !common.json {
         println!("{EXPLAIN}\n");
-        println!("Workload: {v} vCPU(s) x {} each, one write of 8 bytes per 4 KiB page, 4 KiB host pages.", human(b));
+        println!(
+            "Workload: {v} {} x {} each, one write of 8 bytes per 4 KiB page, {} on every side.",
+            if v == 1 { "vCPU" } else { "vCPUs" },
+            human(b),
+            if thp {
+                "transparent huge pages (anonymous_thp)"
+            } else {
+                "4 KiB host pages (anonymous)"
+            }
+        );
     }
     let (untouched, _, _, viol1) = vmmu_run(&c, v, b, false)?;
     let (pretouched, warm, delete, viol2) = vmmu_run(&c, v, b, true)?;
     let (one_pretouched, _, _, viol3) = vmmu_run(&c, 1, b, true)?;
-    let baseline = vmmu_kvm::plain_first_touch(v as usize, b, false)?;
+    let baseline = vmmu_kvm::plain_first_touch(v as usize, b, thp)?;
     let mut kvm_note = String::new();
     let kvm = if vs_kvm {
         match vmmu_kvm::kvm_available() {
@@ -104,7 +146,7 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
                 let cfg = vmmu_kvm::DemandPagingConfig {
                     vcpus: v as usize,
                     bytes_per_vcpu: b,
-                    host_thp: false,
+                    host_thp: thp,
                 };
                 match vmmu_kvm::run_demand_paging(&cfg) {
                     Ok(r) => Some(r),
@@ -125,18 +167,21 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
     let phases = [
         Phase {
             name: "first pass, host memory untouched",
+            key: "first_pass_untouched_host",
             vmmu_ns: untouched,
             kvm_ns: kvm.as_ref().map(|k| k.first_touch_untouched_host.wall_ns),
             pages,
         },
         Phase {
             name: "first pass, host memory pre-touched",
+            key: "first_pass_pretouched_host",
             vmmu_ns: pretouched,
             kvm_ns: kvm.as_ref().map(|k| k.first_touch_pretouched_host.wall_ns),
             pages,
         },
         Phase {
             name: "warm pass (all mapped)",
+            key: "warm_pass",
             vmmu_ns: warm,
             kvm_ns: kvm.as_ref().map(|k| k.warm.wall_ns),
             pages,
@@ -145,25 +190,39 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
     let scaling = (one_pretouched as f64 / 1.0) / (pretouched as f64 / v as f64);
     let violations = viol1 + viol2 + viol3;
     if common.json {
-        let mut out = json!({
-            "scenario": "bench-demand-paging",
-            "vcpus": v, "bytes_per_vcpu": b, "pages": pages,
+        let out = json!({
+            "mode": "bench",
+            "scenario": "demand-paging",
+            "config": crate::report::config_json(
+                "bench demand-paging",
+                serde_json::to_value(a).unwrap_or_default(),
+                &crate::scenario::vm_config(common),
+                !common.no_oracle,
+            ),
+            "vcpus": v,
+            "bytes_per_vcpu": b,
+            "pages": pages,
+            "backing": a.backing.name(),
+            "phases": phases.iter().map(|p| json!({
+                "name": p.key,
+                "pages": p.pages,
+                "vmmu_ns": p.vmmu_ns,
+                "kvm_ns": p.kvm_ns,
+            })).collect::<Vec<_>>(),
             "baseline_first_touch_ns": baseline,
-            "delete_populated_slot_ns": delete,
+            "delete_populated_slot_ns": {
+                "vmmu": delete,
+                "kvm": kvm.as_ref().map(|k| k.delete_populated_slot_ns),
+            },
             "mmu_fault_throughput_scaling": scaling,
+            "kvm": {
+                "requested": vs_kvm,
+                "ran": kvm.is_some(),
+                "note": kvm_note,
+                "emulated_guest": kvm.as_ref().map(|k| k.emulated_guest),
+            },
             "violations": violations,
-            "kvm": kvm_note,
         });
-        for p in &phases {
-            out[format!("{}_vmmu_ns", p.name)] = json!(p.vmmu_ns);
-            if let Some(k) = p.kvm_ns {
-                out[format!("{}_kvm_ns", p.name)] = json!(k);
-            }
-        }
-        if let Some(k) = &kvm {
-            out["kvm_delete_populated_slot_ns"] = json!(k.delete_populated_slot_ns);
-            out["kvm_emulated_guest"] = json!(k.emulated_guest);
-        }
         println!("{out}");
         return Ok(if violations > 0 { 1 } else { 0 });
     }
@@ -210,8 +269,9 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
     ]);
     println!("{t}");
     println!(
-        "MMU-only fault throughput (host memory pre-touched): 1 vCPU {:.0} pages/s, {v} vCPUs {:.0} pages/s: {scaling:.2}x",
+        "MMU-only fault throughput (host memory pre-touched): 1 vCPU {:.0} pages/s, {v} {} {:.0} pages/s: {scaling:.2}x",
         (b / 4096) as f64 / (one_pretouched as f64 / 1e9),
+        if v == 1 { "vCPU" } else { "vCPUs" },
         pages as f64 / (pretouched as f64 / 1e9)
     );
     if vs_kvm {
@@ -226,11 +286,30 @@ pub fn demand_paging(common: &Common, vs_kvm: bool, oracle: bool) -> anyhow::Res
     Ok(if violations > 0 { 1 } else { 0 })
 }
 
+/// The resolved flags of `vmmu bench invalidation-storm`.
+fn storm_common(a: &BenchStormArgs) -> Common {
+    Common {
+        vcpus: Some(a.vcpus),
+        bytes: Some(a.bytes),
+        iterations: Some(a.iterations),
+        backing: Some(Backing::Anonymous),
+        seed: a.seed,
+        json: a.flags.json,
+        no_oracle: !a.flags.oracle,
+        quiet: true,
+        ..Common::default()
+    }
+}
+
+/// Check the flags of `vmmu bench invalidation-storm`.
+pub fn validate_storm(a: &BenchStormArgs) -> anyhow::Result<()> {
+    crate::scenario::invalidation_storm::validate(&storm_common(a)).map(|_| ())
+}
+
 /// `vmmu bench invalidation-storm`: the storm with and without the pre-check.
-pub fn invalidation_storm(common: &Common, oracle: bool) -> anyhow::Result<i32> {
-    let mut c = common.clone();
-    c.quiet = true;
-    c.no_oracle = !oracle;
+pub fn invalidation_storm(a: &BenchStormArgs) -> anyhow::Result<i32> {
+    let mut c = storm_common(a);
+    let common = &storm_common(a);
     c.no_precheck = false;
     let (with, code1) = crate::scenario::invalidation_storm::measure(&c, None)?;
     c.no_precheck = true;
@@ -238,10 +317,23 @@ pub fn invalidation_storm(common: &Common, oracle: bool) -> anyhow::Result<i32> 
     if common.json {
         println!(
             "{}",
-            json!({"scenario": "bench-invalidation-storm", "with_precheck": with.json, "without_precheck": without.json})
+            json!({
+                "mode": "bench",
+                "scenario": "invalidation-storm",
+                "config": crate::report::config_json(
+                    "bench invalidation-storm",
+                    serde_json::to_value(a).unwrap_or_default(),
+                    &crate::scenario::vm_config(common),
+                    !common.no_oracle,
+                ),
+                "with_precheck": with.json,
+                "without_precheck": without.json,
+                "violations": with.violations + without.violations,
+            })
         );
         return Ok(code1.max(code2));
     }
+    println!("{STORM_EXPLAIN}\n");
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(vec!["", "pre-check on", "pre-check off"]);
@@ -293,5 +385,16 @@ pub fn invalidation_storm(common: &Common, oracle: bool) -> anyhow::Result<i32> 
         format!("{:.2}", without.flushes_per_invalidation),
     ));
     println!("{t}");
+    println!(
+        "oracle violations: {} (pre-check on {}, off {}){}",
+        with.violations + without.violations,
+        with.violations,
+        without.violations,
+        if a.flags.oracle {
+            ""
+        } else {
+            "; per-access checks were off (--oracle turns them on), data and leak checks ran"
+        }
+    );
     Ok(code1.max(code2))
 }

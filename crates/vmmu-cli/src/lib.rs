@@ -6,6 +6,8 @@
 
 mod args;
 mod bench;
+mod cli;
+mod errors;
 mod report;
 mod scenario;
 mod trace;
@@ -13,90 +15,17 @@ mod trace;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 
-use args::{BadInput, Common};
+use args::BadInput;
+use cli::{BenchCmd, Cli, Cmd, RunCmd};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "vmmu",
-    version,
-    about = "The x86 KVM MMU in Rust: selftest scenarios, benchmarks, soak runs"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Run a scenario on the machine model.
-    Run {
-        /// Which scenario.
-        scenario: Scenario,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// Measure a scenario: vmmu, real KVM (with --vs-kvm) and the plain baseline.
-    Bench {
-        /// Which benchmark.
-        scenario: BenchScenario,
-        /// Also run the workload on /dev/kvm.
-        #[arg(long)]
-        vs_kvm: bool,
-        /// Keep the oracle's per-access checks on while measuring.
-        #[arg(long)]
-        oracle: bool,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// The long stress run: host events and memslot churn under writing and
-    /// verifying vCPUs, with the oracle on.
-    Soak {
-        /// Seed of the guest programs and the event mix.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// How long to run, in seconds.
-        #[arg(long, default_value_t = 60)]
-        duration: u64,
-        /// vCPUs.
-        #[arg(short = 'v', long, default_value_t = 2)]
-        vcpus: u32,
-        /// Memory per vCPU.
-        #[arg(short = 'b', long, value_parser = args::parse_size, default_value = "8M")]
-        bytes: u64,
-        /// Run without EPT A/D bits (access tracking).
-        #[arg(long)]
-        no_ad: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum Scenario {
-    /// demand_paging_test.
-    DemandPaging,
-    /// mmu_stress_test.
-    MmuStress,
-    /// memslot_modification_stress_test + set_memory_region_test.
-    MemslotChurn,
-    /// Faults during a storm of overlapping invalidations (pre-check vs none).
-    InvalidationStorm,
-    /// Fast zaps of roots while vCPUs switch roles.
-    Roots,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum BenchScenario {
-    /// First pass (host memory untouched / pre-touched), warm pass, delete slot.
-    DemandPaging,
-    /// The storm with and without the pre-check.
-    InvalidationStorm,
-}
-
-fn check_soak(vcpus: u32, bytes: u64) -> anyhow::Result<()> {
+fn check_soak(duration: u64, vcpus: u32, bytes: u64) -> anyhow::Result<()> {
+    if duration == 0 {
+        anyhow::bail!(BadInput(
+            "--duration 0: a soak runs for at least 1 second".into()
+        ));
+    }
     if vcpus == 0 || vcpus > 64 {
         anyhow::bail!(BadInput(format!("-v {vcpus}: vCPUs must be 1..=64")));
     }
@@ -117,7 +46,16 @@ fn soak(
     no_ad: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    check_soak(vcpus, bytes)?;
+    check_soak(secs, vcpus, bytes)?;
+    let config = report::config_json(
+        "soak",
+        serde_json::json!({"seed": seed, "duration": secs, "vcpus": vcpus, "bytes": bytes, "no_ad": no_ad, "json": json}),
+        &vmmu::VmConfig {
+            ad_enabled: !no_ad,
+            ..vmmu::VmConfig::default()
+        },
+        true,
+    );
     let cfg = vmmu_machine::stress::StressConfig {
         vcpus,
         bytes_per_vcpu: bytes,
@@ -136,7 +74,8 @@ fn soak(
     if json {
         println!(
             "{}",
-            serde_json::json!({"scenario": "soak", "seed": seed, "elapsed_ns": r.elapsed.as_nanos() as u64,
+            serde_json::json!({"mode": "soak", "scenario": "soak", "config": config,
+                "seed": seed, "elapsed_ns": r.elapsed.as_nanos() as u64,
                 "passes": r.passes, "accesses": r.accesses, "checked_accesses": r.checked, "faults": r.faults,
                 "host_events": total_events, "events": events, "violations": r.total_violations, "violation_log": r.log})
         );
@@ -164,10 +103,42 @@ fn soak(
     Ok(if r.total_violations > 0 { 1 } else { 0 })
 }
 
+/// Check a scenario's flags without running it.
+fn validate_run(cmd: &RunCmd) -> anyhow::Result<()> {
+    let common = cmd.common();
+    match cmd {
+        RunCmd::DemandPaging(_) => scenario::demand_paging::validate(&common).map(|_| ()),
+        RunCmd::MmuStress(_) => scenario::mmu_stress::validate(&common).map(|_| ()),
+        RunCmd::MemslotChurn(_) => scenario::memslot_churn::validate(&common).map(|_| ()),
+        RunCmd::InvalidationStorm(_) => scenario::invalidation_storm::validate(&common).map(|_| ()),
+        RunCmd::Roots(_) => scenario::roots::validate(&common).map(|_| ()),
+    }?;
+    check_trace_path(&common)
+}
+
+/// A trace file that cannot be written is refused before the run, not after
+/// it (when the run's output would be lost).
+fn check_trace_path(common: &args::Common) -> anyhow::Result<()> {
+    if let Some(path) = &common.trace {
+        let probe = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path);
+        if let Err(e) = probe {
+            anyhow::bail!(BadInput(format!(
+                "--trace {}: cannot write it: {e}",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Parse `argv` (program name first) and validate it as the command would,
 /// without running anything: `Ok` if the command would start, otherwise the one
 /// line it would print. Help and version requests count as `Ok`. For the argument
-/// parser's fuzz target and tests.
+/// parser's fuzz target and tests. (A `--trace` path is not probed here.)
 #[doc(hidden)]
 pub fn check_args<I, T>(argv: I) -> Result<(), String>
 where
@@ -175,108 +146,100 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     use clap::error::ErrorKind;
-    let cli = match Cli::try_parse_from(argv) {
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    let text: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cli = match Cli::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             return Ok(())
         }
-        Err(e) => {
-            return Err(e
-                .render()
-                .to_string()
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string())
-        }
+        Err(e) => return Err(errors::one_line(&e, &text)),
     };
-    let r = match cli.cmd {
-        Cmd::Run { scenario, common } => match scenario {
-            Scenario::DemandPaging => scenario::demand_paging::validate(&common).map(|_| ()),
-            Scenario::MmuStress => scenario::mmu_stress::validate(&common).map(|_| ()),
-            Scenario::MemslotChurn => scenario::memslot_churn::validate(&common).map(|_| ()),
-            Scenario::InvalidationStorm => {
-                scenario::invalidation_storm::validate(&common).map(|_| ())
+    let r = match &cli.cmd {
+        Cmd::Run { scenario: cmd } => {
+            let common = cmd.common();
+            match cmd {
+                RunCmd::DemandPaging(_) => scenario::demand_paging::validate(&common).map(|_| ()),
+                RunCmd::MmuStress(_) => scenario::mmu_stress::validate(&common).map(|_| ()),
+                RunCmd::MemslotChurn(_) => scenario::memslot_churn::validate(&common).map(|_| ()),
+                RunCmd::InvalidationStorm(_) => {
+                    scenario::invalidation_storm::validate(&common).map(|_| ())
+                }
+                RunCmd::Roots(_) => scenario::roots::validate(&common).map(|_| ()),
             }
-            Scenario::Roots => scenario::roots::validate(&common).map(|_| ()),
-        },
+        }
         Cmd::Bench {
-            scenario, common, ..
-        } => match scenario {
-            BenchScenario::DemandPaging => bench::validate_demand_paging(&common),
-            BenchScenario::InvalidationStorm => {
-                scenario::invalidation_storm::validate(&common).map(|_| ())
-            }
-        },
-        Cmd::Soak { vcpus, bytes, .. } => check_soak(vcpus, bytes),
+            benchmark: BenchCmd::DemandPaging(a),
+        } => bench::validate_demand_paging(a),
+        Cmd::Bench {
+            benchmark: BenchCmd::InvalidationStorm(a),
+        } => bench::validate_storm(a),
+        Cmd::Soak(a) => check_soak(a.duration, a.vcpus, a.bytes),
     };
     r.map_err(|e| e.to_string())
 }
 
 /// Parse the command line and run it (the `vmmu` binary).
 pub fn run_cli() -> ExitCode {
+    use clap::error::ErrorKind;
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return ExitCode::from(
-                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                        2
-                    } else {
-                        0
-                    },
-                );
+                return ExitCode::SUCCESS;
             }
-            // One line: clap's first line, without its "error: " prefix.
-            let text = e.render().to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("vmmu: {first} (see vmmu --help)");
+            eprintln!("{}", errors::one_line(&e, &argv));
             return ExitCode::from(2);
         }
     };
-    let r = match cli.cmd {
-        Cmd::Run { scenario, common } => match scenario {
-            Scenario::DemandPaging => scenario::demand_paging::run(&common),
-            Scenario::MmuStress => scenario::mmu_stress::run(&common),
-            Scenario::MemslotChurn => scenario::memslot_churn::run(&common),
-            Scenario::InvalidationStorm => scenario::invalidation_storm::run(&common),
-            Scenario::Roots => scenario::roots::run(&common),
-        },
+    let at = match &cli.cmd {
+        Cmd::Run { scenario } => format!("run {}", scenario.name()),
         Cmd::Bench {
-            scenario,
-            vs_kvm,
-            oracle,
-            common,
-        } => match scenario {
-            BenchScenario::DemandPaging => bench::demand_paging(&common, vs_kvm, oracle),
-            BenchScenario::InvalidationStorm => bench::invalidation_storm(&common, oracle),
-        },
-        Cmd::Soak {
-            seed,
-            duration,
-            vcpus,
-            bytes,
-            no_ad,
-            json,
-        } => soak(seed, duration, vcpus, bytes, no_ad, json),
+            benchmark: BenchCmd::DemandPaging(_),
+        } => "bench demand-paging".into(),
+        Cmd::Bench {
+            benchmark: BenchCmd::InvalidationStorm(_),
+        } => "bench invalidation-storm".into(),
+        Cmd::Soak(_) => "soak".into(),
+    };
+    let r = match cli.cmd {
+        Cmd::Run { scenario: cmd } => validate_run(&cmd).and_then(|()| {
+            let mut common = cmd.common();
+            common.config = report::config_json(
+                &format!("run {}", cmd.name()),
+                cmd.flags_json(),
+                &scenario::vm_config(&common),
+                !common.no_oracle,
+            );
+            match cmd {
+                RunCmd::DemandPaging(_) => scenario::demand_paging::run(&common),
+                RunCmd::MmuStress(_) => scenario::mmu_stress::run(&common),
+                RunCmd::MemslotChurn(_) => scenario::memslot_churn::run(&common),
+                RunCmd::InvalidationStorm(_) => scenario::invalidation_storm::run(&common),
+                RunCmd::Roots(_) => scenario::roots::run(&common),
+            }
+        }),
+        Cmd::Bench {
+            benchmark: BenchCmd::DemandPaging(a),
+        } => bench::demand_paging(&a),
+        Cmd::Bench {
+            benchmark: BenchCmd::InvalidationStorm(a),
+        } => bench::invalidation_storm(&a),
+        Cmd::Soak(a) => soak(a.seed, a.duration, a.vcpus, a.bytes, a.no_ad, a.json),
     };
     match r {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
         Err(e) => {
             let bad_input = e.downcast_ref::<BadInput>().is_some();
-            eprintln!("vmmu: {e}");
+            eprintln!("vmmu {at}: {e}");
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }

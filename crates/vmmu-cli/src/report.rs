@@ -30,6 +30,8 @@ pub struct Report {
     pub extra: Vec<(String, Value)>,
     /// The selftest-style lines.
     pub lines: Vec<String>,
+    /// The run's configuration (`config_json`).
+    pub config: Value,
 }
 
 /// Percentile summary of a latency histogram (ns).
@@ -79,7 +81,9 @@ impl Report {
     /// The JSON object.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
+        m.insert("mode".into(), json!("run"));
         m.insert("scenario".into(), json!(self.scenario));
+        m.insert("config".into(), self.config.clone());
         m.insert("vcpus".into(), json!(self.vcpus));
         m.insert("bytes_per_vcpu".into(), json!(self.bytes_per_vcpu));
         m.insert("pages".into(), json!(self.pages));
@@ -213,4 +217,55 @@ impl Report {
             println!("violation: {l}");
         }
     }
+}
+
+/// What the machine is, for the record: the CPU model and how loaded it was.
+pub fn host_json() -> Value {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let load: Vec<f64> = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| {
+            l.split_whitespace()
+                .take(3)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu_model": cpu_model,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "load_average": load,
+    })
+}
+
+/// The configuration block every `--json` object carries: the command, every
+/// flag with its value, the MMU's mode, the build, and the host.
+pub fn config_json(command: &str, flags: Value, vm: &vmmu::VmConfig, oracle: bool) -> Value {
+    json!({
+        "command": command,
+        "flags": flags,
+        "mmu": {
+            "kind": "tdp",
+            "root_level": vm.root_level.get(),
+            "max_level": vm.max_level.to_string(),
+            "ept_ad_bits": vm.ad_enabled,
+            "precheck": vm.precheck,
+            "mmio_caching": vm.mmio_caching,
+            "nx_huge_pages": vm.nx_huge_pages,
+            "address_spaces": vm.address_spaces,
+            "maxphyaddr": vm.maxphyaddr,
+        },
+        "oracle": oracle,
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": env!("VMMU_COMMIT"),
+        "host": host_json(),
+    })
 }

@@ -52,7 +52,7 @@ fn test_human_output_has_selftest_lines_and_table() {
 
 #[test]
 fn test_mmu_stress_every_store_fails_while_read_only() {
-    let v = json_run(&["run", "mmu-stress", "-v", "2", "-b", "4M", "-x", "2"]);
+    let v = json_run(&["run", "mmu-stress", "-v", "2", "-b", "4M", "--aliases", "2"]);
     assert_eq!(v["ro_stage_efaults"], v["ro_stage_stores"]);
     assert_eq!(v["rw_stage_efaults"], 0);
 }
@@ -91,13 +91,145 @@ fn test_bad_input_is_one_line_and_nonzero() {
         &["run", "demand-paging", "-s", "hugetlb2m", "-b", "3M"],
         &["run", "demand-paging", "-x", "3", "-b", "4M"],
         &["soak", "--duration", "soon"],
+        &["run"],
+        &[],
     ] {
         let (code, out, err) = vmmu(args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(out.is_empty(), "{args:?} printed on stdout: {out}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("vmmu: "), "{err}");
+        assert!(err.starts_with("vmmu"), "{err}");
     }
+}
+
+/// The one line the command prints for `args` (checked to be one line, exit 2).
+fn refusal(args: &[&str]) -> String {
+    let (code, out, err) = vmmu(args);
+    assert_eq!(code, 2, "{args:?} was not refused: {err}{out}");
+    assert!(out.is_empty(), "{args:?} printed on stdout: {out}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    err.trim_end().to_string()
+}
+
+#[test]
+fn test_missing_or_unknown_names_list_what_is_valid() {
+    let e = refusal(&["run"]);
+    assert!(
+        e.contains("<SCENARIO>") && e.contains("demand-paging") && e.contains("roots"),
+        "{e}"
+    );
+    let e = refusal(&["run", "foo"]);
+    assert!(e.contains("'foo'") && e.contains("memslot-churn"), "{e}");
+    let e = refusal(&["bench", "foo"]);
+    assert!(e.contains("invalidation-storm"), "{e}");
+    let e = refusal(&["run", "demand-paging", "-s", "hugepages"]);
+    for name in [
+        "anonymous_hugetlb",
+        "anonymous_hugetlb_2mb",
+        "shared_hugetlb",
+        "shmem",
+    ] {
+        assert!(e.contains(name), "{name} missing from: {e}");
+    }
+}
+
+#[test]
+fn test_sizes_and_counts_are_shown_as_given() {
+    let e = refusal(&["run", "demand-paging", "-b", "1000"]);
+    assert!(e.contains("1000 bytes"), "{e}");
+    let e = refusal(&["run", "memslot-churn", "-x", "0"]);
+    assert!(e.contains("-x 0: at least one memslot"), "{e}");
+}
+
+#[test]
+fn test_unwritable_trace_is_refused_before_the_run() {
+    let t = std::time::Instant::now();
+    let e = refusal(&[
+        "run",
+        "demand-paging",
+        "-b",
+        "64M",
+        "--trace",
+        "/nonexistent-dir/trace.json",
+    ]);
+    assert!(
+        e.contains("--trace") && e.contains("nonexistent-dir"),
+        "{e}"
+    );
+    assert!(t.elapsed().as_secs() < 5, "refused only after running");
+}
+
+#[test]
+fn test_flags_a_scenario_does_not_use_are_refused() {
+    let e = refusal(&["run", "demand-paging", "-i", "3"]);
+    assert!(
+        e.contains("'-i'") && e.contains("demand-paging takes"),
+        "{e}"
+    );
+    let e = refusal(&["run", "mmu-stress", "-i", "5"]);
+    assert!(e.contains("'-i'"), "{e}");
+    // -x means memslots; mmu-stress's aliases have their own flag.
+    let e = refusal(&["run", "mmu-stress", "-x", "2"]);
+    assert!(e.contains("--aliases"), "{e}");
+    // Selftest flags the machine does not model say why.
+    let e = refusal(&["run", "demand-paging", "-u", "MISSING"]);
+    assert!(e.contains("userfaultfd"), "{e}");
+    let e = refusal(&["run", "memslot-churn", "-q"]);
+    assert!(e.contains("quirk"), "{e}");
+    // A flag twice over, or its negation beside it.
+    let e = refusal(&["bench", "demand-paging", "--oracle", "--no-oracle"]);
+    assert!(e.contains("--no-oracle"), "{e}");
+    let e = refusal(&["soak", "--duration", "0"]);
+    assert!(e.contains("at least 1 second"), "{e}");
+}
+
+#[test]
+fn test_scenario_help_shows_its_own_defaults() {
+    for (scenario, defaults) in [
+        (
+            "demand-paging",
+            &["[default: 1]", "[default: 1G]", "[default: anonymous]"][..],
+        ),
+        ("mmu-stress", &["[default: 2]", "[default: 256M]"]),
+        ("memslot-churn", &["[default: 10]", "[default: 256M]"]),
+        ("roots", &["[default: 20]", "[default: 64M]"]),
+    ] {
+        let (code, out, _) = vmmu(&["run", scenario, "--help"]);
+        assert_eq!(code, 0);
+        for d in defaults {
+            assert!(out.contains(d), "{scenario} --help lacks {d}:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn test_selftest_flag_meanings() {
+    // memslot_modification_stress_test: -d is the delay between changes.
+    let v = json_run(&["run", "memslot-churn", "-b", "4M", "-i", "2", "-d", "100"]);
+    assert_eq!(v["config"]["flags"]["delay_us"], 100);
+    // mmu_stress_test: -H is hugetlb.
+    let v = json_run(&["run", "mmu-stress", "-b", "4M", "-H"]);
+    assert_eq!(v["config"]["flags"]["hugetlb"], true);
+    // The selftests' backing names are accepted.
+    json_run(&[
+        "run",
+        "demand-paging",
+        "-b",
+        "4M",
+        "-s",
+        "anonymous_hugetlb_2mb",
+    ]);
+}
+
+#[test]
+fn test_bench_says_vcpu_in_the_singular_for_one() {
+    let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("1 vCPU x") && !out.contains("1 vCPUs"),
+        "{out}"
+    );
+    assert!(out.contains("oracle violations: 0"), "{out}");
 }
 
 #[test]

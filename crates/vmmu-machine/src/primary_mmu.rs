@@ -40,8 +40,8 @@ impl Backing {
         match self {
             Backing::Anonymous => "anonymous",
             Backing::AnonymousThp => "anonymous_thp",
-            Backing::Hugetlb2M => "hugetlb2m",
-            Backing::Hugetlb1G => "hugetlb1g",
+            Backing::Hugetlb2M => "anonymous_hugetlb_2mb",
+            Backing::Hugetlb1G => "anonymous_hugetlb_1gb",
             Backing::Shmem => "shmem",
         }
     }
@@ -51,9 +51,14 @@ impl Backing {
         Some(match s {
             "anonymous" => Backing::Anonymous,
             "anonymous_thp" => Backing::AnonymousThp,
-            "hugetlb2m" | "anonymous_hugetlb_2mb" => Backing::Hugetlb2M,
+            // The selftests' anonymous_hugetlb is the default huge page size
+            // (2 MiB on x86); shared_hugetlb is a hugetlb memfd, which the
+            // machine models like an anonymous hugetlb mapping.
+            "hugetlb2m" | "anonymous_hugetlb" | "anonymous_hugetlb_2mb" | "shared_hugetlb" => {
+                Backing::Hugetlb2M
+            }
             "hugetlb1g" | "anonymous_hugetlb_1gb" => Backing::Hugetlb1G,
-            "shmem" => Backing::Shmem,
+            "shmem" | "shared" => Backing::Shmem,
             _ => return None,
         })
     }

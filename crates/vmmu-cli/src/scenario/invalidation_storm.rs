@@ -260,6 +260,8 @@ pub struct StormFigures {
     pub inside_retry_lock_reads: u64,
     /// Yields by zaps during the storm.
     pub yields: u64,
+    /// Oracle violations in the run.
+    pub violations: u64,
 }
 
 /// Check the flags (before anything is allocated).
@@ -305,6 +307,7 @@ pub fn measure(
         },
         inside_retry_lock_reads: storm.inside.retries_locked,
         yields: storm.stats.yields,
+        violations: 0,
     };
     let mut r = Report::new("invalidation-storm", &shape);
     let ratio = figures.storm_outside_p99 as f64 / figures.baseline_outside_p99.max(1) as f64;
@@ -335,8 +338,14 @@ pub fn measure(
     r.put("baseline", phase_json(&baseline));
     r.put("storm", phase_json(&storm));
     let _ = report;
-    let code = env.finish(r)?;
-    Ok((figures, code))
+    let (code, violations) = env.finish_counted(r)?;
+    Ok((
+        StormFigures {
+            violations,
+            ..figures
+        },
+        code,
+    ))
 }
 
 /// Run it.

@@ -49,6 +49,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let (progs, opts, stop) = env.repeating(shape.write_percent.min(50));
     r.line("Started all vCPUs");
     let iterations = shape.iterations;
+    let delay = Duration::from_micros(common.delay_us);
     let mut op_ns: Vec<(&str, u64, u64)> = vec![
         ("dummy_create", 0, 0),
         ("dummy_delete", 0, 0),
@@ -62,6 +63,10 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let out = env.m.run(progs, &opts, |ctx| {
         let mut timed =
             |i: usize, f: &dyn Fn() -> Result<(), vmmu::MemslotError>| -> anyhow::Result<()> {
+                // The selftest's -d: a pause between memslot changes.
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
                 let s = Instant::now();
                 f()?;
                 let e = Instant::now();

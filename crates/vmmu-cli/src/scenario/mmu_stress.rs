@@ -1,7 +1,7 @@
 //! `mmu-stress` (mmu_stress_test): write, reset the MMU context, rewrite, read,
 //! mprotect read-only (every store must fail with EFAULT), read-write again.
-//! With `-x N` the same host memory is installed as N aliased memslots and each
-//! vCPU works through one of them.
+//! With `--aliases N` the same host memory is installed as N aliased memslots
+//! and each vCPU works through one of them.
 
 use std::time::Instant;
 
@@ -15,13 +15,13 @@ use crate::report::{secs, Report};
 
 /// Check the flags (before anything is allocated).
 pub fn validate(common: &Common) -> anyhow::Result<(crate::args::Shape, u32, Common)> {
-    let aliases = common.slots.unwrap_or(1);
+    let aliases = common.aliases.unwrap_or(1);
     let mut c = common.clone();
     c.slots = Some(1);
     let shape = c.shape(2, 256 << 20, 1, Backing::Shmem)?;
     if aliases == 0 || aliases > 512 {
         anyhow::bail!(crate::args::BadInput(format!(
-            "-x {aliases}: aliased memslots must be 1..=512"
+            "--aliases {aliases}: aliased memslots must be 1..=512"
         )));
     }
     Ok((shape, aliases, c))

@@ -214,11 +214,17 @@ impl Env {
 
     /// Tear down, check for leaks, fill the report's oracle results, write the
     /// trace. Returns the process exit code.
-    pub fn finish(self, mut report: Report) -> anyhow::Result<i32> {
+    pub fn finish(self, report: Report) -> anyhow::Result<i32> {
+        Ok(self.finish_counted(report)?.0)
+    }
+
+    /// [`Env::finish`], also returning the number of violations.
+    pub fn finish_counted(self, mut report: Report) -> anyhow::Result<(i32, u64)> {
         let Env {
             m, common, trace, ..
         } = self;
         report.stats = m.vm.stats();
+        report.config = common.config.clone();
         let oracle = m.oracle.clone();
         let teardown = m.teardown();
         report.put("leaked_data_pages", teardown.leaked_data_pages);
@@ -234,7 +240,7 @@ impl Env {
         if !common.quiet {
             report.print(common.json);
         }
-        Ok(if report.violations > 0 { 1 } else { 0 })
+        Ok((if report.violations > 0 { 1 } else { 0 }, report.violations))
     }
 }
 

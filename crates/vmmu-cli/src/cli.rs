@@ -1,0 +1,421 @@
+//! The command line: one subcommand per scenario, each with the flags of the
+//! selftest it re-creates and its own defaults (shown by `--help`).
+//!
+//! Flags mean what they mean in the selftest a scenario re-creates; where vmmu
+//! adds something the selftest does not have, the flag is long-only so it cannot
+//! clash with a selftest letter. A flag a scenario does not use is refused
+//! (clap's "unexpected argument", turned into one line by [`crate::errors`]).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use vmmu_machine::Backing;
+
+use crate::args::{parse_backing, parse_size, Common};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmmu",
+    version,
+    about = "The x86 KVM MMU in Rust: selftest scenarios, benchmarks, soak runs",
+    propagate_version = true
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Cmd {
+    /// Run a scenario on the machine model.
+    #[command(
+        subcommand_value_name = "SCENARIO",
+        subcommand_help_heading = "Scenarios"
+    )]
+    Run {
+        #[command(subcommand)]
+        scenario: RunCmd,
+    },
+    /// Measure: vmmu, the real /dev/kvm (with --vs-kvm) and the plain baseline.
+    #[command(
+        subcommand_value_name = "BENCHMARK",
+        subcommand_help_heading = "Benchmarks"
+    )]
+    Bench {
+        #[command(subcommand)]
+        benchmark: BenchCmd,
+    },
+    /// The long stress run: host events and memslot churn under writing and
+    /// verifying vCPUs, with the oracle on.
+    Soak(SoakArgs),
+}
+
+/// Flags every scenario takes: the MMU's configuration and the output.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct RunFlags {
+    /// Seed of everything random (guest programs, host events).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Write a Chrome trace-event timeline (opens in Perfetto).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trace: Option<PathBuf>,
+    /// Skip the oracle's per-access checks (faster; data and leak checks remain).
+    #[arg(long)]
+    pub(crate) no_oracle: bool,
+    /// Turn off the fault pre-check (KVM before 6.9), to measure what it buys.
+    #[arg(long)]
+    pub(crate) no_precheck: bool,
+    /// Run without EPT A/D bits (pages aged by access tracking).
+    #[arg(long)]
+    pub(crate) no_ad: bool,
+}
+
+impl RunFlags {
+    fn common(&self) -> Common {
+        Common {
+            seed: self.seed,
+            json: self.json,
+            trace: self.trace.clone(),
+            no_oracle: self.no_oracle,
+            no_precheck: self.no_precheck,
+            no_ad: self.no_ad,
+            ..Common::default()
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RunCmd {
+    /// demand_paging_test: every vCPU faults in its memory once, then a verify
+    /// pass reads it back.
+    DemandPaging(DemandPagingArgs),
+    /// mmu_stress_test: write, reset the MMU context, rewrite, read, mprotect
+    /// read-only (every store must fail with EFAULT), read-write again.
+    MmuStress(MmuStressArgs),
+    /// memslot_modification_stress_test plus set_memory_region_test: slots are
+    /// created, deleted and moved under running vCPUs.
+    MemslotChurn(MemslotChurnArgs),
+    /// Faults inside and outside a migration storm, with and without the
+    /// invalidation pre-check (the design discussion behind KVM 6.9's pre-check).
+    InvalidationStorm(InvalidationStormArgs),
+    /// Fast zaps of roots while vCPUs switch roles (the free-obsolete-roots and
+    /// preserve-roots discussions).
+    Roots(RootsArgs),
+}
+
+/// `vmmu run demand-paging`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct DemandPagingArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Memory demand-paged by each vCPU (e.g. 10M, 3G).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// Backing source: anonymous, anonymous_thp, anonymous_hugetlb (2M),
+    /// anonymous_hugetlb_2mb, anonymous_hugetlb_1gb, shared_hugetlb, shmem.
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    /// Overlap guest memory accesses instead of partitioning them into a separate
+    /// region per vCPU (no data verification then).
+    #[arg(short = 'o', long = "overlap")]
+    pub(crate) overlap: bool,
+    /// vmmu: visit pages in random order (the selftest walks them in order).
+    #[arg(long)]
+    pub(crate) random: bool,
+    /// vmmu: percentage of first touches that write (the selftest writes all).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) write_percent: u32,
+    /// vmmu: touch all host memory before the vCPUs start, so faults measure the
+    /// MMU rather than host page allocation.
+    #[arg(long)]
+    pub(crate) prefault_host: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run mmu-stress`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct MmuStressArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// vmmu: guest memory written by each vCPU (the selftest sizes memory with
+    /// -s slot size and -m max_mem).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "256M")]
+    pub(crate) bytes: u64,
+    /// Back the memfd with 2 MiB hugetlb pages (else shared memory).
+    #[arg(short = 'H', long = "hugetlb")]
+    pub(crate) hugetlb: bool,
+    /// vmmu: install the same host memory as this many memslots at consecutive
+    /// guest addresses (the selftest's aliasing, 1..=512).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) aliases: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run memslot-churn`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct MemslotChurnArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU (e.g. 256M, 1G).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "256M")]
+    pub(crate) bytes: u64,
+    /// Rounds of memslot changes (each: a dummy slot created and deleted, the
+    /// test slot moved away and back, deleted and recreated).
+    #[arg(short = 'i', long = "iterations", default_value_t = 10)]
+    pub(crate) iterations: u32,
+    /// Delay between memslot changes, in microseconds.
+    #[arg(short = 'd', long = "delay", value_name = "USEC", default_value_t = 0)]
+    pub(crate) delay_us: u64,
+    /// Overlap guest memory accesses instead of partitioning them per vCPU.
+    #[arg(short = 'o', long = "overlap")]
+    pub(crate) overlap: bool,
+    /// Memslots the test region is split into.
+    #[arg(short = 'x', long = "slots", default_value_t = 1)]
+    pub(crate) slots: u32,
+    /// vmmu: percentage of the vCPUs' accesses that write.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) write_percent: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run invalidation-storm`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct InvalidationStormArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU (at least 4M).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "512M")]
+    pub(crate) bytes: u64,
+    /// Rounds of faults in each phase (without and with the storm).
+    #[arg(short = 'i', long = "iterations", default_value_t = 2)]
+    pub(crate) iterations: u32,
+    /// Backing source (see `vmmu run demand-paging --help`).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run roots`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct RootsArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "64M")]
+    pub(crate) bytes: u64,
+    /// Root zaps (half of every root, half of the SMM address space's).
+    #[arg(short = 'i', long = "iterations", default_value_t = 20)]
+    pub(crate) iterations: u32,
+    /// Memslots the test region is split into (mirrored into SMM).
+    #[arg(short = 'x', long = "slots", default_value_t = 1)]
+    pub(crate) slots: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum BenchCmd {
+    /// First pass (host memory untouched / pre-touched), warm pass, slot delete:
+    /// vmmu, the real /dev/kvm (with --vs-kvm) and plain first-touch threads.
+    DemandPaging(BenchDemandPagingArgs),
+    /// The invalidation storm with and without the pre-check.
+    InvalidationStorm(BenchStormArgs),
+}
+
+/// Flags both benchmarks take.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchFlags {
+    /// Keep the oracle's per-access checks on while measuring (off by default:
+    /// they would be measured too).
+    #[arg(long)]
+    pub(crate) oracle: bool,
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `vmmu bench demand-paging`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchDemandPagingArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "512M")]
+    pub(crate) bytes: u64,
+    /// Host memory of all three sides: anonymous (4 KiB pages) or anonymous_thp.
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    /// Also run the workload on /dev/kvm.
+    #[arg(long)]
+    pub(crate) vs_kvm: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
+}
+
+/// `vmmu bench invalidation-storm`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchStormArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU (at least 4M).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "512M")]
+    pub(crate) bytes: u64,
+    /// Rounds of faults in each phase.
+    #[arg(short = 'i', long = "iterations", default_value_t = 2)]
+    pub(crate) iterations: u32,
+    /// Seed of the fault pattern and the storm.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
+}
+
+/// `vmmu soak`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct SoakArgs {
+    /// Seed of the guest programs and the event mix.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// How long to run, in seconds (at least 1).
+    #[arg(long, default_value_t = 60)]
+    pub(crate) duration: u64,
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU (a multiple of 2M, at most 4G).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "8M")]
+    pub(crate) bytes: u64,
+    /// Run without EPT A/D bits (access tracking).
+    #[arg(long)]
+    pub(crate) no_ad: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+impl RunCmd {
+    /// The scenario's name, as typed.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            RunCmd::DemandPaging(_) => "demand-paging",
+            RunCmd::MmuStress(_) => "mmu-stress",
+            RunCmd::MemslotChurn(_) => "memslot-churn",
+            RunCmd::InvalidationStorm(_) => "invalidation-storm",
+            RunCmd::Roots(_) => "roots",
+        }
+    }
+
+    /// The resolved flags the scenario code works with.
+    pub(crate) fn common(&self) -> Common {
+        match self {
+            RunCmd::DemandPaging(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                backing: Some(a.backing),
+                overlap: a.overlap,
+                random: a.random,
+                write_percent: Some(a.write_percent),
+                prefault_host: a.prefault_host,
+                ..a.flags.common()
+            },
+            RunCmd::MmuStress(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                backing: Some(if a.hugetlb {
+                    Backing::Hugetlb2M
+                } else {
+                    Backing::Shmem
+                }),
+                aliases: Some(a.aliases),
+                ..a.flags.common()
+            },
+            RunCmd::MemslotChurn(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                delay_us: a.delay_us,
+                overlap: a.overlap,
+                slots: Some(a.slots),
+                write_percent: Some(a.write_percent),
+                ..a.flags.common()
+            },
+            RunCmd::InvalidationStorm(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                backing: Some(a.backing),
+                ..a.flags.common()
+            },
+            RunCmd::Roots(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                slots: Some(a.slots),
+                ..a.flags.common()
+            },
+        }
+    }
+}
+
+fn backing_name<S: serde::Serializer>(b: &Backing, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(b.name())
+}
+
+impl RunCmd {
+    /// Every flag with its value (defaults included), for the JSON report.
+    pub(crate) fn flags_json(&self) -> serde_json::Value {
+        let v = match self {
+            RunCmd::DemandPaging(a) => serde_json::to_value(a),
+            RunCmd::MmuStress(a) => serde_json::to_value(a),
+            RunCmd::MemslotChurn(a) => serde_json::to_value(a),
+            RunCmd::InvalidationStorm(a) => serde_json::to_value(a),
+            RunCmd::Roots(a) => serde_json::to_value(a),
+        };
+        v.unwrap_or_default()
+    }
+}
+
+/// Selftest flags a scenario's selftest has and vmmu does not model, with why:
+/// refused with that reason rather than clap's bare "unexpected argument".
+pub(crate) fn unmodelled_flag(scenario: &str, flag: &str) -> Option<&'static str> {
+    let flag = flag.split('=').next().unwrap_or(flag);
+    Some(match (scenario, flag) {
+        ("demand-paging", "-u" | "-a" | "-d" | "-r") => {
+            "userfaultfd is not modelled: the host populates pages on first touch (see --prefault-host)"
+        }
+        (_, "-c") => "vCPU threads are not pinned to CPUs in the machine model",
+        (_, "-m") => "only the 4-level/5-level EPT guest mode exists here",
+        ("memslot-churn", "-q") => {
+            "the slot-zap-all quirk cannot be turned off yet: deletes and moves zap every root"
+        }
+        ("mmu-stress", "-s") => {
+            "the machine sizes mmu-stress memory with -b per vCPU and --aliases, not a slot size"
+        }
+        _ => return None,
+    })
+}
