@@ -19,6 +19,6 @@ pub mod tlb;
 
 pub use machine::{
     BucketCounts, FaultRecord, Machine, MachineConfig, MachineError, PhaseCtx, RunOptions,
-    TeardownReport, Vcpu, VcpuReport,
+    SmmState, TeardownReport, Vcpu, VcpuReport,
 };
 pub use primary_mmu::{Backing, HostMmu};

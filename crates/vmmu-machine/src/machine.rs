@@ -126,6 +126,9 @@ pub struct RunOptions {
     pub buckets: usize,
     /// Enter or leave SMM every this many accesses (root switching).
     pub smm_toggle_every: Option<u64>,
+    /// Per vCPU (indexed by id): set while it is in SMM and counting its role
+    /// switches, so a host thread can act while vCPUs are in a given role.
+    pub smm_state: Option<Arc<SmmState>>,
     /// Stop all vCPUs when set.
     pub stop: Option<Arc<AtomicBool>>,
     /// Count completed accesses here (for progress bars).
@@ -137,6 +140,33 @@ pub struct RunOptions {
     pub trace_limit: usize,
     /// Measure fault latencies (two clock reads per fault).
     pub latency: bool,
+}
+
+/// Where each vCPU's role is, visible to other threads.
+#[derive(Debug, Default)]
+pub struct SmmState {
+    /// In SMM now, per vCPU id.
+    pub in_smm: Vec<AtomicBool>,
+    /// Role switches made, over all vCPUs.
+    pub switches: AtomicU64,
+    /// While set, vCPUs keep their roles (no switches).
+    pub hold: AtomicBool,
+}
+
+impl SmmState {
+    /// State for `vcpus` vCPUs, all outside SMM.
+    pub fn new(vcpus: u32) -> SmmState {
+        SmmState {
+            in_smm: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            switches: AtomicU64::new(0),
+            hold: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether any vCPU is in SMM.
+    pub fn any_in_smm(&self) -> bool {
+        self.in_smm.iter().any(|b| b.load(Ordering::Acquire))
+    }
 }
 
 /// One recorded fault.
@@ -553,7 +583,11 @@ fn run_vcpu<P: GuestProgram>(
             break;
         }
         if !in_guest {
-            if let Some(every) = smm_toggle {
+            let held = opts
+                .smm_state
+                .as_ref()
+                .is_some_and(|s| s.hold.load(Ordering::Acquire));
+            if let Some(every) = smm_toggle.filter(|_| !held) {
                 if since_toggle >= every {
                     since_toggle = 0;
                     // Enter or leave SMM: switch roles (and roots). A VM without
@@ -562,6 +596,11 @@ fn run_vcpu<P: GuestProgram>(
                     if vcpu.mmu.set_smm(!smm).is_err() {
                         c.smm_refused += 1;
                         smm_toggle = None;
+                    } else if let Some(st) = &opts.smm_state {
+                        if let Some(b) = st.in_smm.get(vcpu.id as usize) {
+                            b.store(!smm, Ordering::Release);
+                        }
+                        st.switches.fetch_add(1, Ordering::AcqRel);
                     }
                 }
             }

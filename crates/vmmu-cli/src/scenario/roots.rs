@@ -38,19 +38,49 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let mut r = Report::new("roots", &shape);
     let (progs, mut opts, stop) = env.repeating(50);
     opts.smm_toggle_every = Some(2048);
+    let smm = std::sync::Arc::new(vmmu_machine::SmmState::new(shape.vcpus));
+    opts.smm_state = Some(smm.clone());
     let iterations = shape.iterations;
     let trace = env.trace.clone();
     let mut all_zaps = 0u64;
     let mut smm_zaps = 0u64;
     let t0 = Instant::now();
     let out = env.m.run(progs, &opts, |ctx| {
-        std::thread::sleep(Duration::from_millis(10));
+        // Zaps are paced by the vCPUs' progress, not by the clock, so a loaded
+        // machine still interleaves role switches with zaps: before each zap the
+        // vCPUs switch roles twice each, and an SMM-only zap waits for a vCPU in
+        // SMM (the case where a valid cached root must survive). Bounded waits:
+        // a vCPU that cannot progress is the oracle's "stuck".
+        let wait = |cond: &dyn Fn() -> bool| {
+            let t = Instant::now();
+            while !cond() && !ctx.done() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        };
         for i in 0..iterations {
             let filter = if i % 2 == 0 {
                 RootFilter::All
             } else {
                 RootFilter::AddressSpace(1)
             };
+            let base = smm.switches.load(Ordering::Acquire);
+            wait(&|| smm.switches.load(Ordering::Acquire) >= base + 2 * shape.vcpus as u64);
+            let kept_before = ctx.vm.stats().prev_roots_kept;
+            if i % 2 == 1 {
+                // Catch a vCPU in SMM and keep it there until it has handled the
+                // zap: its cached normal root must survive the request.
+                for _ in 0..1000 {
+                    wait(&|| smm.any_in_smm());
+                    smm.hold.store(true, Ordering::Release);
+                    // A switch already under way when the hold was set may have
+                    // just left SMM: look again, and retry if so.
+                    std::thread::sleep(Duration::from_micros(50));
+                    if smm.any_in_smm() || ctx.done() {
+                        break;
+                    }
+                    smm.hold.store(false, Ordering::Release);
+                }
+            }
             let s = Instant::now();
             // The scenario's VM has both address spaces: never refused.
             let _ = ctx.vm.invalidate_roots(filter);
@@ -70,8 +100,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
                 all_zaps += 1;
             } else {
                 smm_zaps += 1;
+                wait(&|| ctx.vm.stats().prev_roots_kept > kept_before);
+                smm.hold.store(false, Ordering::Release);
             }
-            std::thread::sleep(Duration::from_millis(3));
         }
         stop.store(true, Ordering::Release);
     });
