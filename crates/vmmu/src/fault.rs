@@ -222,6 +222,7 @@ impl VcpuMmu {
         }
 
         if self.fault_can_be_fast(&f) {
+            CounterSet::inc(&self.shared.stats.fast_path_attempts);
             match self.fast_page_fault(&root, &f) {
                 RetPf::Invalid => {}
                 r => return Ok(r),

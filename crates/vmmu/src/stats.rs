@@ -96,6 +96,8 @@ counters! {
     faults_error,
     /// Faults fixed by the lockless fast path (`pf_fast`).
     fast_path_fixed,
+    /// Faults that tried the lockless fast path (KVM's `page_fault_can_be_fast`).
+    fast_path_attempts,
     /// Faults the fast path found already fixed.
     fast_path_spurious,
     /// Retries decided by the pre-check, before the host was asked for the pfn.

@@ -158,6 +158,7 @@ pub struct TestHost {
     next_pfn: AtomicU64,
     host_level: AtomicU8,
     populate: bool,
+    released_writable: AtomicU64,
 }
 
 impl std::fmt::Debug for TestHost {
@@ -179,6 +180,7 @@ impl TestHost {
             next_pfn: AtomicU64::new(0x1000),
             host_level: AtomicU8::new(1),
             populate: true,
+            released_writable: AtomicU64::new(0),
         })
     }
 
@@ -242,6 +244,12 @@ impl TestHost {
     /// The size of host pages populated from now on.
     pub fn set_host_level(&self, level: Level) {
         self.host_level.store(level.get(), Ordering::SeqCst);
+    }
+
+    /// Frames released with "the MMU mapped it writable" (the host would mark
+    /// them dirty).
+    pub fn released_writable(&self) -> u64 {
+        self.released_writable.load(Ordering::SeqCst)
     }
 
     /// Frame references taken and not yet released.
@@ -308,7 +316,10 @@ impl PrimaryMmu for TestHost {
         Ok(r)
     }
 
-    fn release(&self, pfn: Pfn, _mapped_writable: bool) {
+    fn release(&self, pfn: Pfn, mapped_writable: bool) {
+        if mapped_writable {
+            self.released_writable.fetch_add(1, Ordering::SeqCst);
+        }
         let mut refs = self.refs.lock();
         let n = refs
             .get_mut(&pfn.0)

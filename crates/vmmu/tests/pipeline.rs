@@ -1014,3 +1014,210 @@ fn test_lock_order_checker_reports_a_host_callback_that_takes_slots_lock_in_a_fa
         "{msg}"
     );
 }
+
+#[test]
+fn test_refusals_and_exits_map_to_kvm_errnos() {
+    use vmmu::errno::*;
+    use vmmu::{FaultError, MemslotError, TableMemoryError, VmError};
+    let gpa = Gpa(0x1000);
+    let host = |cause| FaultError::Host {
+        gpa,
+        hva: Hva(0),
+        cause,
+    };
+    for (e, want) in [
+        (
+            FaultError::MemoryFault {
+                gpa,
+                size: 4096,
+                private: true,
+            },
+            EFAULT,
+        ),
+        (host(HostFaultError::ReadOnly), EFAULT),
+        (host(HostFaultError::NotMapped), EFAULT),
+        (host(HostFaultError::OutOfMemory), EFAULT),
+        (host(HostFaultError::HwPoison), EHWPOISON),
+        (FaultError::NoMemory(TableMemoryError::OutOfMemory), ENOMEM),
+    ] {
+        assert_eq!(e.errno(), want, "{e:?}");
+    }
+    assert_eq!(VmError::VcpuExists(1).errno(), EEXIST);
+    assert_eq!(
+        VmError::Memory(TableMemoryError::OutOfMemory).errno(),
+        ENOMEM
+    );
+    assert_eq!(VmError::InvalidConfig("x").errno(), EINVAL);
+    let overlap = MemslotError::Overlap {
+        slot: 1,
+        start: 0,
+        end: 1,
+        other: 2,
+    };
+    assert_eq!(overlap.errno(), EEXIST);
+    assert_eq!(MemslotError::NoSuchSlot { slot: 3 }.errno(), EINVAL);
+}
+
+#[test]
+fn test_fetch_and_write_together_need_both_permissions() {
+    // A fault that is both an instruction fetch and a write (the error code a
+    // guest gets for neither being allowed) is not satisfied by an executable
+    // read-only leaf.
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    let pfn = host.fresh_pfn();
+    host.set(hva(6), pfn, false);
+    assert_eq!(
+        vcpu.page_fault(gpa(6), ErrorCode::FETCH).unwrap(),
+        RetPf::Fixed
+    );
+    let r = vcpu.page_fault(
+        gpa(6),
+        ErrorCode::FETCH | ErrorCode::WRITE | ErrorCode::PRESENT,
+    );
+    assert!(
+        matches!(
+            r,
+            Err(FaultError::Host {
+                cause: HostFaultError::ReadOnly,
+                ..
+            })
+        ),
+        "a write+fetch on a read-only page was answered {r:?}"
+    );
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_frames_are_released_dirty_only_when_mapped_writable() {
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    // A read of a read-only host page: mapped, but not writable.
+    let pfn = host.fresh_pfn();
+    host.set(hva(8), pfn, false);
+    vcpu.page_fault(gpa(8), ErrorCode::empty()).unwrap();
+    assert_eq!(
+        host.released_writable(),
+        0,
+        "read-only mapping released dirty"
+    );
+    // A fault that retries maps nothing: released clean too.
+    let range = HvaRange::new(hva(9), hva(10));
+    let inv = vm.invalidate_range_start(range);
+    assert_eq!(
+        vcpu.page_fault(gpa(9), ErrorCode::WRITE).unwrap(),
+        RetPf::Retry
+    );
+    inv.end();
+    assert_eq!(
+        host.released_writable(),
+        0,
+        "a retried fault released dirty"
+    );
+    // A write fault maps writable: released dirty.
+    vcpu.page_fault(gpa(10), ErrorCode::WRITE).unwrap();
+    assert_eq!(host.released_writable(), 1);
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_fast_path_is_tried_only_where_it_can_help() {
+    // KVM's page_fault_can_be_fast: a write to a present entry (maybe
+    // write-protected), or with A/D disabled a fault on a not-present entry
+    // (maybe access-tracked); never a first touch with A/D on, a read of a
+    // present entry, an MMIO misconfiguration or a private fault.
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    let attempts = |v: &VcpuMmu| v.stats().fast_path_attempts;
+    let a0 = attempts(&vcpu);
+    vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap();
+    vcpu.page_fault(gpa(2), ErrorCode::empty()).unwrap();
+    vcpu.page_fault(gpa(2), ErrorCode::PRESENT).unwrap();
+    let _ = vcpu.page_fault(
+        gpa(3),
+        ErrorCode::PRESENT | ErrorCode::WRITE | ErrorCode::PRIVATE,
+    );
+    vcpu.page_fault(Gpa(3 * GPA), ErrorCode::RSVD).unwrap();
+    assert_eq!(
+        attempts(&vcpu),
+        a0,
+        "the fast path was tried where it cannot help"
+    );
+    vcpu.page_fault(gpa(2), ErrorCode::PRESENT | ErrorCode::WRITE)
+        .unwrap();
+    assert_eq!(
+        attempts(&vcpu),
+        a0 + 1,
+        "a present write tries the fast path"
+    );
+    teardown(host, vm, vec![vcpu]);
+    let config = VmConfig {
+        ad_enabled: false,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    let a0 = attempts(&vcpu);
+    vcpu.page_fault(gpa(1), ErrorCode::empty()).unwrap();
+    assert_eq!(
+        attempts(&vcpu),
+        a0 + 1,
+        "without A/D a not-present fault tries it"
+    );
+    vcpu.page_fault(gpa(1), ErrorCode::PRESENT).unwrap();
+    assert_eq!(attempts(&vcpu), a0 + 1, "a present read never does");
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_fast_path_leaves_a_write_it_cannot_allow_to_the_slow_path() {
+    // A/D off: a page the host maps read-only is access-tracked; a write to it
+    // must not be "fixed" by restoring read access: the slow path answers
+    // (EFAULT, the host refuses the write).
+    let config = VmConfig {
+        ad_enabled: false,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    let pfn = host.fresh_pfn();
+    host.set(hva(4), pfn, false);
+    vcpu.page_fault(gpa(4), ErrorCode::empty()).unwrap();
+    assert!(vm.clear_young(HvaRange::new(hva(4), hva(5))));
+    assert!(leaf(&vm, 4).unwrap().1.is_access_tracked());
+    let r = vcpu.page_fault(gpa(4), ErrorCode::WRITE);
+    assert!(
+        matches!(
+            r,
+            Err(FaultError::Host {
+                cause: HostFaultError::ReadOnly,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_fast_path_logs_only_writes() {
+    // Dirty logging with A/D off: restoring an access-tracked, write-protected
+    // entry for a read must not mark the page dirty.
+    let config = VmConfig {
+        ad_enabled: false,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    vcpu.page_fault(gpa(5), ErrorCode::empty()).unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, MemFlags::LOG_DIRTY_PAGES.bits()))
+        .unwrap();
+    assert!(vm.clear_young(HvaRange::new(hva(5), hva(6))));
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(
+        vcpu.page_fault(gpa(5), ErrorCode::empty()).unwrap(),
+        RetPf::Fixed
+    );
+    let slots = vm.memslots(0).unwrap();
+    let bitmap = slots.by_id(0).unwrap().dirty_bitmap().unwrap();
+    assert!(!bitmap.test(5), "a read marked the page dirty");
+    // The write that follows is logged.
+    vcpu.page_fault(gpa(5), ErrorCode::WRITE | ErrorCode::PRESENT)
+        .unwrap();
+    assert!(bitmap.test(5));
+    teardown(host, vm, vec![vcpu]);
+}
