@@ -96,6 +96,12 @@ impl Report {
         m.insert("retries".into(), json!(s.faults_retry));
         m.insert("precheck_retries".into(), json!(s.precheck_retries));
         m.insert("locked_retries".into(), json!(s.locked_retries));
+        let causes: Map<String, Value> = s
+            .retries_by_cause()
+            .iter()
+            .map(|(k, n)| (k.to_string(), json!(n)))
+            .collect();
+        m.insert("retries_by_cause".into(), Value::Object(causes));
         m.insert("mmu_lock_read".into(), json!(s.mmu_lock_read));
         m.insert("mmu_lock_write".into(), json!(s.mmu_lock_write));
         m.insert(
@@ -164,7 +170,7 @@ impl Report {
             ("  emulate (MMIO)", s.faults_emulate),
             ("  error (EFAULT/memory fault)", s.faults_error),
             ("fast-path fixes", s.fast_path_fixed),
-            ("retries: pre-check / post-check / locked", 0),
+            ("retries by cause", 0),
             ("mmu_lock read / write", 0),
             ("mmu_lock waits (read / write)", 0),
             ("TLB flushes: local / remote", 0),
@@ -172,12 +178,13 @@ impl Report {
             ("roots created / invalidated / freed", 0),
         ] {
             let val = match k {
-                "retries: pre-check / post-check / locked" => {
-                    format!(
-                        "{} / {} / {}",
-                        s.precheck_retries, s.postcheck_retries, s.locked_retries
-                    )
-                }
+                "retries by cause" => s
+                    .retries_by_cause()
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 "mmu_lock read / write" => format!("{} / {}", s.mmu_lock_read, s.mmu_lock_write),
                 "mmu_lock waits (read / write)" => format!(
                     "{} / {}",

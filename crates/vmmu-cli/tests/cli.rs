@@ -240,3 +240,17 @@ fn test_soak_short_run_is_clean() {
     assert_eq!(v["violations"], 0);
     assert!(v["host_events"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn test_retry_causes_add_up_to_the_retries() {
+    for args in [
+        &["run", "memslot-churn", "-b", "8M", "-i", "5"][..],
+        &["run", "invalidation-storm", "-b", "8M", "-i", "1"],
+        &["run", "roots", "-b", "8M", "-i", "4"],
+    ] {
+        let v = json_run(args);
+        let causes = v["retries_by_cause"].as_object().expect("retries_by_cause");
+        let sum: u64 = causes.values().map(|n| n.as_u64().unwrap()).sum();
+        assert_eq!(sum, v["retries"].as_u64().unwrap(), "{args:?}: {causes:?}");
+    }
+}

@@ -164,6 +164,7 @@ impl VcpuMmu {
     fn page_fault_inner(&mut self, gpa: Gpa, ec: ErrorCode) -> Result<RetPf, FaultError> {
         let gfn = gpa.gfn();
         let Some(root) = self.root.clone() else {
+            CounterSet::inc(&self.shared.stats.no_root_retries);
             return Ok(RetPf::Retry);
         };
         let stats = &self.shared.stats;
@@ -267,6 +268,7 @@ impl VcpuMmu {
         let (_, spte, _) = vm.tdp.last_spte(root, f.gfn);
         if !spte.is_mmio() {
             // The entry changed under us; let the vCPU look again.
+            CounterSet::inc(&self.shared.stats.mmio_changed_retries);
             return RetPf::Retry;
         }
         if gen & crate::memslot::GEN_UPDATE_IN_PROGRESS == 0

@@ -112,6 +112,10 @@ counters! {
     map_retries,
     /// Retries because the memslot was being deleted or moved.
     invalid_slot_retries,
+    /// Faults on a vCPU with no root loaded (it must enter first).
+    no_root_retries,
+    /// Misconfiguration faults whose entry was no longer an MMIO entry.
+    mmio_changed_retries,
     /// MMIO entries created.
     mmio_sptes_created,
     /// Faults answered from a cached MMIO entry.
@@ -186,6 +190,21 @@ counters! {
 }
 
 impl Stats {
+    /// Retries by cause, named as in the counters; they add up to
+    /// `faults_retry`.
+    pub fn retries_by_cause(&self) -> [(&'static str, u64); 8] {
+        [
+            ("precheck", self.precheck_retries),
+            ("postcheck", self.postcheck_retries),
+            ("locked", self.locked_retries),
+            ("stale_root", self.stale_root_retries),
+            ("invalid_slot", self.invalid_slot_retries),
+            ("map_race", self.map_retries),
+            ("no_root", self.no_root_retries),
+            ("mmio_changed", self.mmio_changed_retries),
+        ]
+    }
+
     /// Present leaves currently mapped at `level`.
     pub fn present(&self, level: Level) -> u64 {
         match level.get() {

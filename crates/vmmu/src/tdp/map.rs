@@ -40,6 +40,7 @@ impl Tdp {
             }
             // Not present, or a huge leaf that must become a table.
             let (Some(child), Some(child_level)) = (cache.pop(), it.level.lower()) else {
+                CounterSet::inc(&ctx.stats.map_retries);
                 return RetPf::Retry;
             };
             let split = it.old_spte.is_leaf(it.level);
