@@ -36,6 +36,8 @@ pub struct Common {
     pub json: bool,
     /// Write a Chrome trace-event timeline.
     pub trace: Option<PathBuf>,
+    /// Faults recorded per vCPU and run in the trace.
+    pub trace_limit: usize,
     /// Skip the oracle's per-access checks.
     pub no_oracle: bool,
     /// Turn off the fault pre-check.

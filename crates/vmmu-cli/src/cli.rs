@@ -63,6 +63,10 @@ pub(crate) struct RunFlags {
     /// Write a Chrome trace-event timeline (opens in Perfetto).
     #[arg(long, value_name = "FILE")]
     pub(crate) trace: Option<PathBuf>,
+    /// Faults recorded per vCPU and run in the trace (the rest are counted and
+    /// the cut is marked).
+    #[arg(long, value_name = "N", default_value_t = crate::trace::FAULTS_PER_VCPU)]
+    pub(crate) trace_limit: usize,
     /// Skip the oracle's per-access checks (faster; data and leak checks remain).
     #[arg(long)]
     pub(crate) no_oracle: bool,
@@ -80,6 +84,7 @@ impl RunFlags {
             seed: self.seed,
             json: self.json,
             trace: self.trace.clone(),
+            trace_limit: self.trace_limit,
             no_oracle: self.no_oracle,
             no_precheck: self.no_precheck,
             no_ad: self.no_ad,

@@ -254,3 +254,59 @@ fn test_retry_causes_add_up_to_the_retries() {
         assert_eq!(sum, v["retries"].as_u64().unwrap(), "{args:?}: {causes:?}");
     }
 }
+
+#[test]
+fn test_trace_names_tracks_once_prints_exact_times_and_marks_its_cut() {
+    let path = std::env::temp_dir().join(format!("vmmu-trace-cut-{}.json", std::process::id()));
+    let p = path.to_string_lossy().to_string();
+    let v = json_run(&[
+        "run",
+        "demand-paging",
+        "-v",
+        "2",
+        "-b",
+        "4M",
+        "--trace",
+        &p,
+        "--trace-limit",
+        "100",
+    ]);
+    // 2 vCPUs x about 1024 faults, 100 kept each.
+    let faults = v["faults"].as_u64().unwrap();
+    assert_eq!(v["trace_faults_dropped"].as_u64().unwrap(), faults - 200);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let t: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let events = t["traceEvents"].as_array().unwrap();
+    let mut names = std::collections::BTreeMap::new();
+    for e in events.iter().filter(|e| e["name"] == "thread_name") {
+        *names.entry(e["tid"].as_u64().unwrap()).or_insert(0) += 1;
+    }
+    assert!(
+        names.values().all(|n| *n == 1),
+        "a track named twice: {names:?}"
+    );
+    let cuts: Vec<_> = events
+        .iter()
+        .filter(|e| e["name"] == "trace_truncated")
+        .collect();
+    assert_eq!(cuts.len(), 2, "one cut per vCPU");
+    let dropped: u64 = cuts
+        .iter()
+        .map(|c| c["args"]["dropped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped, faults - 200);
+    assert_eq!(
+        t["otherData"]["faults_dropped"].as_u64(),
+        Some(faults - 200)
+    );
+    for e in events {
+        for key in ["ts", "dur"] {
+            if let Some(x) = e.get(key) {
+                let s = x.to_string();
+                let decimals = s.split('.').nth(1).map_or(0, str::len);
+                assert!(decimals <= 3, "{key} {s} is not in whole nanoseconds");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}

@@ -222,6 +222,11 @@ pub struct VcpuReport {
     pub buckets: Vec<BucketCounts>,
     /// Recorded faults (with `trace_epoch`).
     pub trace: Vec<FaultRecord>,
+    /// Faults not recorded because `trace_limit` was reached, and when the
+    /// first of them happened (ns since the trace epoch).
+    pub trace_dropped: u64,
+    /// Start of the first fault that was not recorded.
+    pub trace_cut_ns: Option<u64>,
 }
 
 /// Things the closure running beside the vCPUs can use.
@@ -565,6 +570,8 @@ fn run_vcpu<P: GuestProgram>(
     let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
     let mut bucket_counts: Vec<BucketCounts> = vec![BucketCounts::default(); buckets];
     let mut trace: Vec<FaultRecord> = Vec::new();
+    let mut trace_dropped = 0u64;
+    let mut trace_cut_ns = None;
     let mut c = VcpuCounters::default();
     let (h0, m0) = (vcpu.tlb.hits, vcpu.tlb.misses);
     let mut in_guest = false;
@@ -746,9 +753,13 @@ fn run_vcpu<P: GuestProgram>(
                     bc.retries_locked += (locks > 0) as u64;
                 }
                 if let (Some(epoch), Some(f0)) = (opts.trace_epoch, f0) {
-                    if trace.len() < opts.trace_limit {
+                    let start_ns = f0.duration_since(epoch).as_nanos() as u64;
+                    if trace.len() >= opts.trace_limit {
+                        trace_dropped += 1;
+                        trace_cut_ns.get_or_insert(start_ns);
+                    } else {
                         trace.push(FaultRecord {
-                            start_ns: f0.duration_since(epoch).as_nanos() as u64,
+                            start_ns,
                             dur_ns: dur,
                             gpa: gpa.0,
                             outcome: match r {
@@ -823,6 +834,8 @@ fn run_vcpu<P: GuestProgram>(
         fault_ns,
         buckets: bucket_counts,
         trace,
+        trace_dropped,
+        trace_cut_ns,
     }
 }
 

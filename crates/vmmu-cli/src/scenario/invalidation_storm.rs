@@ -208,7 +208,7 @@ fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult 
             inside.add(rep, 0);
             outside.add(rep, 1);
             if let Some(t) = &env.trace {
-                t.faults(rep.id, &rep.trace);
+                t.faults(rep);
             }
         }
     }

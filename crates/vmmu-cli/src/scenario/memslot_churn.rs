@@ -118,7 +118,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let passes: u64 = out.iter().map(|(p, _)| p.pass_number() as u64).sum();
     if let Some(t) = &env.trace {
         for x in &reports {
-            t.faults(x.id, &x.trace);
+            t.faults(x);
         }
     }
     let owned: Vec<_> = out.into_iter().map(|(_, x)| x).collect();

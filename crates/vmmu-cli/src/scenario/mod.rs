@@ -106,7 +106,7 @@ impl Env {
         RunOptions {
             progress: Some(progress.clone()),
             trace_epoch: self.trace.as_ref().map(|t| t.epoch),
-            trace_limit: 200_000,
+            trace_limit: self.common.trace_limit,
             ..RunOptions::default()
         }
     }
@@ -204,7 +204,7 @@ impl Env {
         let mut reports = Vec::new();
         for (p, r) in out {
             if let Some(t) = &self.trace {
-                t.faults(r.id, &r.trace);
+                t.faults(&r);
             }
             models.push(p.into_model());
             reports.push(r);
@@ -233,6 +233,16 @@ impl Env {
         report.violations = oracle.total();
         report.violation_kinds = oracle.by_kind();
         report.violation_log = oracle.log();
+        if let Some(t) = &trace {
+            report.put("trace_faults_dropped", t.dropped());
+            if t.dropped() > 0 {
+                report.line(format!(
+                    "trace: {} faults not recorded (at most {} per vCPU and run, --trace-limit); the trace marks each cut",
+                    t.dropped(),
+                    common.trace_limit
+                ));
+            }
+        }
         if let (Some(t), Some(path)) = (&trace, &common.trace) {
             t.write(path)
                 .map_err(|e| anyhow::anyhow!("cannot write trace {}: {e}", path.display()))?;

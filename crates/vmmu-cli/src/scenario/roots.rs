@@ -110,7 +110,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let owned: Vec<_> = out.into_iter().map(|(_, x)| x).collect();
     if let Some(t) = &env.trace {
         for x in &owned {
-            t.faults(x.id, &x.trace);
+            t.faults(x);
         }
     }
     // Let every vCPU handle its pending requests once more, as it would before
