@@ -16,10 +16,34 @@ use crate::scenario::{build, REGION_HVA};
 const EXPLAIN: &str = "\
 What is compared: vmmu runs its MMU inside a software machine model (guest accesses are simulated, \
 a fault is a function call on the vCPU thread, host memory is a user-space arena whose fresh pages \
-cost a real first-touch fault in this process). Real KVM here is kvm_pvm, a nested backend running \
-KVM's *shadow* MMU (tdp_mmu=N): every fault is a real VM exit under nesting. The plain baseline is \
-threads writing 8 bytes per 4 KiB page of fresh anonymous memory: the host's own first-touch cost. \
-All figures come from this one run; compare ratios, not absolute times across runs.";
+cost a real first-touch fault in this process). The plain baseline is threads writing 8 bytes per \
+4 KiB page of fresh anonymous memory: the host's own first-touch cost. All figures come from this \
+one run; compare ratios, not absolute times across runs.";
+
+/// What the real KVM side is, found at run time: its backend and MMU, and what
+/// a fault costs there.
+fn kvm_explain(info: &vmmu_kvm::KvmInfo) -> String {
+    let shadow = info.description.contains("shadow MMU");
+    format!(
+        "Real KVM: {}. {}",
+        info.description,
+        if shadow {
+            "KVM runs its shadow MMU here, so every guest fault is a real VM exit handled by \
+             shadow paging (nested when the backend is kvm_pvm): compare with that, not with \
+             KVM's TDP MMU on bare metal."
+        } else {
+            "KVM runs a TDP MMU here: every guest fault is a real EPT/NPT violation exit."
+        }
+    )
+}
+
+/// Why `/dev/kvm` could not be used, with the operating system's reason.
+fn kvm_unavailable(e: &vmmu_kvm::KvmError) -> String {
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
 
 const STORM_EXPLAIN: &str = "\
 What is compared: the same machine runs two phases twice, once with the fault pre-check (KVM >= 6.9) \
@@ -122,7 +146,10 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
     let (v, b) = (shape.vcpus, shape.bytes_per_vcpu);
     let pages = shape.total / 4096;
     if !common.json {
-        println!("{EXPLAIN}\n");
+        println!("{EXPLAIN}");
+        if !vs_kvm {
+            println!();
+        }
         println!(
             "Workload: {v} {} x {} each, one write of 8 bytes per 4 KiB page, {} on every side.",
             if v == 1 { "vCPU" } else { "vCPUs" },
@@ -142,7 +169,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
     let kvm = if vs_kvm {
         match vmmu_kvm::kvm_available() {
             Ok(info) => {
-                kvm_note = info.description.clone();
+                kvm_note = kvm_explain(&info);
                 let cfg = vmmu_kvm::DemandPagingConfig {
                     vcpus: v as usize,
                     bytes_per_vcpu: b,
@@ -157,7 +184,10 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
                 }
             }
             Err(e) => {
-                kvm_note = format!("{e}; running the rest without it");
+                kvm_note = format!(
+                    "{}; the KVM column is left out",
+                    kvm_unavailable(&e)
+                );
                 None
             }
         }
@@ -214,7 +244,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
                 "vmmu": delete,
                 "kvm": kvm.as_ref().map(|k| k.delete_populated_slot_ns),
             },
-            "mmu_fault_throughput_scaling": scaling,
+            "mmu_fault_throughput_scaling": if v > 1 { Some(scaling) } else { None },
             "kvm": {
                 "requested": vs_kvm,
                 "ran": kvm.is_some(),
@@ -226,56 +256,73 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
         println!("{out}");
         return Ok(if violations > 0 { 1 } else { 0 });
     }
+    // Without --vs-kvm the table has no KVM columns at all.
+    let with_kvm = |mut cols: Vec<String>, kvm_cols: [String; 2]| {
+        if vs_kvm {
+            cols.splice(2..2, kvm_cols);
+        }
+        cols
+    };
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(vec![
-        "phase",
-        "vmmu ns/page",
-        "KVM ns/page",
-        "vmmu / KVM",
-        "plain first-touch ns/page",
-        "vmmu / plain",
-    ]);
+    t.set_header(with_kvm(
+        vec![
+            "phase".into(),
+            "vmmu ns/page".into(),
+            "plain first-touch ns/page".into(),
+            "vmmu / plain".into(),
+        ],
+        ["KVM ns/page".into(), "vmmu / KVM".into()],
+    ));
     for p in &phases {
         let vm = per_page(p.vmmu_ns, p.pages);
         let kv = p.kvm_ns.map(|k| per_page(k, p.pages));
         let base = per_page(baseline, pages);
         let plain = p.name.starts_with("first pass, host memory untouched");
-        t.add_row(vec![
-            p.name.to_string(),
-            format!("{vm:.0}"),
-            kv.map_or("-".into(), |k| format!("{k:.0}")),
-            kv.map_or("-".into(), |k| format!("{:.2}", vm / k)),
-            if plain {
-                format!("{base:.0}")
-            } else {
-                "-".into()
-            },
-            if plain {
-                format!("{:.2}", vm / base)
-            } else {
-                "-".into()
-            },
-        ]);
+        t.add_row(with_kvm(
+            vec![
+                p.name.to_string(),
+                format!("{vm:.0}"),
+                if plain {
+                    format!("{base:.0}")
+                } else {
+                    "-".into()
+                },
+                if plain {
+                    format!("{:.2}", vm / base)
+                } else {
+                    "-".into()
+                },
+            ],
+            [
+                kv.map_or("-".into(), |k| format!("{k:.0}")),
+                kv.map_or("-".into(), |k| format!("{:.2}", vm / k)),
+            ],
+        ));
     }
     let kd = kvm.as_ref().map(|k| k.delete_populated_slot_ns);
-    t.add_row(vec![
-        "delete the populated memslot (ms)".to_string(),
-        format!("{:.2}", delete as f64 / 1e6),
-        kd.map_or("-".into(), |k| format!("{:.2}", k as f64 / 1e6)),
-        kd.map_or("-".into(), |k| format!("{:.2}", delete as f64 / k as f64)),
-        "-".into(),
-        "-".into(),
-    ]);
+    t.add_row(with_kvm(
+        vec![
+            "delete the populated memslot (ms)".to_string(),
+            format!("{:.2}", delete as f64 / 1e6),
+            "-".into(),
+            "-".into(),
+        ],
+        [
+            kd.map_or("-".into(), |k| format!("{:.2}", k as f64 / 1e6)),
+            kd.map_or("-".into(), |k| format!("{:.2}", delete as f64 / k as f64)),
+        ],
+    ));
     println!("{t}");
-    println!(
-        "MMU-only fault throughput (host memory pre-touched): 1 vCPU {:.0} pages/s, {v} {} {:.0} pages/s: {scaling:.2}x",
-        (b / 4096) as f64 / (one_pretouched as f64 / 1e9),
-        if v == 1 { "vCPU" } else { "vCPUs" },
-        pages as f64 / (pretouched as f64 / 1e9)
-    );
+    if v > 1 {
+        println!(
+            "MMU-only fault throughput (host memory pre-touched): 1 vCPU {:.0} pages/s, {v} vCPUs {:.0} pages/s: {scaling:.2}x",
+            (b / 4096) as f64 / (one_pretouched as f64 / 1e9),
+            pages as f64 / (pretouched as f64 / 1e9)
+        );
+    }
     if vs_kvm {
-        println!("KVM: {kvm_note}");
+        println!("{kvm_note}");
         if let Some(k) = &kvm {
             if k.emulated_guest {
                 println!("KVM: the guest was emulated instruction by instruction; its figures are not comparable");

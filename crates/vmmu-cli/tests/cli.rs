@@ -310,3 +310,17 @@ fn test_trace_names_tracks_once_prints_exact_times_and_marks_its_cut() {
     }
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn test_bench_speaks_of_kvm_only_when_asked_and_says_what_it_found() {
+    let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.to_lowercase().contains("kvm"), "KVM mentioned without --vs-kvm:\n{out}");
+    let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M", "--vs-kvm"]);
+    assert_eq!(code, 0, "{err}");
+    // Either the backend found at run time, or why /dev/kvm could not be used
+    // with the operating system's reason.
+    let found = out.contains("Real KVM: KVM API") && out.contains("MMU");
+    let refused = out.contains("cannot open /dev/kvm") && out.contains("os error");
+    assert!(found || refused, "{out}");
+}

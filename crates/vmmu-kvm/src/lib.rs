@@ -59,8 +59,37 @@ pub struct KvmInfo {
     /// backend (shadow paging); `true` does not by itself prove TDP is in use, since
     /// `ept`/`npt` may be off.
     pub tdp_mmu: Option<bool>,
+    /// `KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)`: a bitmask of the VM types this
+    /// KVM creates (bit 0 the default type), `None` when the capability is absent.
+    pub vm_types: Option<u32>,
+    /// The CPU vendor (`vendor_id` in /proc/cpuinfo).
+    pub cpu_vendor: String,
     /// One line naming the backend and the MMU it uses, for report headers.
     pub description: String,
+}
+
+/// `KVM_CAP_VM_TYPES` (Linux 6.8).
+const KVM_CAP_VM_TYPES: libc::c_ulong = 235;
+
+/// The names of the x86 VM types in a `KVM_CAP_VM_TYPES` mask.
+pub fn vm_type_names(mask: u32) -> Vec<&'static str> {
+    const NAMES: [&str; 5] = ["default", "sw_protected", "sev", "sev_es", "snp"];
+    (0..32)
+        .filter(|b| mask & (1 << b) != 0)
+        .map(|b| NAMES.get(b as usize).copied().unwrap_or("unknown"))
+        .collect()
+}
+
+fn cpu_vendor() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("vendor_id"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Opens `/dev/kvm`, mapping failure to [`KvmError::Unavailable`].
@@ -133,10 +162,21 @@ fn tdp_name(tdp_mmu: Option<bool>) -> &'static str {
 pub(crate) fn kvm_info(kvm: &Kvm) -> KvmInfo {
     let api_version = kvm.get_api_version();
     let tdp_mmu = read_param("kvm", "tdp_mmu").and_then(|s| parse_bool_param(&s));
+    let raw = kvm.check_extension_raw(KVM_CAP_VM_TYPES);
+    let vm_types = (raw > 0).then_some(raw as u32);
+    let cpu_vendor = cpu_vendor();
+    let types = vm_types.map_or("VM types not reported".to_string(), |m| {
+        format!("VM types {}", vm_type_names(m).join("+"))
+    });
     KvmInfo {
         api_version,
         tdp_mmu,
-        description: describe(api_version, tdp_mmu),
+        vm_types,
+        description: format!(
+            "{}, {types}, {cpu_vendor}",
+            describe(api_version, tdp_mmu)
+        ),
+        cpu_vendor,
     }
 }
 
@@ -159,6 +199,13 @@ mod tests {
         assert_eq!(parse_bool_param("Y"), Some(true));
         assert_eq!(parse_bool_param("N"), Some(false));
         assert_eq!(parse_bool_param("maybe"), None);
+    }
+
+    #[test]
+    fn test_vm_type_names_follow_the_uapi_numbers() {
+        assert_eq!(vm_type_names(1), vec!["default"]);
+        assert_eq!(vm_type_names(0b11), vec!["default", "sw_protected"]);
+        assert_eq!(vm_type_names(1 << 4), vec!["snp"]);
     }
 
     #[test]
