@@ -184,10 +184,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
                 }
             }
             Err(e) => {
-                kvm_note = format!(
-                    "{}; the KVM column is left out",
-                    kvm_unavailable(&e)
-                );
+                kvm_note = format!("{}; the KVM column is left out", kvm_unavailable(&e));
                 None
             }
         }

@@ -46,6 +46,9 @@ fn soak(
     no_ad: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
+    use std::io::IsTerminal;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     check_soak(secs, vcpus, bytes)?;
     let config = report::config_json(
         "soak",
@@ -56,39 +59,113 @@ fn soak(
         },
         true,
     );
+    // Ctrl-C finishes the current pass and prints the summary.
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = stop.clone();
+    let _ = ctrlc::set_handler(move || on_signal.store(true, Ordering::Relaxed));
+    let progress = Arc::new(vmmu_machine::stress::StressProgress::default());
     let cfg = vmmu_machine::stress::StressConfig {
         vcpus,
         bytes_per_vcpu: bytes,
         duration: Duration::from_secs(secs),
         seed,
         ad_enabled: !no_ad,
+        stop: Some(stop.clone()),
+        progress: Some(progress.clone()),
         ..Default::default()
     };
-    let r = vmmu_machine::stress::stress(&cfg)?;
+    let done = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        // Progress on stderr while it runs, when stderr is a terminal.
+        if std::io::stderr().is_terminal() && !json {
+            let (progress, done, stop) = (&progress, &done, &stop);
+            s.spawn(move || {
+                let t0 = std::time::Instant::now();
+                let bar = indicatif::ProgressBar::new(secs);
+                if let Ok(style) =
+                    indicatif::ProgressStyle::with_template("soak [{bar:30}] {pos}/{len} s  {msg}")
+                {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                while !done.load(Ordering::Relaxed) {
+                    bar.set_position(t0.elapsed().as_secs().min(secs));
+                    bar.set_message(format!(
+                        "{} passes, {} accesses, {} violations{}",
+                        progress.passes.load(Ordering::Relaxed),
+                        progress.accesses.load(Ordering::Relaxed),
+                        progress.violations.load(Ordering::Relaxed),
+                        if stop.load(Ordering::Relaxed) {
+                            " (stopping)"
+                        } else {
+                            ""
+                        }
+                    ));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                bar.finish_and_clear();
+            });
+        }
+        let r = vmmu_machine::stress::stress(&cfg);
+        done.store(true, Ordering::Relaxed);
+        r
+    })?;
     let events: serde_json::Map<String, serde_json::Value> = vmmu_machine::stress::EVENT_NAMES
         .iter()
         .zip(r.events.iter())
         .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
         .collect();
     let total_events: u64 = r.events.iter().sum();
+    let st = &r.stats;
+    let causes: serde_json::Map<String, serde_json::Value> = st
+        .retries_by_cause()
+        .iter()
+        .map(|(k, n)| (k.to_string(), serde_json::json!(n)))
+        .collect();
+    let faults = serde_json::json!({
+        "fixed": st.faults_fixed, "spurious": st.faults_spurious, "retry": st.faults_retry,
+        "emulate": st.faults_emulate, "write_protected": st.faults_write_protected,
+        "error": st.faults_error, "fast_path_fixed": st.fast_path_fixed,
+        "retries_by_cause": causes,
+    });
     if json {
         println!(
             "{}",
             serde_json::json!({"mode": "soak", "scenario": "soak", "config": config,
-                "seed": seed, "elapsed_ns": r.elapsed.as_nanos() as u64,
+                "seed": seed, "elapsed_ns": r.elapsed.as_nanos() as u64, "interrupted": r.interrupted,
                 "passes": r.passes, "accesses": r.accesses, "checked_accesses": r.checked, "faults": r.faults,
+                "faults_by_outcome": faults,
                 "host_events": total_events, "events": events, "violations": r.total_violations, "violation_log": r.log})
         );
     } else {
         println!(
-            "soak: seed {seed}, {:.1} s, {} passes, {} guest accesses ({} checked), {} faults, {} host events",
+            "soak: seed {seed}, {:.1} s{}, {} passes, {} guest accesses ({} checked by the oracle), {} host events",
             r.elapsed.as_secs_f64(),
+            if r.interrupted { " (interrupted)" } else { "" },
             r.passes,
             r.accesses,
             r.checked,
-            r.faults,
             total_events
         );
+        println!(
+            "faults: {} ({:.2} per guest access): fixed {}, spurious {}, retried {}, emulated {}, errors {}; fast-path fixes {}",
+            r.faults,
+            r.faults as f64 / r.accesses.max(1) as f64,
+            st.faults_fixed,
+            st.faults_spurious,
+            st.faults_retry,
+            st.faults_emulate,
+            st.faults_error,
+            st.fast_path_fixed
+        );
+        println!(
+            "retries by cause: {}",
+            st.retries_by_cause()
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("host events:");
         for (k, v) in vmmu_machine::stress::EVENT_NAMES
             .iter()
             .zip(r.events.iter())

@@ -315,7 +315,10 @@ fn test_trace_names_tracks_once_prints_exact_times_and_marks_its_cut() {
 fn test_bench_speaks_of_kvm_only_when_asked_and_says_what_it_found() {
     let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
     assert_eq!(code, 0, "{err}");
-    assert!(!out.to_lowercase().contains("kvm"), "KVM mentioned without --vs-kvm:\n{out}");
+    assert!(
+        !out.to_lowercase().contains("kvm"),
+        "KVM mentioned without --vs-kvm:\n{out}"
+    );
     let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M", "--vs-kvm"]);
     assert_eq!(code, 0, "{err}");
     // Either the backend found at run time, or why /dev/kvm could not be used
@@ -323,4 +326,36 @@ fn test_bench_speaks_of_kvm_only_when_asked_and_says_what_it_found() {
     let found = out.contains("Real KVM: KVM API") && out.contains("MMU");
     let refused = out.contains("cannot open /dev/kvm") && out.contains("os error");
     assert!(found || refused, "{out}");
+}
+
+#[test]
+fn test_soak_prints_its_summary_on_ctrl_c() {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(["soak", "--duration", "120", "-b", "4M", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start soak");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let t = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("soak ends");
+    assert!(
+        t.elapsed().as_secs() < 30,
+        "soak did not stop soon after Ctrl-C"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the summary");
+    assert_eq!(v["interrupted"], true);
+    assert_eq!(v["violations"], 0);
+    assert!(v["passes"].as_u64().unwrap() > 0);
 }

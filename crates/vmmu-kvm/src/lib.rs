@@ -172,10 +172,7 @@ pub(crate) fn kvm_info(kvm: &Kvm) -> KvmInfo {
         api_version,
         tdp_mmu,
         vm_types,
-        description: format!(
-            "{}, {types}, {cpu_vendor}",
-            describe(api_version, tdp_mmu)
-        ),
+        description: format!("{}, {types}, {cpu_vendor}", describe(api_version, tdp_mmu)),
         cpu_vendor,
     }
 }

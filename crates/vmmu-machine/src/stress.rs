@@ -41,6 +41,21 @@ pub struct StressConfig {
     /// Threads running host events at once (Linux invalidates from many CPUs;
     /// with one thread a zapper never finds another zapper's work done).
     pub host_threads: u32,
+    /// Finish the current pass and stop (Ctrl-C).
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Updated after every pass, for a progress display.
+    pub progress: Option<Arc<StressProgress>>,
+}
+
+/// A stress run's progress, readable while it runs.
+#[derive(Debug, Default)]
+pub struct StressProgress {
+    /// Passes finished (over all vCPUs together).
+    pub passes: std::sync::atomic::AtomicU64,
+    /// Guest accesses so far.
+    pub accesses: std::sync::atomic::AtomicU64,
+    /// Oracle violations so far.
+    pub violations: std::sync::atomic::AtomicU64,
 }
 
 impl Default for StressConfig {
@@ -56,6 +71,8 @@ impl Default for StressConfig {
             precheck: true,
             stop_on_violation: false,
             host_threads: 2,
+            stop: None,
+            progress: None,
         }
     }
 }
@@ -92,6 +109,10 @@ pub struct StressReport {
     pub checked: u64,
     /// MMU faults handled.
     pub faults: u64,
+    /// The MMU's counters at the end (faults by outcome, retries by cause, ...).
+    pub stats: vmmu::Stats,
+    /// The run was stopped early (`StressConfig::stop`).
+    pub interrupted: bool,
     /// Host events by kind (same order as [`EVENT_NAMES`]).
     pub events: [u64; EVENTS],
     /// Oracle violations by kind.
@@ -249,7 +270,15 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
     let mut report = StressReport::default();
     let start = Instant::now();
     let mut pass_no = 0u32;
-    while start.elapsed() < cfg.duration && !(cfg.stop_on_violation && m.oracle.total() > 0) {
+    let stopped = || {
+        cfg.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    while start.elapsed() < cfg.duration
+        && !(cfg.stop_on_violation && m.oracle.total() > 0)
+        && !stopped()
+    {
         pass_no += 1;
         let pattern = [Pattern::Sequential, Pattern::Random, Pattern::HotSet][pass_no as usize % 3];
         let write = if pass_no % 2 == 1 { 100 } else { 0 };
@@ -293,9 +322,17 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
             models.push(p.into_model());
         }
         report.passes += 1;
+        if let Some(pr) = &cfg.progress {
+            use std::sync::atomic::Ordering::Relaxed;
+            pr.passes.store(report.passes, Relaxed);
+            pr.accesses.store(report.accesses, Relaxed);
+            pr.violations.store(m.oracle.total(), Relaxed);
+        }
     }
     report.elapsed = start.elapsed();
-    report.faults = m.vm.stats().faults;
+    report.interrupted = stopped();
+    report.stats = m.vm.stats();
+    report.faults = report.stats.faults;
     report.checked = m.oracle.checks();
     let oracle = m.oracle.clone();
     m.teardown();
