@@ -2,9 +2,50 @@
 
 use crate::types::Level;
 
+/// The VM type (`KVM_CREATE_VM`'s argument on x86).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum VmType {
+    /// `KVM_X86_DEFAULT_VM`: no private memory; attribute calls are refused and
+    /// every access is shared.
+    #[default]
+    Default,
+    /// `KVM_X86_SW_PROTECTED_VM`: private memory for testing. A fault is private
+    /// when the memory attributes say its gfn is; the guest's accesses carry no
+    /// private bit.
+    SwProtected,
+    /// Modelled on `KVM_X86_SNP_VM`: the guest marks each access private or shared
+    /// (its C-bit), so an access whose marking disagrees with the attributes exits
+    /// to the VMM as on a confidential VM. No encryption or RMP is modelled.
+    Snp,
+}
+
+impl VmType {
+    /// The `KVM_CREATE_VM` type number.
+    pub const fn kvm_type(self) -> u32 {
+        match self {
+            VmType::Default => 0,
+            VmType::SwProtected => 1,
+            VmType::Snp => 4,
+        }
+    }
+
+    /// Whether the type has private memory (KVM's `kvm_arch_has_private_mem`).
+    pub const fn has_private_mem(self) -> bool {
+        !matches!(self, VmType::Default)
+    }
+
+    /// Whether the guest's access itself says private or shared.
+    pub const fn private_bit_from_access(self) -> bool {
+        matches!(self, VmType::Snp)
+    }
+}
+
 /// How a VM's MMU is configured. `Default` is what KVM does on a modern Intel host.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The VM type: whether it has private memory, and where a fault's private
+    /// bit comes from.
+    pub vm_type: VmType,
     /// Root level: 4 (48-bit guest physical space) or 5 (57-bit).
     pub root_level: Level,
     /// Guest physical address width in bits; gfns at or above `1 << (bits-12)` are
@@ -82,6 +123,7 @@ impl std::fmt::Debug for TestHooks {
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
+            vm_type: VmType::Default,
             root_level: Level::L4,
             maxphyaddr: 46,
             ad_enabled: true,
@@ -132,6 +174,10 @@ pub struct GuardKnobs {
     /// someone always waited: makes yield-dependent behaviour deterministic in
     /// tests. Not a guard.
     pub yield_every_step: bool,
+    /// Take the invalidation sequence snapshot a second time after the private
+    /// check (the order before the fix), so a conversion that completes between
+    /// the attribute read and the snapshot goes unnoticed.
+    pub second_seq_snapshot: bool,
     /// Bump the invalidation sequence with a Relaxed store instead of Release.
     pub relaxed_seq_bump: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),

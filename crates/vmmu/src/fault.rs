@@ -196,12 +196,21 @@ impl VcpuMmu {
                     Access::empty()
                 };
         }
+        // Where a fault's private bit comes from: the guest's access on a
+        // confidential VM type; the attributes on the software-protected type
+        // (as KVM sets PFERR_PRIVATE_ACCESS for it); nowhere on the default type,
+        // where a private access can only mismatch.
+        let private = if vm.config.vm_type == crate::config::VmType::SwProtected {
+            vm.attrs.is_private(gfn)
+        } else {
+            ec.contains(ErrorCode::PRIVATE)
+        };
         let mut f = PageFault {
             gfn,
             write,
             present: ec.contains(ErrorCode::PRESENT),
             rsvd: ec.contains(ErrorCode::RSVD),
-            private: ec.contains(ErrorCode::PRIVATE),
+            private,
             access,
             slot,
             max_level: vm.config.max_level,
@@ -356,15 +365,24 @@ impl VcpuMmu {
         // checks below. A second snapshot later would let a change that ended in
         // between go unnoticed.
         f.mmu_seq = vm.inval.snapshot();
-        // Private/shared first, so a mismatch exits to the VMM even without a slot.
-        // Until memory attributes exist every gfn is shared.
-        let gfn_is_private = false;
+        // Private/shared first, so a mismatch exits to the VMM even without a
+        // slot: the VMM converts the memory and runs the vCPU again.
+        let gfn_is_private = vm.config.vm_type.has_private_mem() && vm.attrs.is_private(f.gfn);
+        let memory_fault = Err(FaultError::MemoryFault {
+            gpa: f.gfn.gpa(),
+            size: PAGE_SIZE,
+            private: f.private,
+        });
         if f.private != gfn_is_private {
-            return Err(FaultError::MemoryFault {
-                gpa: f.gfn.gpa(),
-                size: PAGE_SIZE,
-                private: f.private,
-            });
+            return memory_fault;
+        }
+        if vm.config.knobs.second_seq_snapshot {
+            f.mmu_seq = vm.inval.snapshot();
+        }
+        if f.private {
+            // Private memory comes only from a guest_memfd bound to the slot; a
+            // slot without one (or no slot) cannot back it.
+            return memory_fault;
         }
         let Some(slot) = f.slot else {
             // No memslot: MMIO. Cached as an MMIO entry (generation-checked, so no

@@ -37,6 +37,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod attributes;
 pub mod config;
 pub mod errno;
 pub mod fault;
@@ -54,7 +55,8 @@ pub mod types;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig};
+pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
+pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
 pub use fault::{ErrorCode, FaultError, RetPf};
 pub use host::{
     FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory,

@@ -136,6 +136,10 @@ impl MemslotError {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, MemslotError>;
 
+/// Set in a huge-page chunk's counter when its gfns do not all have the same
+/// memory attributes.
+const LPAGE_MIXED: u32 = 1 << 31;
+
 /// Per-level huge-page disallow counters (KVM's `lpage_info`), for 2 MiB and 1 GiB.
 /// Non-zero means: no huge mapping at that level for gfns in that chunk.
 #[derive(Debug)]
@@ -168,6 +172,21 @@ impl LpageInfo {
         };
         LpageInfo {
             levels: [make(Level::M2), make(Level::G1)],
+        }
+    }
+
+    /// Mark the `level` chunk holding `gfn` as having mixed attributes (or not):
+    /// KVM's `KVM_LPAGE_MIXED_FLAG`, a bit of its own beside the counters.
+    fn set_mixed(&self, base: Gfn, gfn: Gfn, level: Level, mixed: bool) {
+        let idx = ((gfn.0 >> level.gfn_shift()) - (base.0 >> level.gfn_shift())) as usize;
+        if let Some(c) = self.levels[(level.get() - 2) as usize].get(idx) {
+            // Relaxed: read by faults under the invalidation protocol, like the
+            // counters; the attribute change that set it is ordered by mmu_lock.
+            if mixed {
+                c.fetch_or(LPAGE_MIXED, Ordering::Relaxed);
+            } else {
+                c.fetch_and(!LPAGE_MIXED, Ordering::Relaxed);
+            }
         }
     }
 
@@ -302,6 +321,13 @@ impl Memslot {
             level = level.lower().unwrap_or(Level::K4);
         }
         Level::K4
+    }
+
+    /// Mark the `level` chunk holding `gfn` as mixing private and shared gfns, or
+    /// not. Only chunks wholly inside the slot matter (the others are never
+    /// huge: the edge counters already forbid them).
+    pub(crate) fn set_mixed(&self, gfn: Gfn, level: Level, mixed: bool) {
+        self.lpage.set_mixed(self.base_gfn, gfn, level, mixed);
     }
 
     /// Record that `gfn` was (or may be) written.
@@ -439,6 +465,30 @@ impl MemslotSet {
             }
             if let Some(g) = slot.hva_range_to_gfns(range) {
                 f(slot, g);
+            }
+        }
+    }
+
+    /// Every slot whose gfns overlap `range`, with the overlapping gfns.
+    pub fn for_each_gfn_overlap(
+        &self,
+        range: GfnRange,
+        mut f: impl FnMut(&Arc<Memslot>, GfnRange),
+    ) {
+        if range.is_empty() {
+            return;
+        }
+        let first = self
+            .by_gfn
+            .partition_point(|s| s.base_gfn.0 + s.npages <= range.start.0);
+        for slot in &self.by_gfn[first..] {
+            if slot.base_gfn.0 >= range.end.0 {
+                break;
+            }
+            let start = slot.base_gfn.0.max(range.start.0);
+            let end = (slot.base_gfn.0 + slot.npages).min(range.end.0);
+            if start < end {
+                f(slot, GfnRange::new(Gfn(start), Gfn(end)));
             }
         }
     }

@@ -182,6 +182,8 @@ counters! {
     entries_write_protected,
     /// Memslot updates published.
     memslot_updates,
+    /// Memory attribute changes that changed something.
+    attribute_changes,
     /// Fast zaps of all roots.
     fast_zaps,
     /// Internal invariant violations detected (a present leaf replaced by another

@@ -3,11 +3,13 @@
 
 use std::collections::BTreeSet;
 
+use crate::attributes::{AttributeError, Attributes, MEMORY_ATTRIBUTE_PRIVATE};
 use crate::config::HookPoint;
 use crate::config::VmConfig;
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::{
-    self, Change, MemslotError, MemslotSet, SetOp, UserMemoryRegion, GEN_UPDATE_IN_PROGRESS,
+    self, Change, Memslot, MemslotError, MemslotSet, SetOp, UserMemoryRegion,
+    GEN_UPDATE_IN_PROGRESS,
 };
 use crate::notifier::{notifier_section, ActiveInvalidations, InvalidateState};
 use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_FLUSH};
@@ -16,7 +18,7 @@ use crate::spte::Spte;
 use crate::stats::{CounterSet, Stats};
 use crate::sync::{Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
 use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
-use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level};
+use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level, PAGE_SIZE};
 use crate::vcpu::VcpuMmu;
 
 /// Why a VM or vCPU call was refused. A refused call changes nothing.
@@ -109,6 +111,8 @@ pub(crate) struct VmInner {
     pub(crate) stats: CounterSet,
     /// Generation bits kept in MMIO entries (all 19 outside tests).
     pub(crate) mmio_gen_mask: u64,
+    /// Memory attributes (private gfns), for VM types with private memory.
+    pub(crate) attrs: Attributes,
 }
 
 impl std::fmt::Debug for VmInner {
@@ -197,6 +201,47 @@ impl VmInner {
             self.tdp
                 .zap_leafs(ctx, root, range, w, &self.stats.lock, batch, self);
         });
+    }
+
+    /// After the attributes of `changed` (inside `slot`) changed: re-evaluate the
+    /// mixed flag of every 2 MiB and 1 GiB chunk the change touched (KVM's
+    /// `kvm_arch_post_set_memory_attributes`). Chunks the change covers whole are
+    /// uniform by construction; the partial ones at its edges are looked at.
+    /// 1 GiB after 2 MiB, as KVM orders it (a 1 GiB chunk is uniform exactly when
+    /// its attributes are the same throughout).
+    fn update_mixed(&self, slot: &Memslot, changed: GfnRange) {
+        let sr = slot.gfn_range();
+        for level in [Level::M2, Level::G1] {
+            let pages = level.pages();
+            let mut c = changed.start.align_down(level);
+            while c.0 < changed.end.0 {
+                let chunk = GfnRange::new(c, c.add(pages));
+                if chunk.start.0 >= sr.start.0 && chunk.end.0 <= sr.end.0 {
+                    let covered = chunk.start.0 >= changed.start.0 && chunk.end.0 <= changed.end.0;
+                    slot.set_mixed(c, level, !covered && !self.attrs.is_uniform(chunk));
+                }
+                c = c.add(pages);
+            }
+        }
+    }
+
+    /// A new slot (created or moved) starts with the mixed flags its range has
+    /// (KVM's `kvm_mmu_init_memslot_memory_attributes`): only chunks that hold an
+    /// attribute boundary can be mixed.
+    fn init_mixed(&self, slot: &Memslot) {
+        if !self.config.vm_type.has_private_mem() {
+            return;
+        }
+        let sr = slot.gfn_range();
+        for b in self.attrs.boundaries(sr) {
+            for level in [Level::M2, Level::G1] {
+                let c = b.align_down(level);
+                let chunk = GfnRange::new(c, c.add(level.pages()));
+                if c != b && chunk.start.0 >= sr.start.0 && chunk.end.0 <= sr.end.0 {
+                    slot.set_mixed(c, level, !self.attrs.is_uniform(chunk));
+                }
+            }
+        }
     }
 
     fn publish_memslots(&self, state: &mut SlotsState, as_id: u16, ops: &[SetOp]) {
@@ -324,6 +369,7 @@ impl Vm {
             vcpus: Snapshot::new(Arc::new(Vec::new())),
             stats: CounterSet::default(),
             mmio_gen_mask: config.mmio_gen_mask(),
+            attrs: Attributes::new(),
             config,
         };
         Ok(Vm {
@@ -388,7 +434,10 @@ impl Vm {
         };
         match change {
             Change::Nothing => {}
-            Change::Create(slot) => vm.publish_memslots(&mut state, as_id, &[SetOp::Insert(slot)]),
+            Change::Create(slot) => {
+                vm.init_mixed(&slot);
+                vm.publish_memslots(&mut state, as_id, &[SetOp::Insert(slot)])
+            }
             Change::Delete(old) => {
                 let inv = Change::invalid_copy(&old);
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), inv.clone())]);
@@ -396,6 +445,7 @@ impl Vm {
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Remove(inv.id())]);
             }
             Change::Move { old, new } => {
+                vm.init_mixed(&new);
                 let inv = Change::invalid_copy(&old);
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), inv.clone())]);
                 vm.zap_roots_fast(RootFilter::All);
@@ -412,6 +462,91 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES`: give the gfns of `[address, address + size)`
+    /// the attributes `attributes` (`MEMORY_ATTRIBUTE_PRIVATE` or 0). Refused
+    /// (EINVAL, nothing changed) for unsupported attributes (any, on a VM type
+    /// without private memory), non-zero flags, an empty, wrapping or unaligned
+    /// range.
+    ///
+    /// Atomic with respect to faults (reference §7.4): with `slots_lock` held, an
+    /// invalidation begins over the range in every memslot it intersects and
+    /// their mappings of it are zapped; the new attributes are stored; the
+    /// invalidation ends and the huge-page mixed flags are recomputed. A fault
+    /// that read the old attributes either finished before the zap (and was
+    /// zapped) or finds the invalidation in progress or the sequence moved, and
+    /// retries. A change to what the range already has touches nothing.
+    pub fn set_memory_attributes(
+        &self,
+        address: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> Result<(), AttributeError> {
+        let vm = &*self.inner;
+        let supported = if vm.config.vm_type.has_private_mem() {
+            MEMORY_ATTRIBUTE_PRIVATE
+        } else {
+            0
+        };
+        if flags != 0 {
+            return Err(AttributeError::InvalidFlags(flags));
+        }
+        if attributes & !supported != 0 {
+            return Err(AttributeError::InvalidAttributes {
+                attributes,
+                supported,
+            });
+        }
+        let end = address.checked_add(size).filter(|_| size > 0);
+        let Some(end) = end else {
+            return Err(AttributeError::BadRange { address, size });
+        };
+        if address % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+            return Err(AttributeError::Unaligned { address, size });
+        }
+        let range = GfnRange::new(Gfn(address / PAGE_SIZE), Gfn(end / PAGE_SIZE));
+        let _s = vm.slots.lock();
+        if vm.attrs.range_has(range, attributes) {
+            return Ok(());
+        }
+        CounterSet::inc(&vm.stats.attribute_changes);
+        let mut hits: Vec<(u16, GfnRange, Arc<Memslot>)> = Vec::new();
+        for (as_id, set) in vm.memslots.iter().enumerate() {
+            set.load()
+                .for_each_gfn_overlap(range, |slot, g| hits.push((as_id as u16, g, slot.clone())));
+        }
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        if !hits.is_empty() {
+            let mut w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.inval.begin(&w);
+            let mut batch = FlushBatch::default();
+            for (as_id, g, _) in &hits {
+                vm.inval.range_add(*g, &w);
+                vm.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
+            }
+            batch.flush(vm, &vm.stats);
+        }
+        vm.attrs.store(range, attributes);
+        if !hits.is_empty() {
+            let w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.inval.end(&w);
+            for (_, g, slot) in &hits {
+                vm.update_mixed(slot, *g);
+            }
+            drop(w);
+        }
+        Ok(())
+    }
+
+    /// The memory attributes of `gfn` (0: shared, or `MEMORY_ATTRIBUTE_PRIVATE`).
+    pub fn memory_attributes(&self, gfn: Gfn) -> u64 {
+        self.inner.attrs.get(gfn)
     }
 
     /// The current memslots of an address space (a snapshot).

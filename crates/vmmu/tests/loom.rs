@@ -335,6 +335,47 @@ fn flush_vs_guest_entry(knobs: GuardKnobs) {
     );
 }
 
+/// (g) A conversion is atomic with respect to faults: a shared fault racing a
+/// conversion of its gfn to private never leaves a shared mapping of the gfn
+/// once the conversion returned.
+fn conversion_vs_shared_fault(knobs: GuardKnobs) {
+    let host = TestHost::new();
+    let vm = Vm::new(
+        VmConfig {
+            knobs,
+            vm_type: vmmu::VmType::Snp,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: GPA,
+        memory_size: 2 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap();
+    let t = thread::spawn(move || {
+        let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE);
+        vcpu
+    });
+    vm.set_memory_attributes(GPA, 4096, vmmu::MEMORY_ATTRIBUTE_PRIVATE, 0)
+        .unwrap();
+    let vcpu = t.join().unwrap();
+    let shared_mapping = leaf_pfn(&vm, GPA).is_some();
+    drop(vcpu);
+    drop(vm);
+    assert!(
+        !shared_mapping,
+        "a shared mapping of a gfn converted to private survived the conversion"
+    );
+}
+
 // (c) Root reference counting vs invalidation is checked inside the crate
 // (`src/root.rs`, `loom_root_*`), on the roots code alone: a whole-VM model spends
 // its budget walking table entries that play no part in that protocol.
@@ -430,6 +471,13 @@ fn loom_flush_request_missed_when_entry_ignores_requests() {
     assert!(msg.contains("already changed"), "{msg}");
 }
 
+protocol!(
+    loom_conversion_is_atomic_with_respect_to_faults,
+    loom_conversion_missed_with_a_second_sequence_snapshot,
+    conversion_vs_shared_fault,
+    second_seq_snapshot,
+    "survived the conversion"
+);
 protocol!(
     loom_zap_never_loses_hardware_dirty_bit,
     loom_zap_loses_dirty_bit_with_plain_store,

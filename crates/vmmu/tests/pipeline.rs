@@ -1221,3 +1221,221 @@ fn test_fast_path_logs_only_writes() {
     assert!(bitmap.test(5));
     teardown(host, vm, vec![vcpu]);
 }
+
+fn vm_of(vm_type: vmmu::VmType, host_level: Level) -> (Arc<TestHost>, Vm, VcpuMmu) {
+    let host = TestHost::new();
+    host.set_host_level(host_level);
+    let vm = Vm::new(
+        VmConfig {
+            vm_type,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    (host, vm, vcpu)
+}
+
+const PRIVATE: u64 = vmmu::MEMORY_ATTRIBUTE_PRIVATE;
+
+#[test]
+fn test_memory_attributes_are_refused_as_kvm_refuses_them() {
+    use vmmu::AttributeError as E;
+    // The default type has no attributes: PRIVATE is refused, nothing (0) is a
+    // no-op, as KVM's supported-attributes check answers.
+    let (host, vm, vcpu) = vm_of(vmmu::VmType::Default, Level::K4);
+    let e = vm.set_memory_attributes(GPA, 4096, PRIVATE, 0).unwrap_err();
+    assert!(
+        matches!(e, E::InvalidAttributes { supported: 0, .. }),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    vm.set_memory_attributes(GPA, 4096, 0, 0).unwrap();
+    teardown(host, vm, vec![vcpu]);
+
+    let (host, vm, mut vcpu) = vm_of(vmmu::VmType::SwProtected, Level::K4);
+    vcpu.page_fault(gpa(3), ErrorCode::WRITE).unwrap();
+    let before = (
+        vm.mappings(0),
+        vm.stats().invalidations,
+        vm.stats().leaves_zapped,
+    );
+    for (args, what) in [
+        ((GPA, 4096, PRIVATE, 1), "flags"),
+        ((GPA, 4096, PRIVATE | 1, 0), "attributes"),
+        ((GPA, 0, PRIVATE, 0), "empty"),
+        ((u64::MAX - 4095, 8192, PRIVATE, 0), "wraps"),
+        ((GPA + 1, 4096, PRIVATE, 0), "unaligned address"),
+        ((GPA, 4095, PRIVATE, 0), "unaligned size"),
+    ] {
+        let e = vm
+            .set_memory_attributes(args.0, args.1, args.2, args.3)
+            .unwrap_err();
+        assert_eq!(e.errno(), vmmu::errno::EINVAL, "{what}: {e:?}");
+        assert_eq!(
+            vm.memory_attributes(gpa(3).gfn()),
+            0,
+            "{what} changed attributes"
+        );
+    }
+    assert_eq!(
+        (
+            vm.mappings(0),
+            vm.stats().invalidations,
+            vm.stats().leaves_zapped
+        ),
+        before,
+        "a refused call changed the VM"
+    );
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_conversion_zaps_only_its_range_and_private_faults_exit_without_guest_memfd() {
+    let (host, vm, mut vcpu) = vm_of(vmmu::VmType::SwProtected, Level::K4);
+    for p in 0..8 {
+        vcpu.page_fault(gpa(p), ErrorCode::WRITE).unwrap();
+    }
+    vm.set_memory_attributes(gpa(2).0, 2 * 4096, PRIVATE, 0)
+        .unwrap();
+    assert_eq!(vm.memory_attributes(gpa(2).gfn()), PRIVATE);
+    assert_eq!(vm.memory_attributes(gpa(4).gfn()), 0);
+    for p in 0..8 {
+        let mapped = leaf(&vm, p).is_some();
+        assert_eq!(mapped, !(2..4).contains(&p), "page {p} mapped {mapped}");
+    }
+    assert_eq!(
+        vm.stats().leaves_zapped,
+        2,
+        "only the converted range is zapped"
+    );
+    // On the software-protected type the fault's private bit comes from the
+    // attributes; with no guest_memfd behind the slot it exits to the VMM.
+    let e = vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap_err();
+    assert_eq!(
+        e,
+        FaultError::MemoryFault {
+            gpa: gpa(2),
+            size: 4096,
+            private: true
+        }
+    );
+    // Back to shared: faults map again.
+    vm.set_memory_attributes(gpa(2).0, 2 * 4096, 0, 0).unwrap();
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_a_change_to_what_the_range_already_has_touches_nothing() {
+    let (host, vm, mut vcpu) = vm_of(vmmu::VmType::SwProtected, Level::K4);
+    vcpu.page_fault(gpa(1), ErrorCode::WRITE).unwrap();
+    vm.set_memory_attributes(gpa(8).0, 4096, PRIVATE, 0)
+        .unwrap();
+    let st = vm.stats();
+    let seq_probe = (st.attribute_changes, st.leaves_zapped, st.tlb_flush_remote);
+    vm.set_memory_attributes(gpa(8).0, 4096, PRIVATE, 0)
+        .unwrap();
+    vm.set_memory_attributes(gpa(0).0, 4096, 0, 0).unwrap();
+    let st = vm.stats();
+    assert_eq!(
+        (st.attribute_changes, st.leaves_zapped, st.tlb_flush_remote),
+        seq_probe
+    );
+    assert!(leaf(&vm, 1).is_some());
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_no_huge_page_is_mapped_across_a_private_shared_boundary() {
+    let (host, vm, mut vcpu) = vm_of(vmmu::VmType::SwProtected, Level::M2);
+    // A 2 MiB chunk maps huge while it is all shared.
+    vcpu.page_fault(gpa(512), ErrorCode::WRITE).unwrap();
+    assert_eq!(leaf(&vm, 512).unwrap().0, Level::M2);
+    // One 4 KiB page of it becomes private: the huge leaf goes, and shared
+    // faults in the chunk map 4 KiB pages from now on.
+    vm.set_memory_attributes(gpa(700).0, 4096, PRIVATE, 0)
+        .unwrap();
+    assert!(leaf(&vm, 512).is_none());
+    vcpu.page_fault(gpa(513), ErrorCode::WRITE).unwrap();
+    assert_eq!(
+        leaf(&vm, 513).unwrap().0,
+        Level::K4,
+        "huge across the boundary"
+    );
+    // Uniform again: huge again.
+    vm.set_memory_attributes(gpa(700).0, 4096, 0, 0).unwrap();
+    let range = HvaRange::new(hva(512), hva(1024));
+    vm.invalidate_range_start(range).end();
+    vcpu.page_fault(gpa(600), ErrorCode::WRITE).unwrap();
+    assert_eq!(leaf(&vm, 600).unwrap().0, Level::M2);
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_a_slot_created_over_mixed_attributes_starts_with_the_mixed_flags() {
+    let host = TestHost::new();
+    host.set_host_level(Level::M2);
+    let vm = Vm::new(
+        VmConfig {
+            vm_type: vmmu::VmType::SwProtected,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    // Attributes first (no slot yet), then the slot.
+    vm.set_memory_attributes(gpa(1000).0, 4096, PRIVATE, 0)
+        .unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(gpa(600), ErrorCode::WRITE).unwrap();
+    assert_eq!(
+        leaf(&vm, 600).unwrap().0,
+        Level::K4,
+        "mixed chunk mapped huge"
+    );
+    vcpu.page_fault(gpa(1100), ErrorCode::WRITE).unwrap();
+    assert_eq!(
+        leaf(&vm, 1100).unwrap().0,
+        Level::M2,
+        "a uniform chunk maps huge"
+    );
+    teardown(host, vm, vec![vcpu]);
+}
+
+#[test]
+fn test_snp_accesses_carry_their_private_bit_and_mismatches_exit() {
+    let (host, vm, mut vcpu) = vm_of(vmmu::VmType::Snp, Level::K4);
+    // A private access to shared memory, and a shared access to private memory:
+    // both exit with the access's own bit.
+    let e = vcpu
+        .page_fault(gpa(1), ErrorCode::WRITE | ErrorCode::PRIVATE)
+        .unwrap_err();
+    assert!(
+        matches!(e, FaultError::MemoryFault { private: true, .. }),
+        "{e:?}"
+    );
+    vm.set_memory_attributes(gpa(2).0, 4096, PRIVATE, 0)
+        .unwrap();
+    let e = vcpu.page_fault(gpa(2), ErrorCode::WRITE).unwrap_err();
+    assert!(
+        matches!(e, FaultError::MemoryFault { private: false, .. }),
+        "{e:?}"
+    );
+    // A shared access to shared memory maps.
+    assert_eq!(
+        vcpu.page_fault(gpa(3), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
+    teardown(host, vm, vec![vcpu]);
+}

@@ -1,0 +1,173 @@
+//! Memory attributes: which guest frames are private (KVM's `mem_attr_array`).
+//!
+//! A range map from gfn ranges to attribute bits; a gfn absent from the map has no
+//! attributes (shared). Writers serialise on `slots_lock`, build a new map and
+//! publish it whole; readers (faults) load the current map without blocking and
+//! may see the old one, which is what the invalidation protocol around a change
+//! accounts for (`Vm::set_memory_attributes`).
+//!
+//! The map is a `rangemap::RangeMap`, which keeps adjacent ranges with equal
+//! values merged, so a guest that converts its memory page by page still costs a
+//! handful of ranges, and "is this whole range uniform" is a walk over the few
+//! ranges that overlap it.
+
+use std::ops::Range;
+
+use rangemap::RangeMap;
+
+use crate::sync::{Arc, Snapshot};
+use crate::types::{Gfn, GfnRange};
+
+/// `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
+pub const MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
+
+/// Why `set_memory_attributes` was refused (each `EINVAL`, as KVM answers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttributeError {
+    /// Attribute bits other than the supported ones (any, on a VM type without
+    /// private memory).
+    #[error("Unsupported memory attributes {attributes:#x} (supported: {supported:#x})")]
+    InvalidAttributes {
+        /// The attributes given.
+        attributes: u64,
+        /// The attributes the VM supports.
+        supported: u64,
+    },
+    /// Non-zero flags (none are defined).
+    #[error("Memory attribute flags {0:#x} must be 0")]
+    InvalidFlags(u64),
+    /// Address or size not page aligned.
+    #[error("Memory attribute range {address:#x}+{size:#x} is not page aligned")]
+    Unaligned {
+        /// Start.
+        address: u64,
+        /// Size.
+        size: u64,
+    },
+    /// An empty range, or one that wraps.
+    #[error("Memory attribute range {address:#x}+{size:#x} is empty or wraps")]
+    BadRange {
+        /// Start.
+        address: u64,
+        /// Size.
+        size: u64,
+    },
+}
+
+impl AttributeError {
+    /// The errno `KVM_SET_MEMORY_ATTRIBUTES` returns.
+    pub fn errno(&self) -> i32 {
+        crate::errno::EINVAL
+    }
+}
+
+/// The attribute map of a VM.
+#[derive(Debug)]
+pub(crate) struct Attributes {
+    map: Snapshot<RangeMap<u64, u64>>,
+}
+
+fn range(r: GfnRange) -> Range<u64> {
+    r.start.0..r.end.0
+}
+
+impl Attributes {
+    pub(crate) fn new() -> Self {
+        Attributes {
+            map: Snapshot::new(Arc::new(RangeMap::new())),
+        }
+    }
+
+    /// The attributes of `gfn` (lock-free).
+    pub(crate) fn get(&self, gfn: Gfn) -> u64 {
+        self.map.load().get(&gfn.0).copied().unwrap_or(0)
+    }
+
+    /// Whether `gfn` is private.
+    pub(crate) fn is_private(&self, gfn: Gfn) -> bool {
+        self.get(gfn) & MEMORY_ATTRIBUTE_PRIVATE != 0
+    }
+
+    /// Whether every gfn of `r` has exactly `attrs` (KVM's
+    /// `kvm_range_has_memory_attributes`).
+    pub(crate) fn range_has(&self, r: GfnRange, attrs: u64) -> bool {
+        uniform_as(&self.map.load(), r, attrs)
+    }
+
+    /// Whether every gfn of `r` has the same attributes.
+    pub(crate) fn is_uniform(&self, r: GfnRange) -> bool {
+        let map = self.map.load();
+        let first = map.get(&r.start.0).copied().unwrap_or(0);
+        uniform_as(&map, r, first)
+    }
+
+    /// Give every gfn of `r` the attributes `attrs`. Callers hold `slots_lock`.
+    pub(crate) fn store(&self, r: GfnRange, attrs: u64) {
+        let mut next = (*self.map.load_full()).clone();
+        if attrs == 0 {
+            next.remove(range(r));
+        } else {
+            next.insert(range(r), attrs);
+        }
+        self.map.swap(Arc::new(next));
+    }
+
+    /// The gfns inside `within` where the attributes change (range boundaries),
+    /// for finding the huge pages that may be mixed.
+    pub(crate) fn boundaries(&self, within: GfnRange) -> Vec<Gfn> {
+        let map = self.map.load();
+        let mut out = Vec::new();
+        for (r, _) in map.overlapping(range(within)) {
+            for b in [r.start, r.end] {
+                if b > within.start.0 && b < within.end.0 {
+                    out.push(Gfn(b));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn uniform_as(map: &RangeMap<u64, u64>, r: GfnRange, attrs: u64) -> bool {
+    if r.is_empty() {
+        return true;
+    }
+    let want = range(r);
+    if attrs == 0 {
+        // Shared everywhere: nothing of the range is in the map.
+        return map.overlapping(&want).next().is_none();
+    }
+    // Covered without gaps, every piece with `attrs`.
+    map.gaps(&want).next().is_none() && map.overlapping(&want).all(|(_, v)| *v == attrs)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn g(a: u64, b: u64) -> GfnRange {
+        GfnRange::new(Gfn(a), Gfn(b))
+    }
+
+    #[test]
+    fn test_attributes_store_merge_and_query() {
+        let a = Attributes::new();
+        assert!(a.range_has(g(0, 100), 0));
+        a.store(g(10, 20), MEMORY_ATTRIBUTE_PRIVATE);
+        a.store(g(20, 30), MEMORY_ATTRIBUTE_PRIVATE);
+        assert!(a.is_private(Gfn(10)) && a.is_private(Gfn(29)));
+        assert!(!a.is_private(Gfn(30)) && !a.is_private(Gfn(9)));
+        assert!(a.range_has(g(10, 30), MEMORY_ATTRIBUTE_PRIVATE));
+        assert!(!a.range_has(g(9, 30), MEMORY_ATTRIBUTE_PRIVATE));
+        assert!(!a.range_has(g(0, 11), 0));
+        assert!(a.is_uniform(g(12, 25)) && !a.is_uniform(g(0, 12)));
+        assert_eq!(a.boundaries(g(0, 100)), vec![Gfn(10), Gfn(30)]);
+        // Back to shared in the middle: two private ranges remain.
+        a.store(g(15, 16), 0);
+        assert!(!a.is_private(Gfn(15)) && a.is_private(Gfn(16)));
+        assert_eq!(
+            a.boundaries(g(0, 100)),
+            vec![Gfn(10), Gfn(15), Gfn(16), Gfn(30)]
+        );
+    }
+}
