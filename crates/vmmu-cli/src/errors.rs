@@ -67,8 +67,28 @@ fn subcommands_of(cmd: &clap::Command) -> String {
         .join(", ")
 }
 
-/// The one line (without the `vmmu: ` prefix) for a refused command line.
+/// Keep a message on one line whatever the user typed: control characters in
+/// echoed arguments (a newline, a tab) are shown escaped.
+pub(crate) fn single_line(s: &str) -> String {
+    s.trim_end()
+        .chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
+}
+
+/// The one line for a refused command line.
 pub(crate) fn one_line(e: &clap::Error, argv: &[String]) -> String {
+    single_line(&one_line_raw(e, argv))
+}
+
+fn one_line_raw(e: &clap::Error, argv: &[String]) -> String {
     let (path, cmd) = command_path(argv);
     let at = if path.is_empty() {
         "vmmu".to_string()

@@ -256,7 +256,7 @@ where
         } => bench::validate_storm(a),
         Cmd::Soak(a) => check_soak(a.duration, a.vcpus, a.bytes),
     };
-    r.map_err(|e| e.to_string())
+    r.map_err(|e| errors::single_line(&e.to_string()))
 }
 
 /// Parse the command line and run it (the `vmmu` binary).
@@ -316,7 +316,7 @@ pub fn run_cli() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
         Err(e) => {
             let bad_input = e.downcast_ref::<BadInput>().is_some();
-            eprintln!("vmmu {at}: {e}");
+            eprintln!("vmmu {at}: {}", errors::single_line(&e.to_string()));
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }

@@ -23,7 +23,7 @@ fn validate(threads: usize, bytes_per_thread: u64) -> Result<u64> {
             max: MAX_VCPUS,
         });
     }
-    if bytes_per_thread == 0 || bytes_per_thread % PAGE_SIZE != 0 {
+    if bytes_per_thread == 0 || !bytes_per_thread.is_multiple_of(PAGE_SIZE) {
         return Err(KvmError::BadChunkSize {
             bytes: bytes_per_thread,
             granule: PAGE_SIZE,

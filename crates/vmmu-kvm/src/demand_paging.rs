@@ -71,7 +71,7 @@ impl DemandPagingConfig {
                 max: MAX_VCPUS,
             });
         }
-        if self.bytes_per_vcpu == 0 || self.bytes_per_vcpu % HUGE_PAGE_SIZE != 0 {
+        if self.bytes_per_vcpu == 0 || !self.bytes_per_vcpu.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(KvmError::BadChunkSize {
                 bytes: self.bytes_per_vcpu,
                 granule: HUGE_PAGE_SIZE,

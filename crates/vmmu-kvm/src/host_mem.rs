@@ -145,7 +145,7 @@ impl HostMemory {
 
     /// Reads the 8-byte value at `offset` (which must be 8-byte aligned and in range).
     pub(crate) fn read_u64(&self, offset: u64) -> Option<u64> {
-        if offset % 8 != 0 || offset.checked_add(8)? > self.len() {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len() {
             return None;
         }
         // SAFETY: bounds and alignment were checked above; volatile because the guest

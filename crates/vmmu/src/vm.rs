@@ -503,7 +503,7 @@ impl Vm {
         let Some(end) = end else {
             return Err(AttributeError::BadRange { address, size });
         };
-        if address % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !address.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(AttributeError::Unaligned { address, size });
         }
         let range = GfnRange::new(Gfn(address / PAGE_SIZE), Gfn(end / PAGE_SIZE));
