@@ -227,6 +227,17 @@ pub enum Op {
         /// End.
         end: Addr,
     },
+    /// `KVM_SET_MEMORY_ATTRIBUTES`.
+    Attributes {
+        /// Start.
+        address: Addr,
+        /// Size.
+        size: Size,
+        /// Private (else shared), or any raw attribute bits.
+        attributes: Result<bool, u64>,
+        /// Flags (anything but 0 is refused).
+        flags: u8,
+    },
     /// `clear_young` / `clear_flush_young` / `test_young`.
     Age {
         /// Start.
@@ -258,6 +269,8 @@ pub enum Config {
         smm: bool,
         /// The NX huge page mitigation.
         nx_huge_pages: bool,
+        /// VM type: default, software-protected, SNP-like.
+        vm_type: u8,
     },
     /// Anything.
     Raw {
@@ -284,7 +297,13 @@ impl Config {
                 mmio_caching,
                 smm,
                 nx_huge_pages,
+                vm_type,
             } => VmConfig {
+                vm_type: match vm_type % 3 {
+                    0 => vmmu::VmType::Default,
+                    1 => vmmu::VmType::SwProtected,
+                    _ => vmmu::VmType::Snp,
+                },
                 root_level: if five_level { Level::L5 } else { Level::L4 },
                 maxphyaddr: if five_level { 52 } else { 46 },
                 ad_enabled,
@@ -369,6 +388,8 @@ type SlotView = (u32, u64, u64, u64, u32, bool);
 /// Everything a refused call must leave as it was.
 #[derive(Debug, PartialEq, Eq)]
 struct Observable {
+    /// Attributes of the plausible window's gfns.
+    attributes: Vec<u64>,
     /// Per address space: the generation and the slots.
     slots: Vec<Option<(u64, Vec<SlotView>)>>,
     mappings: Vec<Vec<(Gfn, Level, u64)>>,
@@ -420,6 +441,9 @@ impl World {
             })
             .collect();
         Observable {
+            attributes: (0..1024u64)
+                .map(|p| self.vm.memory_attributes(Gfn((BASE_GPA >> 12) + p)))
+                .collect(),
             slots,
             mappings,
             roots: self.vm.roots(),
@@ -631,6 +655,21 @@ impl World {
                 .vm
                 .clear_dirty_gfn_range(*as_id, range(start, end))
                 .is_err(),
+            Op::Attributes {
+                address,
+                size,
+                attributes,
+                flags,
+            } => {
+                let attrs = match *attributes {
+                    Ok(true) => vmmu::MEMORY_ATTRIBUTE_PRIVATE,
+                    Ok(false) => 0,
+                    Err(raw) => raw,
+                };
+                self.vm
+                    .set_memory_attributes(address.gpa(), size.bytes(), attrs, (*flags % 4) as u64)
+                    .is_err()
+            }
             Op::Age { start, len, how } => {
                 let s = start.hva();
                 let r = HvaRange::new(Hva(s), Hva(s.wrapping_add(len.bytes())));
