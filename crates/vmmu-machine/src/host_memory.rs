@@ -459,6 +459,20 @@ impl TableMemory for HostMemory {
     }
 }
 
+/// guest_memfd pages: frames of the arena that no host region maps, so they are
+/// reachable only through the VM's own mappings. They count as data pages (a
+/// leak check at teardown covers them) and a double free is caught like any.
+impl vmmu::PrivateMemory for HostMemory {
+    fn alloc_private(&self) -> Result<Pfn, vmmu::HostFaultError> {
+        self.alloc(Order::K4, PageState::Data)
+            .map_err(|_| vmmu::HostFaultError::OutOfMemory)
+    }
+
+    fn free_private(&self, pfn: Pfn) {
+        self.put(pfn);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

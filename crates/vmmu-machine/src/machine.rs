@@ -320,6 +320,7 @@ impl Machine {
             memory: mem.clone(),
             primary: host.clone(),
             kick: kicker.clone(),
+            private: Some(mem.clone()),
         };
         let vm = Vm::new(cfg.vm, ops)?;
         host.register(Arc::new(vm.clone()));

@@ -87,6 +87,7 @@ impl BenchHost {
             memory: self.clone(),
             primary: self.clone(),
             kick: self.clone(),
+            private: None,
         }
     }
 

@@ -260,7 +260,8 @@ impl VcpuMmu {
                 vm.tdp.map(&ctx, &root, &f, &mut self.cache, vm)
             }
         };
-        if f.slot.is_some() {
+        // A private frame belongs to its guest_memfd: nothing to release.
+        if f.slot.is_some() && !f.private {
             let mapped_writable =
                 f.map_writable && matches!(result, RetPf::Fixed | RetPf::Spurious);
             vm.host.primary.release(f.host_pfn, mapped_writable);
@@ -380,9 +381,7 @@ impl VcpuMmu {
             f.mmu_seq = vm.inval.snapshot();
         }
         if f.private {
-            // Private memory comes only from a guest_memfd bound to the slot; a
-            // slot without one (or no slot) cannot back it.
-            return memory_fault;
+            return self.faultin_private(f, memory_fault);
         }
         let Some(slot) = f.slot else {
             // No memslot: MMIO. Cached as an MMIO entry (generation-checked, so no
@@ -426,6 +425,43 @@ impl VcpuMmu {
         Ok(RetPf::Continue)
     }
 
+    /// The frame of a private fault (KVM's `kvm_mmu_faultin_pfn_private`): from
+    /// the guest_memfd bound to the slot, never from a host address. A slot
+    /// without one (or no slot) cannot back private memory: a memory-fault exit.
+    fn faultin_private(
+        &self,
+        f: &mut PageFault<'_>,
+        memory_fault: Result<RetPf, FaultError>,
+    ) -> Result<RetPf, FaultError> {
+        let vm = &*self.vm;
+        let stats = &self.shared.stats;
+        if f.slot.is_some_and(|s| s.is_invalid()) {
+            CounterSet::inc(&stats.invalid_slot_retries);
+            return Ok(RetPf::Retry);
+        }
+        let pfn = match crate::gmem::faultin_private(f) {
+            Ok(Some(pfn)) => pfn,
+            Ok(None) => return memory_fault,
+            Err(cause) => {
+                return Err(FaultError::Host {
+                    gpa: f.gfn.gpa(),
+                    hva: Hva(0),
+                    cause,
+                })
+            }
+        };
+        f.pfn = pfn;
+        f.host_pfn = pfn;
+        f.map_writable = true;
+        if vm.config.precheck && vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
+            f.slot = None;
+            CounterSet::inc(&stats.postcheck_retries);
+            return Ok(RetPf::Retry);
+        }
+        CounterSet::inc(&stats.private_faults);
+        Ok(RetPf::Continue)
+    }
+
     /// Under `mmu_lock`: has anything made this fault stale since it started?
     fn is_stale(&self, root: &crate::root::Root, f: &PageFault<'_>) -> bool {
         let stats = &self.shared.stats;
@@ -450,6 +486,11 @@ impl VcpuMmu {
         f.goal_level = Level::K4;
         f.req_level = Level::K4;
         let Some(slot) = f.slot else { return };
+        // guest_memfd hands out 4 KiB pages (order 0) here, so private faults map
+        // 4 KiB; the host's page tables play no part for them.
+        if f.private {
+            return;
+        }
         if f.max_level == Level::K4 {
             return;
         }

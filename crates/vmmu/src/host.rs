@@ -102,6 +102,17 @@ pub trait PrimaryMmu: Send + Sync {
     fn mapping_level(&self, hva: Hva) -> Level;
 }
 
+/// Where guest_memfd pages come from: memory the host keeps out of every host
+/// virtual address space, so private pages are reachable only through the VM's
+/// own mappings.
+pub trait PrivateMemory: Send + Sync {
+    /// A zeroed page.
+    fn alloc_private(&self) -> Result<Pfn, HostFaultError>;
+    /// Give back a page from [`PrivateMemory::alloc_private`]; nothing maps it
+    /// any more.
+    fn free_private(&self, pfn: Pfn);
+}
+
 /// Interrupting a vCPU that runs guest code (an IPI, a signal).
 pub trait Kick: Send + Sync {
     /// Make vCPU `vcpu_id` leave guest mode soon. It will process its requests
@@ -118,6 +129,8 @@ pub struct HostOps {
     pub primary: std::sync::Arc<dyn PrimaryMmu>,
     /// vCPU interruption.
     pub kick: std::sync::Arc<dyn Kick>,
+    /// Pages for guest_memfd; without them a guest_memfd cannot be created.
+    pub private: Option<std::sync::Arc<dyn PrivateMemory>>,
 }
 
 impl std::fmt::Debug for HostOps {

@@ -41,6 +41,7 @@ pub mod attributes;
 pub mod config;
 pub mod errno;
 pub mod fault;
+pub mod gmem;
 pub mod host;
 pub mod memslot;
 pub mod notifier;
@@ -58,9 +59,10 @@ pub mod vm;
 pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
 pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
 pub use fault::{ErrorCode, FaultError, RetPf};
+pub use gmem::{GmemError, GuestMemfd};
 pub use host::{
-    FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, Table, TableMemory,
-    TableMemoryError,
+    FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, PrivateMemory, Table,
+    TableMemory, TableMemoryError,
 };
 pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion};
 pub use root::{Role, RootFilter};
@@ -68,4 +70,4 @@ pub use spte::{Access, Spte};
 pub use stats::Stats;
 pub use types::{Gfn, GfnRange, Gpa, Hva, HvaRange, Level, Pfn, PAGE_SIZE};
 pub use vcpu::{Entry, VcpuMmu};
-pub use vm::{Invalidation, RootInfo, Vm, VmError};
+pub use vm::{Cap, Invalidation, RootInfo, Vm, VmError};

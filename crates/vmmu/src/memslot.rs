@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use bitflags::bitflags;
 
+use crate::gmem::{GmemFile, SlotGmem};
 use crate::sync::{Arc, AtomicU32, AtomicU64, Ordering};
 use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level, PAGE_SIZE};
 
@@ -36,8 +37,7 @@ bitflags! {
     }
 }
 
-/// Flags this implementation accepts today. guest_memfd arrives with private
-/// memory; until then it is refused like any unsupported flag.
+/// Flags `KVM_SET_USER_MEMORY_REGION` accepts (the old call has no guest_memfd).
 pub const SUPPORTED_FLAGS: MemFlags = MemFlags::LOG_DIRTY_PAGES.union(MemFlags::READONLY);
 
 /// The argument of `KVM_SET_USER_MEMORY_REGION`.
@@ -109,6 +109,22 @@ pub enum MemslotError {
         /// What was changed.
         what: &'static str,
     },
+    /// The guest_memfd binding is not valid (EINVAL): the file belongs to another
+    /// VM, the offset is unaligned, the range passes the file's end or is bound
+    /// to another slot already.
+    #[error("Slot {slot:#x}: guest_memfd {what}")]
+    GuestMemfd {
+        /// The slot number.
+        slot: u32,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The GUEST_MEMFD flag without a guest_memfd (EBADF).
+    #[error("Slot {slot:#x}: the GUEST_MEMFD flag needs a guest_memfd")]
+    NoGuestMemfd {
+        /// The slot number.
+        slot: u32,
+    },
     /// The new range overlaps another slot (EEXIST).
     #[error("Slot {slot:#x} gfn range {start:#x}..{end:#x} overlaps slot {other:#x}")]
     Overlap {
@@ -128,6 +144,7 @@ impl MemslotError {
     pub fn errno(&self) -> i32 {
         match self {
             MemslotError::Overlap { .. } => crate::errno::EEXIST,
+            MemslotError::NoGuestMemfd { .. } => 9, // EBADF
             _ => crate::errno::EINVAL,
         }
     }
@@ -210,6 +227,8 @@ pub struct Memslot {
     invalid: bool,
     lpage: Arc<LpageInfo>,
     dirty_bitmap: Option<Arc<DirtyBitmap>>,
+    /// The guest_memfd private memory comes from, for GUEST_MEMFD slots.
+    gmem: Option<SlotGmem>,
 }
 
 /// One bit per page, set when the page may have been written while dirty logging
@@ -288,6 +307,14 @@ impl Memslot {
     /// The dirty bitmap, when logging.
     pub fn dirty_bitmap(&self) -> Option<&DirtyBitmap> {
         self.dirty_bitmap.as_deref()
+    }
+    /// Whether private memory for the slot comes from a guest_memfd.
+    pub fn has_guest_memfd(&self) -> bool {
+        self.gmem.is_some()
+    }
+    /// The slot's guest_memfd binding.
+    pub(crate) fn gmem(&self) -> Option<&SlotGmem> {
+        self.gmem.as_ref()
     }
     /// The gfns of the slot.
     pub fn gfn_range(&self) -> GfnRange {
@@ -371,6 +398,7 @@ impl Memslot {
             invalid: self.invalid,
             lpage: self.lpage.clone(),
             dirty_bitmap: self.dirty_bitmap.clone(),
+            gmem: self.gmem.clone(),
         }
     }
 }
@@ -580,17 +608,68 @@ impl Change {
 
 /// Validate `region` against the current set and classify it, like
 /// `kvm_set_memory_region` (all checks happen before anything changes).
+#[cfg(test)]
 pub(crate) fn classify(
     set: &MemslotSet,
     region: &UserMemoryRegion,
     address_spaces: u16,
     gfn_limit: u64,
 ) -> Result<Change> {
+    classify_with(
+        set,
+        region,
+        &Limits {
+            address_spaces,
+            gfn_limit,
+            region2: false,
+            private_mem: false,
+        },
+        None,
+    )
+}
+
+/// What the VM allows, for [`classify_with`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) address_spaces: u16,
+    pub(crate) gfn_limit: u64,
+    /// The call is `KVM_SET_USER_MEMORY_REGION2` (the only one with guest_memfd).
+    pub(crate) region2: bool,
+    /// The VM type has private memory.
+    pub(crate) private_mem: bool,
+}
+
+/// A guest_memfd given to `KVM_SET_USER_MEMORY_REGION2`, already checked to
+/// belong to the VM.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GmemArg<'a> {
+    pub(crate) file: &'a Arc<GmemFile>,
+    pub(crate) offset: u64,
+}
+
+/// [`classify`] for either call, with an optional guest_memfd.
+pub(crate) fn classify_with(
+    set: &MemslotSet,
+    region: &UserMemoryRegion,
+    limits: &Limits,
+    gmem: Option<GmemArg<'_>>,
+) -> Result<Change> {
+    let (address_spaces, gfn_limit) = (limits.address_spaces, limits.gfn_limit);
+    // KVM's check_memory_region_flags: guest_memfd only through the second call
+    // and on VM types with private memory; no dirty logging or read-only on a
+    // guest_memfd slot.
+    let mut valid = SUPPORTED_FLAGS;
+    if limits.region2 && limits.private_mem {
+        valid |= MemFlags::GUEST_MEMFD;
+    }
+    if region.flags & MemFlags::GUEST_MEMFD.bits() != 0 {
+        valid.remove(MemFlags::LOG_DIRTY_PAGES | MemFlags::READONLY);
+    }
     let flags = MemFlags::from_bits(region.flags)
-        .filter(|f| SUPPORTED_FLAGS.contains(*f))
+        .filter(|f| valid.contains(*f))
         .ok_or(MemslotError::InvalidFlags {
             flags: region.flags,
-            supported: SUPPORTED_FLAGS.bits(),
+            supported: valid.bits(),
         })?;
     let as_id = (region.slot >> 16) as u16;
     let id = region.slot & 0xffff;
@@ -639,6 +718,49 @@ pub(crate) fn classify(
             None => Err(MemslotError::NoSuchSlot { slot: region.slot }),
         };
     }
+    if let Some(old) = &old {
+        // A guest_memfd slot can only be deleted (KVM refuses moves and flag
+        // changes of one).
+        if old.has_guest_memfd() || flags.contains(MemFlags::GUEST_MEMFD) {
+            let same = old.base_gfn.0 == region.guest_phys_addr / PAGE_SIZE
+                && old.npages == npages
+                && old.userspace_addr.0 == region.userspace_addr
+                && old.flags == flags;
+            if !same {
+                return Err(MemslotError::IllegalChange {
+                    slot: region.slot,
+                    what: "a guest_memfd slot (it can only be deleted)",
+                });
+            }
+        }
+    }
+    let slot_gmem = if flags.contains(MemFlags::GUEST_MEMFD) {
+        let Some(g) = gmem else {
+            return Err(MemslotError::NoGuestMemfd { slot: region.slot });
+        };
+        let bad = |what| MemslotError::GuestMemfd {
+            slot: region.slot,
+            what,
+        };
+        if !g.offset.is_multiple_of(PAGE_SIZE) {
+            return Err(bad("offset is not page aligned"));
+        }
+        if g.offset
+            .checked_add(region.memory_size)
+            .is_none_or(|e| e > g.file.size)
+        {
+            return Err(bad("range passes the end of the file"));
+        }
+        if old.is_none() && !g.file.can_bind(g.offset / PAGE_SIZE, npages) {
+            return Err(bad("range is bound to another memslot"));
+        }
+        Some(SlotGmem {
+            file: g.file.clone(),
+            pgoff: g.offset / PAGE_SIZE,
+        })
+    } else {
+        None
+    };
     let base_gfn = Gfn(region.guest_phys_addr / PAGE_SIZE);
     let hva = Hva(region.userspace_addr);
     let check_overlap = |except: Option<u16>| -> Result<()> {
@@ -673,6 +795,7 @@ pub(crate) fn classify(
                 invalid: false,
                 lpage: Arc::new(LpageInfo::new(base_gfn, npages, hva)),
                 dirty_bitmap: dirty(flags, None),
+                gmem: slot_gmem,
             })))
         }
         Some(old) => {

@@ -184,6 +184,11 @@ counters! {
     memslot_updates,
     /// Memory attribute changes that changed something.
     attribute_changes,
+    /// guest_memfd invalidations (hole punches, failures, releases that hit a
+    /// bound slot): one per file and call.
+    gmem_invalidations,
+    /// Private faults served from a guest_memfd.
+    private_faults,
     /// Fast zaps of all roots.
     fast_zaps,
     /// Internal invariant violations detected (a present leaf replaced by another

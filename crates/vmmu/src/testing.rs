@@ -28,6 +28,8 @@ const CHUNK: usize = 4;
 const CHUNKS: usize = 8;
 /// Table frames are numbered from here, far from the data frames tests use.
 pub const TABLE_PFN_BASE: u64 = 1 << 28;
+/// Private (guest_memfd) frames are numbered from here.
+pub const PRIVATE_PFN_BASE: u64 = 1 << 32;
 
 /// Table memory that tracks every page.
 pub struct TestMemory {
@@ -159,6 +161,8 @@ pub struct TestHost {
     host_level: AtomicU8,
     populate: bool,
     released_writable: AtomicU64,
+    private: Mutex<std::collections::BTreeSet<u64>>,
+    next_private: AtomicU64,
 }
 
 impl std::fmt::Debug for TestHost {
@@ -181,6 +185,8 @@ impl TestHost {
             host_level: AtomicU8::new(1),
             populate: true,
             released_writable: AtomicU64::new(0),
+            private: Mutex::new(LockClass::Leaf, std::collections::BTreeSet::new()),
+            next_private: AtomicU64::new(PRIVATE_PFN_BASE),
         })
     }
 
@@ -190,7 +196,18 @@ impl TestHost {
             memory: self.clone(),
             primary: self.clone(),
             kick: self.clone(),
+            private: Some(self.clone()),
         }
+    }
+
+    /// Private pages handed out and not yet given back.
+    pub fn private_pages(&self) -> u64 {
+        self.private.lock().len() as u64
+    }
+
+    /// Whether `pfn` is a private page handed out now.
+    pub fn is_private_page(&self, pfn: Pfn) -> bool {
+        self.private.lock().contains(&pfn.0)
     }
 
     /// The frame mapped at `hva`, if any.
@@ -335,6 +352,19 @@ impl PrimaryMmu for TestHost {
             .lock()
             .get(&(hva.0 / PAGE_SIZE))
             .map_or(Level::K4, |m| m.level)
+    }
+}
+
+impl crate::host::PrivateMemory for TestHost {
+    fn alloc_private(&self) -> Result<Pfn, HostFaultError> {
+        let pfn = self.next_private.fetch_add(1, Ordering::SeqCst);
+        self.private.lock().insert(pfn);
+        Ok(Pfn(pfn))
+    }
+
+    fn free_private(&self, pfn: Pfn) {
+        let was = self.private.lock().remove(&pfn.0);
+        assert!(was, "free of private page {pfn:?} that is not allocated");
     }
 }
 

@@ -6,7 +6,12 @@ use std::collections::BTreeSet;
 use crate::attributes::{AttributeError, Attributes, MEMORY_ATTRIBUTE_PRIVATE};
 use crate::config::HookPoint;
 use crate::config::VmConfig;
+use crate::gmem::{
+    GmemError, GmemFile, GuestMemfd, GUEST_MEMFD_FLAGS, GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+};
 use crate::host::{HostOps, TableMemoryError};
+use crate::memslot::GmemArg;
 use crate::memslot::{
     self, Change, Memslot, MemslotError, MemslotSet, SetOp, UserMemoryRegion,
     GEN_UPDATE_IN_PROGRESS,
@@ -80,6 +85,30 @@ impl VmError {
             | VmError::InvalidRange { .. } => EINVAL,
         }
     }
+}
+
+/// Capabilities a VM reports (`KVM_CHECK_EXTENSION` on the VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cap {
+    /// `KVM_CAP_NR_MEMSLOTS`: memslots per address space.
+    NrMemslots,
+    /// `KVM_CAP_MULTI_ADDRESS_SPACE`: address spaces.
+    MultiAddressSpace,
+    /// `KVM_CAP_MAX_VCPU_ID`: one past the largest vCPU id.
+    MaxVcpuId,
+    /// `KVM_CAP_USER_MEMORY2`: `set_user_memory_region2`.
+    UserMemory2,
+    /// `KVM_CAP_MEMORY_FAULT_INFO`: memory-fault exits carry gpa, size, flags.
+    MemoryFaultInfo,
+    /// `KVM_CAP_MEMORY_ATTRIBUTES`: the attributes `set_memory_attributes` takes.
+    MemoryAttributes,
+    /// `KVM_CAP_GUEST_MEMFD`: `create_guest_memfd`.
+    GuestMemfd,
+    /// The guest_memfd creation flags supported (6.18).
+    GuestMemfdFlags,
+    /// `KVM_CAP_VM_TYPES`: a bitmask of the VM types (by `KVM_CREATE_VM` number).
+    VmTypes,
 }
 
 /// `KVM_MAX_VCPU_IDS` on x86.
@@ -188,8 +217,14 @@ impl VmInner {
         }
     }
 
+    /// Take `slots_lock` (guest_memfd release runs under it).
+    #[track_caller]
+    pub(crate) fn slots_guard(&self) -> crate::sync::MutexGuard<'_, SlotsState> {
+        self.slots.lock()
+    }
+
     /// Zap leaves of `range` in every root of `as_id` (valid or not), flushing once.
-    fn unmap_gfn_range(
+    pub(crate) fn unmap_gfn_range(
         &self,
         ctx: &Ctx<'_>,
         w: &mut crate::sync::MmuWriteGuard<'_>,
@@ -419,23 +454,83 @@ impl Vm {
     /// write-protects the slot after the new flags are visible.
     #[track_caller]
     pub fn set_user_memory_region(&self, region: UserMemoryRegion) -> Result<(), MemslotError> {
+        self.set_memory_region(region, false, None)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION2`: [`Vm::set_user_memory_region`] plus the
+    /// `GUEST_MEMFD` flag, which binds `guest_memfd` from `guest_memfd_offset`
+    /// (page aligned, the slot's range inside the file, not bound to another
+    /// slot). A guest_memfd slot cannot be read-only, log dirty pages, move or
+    /// change its flags; only deleting it (size 0) is allowed. The flag needs a VM
+    /// type with private memory and is refused by the old call.
+    #[track_caller]
+    pub fn set_user_memory_region2(
+        &self,
+        region: UserMemoryRegion,
+        guest_memfd: Option<&GuestMemfd>,
+        guest_memfd_offset: u64,
+    ) -> Result<(), MemslotError> {
+        if let Some(g) = guest_memfd {
+            if region.flags & crate::memslot::MemFlags::GUEST_MEMFD.bits() != 0
+                && !g.file.belongs_to(&self.inner)
+            {
+                return Err(MemslotError::GuestMemfd {
+                    slot: region.slot,
+                    what: "belongs to another VM",
+                });
+            }
+        }
+        let gmem = guest_memfd.map(|g| GmemArg {
+            file: &g.file,
+            offset: guest_memfd_offset,
+        });
+        self.set_memory_region(region, true, gmem)
+    }
+
+    #[track_caller]
+    fn set_memory_region(
+        &self,
+        region: UserMemoryRegion,
+        region2: bool,
+        gmem: Option<GmemArg<'_>>,
+    ) -> Result<(), MemslotError> {
         let vm = &*self.inner;
         let mut state = vm.slots.lock();
         let as_id = (region.slot >> 16) as u16;
         let change = {
             let idx = (as_id as usize).min(vm.memslots.len().saturating_sub(1));
             let set = vm.memslots[idx].load();
-            memslot::classify(
+            memslot::classify_with(
                 &set,
                 &region,
-                vm.config.address_spaces,
-                vm.config.gfn_limit(),
+                &memslot::Limits {
+                    address_spaces: vm.config.address_spaces,
+                    gfn_limit: vm.config.gfn_limit(),
+                    region2,
+                    private_mem: vm.config.vm_type.has_private_mem(),
+                },
+                gmem,
             )?
         };
         match change {
             Change::Nothing => {}
             Change::Create(slot) => {
                 vm.init_mixed(&slot);
+                if let Some(g) = slot.gmem() {
+                    let bound = g.file.bind(crate::gmem::Binding {
+                        as_id,
+                        slot_id: slot.id(),
+                        start: g.pgoff,
+                        npages: slot.npages(),
+                        base_gfn: slot.base_gfn(),
+                    });
+                    if !bound {
+                        return Err(MemslotError::GuestMemfd {
+                            slot: region.slot,
+                            what: "range is bound to another memslot",
+                        });
+                    }
+                }
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Insert(slot)])
             }
             Change::Delete(old) => {
@@ -443,6 +538,9 @@ impl Vm {
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), inv.clone())]);
                 vm.zap_roots_fast(RootFilter::All);
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Remove(inv.id())]);
+                if let Some(g) = old.gmem() {
+                    g.file.unbind(as_id, old.id());
+                }
             }
             Change::Move { old, new } => {
                 vm.init_mixed(&new);
@@ -542,6 +640,65 @@ impl Vm {
             drop(w);
         }
         Ok(())
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD`: a file of `size` bytes (a non-zero multiple of
+    /// 4 KiB) of private memory for this VM. Flags: `GUEST_MEMFD_FLAG_MMAP` and
+    /// `GUEST_MEMFD_FLAG_INIT_SHARED` (which needs MMAP), as in 6.18.
+    pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<GuestMemfd, GmemError> {
+        let bad_flags = flags & !GUEST_MEMFD_FLAGS != 0
+            || (flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 && flags & GUEST_MEMFD_FLAG_MMAP == 0);
+        if bad_flags {
+            return Err(GmemError::InvalidFlags {
+                flags,
+                supported: GUEST_MEMFD_FLAGS,
+            });
+        }
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(GmemError::InvalidSize(size));
+        }
+        let Some(private) = self.inner.host.private.clone() else {
+            return Err(GmemError::NoPrivateMemory);
+        };
+        Ok(GuestMemfd::new(GmemFile::new(
+            self.inner.clone(),
+            size,
+            flags,
+            private,
+        )))
+    }
+
+    /// `KVM_CHECK_EXTENSION` on this VM.
+    pub fn check_extension(&self, cap: Cap) -> u64 {
+        let c = &self.inner.config;
+        match cap {
+            Cap::NrMemslots => memslot::USER_MEM_SLOTS as u64,
+            Cap::MultiAddressSpace => c.address_spaces as u64,
+            Cap::MaxVcpuId => MAX_VCPU_IDS as u64,
+            Cap::UserMemory2 | Cap::MemoryFaultInfo => 1,
+            Cap::MemoryAttributes => {
+                if c.vm_type.has_private_mem() {
+                    MEMORY_ATTRIBUTE_PRIVATE
+                } else {
+                    0
+                }
+            }
+            Cap::GuestMemfd => self.inner.host.private.is_some() as u64,
+            Cap::GuestMemfdFlags => {
+                if self.inner.host.private.is_some() {
+                    GUEST_MEMFD_FLAGS
+                } else {
+                    0
+                }
+            }
+            Cap::VmTypes => {
+                use crate::config::VmType;
+                [VmType::Default, VmType::SwProtected, VmType::Snp]
+                    .iter()
+                    .map(|t| 1u64 << t.kvm_type())
+                    .sum()
+            }
+        }
     }
 
     /// The memory attributes of `gfn` (0: shared, or `MEMORY_ATTRIBUTE_PRIVATE`).

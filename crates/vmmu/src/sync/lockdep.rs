@@ -42,6 +42,9 @@ pub enum LockClass {
     /// `kvm->slots_arch_lock`: arch memslot metadata; held by the installer
     /// while it waits for notifiers and publishes, dropped before synchronize.
     SlotsArchLock,
+    /// A guest_memfd's mapping invalidate lock: taken by faults inside SRCU,
+    /// and before `mmu_lock` by hole punching and release.
+    GmemLock,
     /// Pseudo-lock held for the duration of an mmu_notifier callback. Ranked after
     /// `slots_lock` and `slots_arch_lock` so a notifier taking either is reported:
     /// the memslot installer holds them while it waits for notifiers to finish.
@@ -69,6 +72,7 @@ impl LockClass {
             LockClass::SrcuRead => "kvm->srcu (read)",
             LockClass::SrcuSync => "synchronize_srcu(kvm->srcu)",
             LockClass::SlotsArchLock => "kvm->slots_arch_lock",
+            LockClass::GmemLock => "guest_memfd invalidate lock",
             LockClass::NotifierCallback => "mmu_notifier callback",
             LockClass::MnInvalidateLock => "kvm->mn_invalidate_lock",
             LockClass::MmuLock => "kvm->mmu_lock",
@@ -87,6 +91,7 @@ impl LockClass {
             LockClass::IrqLock => 35,
             LockClass::SrcuRead | LockClass::SrcuSync => 40,
             LockClass::SlotsArchLock => 42,
+            LockClass::GmemLock => 43,
             LockClass::NotifierCallback => 45,
             LockClass::MnInvalidateLock => 50,
             LockClass::MmuLock => 60,

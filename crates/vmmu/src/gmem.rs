@@ -1,0 +1,484 @@
+//! guest_memfd: the store private memory comes from (KVM's `virt/kvm/guest_memfd.c`).
+//!
+//! A [`GuestMemfd`] is a file of `size` bytes of memory that only the VM can map:
+//! its pages are never reachable through a host virtual address. A memslot binds
+//! a range of the file (`set_user_memory_region2` with the `GUEST_MEMFD` flag);
+//! a private fault on that slot takes its frame from the file, allocating it on
+//! first use. Pages come from the host's [`PrivateMemory`].
+//!
+//! Invalidation is the file's own, not the host MMU's: punching a hole zaps the
+//! hole intersected with every bound slot, once per file and call, frees its
+//! pages and ends the invalidation; allocating never invalidates; a memory
+//! failure zaps the page and poisons it (later faults get the hardware-poison
+//! error); closing the file zaps everything it mapped. The file holds a
+//! reference on the VM, not the other way round, so either may go first.
+//!
+//! Locks: the file's lock stands for the mapping's invalidate lock. Faults take
+//! it inside their SRCU section to look a page up; hole punching and release take
+//! it and then `mmu_lock`, release after `slots_lock`.
+
+use std::collections::BTreeMap;
+
+use crate::fault::PageFault;
+use crate::host::{HostFaultError, PrivateMemory};
+use crate::stats::CounterSet;
+use crate::sync::{Arc, AtomicU64, LockClass, Mutex, Ordering};
+use crate::tdp::{Ctx, FlushBatch};
+use crate::types::{Gfn, GfnRange, Pfn, PAGE_SIZE};
+use crate::vm::VmInner;
+
+/// `GUEST_MEMFD_FLAG_MMAP` (6.18): the file may be mmap()ed for shared access.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED` (6.18): its memory starts shared.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// Flags `create_guest_memfd` accepts.
+pub const GUEST_MEMFD_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+/// `FALLOC_FL_KEEP_SIZE`.
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+/// `FALLOC_FL_PUNCH_HOLE`.
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+
+/// Why a guest_memfd call was refused. A refused call changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GmemError {
+    /// The size is 0 or not page aligned (EINVAL).
+    #[error("guest_memfd size {0:#x} must be a non-zero multiple of 4 KiB")]
+    InvalidSize(u64),
+    /// Unknown flags, or INIT_SHARED without MMAP (EINVAL).
+    #[error("guest_memfd flags {flags:#x} are not valid (supported: {supported:#x}, INIT_SHARED needs MMAP)")]
+    InvalidFlags {
+        /// The flags given.
+        flags: u64,
+        /// The flags supported.
+        supported: u64,
+    },
+    /// The host has no private memory to back a guest_memfd (ENODEV).
+    #[error("This host provides no private memory for guest_memfd")]
+    NoPrivateMemory,
+    /// A `fallocate` mode other than allocate or keep-size hole punching
+    /// (EOPNOTSUPP).
+    #[error("fallocate mode {0:#x} is not supported (allocate, or PUNCH_HOLE|KEEP_SIZE)")]
+    InvalidMode(u32),
+    /// Offset or length not page aligned (EINVAL).
+    #[error("fallocate range {offset:#x}+{len:#x} is not page aligned")]
+    Unaligned {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A range beyond the end of the file, or an empty one (EINVAL).
+    #[error("Range {offset:#x}+{len:#x} is outside the {size:#x}-byte guest_memfd")]
+    OutOfBounds {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The file's size.
+        size: u64,
+    },
+    /// The host ran out of private memory (ENOMEM).
+    #[error("Out of private memory")]
+    NoMemory,
+}
+
+impl GmemError {
+    /// The errno KVM (or the file) returns for this refusal.
+    pub fn errno(&self) -> i32 {
+        use crate::errno::*;
+        match self {
+            GmemError::InvalidSize(_)
+            | GmemError::InvalidFlags { .. }
+            | GmemError::Unaligned { .. }
+            | GmemError::OutOfBounds { .. } => EINVAL,
+            GmemError::NoPrivateMemory => 19, // ENODEV
+            GmemError::InvalidMode(_) => EOPNOTSUPP,
+            GmemError::NoMemory => ENOMEM,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Page {
+    pfn: Pfn,
+    poisoned: bool,
+}
+
+/// A memslot's binding of part of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Binding {
+    pub(crate) as_id: u16,
+    pub(crate) slot_id: u16,
+    /// First file page bound.
+    pub(crate) start: u64,
+    /// Pages bound.
+    pub(crate) npages: u64,
+    /// The slot's first gfn (bound to `start`).
+    pub(crate) base_gfn: Gfn,
+}
+
+impl Binding {
+    /// The gfns bound to the file pages `[first, last)`, if any.
+    fn gfns(&self, first: u64, last: u64) -> Option<GfnRange> {
+        let s = first.max(self.start);
+        let e = last.min(self.start + self.npages);
+        (s < e).then(|| {
+            GfnRange::new(
+                self.base_gfn.add(s - self.start),
+                self.base_gfn.add(e - self.start),
+            )
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pages: BTreeMap<u64, Page>,
+    bindings: Vec<Binding>,
+    released: bool,
+}
+
+/// The file behind a [`GuestMemfd`], shared with the memslots that bind it.
+pub(crate) struct GmemFile {
+    pub(crate) id: u64,
+    pub(crate) size: u64,
+    pub(crate) flags: u64,
+    vm: Mutex<Option<Arc<VmInner>>>,
+    private: Arc<dyn PrivateMemory>,
+    state: Mutex<State>,
+    /// Pages allocated and not yet freed.
+    allocated: AtomicU64,
+}
+
+impl std::fmt::Debug for GmemFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GmemFile")
+            .field("id", &self.id)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a private fault got from the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GetPfn {
+    Page(Pfn),
+    /// The file was closed; the slot can no longer back private memory.
+    Gone,
+    /// The page had a memory failure.
+    Poisoned,
+    NoMemory,
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl GmemFile {
+    pub(crate) fn new(
+        vm: Arc<VmInner>,
+        size: u64,
+        flags: u64,
+        private: Arc<dyn PrivateMemory>,
+    ) -> Self {
+        GmemFile {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            size,
+            flags,
+            vm: Mutex::new(LockClass::Leaf, Some(vm)),
+            private,
+            state: Mutex::new(LockClass::GmemLock, State::default()),
+            allocated: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `vm` is the VM this file belongs to.
+    pub(crate) fn belongs_to(&self, vm: &VmInner) -> bool {
+        self.vm
+            .lock()
+            .as_ref()
+            .is_some_and(|v| std::ptr::eq(&**v, vm))
+    }
+
+    /// Bind file pages `[start, start + npages)` to a slot, unless some of them
+    /// are bound already. Called with `slots_lock` held, before the slot is
+    /// published.
+    pub(crate) fn bind(&self, b: Binding) -> bool {
+        let mut st = self.state.lock();
+        if st.released
+            || st
+                .bindings
+                .iter()
+                .any(|o| o.start < b.start + b.npages && b.start < o.start + o.npages)
+        {
+            return false;
+        }
+        st.bindings.push(b);
+        true
+    }
+
+    /// Whether file pages `[start, start + npages)` could be bound.
+    pub(crate) fn can_bind(&self, start: u64, npages: u64) -> bool {
+        let st = self.state.lock();
+        !st.released
+            && !st
+                .bindings
+                .iter()
+                .any(|o| o.start < start + npages && start < o.start + o.npages)
+    }
+
+    /// Forget a slot's binding (the slot is being deleted; SRCU readers of it
+    /// are gone, and it was zapped).
+    pub(crate) fn unbind(&self, as_id: u16, slot_id: u16) {
+        self.state
+            .lock()
+            .bindings
+            .retain(|b| !(b.as_id == as_id && b.slot_id == slot_id));
+    }
+
+    /// The frame of file page `index` for a private fault, allocated (zeroed) on
+    /// first use.
+    pub(crate) fn get_pfn(&self, index: u64) -> GetPfn {
+        let mut st = self.state.lock();
+        if st.released {
+            return GetPfn::Gone;
+        }
+        if let Some(p) = st.pages.get(&index) {
+            return if p.poisoned {
+                GetPfn::Poisoned
+            } else {
+                GetPfn::Page(p.pfn)
+            };
+        }
+        match self.private.alloc_private() {
+            Ok(pfn) => {
+                self.allocated.fetch_add(1, Ordering::Relaxed);
+                st.pages.insert(
+                    index,
+                    Page {
+                        pfn,
+                        poisoned: false,
+                    },
+                );
+                GetPfn::Page(pfn)
+            }
+            Err(_) => GetPfn::NoMemory,
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(u64, u64), GmemError> {
+        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(GmemError::Unaligned { offset, len });
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|e| len > 0 && *e <= self.size);
+        let Some(end) = end else {
+            return Err(GmemError::OutOfBounds {
+                offset,
+                len,
+                size: self.size,
+            });
+        };
+        Ok((offset / PAGE_SIZE, end / PAGE_SIZE))
+    }
+
+    /// Zap what the bound slots map of file pages `[first, last)`, inside one
+    /// invalidation (begin .. `f` .. end) if any binding overlaps; `f` runs in
+    /// between either way. Caller holds the file's lock (`st`).
+    fn invalidate(&self, vm: &VmInner, st: &State, first: u64, last: u64, f: impl FnOnce()) {
+        let hits: Vec<(u16, GfnRange)> = st
+            .bindings
+            .iter()
+            .filter_map(|b| b.gfns(first, last).map(|g| (b.as_id, g)))
+            .collect();
+        if hits.is_empty() {
+            f();
+            return;
+        }
+        CounterSet::inc(&vm.stats.gmem_invalidations);
+        vm.gmem_zap(&hits);
+        f();
+        let w = vm.mmu_lock.write(&vm.stats.lock);
+        vm.inval.end(&w);
+    }
+
+    fn vm(&self) -> Option<Arc<VmInner>> {
+        self.vm.lock().clone()
+    }
+
+    /// Free the pages of `[first, last)`.
+    fn free_pages(&self, st: &mut State, first: u64, last: u64) {
+        let indices: Vec<u64> = st.pages.range(first..last).map(|(i, _)| *i).collect();
+        for i in indices {
+            if let Some(p) = st.pages.remove(&i) {
+                self.private.free_private(p.pfn);
+                self.allocated.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Close the file (the last handle went): zap everything it mapped, forget
+    /// the bindings, free every page and let go of the VM.
+    fn release(&self) {
+        let Some(vm) = self.vm() else { return };
+        {
+            let _s = vm.slots_guard();
+            let mut st = self.state.lock();
+            let pages = self.size / PAGE_SIZE;
+            let st_ref: &State = &st;
+            self.invalidate(&vm, st_ref, 0, pages, || {});
+            st.bindings.clear();
+            st.released = true;
+            self.free_pages(&mut st, 0, pages);
+        }
+        // Let go of the VM outside the lock: if this was the last reference, the
+        // VM's teardown takes mmu_lock.
+        let ours = self.vm.lock().take();
+        drop(ours);
+        drop(vm);
+    }
+}
+
+/// A guest_memfd file (KVM_CREATE_GUEST_MEMFD's fd). Dropping it closes the file.
+#[derive(Debug)]
+pub struct GuestMemfd {
+    pub(crate) file: Arc<GmemFile>,
+}
+
+impl GuestMemfd {
+    pub(crate) fn new(file: GmemFile) -> GuestMemfd {
+        GuestMemfd {
+            file: Arc::new(file),
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.file.size
+    }
+
+    /// Flags it was created with.
+    pub fn flags(&self) -> u64 {
+        self.file.flags
+    }
+
+    /// Pages allocated in the file now.
+    pub fn allocated_pages(&self) -> u64 {
+        self.file.allocated.load(Ordering::Relaxed)
+    }
+
+    /// `fallocate(fd, mode, offset, len)`: mode 0 or `KEEP_SIZE` allocates the
+    /// range (no invalidation); `PUNCH_HOLE | KEEP_SIZE` zaps the hole in every
+    /// bound slot (one invalidation for the call), then frees its pages, so
+    /// later reads see zeros. Anything else is refused.
+    #[track_caller]
+    pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<(), GmemError> {
+        let punch = match mode {
+            0 | FALLOC_FL_KEEP_SIZE => false,
+            m if m == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE => true,
+            m => return Err(GmemError::InvalidMode(m)),
+        };
+        let (first, last) = self.file.check_range(offset, len)?;
+        let f = &*self.file;
+        if punch {
+            let vm = f.vm();
+            let mut st = f.state.lock();
+            if let Some(vm) = &vm {
+                let st_ref: &State = &st;
+                f.invalidate(vm, st_ref, first, last, || {});
+            }
+            f.free_pages(&mut st, first, last);
+            return Ok(());
+        }
+        for i in first..last {
+            match f.get_pfn(i) {
+                GetPfn::Page(_) | GetPfn::Poisoned => {}
+                GetPfn::Gone => return Ok(()),
+                GetPfn::NoMemory => return Err(GmemError::NoMemory),
+            }
+        }
+        Ok(())
+    }
+
+    /// A memory failure on the page at `offset`: zap it wherever it is mapped and
+    /// poison it; the next fault on it gets the hardware-poison error.
+    pub fn memory_failure(&self, offset: u64) -> Result<(), GmemError> {
+        let (first, _) = self
+            .file
+            .check_range(offset & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+        let f = &*self.file;
+        let vm = f.vm();
+        let mut st = f.state.lock();
+        if let Some(p) = st.pages.get_mut(&first) {
+            p.poisoned = true;
+        } else {
+            // A failure on a page never used: allocate it, poisoned, so the
+            // fault that comes still sees the failure.
+            if let Ok(pfn) = f.private.alloc_private() {
+                f.allocated.fetch_add(1, Ordering::Relaxed);
+                st.pages.insert(
+                    first,
+                    Page {
+                        pfn,
+                        poisoned: true,
+                    },
+                );
+            }
+        }
+        if let Some(vm) = &vm {
+            let st_ref: &State = &st;
+            f.invalidate(vm, st_ref, first, first + 1, || {});
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemfd {
+    fn drop(&mut self) {
+        self.file.release();
+    }
+}
+
+/// The frame of a private fault, from the slot's guest_memfd: `Ok(Some(pfn))`,
+/// `Ok(None)` when the slot cannot back private memory (a memory-fault exit),
+/// or the fault's error.
+pub(crate) fn faultin_private(f: &PageFault<'_>) -> Result<Option<Pfn>, HostFaultError> {
+    let Some(slot) = f.slot else { return Ok(None) };
+    let Some(b) = slot.gmem() else {
+        return Ok(None);
+    };
+    let index = b.pgoff + (f.gfn.0 - slot.base_gfn().0);
+    match b.file.get_pfn(index) {
+        GetPfn::Page(pfn) => Ok(Some(pfn)),
+        GetPfn::Gone => Err(HostFaultError::NotMapped),
+        GetPfn::Poisoned => Err(HostFaultError::HwPoison),
+        GetPfn::NoMemory => Err(HostFaultError::OutOfMemory),
+    }
+}
+
+/// A slot's binding to its file.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotGmem {
+    pub(crate) file: Arc<GmemFile>,
+    /// File page bound to the slot's first gfn.
+    pub(crate) pgoff: u64,
+}
+
+impl VmInner {
+    /// Begin an invalidation over `hits` and zap them, with a flush (the first
+    /// half of a guest_memfd invalidation; the caller ends it).
+    pub(crate) fn gmem_zap(&self, hits: &[(u16, GfnRange)]) {
+        let rcu = self.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &self.stats,
+            rcu: &rcu,
+        };
+        let mut w = self.mmu_lock.write(&self.stats.lock);
+        self.inval.begin(&w);
+        let mut batch = FlushBatch::default();
+        for (as_id, g) in hits {
+            self.inval.range_add(*g, &w);
+            self.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
+        }
+        batch.flush(self, &self.stats);
+    }
+}
