@@ -238,6 +238,18 @@ pub enum Op {
         /// Flags (anything but 0 is refused).
         flags: u8,
     },
+    /// `KVM_PRE_FAULT_MEMORY` on vCPU `vcpu` (only while no invalidation is
+    /// open: a step covered by one retries until a signal, as on KVM).
+    PreFault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Start.
+        gpa: Addr,
+        /// Size.
+        size: Size,
+        /// Flags (anything but 0 is refused).
+        flags: u8,
+    },
     /// `clear_young` / `clear_flush_young` / `test_young`.
     Age {
         /// Start.
@@ -341,6 +353,8 @@ pub struct Coverage {
     pub refused: u64,
     /// Faults that installed a mapping.
     pub faults_fixed: u64,
+    /// Bytes mapped by pre-faults.
+    pub pre_faulted_bytes: u64,
     /// Huge leaves mapped.
     pub huge_leaves: u64,
     /// Leaves checked against the host.
@@ -670,6 +684,45 @@ impl World {
                     .set_memory_attributes(address.gpa(), size.bytes(), attrs, (*flags % 4) as u64)
                     .is_err()
             }
+            Op::PreFault {
+                vcpu,
+                gpa,
+                size,
+                flags,
+            } => {
+                if !self.open.is_empty() {
+                    return Ok(false);
+                }
+                let Some(v) = self.vcpu(*vcpu) else {
+                    return Ok(false);
+                };
+                let given = vmmu::PreFaultRange {
+                    gpa: gpa.gpa(),
+                    size: size.bytes(),
+                    flags: (*flags % 4) as u64,
+                };
+                let mut r = given;
+                match v.pre_fault_memory(&mut r) {
+                    Ok(()) => {
+                        if !(r.size < given.size && r.gpa - given.gpa == given.size - r.size) {
+                            return Err(format!(
+                                "pre-fault succeeded without consistent progress: {given:?} -> {r:?}"
+                            ));
+                        }
+                        false
+                    }
+                    Err(e) => {
+                        if r != given {
+                            return Err(format!(
+                                "pre-fault failed after progress: {given:?} -> {r:?}: {e:?}"
+                            ));
+                        }
+                        // Only an argument refusal promises nothing changed: a
+                        // failed step may have left an MMIO entry or a zap.
+                        e.errno() == vmmu::errno::EINVAL
+                    }
+                }
+            }
             Op::Age { start, len, how } => {
                 let s = start.hva();
                 let r = HvaRange::new(Hva(s), Hva(s.wrapping_add(len.bytes())));
@@ -758,6 +811,7 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
     let st = w.vm.stats();
     cov.faults_fixed += st.faults_fixed;
     cov.huge_leaves += st.leaves_mapped_2m + st.leaves_mapped_1g;
+    cov.pre_faulted_bytes += st.pre_faulted_bytes;
     let World {
         host,
         vm,

@@ -40,6 +40,7 @@ fn test_api_fuzz_bounded_run_keeps_every_property() {
     assert!(cov.vms > runs / 4, "{cov:?}");
     assert!(cov.faults_fixed > runs / 10, "{cov:?}");
     assert!(cov.huge_leaves > 0, "{cov:?}");
+    assert!(cov.pre_faulted_bytes > 0, "{cov:?}");
     assert!(cov.refused > runs / 4, "{cov:?}");
     assert!(cov.leaves_checked > runs / 2, "{cov:?}");
 }

@@ -5,6 +5,8 @@
 
 /// No such file or directory.
 pub const ENOENT: i32 = 2;
+/// Interrupted system call.
+pub const EINTR: i32 = 4;
 /// Argument list too long (KVM: a range beyond what a call accepts).
 pub const E2BIG: i32 = 7;
 /// Try again.

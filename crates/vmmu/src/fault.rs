@@ -255,6 +255,9 @@ impl VcpuMmu {
                 RetPf::Retry
             } else {
                 self.hugepage_adjust(&mut f);
+                let mut last = self.last_fault.get();
+                last.level = f.goal_level;
+                self.last_fault.set(last);
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                 let ctx = Ctx { stats, rcu: &rcu };
                 vm.tdp.map(&ctx, &root, &f, &mut self.cache, vm)
@@ -393,6 +396,7 @@ impl VcpuMmu {
             });
         };
         if slot.is_invalid() {
+            self.note_invalid_slot();
             CounterSet::inc(&stats.invalid_slot_retries);
             return Ok(RetPf::Retry);
         }
@@ -436,6 +440,7 @@ impl VcpuMmu {
         let vm = &*self.vm;
         let stats = &self.shared.stats;
         if f.slot.is_some_and(|s| s.is_invalid()) {
+            self.note_invalid_slot();
             CounterSet::inc(&stats.invalid_slot_retries);
             return Ok(RetPf::Retry);
         }
@@ -460,6 +465,14 @@ impl VcpuMmu {
         }
         CounterSet::inc(&stats.private_faults);
         Ok(RetPf::Continue)
+    }
+
+    /// Remember that this fault retried because its memslot is being deleted or
+    /// moved: a pre-fault answers "try again" instead of spinning.
+    fn note_invalid_slot(&self) {
+        let mut last = self.last_fault.get();
+        last.saw_invalid_slot = true;
+        self.last_fault.set(last);
     }
 
     /// Under `mmu_lock`: has anything made this fault stale since it started?

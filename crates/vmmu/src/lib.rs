@@ -45,6 +45,7 @@ pub mod gmem;
 pub mod host;
 pub mod memslot;
 pub mod notifier;
+pub mod prefault;
 pub mod request;
 pub mod root;
 pub mod spte;
@@ -65,6 +66,7 @@ pub use host::{
     TableMemory, TableMemoryError,
 };
 pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion};
+pub use prefault::{PreFaultError, PreFaultRange, VcpuSignal};
 pub use root::{Role, RootFilter};
 pub use spte::{Access, Spte};
 pub use stats::Stats;

@@ -19,7 +19,7 @@
 //! Acquire/Release and only SeqCst fences as a total order.
 
 use crate::stats::CounterSet;
-use crate::sync::{fence, AtomicU64, AtomicU8, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 /// Flush this vCPU's TLB before entering the guest.
 pub const REQ_TLB_FLUSH: u64 = 1 << 0;
@@ -40,6 +40,8 @@ pub(crate) struct VcpuShared {
     pub(crate) requests: AtomicU64,
     pub(crate) mode: AtomicU8,
     pub(crate) stats: CounterSet,
+    /// A signal is pending for the vCPU's thread (see [`crate::prefault::VcpuSignal`]).
+    pub(crate) signal: AtomicBool,
     #[cfg(loom)]
     exit_lock: crate::sync::Mutex<()>,
     #[cfg(loom)]
@@ -53,6 +55,7 @@ impl VcpuShared {
             requests: AtomicU64::new(0),
             mode: AtomicU8::new(OUTSIDE_GUEST_MODE),
             stats: CounterSet::default(),
+            signal: AtomicBool::new(false),
             #[cfg(loom)]
             exit_lock: crate::sync::Mutex::new(crate::sync::LockClass::Leaf, ()),
             #[cfg(loom)]

@@ -189,6 +189,10 @@ counters! {
     gmem_invalidations,
     /// Private faults served from a guest_memfd.
     private_faults,
+    /// `pre_fault_memory` calls that made progress.
+    pre_fault_calls,
+    /// Bytes mapped by `pre_fault_memory`.
+    pre_faulted_bytes,
     /// Fast zaps of all roots.
     fast_zaps,
     /// Internal invariant violations detected (a present leaf replaced by another

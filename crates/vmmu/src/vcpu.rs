@@ -52,6 +52,8 @@ pub struct VcpuMmu {
     pub(crate) cache: TableCache,
     pub(crate) rcu: RcuReader,
     pub(crate) srcu: SrcuReader,
+    /// What the last fault decided, for pre-faulting.
+    pub(crate) last_fault: std::cell::Cell<crate::prefault::LastFault>,
     _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
@@ -80,6 +82,7 @@ impl VcpuMmu {
             root: None,
             prev_roots: Default::default(),
             cache: TableCache::default(),
+            last_fault: Default::default(),
             _not_sync: std::marker::PhantomData,
         }
     }
@@ -166,7 +169,7 @@ impl VcpuMmu {
         })
     }
 
-    fn load_root(&mut self) -> Result<(), VmError> {
+    pub(crate) fn load_root(&mut self) -> Result<(), VmError> {
         let vm = &*self.vm;
         CounterSet::inc(&self.shared.stats.root_loads);
         loop {

@@ -106,7 +106,14 @@ impl Tdp {
             }),
         };
         if new == old {
-            return RetPf::Spurious;
+            // An MMIO entry already there still means "emulate" (KVM checks for
+            // MMIO after the spurious check): the access must not be retried as
+            // if memory had been mapped, and a pre-fault must see "no memslot".
+            return if f.slot.is_none() {
+                RetPf::Emulate
+            } else {
+                RetPf::Spurious
+            };
         }
         let mut cur = old;
         if !self.try_set_spte_atomic(ctx, it.sptep(), &mut cur, new, it.gfn, level) {
