@@ -318,9 +318,28 @@ pub(crate) struct SoakArgs {
     /// Run without EPT A/D bits (access tracking).
     #[arg(long)]
     pub(crate) no_ad: bool,
+    /// The VM type to soak; `all` splits the duration between the three (the
+    /// private types add conversions and punch-holes to the host events).
+    #[arg(long, value_enum, default_value_t = SoakVmType::All)]
+    pub(crate) vm_type: SoakVmType,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `vmmu soak --vm-type`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum SoakVmType {
+    /// Each type in turn.
+    All,
+    /// No private memory.
+    Default,
+    /// Software-protected: the attributes decide each fault's side.
+    #[value(name = "sw_protected")]
+    SwProtected,
+    /// SNP-like: the guests mark their accesses private or shared.
+    Snp,
 }
 
 impl RunCmd {

@@ -261,6 +261,7 @@ pub fn config_json(command: &str, flags: Value, vm: &vmmu::VmConfig, oracle: boo
         "flags": flags,
         "mmu": {
             "kind": "tdp",
+            "vm_type": vm.vm_type.name(),
             "root_level": vm.root_level.get(),
             "max_level": vm.max_level.to_string(),
             "ept_ad_bits": vm.ad_enabled,

@@ -181,6 +181,10 @@ fn test_flags_a_scenario_does_not_use_are_refused() {
     assert!(e.contains("--no-oracle"), "{e}");
     let e = refusal(&["soak", "--duration", "0"]);
     assert!(e.contains("at least 1 second"), "{e}");
+    let e = refusal(&["soak", "--duration", "2"]);
+    assert!(e.contains("3 types"), "{e}");
+    let e = refusal(&["soak", "--vm-type", "tdx"]);
+    assert!(e.contains("sw_protected"), "{e}");
 }
 
 #[test]
@@ -234,11 +238,25 @@ fn test_bench_says_vcpu_in_the_singular_for_one() {
 
 #[test]
 fn test_soak_short_run_is_clean() {
-    let (code, out, err) = vmmu(&["soak", "--duration", "2", "-b", "4M", "--json"]);
+    let (code, out, err) = vmmu(&["soak", "--duration", "3", "-b", "4M", "--json"]);
     assert_eq!(code, 0, "{err}{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["violations"], 0);
     assert!(v["host_events"].as_u64().unwrap() > 0);
+    // One run per VM type; the private ones made private faults and converted.
+    let runs = v["runs"].as_array().unwrap();
+    let types: Vec<&str> = runs
+        .iter()
+        .map(|r| r["vm_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["default", "sw_protected", "snp"]);
+    for r in &runs[1..] {
+        assert!(r["private_faults"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["attribute_changes"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(runs[0]["private_faults"], 0);
+    let passes: u64 = runs.iter().map(|r| r["passes"].as_u64().unwrap()).sum();
+    assert_eq!(v["passes"].as_u64().unwrap(), passes);
 }
 
 #[test]

@@ -48,7 +48,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["run", "roots", "-b", "4M", "-i", "2"],
         &["bench", "demand-paging", "-v", "1", "-b", "4M"],
         &["bench", "invalidation-storm", "-b", "4M", "-i", "1"],
-        &["soak", "--duration", "1", "-b", "4M"],
+        &["soak", "--duration", "3", "-b", "4M"],
     ] {
         assert_valid(&v, args);
     }

@@ -14,6 +14,15 @@ pub enum AccessKind {
     Read,
     /// Store 8 bytes.
     Write(u64),
+    /// Ask the VMM to convert `[gpa, gpa + size)` to private or shared (the
+    /// `KVM_HC_MAP_GPA_RANGE` hypercall a confidential guest makes before it
+    /// changes how it accesses the range).
+    MapGpaRange {
+        /// Bytes.
+        size: u64,
+        /// Convert to private (else to shared).
+        private: bool,
+    },
 }
 
 /// One access.
@@ -23,6 +32,21 @@ pub struct GuestAccess {
     pub gpa: Gpa,
     /// What.
     pub kind: AccessKind,
+    /// The guest marks the access private (an SNP guest's C-bit, a TDX guest's
+    /// cleared shared bit). Only a VM type whose accesses carry the marking
+    /// acts on it; elsewhere it says which side the guest means to use.
+    pub private: bool,
+}
+
+impl GuestAccess {
+    /// A shared access.
+    pub fn shared(gpa: Gpa, kind: AccessKind) -> GuestAccess {
+        GuestAccess {
+            gpa,
+            kind,
+            private: false,
+        }
+    }
 }
 
 /// How an access completed.
@@ -36,6 +60,8 @@ pub enum AccessResult {
     /// The run failed with EFAULT (the host refused the page); the access did
     /// not happen.
     Fault,
+    /// A hypercall completed with this return value (0, or a negative errno).
+    Hypercall(i64),
 }
 
 /// What an emulated MMIO read returns (the selftests answer 0xBEEF).
@@ -162,6 +188,10 @@ pub trait GuestProgram: Send {
     fn first_mismatch(&self) -> Option<String> {
         None
     }
+    /// The VMM converted `[gpa, gpa + size)` while handling one of this
+    /// program's memory-fault exits (the guest did not ask): whatever the range
+    /// held is gone, it reads as zeros on its new side.
+    fn converted(&mut self, _gpa: Gpa, _size: u64, _private: bool) {}
 }
 
 /// One pass over a vCPU's chunk: each visited page is written with a stamp (with
@@ -177,6 +207,7 @@ pub struct Pass {
     model: RefModel,
     rng: Rng,
     discarded: Option<std::sync::Arc<Discarded>>,
+    private_percent: u32,
     repeat: bool,
     i: u64,
     mismatches: u64,
@@ -207,6 +238,7 @@ impl Pass {
             model,
             rng: Rng::new(seed ^ ((vcpu as u64) << 32) ^ pass as u64),
             discarded: None,
+            private_percent: 0,
             repeat: false,
             i: 0,
             mismatches: 0,
@@ -231,6 +263,22 @@ impl Pass {
     pub fn with_discarded(mut self, d: std::sync::Arc<Discarded>) -> Pass {
         self.discarded = Some(d);
         self
+    }
+
+    /// Mark about `percent` % of the pages private, a side per page that
+    /// changes from pass to pass (accesses carry it; the VM type decides
+    /// whether the hardware acts on it).
+    pub fn with_private_percent(mut self, percent: u32) -> Pass {
+        self.private_percent = percent;
+        self
+    }
+
+    fn side_of(&self, page: u64) -> bool {
+        if self.private_percent == 0 {
+            return false;
+        }
+        let h = Rng::new(page ^ ((self.pass as u64) << 40) ^ ((self.vcpu as u64) << 56)).next_u64();
+        h % 100 < self.private_percent as u64
     }
 
     /// The reference model after the pass.
@@ -276,6 +324,7 @@ impl GuestProgram for Pass {
         Some(GuestAccess {
             gpa: self.model.gpa(page),
             kind,
+            private: self.side_of(page),
         })
     }
 
@@ -318,6 +367,7 @@ impl GuestProgram for Pass {
             }
             (_, AccessResult::Mmio) => self.mmio += 1,
             (_, AccessResult::Fault) => self.faults += 1,
+            (_, AccessResult::Hypercall(_)) | (AccessKind::MapGpaRange { .. }, _) => {}
         }
     }
 
@@ -327,5 +377,59 @@ impl GuestProgram for Pass {
 
     fn first_mismatch(&self) -> Option<String> {
         self.first.clone()
+    }
+
+    fn converted(&mut self, gpa: Gpa, size: u64, _private: bool) {
+        // Both sides of a converted range start empty.
+        let base = self.model.base.0;
+        for i in 0..size / PAGE_SIZE {
+            let g = gpa.0 + i * PAGE_SIZE;
+            if let Some(p) = g.checked_sub(base).map(|o| o / PAGE_SIZE) {
+                if let Some(e) = self.model.expected.get_mut(p as usize) {
+                    *e = 0;
+                }
+            }
+        }
+    }
+}
+
+/// A fixed list of accesses, run in order; records how each completed and the
+/// conversions the VMM made on its exits. For scenarios that script a guest
+/// step by step (the selftests' guest code).
+#[derive(Debug, Default, Clone)]
+pub struct Script {
+    accesses: Vec<GuestAccess>,
+    next: usize,
+    /// How each access completed, in order.
+    pub results: Vec<(GuestAccess, AccessResult)>,
+    /// Conversions the VMM made while handling this program's memory-fault
+    /// exits: gpa, size, to private.
+    pub conversions: Vec<(Gpa, u64, bool)>,
+}
+
+impl Script {
+    /// A script of `accesses`.
+    pub fn new(accesses: Vec<GuestAccess>) -> Script {
+        Script {
+            accesses,
+            ..Script::default()
+        }
+    }
+}
+
+impl GuestProgram for Script {
+    fn next(&mut self) -> Option<GuestAccess> {
+        let a = self.accesses.get(self.next).copied();
+        self.next += 1;
+        a
+    }
+    fn complete(&mut self, access: &GuestAccess, result: AccessResult) {
+        self.results.push((*access, result));
+    }
+    fn mismatches(&self) -> u64 {
+        0
+    }
+    fn converted(&mut self, gpa: Gpa, size: u64, private: bool) {
+        self.conversions.push((gpa, size, private));
     }
 }

@@ -66,6 +66,8 @@ pub enum PageState {
     Table = 2,
     /// Freed (and poisoned) before; zeroed again when reallocated.
     Free = 3,
+    /// A guest_memfd page: guest-private, mapped by no host region.
+    Private = 4,
 }
 
 /// Errors of the arena.
@@ -233,6 +235,7 @@ impl HostMemory {
         {
             Some(1) => PageState::Data,
             Some(2) => PageState::Table,
+            Some(4) => PageState::Private,
             Some(0) => PageState::Fresh,
             _ => PageState::Free,
         }
@@ -460,15 +463,21 @@ impl TableMemory for HostMemory {
 }
 
 /// guest_memfd pages: frames of the arena that no host region maps, so they are
-/// reachable only through the VM's own mappings. They count as data pages (a
-/// leak check at teardown covers them) and a double free is caught like any.
+/// reachable only through the VM's own mappings. Their state says private (the
+/// oracle tells the two sides apart by it); they count as data pages (a leak
+/// check at teardown covers them) and a double free is caught like any.
 impl vmmu::PrivateMemory for HostMemory {
     fn alloc_private(&self) -> Result<Pfn, vmmu::HostFaultError> {
-        self.alloc(Order::K4, PageState::Data)
+        self.alloc(Order::K4, PageState::Private)
             .map_err(|_| vmmu::HostFaultError::OutOfMemory)
     }
 
     fn free_private(&self, pfn: Pfn) {
+        // A private page is freed exactly once, and only a private page.
+        if self.state(pfn) != PageState::Private {
+            self.violations.double_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.put(pfn);
     }
 }

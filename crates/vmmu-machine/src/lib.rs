@@ -13,12 +13,14 @@ pub mod host_memory;
 pub mod machine;
 pub mod oracle;
 pub mod primary_mmu;
+pub(crate) mod run;
 pub mod stress;
 pub(crate) mod sync;
 pub mod tlb;
+pub mod vmm;
 
 pub use machine::{
-    BucketCounts, FaultRecord, Machine, MachineConfig, MachineError, PhaseCtx, RunOptions,
-    SmmState, TeardownReport, Vcpu, VcpuReport,
+    BucketCounts, FaultRecord, Machine, MachineConfig, MachineError, MemoryFaultPolicy, PhaseCtx,
+    RunOptions, SmmState, TeardownReport, Vcpu, VcpuReport,
 };
 pub use primary_mmu::{Backing, HostMmu};

@@ -10,17 +10,18 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use vmmu::{
-    Access, FaultError, Gpa, HostOps, Hva, HvaRange, Kick, MemslotError, MemslotSet, RetPf,
-    UserMemoryRegion, VcpuMmu, Vm, VmConfig, VmError,
+    Gpa, HostOps, Hva, HvaRange, Kick, MemslotError, UserMemoryRegion, VcpuMmu, Vm, VmConfig,
+    VmError,
 };
 
-use crate::cpu::{peek_leaf, translate, Exit, Mmu, Source};
-use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram};
+use crate::guest::GuestProgram;
 use crate::host_memory::{HostMemory, MemoryError};
 use crate::oracle::{Oracle, Violation};
 use crate::primary_mmu::{Backing, HostError, HostMmu};
+use crate::run::{run_vcpu, VcpuEnv};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::tlb::Tlb;
+use crate::vmm::Vmm;
 
 /// How a machine is built.
 #[derive(Debug, Clone)]
@@ -61,6 +62,9 @@ pub enum MachineError {
     /// A memslot.
     #[error(transparent)]
     Memslot(#[from] MemslotError),
+    /// A guest_memfd slot.
+    #[error(transparent)]
+    GmemSlot(#[from] crate::vmm::GmemSlotError),
 }
 
 /// Counts kicks; vCPU threads notice them by polling their exit request.
@@ -99,6 +103,10 @@ pub struct VcpuCounters {
     pub retries: u64,
     /// SMM switches the VM refused (it has one address space).
     pub smm_refused: u64,
+    /// Hypercalls (`MapGpaRange`) handled.
+    pub hypercalls: u64,
+    /// Conversions the VMM made on memory-fault exits.
+    pub conversions: u64,
     /// TLB hits / misses.
     pub tlb_hits: u64,
     /// TLB misses.
@@ -140,6 +148,24 @@ pub struct RunOptions {
     pub trace_limit: usize,
     /// Measure fault latencies (two clock reads per fault).
     pub latency: bool,
+    /// What the VMM does with a memory-fault exit.
+    pub memory_faults: MemoryFaultPolicy,
+}
+
+/// What the VMM does when a vCPU exits with `KVM_EXIT_MEMORY_FAULT`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MemoryFaultPolicy {
+    /// Fail the access (a VMM that does not handle private memory).
+    #[default]
+    Fail,
+    /// Run the vCPU again unchanged (the exit came from a conversion that
+    /// raced the fault; the next fault sees the new attributes).
+    Reenter,
+    /// Convert the range to what the access wanted, then run the vCPU again
+    /// (QEMU's implicit conversion). A range already on that side is not
+    /// converted (the exit had another cause: its memslot is being replaced,
+    /// or a conversion raced the fault); the vCPU just runs again.
+    Convert,
 }
 
 /// Where each vCPU's role is, visible to other threads.
@@ -237,6 +263,8 @@ pub struct PhaseCtx<'a> {
     pub vm: &'a Vm,
     /// vCPUs still running.
     pub running: &'a AtomicU64,
+    /// The VMM (guest_memfd slots, conversions).
+    pub vmm: &'a Vmm,
     harvests: &'a AtomicU64,
 }
 
@@ -288,6 +316,8 @@ pub struct Machine {
     pub oracle: Arc<Oracle>,
     /// Kicks.
     pub kicker: Arc<Kicker>,
+    /// The VMM's private-memory side.
+    pub vmm: Arc<Vmm>,
     /// Dirty-bit harvests started and finished (odd while one runs).
     harvests: Arc<AtomicU64>,
     vcpus: Vec<Vcpu>,
@@ -302,10 +332,10 @@ impl std::fmt::Debug for Machine {
     }
 }
 
-const BATCH: u32 = 256;
-const STUCK_AFTER: Duration = Duration::from_secs(20);
+pub(crate) const BATCH: u32 = 256;
+pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(20);
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3)
         .unwrap_or_else(|_| unreachable!("valid bounds"))
 }
@@ -333,7 +363,9 @@ impl Machine {
                 })
             })
             .collect::<Result<Vec<_>, VmError>>()?;
+        let vmm = Arc::new(Vmm::new(vm.clone(), host.clone()));
         Ok(Machine {
+            vmm,
             mem,
             host,
             vm,
@@ -372,6 +404,7 @@ impl Machine {
         let barrier = std::sync::Barrier::new(programs.len() + 1);
         let (mem, host, oracle, vm) = (&self.mem, &self.host, &self.oracle, &self.vm);
         let harvests = &*self.harvests;
+        let vmm = &*self.vmm;
         let out = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .vcpus
@@ -387,6 +420,7 @@ impl Machine {
                             oracle,
                             vm,
                             harvests,
+                            vmm,
                         };
                         let report = run_vcpu(&env, vcpu, &mut prog, opts);
                         running.fetch_sub(1, Ordering::AcqRel);
@@ -399,6 +433,7 @@ impl Machine {
                 host,
                 vm,
                 running: &running,
+                vmm,
                 harvests,
             });
             handles
@@ -432,10 +467,15 @@ impl Machine {
             oracle,
             kicker: _,
             harvests: _,
+            vmm,
             vcpus,
         } = self;
         drop(vcpus);
         host.unregister_all();
+        // The guest_memfd files hold the VM: close them first (each release
+        // zaps what its file backed and frees its pages).
+        vmm.clear();
+        drop(vmm);
         drop(vm);
         let leaked_table_pages = mem.table_pages();
         host.ksm_release();
@@ -452,391 +492,6 @@ impl Machine {
         let bad = report.leaked_data_pages + report.leaked_table_pages + report.double_frees;
         oracle.report_n(Violation::Leak, bad, || format!("teardown: {report:?}"));
         report
-    }
-}
-
-fn check_access(
-    oracle: &Oracle,
-    host: &HostMmu,
-    slots: &MemslotSet,
-    gpa: Gpa,
-    pfn: vmmu::Pfn,
-    write: bool,
-) {
-    oracle.checked();
-    let gfn = gpa.gfn();
-    match slots.lookup(gfn) {
-        None => oracle.report(Violation::NoSlotAccess, || {
-            format!("{gpa} reached {pfn:?} with no memslot")
-        }),
-        Some(s) if s.is_invalid() => {}
-        Some(s) => {
-            let hva = s.gfn_to_hva(gfn);
-            match host.translate(hva) {
-                None => oracle.report(Violation::StaleTranslation, || {
-                    format!("{gpa} ({hva}) reached {pfn:?} but the host maps nothing there")
-                }),
-                Some(m) if m.pfn != pfn => oracle.report(Violation::StaleTranslation, || {
-                    format!(
-                        "{gpa} ({hva}) reached {pfn:?} but the host maps {:?}",
-                        m.pfn
-                    )
-                }),
-                Some(m) if write && !m.writable => oracle
-                    .report(Violation::WriteToReadOnly, || {
-                        format!("write to {gpa} ({hva}, {pfn:?}) the host maps read-only")
-                    }),
-                Some(_) => {}
-            }
-        }
-    }
-}
-
-/// Oracle (d), the reverse direction: the MMU answered "emulate" for `gpa`.
-/// That is wrong if the memslots the vCPU entered with are still the current
-/// ones (so the fault saw them too) and hold a valid slot there, unless the
-/// access writes a read-only slot.
-fn check_emulated(
-    oracle: &Oracle,
-    vm: &Vm,
-    entry_slots: &Arc<MemslotSet>,
-    as_id: u16,
-    gpa: Gpa,
-    write: bool,
-) {
-    let Some(current) = vm.memslots(as_id) else {
-        return;
-    };
-    if !Arc::ptr_eq(&current, entry_slots) {
-        return;
-    }
-    if let Some(slot) = current.lookup(gpa.gfn()) {
-        let legitimate = slot.is_invalid() || (write && slot.is_readonly());
-        if !legitimate {
-            oracle.report(Violation::EmulatedMemory, || {
-                format!(
-                    "{} {gpa} completed as MMIO, but slot {:#x} maps it (generation {:#x})",
-                    if write { "write to" } else { "read of" },
-                    slot.slot_number(),
-                    current.generation()
-                )
-            });
-        }
-    }
-}
-
-/// Oracle (e): a write that walked the tables (A/D on) must leave the leaf it
-/// used dirty. Only checked while the leaf still maps the same frame writable
-/// (a zap or a remap in between replaced it, and a writable leaf is created
-/// dirty) and when `no_harvest` says no Dirty-bit harvest overlapped.
-fn check_dirty_after_walk(
-    oracle: &Oracle,
-    mem: &HostMemory,
-    view: &Mmu,
-    gpa: Gpa,
-    pfn: vmmu::Pfn,
-    no_harvest: impl FnOnce() -> bool,
-) {
-    if let Some((leaf, level)) = peek_leaf(mem, view, gpa) {
-        let offset = gpa.gfn().0 & (level.pages() - 1);
-        let same = leaf.pfn().0 + offset == pfn.0;
-        if same && leaf.is_writable() && !leaf.is_dirty() && no_harvest() {
-            oracle.report(Violation::DirtyNotSet, || {
-                format!("write to {gpa} ({pfn:?}) walked the tables but its leaf {leaf:?} is clean")
-            });
-        }
-    }
-}
-
-/// What a vCPU thread shares with the machine.
-struct VcpuEnv<'a> {
-    mem: &'a HostMemory,
-    host: &'a HostMmu,
-    oracle: &'a Oracle,
-    vm: &'a Vm,
-    harvests: &'a AtomicU64,
-}
-
-fn run_vcpu<P: GuestProgram>(
-    env: &VcpuEnv<'_>,
-    vcpu: &mut Vcpu,
-    prog: &mut P,
-    opts: &RunOptions,
-) -> VcpuReport {
-    let (mem, host, oracle, vm) = (env.mem, env.host, env.oracle, env.vm);
-    let start = Instant::now();
-    let timing = opts.latency || opts.trace_epoch.is_some();
-    let buckets = opts.buckets.max(1);
-    let mut resolve_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
-    let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
-    let mut bucket_counts: Vec<BucketCounts> = vec![BucketCounts::default(); buckets];
-    let mut trace: Vec<FaultRecord> = Vec::new();
-    let mut trace_dropped = 0u64;
-    let mut trace_cut_ns = None;
-    let mut c = VcpuCounters::default();
-    let (h0, m0) = (vcpu.tlb.hits, vcpu.tlb.misses);
-    let mut in_guest = false;
-    let mut mmu_view: Option<Mmu> = None;
-    let mut slots: Option<Arc<MemslotSet>> = None;
-    let mut batch = 0u32;
-    let mut pending: Option<(GuestAccess, Option<Instant>)> = None;
-    let mut since_toggle = 0u64;
-    let mut smm_toggle = opts.smm_toggle_every;
-    loop {
-        if opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
-        {
-            break;
-        }
-        if !in_guest {
-            let held = opts
-                .smm_state
-                .as_ref()
-                .is_some_and(|s| s.hold.load(Ordering::Acquire));
-            if let Some(every) = smm_toggle.filter(|_| !held) {
-                if since_toggle >= every {
-                    since_toggle = 0;
-                    // Enter or leave SMM: switch roles (and roots). A VM without
-                    // the SMM address space refuses; stop asking.
-                    let smm = vcpu.mmu.role().smm;
-                    if vcpu.mmu.set_smm(!smm).is_err() {
-                        c.smm_refused += 1;
-                        smm_toggle = None;
-                    } else if let Some(st) = &opts.smm_state {
-                        if let Some(b) = st.in_smm.get(vcpu.id as usize) {
-                            b.store(!smm, Ordering::Release);
-                        }
-                        st.switches.fetch_add(1, Ordering::AcqRel);
-                    }
-                }
-            }
-            let entry = match vcpu.mmu.prepare_entry() {
-                Ok(e) => e,
-                Err(_) => break,
-            };
-            if entry.flush_tlb {
-                vcpu.tlb.flush_all();
-            }
-            if !vcpu.mmu.enter_guest_mode() {
-                continue;
-            }
-            in_guest = true;
-            batch = 0;
-            c.entries += 1;
-            mmu_view = Some(Mmu {
-                root: entry.root,
-                root_id: entry.root_id,
-                root_level: entry.root_level,
-                ad: entry.ad_enabled,
-            });
-            if oracle.enabled() {
-                slots = vm.memslots(vcpu.mmu.role().as_id());
-            }
-        }
-        let (access, first_exit) = match pending.take() {
-            Some(p) => p,
-            None => match prog.next() {
-                Some(a) => (a, None),
-                None => break,
-            },
-        };
-        if vcpu.mmu.exit_requested() || batch >= BATCH {
-            vcpu.mmu.exit_guest_mode();
-            in_guest = false;
-            c.other_exits += 1;
-            pending = Some((access, first_exit));
-            continue;
-        }
-        batch += 1;
-        let Some(view) = mmu_view else { break };
-        let write = matches!(access.kind, AccessKind::Write(_));
-        let want = if write { Access::WRITE } else { Access::READ };
-        let check_dirty = write && view.ad && slots.is_some();
-        // SeqCst: pairs with the harvest count in `PhaseCtx::clear_dirty`.
-        let harvests_before = if check_dirty {
-            env.harvests.load(Ordering::SeqCst)
-        } else {
-            0
-        };
-        match translate(mem, &mut vcpu.tlb, &view, access.gpa, want) {
-            Ok((t, source)) => {
-                if let Some(s) = &slots {
-                    check_access(oracle, host, s, access.gpa, t.pfn, write);
-                    if check_dirty && source == Source::Walk {
-                        check_dirty_after_walk(oracle, mem, &view, access.gpa, t.pfn, || {
-                            harvests_before % 2 == 0
-                                && env.harvests.load(Ordering::SeqCst) == harvests_before
-                        });
-                    }
-                }
-                if !mem.contains(t.pfn) {
-                    // Only a corrupted or freed table can translate to a frame that
-                    // is not host memory; never let it reach the access.
-                    oracle.report(Violation::WildWalk, || {
-                        format!(
-                            "{} translated to {:?}, outside host memory",
-                            access.gpa, t.pfn
-                        )
-                    });
-                    prog.complete(&access, AccessResult::Fault);
-                    continue;
-                }
-                let word = &mem.page(t.pfn)[((access.gpa.0 & 0xfff) / 8) as usize];
-                let result = match access.kind {
-                    AccessKind::Read => AccessResult::Memory(word.load(Ordering::Relaxed)),
-                    AccessKind::Write(v) => {
-                        word.store(v, Ordering::Relaxed);
-                        AccessResult::Memory(v)
-                    }
-                };
-                prog.complete(&access, result);
-                c.accesses += 1;
-                if c.accesses % 4096 == 0 {
-                    if let Some(p) = &opts.progress {
-                        p.fetch_add(4096, Ordering::Relaxed);
-                    }
-                }
-                since_toggle += 1;
-                if let (true, Some(t0)) = (timing, first_exit) {
-                    let b = opts
-                        .classify
-                        .as_ref()
-                        .map_or(0, |f| f(access.gpa))
-                        .min(buckets - 1);
-                    let _ = resolve_ns[b].record(t0.elapsed().as_nanos() as u64);
-                }
-            }
-            Err(exit) => {
-                vcpu.mmu.exit_guest_mode();
-                in_guest = false;
-                let t0 = if timing {
-                    Some(first_exit.unwrap_or_else(Instant::now))
-                } else {
-                    first_exit
-                };
-                let (gpa, error) = match exit {
-                    Exit::Violation { gpa, error } => {
-                        c.violations += 1;
-                        (gpa, error)
-                    }
-                    Exit::Misconfig { gpa } => {
-                        c.misconfigs += 1;
-                        (gpa, vmmu::ErrorCode::RSVD)
-                    }
-                    Exit::Wild { gpa } => {
-                        oracle.report(Violation::WildWalk, || {
-                            format!("walk for {gpa} left host memory")
-                        });
-                        prog.complete(&access, AccessResult::Fault);
-                        continue;
-                    }
-                };
-                let b = opts
-                    .classify
-                    .as_ref()
-                    .map_or(0, |f| f(gpa))
-                    .min(buckets - 1);
-                let l0 = vcpu.mmu.mmu_lock_reads();
-                let f0 = timing.then(Instant::now);
-                let r = vcpu.mmu.page_fault(gpa, error);
-                let dur = f0.map_or(0, |f0| f0.elapsed().as_nanos() as u64);
-                let locks = vcpu.mmu.mmu_lock_reads() - l0;
-                if timing {
-                    let _ = fault_ns[b].record(dur.max(1));
-                }
-                let bc = &mut bucket_counts[b];
-                bc.faults += 1;
-                bc.lock_reads += locks;
-                if matches!(r, Ok(RetPf::Retry)) {
-                    bc.retries += 1;
-                    bc.retries_locked += (locks > 0) as u64;
-                }
-                if let (Some(epoch), Some(f0)) = (opts.trace_epoch, f0) {
-                    let start_ns = f0.duration_since(epoch).as_nanos() as u64;
-                    if trace.len() >= opts.trace_limit {
-                        trace_dropped += 1;
-                        trace_cut_ns.get_or_insert(start_ns);
-                    } else {
-                        trace.push(FaultRecord {
-                            start_ns,
-                            dur_ns: dur,
-                            gpa: gpa.0,
-                            outcome: match r {
-                                Ok(RetPf::Fixed) => "fixed",
-                                Ok(RetPf::Spurious) => "spurious",
-                                Ok(RetPf::Retry) => "retry",
-                                Ok(RetPf::Emulate) => "emulate",
-                                Ok(RetPf::WriteProtected) => "write_protected",
-                                Ok(_) => "other",
-                                Err(FaultError::MemoryFault { .. }) => "memory_fault",
-                                Err(_) => "efault",
-                            },
-                            lock_reads: locks,
-                        });
-                    }
-                }
-                match r {
-                    Ok(RetPf::Emulate) => {
-                        if let Some(s) = &slots {
-                            check_emulated(oracle, vm, s, vcpu.mmu.role().as_id(), gpa, write);
-                        }
-                        c.mmio += 1;
-                        c.accesses += 1;
-                        // Reads complete with MMIO_READ_VALUE; writes go to the device.
-                        prog.complete(&access, AccessResult::Mmio);
-                    }
-                    Ok(RetPf::Retry) => {
-                        c.retries += 1;
-                        let t0 = t0.unwrap_or_else(Instant::now);
-                        if t0.elapsed() > STUCK_AFTER {
-                            oracle.report(Violation::Stuck, || {
-                                format!("vCPU {} retried {gpa} for 20 s", vcpu.id)
-                            });
-                            prog.complete(&access, AccessResult::Fault);
-                        } else {
-                            pending = Some((access, Some(t0)));
-                        }
-                    }
-                    Ok(_) => pending = Some((access, t0)),
-                    Err(FaultError::MemoryFault { .. }) => {
-                        c.memory_faults += 1;
-                        c.accesses += 1;
-                        prog.complete(&access, AccessResult::Fault);
-                    }
-                    Err(FaultError::Host { .. }) => {
-                        c.efaults += 1;
-                        c.accesses += 1;
-                        prog.complete(&access, AccessResult::Fault);
-                    }
-                    Err(FaultError::NoMemory(_)) => {
-                        c.efaults += 1;
-                        prog.complete(&access, AccessResult::Fault);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    if in_guest {
-        vcpu.mmu.exit_guest_mode();
-    }
-    c.tlb_hits = vcpu.tlb.hits - h0;
-    c.tlb_misses = vcpu.tlb.misses - m0;
-    if let Some(p) = &opts.progress {
-        p.fetch_add(c.accesses % 4096, Ordering::Relaxed);
-    }
-    VcpuReport {
-        id: vcpu.id,
-        elapsed: start.elapsed(),
-        counters: c,
-        resolve_ns,
-        fault_ns,
-        buckets: bucket_counts,
-        trace,
-        trace_dropped,
-        trace_cut_ns,
     }
 }
 

@@ -19,9 +19,21 @@
 //! (e) With EPT A/D bits, a write that walked the tables leaves the leaf it went
 //!     through dirty: the processor's D update is what dirty logging and the
 //!     host's write-back rely on.
+//! (f) Private memory: an access reaches a private (guest_memfd) frame only
+//!     for a gfn whose attributes say private, and a shared frame only for a
+//!     shared one — so no private byte is read through the shared path or the
+//!     reverse, and no access uses a translation made before a conversion that
+//!     completed. A private frame must be the page the slot's guest_memfd holds
+//!     for the gfn now (not one a punch-hole or a release freed).
+
+use std::sync::Arc;
 
 use parking_lot::Mutex;
+use vmmu::{Gpa, MemslotSet, Vm};
 
+use crate::cpu::{peek_leaf, Mmu};
+use crate::host_memory::{HostMemory, PageState};
+use crate::primary_mmu::HostMmu;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Kinds of violations.
@@ -47,9 +59,14 @@ pub enum Violation {
     EmulatedMemory,
     /// A write walked the tables but left the leaf's Dirty bit clear.
     DirtyNotSet,
+    /// A private frame reached for a shared gfn, or a shared frame for a
+    /// private one.
+    WrongSide,
+    /// A private frame that is not the guest_memfd's page for the gfn now.
+    StalePrivate,
 }
 
-const KINDS: [Violation; 10] = [
+const KINDS: [Violation; 12] = [
     Violation::StaleTranslation,
     Violation::WriteToReadOnly,
     Violation::NoSlotAccess,
@@ -60,6 +77,8 @@ const KINDS: [Violation; 10] = [
     Violation::Stuck,
     Violation::EmulatedMemory,
     Violation::DirtyNotSet,
+    Violation::WrongSide,
+    Violation::StalePrivate,
 ];
 
 impl Violation {
@@ -76,6 +95,8 @@ impl Violation {
             Violation::Stuck => "stuck",
             Violation::EmulatedMemory => "emulated_memory",
             Violation::DirtyNotSet => "dirty_not_set",
+            Violation::WrongSide => "wrong_side",
+            Violation::StalePrivate => "stale_private",
         }
     }
 }
@@ -84,7 +105,7 @@ impl Violation {
 #[derive(Debug)]
 pub struct Oracle {
     enabled: bool,
-    counts: [AtomicU64; 10],
+    counts: [AtomicU64; 12],
     checks: AtomicU64,
     log: Mutex<Vec<String>>,
 }
@@ -154,5 +175,150 @@ impl Oracle {
     /// The first violations, described.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().clone()
+    }
+}
+
+/// Oracle (a) and (f): the frame an access in guest mode reached, against the
+/// host's mapping now and, on a VM with private memory, against the gfn's
+/// attributes and its guest_memfd page now.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_access(
+    oracle: &Oracle,
+    host: &HostMmu,
+    mem: &HostMemory,
+    vm: &Vm,
+    slots: &MemslotSet,
+    gpa: Gpa,
+    pfn: vmmu::Pfn,
+    write: bool,
+    private_mem: bool,
+) {
+    oracle.checked();
+    let gfn = gpa.gfn();
+    let slot = match slots.lookup(gfn) {
+        None => {
+            return oracle.report(Violation::NoSlotAccess, || {
+                format!("{gpa} reached {pfn:?} with no memslot")
+            })
+        }
+        Some(s) if s.is_invalid() => return,
+        Some(s) => s,
+    };
+    let state = mem.state(pfn);
+    let frame_private = state == PageState::Private;
+    if !matches!(state, PageState::Data | PageState::Private) {
+        // A frame nobody owns (freed, never allocated) or a table: a
+        // translation outlived what it pointed to.
+        let private = private_mem && vm.memory_attributes(gfn) != 0;
+        let kind = if private {
+            Violation::StalePrivate
+        } else {
+            Violation::StaleTranslation
+        };
+        return oracle.report(kind, || {
+            format!("{gpa} reached {pfn:?}, a frame in state {state:?}")
+        });
+    }
+    if private_mem || frame_private {
+        // A conversion stores the attributes only after it zapped the range and
+        // its flush waited for every vCPU to leave guest mode, so within this
+        // guest-mode section the attributes read now are the ones the
+        // translation must agree with.
+        let attr_private = vm.memory_attributes(gfn) & vmmu::MEMORY_ATTRIBUTE_PRIVATE != 0;
+        if frame_private != attr_private {
+            let side = |p: bool| if p { "private" } else { "shared" };
+            return oracle.report(Violation::WrongSide, || {
+                format!(
+                    "{gpa} reached a {} frame {pfn:?} but the gfn is {}",
+                    side(frame_private),
+                    side(attr_private)
+                )
+            });
+        }
+        if frame_private {
+            // The page the file holds for the gfn now (a punched or released page
+            // must not be reachable any more). A busy file is not waited for: the
+            // check must never block a vCPU that a punch waits on.
+            match slot.peek_private_page(gfn) {
+                vmmu::PrivatePage::Page { pfn: p, .. } if p == pfn => {}
+                vmmu::PrivatePage::Busy => {}
+                other => oracle.report(Violation::StalePrivate, || {
+                    format!("{gpa} reached private {pfn:?} but its guest_memfd holds {other:?}")
+                }),
+            }
+            return;
+        }
+    }
+    let hva = slot.gfn_to_hva(gfn);
+    match host.translate(hva) {
+        None => oracle.report(Violation::StaleTranslation, || {
+            format!("{gpa} ({hva}) reached {pfn:?} but the host maps nothing there")
+        }),
+        Some(m) if m.pfn != pfn => oracle.report(Violation::StaleTranslation, || {
+            format!(
+                "{gpa} ({hva}) reached {pfn:?} but the host maps {:?}",
+                m.pfn
+            )
+        }),
+        Some(m) if write && !m.writable => oracle.report(Violation::WriteToReadOnly, || {
+            format!("write to {gpa} ({hva}, {pfn:?}) the host maps read-only")
+        }),
+        Some(_) => {}
+    }
+}
+
+/// Oracle (d), the reverse direction: the MMU answered "emulate" for `gpa`.
+/// That is wrong if the memslots the vCPU entered with are still the current
+/// ones (so the fault saw them too) and hold a valid slot there, unless the
+/// access writes a read-only slot.
+pub(crate) fn check_emulated(
+    oracle: &Oracle,
+    vm: &Vm,
+    entry_slots: &Arc<MemslotSet>,
+    as_id: u16,
+    gpa: Gpa,
+    write: bool,
+) {
+    let Some(current) = vm.memslots(as_id) else {
+        return;
+    };
+    if !Arc::ptr_eq(&current, entry_slots) {
+        return;
+    }
+    if let Some(slot) = current.lookup(gpa.gfn()) {
+        let legitimate = slot.is_invalid() || (write && slot.is_readonly());
+        if !legitimate {
+            oracle.report(Violation::EmulatedMemory, || {
+                format!(
+                    "{} {gpa} completed as MMIO, but slot {:#x} maps it (generation {:#x})",
+                    if write { "write to" } else { "read of" },
+                    slot.slot_number(),
+                    current.generation()
+                )
+            });
+        }
+    }
+}
+
+/// Oracle (e): a write that walked the tables (A/D on) must leave the leaf it
+/// used dirty. Only checked while the leaf still maps the same frame writable
+/// (a zap or a remap in between replaced it, and a writable leaf is created
+/// dirty) and when `no_harvest` says no Dirty-bit harvest overlapped.
+pub(crate) fn check_dirty_after_walk(
+    oracle: &Oracle,
+    mem: &HostMemory,
+    view: &Mmu,
+    gpa: Gpa,
+    pfn: vmmu::Pfn,
+    no_harvest: impl FnOnce() -> bool,
+) {
+    if let Some((leaf, level)) = peek_leaf(mem, view, gpa) {
+        let offset = gpa.gfn().0 & (level.pages() - 1);
+        let same = leaf.pfn().0 + offset == pfn.0;
+        if same && leaf.is_writable() && !leaf.is_dirty() && no_harvest() {
+            oracle.report(Violation::DirtyNotSet, || {
+                format!("write to {gpa} ({pfn:?}) walked the tables but its leaf {leaf:?} is clean")
+            });
+        }
     }
 }

@@ -1,13 +1,22 @@
 //! The stress run: vCPUs write and verify while a host thread performs a random
 //! mix of every host event and memslot change, with the oracle on.
+//!
+//! With a VM type that has private memory, the data slot is backed by a
+//! guest_memfd as well, and the mix gains conversions (the VMM flipping random
+//! ranges between private and shared, discarding the side left) and
+//! punch-holes. On the SNP-like type the guests mark their accesses private or
+//! shared (a side per page and pass), so a page whose side changed exits with a
+//! memory fault the VMM answers by converting it, as QEMU does.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmmu::{Gpa, GuardKnobs, Hva, HvaRange, MemFlags, UserMemoryRegion, VmConfig};
+use vmmu::{Gpa, GuardKnobs, Hva, HvaRange, MemFlags, UserMemoryRegion, VmConfig, VmType};
 
 use crate::guest::{Discarded, Pass, Pattern, RefModel, Rng};
-use crate::machine::{Machine, MachineConfig, MachineError, PhaseCtx, RunOptions};
+use crate::machine::{
+    Machine, MachineConfig, MachineError, MemoryFaultPolicy, PhaseCtx, RunOptions,
+};
 use crate::primary_mmu::Backing;
 
 /// Guest physical base of the data slot.
@@ -45,6 +54,9 @@ pub struct StressConfig {
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Updated after every pass, for a progress display.
     pub progress: Option<Arc<StressProgress>>,
+    /// The VM type: with private memory, the data slot has a guest_memfd and
+    /// conversions and punch-holes join the host events.
+    pub vm_type: VmType,
 }
 
 /// A stress run's progress, readable while it runs.
@@ -73,6 +85,7 @@ impl Default for StressConfig {
             host_threads: 2,
             stop: None,
             progress: None,
+            vm_type: VmType::Default,
         }
     }
 }
@@ -93,10 +106,19 @@ pub const EVENT_NAMES: [&str; EVENTS] = [
     "dirty_log_toggle",
     "zap_all_roots",
     "dirty_harvest",
+    "convert",
+    "punch_hole",
 ];
 
 /// Number of host event kinds.
-pub const EVENTS: usize = 14;
+pub const EVENTS: usize = 16;
+
+/// Events that need private memory (the last ones of [`EVENT_NAMES`]).
+const PRIVATE_EVENTS: usize = 2;
+
+/// Events a private-memory data slot refuses, as KVM does on guest_memfd
+/// slots (moves and dirty logging): not run there.
+const GMEM_REFUSED: [usize; 2] = [9, 11];
 
 /// What a stress run did.
 #[derive(Debug, Clone, Default)]
@@ -109,6 +131,11 @@ pub struct StressReport {
     pub checked: u64,
     /// MMU faults handled.
     pub faults: u64,
+    /// Memory-fault exits the VMM answered with a conversion (SNP-like guests).
+    pub conversions: u64,
+    /// Conversions the VMM made (host events and exits), to private and to
+    /// shared.
+    pub vmm_conversions: (u64, u64),
     /// The MMU's counters at the end (faults by outcome, retries by cause, ...).
     pub stats: vmmu::Stats,
     /// The run was stopped early (`StressConfig::stop`).
@@ -144,8 +171,18 @@ fn host_events(
     events: &mut [u64; EVENTS],
 ) {
     let pages = total / 4096;
+    let private = ctx.vm.config().vm_type.has_private_mem();
+    let kinds: Vec<usize> = (0..EVENTS)
+        .filter(|k| {
+            if private {
+                !GMEM_REFUSED.contains(k)
+            } else {
+                *k < EVENTS - PRIVATE_EVENTS
+            }
+        })
+        .collect();
     while !ctx.done() {
-        let kind = rng.below(EVENT_NAMES.len() as u64) as usize;
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
         let start_page = rng.below(pages);
         let n = 1 + rng.below(1024.min(pages - start_page));
         let range = HvaRange::new(
@@ -207,9 +244,9 @@ fn host_events(
             10 => {
                 let _ = ctx.vm.set_user_memory_region(data_region(0, DATA_GPA, 0));
                 std::thread::sleep(Duration::from_micros(300));
-                let _ = ctx
-                    .vm
-                    .set_user_memory_region(data_region(total, DATA_GPA, 0));
+                // A guest_memfd slot comes back bound to the same file, so
+                // its private pages are still there.
+                let _ = ctx.vmm.recreate_slot(data_region(total, DATA_GPA, 0));
             }
             11 => {
                 let _ = ctx.vm.set_user_memory_region(data_region(
@@ -226,12 +263,27 @@ fn host_events(
                 // Every VM has address space 0: `All` is never refused.
                 let _ = ctx.vm.invalidate_roots(vmmu::RootFilter::All);
             }
-            _ => {
+            13 => {
                 // Clear the Dirty bits of the range (as D-bit dirty logging
                 // harvests), so the next writes must set them again through the
                 // processor's walk.
                 let g = vmmu::Gfn((DATA_GPA >> 12) + start_page);
                 let _ = ctx.clear_dirty(0, vmmu::GfnRange::new(g, g.add(n)));
+            }
+            14 => {
+                // The VMM converts the range (marking it discarded around).
+                let to_private = rng.below(2) == 0;
+                let _ = ctx
+                    .vmm
+                    .convert(DATA_GPA + start_page * 4096, n * 4096, to_private);
+            }
+            _ => {
+                // A punch-hole in the data slot's guest_memfd: private pages of
+                // the range are gone, later private reads see zeros.
+                let gpa = Gpa(DATA_GPA + start_page * 4096);
+                discarded.mark(gpa, n);
+                let _ = ctx.vmm.punch_hole(gpa.0, n * 4096);
+                discarded.mark(gpa, n);
             }
         }
         events[kind] += 1;
@@ -245,8 +297,10 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         knobs: cfg.knobs,
         ad_enabled: cfg.ad_enabled,
         precheck: cfg.precheck,
+        vm_type: cfg.vm_type,
         ..VmConfig::default()
     };
+    let private = cfg.vm_type.has_private_mem();
     let mcfg = MachineConfig {
         memory_bytes: (total * 3).max(1 << 30) + (1 << 30),
         vm,
@@ -256,8 +310,25 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
     let mut m = Machine::new(mcfg, cfg.vcpus)?;
     m.map(Hva(DATA_HVA), total, cfg.backing)?;
     m.map(Hva(DATA_HVA - 0x10_0000), 0x10_0000, Backing::Anonymous)?;
-    m.set_memslot(data_region(total, DATA_GPA, 0))?;
     let discarded = Arc::new(Discarded::new(Gpa(DATA_GPA), total / 4096));
+    if private {
+        m.vmm.create_gmem_slot(data_region(total, DATA_GPA, 0))?;
+        m.vmm.set_discarded(Some(discarded.clone()));
+    } else {
+        m.set_memslot(data_region(total, DATA_GPA, 0))?;
+    }
+    // Snp-like guests mark accesses: a page's side changes between passes and
+    // the VMM converts on the exit. Elsewhere an exit can only come from a
+    // conversion racing the fault: run again.
+    let marks = cfg.vm_type == VmType::Snp;
+    let opts = RunOptions {
+        memory_faults: if marks {
+            MemoryFaultPolicy::Convert
+        } else {
+            MemoryFaultPolicy::Reenter
+        },
+        ..RunOptions::default()
+    };
     let mut models: Vec<RefModel> = (0..cfg.vcpus)
         .map(|i| {
             RefModel::new(
@@ -286,13 +357,18 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
             .drain(..)
             .enumerate()
             .map(|(i, md)| {
-                Pass::new(i as u32, pass_no, pattern, write, true, md, cfg.seed)
-                    .with_discarded(discarded.clone())
+                let p = Pass::new(i as u32, pass_no, pattern, write, true, md, cfg.seed)
+                    .with_discarded(discarded.clone());
+                if marks {
+                    p.with_private_percent(50)
+                } else {
+                    p
+                }
             })
             .collect();
         let threads = cfg.host_threads.max(1);
         let seeds: Vec<u64> = (0..threads).map(|_| rng.next_u64()).collect();
-        let out = m.run(progs, &RunOptions::default(), |ctx| {
+        let out = m.run(progs, &opts, |ctx| {
             let per_thread: Vec<[u64; EVENTS]> = std::thread::scope(|s| {
                 let handles: Vec<_> = seeds
                     .iter()
@@ -319,6 +395,7 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         });
         for (p, r) in out {
             report.accesses += r.counters.accesses;
+            report.conversions += r.counters.conversions;
             models.push(p.into_model());
         }
         report.passes += 1;
@@ -334,6 +411,11 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
     report.stats = m.vm.stats();
     report.faults = report.stats.faults;
     report.checked = m.oracle.checks();
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &m.vmm.counters;
+        report.vmm_conversions = (c.to_private.load(Relaxed), c.to_shared.load(Relaxed));
+    }
     let oracle = m.oracle.clone();
     m.teardown();
     report.violations = oracle.by_kind();

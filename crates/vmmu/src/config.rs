@@ -29,6 +29,18 @@ impl VmType {
         }
     }
 
+    /// Every type, in `KVM_CREATE_VM` number order.
+    pub const ALL: [VmType; 3] = [VmType::Default, VmType::SwProtected, VmType::Snp];
+
+    /// Short name (`default`, `sw_protected`, `snp`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            VmType::Default => "default",
+            VmType::SwProtected => "sw_protected",
+            VmType::Snp => "snp",
+        }
+    }
+
     /// Whether the type has private memory (KVM's `kvm_arch_has_private_mem`).
     pub const fn has_private_mem(self) -> bool {
         !matches!(self, VmType::Default)
@@ -180,6 +192,12 @@ pub struct GuardKnobs {
     pub second_seq_snapshot: bool,
     /// Bump the invalidation sequence with a Relaxed store instead of Release.
     pub relaxed_seq_bump: bool,
+    /// A memory-attribute change leaves the range's mappings in place (it
+    /// still begins and ends its invalidation).
+    pub skip_conversion_zap: bool,
+    /// A guest_memfd invalidation (punch-hole, release, memory failure) leaves
+    /// the mappings of the pages it frees in place.
+    pub skip_gmem_zap: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -297,6 +297,16 @@ impl VcpuMmu {
         if f.rsvd || f.private {
             return false;
         }
+        // A shared access to a private gfn (a confidential guest that changed
+        // its mind before asking for a conversion) finds the private leaf
+        // present and writable: the fast path would call it spurious and the
+        // guest would fault forever. Only the slow path's memory-fault exit
+        // gets it out. (A racing conversion at worst sends a fault the slow
+        // way, or lets it spin until the conversion is done.)
+        let vm = &*self.vm;
+        if vm.config.vm_type.has_private_mem() && vm.attrs.is_private(f.gfn) {
+            return false;
+        }
         // Not present with A/D disabled: maybe an access-tracked entry.
         // Present write: maybe write-protected but MMU-writable.
         (!f.present && !self.vm.config.ad_enabled) || (f.present && f.write)

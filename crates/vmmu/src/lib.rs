@@ -60,7 +60,7 @@ pub mod vm;
 pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
 pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
 pub use fault::{ErrorCode, FaultError, RetPf};
-pub use gmem::{GmemError, GuestMemfd};
+pub use gmem::{GmemError, GuestMemfd, PrivatePage};
 pub use host::{
     FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, PrivateMemory, Table,
     TableMemory, TableMemoryError,

@@ -312,6 +312,15 @@ impl Memslot {
     pub fn has_guest_memfd(&self) -> bool {
         self.gmem.is_some()
     }
+    /// What the slot's guest_memfd holds for `gfn` (which must lie in the slot)
+    /// now, without allocating and without waiting for the file's lock: for
+    /// checkers that must never block a running MMU (an oracle in guest mode).
+    pub fn peek_private_page(&self, gfn: Gfn) -> crate::gmem::PrivatePage {
+        match &self.gmem {
+            None => crate::gmem::PrivatePage::Unbound,
+            Some(b) => b.file.peek(b.pgoff + (gfn.0 - self.base_gfn.0)),
+        }
+    }
     /// The slot's guest_memfd binding.
     pub(crate) fn gmem(&self) -> Option<&SlotGmem> {
         self.gmem.as_ref()

@@ -626,7 +626,9 @@ impl Vm {
             let mut batch = FlushBatch::default();
             for (as_id, g, _) in &hits {
                 vm.inval.range_add(*g, &w);
-                vm.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
+                if !vm.config.knobs.skip_conversion_zap {
+                    vm.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
+                }
             }
             batch.flush(vm, &vm.stats);
         }

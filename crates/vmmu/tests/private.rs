@@ -238,6 +238,45 @@ mod gmem {
         (host, vm, file, vcpu)
     }
 
+    /// A shared write to a gfn whose private leaf is present and writable (an
+    /// SNP guest that changed its mind without asking for a conversion) must
+    /// exit to the VMM; the fast path would call it spurious and the guest would
+    /// fault forever.
+    #[test]
+    fn test_shared_access_over_a_present_private_leaf_exits_instead_of_spinning() {
+        let host = TestHost::new();
+        let vm = Vm::new(
+            VmConfig {
+                vm_type: vmmu::VmType::Snp,
+                ..VmConfig::default()
+            },
+            host.ops(),
+        )
+        .unwrap();
+        let file = vm.create_guest_memfd(SIZE, 0).unwrap();
+        vm.set_user_memory_region2(region(0, GPA, SIZE, HVA, GMEM), Some(&file), 0)
+            .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.prepare_entry().unwrap();
+        vm.set_memory_attributes(gpa(4).0, 4096, PRIVATE, 0)
+            .unwrap();
+        let r = vcpu
+            .page_fault(gpa(4), ErrorCode::WRITE | ErrorCode::PRIVATE)
+            .unwrap();
+        assert_eq!(r, RetPf::Fixed);
+        let (_, leaf) = leaf(&vm, 4).unwrap();
+        assert!(leaf.is_writable());
+        let e = vcpu
+            .page_fault(gpa(4), ErrorCode::PRESENT | ErrorCode::WRITE)
+            .unwrap_err();
+        assert!(
+            matches!(e, FaultError::MemoryFault { private: false, .. }),
+            "{e:?}"
+        );
+        assert_eq!(vcpu.stats().fast_path_attempts, 0);
+        finish(host, vm, file, vec![vcpu]);
+    }
+
     fn finish(host: Arc<TestHost>, vm: Vm, file: vmmu::GuestMemfd, vcpus: Vec<VcpuMmu>) {
         drop(file);
         teardown(host.clone(), vm, vcpus);

@@ -42,20 +42,14 @@ impl GuestProgram for StormProgram {
             } else {
                 AccessKind::Write(p)
             };
-            return Some(GuestAccess {
-                gpa: Gpa(p * 4096),
-                kind,
-            });
+            return Some(GuestAccess::shared(Gpa(p * 4096), kind));
         }
         if self.next_cold >= self.cold.1 {
             return None;
         }
         let p = self.cold.0 + self.next_cold;
         self.next_cold += 1;
-        Some(GuestAccess {
-            gpa: Gpa(p * 4096),
-            kind: AccessKind::Write(p),
-        })
+        Some(GuestAccess::shared(Gpa(p * 4096), AccessKind::Write(p)))
     }
     fn complete(&mut self, _: &GuestAccess, _: AccessResult) {}
     fn mismatches(&self) -> u64 {

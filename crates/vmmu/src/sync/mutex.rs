@@ -49,6 +49,23 @@ impl<T> Mutex<T> {
     }
 }
 
+impl<T> Mutex<T> {
+    /// Take the lock only if it is free now. Never waits, so it cannot take
+    /// part in a deadlock; the checker still records it as held.
+    #[track_caller]
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        let held = Held::acquire(self.class, Location::caller());
+        #[cfg(not(loom))]
+        let g = self.inner.try_lock()?;
+        #[cfg(loom)]
+        let g = self.inner.try_lock().ok()?;
+        Some(MutexGuard {
+            inner: Some(g),
+            _held: held,
+        })
+    }
+}
+
 impl<T> Deref for MutexGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {

@@ -1,0 +1,405 @@
+//! One vCPU thread: the guest program run access by access through the TLB and
+//! the walker, exits handed to the MMU's fault pipeline, hypercalls and
+//! memory-fault exits handled as a VMM handles them, and the oracle's
+//! per-access checks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmmu::{Access, ErrorCode, FaultError, MemslotSet, RetPf, Vm};
+
+use crate::cpu::{translate, Exit, Mmu, Source};
+use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram};
+use crate::host_memory::{HostMemory, PageState};
+use crate::machine::{
+    histogram, BucketCounts, FaultRecord, MemoryFaultPolicy, RunOptions, Vcpu, VcpuCounters,
+    VcpuReport, BATCH, STUCK_AFTER,
+};
+use crate::oracle::{check_access, check_dirty_after_walk, check_emulated, Oracle, Violation};
+use crate::primary_mmu::HostMmu;
+use crate::sync::{AtomicU64, Ordering};
+use crate::vmm::Vmm;
+
+/// What a vCPU thread shares with the machine.
+pub(crate) struct VcpuEnv<'a> {
+    pub(crate) mem: &'a HostMemory,
+    pub(crate) host: &'a HostMmu,
+    pub(crate) oracle: &'a Oracle,
+    pub(crate) vm: &'a Vm,
+    pub(crate) harvests: &'a AtomicU64,
+    pub(crate) vmm: &'a Vmm,
+}
+
+pub(crate) fn run_vcpu<P: GuestProgram>(
+    env: &VcpuEnv<'_>,
+    vcpu: &mut Vcpu,
+    prog: &mut P,
+    opts: &RunOptions,
+) -> VcpuReport {
+    let (mem, host, oracle, vm) = (env.mem, env.host, env.oracle, env.vm);
+    let vm_type = vm.config().vm_type;
+    // The guest's accesses carry their private marking to the hardware (SNP's
+    // C-bit): a frame on the other side than the access is a fault, as an RMP
+    // check makes it.
+    let marks_private = vm_type == vmmu::VmType::Snp;
+    let private_mem = vm_type.has_private_mem();
+    let start = Instant::now();
+    let timing = opts.latency || opts.trace_epoch.is_some();
+    let buckets = opts.buckets.max(1);
+    let mut resolve_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
+    let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
+    let mut bucket_counts: Vec<BucketCounts> = vec![BucketCounts::default(); buckets];
+    let mut trace: Vec<FaultRecord> = Vec::new();
+    let mut trace_dropped = 0u64;
+    let mut trace_cut_ns = None;
+    let mut c = VcpuCounters::default();
+    let (h0, m0) = (vcpu.tlb.hits, vcpu.tlb.misses);
+    let mut in_guest = false;
+    let mut mmu_view: Option<Mmu> = None;
+    let mut slots: Option<Arc<MemslotSet>> = None;
+    let mut batch = 0u32;
+    let mut pending: Option<(GuestAccess, Option<Instant>)> = None;
+    let mut since_toggle = 0u64;
+    let mut smm_toggle = opts.smm_toggle_every;
+    loop {
+        if opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            break;
+        }
+        if !in_guest {
+            let held = opts
+                .smm_state
+                .as_ref()
+                .is_some_and(|s| s.hold.load(Ordering::Acquire));
+            if let Some(every) = smm_toggle.filter(|_| !held) {
+                if since_toggle >= every {
+                    since_toggle = 0;
+                    // Enter or leave SMM: switch roles (and roots). A VM without
+                    // the SMM address space refuses; stop asking.
+                    let smm = vcpu.mmu.role().smm;
+                    if vcpu.mmu.set_smm(!smm).is_err() {
+                        c.smm_refused += 1;
+                        smm_toggle = None;
+                    } else if let Some(st) = &opts.smm_state {
+                        if let Some(b) = st.in_smm.get(vcpu.id as usize) {
+                            b.store(!smm, Ordering::Release);
+                        }
+                        st.switches.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+            let entry = match vcpu.mmu.prepare_entry() {
+                Ok(e) => e,
+                Err(_) => break,
+            };
+            if entry.flush_tlb {
+                vcpu.tlb.flush_all();
+            }
+            if !vcpu.mmu.enter_guest_mode() {
+                continue;
+            }
+            in_guest = true;
+            batch = 0;
+            c.entries += 1;
+            mmu_view = Some(Mmu {
+                root: entry.root,
+                root_id: entry.root_id,
+                root_level: entry.root_level,
+                ad: entry.ad_enabled,
+            });
+            if oracle.enabled() {
+                slots = vm.memslots(vcpu.mmu.role().as_id());
+            }
+        }
+        let (access, first_exit) = match pending.take() {
+            Some(p) => p,
+            None => match prog.next() {
+                Some(a) => (a, None),
+                None => break,
+            },
+        };
+        if vcpu.mmu.exit_requested() || batch >= BATCH {
+            vcpu.mmu.exit_guest_mode();
+            in_guest = false;
+            c.other_exits += 1;
+            pending = Some((access, first_exit));
+            continue;
+        }
+        batch += 1;
+        let Some(view) = mmu_view else { break };
+        if let AccessKind::MapGpaRange { size, private } = access.kind {
+            // A hypercall exit the VMM handles: convert, then complete it.
+            vcpu.mmu.exit_guest_mode();
+            in_guest = false;
+            c.hypercalls += 1;
+            c.accesses += 1;
+            let ret = match env.vmm.convert(access.gpa.0, size, private) {
+                Ok(()) => 0,
+                Err(e) => -(e.errno() as i64),
+            };
+            prog.complete(&access, AccessResult::Hypercall(ret));
+            continue;
+        }
+        let write = matches!(access.kind, AccessKind::Write(_));
+        let want = if write { Access::WRITE } else { Access::READ };
+        let check_dirty = write && view.ad && slots.is_some();
+        // SeqCst: pairs with the harvest count in `PhaseCtx::clear_dirty`.
+        let harvests_before = if check_dirty {
+            env.harvests.load(Ordering::SeqCst)
+        } else {
+            0
+        };
+        let translated = match translate(mem, &mut vcpu.tlb, &view, access.gpa, want) {
+            Ok((t, _)) if marks_private && is_private(mem, t.pfn) != access.private => {
+                Err(Exit::Violation {
+                    gpa: access.gpa,
+                    error: if write {
+                        ErrorCode::PRESENT | ErrorCode::WRITE
+                    } else {
+                        ErrorCode::PRESENT
+                    },
+                })
+            }
+            r => r,
+        };
+        match translated {
+            Ok((t, source)) => {
+                if let Some(s) = &slots {
+                    check_access(
+                        oracle,
+                        host,
+                        mem,
+                        vm,
+                        s,
+                        access.gpa,
+                        t.pfn,
+                        write,
+                        private_mem,
+                    );
+                    if check_dirty && source == Source::Walk {
+                        check_dirty_after_walk(oracle, mem, &view, access.gpa, t.pfn, || {
+                            harvests_before % 2 == 0
+                                && env.harvests.load(Ordering::SeqCst) == harvests_before
+                        });
+                    }
+                }
+                if !mem.contains(t.pfn) {
+                    // Only a corrupted or freed table can translate to a frame that
+                    // is not host memory; never let it reach the access.
+                    oracle.report(Violation::WildWalk, || {
+                        format!(
+                            "{} translated to {:?}, outside host memory",
+                            access.gpa, t.pfn
+                        )
+                    });
+                    prog.complete(&access, AccessResult::Fault);
+                    continue;
+                }
+                let word = &mem.page(t.pfn)[((access.gpa.0 & 0xfff) / 8) as usize];
+                let result = match access.kind {
+                    AccessKind::Write(v) => {
+                        word.store(v, Ordering::Relaxed);
+                        AccessResult::Memory(v)
+                    }
+                    _ => AccessResult::Memory(word.load(Ordering::Relaxed)),
+                };
+                prog.complete(&access, result);
+                c.accesses += 1;
+                if c.accesses % 4096 == 0 {
+                    if let Some(p) = &opts.progress {
+                        p.fetch_add(4096, Ordering::Relaxed);
+                    }
+                }
+                since_toggle += 1;
+                if let (true, Some(t0)) = (timing, first_exit) {
+                    let b = opts
+                        .classify
+                        .as_ref()
+                        .map_or(0, |f| f(access.gpa))
+                        .min(buckets - 1);
+                    let _ = resolve_ns[b].record(t0.elapsed().as_nanos() as u64);
+                }
+            }
+            Err(exit) => {
+                vcpu.mmu.exit_guest_mode();
+                in_guest = false;
+                let t0 = if timing {
+                    Some(first_exit.unwrap_or_else(Instant::now))
+                } else {
+                    first_exit
+                };
+                let (gpa, error) = match exit {
+                    Exit::Violation { gpa, mut error } => {
+                        c.violations += 1;
+                        if marks_private && access.private {
+                            error |= ErrorCode::PRIVATE;
+                        }
+                        (gpa, error)
+                    }
+                    Exit::Misconfig { gpa } => {
+                        c.misconfigs += 1;
+                        (gpa, vmmu::ErrorCode::RSVD)
+                    }
+                    Exit::Wild { gpa } => {
+                        oracle.report(Violation::WildWalk, || {
+                            format!("walk for {gpa} left host memory")
+                        });
+                        prog.complete(&access, AccessResult::Fault);
+                        continue;
+                    }
+                };
+                let b = opts
+                    .classify
+                    .as_ref()
+                    .map_or(0, |f| f(gpa))
+                    .min(buckets - 1);
+                let l0 = vcpu.mmu.mmu_lock_reads();
+                let f0 = timing.then(Instant::now);
+                let r = vcpu.mmu.page_fault(gpa, error);
+                let dur = f0.map_or(0, |f0| f0.elapsed().as_nanos() as u64);
+                let locks = vcpu.mmu.mmu_lock_reads() - l0;
+                if timing {
+                    let _ = fault_ns[b].record(dur.max(1));
+                }
+                let bc = &mut bucket_counts[b];
+                bc.faults += 1;
+                bc.lock_reads += locks;
+                if matches!(r, Ok(RetPf::Retry)) {
+                    bc.retries += 1;
+                    bc.retries_locked += (locks > 0) as u64;
+                }
+                if let (Some(epoch), Some(f0)) = (opts.trace_epoch, f0) {
+                    let start_ns = f0.duration_since(epoch).as_nanos() as u64;
+                    if trace.len() >= opts.trace_limit {
+                        trace_dropped += 1;
+                        trace_cut_ns.get_or_insert(start_ns);
+                    } else {
+                        trace.push(FaultRecord {
+                            start_ns,
+                            dur_ns: dur,
+                            gpa: gpa.0,
+                            outcome: match r {
+                                Ok(RetPf::Fixed) => "fixed",
+                                Ok(RetPf::Spurious) => "spurious",
+                                Ok(RetPf::Retry) => "retry",
+                                Ok(RetPf::Emulate) => "emulate",
+                                Ok(RetPf::WriteProtected) => "write_protected",
+                                Ok(_) => "other",
+                                Err(FaultError::MemoryFault { .. }) => "memory_fault",
+                                Err(_) => "efault",
+                            },
+                            lock_reads: locks,
+                        });
+                    }
+                }
+                match r {
+                    Ok(RetPf::Emulate) => {
+                        if let Some(s) = &slots {
+                            check_emulated(oracle, vm, s, vcpu.mmu.role().as_id(), gpa, write);
+                        }
+                        c.mmio += 1;
+                        c.accesses += 1;
+                        // Reads complete with MMIO_READ_VALUE; writes go to the device.
+                        prog.complete(&access, AccessResult::Mmio);
+                    }
+                    Ok(RetPf::Retry) => {
+                        c.retries += 1;
+                        pending = retry_or_stuck(oracle, vcpu.id, prog, access, t0);
+                    }
+                    Ok(_) => pending = Some((access, t0)),
+                    Err(FaultError::MemoryFault {
+                        gpa: fgpa,
+                        size,
+                        private,
+                    }) => {
+                        c.memory_faults += 1;
+                        match opts.memory_faults {
+                            MemoryFaultPolicy::Fail => {
+                                c.accesses += 1;
+                                prog.complete(&access, AccessResult::Fault);
+                            }
+                            MemoryFaultPolicy::Reenter => {
+                                pending = retry_or_stuck(oracle, vcpu.id, prog, access, t0);
+                            }
+                            MemoryFaultPolicy::Convert
+                                if !env.vmm.needs_conversion(fgpa.0, size, private) =>
+                            {
+                                pending = retry_or_stuck(oracle, vcpu.id, prog, access, t0);
+                            }
+                            MemoryFaultPolicy::Convert => {
+                                match env.vmm.convert(fgpa.0, size, private) {
+                                    Ok(()) => {
+                                        c.conversions += 1;
+                                        prog.converted(fgpa, size, private);
+                                        pending = retry_or_stuck(oracle, vcpu.id, prog, access, t0);
+                                    }
+                                    Err(_) => {
+                                        c.accesses += 1;
+                                        prog.complete(&access, AccessResult::Fault);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(FaultError::Host { .. }) => {
+                        c.efaults += 1;
+                        c.accesses += 1;
+                        prog.complete(&access, AccessResult::Fault);
+                    }
+                    Err(FaultError::NoMemory(_)) => {
+                        c.efaults += 1;
+                        prog.complete(&access, AccessResult::Fault);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if in_guest {
+        vcpu.mmu.exit_guest_mode();
+    }
+    c.tlb_hits = vcpu.tlb.hits - h0;
+    c.tlb_misses = vcpu.tlb.misses - m0;
+    if let Some(p) = &opts.progress {
+        p.fetch_add(c.accesses % 4096, Ordering::Relaxed);
+    }
+    VcpuReport {
+        id: vcpu.id,
+        elapsed: start.elapsed(),
+        counters: c,
+        resolve_ns,
+        fault_ns,
+        buckets: bucket_counts,
+        trace,
+        trace_dropped,
+        trace_cut_ns,
+    }
+}
+
+fn is_private(mem: &HostMemory, pfn: vmmu::Pfn) -> bool {
+    mem.state(pfn) == PageState::Private
+}
+
+/// Run the access again, unless it has been retried for too long: then it is
+/// reported stuck and completed as failed.
+fn retry_or_stuck<P: GuestProgram>(
+    oracle: &Oracle,
+    vcpu: u32,
+    prog: &mut P,
+    access: GuestAccess,
+    first_exit: Option<Instant>,
+) -> Option<(GuestAccess, Option<Instant>)> {
+    let t0 = first_exit.unwrap_or_else(Instant::now);
+    if t0.elapsed() > STUCK_AFTER {
+        oracle.report(Violation::Stuck, || {
+            format!("vCPU {vcpu} retried {} for 20 s", access.gpa)
+        });
+        prog.complete(&access, AccessResult::Fault);
+        None
+    } else {
+        Some((access, Some(t0)))
+    }
+}
