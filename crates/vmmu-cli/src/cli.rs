@@ -110,6 +110,28 @@ pub(crate) enum RunCmd {
     /// Fast zaps of roots while vCPUs switch roles (the free-obsolete-roots and
     /// preserve-roots discussions).
     Roots(RootsArgs),
+    /// private_mem_conversions_test: guest-requested conversions both ways over
+    /// whole chunks and odd/even 4 KiB frames inside 2 MiB, host writes through
+    /// the shared path, punch-holes read back as zeros; vCPUs in parallel.
+    PrivateConversions(PrivateConversionsArgs),
+}
+
+/// `vmmu run private-conversions`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct PrivateConversionsArgs {
+    /// Number of vCPUs, each converting its own 2 MiB + 4 KiB.
+    #[arg(short = 'n', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Memslots the guest_memfd is split into.
+    #[arg(short = 'm', long = "memslots", default_value_t = 1)]
+    pub(crate) memslots: u32,
+    /// Backing source of the shared side (see `vmmu run demand-paging --help`).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
 }
 
 /// `vmmu run demand-paging`.
@@ -351,6 +373,7 @@ impl RunCmd {
             RunCmd::MemslotChurn(_) => "memslot-churn",
             RunCmd::InvalidationStorm(_) => "invalidation-storm",
             RunCmd::Roots(_) => "roots",
+            RunCmd::PrivateConversions(_) => "private-conversions",
         }
     }
 
@@ -402,6 +425,12 @@ impl RunCmd {
                 slots: Some(a.slots),
                 ..a.flags.common()
             },
+            RunCmd::PrivateConversions(a) => Common {
+                vcpus: Some(a.vcpus),
+                slots: Some(a.memslots),
+                backing: Some(a.backing),
+                ..a.flags.common()
+            },
         }
     }
 }
@@ -419,6 +448,7 @@ impl RunCmd {
             RunCmd::MemslotChurn(a) => serde_json::to_value(a),
             RunCmd::InvalidationStorm(a) => serde_json::to_value(a),
             RunCmd::Roots(a) => serde_json::to_value(a),
+            RunCmd::PrivateConversions(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()
     }
@@ -433,7 +463,9 @@ pub(crate) fn unmodelled_flag(scenario: &str, flag: &str) -> Option<&'static str
             "userfaultfd is not modelled: the host populates pages on first touch (see --prefault-host)"
         }
         (_, "-c") => "vCPU threads are not pinned to CPUs in the machine model",
-        (_, "-m") => "only the 4-level/5-level EPT guest mode exists here",
+        (s, "-m") if s != "private-conversions" => {
+            "only the 4-level/5-level EPT guest mode exists here"
+        }
         ("memslot-churn", "-q") => {
             "the slot-zap-all quirk cannot be turned off yet: deletes and moves zap every root"
         }

@@ -20,8 +20,8 @@ use clap::Parser;
 use args::BadInput;
 use cli::{BenchCmd, Cli, Cmd, RunCmd};
 
-/// Check a scenario's flags without running it.
-fn validate_run(cmd: &RunCmd) -> anyhow::Result<()> {
+/// Check a scenario's flags without running it (nothing is allocated).
+fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
     let common = cmd.common();
     match cmd {
         RunCmd::DemandPaging(_) => scenario::demand_paging::validate(&common).map(|_| ()),
@@ -29,8 +29,16 @@ fn validate_run(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::MemslotChurn(_) => scenario::memslot_churn::validate(&common).map(|_| ()),
         RunCmd::InvalidationStorm(_) => scenario::invalidation_storm::validate(&common).map(|_| ()),
         RunCmd::Roots(_) => scenario::roots::validate(&common).map(|_| ()),
-    }?;
-    check_trace_path(&common)
+        RunCmd::PrivateConversions(_) => {
+            scenario::private_conversions::validate(&common).map(|_| ())
+        }
+    }
+}
+
+/// Check a scenario's flags and its trace file before running it.
+fn validate_run(cmd: &RunCmd) -> anyhow::Result<()> {
+    validate_scenario(cmd)?;
+    check_trace_path(&cmd.common())
 }
 
 /// A trace file that cannot be written is refused before the run, not after
@@ -76,18 +84,7 @@ where
         Err(e) => return Err(errors::one_line(&e, &text)),
     };
     let r = match &cli.cmd {
-        Cmd::Run { scenario: cmd } => {
-            let common = cmd.common();
-            match cmd {
-                RunCmd::DemandPaging(_) => scenario::demand_paging::validate(&common).map(|_| ()),
-                RunCmd::MmuStress(_) => scenario::mmu_stress::validate(&common).map(|_| ()),
-                RunCmd::MemslotChurn(_) => scenario::memslot_churn::validate(&common).map(|_| ()),
-                RunCmd::InvalidationStorm(_) => {
-                    scenario::invalidation_storm::validate(&common).map(|_| ())
-                }
-                RunCmd::Roots(_) => scenario::roots::validate(&common).map(|_| ()),
-            }
-        }
+        Cmd::Run { scenario: cmd } => validate_scenario(cmd),
         Cmd::Bench {
             benchmark: BenchCmd::DemandPaging(a),
         } => bench::validate_demand_paging(a),
@@ -141,6 +138,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::MemslotChurn(_) => scenario::memslot_churn::run(&common),
                 RunCmd::InvalidationStorm(_) => scenario::invalidation_storm::run(&common),
                 RunCmd::Roots(_) => scenario::roots::run(&common),
+                RunCmd::PrivateConversions(_) => scenario::private_conversions::run(&common),
             }
         }),
         Cmd::Bench {

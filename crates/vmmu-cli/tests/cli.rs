@@ -377,3 +377,28 @@ fn test_soak_prints_its_summary_on_ctrl_c() {
     assert_eq!(v["violations"], 0);
     assert!(v["passes"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn test_private_conversions_run_clean_with_nothing_zapped_outside_a_conversion() {
+    let v = json_run(&["run", "private-conversions", "-n", "2", "-m", "2"]);
+    assert_eq!(v["violations"], 0, "{v}");
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+    // Per vCPU: the selftest's 2 × 5 ranges convert both ways, plus the punch
+    // test's whole-chunk conversion.
+    assert!(n("conversions") >= 2 * 31, "{v}");
+    assert_eq!(n("audited_conversions"), n("conversions"));
+    assert!(n("leaves_zapped_by_conversions_in_range") > 0, "{v}");
+    assert_eq!(n("leaves_zapped_outside_range"), 0);
+    assert!(
+        n("private_faults") > 0 && n("private_pages_punched") > 0,
+        "{v}"
+    );
+    assert_eq!(n("memory_fault_exits"), 0);
+    assert_eq!(n("memslots"), 2);
+}
+
+#[test]
+fn test_private_conversions_refuses_memslots_that_do_not_split_the_file() {
+    let e = refusal(&["run", "private-conversions", "-m", "3"]);
+    assert!(e.contains("-m 3"), "{e}");
+}

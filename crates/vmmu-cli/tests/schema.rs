@@ -49,6 +49,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["bench", "demand-paging", "-v", "1", "-b", "4M"],
         &["bench", "invalidation-storm", "-b", "4M", "-i", "1"],
         &["soak", "--duration", "3", "-b", "4M"],
+        &["run", "private-conversions"],
     ] {
         assert_valid(&v, args);
     }

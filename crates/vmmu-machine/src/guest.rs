@@ -22,6 +22,28 @@ pub enum AccessKind {
         size: u64,
         /// Convert to private (else to shared).
         private: bool,
+        /// What the VMM does about it.
+        how: MapGpaHow,
+    },
+    /// A call to the host (a selftest's ucall): the vCPU exits, the program's
+    /// host side runs in [`GuestProgram::complete`] (outside guest mode), and the
+    /// guest goes on.
+    Ucall(u64),
+}
+
+/// How the VMM handles a `MapGpaRange` hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapGpaHow {
+    /// Set the attributes, then discard the side the range left (QEMU).
+    Convert,
+    /// The selftest's handler: optionally `fallocate` the guest_memfd range
+    /// first (punch-hole when going shared, allocate when going private), then
+    /// optionally set the attributes.
+    Selftest {
+        /// `fallocate` the range.
+        fallocate: bool,
+        /// Set the attributes.
+        set_attributes: bool,
     },
 }
 
@@ -62,6 +84,16 @@ pub enum AccessResult {
     Fault,
     /// A hypercall completed with this return value (0, or a negative errno).
     Hypercall(i64),
+    /// The run failed with a memory-fault exit (`KVM_EXIT_MEMORY_FAULT`) the
+    /// VMM did not resolve; the access did not happen.
+    MemoryFault {
+        /// The exit's gpa.
+        gpa: Gpa,
+        /// Its size.
+        size: u64,
+        /// Its PRIVATE flag.
+        private: bool,
+    },
 }
 
 /// What an emulated MMIO read returns (the selftests answer 0xBEEF).
@@ -366,8 +398,9 @@ impl GuestProgram for Pass {
                 }
             }
             (_, AccessResult::Mmio) => self.mmio += 1,
-            (_, AccessResult::Fault) => self.faults += 1,
-            (_, AccessResult::Hypercall(_)) | (AccessKind::MapGpaRange { .. }, _) => {}
+            (_, AccessResult::Fault | AccessResult::MemoryFault { .. }) => self.faults += 1,
+            (_, AccessResult::Hypercall(_))
+            | (AccessKind::MapGpaRange { .. } | AccessKind::Ucall(_), _) => {}
         }
     }
 

@@ -449,6 +449,24 @@ impl HostMmu {
         Ok(())
     }
 
+    /// The VMM reads the word at `hva` through its own mapping (faulting the
+    /// page in as a read would).
+    pub fn read_u64(&self, hva: Hva) -> Result<u64, HostFaultError> {
+        let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: false })?;
+        let v = self.mem.page(p.pfn)[((hva.0 & (PAGE - 1)) / 8) as usize].load(Ordering::Relaxed);
+        self.release(p.pfn, false);
+        Ok(v)
+    }
+
+    /// The VMM writes the word at `hva` through its own mapping.
+    pub fn write_u64(&self, hva: Hva, v: u64) -> Result<(), HostFaultError> {
+        let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: true })?;
+        self.mem.commit(p.pfn);
+        self.mem.page(p.pfn)[((hva.0 & (PAGE - 1)) / 8) as usize].store(v, Ordering::Relaxed);
+        self.release(p.pfn, true);
+        Ok(())
+    }
+
     /// Inside a bracket: split the huge pages `range` cuts through (a change to
     /// part of one changes how all of it is mapped), then run `f` on every page of
     /// `range`, holding its page-table lock. The region's reshape lock is held

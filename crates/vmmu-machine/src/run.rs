@@ -130,18 +130,28 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
         }
         batch += 1;
         let Some(view) = mmu_view else { break };
-        if let AccessKind::MapGpaRange { size, private } = access.kind {
-            // A hypercall exit the VMM handles: convert, then complete it.
-            vcpu.mmu.exit_guest_mode();
-            in_guest = false;
-            c.hypercalls += 1;
-            c.accesses += 1;
-            let ret = match env.vmm.convert(access.gpa.0, size, private) {
-                Ok(()) => 0,
-                Err(e) => -(e.errno() as i64),
-            };
-            prog.complete(&access, AccessResult::Hypercall(ret));
-            continue;
+        match access.kind {
+            AccessKind::MapGpaRange { size, private, how } => {
+                // A hypercall exit the VMM handles, then completes.
+                vcpu.mmu.exit_guest_mode();
+                in_guest = false;
+                c.hypercalls += 1;
+                c.accesses += 1;
+                let ret = match env.vmm.map_gpa_range(access.gpa.0, size, private, how) {
+                    Ok(()) => 0,
+                    Err(e) => -(e.errno() as i64),
+                };
+                prog.complete(&access, AccessResult::Hypercall(ret));
+                continue;
+            }
+            AccessKind::Ucall(_) => {
+                vcpu.mmu.exit_guest_mode();
+                in_guest = false;
+                c.accesses += 1;
+                prog.complete(&access, AccessResult::Hypercall(0));
+                continue;
+            }
+            _ => {}
         }
         let write = matches!(access.kind, AccessKind::Write(_));
         let want = if write { Access::WRITE } else { Access::READ };
@@ -319,7 +329,14 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                         match opts.memory_faults {
                             MemoryFaultPolicy::Fail => {
                                 c.accesses += 1;
-                                prog.complete(&access, AccessResult::Fault);
+                                prog.complete(
+                                    &access,
+                                    AccessResult::MemoryFault {
+                                        gpa: fgpa,
+                                        size,
+                                        private,
+                                    },
+                                );
                             }
                             MemoryFaultPolicy::Reenter => {
                                 pending = retry_or_stuck(oracle, vcpu.id, prog, access, t0);

@@ -29,15 +29,39 @@ pub const KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
 pub struct GmemSlot {
     /// The slot as created.
     pub region: UserMemoryRegion,
-    /// Its file (offset 0 backs the slot's first page).
+    /// Its file.
     pub file: Arc<GuestMemfd>,
+    /// The file offset that backs the slot's first page.
+    pub offset: u64,
 }
 
 impl GmemSlot {
-    fn contains(&self, gpa: u64) -> bool {
+    /// The part of `[gpa, end)` the slot covers, as (gpa, file offset, bytes).
+    fn clip(&self, gpa: u64, end: u64) -> Option<(u64, u64, u64)> {
         let r = &self.region;
-        gpa >= r.guest_phys_addr && gpa - r.guest_phys_addr < r.memory_size
+        let (lo, hi) = (
+            gpa.max(r.guest_phys_addr),
+            end.min(r.guest_phys_addr + r.memory_size),
+        );
+        (lo < hi).then(|| (lo, self.offset + (lo - r.guest_phys_addr), hi - lo))
     }
+}
+
+/// For a conversion at a gpa, the window of guest memory it may not touch
+/// outside its own range (a vCPU's own chunk, when each vCPU converts only
+/// its own): `(first gpa, end gpa)`.
+pub type AuditWindow = Arc<dyn Fn(u64) -> (u64, u64) + Send + Sync>;
+
+/// What the audit of conversions found.
+#[derive(Debug, Default)]
+pub struct AuditCounters {
+    /// Attribute changes audited.
+    pub audited: AtomicU64,
+    /// Leaves the changes removed that intersect their range (huge leaves
+    /// containing it included).
+    pub zapped_in_range: AtomicU64,
+    /// Leaves the changes removed outside their range, inside the window: a bug.
+    pub zapped_outside: AtomicU64,
 }
 
 /// Why a conversion failed.
@@ -85,11 +109,12 @@ pub struct ConversionCounters {
     pub private_pages_punched: AtomicU64,
     /// Conversions refused.
     pub failed: AtomicU64,
+    /// Time spent in `set_memory_attributes` (the MMU's part of conversions).
+    pub attributes_ns: AtomicU64,
 }
 
 /// The VMM: guest_memfd bindings and conversions. Shared by the vCPU threads
 /// (which convert on their own exits) and the host threads.
-#[derive(Debug)]
 pub struct Vmm {
     vm: Vm,
     host: Arc<HostMmu>,
@@ -97,8 +122,20 @@ pub struct Vmm {
     /// Pages a conversion discarded, marked before and after (for guest
     /// programs that check contents while conversions run beside them).
     discarded: RwLock<Option<Arc<Discarded>>>,
+    audit: RwLock<Option<AuditWindow>>,
     /// What conversions did.
     pub counters: ConversionCounters,
+    /// What the audit of conversions found.
+    pub audit_counters: AuditCounters,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("slots", &self.slots.read().len())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vmm {
@@ -108,7 +145,9 @@ impl Vmm {
             host,
             slots: RwLock::new(Vec::new()),
             discarded: RwLock::new(None),
+            audit: RwLock::new(None),
             counters: ConversionCounters::default(),
+            audit_counters: AuditCounters::default(),
         }
     }
 
@@ -120,61 +159,163 @@ impl Vmm {
         region: UserMemoryRegion,
     ) -> Result<Arc<GuestMemfd>, GmemSlotError> {
         let file = Arc::new(self.vm.create_guest_memfd(region.memory_size, 0)?);
+        self.bind_gmem_slot(region, file.clone(), 0)?;
+        Ok(file)
+    }
+
+    /// Create the memslot `region` bound to `file` at `offset`.
+    pub fn bind_gmem_slot(
+        &self,
+        region: UserMemoryRegion,
+        file: Arc<GuestMemfd>,
+        offset: u64,
+    ) -> Result<(), MemslotError> {
         let region = UserMemoryRegion {
             flags: region.flags | KVM_MEM_GUEST_MEMFD,
             ..region
         };
-        self.vm.set_user_memory_region2(region, Some(&file), 0)?;
+        self.vm
+            .set_user_memory_region2(region, Some(&file), offset)?;
         let mut slots = self.slots.write();
         slots.retain(|s| s.region.slot != region.slot);
         slots.push(GmemSlot {
             region,
-            file: file.clone(),
+            file,
+            offset,
         });
-        Ok(file)
+        Ok(())
+    }
+
+    /// Audit every attribute change from now on: the leaves it removes from
+    /// `window(gpa)` outside its range are counted (they must be none).
+    pub fn set_audit(&self, window: Option<AuditWindow>) {
+        *self.audit.write() = window;
+    }
+
+    /// Present leaves (gfn, level, frame) of address space 0 in `[lo, hi)`.
+    fn leaves_in(&self, lo: u64, hi: u64) -> std::collections::HashSet<(u64, u8, u64)> {
+        let (lo, hi) = (lo / PAGE_SIZE, hi / PAGE_SIZE);
+        self.vm
+            .mappings(0)
+            .into_iter()
+            .filter(|(g, l, s)| s.is_shadow_present() && g.0 < hi && g.0 + l.pages() > lo)
+            .map(|(g, l, s)| (g.0, l.get(), s.pfn().0))
+            .collect()
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES`, audited when an audit window is set.
+    fn set_attributes(&self, gpa: u64, size: u64, private: bool) -> Result<(), AttributeError> {
+        let attrs = if private { MEMORY_ATTRIBUTE_PRIVATE } else { 0 };
+        let window = self.audit.read().as_ref().map(|w| w(gpa));
+        let before = window.map(|(lo, hi)| self.leaves_in(lo, hi));
+        let t0 = std::time::Instant::now();
+        let r = self.vm.set_memory_attributes(gpa, size, attrs, 0);
+        self.counters
+            .attributes_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let (Some((lo, hi)), Some(before), Ok(())) = (window, before, &r) {
+            let after = self.leaves_in(lo, hi);
+            let a = &self.audit_counters;
+            a.audited.fetch_add(1, Ordering::Relaxed);
+            let (first, end) = (gpa / PAGE_SIZE, (gpa + size) / PAGE_SIZE);
+            for leaf @ (g, level, _) in before {
+                if after.contains(&leaf) {
+                    continue;
+                }
+                let pages = 1u64 << (9 * (level as u32 - 1));
+                let counter = if g < end && g + pages > first {
+                    &a.zapped_in_range
+                } else {
+                    &a.zapped_outside
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
     }
 
     /// Create `region`'s slot again after a delete: bound to the file it had if
     /// it was a guest_memfd slot (its private pages are still in the file), as
     /// a plain slot otherwise.
     pub fn recreate_slot(&self, region: UserMemoryRegion) -> Result<(), MemslotError> {
-        let file = self
+        let found = self
             .slots
             .read()
             .iter()
             .find(|s| s.region.slot == region.slot)
-            .map(|s| s.file.clone());
-        match file {
-            Some(file) => self.vm.set_user_memory_region2(
+            .map(|s| (s.file.clone(), s.offset));
+        match found {
+            Some((file, offset)) => self.vm.set_user_memory_region2(
                 UserMemoryRegion {
                     flags: region.flags | KVM_MEM_GUEST_MEMFD,
                     ..region
                 },
                 Some(&file),
-                0,
+                offset,
             ),
             None => self.vm.set_user_memory_region(region),
         }
     }
 
-    /// Punch `[gpa, gpa + len)` out of the guest_memfd slots it covers.
-    pub fn punch_hole(&self, gpa: u64, len: u64) -> Result<(), GmemError> {
-        let end = gpa + len;
+    /// `fallocate` the guest_memfd pages behind `[gpa, gpa + len)`: punch them
+    /// out, or allocate them.
+    fn fallocate(&self, gpa: u64, len: u64, punch: bool) -> Result<(), GmemError> {
+        let mode = if punch {
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        } else {
+            0
+        };
         for s in self.slots.read().iter() {
-            let r = &s.region;
-            let (lo, hi) = (
-                gpa.max(r.guest_phys_addr),
-                end.min(r.guest_phys_addr + r.memory_size),
-            );
-            if lo < hi {
-                s.file.fallocate(
-                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                    lo - r.guest_phys_addr,
-                    hi - lo,
-                )?;
+            if let Some((_, off, n)) = s.clip(gpa, gpa + len) {
+                s.file.fallocate(mode, off, n)?;
+                if punch {
+                    self.counters
+                        .private_pages_punched
+                        .fetch_add(n / PAGE_SIZE, Ordering::Relaxed);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Punch `[gpa, gpa + len)` out of the guest_memfd slots it covers.
+    pub fn punch_hole(&self, gpa: u64, len: u64) -> Result<(), GmemError> {
+        self.fallocate(gpa, len, true)
+    }
+
+    /// A guest's `KVM_HC_MAP_GPA_RANGE`, handled as `how` says.
+    pub fn map_gpa_range(
+        &self,
+        gpa: u64,
+        size: u64,
+        private: bool,
+        how: crate::guest::MapGpaHow,
+    ) -> Result<(), ConvertError> {
+        use crate::guest::MapGpaHow;
+        match how {
+            MapGpaHow::Convert => self.convert(gpa, size, private),
+            MapGpaHow::Selftest {
+                fallocate,
+                set_attributes,
+            } => {
+                if fallocate {
+                    self.fallocate(gpa, size, !private)?;
+                }
+                if set_attributes {
+                    if let Err(e) = self.set_attributes(gpa, size, private) {
+                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        return Err(e.into());
+                    }
+                    let counter = if private {
+                        &self.counters.to_private
+                    } else {
+                        &self.counters.to_shared
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Forget a slot's file (after the slot was deleted); the file closes when
@@ -199,7 +340,6 @@ impl Vmm {
     /// range leaves (only where a guest_memfd slot covers it: elsewhere there
     /// is no private side and the attribute change is all there is).
     pub fn convert(&self, gpa: u64, size: u64, private: bool) -> Result<(), ConvertError> {
-        let attrs = if private { MEMORY_ATTRIBUTE_PRIVATE } else { 0 };
         let discarded = self.discarded.read().clone();
         let mark = |d: &Option<Arc<Discarded>>| {
             if let Some(d) = d {
@@ -207,7 +347,7 @@ impl Vmm {
             }
         };
         mark(&discarded);
-        if let Err(e) = self.vm.set_memory_attributes(gpa, size, attrs, 0) {
+        if let Err(e) = self.set_attributes(gpa, size, private) {
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
             return Err(e.into());
         }
@@ -217,30 +357,26 @@ impl Vmm {
             &self.counters.to_shared
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let end = gpa + size;
-        for s in self.slots.read().iter() {
-            let r = &s.region;
-            let (lo, hi) = (
-                gpa.max(r.guest_phys_addr),
-                end.min(r.guest_phys_addr + r.memory_size),
-            );
-            if lo >= hi || !s.contains(lo) {
-                continue;
-            }
-            let off = lo - r.guest_phys_addr;
+        let parts: Vec<(GmemSlot, (u64, u64, u64))> = self
+            .slots
+            .read()
+            .iter()
+            .filter_map(|s| s.clip(gpa, gpa + size).map(|c| (s.clone(), c)))
+            .collect();
+        for (s, (lo, off, n)) in parts {
             if private {
-                let hva = r.userspace_addr + off;
+                let hva = s.region.userspace_addr + (lo - s.region.guest_phys_addr);
                 self.host
-                    .madvise_dontneed(HvaRange::new(Hva(hva), Hva(hva + (hi - lo))));
+                    .madvise_dontneed(HvaRange::new(Hva(hva), Hva(hva + n)));
                 self.counters
                     .shared_pages_discarded
-                    .fetch_add((hi - lo) / PAGE_SIZE, Ordering::Relaxed);
+                    .fetch_add(n / PAGE_SIZE, Ordering::Relaxed);
             } else {
                 s.file
-                    .fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, hi - lo)?;
+                    .fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)?;
                 self.counters
                     .private_pages_punched
-                    .fetch_add((hi - lo) / PAGE_SIZE, Ordering::Relaxed);
+                    .fetch_add(n / PAGE_SIZE, Ordering::Relaxed);
             }
         }
         mark(&discarded);

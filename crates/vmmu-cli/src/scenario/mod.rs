@@ -4,6 +4,7 @@ pub mod demand_paging;
 pub mod invalidation_storm;
 pub mod memslot_churn;
 pub mod mmu_stress;
+pub mod private_conversions;
 pub mod roots;
 
 use std::io::IsTerminal;
