@@ -114,6 +114,21 @@ pub(crate) enum RunCmd {
     /// whole chunks and odd/even 4 KiB frames inside 2 MiB, host writes through
     /// the shared path, punch-holes read back as zeros; vCPUs in parallel.
     PrivateConversions(PrivateConversionsArgs),
+    /// private_mem_kvm_exits_test: a slot deleted under a private page, and a
+    /// private attribute on a plain slot, each end in a memory-fault exit with
+    /// the page's gpa, size 4096 and the PRIVATE flag.
+    PrivateExits(PlainArgs),
+    /// pre_fault_memory_test: three KVM_PRE_FAULT_MEMORY calls raced by a slot
+    /// delete, on a default, a software-protected and a private VM.
+    Prefault(PlainArgs),
+}
+
+/// A scenario with the common flags only.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct PlainArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
 }
 
 /// `vmmu run private-conversions`.
@@ -374,6 +389,8 @@ impl RunCmd {
             RunCmd::InvalidationStorm(_) => "invalidation-storm",
             RunCmd::Roots(_) => "roots",
             RunCmd::PrivateConversions(_) => "private-conversions",
+            RunCmd::PrivateExits(_) => "private-exits",
+            RunCmd::Prefault(_) => "prefault",
         }
     }
 
@@ -431,6 +448,7 @@ impl RunCmd {
                 backing: Some(a.backing),
                 ..a.flags.common()
             },
+            RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => a.flags.common(),
         }
     }
 }
@@ -449,6 +467,7 @@ impl RunCmd {
             RunCmd::InvalidationStorm(a) => serde_json::to_value(a),
             RunCmd::Roots(a) => serde_json::to_value(a),
             RunCmd::PrivateConversions(a) => serde_json::to_value(a),
+            RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()
     }

@@ -32,6 +32,8 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::PrivateConversions(_) => {
             scenario::private_conversions::validate(&common).map(|_| ())
         }
+        RunCmd::PrivateExits(_) => scenario::private_exits::validate(&common).map(|_| ()),
+        RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
     }
 }
 
@@ -139,6 +141,8 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::InvalidationStorm(_) => scenario::invalidation_storm::run(&common),
                 RunCmd::Roots(_) => scenario::roots::run(&common),
                 RunCmd::PrivateConversions(_) => scenario::private_conversions::run(&common),
+                RunCmd::PrivateExits(_) => scenario::private_exits::run(&common),
+                RunCmd::Prefault(_) => scenario::prefault::run(&common),
             }
         }),
         Cmd::Bench {

@@ -402,3 +402,32 @@ fn test_private_conversions_refuses_memslots_that_do_not_split_the_file() {
     let e = refusal(&["run", "private-conversions", "-m", "3"]);
     assert!(e.contains("-m 3"), "{e}");
 }
+
+#[test]
+fn test_private_exits_name_the_page_size_and_private_flag() {
+    let v = json_run(&["run", "private-exits"]);
+    for case in [
+        "slot_deleted_under_private_page",
+        "private_attribute_on_plain_slot",
+    ] {
+        assert_eq!(v[format!("{case}_pass")], true, "{case}: {v}");
+        assert_eq!(v[format!("{case}_gpa")], 0xc000_0000u64, "{v}");
+        assert_eq!(v[format!("{case}_size")], 4096, "{v}");
+        assert_eq!(v[format!("{case}_flags")], 8, "{v}");
+    }
+    assert!(v["slot_deleted_under_private_page_reads"].as_u64().unwrap() > 0);
+    assert_eq!(v["cases_failed"], 0);
+}
+
+#[test]
+fn test_prefault_calls_leave_what_the_selftest_expects() {
+    let v = json_run(&["run", "prefault"]);
+    assert_eq!(v["cases_failed"], 0, "{v}");
+    for variant in ["default", "sw_protected_shared", "sw_protected_private"] {
+        assert_eq!(v[format!("{variant}_call1_left")], 0, "{v}");
+        assert_eq!(v[format!("{variant}_call2_left")], 4096, "{v}");
+        assert_eq!(v[format!("{variant}_call3_errno")], 2, "{v}");
+        assert!(v[format!("{variant}_pre_faulted_bytes")].as_u64().unwrap() >= 2 << 20);
+    }
+    assert!(v["sw_protected_private_private_faults"].as_u64().unwrap() >= 513);
+}

@@ -50,6 +50,8 @@ fn test_every_mode_json_matches_the_schema() {
         &["bench", "invalidation-storm", "-b", "4M", "-i", "1"],
         &["soak", "--duration", "3", "-b", "4M"],
         &["run", "private-conversions"],
+        &["run", "private-exits"],
+        &["run", "prefault"],
     ] {
         assert_valid(&v, args);
     }

@@ -4,7 +4,9 @@ pub mod demand_paging;
 pub mod invalidation_storm;
 pub mod memslot_churn;
 pub mod mmu_stress;
+pub mod prefault;
 pub mod private_conversions;
+pub mod private_exits;
 pub mod roots;
 
 use std::io::IsTerminal;
