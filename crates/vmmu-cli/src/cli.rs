@@ -121,6 +121,21 @@ pub(crate) enum RunCmd {
     /// pre_fault_memory_test: three KVM_PRE_FAULT_MEMORY calls raced by a slot
     /// delete, on a default, a software-protected and a private VM.
     Prefault(PlainArgs),
+    /// guest_memfd_test: the guest_memfd contract case by case (creation sizes
+    /// and flags, fallocate modes and bounds, bind errors, mmap), with
+    /// --vs-kvm side by side with /dev/kvm; and the punch-hole invalidation count.
+    GuestMemfd(GuestMemfdArgs),
+}
+
+/// `vmmu run guest-memfd`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct GuestMemfdArgs {
+    /// Also run every case on /dev/kvm and compare the answers.
+    #[arg(long)]
+    pub(crate) vs_kvm: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
 }
 
 /// A scenario with the common flags only.
@@ -391,6 +406,7 @@ impl RunCmd {
             RunCmd::PrivateConversions(_) => "private-conversions",
             RunCmd::PrivateExits(_) => "private-exits",
             RunCmd::Prefault(_) => "prefault",
+            RunCmd::GuestMemfd(_) => "guest-memfd",
         }
     }
 
@@ -449,6 +465,7 @@ impl RunCmd {
                 ..a.flags.common()
             },
             RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => a.flags.common(),
+            RunCmd::GuestMemfd(a) => a.flags.common(),
         }
     }
 }
@@ -468,6 +485,7 @@ impl RunCmd {
             RunCmd::Roots(a) => serde_json::to_value(a),
             RunCmd::PrivateConversions(a) => serde_json::to_value(a),
             RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => serde_json::to_value(a),
+            RunCmd::GuestMemfd(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()
     }

@@ -431,3 +431,26 @@ fn test_prefault_calls_leave_what_the_selftest_expects() {
     }
     assert!(v["sw_protected_private_private_faults"].as_u64().unwrap() >= 513);
 }
+
+#[test]
+fn test_guest_memfd_contract_holds_and_compares_with_kvm_when_asked() {
+    let v = json_run(&["run", "guest-memfd"]);
+    assert_eq!(v["cases_failed"], 0, "{v}");
+    assert!(v["cases"].as_u64().unwrap() >= 40);
+    assert!(
+        v.get("kvm_cases_compared").is_none(),
+        "KVM without --vs-kvm"
+    );
+    assert_eq!(v["punch_invalidations"], 1);
+    assert_eq!(v["punch_leaves_zapped"], v["hole_pages"]);
+    let (code, out, err) = vmmu(&["run", "guest-memfd", "--vs-kvm", "--json"]);
+    if code == 0 {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(v["kvm_cases_compared"].as_u64().unwrap() > 0, "{v}");
+        assert!(v["kvm_caps"]["guest_memfd"].as_i64().is_some(), "{v}");
+    } else {
+        // No usable /dev/kvm: one line that says why, with the OS's reason.
+        assert!(err.contains("--vs-kvm") && err.contains("KVM"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

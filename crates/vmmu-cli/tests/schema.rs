@@ -52,6 +52,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["run", "private-conversions"],
         &["run", "private-exits"],
         &["run", "prefault"],
+        &["run", "guest-memfd"],
     ] {
         assert_valid(&v, args);
     }

@@ -33,6 +33,7 @@ use kvm_ioctls::Kvm;
 mod baseline;
 mod demand_paging;
 mod error;
+pub mod gmem;
 pub mod guest;
 mod host_mem;
 mod stats;

@@ -263,7 +263,7 @@ impl Vmm {
         let mode = if punch {
             FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         } else {
-            0
+            FALLOC_FL_KEEP_SIZE
         };
         for s in self.slots.read().iter() {
             if let Some((_, off, n)) = s.clip(gpa, gpa + len) {
@@ -393,8 +393,9 @@ impl Vmm {
             .any(|i| self.vm.memory_attributes(Gpa(gpa + i * PAGE_SIZE).gfn()) != want)
     }
 
-    /// Drop every file reference the VMM holds.
-    pub(crate) fn clear(&self) {
+    /// Drop every file reference the VMM holds (the files close when their
+    /// last holder lets go).
+    pub fn clear(&self) {
         self.slots.write().clear();
     }
 }

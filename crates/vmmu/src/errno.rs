@@ -9,6 +9,8 @@ pub const ENOENT: i32 = 2;
 pub const EINTR: i32 = 4;
 /// Argument list too long (KVM: a range beyond what a call accepts).
 pub const E2BIG: i32 = 7;
+/// Bad file descriptor.
+pub const EBADF: i32 = 9;
 /// Try again.
 pub const EAGAIN: i32 = 11;
 /// Out of memory.
@@ -19,10 +21,14 @@ pub const EFAULT: i32 = 14;
 pub const EBUSY: i32 = 16;
 /// File exists.
 pub const EEXIST: i32 = 17;
+/// No such device (a guest_memfd mapped without MMAP).
+pub const ENODEV: i32 = 19;
 /// Invalid argument.
 pub const EINVAL: i32 = 22;
 /// Inappropriate ioctl (an unknown or unsupported ioctl).
 pub const ENOTTY: i32 = 25;
+/// File too large.
+pub const EFBIG: i32 = 27;
 /// No space left.
 pub const ENOSPC: i32 = 28;
 /// Operation not supported.

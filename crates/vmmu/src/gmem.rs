@@ -372,12 +372,27 @@ impl GuestMemfd {
     /// later reads see zeros. Anything else is refused.
     #[track_caller]
     pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<(), GmemError> {
+        // The file's size never changes: KEEP_SIZE is required (KVM answers
+        // EOPNOTSUPP without it).
         let punch = match mode {
-            0 | FALLOC_FL_KEEP_SIZE => false,
+            FALLOC_FL_KEEP_SIZE => false,
             m if m == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE => true,
             m => return Err(GmemError::InvalidMode(m)),
         };
-        let (first, last) = self.file.check_range(offset, len)?;
+        // A hole is clipped to the file (past its end there is nothing to
+        // punch, and that is no error); an allocation must lie inside it.
+        let (first, last) = if punch {
+            if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+                return Err(GmemError::Unaligned { offset, len });
+            }
+            let end = offset.saturating_add(len).min(self.file.size);
+            if offset >= end {
+                return Ok(());
+            }
+            (offset / PAGE_SIZE, end / PAGE_SIZE)
+        } else {
+            self.file.check_range(offset, len)?
+        };
         let f = &*self.file;
         if punch {
             let vm = f.vm();

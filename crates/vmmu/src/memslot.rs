@@ -144,7 +144,7 @@ impl MemslotError {
     pub fn errno(&self) -> i32 {
         match self {
             MemslotError::Overlap { .. } => crate::errno::EEXIST,
-            MemslotError::NoGuestMemfd { .. } => 9, // EBADF
+            MemslotError::NoGuestMemfd { .. } => crate::errno::EBADF,
             _ => crate::errno::EINVAL,
         }
     }
@@ -631,7 +631,7 @@ pub(crate) fn classify(
             address_spaces,
             gfn_limit,
             region2: false,
-            private_mem: false,
+            gmem: false,
         },
         None,
     )
@@ -644,8 +644,10 @@ pub(crate) struct Limits {
     pub(crate) gfn_limit: u64,
     /// The call is `KVM_SET_USER_MEMORY_REGION2` (the only one with guest_memfd).
     pub(crate) region2: bool,
-    /// The VM type has private memory.
-    pub(crate) private_mem: bool,
+    /// The VM can bind guest_memfd files (its host provides their pages). As
+    /// on KVM 6.18, any VM type can: on one without private memory the file
+    /// only backs nothing private, and faults use the shared side.
+    pub(crate) gmem: bool,
 }
 
 /// A guest_memfd given to `KVM_SET_USER_MEMORY_REGION2`, already checked to
@@ -665,10 +667,10 @@ pub(crate) fn classify_with(
 ) -> Result<Change> {
     let (address_spaces, gfn_limit) = (limits.address_spaces, limits.gfn_limit);
     // KVM's check_memory_region_flags: guest_memfd only through the second call
-    // and on VM types with private memory; no dirty logging or read-only on a
+    // and where guest_memfd is supported; no dirty logging or read-only on a
     // guest_memfd slot.
     let mut valid = SUPPORTED_FLAGS;
-    if limits.region2 && limits.private_mem {
+    if limits.region2 && limits.gmem {
         valid |= MemFlags::GUEST_MEMFD;
     }
     if region.flags & MemFlags::GUEST_MEMFD.bits() != 0 {

@@ -6,10 +6,7 @@ use std::collections::BTreeSet;
 use crate::attributes::{AttributeError, Attributes, MEMORY_ATTRIBUTE_PRIVATE};
 use crate::config::HookPoint;
 use crate::config::VmConfig;
-use crate::gmem::{
-    GmemError, GmemFile, GuestMemfd, GUEST_MEMFD_FLAGS, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP,
-};
+use crate::gmem::{GmemError, GmemFile, GuestMemfd, GUEST_MEMFD_FLAGS};
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::GmemArg;
 use crate::memslot::{
@@ -507,7 +504,7 @@ impl Vm {
                     address_spaces: vm.config.address_spaces,
                     gfn_limit: vm.config.gfn_limit(),
                     region2,
-                    private_mem: vm.config.vm_type.has_private_mem(),
+                    gmem: vm.host.private.is_some(),
                 },
                 gmem,
             )?
@@ -648,8 +645,9 @@ impl Vm {
     /// 4 KiB) of private memory for this VM. Flags: `GUEST_MEMFD_FLAG_MMAP` and
     /// `GUEST_MEMFD_FLAG_INIT_SHARED` (which needs MMAP), as in 6.18.
     pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<GuestMemfd, GmemError> {
-        let bad_flags = flags & !GUEST_MEMFD_FLAGS != 0
-            || (flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 && flags & GUEST_MEMFD_FLAG_MMAP == 0);
+        // Only known flags; INIT_SHARED alone is accepted, as the KVM it was
+        // compared with accepts it (it has no effect without MMAP).
+        let bad_flags = flags & !GUEST_MEMFD_FLAGS != 0;
         if bad_flags {
             return Err(GmemError::InvalidFlags {
                 flags,
