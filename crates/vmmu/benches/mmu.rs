@@ -4,6 +4,10 @@
 //!   memslot lookup, host faultin, `mmu_lock` for read, walk, leaf install) into
 //!   tables that already exist, with the frame already resident in the host.
 //! - `fault_2m`: the same, installing a 2 MiB leaf.
+//! - `fault_4k_private`: `fault_4k_resident` on a software-protected VM whose
+//!   slot is private, the frames already allocated in its guest_memfd: the
+//!   private path (attribute lookup, guest_memfd page lookup) instead of the
+//!   host's. Compare with `fault_4k_resident` of the same run.
 //! - `fast_path_fix`: a present write fault on a write-protected, MMU-writable
 //!   4 KiB entry, fixed by the lockless fast path.
 //! - `zap_1g_4k`: `zap_gfn_range` over 1 GiB mapped with 262144 4 KiB leaves.
@@ -19,196 +23,15 @@
 //! silently measure a no-op.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use vmmu::memslot::USER_MEM_SLOTS;
-use vmmu::{
-    ErrorCode, FaultinRequest, Gfn, GfnRange, Gpa, HostFaultError, HostOps, HostPfn, Hva, HvaRange,
-    Kick, Level, Pfn, PrimaryMmu, RetPf, Table, TableMemory, TableMemoryError, UserMemoryRegion,
-    VcpuMmu, Vm, VmConfig, PAGE_SIZE,
-};
+use vmmu::{ErrorCode, Gfn, Gpa, Hva, HvaRange, Level, UserMemoryRegion, Vm, VmConfig, PAGE_SIZE};
 
-/// Guest memory starts at 4 GiB (1 GiB aligned).
-const GPA_BASE: u64 = 4 << 30;
-/// Host addresses start at 64 GiB (1 GiB aligned), so `hva >> 12` is a frame
-/// number congruent with the gfn at every level.
-const HVA_BASE: u64 = 64 << 30;
-/// Table frames are numbered from here, far above the data frames `hva >> 12`.
-const TABLE_PFN_BASE: u64 = 1 << 28;
-const MIB2: u64 = 2 << 20;
-const GIB: u64 = 1 << 30;
-
-/// A host whose primary MMU always has the frame resident and writable, and whose
-/// table memory is a preallocated arena.
-///
-/// `faultin` is arithmetic (`pfn = hva >> 12`), `release` does nothing, and
-/// `table` is an index into a boxed slice: no locks, no maps on any path a
-/// steady-state fault takes. Allocation (only when a vCPU refills its table cache,
-/// or a root is created) and freeing take a mutex-protected free list.
-struct BenchHost {
-    tables: Box<[Table]>,
-    next: AtomicUsize,
-    free: Mutex<Vec<usize>>,
-    allocated: AtomicU64,
-    /// What `mapping_level` reports for every address.
-    level: Level,
-}
-
-impl std::fmt::Debug for BenchHost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BenchHost")
-            .field("capacity", &self.tables.len())
-            .field("allocated", &self.allocated.load(Ordering::Relaxed))
-            .field("level", &self.level)
-            .finish()
-    }
-}
-
-impl BenchHost {
-    /// A host with room for `capacity` table pages whose mappings are all `level`.
-    fn new(capacity: usize, level: Level) -> Arc<Self> {
-        let tables: Box<[Table]> = (0..capacity)
-            .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
-            .collect();
-        Arc::new(BenchHost {
-            tables,
-            next: AtomicUsize::new(0),
-            free: Mutex::new(Vec::new()),
-            allocated: AtomicU64::new(0),
-            level,
-        })
-    }
-
-    fn ops(self: &Arc<Self>) -> HostOps {
-        HostOps {
-            memory: self.clone(),
-            primary: self.clone(),
-            kick: self.clone(),
-            private: None,
-        }
-    }
-
-    fn index(&self, pfn: Pfn) -> usize {
-        let idx = pfn.0.wrapping_sub(TABLE_PFN_BASE) as usize;
-        assert!(idx < self.tables.len(), "{pfn:?} is not a table page");
-        idx
-    }
-}
-
-impl TableMemory for BenchHost {
-    fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError> {
-        let reused = self
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let idx = match reused {
-            Some(i) => i,
-            None => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed);
-                if i >= self.tables.len() {
-                    return Err(TableMemoryError::OutOfMemory);
-                }
-                i
-            }
-        };
-        self.allocated.fetch_add(1, Ordering::Relaxed);
-        Ok(Pfn(TABLE_PFN_BASE + idx as u64))
-    }
-
-    fn free_table_page(&self, pfn: Pfn) {
-        let idx = self.index(pfn);
-        self.allocated.fetch_sub(1, Ordering::Relaxed);
-        self.free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(idx);
-    }
-
-    fn table(&self, pfn: Pfn) -> &Table {
-        &self.tables[self.index(pfn)]
-    }
-}
-
-impl PrimaryMmu for BenchHost {
-    fn faultin(&self, hva: Hva, _req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
-        Ok(HostPfn {
-            pfn: Pfn(hva.0 / PAGE_SIZE),
-            writable: true,
-        })
-    }
-
-    fn release(&self, _pfn: Pfn, _mapped_writable: bool) {}
-
-    fn mapping_level(&self, _hva: Hva) -> Level {
-        self.level
-    }
-}
-
-impl Kick for BenchHost {
-    fn kick(&self, _vcpu_id: u32) {}
-}
-
-/// A VM with one memslot at [`GPA_BASE`] / [`HVA_BASE`] and one vCPU with a root
-/// loaded.
-struct Guest {
-    vm: Vm,
-    vcpu: VcpuMmu,
-    host: Arc<BenchHost>,
-    /// The gfns of the memslot.
-    slot: GfnRange,
-}
-
-impl Guest {
-    fn new(host_level: Level, size: u64, table_capacity: usize) -> Guest {
-        let host = BenchHost::new(table_capacity, host_level);
-        let vm = Vm::new(VmConfig::default(), host.ops()).expect("create VM");
-        vm.set_user_memory_region(UserMemoryRegion {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: GPA_BASE,
-            memory_size: size,
-            userspace_addr: HVA_BASE,
-        })
-        .expect("create memslot");
-        let mut vcpu = vm.create_vcpu(0).expect("create vCPU");
-        vcpu.prepare_entry().expect("load root");
-        let first = Gpa(GPA_BASE).gfn();
-        Guest {
-            vm,
-            vcpu,
-            host,
-            slot: GfnRange::new(first, first.add(size / PAGE_SIZE)),
-        }
-    }
-
-    /// Fault `n` pages `stride` bytes apart from the start of the slot with `ec`;
-    /// returns how many returned [`RetPf::Fixed`].
-    #[inline]
-    fn fault_pages(&mut self, stride: u64, n: u64, ec: ErrorCode) -> u64 {
-        let mut fixed = 0;
-        for i in 0..n {
-            let r = self.vcpu.page_fault(Gpa(GPA_BASE + i * stride), ec);
-            fixed += u64::from(r == Ok(RetPf::Fixed));
-        }
-        fixed
-    }
-
-    /// Gfns of the first `n` pages of `stride` bytes.
-    fn range(&self, stride: u64, n: u64) -> GfnRange {
-        GfnRange::new(self.slot.start, self.slot.start.add(n * stride / PAGE_SIZE))
-    }
-
-    /// Zap the whole slot and consume the resulting flush request, as a vCPU would
-    /// before its next entry.
-    fn zap_slot(&mut self) {
-        self.vm.zap_gfn_range(0, self.slot).expect("valid range");
-        self.vcpu.prepare_entry().expect("re-enter");
-    }
-}
+mod common;
+use common::*;
 
 /// Shared body of `fault_4k_resident` and `fault_2m`: per batch, fault up to
 /// `batch` distinct pages of `level` size (timed), then zap them (not timed).
@@ -216,7 +39,19 @@ impl Guest {
 /// fault installs exactly one leaf into existing tables.
 fn bench_fault(c: &mut Criterion, name: &str, level: Level, batch: u64) {
     let page = level.bytes();
-    let mut g = Guest::new(level, batch * page, 1024);
+    let g = Guest::new(level, batch * page, 1024);
+    let s = bench_fault_on(c, name, level, batch, g);
+    assert_eq!(s.private_faults, 0);
+}
+
+fn bench_fault_on(
+    c: &mut Criterion,
+    name: &str,
+    level: Level,
+    batch: u64,
+    mut g: Guest,
+) -> vmmu::Stats {
+    let page = level.bytes();
 
     // Build the tables, check one leaf per fault at the right level, zap.
     assert_eq!(g.fault_pages(page, batch, ErrorCode::WRITE), batch);
@@ -261,6 +96,7 @@ fn bench_fault(c: &mut Criterion, name: &str, level: Level, batch: u64) {
     );
     assert_eq!(s.present(level), 0);
     assert_eq!(s.faults_retry, 0, "{name}: faults retried");
+    s
 }
 
 /// Timed: one `page_fault(gpa, WRITE)` on a not-present 4 KiB page whose frame the
@@ -269,6 +105,16 @@ fn bench_fault(c: &mut Criterion, name: &str, level: Level, batch: u64) {
 /// batches is not timed.
 fn fault_4k_resident(c: &mut Criterion) {
     bench_fault(c, "fault_4k_resident", Level::K4, 4096);
+}
+
+/// Timed: `fault_4k_resident` on private memory: a 4 KiB write fault on a
+/// software-protected VM whose gfn is private, its frame already in the
+/// guest_memfd, installing a 4 KiB leaf into existing tables.
+fn fault_4k_private(c: &mut Criterion) {
+    let (g, file) = Guest::new_private(4096 * PAGE_SIZE, 1024);
+    let s = bench_fault_on(c, "fault_4k_private", Level::K4, 4096, g);
+    assert_eq!(s.private_faults, s.faults_fixed, "every fault was private");
+    assert_eq!(file.allocated_pages(), 4096, "the file kept its pages");
 }
 
 /// Timed: one `page_fault(gpa, WRITE)` on a not-present 2 MiB-aligned region with
@@ -476,6 +322,7 @@ fn memslot_lookup(c: &mut Criterion) {
 criterion_group!(
     benches,
     fault_4k_resident,
+    fault_4k_private,
     fault_2m,
     fast_path_fix,
     invalidate_nothing_mapped,

@@ -198,6 +198,10 @@ pub struct GuardKnobs {
     /// A guest_memfd invalidation (punch-hole, release, memory failure) leaves
     /// the mappings of the pages it frees in place.
     pub skip_gmem_zap: bool,
+    /// A punch-hole frees its pages after its invalidation ended instead of
+    /// inside it, so a fault that read a page without the file's lock and
+    /// snapshotted after the end maps a freed page.
+    pub free_after_gmem_invalidation: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -128,6 +128,9 @@ pub(crate) struct PageFault<'s> {
     /// mitigation (KVM's `req_level`).
     pub(crate) req_level: Level,
     pub(crate) mmu_seq: u64,
+    /// The gfn's attribute, when it was read after the snapshot to set
+    /// `private` (the software-protected type).
+    pub(crate) attr_private: Option<bool>,
     pub(crate) pfn: Pfn,
     /// The frame the host returned (before huge-page alignment), released at the end.
     pub(crate) host_pfn: Pfn,
@@ -196,15 +199,22 @@ impl VcpuMmu {
                     Access::empty()
                 };
         }
+        // On a VM with private memory the fault's one sequence snapshot is taken
+        // here, before the attributes are first read: the attribute read that
+        // decides the fault's side then comes after it, so a conversion that
+        // completes after the read is caught by the checks against the snapshot,
+        // and the software-protected type needs no second read. (Earlier than
+        // KVM takes it: at worst a retry KVM would not make; never a missed
+        // conversion.) Other VMs take it where KVM does, in `faultin_pfn`.
+        let has_private = vm.config.vm_type.has_private_mem();
+        let mmu_seq = if has_private { vm.inval.snapshot() } else { 0 };
         // Where a fault's private bit comes from: the guest's access on a
         // confidential VM type; the attributes on the software-protected type
         // (as KVM sets PFERR_PRIVATE_ACCESS for it); nowhere on the default type,
         // where a private access can only mismatch.
-        let private = if vm.config.vm_type == crate::config::VmType::SwProtected {
-            vm.attrs.is_private(gfn)
-        } else {
-            ec.contains(ErrorCode::PRIVATE)
-        };
+        let attr_private = (vm.config.vm_type == crate::config::VmType::SwProtected)
+            .then(|| vm.attrs.is_private(gfn));
+        let private = attr_private.unwrap_or_else(|| ec.contains(ErrorCode::PRIVATE));
         let mut f = PageFault {
             gfn,
             write,
@@ -216,7 +226,8 @@ impl VcpuMmu {
             max_level: vm.config.max_level,
             goal_level: Level::K4,
             req_level: Level::K4,
-            mmu_seq: 0,
+            mmu_seq,
+            attr_private,
             pfn: Pfn(0),
             host_pfn: Pfn(0),
             map_writable: false,
@@ -304,12 +315,10 @@ impl VcpuMmu {
         // gets it out. (A racing conversion at worst sends a fault the slow
         // way, or lets it spin until the conversion is done.)
         let vm = &*self.vm;
-        if vm.config.vm_type.has_private_mem() && vm.attrs.is_private(f.gfn) {
-            return false;
-        }
         // Not present with A/D disabled: maybe an access-tracked entry.
         // Present write: maybe write-protected but MMU-writable.
-        (!f.present && !self.vm.config.ad_enabled) || (f.present && f.write)
+        let could_help = (!f.present && !vm.config.ad_enabled) || (f.present && f.write);
+        could_help && !(vm.config.vm_type.has_private_mem() && vm.attrs.is_private(f.gfn))
     }
 
     /// The lockless fast path (KVM's `fast_page_fault`): restore an access-tracked
@@ -377,11 +386,18 @@ impl VcpuMmu {
         // (the attributes, the memslot's state, the host's page tables): an
         // invalidation that changes any of them after this point is caught by the
         // checks below. A second snapshot later would let a change that ended in
-        // between go unnoticed.
-        f.mmu_seq = vm.inval.snapshot();
+        // between go unnoticed. (With private memory it was taken at the start
+        // of the fault, before the first attribute read.)
+        let has_private = vm.config.vm_type.has_private_mem();
+        if !has_private {
+            f.mmu_seq = vm.inval.snapshot();
+        }
         // Private/shared first, so a mismatch exits to the VMM even without a
         // slot: the VMM converts the memory and runs the vCPU again.
-        let gfn_is_private = vm.config.vm_type.has_private_mem() && vm.attrs.is_private(f.gfn);
+        let gfn_is_private = match f.attr_private {
+            Some(p) => p,
+            None => has_private && vm.attrs.is_private(f.gfn),
+        };
         let memory_fault = Err(FaultError::MemoryFault {
             gpa: f.gfn.gpa(),
             size: PAGE_SIZE,

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use crate::fault::PageFault;
 use crate::host::{HostFaultError, PrivateMemory};
 use crate::stats::CounterSet;
-use crate::sync::{Arc, AtomicU64, LockClass, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, LockClass, Mutex, Ordering};
 use crate::tdp::{Ctx, FlushBatch};
 use crate::types::{Gfn, GfnRange, Pfn, PAGE_SIZE};
 use crate::vm::VmInner;
@@ -138,6 +138,59 @@ struct State {
     released: bool,
 }
 
+/// The file's pages as private faults read them: one word per page, the
+/// frame and its state, in chunks of 512 allocated on first use (a file's
+/// index costs 8 bytes per page only where pages were allocated). Written
+/// under the file's lock, together with [`State::pages`]; read without it, so
+/// a fault on a page the file already has takes no lock. A fault that reads a
+/// frame a punch-hole then frees is safe for the same reason a fault racing
+/// the host is: the punch frees inside its invalidation (after the begin,
+/// before the end), so the fault's locked check against its sequence snapshot
+/// retries it. Freeing after the end would not be (the loom model
+/// `loom_punch_hole_frees_before_its_invalidation_ends` shows the race).
+struct PageIndex {
+    chunks: Box<[std::sync::OnceLock<Box<[AtomicU64]>>]>,
+}
+
+const INDEX_CHUNK: u64 = 512;
+const ENTRY_PRESENT: u64 = 1;
+const ENTRY_POISONED: u64 = 2;
+
+impl PageIndex {
+    fn new(pages: u64) -> PageIndex {
+        PageIndex {
+            chunks: (0..pages.div_ceil(INDEX_CHUNK))
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// The entry of page `i` (0: no page).
+    fn get(&self, i: u64) -> u64 {
+        self.chunks
+            .get((i / INDEX_CHUNK) as usize)
+            .and_then(|c| c.get())
+            .map_or(0, |c| c[(i % INDEX_CHUNK) as usize].load(Ordering::Acquire))
+    }
+
+    /// Set the entry of page `i` (under the file's lock).
+    fn set(&self, i: u64, entry: u64) {
+        let Some(chunk) = self.chunks.get((i / INDEX_CHUNK) as usize) else {
+            return;
+        };
+        if entry == 0 && chunk.get().is_none() {
+            return;
+        }
+        let c = chunk.get_or_init(|| (0..INDEX_CHUNK).map(|_| AtomicU64::new(0)).collect());
+        // Release: a fault that reads the entry sees a page the file owns.
+        c[(i % INDEX_CHUNK) as usize].store(entry, Ordering::Release);
+    }
+
+    fn entry(p: &Page) -> u64 {
+        (p.pfn.0 << 2) | ENTRY_PRESENT | if p.poisoned { ENTRY_POISONED } else { 0 }
+    }
+}
+
 /// The file behind a [`GuestMemfd`], shared with the memslots that bind it.
 pub(crate) struct GmemFile {
     pub(crate) id: u64,
@@ -146,6 +199,10 @@ pub(crate) struct GmemFile {
     vm: Mutex<Option<Arc<VmInner>>>,
     private: Arc<dyn PrivateMemory>,
     state: Mutex<State>,
+    /// Lock-free view of `state.pages` for faults.
+    index: PageIndex,
+    /// The file was closed (set under the lock, before its pages are freed).
+    released: AtomicBool,
     /// Pages allocated and not yet freed.
     allocated: AtomicU64,
 }
@@ -186,6 +243,8 @@ impl GmemFile {
             vm: Mutex::new(LockClass::Leaf, Some(vm)),
             private,
             state: Mutex::new(LockClass::GmemLock, State::default()),
+            index: PageIndex::new(size / PAGE_SIZE),
+            released: AtomicBool::new(false),
             allocated: AtomicU64::new(0),
         }
     }
@@ -237,6 +296,14 @@ impl GmemFile {
     /// The frame of file page `index` for a private fault, allocated (zeroed) on
     /// first use.
     pub(crate) fn get_pfn(&self, index: u64) -> GetPfn {
+        let e = self.index.get(index);
+        if e & ENTRY_PRESENT != 0 && !self.released.load(Ordering::Acquire) {
+            return if e & ENTRY_POISONED != 0 {
+                GetPfn::Poisoned
+            } else {
+                GetPfn::Page(Pfn(e >> 2))
+            };
+        }
         let mut st = self.state.lock();
         if st.released {
             return GetPfn::Gone;
@@ -251,13 +318,12 @@ impl GmemFile {
         match self.private.alloc_private() {
             Ok(pfn) => {
                 self.allocated.fetch_add(1, Ordering::Relaxed);
-                st.pages.insert(
-                    index,
-                    Page {
-                        pfn,
-                        poisoned: false,
-                    },
-                );
+                let page = Page {
+                    pfn,
+                    poisoned: false,
+                };
+                st.pages.insert(index, page);
+                self.index.set(index, PageIndex::entry(&page));
                 GetPfn::Page(pfn)
             }
             Err(_) => GetPfn::NoMemory,
@@ -284,19 +350,26 @@ impl GmemFile {
     /// Zap what the bound slots map of file pages `[first, last)`, inside one
     /// invalidation (begin .. `f` .. end) if any binding overlaps; `f` runs in
     /// between either way. Caller holds the file's lock (`st`).
-    fn invalidate(&self, vm: &VmInner, st: &State, first: u64, last: u64, f: impl FnOnce()) {
+    fn invalidate(
+        &self,
+        vm: &VmInner,
+        st: &mut State,
+        first: u64,
+        last: u64,
+        f: impl FnOnce(&mut State),
+    ) {
         let hits: Vec<(u16, GfnRange)> = st
             .bindings
             .iter()
             .filter_map(|b| b.gfns(first, last).map(|g| (b.as_id, g)))
             .collect();
         if hits.is_empty() {
-            f();
+            f(st);
             return;
         }
         CounterSet::inc(&vm.stats.gmem_invalidations);
         vm.gmem_zap(&hits);
-        f();
+        f(st);
         let w = vm.mmu_lock.write(&vm.stats.lock);
         vm.inval.end(&w);
     }
@@ -310,6 +383,7 @@ impl GmemFile {
         let indices: Vec<u64> = st.pages.range(first..last).map(|(i, _)| *i).collect();
         for i in indices {
             if let Some(p) = st.pages.remove(&i) {
+                self.index.set(i, 0);
                 self.private.free_private(p.pfn);
                 self.allocated.fetch_sub(1, Ordering::Relaxed);
             }
@@ -324,11 +398,15 @@ impl GmemFile {
             let _s = vm.slots_guard();
             let mut st = self.state.lock();
             let pages = self.size / PAGE_SIZE;
-            let st_ref: &State = &st;
-            self.invalidate(&vm, st_ref, 0, pages, || {});
-            st.bindings.clear();
-            st.released = true;
-            self.free_pages(&mut st, 0, pages);
+            // The pages are freed inside the invalidation: a fault that read
+            // one without the lock is still caught by its retry check.
+            let released = &self.released;
+            self.invalidate(&vm, &mut st, 0, pages, |st| {
+                st.bindings.clear();
+                st.released = true;
+                released.store(true, Ordering::Release);
+                self.free_pages(st, 0, pages);
+            });
         }
         // Let go of the VM outside the lock: if this was the last reference, the
         // VM's teardown takes mmu_lock.
@@ -397,11 +475,18 @@ impl GuestMemfd {
         if punch {
             let vm = f.vm();
             let mut st = f.state.lock();
-            if let Some(vm) = &vm {
-                let st_ref: &State = &st;
-                f.invalidate(vm, st_ref, first, last, || {});
+            // Freed inside the invalidation (before it ends), so a fault that
+            // read a page of the hole without the lock retries.
+            match &vm {
+                Some(vm) if vm.config.knobs.free_after_gmem_invalidation => {
+                    f.invalidate(vm, &mut st, first, last, |_| {});
+                    f.free_pages(&mut st, first, last);
+                }
+                Some(vm) => {
+                    f.invalidate(vm, &mut st, first, last, |st| f.free_pages(st, first, last))
+                }
+                None => f.free_pages(&mut st, first, last),
             }
-            f.free_pages(&mut st, first, last);
             return Ok(());
         }
         for i in first..last {
@@ -425,23 +510,23 @@ impl GuestMemfd {
         let mut st = f.state.lock();
         if let Some(p) = st.pages.get_mut(&first) {
             p.poisoned = true;
+            let entry = PageIndex::entry(p);
+            f.index.set(first, entry);
         } else {
             // A failure on a page never used: allocate it, poisoned, so the
             // fault that comes still sees the failure.
             if let Ok(pfn) = f.private.alloc_private() {
                 f.allocated.fetch_add(1, Ordering::Relaxed);
-                st.pages.insert(
-                    first,
-                    Page {
-                        pfn,
-                        poisoned: true,
-                    },
-                );
+                let page = Page {
+                    pfn,
+                    poisoned: true,
+                };
+                st.pages.insert(first, page);
+                f.index.set(first, PageIndex::entry(&page));
             }
         }
         if let Some(vm) = &vm {
-            let st_ref: &State = &st;
-            f.invalidate(vm, st_ref, first, first + 1, || {});
+            f.invalidate(vm, &mut st, first, first + 1, |_| {});
         }
         Ok(())
     }

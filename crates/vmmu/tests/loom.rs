@@ -376,6 +376,62 @@ fn conversion_vs_shared_fault(knobs: GuardKnobs) {
     );
 }
 
+/// A punch-hole racing a private fault on the page it frees: the fault reads
+/// the file's page without the file's lock, so the page must be freed inside
+/// the punch's invalidation (where the fault's retry check sees it), never
+/// after its end.
+fn punch_vs_private_fault(knobs: GuardKnobs) {
+    let host = TestHost::new();
+    let vm = Vm::new(
+        VmConfig {
+            knobs,
+            vm_type: vmmu::VmType::SwProtected,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    let file = vm.create_guest_memfd(2 << 20, 0).unwrap();
+    file.fallocate(vmmu::gmem::FALLOC_FL_KEEP_SIZE, 0, 4096)
+        .unwrap();
+    vm.set_user_memory_region2(
+        UserMemoryRegion {
+            slot: 0,
+            flags: MemFlags::GUEST_MEMFD.bits(),
+            guest_phys_addr: GPA,
+            memory_size: 2 << 20,
+            userspace_addr: HVA,
+        },
+        Some(&file),
+        0,
+    )
+    .unwrap();
+    vm.set_memory_attributes(GPA, 4096, vmmu::MEMORY_ATTRIBUTE_PRIVATE, 0)
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    let t = thread::spawn(move || {
+        let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE);
+        vcpu
+    });
+    file.fallocate(
+        vmmu::gmem::FALLOC_FL_PUNCH_HOLE | vmmu::gmem::FALLOC_FL_KEEP_SIZE,
+        0,
+        4096,
+    )
+    .unwrap();
+    let vcpu = t.join().unwrap();
+    let mapped = leaf_pfn(&vm, GPA).map(|(pfn, _)| pfn);
+    let freed = mapped.is_some_and(|pfn| !host.is_private_page(pfn));
+    drop(vcpu);
+    drop(file);
+    drop(vm);
+    assert!(
+        !freed,
+        "a private page freed by the punch-hole is still mapped"
+    );
+}
+
 // (c) Root reference counting vs invalidation is checked inside the crate
 // (`src/root.rs`, `loom_root_*`), on the roots code alone: a whole-VM model spends
 // its budget walking table entries that play no part in that protocol.
@@ -499,4 +555,11 @@ protocol!(
     skip_install_wait,
     "between start and end",
     "unbalanced"
+);
+protocol!(
+    loom_punch_hole_frees_before_its_invalidation_ends,
+    loom_punch_hole_freeing_after_the_end_leaves_a_freed_page_mapped,
+    punch_vs_private_fault,
+    free_after_gmem_invalidation,
+    "still mapped"
 );

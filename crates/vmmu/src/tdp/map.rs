@@ -202,6 +202,7 @@ mod tests {
             goal_level: Level::K4,
             req_level: Level::K4,
             mmu_seq: 0,
+            attr_private: None,
             pfn,
             host_pfn: pfn,
             map_writable: true,
