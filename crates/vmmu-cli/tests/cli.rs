@@ -436,7 +436,15 @@ fn test_prefault_calls_leave_what_the_selftest_expects() {
 fn test_guest_memfd_contract_holds_and_compares_with_kvm_when_asked() {
     let v = json_run(&["run", "guest-memfd"]);
     assert_eq!(v["cases_failed"], 0, "{v}");
-    assert!(v["cases"].as_u64().unwrap() >= 40);
+    assert!(v["cases"].as_u64().unwrap() >= 48);
+    assert_eq!(v["cases_not_modelled"], 0, "{v}");
+    let guest = v["case_table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["case"] == "guest: runs on gmem-only shared memory")
+        .expect("the guest case");
+    assert_eq!(guest["vmmu"], "ok", "{guest}");
     assert!(
         v.get("kvm_cases_compared").is_none(),
         "KVM without --vs-kvm"

@@ -72,6 +72,9 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// `MADV_POPULATE_READ` (Linux 5.14).
+const MADV_POPULATE_READ: libc::c_int = 22;
+
 /// Host bytes behind the slots.
 const HOST_BYTES: u64 = 16 << 20;
 
@@ -227,14 +230,33 @@ impl GmemVm {
 
     /// `mmap` of `file` shared: `Ok` if it maps (then unmapped), else errno.
     pub fn mmap(&self, file: &KvmGmem) -> std::result::Result<(), i32> {
-        let page = crate::PAGE_SIZE as usize;
-        // SAFETY: as above.
+        self.mmap_touch(file, true, None)
+    }
+
+    /// `mmap` two pages of `file` (`shared`: `MAP_SHARED`, else `MAP_PRIVATE`;
+    /// the mapping may extend past the file's end) and, with `touch`, fault in
+    /// the page at that offset with `MADV_POPULATE_READ`, which reports the
+    /// SIGBUS an access would raise as EFAULT instead of raising it. `Ok` if
+    /// the mapping (and the touch) succeeded, else the errno.
+    pub fn mmap_touch(
+        &self,
+        file: &KvmGmem,
+        shared: bool,
+        touch: Option<u64>,
+    ) -> std::result::Result<(), i32> {
+        let len = 2 * crate::PAGE_SIZE as usize;
+        let flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        // SAFETY: a fresh mapping of our own descriptor at a kernel-chosen address.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                page,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                flags,
                 file.raw(),
                 0,
             )
@@ -242,8 +264,118 @@ impl GmemVm {
         if p == libc::MAP_FAILED {
             return Err(errno());
         }
+        let mut r = Ok(());
+        if let Some(off) = touch.filter(|o| (*o as usize) < len) {
+            let page = off as usize & !(crate::PAGE_SIZE as usize - 1);
+            // SAFETY: advice on one page inside the mapping just made; populating
+            // never changes what the memory holds.
+            let rc = unsafe {
+                libc::madvise(
+                    p.cast::<u8>().add(page).cast(),
+                    crate::PAGE_SIZE as usize,
+                    MADV_POPULATE_READ,
+                )
+            };
+            if rc != 0 {
+                r = Err(errno());
+            }
+        }
         // SAFETY: unmapping what was just mapped.
-        unsafe { libc::munmap(p, page) };
-        Ok(())
+        unsafe { libc::munmap(p, len) };
+        r
     }
 }
+
+/// What [`guest_on_gmem`] saw: a guest running on guest_memfd-backed shared
+/// memory (a slot bound to an `MMAP | INIT_SHARED` file, the host's view being
+/// its `mmap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GmemGuestReport {
+    /// Pages of the gmem-backed slot.
+    pub pages: u64,
+    /// Pages the host wrote through its mapping before the guest ran (the
+    /// first half), so the guest finds some pages allocated and some not.
+    pub host_written_pages: u64,
+    /// Pages whose guest write of pass 1 the host read back through the mapping.
+    pub pass1_verified: u64,
+    /// Pages punched out after pass 1 (the first quarter).
+    pub punched_pages: u64,
+    /// Of those, pages the host then read as zero.
+    pub zero_after_punch: u64,
+    /// Pages outside the hole that still held pass 1's value.
+    pub kept_after_punch: u64,
+    /// Pages whose guest write of pass 2 (after the punch) the host read back.
+    pub pass2_verified: u64,
+}
+
+/// Run the loop guest (one vCPU writing every page) on a slot bound to an
+/// `MMAP | INIT_SHARED` guest_memfd of `bytes` bytes (a multiple of 2 MiB),
+/// reading its writes back through the host's `mmap` of the file; punch the
+/// first quarter out, check it reads as zeros and the rest is kept, run a
+/// second pass and check it again (the guest faults the punched pages anew).
+pub fn guest_on_gmem(bytes: u64) -> Result<GmemGuestReport> {
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+    if bytes == 0 || !bytes.is_multiple_of(crate::HUGE_PAGE_SIZE) || bytes > HOST_BYTES {
+        return Err(KvmError::BadChunkSize {
+            bytes,
+            granule: crate::HUGE_PAGE_SIZE,
+        });
+    }
+    let kvm = crate::open_kvm()?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let code = crate::guest::assemble_loop()?;
+    let page = crate::PAGE_SIZE;
+    let pages = bytes / page;
+    let mut gvm = crate::vm::GuestVm::new_with_own_gmem(
+        &kvm,
+        &cpuid,
+        &code,
+        bytes,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    )?;
+    let host_written_pages = pages / 2;
+    for i in 0..host_written_pages {
+        gvm.write_measured(i * page, 0x5a5a_0000 + i);
+    }
+    let check = |gvm: &crate::vm::GuestVm, pass: u64, range: std::ops::Range<u64>| {
+        range
+            .filter(|i| {
+                gvm.read_measured(i * page) == Some(crate::guest::MEASURED_GPA + i * page + pass)
+            })
+            .count() as u64
+    };
+    gvm.run_pass(1)?;
+    let pass1_verified = check(&gvm, 1, 0..pages);
+    let punched_pages = pages / 4;
+    gvm.punch_measured(0, punched_pages * page)
+        .map_err(|e| KvmError::HostMemory {
+            op: "fallocate(PUNCH_HOLE) on guest_memfd",
+            len: punched_pages * page,
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
+    let zero_after_punch = (0..punched_pages)
+        .filter(|i| gvm.read_measured(i * page) == Some(0))
+        .count() as u64;
+    let kept_after_punch = check(&gvm, 1, punched_pages..pages);
+    gvm.run_pass(2)?;
+    let pass2_verified = check(&gvm, 2, 0..pages);
+    Ok(GmemGuestReport {
+        pages,
+        host_written_pages,
+        pass1_verified,
+        punched_pages,
+        zero_after_punch,
+        kept_after_punch,
+        pass2_verified,
+    })
+}
+
+/// `GUEST_MEMFD_FLAG_MMAP`.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED`.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;

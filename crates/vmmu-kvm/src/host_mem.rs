@@ -105,6 +105,45 @@ impl HostMemory {
         Ok(mem)
     }
 
+    /// Maps `len` bytes of descriptor `fd` shared (a guest_memfd created with
+    /// MMAP): the host's view of memory the guest reaches through the file.
+    pub(crate) fn map_shared(fd: std::os::fd::RawFd, len: u64) -> Result<Self> {
+        let len_usize = usize::try_from(len).map_err(|_| KvmError::TooLarge {
+            total: len,
+            limit: isize::MAX as u64,
+        })?;
+        // SAFETY: a shared mapping of a descriptor the caller owns, at a
+        // kernel-chosen address (aliasing no Rust object); checked below.
+        let raw = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(KvmError::HostMemory {
+                op: "mmap (guest_memfd)",
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let map = NonNull::new(raw.cast::<u8>()).ok_or(KvmError::HostMemory {
+            op: "mmap (guest_memfd)",
+            len,
+            source: io::Error::from(io::ErrorKind::AddrNotAvailable),
+        })?;
+        Ok(Self {
+            map,
+            map_len: len_usize,
+            ptr: map,
+            len: len_usize,
+        })
+    }
+
     /// Host virtual address of the usable range, for `kvm_userspace_memory_region`.
     pub(crate) fn host_addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
@@ -141,6 +180,22 @@ impl HostMemory {
         // SAFETY: at most `self.len` bytes are copied into our own mapping, which cannot
         // overlap the source slice (a Rust object elsewhere in memory).
         unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr(), n) };
+    }
+
+    /// Writes the 8-byte `value` at `offset` (ignored unless 8-byte aligned and
+    /// in range).
+    pub(crate) fn write_u64(&self, offset: u64, value: u64) {
+        if !offset.is_multiple_of(8) || offset.checked_add(8).is_none_or(|e| e > self.len()) {
+            return;
+        }
+        // SAFETY: bounds and alignment checked above; plain integer memory we own.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(offset as usize)
+                .cast::<u64>()
+                .write_volatile(value)
+        };
     }
 
     /// Reads the 8-byte value at `offset` (which must be 8-byte aligned and in range).

@@ -3,7 +3,10 @@
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId};
+use kvm_bindings::{kvm_userspace_memory_region, kvm_userspace_memory_region2, CpuId};
+
+/// `KVM_MEM_GUEST_MEMFD`.
+const KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::error::{KvmError, Result};
@@ -31,6 +34,14 @@ pub(crate) fn span_ns(times: &[(Instant, Instant)]) -> u64 {
     }
 }
 
+/// What backs the measured slot.
+pub(crate) enum Measured {
+    /// Anonymous host memory.
+    Anon(HostMemory),
+    /// A guest_memfd of `bytes` with `flags`, created by the VM and mapped shared.
+    Gmem { bytes: u64, flags: u64 },
+}
+
 /// A VM running the demand-paging guest, one vCPU per chunk of the measured slot.
 ///
 /// Field order is drop order: vCPUs, stats fds and the VM fd are closed before the host
@@ -44,6 +55,9 @@ pub(crate) struct GuestVm {
     bytes_per_vcpu: u64,
     _small: HostMemory,
     measured: HostMemory,
+    /// The guest_memfd behind the measured slot, when it is one (its shared
+    /// mapping is `measured`).
+    gmem: Option<std::os::fd::OwnedFd>,
 }
 
 impl GuestVm {
@@ -56,7 +70,56 @@ impl GuestVm {
         bytes_per_vcpu: u64,
         measured: HostMemory,
     ) -> Result<Self> {
+        Self::build(
+            kvm,
+            cpuid,
+            code,
+            vcpus,
+            bytes_per_vcpu,
+            Measured::Anon(measured),
+        )
+    }
+
+    /// As [`GuestVm::new`] with one vCPU, the measured slot (`bytes`) bound to a
+    /// guest_memfd with `flags` that the new VM creates (guest_memfd belongs to
+    /// its VM), through `KVM_SET_USER_MEMORY_REGION2` with `GUEST_MEMFD` at file
+    /// offset 0; the host's view of the slot is its shared `mmap` of the file.
+    pub(crate) fn new_with_own_gmem(
+        kvm: &Kvm,
+        cpuid: &CpuId,
+        code: &[u8],
+        bytes: u64,
+        flags: u64,
+    ) -> Result<Self> {
+        Self::build(kvm, cpuid, code, 1, bytes, Measured::Gmem { bytes, flags })
+    }
+
+    fn build(
+        kvm: &Kvm,
+        cpuid: &CpuId,
+        code: &[u8],
+        vcpus: usize,
+        bytes_per_vcpu: u64,
+        measured: Measured,
+    ) -> Result<Self> {
         let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        let (measured, gmem) = match measured {
+            Measured::Anon(m) => (m, None),
+            Measured::Gmem { bytes, flags } => {
+                use std::os::fd::FromRawFd;
+                let fd = vm
+                    .create_guest_memfd(kvm_bindings::kvm_create_guest_memfd {
+                        size: bytes,
+                        flags,
+                        ..Default::default()
+                    })
+                    .map_err(ioctl_err("KVM_CREATE_GUEST_MEMFD"))?;
+                // SAFETY: KVM just returned this descriptor; nothing else owns it.
+                let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                use std::os::fd::AsRawFd;
+                (HostMemory::map_shared(fd.as_raw_fd(), bytes)?, Some(fd))
+            }
+        };
         let vm_stats = StatsFd::open(&vm).map_err(|source| KvmError::Stats {
             what: "VM".into(),
             source,
@@ -69,6 +132,23 @@ impl GuestVm {
             (MEASURED_SLOT, MEASURED_GPA, &measured),
         ];
         for (slot, gpa, mem) in regions {
+            if let (MEASURED_SLOT, Some(fd)) = (slot, &gmem) {
+                use std::os::fd::AsRawFd;
+                let region = kvm_userspace_memory_region2 {
+                    slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    guest_phys_addr: gpa,
+                    memory_size: mem.len(),
+                    userspace_addr: mem.host_addr(),
+                    guest_memfd_offset: 0,
+                    guest_memfd: fd.as_raw_fd() as u32,
+                    ..Default::default()
+                };
+                // SAFETY: as below; the file outlives the slot too (it is a field).
+                unsafe { vm.set_user_memory_region2(region) }
+                    .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION2"))?;
+                continue;
+            }
             let region = kvm_userspace_memory_region {
                 slot,
                 flags: 0,
@@ -111,6 +191,7 @@ impl GuestVm {
             bytes_per_vcpu,
             _small: small,
             measured,
+            gmem,
         })
     }
 
@@ -185,6 +266,40 @@ impl GuestVm {
             offset += PAGE_SIZE;
         }
         Ok(())
+    }
+
+    /// Punches `[offset, offset + len)` out of the measured slot's guest_memfd
+    /// (`Ok(false)` when the slot is plain memory); the errno on failure.
+    pub(crate) fn punch_measured(&self, offset: u64, len: u64) -> std::result::Result<bool, i32> {
+        use std::os::fd::AsRawFd;
+        let Some(fd) = &self.gmem else {
+            return Ok(false);
+        };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a plain system call on a descriptor we own.
+        let r = unsafe {
+            libc::fallocate(
+                fd.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(true)
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        }
+    }
+
+    /// The value at `offset` of the measured slot, read through the host's mapping.
+    pub(crate) fn read_measured(&self, offset: u64) -> Option<u64> {
+        self.measured.read_u64(offset)
+    }
+
+    /// Write `value` at `offset` of the measured slot through the host's mapping.
+    pub(crate) fn write_measured(&self, offset: u64, value: u64) {
+        self.measured.write_u64(offset, value);
     }
 
     /// Deletes the (populated) measured memslot and returns how long the ioctl took.

@@ -68,6 +68,9 @@ pub enum PageState {
     Free = 3,
     /// A guest_memfd page: guest-private, mapped by no host region.
     Private = 4,
+    /// A page of a guest_memfd whose memory is shared (`MMAP | INIT_SHARED`):
+    /// the host reaches it through its mapping of the file, not a host region.
+    GmemShared = 5,
 }
 
 /// Errors of the arena.
@@ -236,6 +239,7 @@ impl HostMemory {
             Some(1) => PageState::Data,
             Some(2) => PageState::Table,
             Some(4) => PageState::Private,
+            Some(5) => PageState::GmemShared,
             Some(0) => PageState::Fresh,
             _ => PageState::Free,
         }
@@ -472,9 +476,14 @@ impl vmmu::PrivateMemory for HostMemory {
             .map_err(|_| vmmu::HostFaultError::OutOfMemory)
     }
 
+    fn alloc_shared(&self) -> Result<Pfn, vmmu::HostFaultError> {
+        self.alloc(Order::K4, PageState::GmemShared)
+            .map_err(|_| vmmu::HostFaultError::OutOfMemory)
+    }
+
     fn free_private(&self, pfn: Pfn) {
-        // A private page is freed exactly once, and only a private page.
-        if self.state(pfn) != PageState::Private {
+        // A guest_memfd page is freed exactly once, and only such a page.
+        if !matches!(self.state(pfn), PageState::Private | PageState::GmemShared) {
             self.violations.double_frees.fetch_add(1, Ordering::Relaxed);
             return;
         }

@@ -206,7 +206,10 @@ pub(crate) fn check_access(
     };
     let state = mem.state(pfn);
     let frame_private = state == PageState::Private;
-    if !matches!(state, PageState::Data | PageState::Private) {
+    if !matches!(
+        state,
+        PageState::Data | PageState::Private | PageState::GmemShared
+    ) {
         // A frame nobody owns (freed, never allocated) or a table: a
         // translation outlived what it pointed to.
         let private = private_mem && vm.memory_attributes(gfn) != 0;
@@ -218,6 +221,19 @@ pub(crate) fn check_access(
         return oracle.report(kind, || {
             format!("{gpa} reached {pfn:?}, a frame in state {state:?}")
         });
+    }
+    // A gmem-only slot (its file may be mapped by the host) on a VM without
+    // private memory: every access is served by the file, whichever kind of
+    // page it holds; the translation must reach the page the file holds now.
+    if slot.is_gmem_only() && (state == PageState::GmemShared || !private_mem) {
+        match slot.peek_private_page(gfn) {
+            vmmu::PrivatePage::Page { pfn: p, .. } if p == pfn => {}
+            vmmu::PrivatePage::Busy => {}
+            other => oracle.report(Violation::StaleTranslation, || {
+                format!("{gpa} reached guest_memfd {pfn:?} but the file holds {other:?}")
+            }),
+        }
+        return;
     }
     if private_mem || frame_private {
         // A conversion stores the attributes only after it zapped the range and

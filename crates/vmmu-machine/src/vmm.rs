@@ -158,9 +158,40 @@ impl Vmm {
         &self,
         region: UserMemoryRegion,
     ) -> Result<Arc<GuestMemfd>, GmemSlotError> {
-        let file = Arc::new(self.vm.create_guest_memfd(region.memory_size, 0)?);
+        self.create_gmem_slot_with(region, 0)
+    }
+
+    /// As [`Vmm::create_gmem_slot`], the file created with `flags`
+    /// (`GUEST_MEMFD_FLAG_MMAP` makes the slot gmem-only: its shared memory is
+    /// the file's, reached by the host through [`Vmm::mmap_read_u64`] and
+    /// [`Vmm::mmap_write_u64`]).
+    pub fn create_gmem_slot_with(
+        &self,
+        region: UserMemoryRegion,
+        flags: u64,
+    ) -> Result<Arc<GuestMemfd>, GmemSlotError> {
+        let file = Arc::new(self.vm.create_guest_memfd(region.memory_size, flags)?);
         self.bind_gmem_slot(region, file.clone(), 0)?;
         Ok(file)
+    }
+
+    /// The host reads the word at `offset` of `file` through its shared
+    /// mapping of it (`mmap` of a guest_memfd created with MMAP): the page is
+    /// allocated zeroed on first touch; SIGBUS (an error) where the file's
+    /// memory is not shared or `offset` is past its end. The page is not
+    /// pinned across the read: callers do not race punch-holes of it.
+    pub fn mmap_read_u64(&self, file: &GuestMemfd, offset: u64) -> Result<u64, GmemError> {
+        let pfn = file.mmap_fault(offset & !(PAGE_SIZE - 1))?;
+        let word = ((offset & (PAGE_SIZE - 1)) / 8) as usize;
+        Ok(self.host.memory().page(pfn)[word].load(Ordering::Relaxed))
+    }
+
+    /// The host writes the word at `offset` of `file` through its mapping.
+    pub fn mmap_write_u64(&self, file: &GuestMemfd, offset: u64, v: u64) -> Result<(), GmemError> {
+        let pfn = file.mmap_fault(offset & !(PAGE_SIZE - 1))?;
+        let word = ((offset & (PAGE_SIZE - 1)) / 8) as usize;
+        self.host.memory().page(pfn)[word].store(v, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Create the memslot `region` bound to `file` at `offset`.

@@ -131,6 +131,9 @@ pub(crate) struct PageFault<'s> {
     /// The gfn's attribute, when it was read after the snapshot to set
     /// `private` (the software-protected type).
     pub(crate) attr_private: Option<bool>,
+    /// The frame came from the slot's guest_memfd (a private fault, or any
+    /// fault on a gmem-only slot): the file owns it, the host MMU plays no part.
+    pub(crate) from_gmem: bool,
     pub(crate) pfn: Pfn,
     /// The frame the host returned (before huge-page alignment), released at the end.
     pub(crate) host_pfn: Pfn,
@@ -228,6 +231,7 @@ impl VcpuMmu {
             req_level: Level::K4,
             mmu_seq,
             attr_private,
+            from_gmem: false,
             pfn: Pfn(0),
             host_pfn: Pfn(0),
             map_writable: false,
@@ -274,8 +278,8 @@ impl VcpuMmu {
                 vm.tdp.map(&ctx, &root, &f, &mut self.cache, vm)
             }
         };
-        // A private frame belongs to its guest_memfd: nothing to release.
-        if f.slot.is_some() && !f.private {
+        // A guest_memfd frame belongs to its file: nothing to release.
+        if f.slot.is_some() && !f.from_gmem {
             let mapped_writable =
                 f.map_writable && matches!(result, RetPf::Fixed | RetPf::Spurious);
             vm.host.primary.release(f.host_pfn, mapped_writable);
@@ -409,8 +413,10 @@ impl VcpuMmu {
         if vm.config.knobs.second_seq_snapshot {
             f.mmu_seq = vm.inval.snapshot();
         }
-        if f.private {
-            return self.faultin_private(f, memory_fault);
+        // A slot bound to a mappable guest_memfd is gmem-only: its shared
+        // memory is the file's too, so every fault takes its frame there.
+        if f.private || f.slot.is_some_and(Memslot::is_gmem_only) {
+            return self.faultin_gmem(f, memory_fault);
         }
         let Some(slot) = f.slot else {
             // No memslot: MMIO. Cached as an MMIO entry (generation-checked, so no
@@ -455,10 +461,11 @@ impl VcpuMmu {
         Ok(RetPf::Continue)
     }
 
-    /// The frame of a private fault (KVM's `kvm_mmu_faultin_pfn_private`): from
-    /// the guest_memfd bound to the slot, never from a host address. A slot
-    /// without one (or no slot) cannot back private memory: a memory-fault exit.
-    fn faultin_private(
+    /// The frame of a private fault, or of a shared one on a gmem-only slot
+    /// (KVM's `kvm_mmu_faultin_pfn_gmem`): from the guest_memfd bound to the
+    /// slot, never from a host address. A slot without one (or no slot) cannot
+    /// back private memory: a memory-fault exit.
+    fn faultin_gmem(
         &self,
         f: &mut PageFault<'_>,
         memory_fault: Result<RetPf, FaultError>,
@@ -470,7 +477,7 @@ impl VcpuMmu {
             CounterSet::inc(&stats.invalid_slot_retries);
             return Ok(RetPf::Retry);
         }
-        let pfn = match crate::gmem::faultin_private(f) {
+        let pfn = match crate::gmem::faultin_gmem(f) {
             Ok(Some(pfn)) => pfn,
             Ok(None) => return memory_fault,
             Err(cause) => {
@@ -483,13 +490,18 @@ impl VcpuMmu {
         };
         f.pfn = pfn;
         f.host_pfn = pfn;
+        f.from_gmem = true;
         f.map_writable = true;
         if vm.config.precheck && vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
             f.slot = None;
             CounterSet::inc(&stats.postcheck_retries);
             return Ok(RetPf::Retry);
         }
-        CounterSet::inc(&stats.private_faults);
+        if f.private {
+            CounterSet::inc(&stats.private_faults);
+        } else {
+            CounterSet::inc(&stats.gmem_shared_faults);
+        }
         Ok(RetPf::Continue)
     }
 
@@ -525,9 +537,9 @@ impl VcpuMmu {
         f.goal_level = Level::K4;
         f.req_level = Level::K4;
         let Some(slot) = f.slot else { return };
-        // guest_memfd hands out 4 KiB pages (order 0) here, so private faults map
-        // 4 KiB; the host's page tables play no part for them.
-        if f.private {
+        // guest_memfd hands out 4 KiB pages (order 0) here, so its frames map
+        // at 4 KiB; the host's page tables play no part for them.
+        if f.from_gmem {
             return;
         }
         if f.max_level == Level::K4 {

@@ -44,8 +44,10 @@ pub enum GmemError {
     /// The size is 0 or not page aligned (EINVAL).
     #[error("guest_memfd size {0:#x} must be a non-zero multiple of 4 KiB")]
     InvalidSize(u64),
-    /// Unknown flags, or INIT_SHARED without MMAP (EINVAL).
-    #[error("guest_memfd flags {flags:#x} are not valid (supported: {supported:#x}, INIT_SHARED needs MMAP)")]
+    /// Flags this VM does not support (EINVAL).
+    #[error(
+        "guest_memfd flags {flags:#x} are not valid (supported on this VM type: {supported:#x})"
+    )]
     InvalidFlags {
         /// The flags given.
         flags: u64,
@@ -80,6 +82,23 @@ pub enum GmemError {
     /// The host ran out of private memory (ENOMEM).
     #[error("Out of private memory")]
     NoMemory,
+    /// `mmap` of a file created without `GUEST_MEMFD_FLAG_MMAP` (ENODEV).
+    #[error("This guest_memfd was created without GUEST_MEMFD_FLAG_MMAP: it cannot be mapped")]
+    MmapNotSupported,
+    /// A `MAP_PRIVATE` mapping of the file (EINVAL).
+    #[error("guest_memfd can only be mapped MAP_SHARED")]
+    PrivateMapping,
+    /// A host access through the file's mapping that the kernel answers with
+    /// SIGBUS (reported as EFAULT, as `MADV_POPULATE_READ` reports it): past
+    /// the end of the file, memory that is not shared (no INIT_SHARED), or a
+    /// poisoned page.
+    #[error("Host access to guest_memfd offset {offset:#x} faults (SIGBUS): {why}")]
+    SigBus {
+        /// Offset in the file.
+        offset: u64,
+        /// Why.
+        why: &'static str,
+    },
 }
 
 impl GmemError {
@@ -90,10 +109,13 @@ impl GmemError {
             GmemError::InvalidSize(_)
             | GmemError::InvalidFlags { .. }
             | GmemError::Unaligned { .. }
-            | GmemError::OutOfBounds { .. } => EINVAL,
-            GmemError::NoPrivateMemory => 19, // ENODEV
+            | GmemError::OutOfBounds { .. }
+            | GmemError::PrivateMapping => EINVAL,
+            GmemError::NoPrivateMemory => ENODEV,
             GmemError::InvalidMode(_) => EOPNOTSUPP,
             GmemError::NoMemory => ENOMEM,
+            GmemError::MmapNotSupported => ENODEV,
+            GmemError::SigBus { .. } => EFAULT,
         }
     }
 }
@@ -315,7 +337,7 @@ impl GmemFile {
                 GetPfn::Page(p.pfn)
             };
         }
-        match self.private.alloc_private() {
+        match self.alloc() {
             Ok(pfn) => {
                 self.allocated.fetch_add(1, Ordering::Relaxed);
                 let page = Page {
@@ -327,6 +349,26 @@ impl GmemFile {
                 GetPfn::Page(pfn)
             }
             Err(_) => GetPfn::NoMemory,
+        }
+    }
+
+    /// Whether the file's memory is shared (`MMAP | INIT_SHARED`): the host may
+    /// map it and shared faults take their frames from it.
+    pub(crate) fn is_shared(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 && self.flags & GUEST_MEMFD_FLAG_MMAP != 0
+    }
+
+    /// Whether the file may be mapped by the host (a slot bound to it is
+    /// "gmem-only": shared faults come here too, not to the slot's hva).
+    pub(crate) fn is_mappable(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_MMAP != 0
+    }
+
+    fn alloc(&self) -> Result<Pfn, HostFaultError> {
+        if self.is_shared() {
+            self.private.alloc_shared()
+        } else {
+            self.private.alloc_private()
         }
     }
 
@@ -499,6 +541,46 @@ impl GuestMemfd {
         Ok(())
     }
 
+    /// `mmap` of the file (`shared`: `MAP_SHARED`, else `MAP_PRIVATE`): refused
+    /// (ENODEV) unless it was created with `GUEST_MEMFD_FLAG_MMAP`, and a
+    /// private (copy-on-write) mapping is refused (EINVAL): the point of the
+    /// mapping is to share the guest's pages. The mapping's faults are
+    /// [`GuestMemfd::mmap_fault`].
+    pub fn mmap(&self, shared: bool) -> Result<(), GmemError> {
+        if !self.file.is_mappable() {
+            return Err(GmemError::MmapNotSupported);
+        }
+        if !shared {
+            return Err(GmemError::PrivateMapping);
+        }
+        Ok(())
+    }
+
+    /// The host touching its mapping of the file at `offset` (KVM's user-mapping
+    /// fault handler): the frame there, allocated zeroed on first touch. Only
+    /// shared memory can be reached this way: without INIT_SHARED, past the
+    /// end, or on a poisoned page it is SIGBUS; without MMAP there is no mapping.
+    /// A punch-hole frees the page, so the next touch sees a fresh zero page.
+    pub fn mmap_fault(&self, offset: u64) -> Result<Pfn, GmemError> {
+        self.mmap(true)?;
+        let sigbus = |why| GmemError::SigBus { offset, why };
+        if offset >= self.file.size {
+            return Err(sigbus("past the end of the file"));
+        }
+        if !self.file.is_shared() {
+            return Err(sigbus(
+                "the file's memory is private (created without INIT_SHARED)",
+            ));
+        }
+        match self.file.get_pfn(offset / PAGE_SIZE) {
+            GetPfn::Page(pfn) => Ok(pfn),
+            GetPfn::Poisoned => Err(sigbus("the page is poisoned")),
+            // The handle is alive, so the file is not released.
+            GetPfn::Gone => Err(sigbus("the file was released")),
+            GetPfn::NoMemory => Err(GmemError::NoMemory),
+        }
+    }
+
     /// A memory failure on the page at `offset`: zap it wherever it is mapped and
     /// poison it; the next fault on it gets the hardware-poison error.
     pub fn memory_failure(&self, offset: u64) -> Result<(), GmemError> {
@@ -515,7 +597,7 @@ impl GuestMemfd {
         } else {
             // A failure on a page never used: allocate it, poisoned, so the
             // fault that comes still sees the failure.
-            if let Ok(pfn) = f.private.alloc_private() {
+            if let Ok(pfn) = f.alloc() {
                 f.allocated.fetch_add(1, Ordering::Relaxed);
                 let page = Page {
                     pfn,
@@ -538,10 +620,10 @@ impl Drop for GuestMemfd {
     }
 }
 
-/// The frame of a private fault, from the slot's guest_memfd: `Ok(Some(pfn))`,
-/// `Ok(None)` when the slot cannot back private memory (a memory-fault exit),
-/// or the fault's error.
-pub(crate) fn faultin_private(f: &PageFault<'_>) -> Result<Option<Pfn>, HostFaultError> {
+/// The frame of a fault served by the slot's guest_memfd (private, or shared on
+/// a gmem-only slot): `Ok(Some(pfn))`, `Ok(None)` when the slot cannot back
+/// private memory (a memory-fault exit), or the fault's error.
+pub(crate) fn faultin_gmem(f: &PageFault<'_>) -> Result<Option<Pfn>, HostFaultError> {
     let Some(slot) = f.slot else { return Ok(None) };
     let Some(b) = slot.gmem() else {
         return Ok(None);

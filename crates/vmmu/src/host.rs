@@ -108,6 +108,13 @@ pub trait PrimaryMmu: Send + Sync {
 pub trait PrivateMemory: Send + Sync {
     /// A zeroed page.
     fn alloc_private(&self) -> Result<Pfn, HostFaultError>;
+    /// A zeroed page for a guest_memfd whose memory is shared (`MMAP |
+    /// INIT_SHARED`): the host may map it, so a host that tells the two sides
+    /// apart hands out a shared page. Freed with [`PrivateMemory::free_private`]
+    /// like any guest_memfd page.
+    fn alloc_shared(&self) -> Result<Pfn, HostFaultError> {
+        self.alloc_private()
+    }
     /// Give back a page from [`PrivateMemory::alloc_private`]; nothing maps it
     /// any more.
     fn free_private(&self, pfn: Pfn);

@@ -325,6 +325,12 @@ impl Memslot {
     pub(crate) fn gmem(&self) -> Option<&SlotGmem> {
         self.gmem.as_ref()
     }
+    /// Whether the slot is gmem-only: bound to a guest_memfd the host may map
+    /// (`GUEST_MEMFD_FLAG_MMAP`), so its shared memory comes from the file too,
+    /// not from `userspace_addr`.
+    pub fn is_gmem_only(&self) -> bool {
+        self.gmem.as_ref().is_some_and(|g| g.file.is_mappable())
+    }
     /// The gfns of the slot.
     pub fn gfn_range(&self) -> GfnRange {
         GfnRange::new(self.base_gfn, self.base_gfn.add(self.npages))

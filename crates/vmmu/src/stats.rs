@@ -189,6 +189,9 @@ counters! {
     gmem_invalidations,
     /// Private faults served from a guest_memfd.
     private_faults,
+    /// Shared faults served from a guest_memfd (gmem-only slots: the file was
+    /// created with MMAP).
+    gmem_shared_faults,
     /// `pre_fault_memory` calls that made progress.
     pre_fault_calls,
     /// Bytes mapped by `pre_fault_memory`.

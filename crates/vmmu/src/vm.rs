@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use crate::attributes::{AttributeError, Attributes, MEMORY_ATTRIBUTE_PRIVATE};
 use crate::config::HookPoint;
 use crate::config::VmConfig;
-use crate::gmem::{GmemError, GmemFile, GuestMemfd, GUEST_MEMFD_FLAGS};
+use crate::gmem::{GmemError, GmemFile, GuestMemfd, GUEST_MEMFD_FLAGS, GUEST_MEMFD_FLAG_MMAP};
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::GmemArg;
 use crate::memslot::{
@@ -643,16 +643,14 @@ impl Vm {
 
     /// `KVM_CREATE_GUEST_MEMFD`: a file of `size` bytes (a non-zero multiple of
     /// 4 KiB) of private memory for this VM. Flags: `GUEST_MEMFD_FLAG_MMAP` and
-    /// `GUEST_MEMFD_FLAG_INIT_SHARED` (which needs MMAP), as in 6.18.
+    /// `GUEST_MEMFD_FLAG_INIT_SHARED` as in 6.18, the latter only on VM types
+    /// without private memory ([`Vm::guest_memfd_flags`]).
     pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<GuestMemfd, GmemError> {
-        // Only known flags; INIT_SHARED alone is accepted, as the KVM it was
+        // Only supported flags; INIT_SHARED alone is accepted, as the KVM it was
         // compared with accepts it (it has no effect without MMAP).
-        let bad_flags = flags & !GUEST_MEMFD_FLAGS != 0;
-        if bad_flags {
-            return Err(GmemError::InvalidFlags {
-                flags,
-                supported: GUEST_MEMFD_FLAGS,
-            });
+        let supported = self.guest_memfd_flags();
+        if flags & !supported != 0 {
+            return Err(GmemError::InvalidFlags { flags, supported });
         }
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(GmemError::InvalidSize(size));
@@ -666,6 +664,18 @@ impl Vm {
             flags,
             private,
         )))
+    }
+
+    /// The guest_memfd flags this VM accepts: `MMAP` always; `INIT_SHARED` only
+    /// where the VM has no private memory (on a confidential or
+    /// software-protected VM memory starts private; shared memory there comes
+    /// from conversions, not from the file).
+    pub fn guest_memfd_flags(&self) -> u64 {
+        if self.inner.config.vm_type.has_private_mem() {
+            GUEST_MEMFD_FLAG_MMAP
+        } else {
+            GUEST_MEMFD_FLAGS
+        }
     }
 
     /// `KVM_CHECK_EXTENSION` on this VM.
@@ -686,7 +696,7 @@ impl Vm {
             Cap::GuestMemfd => self.inner.host.private.is_some() as u64,
             Cap::GuestMemfdFlags => {
                 if self.inner.host.private.is_some() {
-                    GUEST_MEMFD_FLAGS
+                    self.guest_memfd_flags()
                 } else {
                     0
                 }

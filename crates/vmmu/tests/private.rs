@@ -578,6 +578,14 @@ fn test_capabilities_say_what_the_vm_supports() {
     assert_eq!(plain.check_extension(Cap::UserMemory2), 1);
     assert_eq!(plain.check_extension(Cap::GuestMemfd), 1);
     assert_eq!(plain.check_extension(Cap::GuestMemfdFlags), 0b11);
+    // INIT_SHARED only where memory is not private to begin with.
+    assert_eq!(sw.check_extension(Cap::GuestMemfdFlags), 0b01);
+    let e = sw.create_guest_memfd(4096, 0b11).unwrap_err();
+    assert!(
+        matches!(e, vmmu::GmemError::InvalidFlags { supported: 1, .. }),
+        "{e:?}"
+    );
+    sw.create_guest_memfd(4096, 0b01).unwrap();
     // Default, software-protected and the SNP-like type.
     assert_eq!(plain.check_extension(Cap::VmTypes), 1 | 2 | 16);
 }

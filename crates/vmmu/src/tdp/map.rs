@@ -203,6 +203,7 @@ mod tests {
             req_level: Level::K4,
             mmu_seq: 0,
             attr_private: None,
+            from_gmem: false,
             pfn,
             host_pfn: pfn,
             map_writable: true,
