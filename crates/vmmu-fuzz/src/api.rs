@@ -40,6 +40,8 @@ const BASE_HVA: u64 = 64 << 30;
 const MAX_OPS: usize = 96;
 /// At most this many vCPUs at once.
 const MAX_VCPUS: usize = 4;
+/// At most this many guest_memfd files at once.
+const MAX_FILES: usize = 3;
 
 /// An address: near the bases (plausible) or anything.
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -250,6 +252,71 @@ pub enum Op {
         /// Flags (anything but 0 is refused).
         flags: u8,
     },
+    /// `KVM_CREATE_GUEST_MEMFD` (kept, at most [`MAX_FILES`]).
+    CreateGmem {
+        /// Size.
+        size: Size,
+        /// The two 6.18 flags (MMAP, INIT_SHARED), or any raw value.
+        flags: Result<u8, u64>,
+    },
+    /// `KVM_SET_USER_MEMORY_REGION2`, with the `GUEST_MEMFD` flag unless
+    /// `flags` is raw.
+    BindGmem {
+        /// Slot number.
+        slot: SlotNo,
+        /// Flags besides GUEST_MEMFD (low bits), or raw.
+        flags: Result<u8, u32>,
+        /// Guest address.
+        gpa: Addr,
+        /// Size.
+        size: Size,
+        /// Host address.
+        hva: Addr,
+        /// Which file (`None`: an invalid descriptor).
+        file: Option<u8>,
+        /// Offset in the file.
+        offset: Size,
+    },
+    /// A plausible binding: the first 2 MiB (or all) of a file as slot
+    /// `1 + at % 4`, right after the initial slot's 2 MiB (so faults reach it).
+    GmemSlot {
+        /// Which file.
+        file: u8,
+        /// Where.
+        at: u8,
+    },
+    /// `fallocate` on a file.
+    Fallocate {
+        /// Which file.
+        file: u8,
+        /// Allocate or punch (with KEEP_SIZE), or any raw mode.
+        mode: Result<bool, u32>,
+        /// Offset.
+        offset: Size,
+        /// Length.
+        len: Size,
+    },
+    /// A memory failure in a file.
+    MemoryFailure {
+        /// Which file.
+        file: u8,
+        /// Offset.
+        offset: Size,
+    },
+    /// `mmap` of a file and a host touch through it.
+    MmapTouch {
+        /// Which file.
+        file: u8,
+        /// `MAP_SHARED` (else `MAP_PRIVATE`).
+        shared: bool,
+        /// Offset touched.
+        offset: Size,
+    },
+    /// Close a file (the VMM's last reference).
+    CloseGmem {
+        /// Which file.
+        file: u8,
+    },
     /// `clear_young` / `clear_flush_young` / `test_young`.
     Age {
         /// Start.
@@ -359,6 +426,8 @@ pub struct Coverage {
     pub huge_leaves: u64,
     /// Leaves checked against the host.
     pub leaves_checked: u64,
+    /// Of those, leaves checked against their guest_memfd.
+    pub gmem_leaves_checked: u64,
 }
 
 /// A whole input: a configuration and the calls.
@@ -409,6 +478,8 @@ struct Observable {
     mappings: Vec<Vec<(Gfn, Level, u64)>>,
     roots: Vec<RootInfo>,
     in_progress: i64,
+    /// Pages allocated in each open guest_memfd.
+    gmem_pages: Vec<u64>,
 }
 
 struct World {
@@ -417,6 +488,7 @@ struct World {
     spaces: u16,
     vcpus: Vec<VcpuMmu>,
     open: Vec<Invalidation>,
+    files: Vec<vmmu::GuestMemfd>,
 }
 
 impl World {
@@ -462,6 +534,7 @@ impl World {
             mappings,
             roots: self.vm.roots(),
             in_progress: self.vm.invalidations_in_progress(),
+            gmem_pages: self.files.iter().map(|f| f.allocated_pages()).collect(),
         }
     }
 
@@ -484,6 +557,25 @@ impl World {
                     let Some(slot) = slots.lookup(g) else {
                         return Err(format!("leaf {spte:?} at {g:?} outside every memslot"));
                     };
+                    // A frame of the slot's guest_memfd (a private gfn, or any
+                    // gfn of a gmem-only slot) must be the page the file holds.
+                    let private =
+                        self.vm.memory_attributes(g) & vmmu::MEMORY_ATTRIBUTE_PRIVATE != 0;
+                    if private || slot.is_gmem_only() {
+                        cov.gmem_leaves_checked += 1;
+                        match slot.peek_private_page(g) {
+                            vmmu::PrivatePage::Page {
+                                pfn,
+                                poisoned: false,
+                            } if pfn.0 == spte.pfn().0 + i => {}
+                            other => {
+                                return Err(format!(
+                                    "leaf {spte:?} at {g:?} (private {private}): its guest_memfd holds {other:?}"
+                                ))
+                            }
+                        }
+                        continue;
+                    }
                     let Some((pfn, writable)) = self.host.lookup(slot.gfn_to_hva(g)) else {
                         return Err(format!("leaf {spte:?} at {g:?}: the host maps nothing"));
                     };
@@ -504,6 +596,11 @@ impl World {
             return Err(format!("the MMU counted {inv} invariant violations"));
         }
         Ok(())
+    }
+
+    fn file(&self, i: u8) -> Option<&vmmu::GuestMemfd> {
+        let n = self.files.len();
+        (n > 0).then(|| &self.files[i as usize % n])
     }
 
     fn vcpu(&mut self, i: u8) -> Option<&mut VcpuMmu> {
@@ -723,6 +820,127 @@ impl World {
                     }
                 }
             }
+            Op::CreateGmem { size, flags } => {
+                let flags = match *flags {
+                    Ok(b) => (b & 3) as u64,
+                    Err(raw) => raw,
+                };
+                match self.vm.create_guest_memfd(size.bytes(), flags) {
+                    Ok(f) => {
+                        if self.files.len() < MAX_FILES {
+                            self.files.push(f);
+                        }
+                        false
+                    }
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::BindGmem {
+                slot,
+                flags,
+                gpa,
+                size,
+                hva,
+                file,
+                offset,
+            } => {
+                let flags = match *flags {
+                    Ok(b) => (b & 3) as u32 | (1 << 2),
+                    Err(raw) => raw,
+                };
+                let f = file.and_then(|i| {
+                    let n = self.files.len();
+                    (n > 0).then(|| &self.files[i as usize % n])
+                });
+                let r = self.vm.set_user_memory_region2(
+                    UserMemoryRegion {
+                        slot: slot.raw(),
+                        flags,
+                        guest_phys_addr: gpa.gpa(),
+                        memory_size: size.bytes(),
+                        userspace_addr: hva.hva(),
+                    },
+                    f,
+                    offset.bytes(),
+                );
+                match r {
+                    Ok(()) => false,
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::GmemSlot { file, at } => {
+                let Some(f) = self.file(*file) else {
+                    return Ok(false);
+                };
+                let k = (*at % 4) as u64;
+                let r = self.vm.set_user_memory_region2(
+                    UserMemoryRegion {
+                        slot: 1 + k as u32,
+                        flags: 1 << 2,
+                        guest_phys_addr: BASE_GPA + (1 + k) * (2 << 20),
+                        memory_size: f.size().min(2 << 20),
+                        userspace_addr: BASE_HVA + (1 + k) * (2 << 20),
+                    },
+                    Some(f),
+                    0,
+                );
+                match r {
+                    Ok(()) => false,
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::Fallocate {
+                file,
+                mode,
+                offset,
+                len,
+            } => {
+                let Some(f) = self.file(*file) else {
+                    return Ok(false);
+                };
+                let mode = match *mode {
+                    Ok(false) => vmmu::gmem::FALLOC_FL_KEEP_SIZE,
+                    Ok(true) => vmmu::gmem::FALLOC_FL_KEEP_SIZE | vmmu::gmem::FALLOC_FL_PUNCH_HOLE,
+                    Err(raw) => raw,
+                };
+                match f.fallocate(mode, offset.bytes(), len.bytes()) {
+                    Ok(()) => false,
+                    // Like KVM's, an allocation that runs out of memory keeps
+                    // the pages it got: not a refusal.
+                    Err(vmmu::GmemError::NoMemory) => false,
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::MemoryFailure { file, offset } => {
+                let Some(f) = self.file(*file) else {
+                    return Ok(false);
+                };
+                match f.memory_failure(offset.bytes()) {
+                    Ok(()) => false,
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::MmapTouch {
+                file,
+                shared,
+                offset,
+            } => {
+                let Some(f) = self.file(*file) else {
+                    return Ok(false);
+                };
+                let r = f.mmap(*shared).and_then(|()| f.mmap_fault(offset.bytes()));
+                match r {
+                    Ok(_) => false,
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::CloseGmem { file } => {
+                let n = self.files.len();
+                if n > 0 {
+                    self.files.remove(*file as usize % n);
+                }
+                false
+            }
             Op::Age { start, len, how } => {
                 let s = start.hva();
                 let r = HvaRange::new(Hva(s), Hva(s.wrapping_add(len.bytes())));
@@ -743,6 +961,14 @@ impl World {
     }
 }
 
+/// A refused call: `Ok(true)` if it has a message and a positive errno.
+fn errno_of(errno: i32, e: &dyn std::fmt::Display) -> Result<bool, String> {
+    if errno <= 0 || e.to_string().is_empty() {
+        return Err(format!("error without message or errno: {e}"));
+    }
+    Ok(true)
+}
+
 /// Run one input. `Err` names the property that failed.
 pub fn run(input: &Input) -> Result<(), String> {
     run_counted(input, &mut Coverage::default())
@@ -751,6 +977,8 @@ pub fn run(input: &Input) -> Result<(), String> {
 /// [`run`], adding what the input reached to `cov`.
 pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
     let host = TestHost::new();
+    // Files are sparse and may be huge; what backs them is not.
+    host.set_private_limit(4096);
     let Some(config) = input.config.vm_config() else {
         return Ok(());
     };
@@ -786,9 +1014,13 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
         spaces,
         vcpus: vec![vcpu0],
         open: Vec::new(),
+        files: Vec::new(),
     };
     for (i, op) in input.ops.iter().take(MAX_OPS).enumerate() {
-        if matches!(op, Op::Region { .. }) {
+        if matches!(
+            op,
+            Op::Region { .. } | Op::BindGmem { .. } | Op::GmemSlot { .. }
+        ) {
             for inv in w.open.drain(..).rev() {
                 inv.end();
             }
@@ -817,13 +1049,18 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
         vm,
         vcpus,
         open,
+        files,
         ..
     } = w;
     drop(open);
+    drop(files);
     drop(vcpus);
     drop(vm);
     if host.memory.allocated() != 0 {
         return Err(format!("{} table pages leaked", host.memory.allocated()));
+    }
+    if host.private_pages() != 0 {
+        return Err(format!("{} guest_memfd pages leaked", host.private_pages()));
     }
     if host.outstanding_refs() != 0 {
         return Err(format!(

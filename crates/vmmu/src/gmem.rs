@@ -175,13 +175,17 @@ struct PageIndex {
 }
 
 const INDEX_CHUNK: u64 = 512;
+/// The index covers the first 128 GiB of a file (its top level costs 8 bytes
+/// per 2 MiB, 512 KiB at most); pages beyond are looked up under the lock.
+/// Files are sparse and may be far larger than the memory behind them.
+const INDEX_MAX_CHUNKS: u64 = 1 << 16;
 const ENTRY_PRESENT: u64 = 1;
 const ENTRY_POISONED: u64 = 2;
 
 impl PageIndex {
     fn new(pages: u64) -> PageIndex {
         PageIndex {
-            chunks: (0..pages.div_ceil(INDEX_CHUNK))
+            chunks: (0..pages.div_ceil(INDEX_CHUNK).min(INDEX_MAX_CHUNKS))
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
         }

@@ -163,6 +163,8 @@ pub struct TestHost {
     released_writable: AtomicU64,
     private: Mutex<std::collections::BTreeSet<u64>>,
     next_private: AtomicU64,
+    /// Most guest_memfd pages allocated at once (then out of memory).
+    private_limit: AtomicU64,
 }
 
 impl std::fmt::Debug for TestHost {
@@ -187,7 +189,14 @@ impl TestHost {
             released_writable: AtomicU64::new(0),
             private: Mutex::new(LockClass::Leaf, std::collections::BTreeSet::new()),
             next_private: AtomicU64::new(PRIVATE_PFN_BASE),
+            private_limit: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Allow at most `pages` guest_memfd pages at once; beyond, allocation
+    /// fails with out-of-memory.
+    pub fn set_private_limit(&self, pages: u64) {
+        self.private_limit.store(pages, Ordering::SeqCst);
     }
 
     /// Host services for [`crate::Vm::new`].
@@ -357,8 +366,12 @@ impl PrimaryMmu for TestHost {
 
 impl crate::host::PrivateMemory for TestHost {
     fn alloc_private(&self) -> Result<Pfn, HostFaultError> {
+        let mut set = self.private.lock();
+        if set.len() as u64 >= self.private_limit.load(Ordering::SeqCst) {
+            return Err(HostFaultError::OutOfMemory);
+        }
         let pfn = self.next_private.fetch_add(1, Ordering::SeqCst);
-        self.private.lock().insert(pfn);
+        set.insert(pfn);
         Ok(Pfn(pfn))
     }
 

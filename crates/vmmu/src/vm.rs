@@ -652,7 +652,9 @@ impl Vm {
         if flags & !supported != 0 {
             return Err(GmemError::InvalidFlags { flags, supported });
         }
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+        // The size is a signed file offset (loff_t) for KVM: beyond its range
+        // it is as invalid as 0.
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > i64::MAX as u64 {
             return Err(GmemError::InvalidSize(size));
         }
         let Some(private) = self.inner.host.private.clone() else {

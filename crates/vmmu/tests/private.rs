@@ -291,10 +291,20 @@ mod gmem {
             (0, 0, "empty"),
             (4095, 0, "unaligned"),
             (4096, 1 << 5, "unknown flag"),
+            (1 << 63, 0, "beyond a signed file offset"),
         ] {
             let e = vm.create_guest_memfd(size, flags).unwrap_err();
             assert_eq!(e.errno(), vmmu::errno::EINVAL, "{what}: {e:?}");
         }
+        // Files are sparse: a 1 TiB file costs nothing until it is used, and a
+        // page near its end (past the lock-free index) works like any.
+        let big = vm.create_guest_memfd(1 << 40, 0).unwrap();
+        big.fallocate(FALLOC_FL_KEEP_SIZE, (1 << 40) - 4096, 4096)
+            .unwrap();
+        assert_eq!(big.allocated_pages(), 1);
+        big.memory_failure((1 << 40) - 4096).unwrap();
+        drop(big);
+        assert_eq!(host.private_pages(), 0);
         // INIT_SHARED alone is accepted, as the real KVM here accepts it
         // (`vmmu run guest-memfd --vs-kvm`).
         vm.create_guest_memfd(4096, GUEST_MEMFD_FLAG_INIT_SHARED)
