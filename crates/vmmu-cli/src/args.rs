@@ -48,6 +48,9 @@ pub struct Common {
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
     pub quiet: bool,
+    /// invalidation-storm: conversions between private and shared (a
+    /// software-protected VM on guest_memfd) instead of host migrations.
+    pub conversions: bool,
     /// The configuration block of the JSON report (`report::config_json`).
     pub config: serde_json::Value,
 }

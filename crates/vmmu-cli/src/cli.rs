@@ -265,6 +265,12 @@ pub(crate) struct InvalidationStormArgs {
     #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
     #[serde(serialize_with = "backing_name")]
     pub(crate) backing: Backing,
+    /// A conversion storm: a software-protected VM whose region is
+    /// guest_memfd-backed, the host converting ranges of the hot halves
+    /// between private and shared (attributes, then the old side discarded)
+    /// instead of migrating them.
+    #[arg(long)]
+    pub(crate) conversions: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -297,6 +303,24 @@ pub(crate) enum BenchCmd {
     DemandPaging(BenchDemandPagingArgs),
     /// The invalidation storm with and without the pre-check.
     InvalidationStorm(BenchStormArgs),
+    /// Private/shared conversions per second: 4K and 2M ranges, 1 and 2 vCPUs
+    /// converting (guest hypercalls, the VMM's attributes and discard, a
+    /// fault on the new side).
+    Conversions(BenchConversionsArgs),
+}
+
+/// `vmmu bench conversions`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchConversionsArgs {
+    /// Memory per vCPU (a multiple of 2M).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "64M")]
+    pub(crate) bytes: u64,
+    /// Rounds of conversions over each vCPU's memory.
+    #[arg(short = 'i', long = "iterations", default_value_t = 4)]
+    pub(crate) iterations: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
 }
 
 /// Flags both benchmarks take.
@@ -347,6 +371,10 @@ pub(crate) struct BenchStormArgs {
     /// Seed of the fault pattern and the storm.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// A conversion storm instead of migrations (see `vmmu run
+    /// invalidation-storm --help`).
+    #[arg(long)]
+    pub(crate) conversions: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: BenchFlags,
@@ -449,6 +477,7 @@ impl RunCmd {
                 bytes: Some(a.bytes),
                 iterations: Some(a.iterations),
                 backing: Some(a.backing),
+                conversions: a.conversions,
                 ..a.flags.common()
             },
             RunCmd::Roots(a) => Common {

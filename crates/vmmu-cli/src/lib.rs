@@ -94,6 +94,9 @@ where
         Cmd::Bench {
             benchmark: BenchCmd::InvalidationStorm(a),
         } => bench::validate_storm(a),
+        Cmd::Bench {
+            benchmark: BenchCmd::Conversions(a),
+        } => bench::conversions::validate(a),
         Cmd::Soak(a) => soak::check(a),
     };
     r.map_err(|e| errors::single_line(&e.to_string()))
@@ -124,6 +127,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::InvalidationStorm(_),
         } => "bench invalidation-storm".into(),
+        Cmd::Bench {
+            benchmark: BenchCmd::Conversions(_),
+        } => "bench conversions".into(),
         Cmd::Soak(_) => "soak".into(),
     };
     let r = match cli.cmd {
@@ -153,6 +159,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::InvalidationStorm(a),
         } => bench::invalidation_storm(&a),
+        Cmd::Bench {
+            benchmark: BenchCmd::Conversions(a),
+        } => bench::conversions::run(&a),
         Cmd::Soak(a) => soak::run(&a),
     };
     match r {

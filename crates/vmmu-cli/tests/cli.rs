@@ -462,3 +462,40 @@ fn test_guest_memfd_contract_holds_and_compares_with_kvm_when_asked() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+#[test]
+fn test_bench_conversions_measures_four_configurations_and_refuses_bad_sizes() {
+    let v = json_run(&["bench", "conversions", "-b", "2M", "-i", "2"]);
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "{v}");
+    for r in runs {
+        let per_vcpu = 2u64 << 20;
+        let want = 2 * per_vcpu / r["range_bytes"].as_u64().unwrap() * r["vcpus"].as_u64().unwrap();
+        assert_eq!(r["conversions"].as_u64().unwrap(), want, "{r}");
+        assert!(r["conversions_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let (code, _, err) = vmmu(&["bench", "conversions", "-b", "3M"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("-b 3") && err.contains("multiple of 2M"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn test_conversion_storm_converts_and_the_oracle_sees_every_access() {
+    let v = json_run(&[
+        "run",
+        "invalidation-storm",
+        "-b",
+        "4M",
+        "-i",
+        "1",
+        "--conversions",
+    ]);
+    assert!(v["conversions"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["conversion_errors"], 0, "{v}");
+    assert_eq!(v["config"]["mmu"]["vm_type"], "sw_protected", "{v}");
+    assert!(v["oracle_checked_accesses"].as_u64().unwrap() > 0, "{v}");
+}

@@ -7,6 +7,13 @@
 //! each round so every cold access is a fault. Faults are reported separately for
 //! gfns inside the storm (hot) and outside it (cold), first without a storm (the
 //! baseline), then with it.
+//!
+//! With `--conversions` the storm is one of conversions: the VM is
+//! software-protected, its region guest_memfd-backed, and the host converts
+//! 1 MiB ranges of the hot halves between private and shared (the VMM's
+//! order: attributes, then the old side discarded) while the vCPUs fault on
+//! the same gfns (inside) and on the neighbouring cold halves (outside). The
+//! oracle checks every access against the side its gfn is on now.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +25,7 @@ use vmmu::{Gpa, Hva, HvaRange, Stats};
 use vmmu_machine::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram, Rng};
 use vmmu_machine::{Backing, RunOptions, VcpuReport};
 
-use super::{build, progress_bar, Env, REGION_GPA, REGION_HVA};
+use super::{build, build_private, progress_bar, Env, REGION_GPA, REGION_HVA};
 use crate::args::Common;
 use crate::report::{latency_json, Report};
 
@@ -61,6 +68,11 @@ struct PhaseResult {
     inside: Bucket,
     outside: Bucket,
     invalidations: u64,
+    /// Conversions made (conversion storm) and refused.
+    conversions: u64,
+    conversion_errors: u64,
+    /// Time of each storm step (a migration, or a whole conversion).
+    storm_ns: Histogram<u64>,
     stats: Stats,
     elapsed_ns: u64,
 }
@@ -128,6 +140,9 @@ fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult 
     let mut inside = Bucket::default();
     let mut outside = Bucket::default();
     let mut invalidations = 0u64;
+    let conversions = env.common.conversions;
+    let (mut conversions_done, mut conversion_errors) = (0u64, 0u64);
+    let mut storm_ns = Histogram::<u64>::new(3).expect("3 significant digits is valid");
     let t0 = Instant::now();
     for r in 0..rounds {
         // Unmap the cold halves so every cold access faults again.
@@ -178,11 +193,27 @@ fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult 
                 let start = REGION_HVA + (v * pages + off) * 4096;
                 let range = HvaRange::new(Hva(start), Hva(start + n * 4096));
                 let st = Instant::now();
-                ctx.host.migrate(range);
+                let what = if conversions {
+                    // Whole 1 MiB ranges flip side; which side is drawn, so
+                    // ranges overlap partly converted ones too.
+                    let gpa = REGION_GPA + (v * pages + off) * 4096;
+                    let private = rng.below(2) == 0;
+                    if ctx.vmm.convert(gpa, n * 4096, private).is_err() {
+                        conversion_errors += 1;
+                    }
+                    conversions_done += 1;
+                    "convert"
+                } else {
+                    ctx.host.migrate(range);
+                    "migrate"
+                };
+                let now = Instant::now();
+                storm_ns
+                    .record(now.duration_since(st).as_nanos() as u64)
+                    .ok();
                 if let Some(t) = &trace {
-                    let now = Instant::now();
                     t.host_span(
-                        "migrate",
+                        what,
                         st,
                         now,
                         json!({"hva": format!("{start:#x}"), "pages": n}),
@@ -211,6 +242,9 @@ fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult 
         inside,
         outside,
         invalidations,
+        conversions: conversions_done,
+        conversion_errors,
+        storm_ns,
         stats: env.m.vm.stats().since(&before),
         elapsed_ns,
     }
@@ -233,6 +267,10 @@ fn phase_json(p: &PhaseResult) -> Value {
         "yields": s.yields,
         "remote_tlb_flushes": s.tlb_flush_remote,
         "remote_tlb_flushes_per_invalidation": if p.invalidations > 0 { s.tlb_flush_remote as f64 / p.invalidations as f64 } else { 0.0 },
+        "conversions": p.conversions,
+        "conversion_errors": p.conversion_errors,
+        "private_faults": s.private_faults,
+        "storm_step_latency": (!p.storm_ns.is_empty()).then(|| latency_json(&p.storm_ns)),
     })
 }
 
@@ -276,7 +314,11 @@ pub fn measure(
     report: Option<&mut Report>,
 ) -> anyhow::Result<(StormFigures, i32)> {
     let shape = validate(common)?;
-    let mut env = build(common, shape)?;
+    let mut env = if common.conversions {
+        build_private(common, shape)?
+    } else {
+        build(common, shape)?
+    };
     // Host memory pre-touched: faults measure the MMU, not page allocation.
     env.m.host.prefault(HvaRange::new(
         Hva(REGION_HVA),
@@ -306,9 +348,32 @@ pub fn measure(
     let mut r = Report::new("invalidation-storm", &shape);
     let ratio = figures.storm_outside_p99 as f64 / figures.baseline_outside_p99.max(1) as f64;
     r.line(format!(
-        "pre-check: {}",
+        "storm: {}; pre-check: {}",
+        if common.conversions {
+            "conversions private <-> shared (software-protected VM, guest_memfd)"
+        } else {
+            "host migrations"
+        },
         if common.no_precheck { "off" } else { "on" }
     ));
+    if common.conversions {
+        let secs = storm.elapsed_ns as f64 / 1e9;
+        r.line(format!(
+            "{} conversions of 1 MiB ({:.0}/s, {} refused), each {} ns p50, {} ns p99; faults racing them (inside): p99 {} ns, {} without the storm; {} private faults",
+            storm.conversions,
+            storm.conversions as f64 / secs.max(1e-9),
+            storm.conversion_errors,
+            storm.storm_ns.value_at_quantile(0.5),
+            storm.storm_ns.value_at_quantile(0.99),
+            storm.inside.p99(),
+            baseline.inside.p99(),
+            storm.stats.private_faults,
+        ));
+        r.put("conversions", storm.conversions);
+        r.put("conversion_errors", storm.conversion_errors);
+        r.put("inside_p99_storm_ns", storm.inside.p99());
+        r.put("inside_p99_baseline_ns", baseline.inside.p99());
+    }
     r.line(format!(
         "outside the storm: p99 {} ns without, {} ns with the storm ({ratio:.2}x)",
         figures.baseline_outside_p99, figures.storm_outside_p99

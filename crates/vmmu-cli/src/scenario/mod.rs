@@ -53,6 +53,12 @@ pub fn vm_config(common: &Common) -> VmConfig {
     VmConfig {
         precheck: !common.no_precheck,
         ad_enabled: !common.no_ad,
+        // The conversion storm converts memory: only a VM with private memory can.
+        vm_type: if common.conversions {
+            vmmu::VmType::SwProtected
+        } else {
+            vmmu::VmType::Default
+        },
         ..VmConfig::default()
     }
 }
@@ -76,6 +82,46 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
             memory_size: per_slot,
             userspace_addr: REGION_HVA + i * per_slot,
         })?;
+    }
+    let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
+    Ok(Env {
+        m,
+        shape,
+        common: common.clone(),
+        trace,
+    })
+}
+
+/// As [`build`], on a software-protected VM whose memslots are bound to one
+/// guest_memfd of the region's size (each slot its part of the file; the
+/// shared side stays at the region's host address).
+pub fn build_private(common: &Common, shape: Shape) -> anyhow::Result<Env> {
+    let cfg = MachineConfig {
+        memory_bytes: 2 * shape.total + shape.total / 64 + (1 << 30),
+        vm: vm_config(common),
+        oracle: !common.no_oracle,
+        poison: true,
+    };
+    anyhow::ensure!(
+        cfg.vm.vm_type.has_private_mem(),
+        "a guest_memfd-backed region needs a VM type with private memory"
+    );
+    let m = Machine::new(cfg, shape.vcpus)?;
+    m.map(Hva(REGION_HVA), shape.total, shape.backing)?;
+    let file = Arc::new(m.vm.create_guest_memfd(shape.total, 0)?);
+    let per_slot = shape.total / shape.slots as u64;
+    for i in 0..shape.slots as u64 {
+        m.vmm.bind_gmem_slot(
+            UserMemoryRegion {
+                slot: 1 + i as u32,
+                flags: 0,
+                guest_phys_addr: REGION_GPA + i * per_slot,
+                memory_size: per_slot,
+                userspace_addr: REGION_HVA + i * per_slot,
+            },
+            file.clone(),
+            i * per_slot,
+        )?;
     }
     let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
     Ok(Env {

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+pub mod conversions;
+
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::json;
 use vmmu::{Hva, HvaRange, UserMemoryRegion};
@@ -341,6 +343,7 @@ fn storm_common(a: &BenchStormArgs) -> Common {
         json: a.flags.json,
         no_oracle: !a.flags.oracle,
         quiet: true,
+        conversions: a.conversions,
         ..Common::default()
     }
 }
