@@ -39,6 +39,7 @@
 
 pub mod attributes;
 pub mod config;
+pub mod dirty_log;
 pub mod errno;
 pub mod fault;
 pub mod gmem;
@@ -59,6 +60,7 @@ pub mod vm;
 
 pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
 pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
+pub use dirty_log::DirtyLogError;
 pub use fault::{ErrorCode, FaultError, RetPf};
 pub use gmem::{GmemError, GuestMemfd, PrivatePage};
 pub use host::{

@@ -258,6 +258,42 @@ impl DirtyBitmap {
             .get((rel / 64) as usize)
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (rel % 64)) != 0)
     }
+    /// Every word, as it is now.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    }
+    /// Words in the bitmap.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+    /// Clear the bits of `mask` in word `i` and return those that were set
+    /// (atomic, so a bit set meanwhile is either taken now or stays).
+    pub(crate) fn take(&self, i: usize, mask: u64) -> u64 {
+        match self.words.get(i) {
+            Some(w) if mask == u64::MAX => w.swap(0, Ordering::Relaxed),
+            Some(w) => w.fetch_and(!mask, Ordering::Relaxed) & mask,
+            None => 0,
+        }
+    }
+    /// A bitmap with every page of `npages` marked (`INITIALLY_SET`).
+    fn all_set(npages: u64) -> Self {
+        let b = DirtyBitmap::new(npages);
+        for (i, w) in b.words.iter().enumerate() {
+            let left = npages - i as u64 * 64;
+            w.store(
+                if left >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << left) - 1
+                },
+                Ordering::Relaxed,
+            );
+        }
+        b
+    }
     /// Number of marked pages.
     pub fn count(&self) -> u64 {
         self.words
@@ -638,6 +674,7 @@ pub(crate) fn classify(
             gfn_limit,
             region2: false,
             gmem: false,
+            dirty_initially_set: false,
         },
         None,
     )
@@ -654,6 +691,9 @@ pub(crate) struct Limits {
     /// on KVM 6.18, any VM type can: on one without private memory the file
     /// only backs nothing private, and faults use the shared side.
     pub(crate) gmem: bool,
+    /// Manual dirty-log protection with `INITIALLY_SET`: a new bitmap starts
+    /// with every page marked.
+    pub(crate) dirty_initially_set: bool,
 }
 
 /// A guest_memfd given to `KVM_SET_USER_MEMORY_REGION2`, already checked to
@@ -796,8 +836,13 @@ pub(crate) fn classify_with(
         if !flags.contains(MemFlags::LOG_DIRTY_PAGES) {
             return None;
         }
-        old.and_then(|o| o.dirty_bitmap.clone())
-            .or_else(|| Some(Arc::new(DirtyBitmap::new(npages))))
+        old.and_then(|o| o.dirty_bitmap.clone()).or_else(|| {
+            Some(Arc::new(if limits.dirty_initially_set {
+                DirtyBitmap::all_set(npages)
+            } else {
+                DirtyBitmap::new(npages)
+            }))
+        })
     };
     match old {
         None => {

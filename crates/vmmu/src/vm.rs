@@ -125,7 +125,10 @@ pub(crate) struct VmInner {
     pub(crate) mmu_lock: MmuLock,
     pub(crate) inval: InvalidateState,
     active_inval: ActiveInvalidations,
-    slots: Mutex<SlotsState>,
+    /// `kvm->slots_lock`.
+    pub(crate) slots: Mutex<SlotsState>,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags in force.
+    pub(crate) manual_dirty_log: crate::sync::AtomicU64,
     pub(crate) memslots: Vec<Snapshot<MemslotSet>>,
     pub(crate) srcu: Srcu,
     /// The vCPU list, under `kvm->lock` (as `kvm_vm_ioctl_create_vcpu` takes it).
@@ -334,6 +337,15 @@ impl VmInner {
 }
 
 impl Vm {
+    /// Manual dirty-log protection with `INITIALLY_SET` is in force.
+    fn initially_set(&self) -> bool {
+        let f = self
+            .inner
+            .manual_dirty_log
+            .load(crate::sync::Ordering::Relaxed);
+        f & crate::dirty_log::MANUAL_PROTECT_ENABLE != 0 && f & crate::dirty_log::INITIALLY_SET != 0
+    }
+
     /// Refuse an address space the VM does not have, or an inverted range.
     fn check_range(&self, as_id: u16, range: Option<GfnRange>) -> Result<(), VmError> {
         let spaces = self.inner.config.address_spaces;
@@ -386,6 +398,7 @@ impl Vm {
             mmu_lock: MmuLock::new(),
             inval: InvalidateState::new(config.knobs.relaxed_seq_bump),
             active_inval: ActiveInvalidations::new(),
+            manual_dirty_log: crate::sync::AtomicU64::new(0),
             slots: Mutex::new(
                 LockClass::SlotsLock,
                 SlotsState {
@@ -505,6 +518,7 @@ impl Vm {
                     gfn_limit: vm.config.gfn_limit(),
                     region2,
                     gmem: vm.host.private.is_some(),
+                    dirty_initially_set: self.initially_set(),
                 },
                 gmem,
             )?
@@ -550,7 +564,9 @@ impl Vm {
                 let logging_on = new.dirty_logging() && !old.dirty_logging();
                 let range = new.gfn_range();
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), new)]);
-                if logging_on {
+                // With INITIALLY_SET every page counts as dirty and nothing is
+                // protected until the first clear (KVM's apply-flags).
+                if logging_on && !self.initially_set() {
                     // The slot exists in `as_id` and its range is ordered.
                     let _ = self.write_protect_gfn_range(as_id, range);
                 }

@@ -1,0 +1,281 @@
+//! Harvesting the dirty log (KVM's `KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG`
+//! and `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+//!
+//! A slot with `LOG_DIRTY_PAGES` has a bitmap, one bit per page, set by every
+//! write the MMU lets through: a write fault that maps a page writable, and the
+//! fast path when it gives back the write permission a harvest took. A harvest
+//! takes the bits and write-protects exactly the pages they name, so the next
+//! write to each faults and sets its bit again.
+//!
+//! Without manual protection, [`Vm::get_dirty_log`] does both at once, word by
+//! word: exchange the word with 0, write-protect the pages that were set, and
+//! flush the TLBs once at the end if any were — the order that guarantees a
+//! write after a word was taken is logged next time (it either came before the
+//! exchange and is in this snapshot, or it faults on the write-protected page
+//! after the flush, or it hit a stale writable TLB entry before the flush and
+//! its page is then in this snapshot already, having been set before).
+//!
+//! With manual protection (`MANUAL_PROTECT_ENABLE`), `get` only copies the
+//! bitmap and [`Vm::clear_dirty_log`] clears and re-protects the pages asked
+//! for, in 64-page words; with `INITIALLY_SET` enabling logging sets every bit
+//! and protects nothing (the first clear does).
+
+use crate::memslot::MemslotSet;
+use crate::sync::Ordering;
+use crate::tdp::Ctx;
+use crate::tdp::RemoteFlush;
+use crate::types::{Gfn, GfnRange};
+use crate::vm::Vm;
+
+/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`.
+pub const MANUAL_PROTECT_ENABLE: u64 = 1 << 0;
+/// `KVM_DIRTY_LOG_INITIALLY_SET`.
+pub const INITIALLY_SET: u64 = 1 << 1;
+/// The flags `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` accepts.
+pub const MANUAL_DIRTY_LOG_CAPS: u64 = MANUAL_PROTECT_ENABLE | INITIALLY_SET;
+
+/// Why a dirty-log call was refused. A refused call changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirtyLogError {
+    /// The slot number names an address space the VM lacks (EINVAL).
+    #[error("slot {slot:#x}: address space {as_id} does not exist (the VM has {spaces})")]
+    BadAddressSpace {
+        /// The slot number given.
+        slot: u32,
+        /// Its address space.
+        as_id: u16,
+        /// Address spaces of the VM.
+        spaces: u16,
+    },
+    /// No such slot, or it does not log dirty pages (ENOENT).
+    #[error("slot {slot:#x} does not exist or does not log dirty pages")]
+    NotLogging {
+        /// The slot number given.
+        slot: u32,
+    },
+    /// `clear_dirty_log` without manual protection enabled (EINVAL).
+    #[error("clear_dirty_log needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled first")]
+    NotManual,
+    /// Unknown manual-protect flags (EINVAL).
+    #[error("manual dirty-log flags {flags:#x} are not valid (supported: {supported:#x})")]
+    BadFlags {
+        /// The flags given.
+        flags: u64,
+        /// Supported.
+        supported: u64,
+    },
+    /// The pages asked for do not fit the slot or break the 64-page rule
+    /// (EINVAL).
+    #[error("pages {first}+{num} of a {npages}-page slot: the first page must be a multiple of 64, and the count too unless it reaches the end of the slot")]
+    BadRange {
+        /// First page.
+        first: u64,
+        /// Pages.
+        num: u64,
+        /// Pages in the slot.
+        npages: u64,
+    },
+    /// The bitmap given is shorter than the pages asked for (EFAULT, as KVM
+    /// answers a user buffer it cannot read).
+    #[error("the bitmap has {words} words, {needed} are needed for {num} pages")]
+    ShortBitmap {
+        /// Words given.
+        words: usize,
+        /// Words needed.
+        needed: u64,
+        /// Pages asked for.
+        num: u64,
+    },
+}
+
+impl DirtyLogError {
+    /// The errno KVM returns for this refusal.
+    pub fn errno(&self) -> i32 {
+        use crate::errno::*;
+        match self {
+            DirtyLogError::NotLogging { .. } => ENOENT,
+            DirtyLogError::ShortBitmap { .. } => EFAULT,
+            _ => EINVAL,
+        }
+    }
+}
+
+impl Vm {
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`: `flags` 0 turns manual
+    /// protection off; `MANUAL_PROTECT_ENABLE` (with `INITIALLY_SET` optionally)
+    /// turns it on. Applies to slots whose logging is enabled afterwards (for
+    /// `INITIALLY_SET`) and to every `get`/`clear` after the call.
+    pub fn enable_manual_dirty_log_protect(&self, flags: u64) -> Result<(), DirtyLogError> {
+        if flags & !MANUAL_DIRTY_LOG_CAPS != 0 {
+            return Err(DirtyLogError::BadFlags {
+                flags,
+                supported: MANUAL_DIRTY_LOG_CAPS,
+            });
+        }
+        let _s = self.inner.slots.lock();
+        self.inner.manual_dirty_log.store(flags, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The manual-protect flags in force.
+    pub fn manual_dirty_log_protect(&self) -> u64 {
+        self.inner.manual_dirty_log.load(Ordering::Relaxed)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of memslot `slot` (address space in bits 16 and up):
+    /// the bitmap, one `u64` per 64 pages. Without manual protection the bits
+    /// returned are cleared and their pages write-protected (flushed once);
+    /// with it, only copied.
+    pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, DirtyLogError> {
+        let vm = &*self.inner;
+        let _s = vm.slots.lock();
+        let set = self.slot_set(slot)?;
+        let (s, bitmap) = logging_slot(&set, slot)?;
+        if self.manual_dirty_log_protect() & MANUAL_PROTECT_ENABLE != 0 {
+            return Ok(bitmap.snapshot());
+        }
+        let base = s.base_gfn();
+        let mut out = Vec::with_capacity(bitmap.words());
+        let mut protected = false;
+        for i in 0..bitmap.words() {
+            let mask = bitmap.take(i, u64::MAX);
+            if mask != 0 {
+                protected |= self.protect_masked(s.as_id(), base, i as u64 * 64, mask);
+            }
+            out.push(mask);
+        }
+        if protected {
+            vm.flush_remote_tlbs(&vm.stats);
+        }
+        Ok(out)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual protection only): for pages
+    /// `[first_page, first_page + num_pages)` of `slot`, clear the bits set in
+    /// `bitmap` (bit 0 of word 0 is `first_page`) that are set in the log, and
+    /// write-protect exactly those pages; flush once if any. `first_page` must
+    /// be a multiple of 64, and `num_pages` too unless the range reaches the
+    /// end of the slot. Returns how many pages it cleared.
+    pub fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u64,
+        bitmap: &[u64],
+    ) -> Result<u64, DirtyLogError> {
+        let vm = &*self.inner;
+        if self.manual_dirty_log_protect() & MANUAL_PROTECT_ENABLE == 0 {
+            return Err(DirtyLogError::NotManual);
+        }
+        let _s = vm.slots.lock();
+        let set = self.slot_set(slot)?;
+        let (s, log) = logging_slot(&set, slot)?;
+        let npages = s.npages();
+        let bad = DirtyLogError::BadRange {
+            first: first_page,
+            num: num_pages,
+            npages,
+        };
+        if first_page > npages
+            || num_pages > npages - first_page
+            || (num_pages < npages - first_page && !num_pages.is_multiple_of(64))
+            || !first_page.is_multiple_of(64)
+        {
+            return Err(bad);
+        }
+        let needed = num_pages.div_ceil(64);
+        if (bitmap.len() as u64) < needed {
+            return Err(DirtyLogError::ShortBitmap {
+                words: bitmap.len(),
+                needed,
+                num: num_pages,
+            });
+        }
+        let base = s.base_gfn();
+        let mut cleared = 0;
+        let mut protected = false;
+        for (i, &want) in bitmap.iter().take(needed as usize).enumerate() {
+            let page = first_page + i as u64 * 64;
+            // The last word may cover pages past the range: never touch those.
+            let left = num_pages - i as u64 * 64;
+            let want = if left < 64 {
+                want & ((1u64 << left) - 1)
+            } else {
+                want
+            };
+            if want == 0 {
+                continue;
+            }
+            let mask = log.take((page / 64) as usize, want);
+            if mask != 0 {
+                cleared += mask.count_ones() as u64;
+                protected |= self.protect_masked(s.as_id(), base, page, mask);
+            }
+        }
+        if protected {
+            vm.flush_remote_tlbs(&vm.stats);
+        }
+        Ok(cleared)
+    }
+
+    fn slot_set(&self, slot: u32) -> Result<std::sync::Arc<MemslotSet>, DirtyLogError> {
+        let as_id = (slot >> 16) as u16;
+        let spaces = self.inner.config.address_spaces;
+        self.memslots(as_id).ok_or(DirtyLogError::BadAddressSpace {
+            slot,
+            as_id,
+            spaces,
+        })
+    }
+
+    /// Write-protect the pages of `mask` (bit `i` is page `first + i` of the
+    /// slot at `base`) in every valid root of `as_id`, one run of set bits at a
+    /// time (KVM's `kvm_arch_mmu_enable_log_dirty_pt_masked`). Huge leaves
+    /// covering them (with `INITIALLY_SET` nothing was protected at enable) are
+    /// write-protected whole. Returns whether anything changed.
+    fn protect_masked(&self, as_id: u16, base: Gfn, first: u64, mask: u64) -> bool {
+        let vm = &*self.inner;
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        let _r = vm.mmu_lock.read(&vm.stats.lock);
+        let mut changed = false;
+        let mut m = mask;
+        while m != 0 {
+            let lo = m.trailing_zeros() as u64;
+            let run = (m >> lo).trailing_ones() as u64;
+            let start = base.add(first + lo);
+            let range = GfnRange::new(start, start.add(run));
+            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+                changed |= vm.tdp.write_protect_range(&ctx, root, range);
+            });
+            m &= !(if lo + run >= 64 {
+                u64::MAX << lo
+            } else {
+                ((1u64 << run) - 1) << lo
+            });
+        }
+        changed
+    }
+}
+
+fn logging_slot(
+    set: &MemslotSet,
+    slot: u32,
+) -> Result<
+    (
+        &std::sync::Arc<crate::Memslot>,
+        &crate::memslot::DirtyBitmap,
+    ),
+    DirtyLogError,
+> {
+    let id = (slot & 0xffff) as u16;
+    let s = set
+        .by_id(id)
+        .filter(|s| !s.is_invalid())
+        .ok_or(DirtyLogError::NotLogging { slot })?;
+    let b = s.dirty_bitmap().ok_or(DirtyLogError::NotLogging { slot })?;
+    Ok((s, b))
+}
