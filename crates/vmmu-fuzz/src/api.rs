@@ -9,8 +9,11 @@
 //!   generations, every mapping, the roots and the invalidation count are
 //!   exactly what they were before it;
 //! - with no invalidation in progress, every present leaf agrees with the host:
-//!   it lies in a memslot, maps the frame the host maps at the slot's address,
-//!   and is writable only where the host and the slot allow writes;
+//!   it lies in a memslot, maps the frame the host maps at the slot's address
+//!   (or, for a private gfn or a gmem-only slot, the page its guest_memfd
+//!   holds), and is writable only where the host and the slot allow writes;
+//! - after a dirty-log harvest (get without manual protection, or clear), no
+//!   page it took is writable in any mapping;
 //! - the MMU counted no internal invariant violation;
 //! - at the end, dropping everything frees every table page and releases every
 //!   frame reference (the tracking host panics on a double free).
@@ -317,6 +320,29 @@ pub enum Op {
         /// Which file.
         file: u8,
     },
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`.
+    ManualDirtyLog {
+        /// The two flags, or raw.
+        flags: Result<u8, u64>,
+    },
+    /// `KVM_GET_DIRTY_LOG`.
+    GetDirtyLog {
+        /// Slot number.
+        slot: SlotNo,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG`.
+    ClearDirtyLog {
+        /// Slot number.
+        slot: SlotNo,
+        /// First page (plausible: a multiple of 64 below 1024), or raw.
+        first: Result<u8, u64>,
+        /// Pages, or raw.
+        num: Result<u8, u64>,
+        /// Bitmap words given (each all ones or a pattern).
+        words: u8,
+        /// The pattern.
+        pattern: u64,
+    },
     /// `clear_young` / `clear_flush_young` / `test_young`.
     Age {
         /// Start.
@@ -480,6 +506,9 @@ struct Observable {
     in_progress: i64,
     /// Pages allocated in each open guest_memfd.
     gmem_pages: Vec<u64>,
+    /// Every logging slot's bitmap.
+    dirty: Vec<(u32, Vec<u64>)>,
+    manual: u64,
 }
 
 struct World {
@@ -535,6 +564,15 @@ impl World {
             roots: self.vm.roots(),
             in_progress: self.vm.invalidations_in_progress(),
             gmem_pages: self.files.iter().map(|f| f.allocated_pages()).collect(),
+            dirty: (0..self.spaces)
+                .filter_map(|a| self.vm.memslots(a))
+                .flat_map(|set| {
+                    set.iter()
+                        .filter_map(|m| m.dirty_bitmap().map(|b| (m.slot_number(), b.snapshot())))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+            manual: self.vm.manual_dirty_log_protect(),
         }
     }
 
@@ -594,6 +632,46 @@ impl World {
         let inv = self.vm.stats().invariant_violations;
         if inv != 0 {
             return Err(format!("the MMU counted {inv} invariant violations"));
+        }
+        Ok(())
+    }
+
+    fn bitmap_of(&self, slot: u32) -> Option<Vec<u64>> {
+        let set = self.vm.memslots((slot >> 16) as u16)?;
+        let s = set.by_id((slot & 0xffff) as u16)?;
+        s.dirty_bitmap().map(|b| b.snapshot())
+    }
+
+    /// Every page set in `log` (page 0 is the slot's first) is write-protected
+    /// in every mapping of it, as a harvest must leave it.
+    fn check_protected(&self, slot: u32, _first: u64, log: &[u64]) -> Result<(), String> {
+        let as_id = (slot >> 16) as u16;
+        let Some(set) = self.vm.memslots(as_id) else {
+            return Ok(());
+        };
+        let Some(s) = set.by_id((slot & 0xffff) as u16) else {
+            return Ok(());
+        };
+        let base = s.base_gfn().0;
+        for (gfn, level, spte) in self.vm.mappings(as_id) {
+            if !spte.is_shadow_present() || !spte.is_writable() {
+                continue;
+            }
+            for i in 0..level.pages() {
+                let g = gfn.0 + i;
+                if g < base || g >= base + s.npages() {
+                    continue;
+                }
+                let p = g - base;
+                if log
+                    .get((p / 64) as usize)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+                {
+                    return Err(format!(
+                        "page {p} of slot {slot:#x} was harvested but {spte:?} at {gfn:?} is writable"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -940,6 +1018,66 @@ impl World {
                     self.files.remove(*file as usize % n);
                 }
                 false
+            }
+            Op::ManualDirtyLog { flags } => {
+                let flags = match *flags {
+                    Ok(b) => (b & 3) as u64,
+                    Err(raw) => raw,
+                };
+                match self.vm.enable_manual_dirty_log_protect(flags) {
+                    Ok(()) => false,
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::GetDirtyLog { slot } => {
+                let manual = self.vm.manual_dirty_log_protect() & 1 != 0;
+                match self.vm.get_dirty_log(slot.raw()) {
+                    Ok(log) => {
+                        if !manual {
+                            self.check_protected(slot.raw(), 0, &log)?;
+                        }
+                        false
+                    }
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
+            }
+            Op::ClearDirtyLog {
+                slot,
+                first,
+                num,
+                words,
+                pattern,
+            } => {
+                let first = match *first {
+                    Ok(b) => (b as u64 % 16) * 64,
+                    Err(raw) => raw,
+                };
+                let num = match *num {
+                    Ok(b) => b as u64 * 8,
+                    Err(raw) => raw,
+                };
+                let bitmap = vec![*pattern; *words as usize % 20];
+                let before = self.bitmap_of(slot.raw());
+                match self.vm.clear_dirty_log(slot.raw(), first, num, &bitmap) {
+                    Ok(_) => {
+                        // What was cleared (set before, asked for) is protected.
+                        if let Some(before) = before {
+                            let cleared: Vec<u64> = (0..before.len())
+                                .map(|w| {
+                                    let p = w as u64 * 64;
+                                    if p < first || p >= first + num {
+                                        return 0;
+                                    }
+                                    let k = ((p - first) / 64) as usize;
+                                    before[w] & bitmap.get(k).copied().unwrap_or(0)
+                                })
+                                .collect();
+                            self.check_protected(slot.raw(), 0, &cleared)?;
+                        }
+                        false
+                    }
+                    Err(e) => errno_of(e.errno(), &e)?,
+                }
             }
             Op::Age { start, len, how } => {
                 let s = start.hva();
