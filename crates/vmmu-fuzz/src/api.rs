@@ -481,6 +481,18 @@ impl<'a> Arbitrary<'a> for Input {
                     gpa: u.arbitrary()?,
                     ec: u.arbitrary()?,
                 }
+            } else if u.ratio(1, 16)? {
+                // A plausible guest_memfd slot (a file of a few pages bound
+                // next to the initial slot), so private and gmem-only faults
+                // happen often enough to be checked.
+                ops.push(Op::CreateGmem {
+                    size: Size::Pages(u.int_in_range(1..=255)?),
+                    flags: Ok(u.arbitrary()?),
+                });
+                Op::GmemSlot {
+                    file: 255,
+                    at: u.arbitrary()?,
+                }
             } else {
                 Op::arbitrary(u)?
             };

@@ -202,6 +202,14 @@ pub struct GuardKnobs {
     /// inside it, so a fault that read a page without the file's lock and
     /// snapshotted after the end maps a freed page.
     pub free_after_gmem_invalidation: bool,
+    /// Write-protection gives up on an entry whose compare-and-exchange lost a
+    /// race (the processor set D meanwhile) instead of looking at it again, so
+    /// the entry stays writable.
+    pub write_protect_skips_lost_race: bool,
+    /// The fast path records a page dirty before it makes the entry writable,
+    /// so a harvest between the two takes the bit and leaves the entry writable
+    /// and unlogged.
+    pub fast_path_marks_dirty_first: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

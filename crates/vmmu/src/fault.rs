@@ -359,6 +359,15 @@ impl VcpuMmu {
             if new == spte || !new.allows(f.access) {
                 return RetPf::Invalid;
             }
+            // The page is logged after the entry is writable: a harvest in between
+            // either protects the entry again or finds the bit set after it.
+            let marks_first = vm.config.knobs.fast_path_marks_dirty_first;
+            let logs = new.is_writable() && !spte.is_writable();
+            if marks_first && logs {
+                if let Some(slot) = f.slot {
+                    slot.mark_dirty(f.gfn);
+                }
+            }
             let ok = if vm.config.knobs.fast_path_plain_store {
                 sptep.store(new.0, Ordering::Release);
                 true
@@ -370,7 +379,7 @@ impl VcpuMmu {
                     .is_ok()
             };
             if ok {
-                if new.is_writable() && !spte.is_writable() {
+                if logs && !marks_first {
                     if let Some(slot) = f.slot {
                         slot.mark_dirty(f.gfn);
                     }

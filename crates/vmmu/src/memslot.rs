@@ -249,7 +249,13 @@ impl DirtyBitmap {
     /// Mark page `rel` (relative to the slot) dirty.
     pub fn set(&self, rel: u64) {
         if let Some(w) = self.words.get((rel / 64) as usize) {
-            w.fetch_or(1 << (rel % 64), Ordering::Relaxed);
+            // Release: the entry made writable before the page was marked is
+            // seen by a harvest that takes the bit (its Acquire), so its
+            // write-protection finds the entry writable. With Relaxed a harvest
+            // could take the bit, read the entry's old value, protect nothing,
+            // and leave a writable entry whose page is out of the log (the loom
+            // model `loom_harvest_never_leaves_a_writable_page_unlogged`).
+            w.fetch_or(1 << (rel % 64), Ordering::Release);
         }
     }
     /// Whether page `rel` is marked.
@@ -272,9 +278,10 @@ impl DirtyBitmap {
     /// Clear the bits of `mask` in word `i` and return those that were set
     /// (atomic, so a bit set meanwhile is either taken now or stays).
     pub(crate) fn take(&self, i: usize, mask: u64) -> u64 {
+        // AcqRel: see `set`.
         match self.words.get(i) {
-            Some(w) if mask == u64::MAX => w.swap(0, Ordering::Relaxed),
-            Some(w) => w.fetch_and(!mask, Ordering::Relaxed) & mask,
+            Some(w) if mask == u64::MAX => w.swap(0, Ordering::AcqRel),
+            Some(w) => w.fetch_and(!mask, Ordering::AcqRel) & mask,
             None => 0,
         }
     }

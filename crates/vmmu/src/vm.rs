@@ -911,11 +911,21 @@ impl Vm {
             stats: &vm.stats,
             rcu: &rcu,
         };
-        let _w = vm.mmu_lock.write(&vm.stats.lock);
         let mut n = 0;
-        vm.tdp.for_each_root(&ctx, as_id, true, |root| {
-            n += vm.tdp.clear_dirty_range(&ctx, root, range);
-        });
+        let mut protected = false;
+        {
+            let _w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+                let (d, p) = vm.tdp.clear_dirty_range(&ctx, root, range);
+                n += d;
+                protected |= p;
+            });
+        }
+        // Write-protection (entries without A/D bits) is only in force once no
+        // TLB holds the writable translation.
+        if protected {
+            vm.flush_remote_tlbs(&vm.stats);
+        }
         Ok(n)
     }
 

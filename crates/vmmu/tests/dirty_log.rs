@@ -194,3 +194,45 @@ fn test_initially_set_marks_everything_and_the_first_clear_protects() {
     assert_eq!(leaf(&vm, 3).unwrap().0, Level::K4);
     teardown(host, vm, vec![vcpu]);
 }
+
+/// With A/D bits off there is no D bit to harvest: a harvest must
+/// write-protect what may have been written (KVM's `clear_dirty_pt_masked`
+/// clears W on such roots), so the next write faults and is seen by the next
+/// harvest. Clearing a D bit nobody sets would hide every later write.
+#[test]
+fn test_harvest_without_ad_bits_write_protects_so_later_writes_are_seen() {
+    let config = VmConfig {
+        ad_enabled: false,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    let range = vmmu::GfnRange::new(gpa(0).gfn(), gpa(8).gfn());
+    write(&mut vcpu, 2);
+    assert_eq!(
+        vm.clear_dirty_gfn_range(0, range).unwrap(),
+        1,
+        "first write"
+    );
+    assert!(
+        !leaf(&vm, 2).unwrap().1.is_writable(),
+        "harvested page writable"
+    );
+    assert_eq!(
+        vm.clear_dirty_gfn_range(0, range).unwrap(),
+        0,
+        "no write since"
+    );
+    // The second write faults (fast path) and the second harvest sees it.
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(
+        vcpu.page_fault(gpa(2), ErrorCode::WRITE | ErrorCode::PRESENT)
+            .unwrap(),
+        RetPf::Fixed
+    );
+    assert_eq!(
+        vm.clear_dirty_gfn_range(0, range).unwrap(),
+        1,
+        "second write"
+    );
+    teardown(host, vm, vec![vcpu]);
+}

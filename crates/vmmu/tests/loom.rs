@@ -154,6 +154,70 @@ fn zap_vs_hardware_dirty(knobs: GuardKnobs) {
     assert_eq!(host.memory.allocated(), 0);
 }
 
+/// (b3) Write-protection never leaves an entry writable when the processor
+/// sets its D bit at the same moment: the compare-and-exchange fails and the
+/// entry is looked at again.
+fn write_protect_vs_hardware_dirty(knobs: GuardKnobs) {
+    let (host, vm) = vm_with_slot(knobs, 0);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
+    let page = GfnRange::new(Gpa(GPA).gfn(), Gpa(GPA).gfn().add(1));
+    // Harvest D, so the processor has a bit to set.
+    vm.clear_dirty_gfn_range(0, page).unwrap();
+    let hw_vm = vm.clone();
+    let hw = thread::spawn(move || vmmu::testing::hardware_set_dirty(&hw_vm, Gpa(GPA)));
+    vm.write_protect_gfn_range(0, page).unwrap();
+    hw.join().unwrap();
+    let writable = leaf_pfn(&vm, GPA).is_some_and(|(_, w)| w);
+    drop(vcpu);
+    drop(vm);
+    assert_eq!(host.memory.allocated(), 0);
+    assert!(
+        !writable,
+        "the entry is still writable after write-protection"
+    );
+}
+
+/// (b4) A dirty-log harvest racing the fast path that gives a page its write
+/// permission back never leaves the entry writable with its page out of the
+/// log (its later writes would never be seen): the fast path logs the page
+/// after it made the entry writable.
+fn harvest_vs_fast_path(knobs: GuardKnobs) {
+    let (_host, vm) = vm_with_slot(knobs, MemFlags::LOG_DIRTY_PAGES.bits());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
+    // The first harvest takes the page and write-protects it.
+    assert_eq!(vm.get_dirty_log(0).unwrap()[0], 1);
+    let t = thread::spawn(move || {
+        let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE | ErrorCode::PRESENT);
+        vcpu
+    });
+    let second = vm.get_dirty_log(0).unwrap();
+    let vcpu = t.join().unwrap();
+    let writable = leaf_pfn(&vm, GPA).is_some_and(|(_, w)| w);
+    let st = vcpu.stats();
+    let logged = vm
+        .memslots(0)
+        .unwrap()
+        .by_id(0)
+        .unwrap()
+        .dirty_bitmap()
+        .unwrap()
+        .test(0);
+    drop(vcpu);
+    drop(vm);
+    assert!(
+        !writable || logged,
+        "the entry is writable but its page is not in the log (harvest {:#x}, fast {}, faults fixed {}, retries {})",
+        second[0],
+        st.fast_path_fixed,
+        st.faults_fixed,
+        st.faults_retry
+    );
+}
+
 /// (b2) The fast path never makes an entry writable after it was zapped and the
 /// host moved the page.
 fn fast_path_vs_zap(knobs: GuardKnobs) {
@@ -562,4 +626,18 @@ protocol!(
     punch_vs_private_fault,
     free_after_gmem_invalidation,
     "still mapped"
+);
+protocol!(
+    loom_write_protect_never_leaves_an_entry_writable,
+    loom_write_protect_giving_up_on_a_lost_race_leaves_it_writable,
+    write_protect_vs_hardware_dirty,
+    write_protect_skips_lost_race,
+    "still writable"
+);
+protocol!(
+    loom_harvest_never_leaves_a_writable_page_unlogged,
+    loom_fast_path_logging_before_the_write_permission_loses_writes,
+    harvest_vs_fast_path,
+    fast_path_marks_dirty_first,
+    "not in the log"
 );

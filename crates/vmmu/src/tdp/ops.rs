@@ -80,6 +80,12 @@ impl Tdp {
             }
             let new = old.write_protect();
             if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, new, it.gfn, it.level) {
+                if self.knobs.write_protect_skips_lost_race {
+                    it.next();
+                    continue;
+                }
+                // Someone (the processor setting D, the fast path) changed the
+                // entry: look at its new value again.
                 it.old_spte = old;
                 continue;
             }
@@ -94,12 +100,37 @@ impl Tdp {
     /// D-bit harvesting; KVM's `clear_dirty_pt_masked`), holding `mmu_lock` for
     /// write. Entries the processor may still dirty are cleared with an atomic AND,
     /// so a D set concurrently is either reported now or survives for the next
-    /// harvest. Returns how many entries were dirty.
-    pub(crate) fn clear_dirty_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> u64 {
+    /// harvest. An entry made without A/D bits has no D to clear: it counts as
+    /// dirty while writable and is write-protected instead (as KVM does for
+    /// roots that need write protection), so its next write faults. Returns how
+    /// many entries were dirty and whether any was write-protected (the caller
+    /// must flush before relying on it).
+    pub(crate) fn clear_dirty_range(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        range: GfnRange,
+    ) -> (u64, bool) {
         let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut dirty = 0;
+        let mut protected = false;
         while it.in_range() {
-            let old = it.old_spte;
+            let mut old = it.old_spte;
+            if old.is_leaf(it.level) && !old.ad_enabled() {
+                if old.is_writable() {
+                    let new = old.write_protect();
+                    if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, new, it.gfn, it.level) {
+                        // The fast path changed it: look again.
+                        it.old_spte = old;
+                        continue;
+                    }
+                    CounterSet::inc(&ctx.stats.entries_write_protected);
+                    dirty += 1;
+                    protected = true;
+                }
+                it.next();
+                continue;
+            }
             if old.is_leaf(it.level) && old.is_dirty() {
                 let cleared = Spte(old.0 & !crate::spte::ept::D);
                 let real = if old.needs_atomic_update() && !self.knobs.nonatomic_zap {
@@ -116,7 +147,7 @@ impl Tdp {
             it.next();
         }
         CounterSet::add(&ctx.stats.dirty_bits_harvested, dirty);
-        dirty
+        (dirty, protected)
     }
 
     /// Visit every present leaf of `root` (tests, oracles, dumps). Lockless.
