@@ -123,6 +123,14 @@ pub struct Vmm {
     /// programs that check contents while conversions run beside them).
     discarded: RwLock<Option<Arc<Discarded>>>,
     audit: RwLock<Option<AuditWindow>>,
+    /// Conversions run one at a time, as a VMM runs them under its big lock
+    /// (QEMU's BQL): each ends with the side it left discarded, so the side a
+    /// conversion moves a range to is empty. Two interleaved conversions of one
+    /// range break that: a vCPU's conversion to private could finish while a
+    /// host conversion to shared had set the attributes but not yet punched the
+    /// private pages, and the guest found its old private data on the "fresh"
+    /// side (the 10-minute SNP soak found it).
+    convert_lock: parking_lot::Mutex<()>,
     /// What conversions did.
     pub counters: ConversionCounters,
     /// What the audit of conversions found.
@@ -146,6 +154,7 @@ impl Vmm {
             slots: RwLock::new(Vec::new()),
             discarded: RwLock::new(None),
             audit: RwLock::new(None),
+            convert_lock: parking_lot::Mutex::new(()),
             counters: ConversionCounters::default(),
             audit_counters: AuditCounters::default(),
         }
@@ -329,6 +338,7 @@ impl Vmm {
                 fallocate,
                 set_attributes,
             } => {
+                let _one_at_a_time = self.convert_lock.lock();
                 if fallocate {
                     self.fallocate(gpa, size, !private)?;
                 }
@@ -371,6 +381,7 @@ impl Vmm {
     /// range leaves (only where a guest_memfd slot covers it: elsewhere there
     /// is no private side and the attribute change is all there is).
     pub fn convert(&self, gpa: u64, size: u64, private: bool) -> Result<(), ConvertError> {
+        let _one_at_a_time = self.convert_lock.lock();
         let discarded = self.discarded.read().clone();
         let mark = |d: &Option<Arc<Discarded>>| {
             if let Some(d) = d {
