@@ -48,6 +48,10 @@ pub struct Common {
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
     pub quiet: bool,
+    /// dirty-log: milliseconds between harvests (`-I`).
+    pub interval_ms: u64,
+    /// dirty-log: the log mode (`-M`), `None` for all.
+    pub log_mode: Option<String>,
     /// invalidation-storm: conversions between private and shared (a
     /// software-protected VM on guest_memfd) instead of host migrations.
     pub conversions: bool,

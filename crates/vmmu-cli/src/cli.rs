@@ -114,6 +114,10 @@ pub(crate) enum RunCmd {
     /// whole chunks and odd/even 4 KiB frames inside 2 MiB, host writes through
     /// the shared path, punch-holes read back as zeros; vCPUs in parallel.
     PrivateConversions(PrivateConversionsArgs),
+    /// dirty_log_test: vCPUs write the iteration number into random pages while
+    /// the host harvests the dirty log (get, or get and clear) every interval;
+    /// no write may go unreported.
+    DirtyLog(DirtyLogArgs),
     /// private_mem_kvm_exits_test: a slot deleted under a private page, and a
     /// private attribute on a plain slot, each end in a memory-fault exit with
     /// the page's gpa, size 4096 and the PRIVATE flag.
@@ -159,6 +163,35 @@ pub(crate) struct PrivateConversionsArgs {
     #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
     #[serde(serialize_with = "backing_name")]
     pub(crate) backing: Backing,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run dirty-log`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct DirtyLogArgs {
+    /// Iterations (harvests).
+    #[arg(short = 'i', long = "iterations", default_value_t = 32)]
+    pub(crate) iterations: u32,
+    /// Milliseconds between harvests.
+    #[arg(
+        short = 'I',
+        long = "interval",
+        value_name = "MS",
+        default_value_t = 10
+    )]
+    pub(crate) interval: u64,
+    /// Log mode: dirty-log (KVM_GET_DIRTY_LOG), clear-log (manual protection,
+    /// KVM_CLEAR_DIRTY_LOG) or all (dirty-ring is not modelled yet).
+    #[arg(short = 'M', long = "mode", default_value = "all")]
+    pub(crate) mode: String,
+    /// vmmu: number of vCPUs, each writing its own chunk (the selftest runs one).
+    #[arg(long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// vmmu: memory per vCPU.
+    #[arg(long = "bytes", value_parser = parse_size, default_value = "64M")]
+    pub(crate) bytes: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -433,6 +466,7 @@ impl RunCmd {
             RunCmd::Roots(_) => "roots",
             RunCmd::PrivateConversions(_) => "private-conversions",
             RunCmd::PrivateExits(_) => "private-exits",
+            RunCmd::DirtyLog(_) => "dirty-log",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
         }
@@ -494,6 +528,14 @@ impl RunCmd {
                 ..a.flags.common()
             },
             RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => a.flags.common(),
+            RunCmd::DirtyLog(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                interval_ms: a.interval,
+                log_mode: Some(a.mode.clone()),
+                ..a.flags.common()
+            },
             RunCmd::GuestMemfd(a) => a.flags.common(),
         }
     }
@@ -514,6 +556,7 @@ impl RunCmd {
             RunCmd::Roots(a) => serde_json::to_value(a),
             RunCmd::PrivateConversions(a) => serde_json::to_value(a),
             RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => serde_json::to_value(a),
+            RunCmd::DirtyLog(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()

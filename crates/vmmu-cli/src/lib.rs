@@ -33,6 +33,7 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
             scenario::private_conversions::validate(&common).map(|_| ())
         }
         RunCmd::PrivateExits(_) => scenario::private_exits::validate(&common).map(|_| ()),
+        RunCmd::DirtyLog(_) => scenario::dirty_log::validate(&common).map(|_| ()),
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
         RunCmd::GuestMemfd(_) => scenario::guest_memfd::validate(&common).map(|_| ()),
     }
@@ -149,6 +150,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::Roots(_) => scenario::roots::run(&common),
                 RunCmd::PrivateConversions(_) => scenario::private_conversions::run(&common),
                 RunCmd::PrivateExits(_) => scenario::private_exits::run(&common),
+                RunCmd::DirtyLog(_) => scenario::dirty_log::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),
                 RunCmd::GuestMemfd(a) => scenario::guest_memfd::run(&common, a.vs_kvm),
             }

@@ -499,3 +499,33 @@ fn test_conversion_storm_converts_and_the_oracle_sees_every_access() {
     assert_eq!(v["config"]["mmu"]["vm_type"], "sw_protected", "{v}");
     assert!(v["oracle_checked_accesses"].as_u64().unwrap() > 0, "{v}");
 }
+
+#[test]
+fn test_dirty_log_reports_every_write_in_both_modes() {
+    let v = json_run(&[
+        "run",
+        "dirty-log",
+        "-i",
+        "6",
+        "--vcpus",
+        "2",
+        "--bytes",
+        "8M",
+    ]);
+    let modes = v["log_modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2, "{v}");
+    for m in modes {
+        assert_eq!(m["lost_writes"], 0, "{m}");
+        assert_eq!(m["stale_reports"], 0, "{m}");
+        assert!(m["pages_reported"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["entries_write_protected"].as_u64().unwrap() > 0, "{m}");
+    }
+    assert_eq!(v["dirty_log_errors"], 0);
+    let (code, _, err) = vmmu(&["run", "dirty-log", "-M", "dirty-ring"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("dirty-ring") && err.contains("valid: dirty-log, clear-log"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

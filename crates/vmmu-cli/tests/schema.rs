@@ -72,6 +72,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["run", "private-exits"],
         &["run", "prefault"],
         &["run", "guest-memfd"],
+        &["run", "dirty-log", "-i", "3"],
     ] {
         assert_valid(&v, args);
     }

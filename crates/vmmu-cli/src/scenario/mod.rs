@@ -1,6 +1,7 @@
 //! Scenarios: KVM selftests re-created on the machine model.
 
 pub mod demand_paging;
+pub mod dirty_log;
 pub mod guest_memfd;
 pub mod invalidation_storm;
 pub mod memslot_churn;
