@@ -52,6 +52,10 @@ pub struct Common {
     pub interval_ms: u64,
     /// dirty-log: the log mode (`-M`), `None` for all.
     pub log_mode: Option<String>,
+    /// live-migration: percentage of each vCPU's memory it keeps writing.
+    pub hot_percent: u32,
+    /// live-migration: most pre-copy rounds before the stop-and-copy.
+    pub max_rounds: u32,
     /// invalidation-storm: conversions between private and shared (a
     /// software-protected VM on guest_memfd) instead of host migrations.
     pub conversions: bool,

@@ -118,6 +118,10 @@ pub(crate) enum RunCmd {
     /// the host harvests the dirty log (get, or get and clear) every interval;
     /// no write may go unreported.
     DirtyLog(DirtyLogArgs),
+    /// A running guest migrated to a second machine by pre-copy over the dirty
+    /// log and a final stop-and-copy; the destination must equal the source
+    /// byte for byte (no KVM selftest does this end to end).
+    LiveMigration(LiveMigrationArgs),
     /// private_mem_kvm_exits_test: a slot deleted under a private page, and a
     /// private attribute on a plain slot, each end in a memory-fault exit with
     /// the page's gpa, size 4096 and the PRIVATE flag.
@@ -192,6 +196,29 @@ pub(crate) struct DirtyLogArgs {
     /// vmmu: memory per vCPU.
     #[arg(long = "bytes", value_parser = parse_size, default_value = "64M")]
     pub(crate) bytes: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run live-migration`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct LiveMigrationArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "64M")]
+    pub(crate) bytes: u64,
+    /// Log mode: dirty-log (KVM_GET_DIRTY_LOG) or clear-log (manual protection).
+    #[arg(short = 'M', long = "mode", default_value = "dirty-log")]
+    pub(crate) mode: String,
+    /// Percentage of each vCPU's memory it keeps writing after writing it all once.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) hot_percent: u32,
+    /// Most pre-copy rounds before the stop-and-copy.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) max_rounds: u32,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -467,6 +494,7 @@ impl RunCmd {
             RunCmd::PrivateConversions(_) => "private-conversions",
             RunCmd::PrivateExits(_) => "private-exits",
             RunCmd::DirtyLog(_) => "dirty-log",
+            RunCmd::LiveMigration(_) => "live-migration",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
         }
@@ -536,6 +564,14 @@ impl RunCmd {
                 log_mode: Some(a.mode.clone()),
                 ..a.flags.common()
             },
+            RunCmd::LiveMigration(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                log_mode: Some(a.mode.clone()),
+                hot_percent: a.hot_percent,
+                max_rounds: a.max_rounds,
+                ..a.flags.common()
+            },
             RunCmd::GuestMemfd(a) => a.flags.common(),
         }
     }
@@ -557,6 +593,7 @@ impl RunCmd {
             RunCmd::PrivateConversions(a) => serde_json::to_value(a),
             RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => serde_json::to_value(a),
             RunCmd::DirtyLog(a) => serde_json::to_value(a),
+            RunCmd::LiveMigration(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()

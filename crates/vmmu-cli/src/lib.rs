@@ -34,6 +34,7 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         }
         RunCmd::PrivateExits(_) => scenario::private_exits::validate(&common).map(|_| ()),
         RunCmd::DirtyLog(_) => scenario::dirty_log::validate(&common).map(|_| ()),
+        RunCmd::LiveMigration(_) => scenario::live_migration::validate(&common).map(|_| ()),
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
         RunCmd::GuestMemfd(_) => scenario::guest_memfd::validate(&common).map(|_| ()),
     }
@@ -151,6 +152,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::PrivateConversions(_) => scenario::private_conversions::run(&common),
                 RunCmd::PrivateExits(_) => scenario::private_exits::run(&common),
                 RunCmd::DirtyLog(_) => scenario::dirty_log::run(&common),
+                RunCmd::LiveMigration(_) => scenario::live_migration::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),
                 RunCmd::GuestMemfd(a) => scenario::guest_memfd::run(&common, a.vs_kvm),
             }

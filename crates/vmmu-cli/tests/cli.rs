@@ -529,3 +529,39 @@ fn test_dirty_log_reports_every_write_in_both_modes() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn test_live_migration_destination_equals_source_in_both_modes() {
+    for mode in ["dirty-log", "clear-log"] {
+        let v = json_run(&[
+            "run",
+            "live-migration",
+            "-b",
+            "8M",
+            "-M",
+            mode,
+            "--max-rounds",
+            "4",
+        ]);
+        assert_eq!(v["pages_mismatched"], 0, "{v}");
+        assert_eq!(v["migration_errors"], 0, "{v}");
+        assert_eq!(v["failed_writes"], 0, "{v}");
+        let rounds = v["pages_sent_per_round"].as_array().unwrap();
+        assert_eq!(
+            rounds.len(),
+            5,
+            "four pre-copy rounds and the stop-and-copy: {v}"
+        );
+        assert_eq!(
+            rounds[0], v["guest_pages"],
+            "the first round sends everything"
+        );
+        assert!(v["downtime_ns"].as_u64().unwrap() > 0);
+    }
+    let (code, _, err) = vmmu(&["run", "live-migration", "--hot-percent", "0"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--hot-percent 0") && err.contains("1..=100"),
+        "{err}"
+    );
+}

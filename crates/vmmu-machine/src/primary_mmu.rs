@@ -458,6 +458,32 @@ impl HostMmu {
         Ok(v)
     }
 
+    /// The VMM reads the whole 4 KiB page at `hva` through its own mapping (a
+    /// migration sending a page).
+    pub fn read_page(&self, hva: Hva) -> Result<Box<[u64]>, HostFaultError> {
+        let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: false })?;
+        let data = self
+            .mem
+            .page(p.pfn)
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
+        self.release(p.pfn, false);
+        Ok(data)
+    }
+
+    /// The VMM writes the whole 4 KiB page at `hva` (a migration receiving a
+    /// page); `data` shorter than a page leaves the rest as it was.
+    pub fn write_page(&self, hva: Hva, data: &[u64]) -> Result<(), HostFaultError> {
+        let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: true })?;
+        self.mem.commit(p.pfn);
+        for (w, v) in self.mem.page(p.pfn).iter().zip(data) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        self.release(p.pfn, true);
+        Ok(())
+    }
+
     /// The VMM writes the word at `hva` through its own mapping.
     pub fn write_u64(&self, hva: Hva, v: u64) -> Result<(), HostFaultError> {
         let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: true })?;

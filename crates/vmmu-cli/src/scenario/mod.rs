@@ -4,6 +4,7 @@ pub mod demand_paging;
 pub mod dirty_log;
 pub mod guest_memfd;
 pub mod invalidation_storm;
+pub mod live_migration;
 pub mod memslot_churn;
 pub mod mmu_stress;
 pub mod prefault;
