@@ -236,3 +236,32 @@ fn test_harvest_without_ad_bits_write_protects_so_later_writes_are_seen() {
     );
     teardown(host, vm, vec![vcpu]);
 }
+
+/// The fast path logs a page only when it gives back the write permission: an
+/// aged (access-tracked) page restored by a read stays out of the log.
+#[test]
+fn test_fast_path_read_of_an_aged_page_does_not_log_it() {
+    let config = VmConfig {
+        ad_enabled: false,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = setup(config);
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, LOG))
+        .unwrap();
+    write(&mut vcpu, 6);
+    assert_eq!(set_bits(&vm.get_dirty_log(0).unwrap()), [6]);
+    // Age it: without A/D bits the entry loses R/W/X until the next access.
+    vm.clear_young(vmmu::HvaRange::new(hva(6), hva(7)));
+    let before = vcpu.stats();
+    assert_eq!(
+        vcpu.page_fault(gpa(6), ErrorCode::empty()).unwrap(),
+        RetPf::Fixed
+    );
+    assert_eq!(vcpu.stats().since(&before).fast_path_fixed, 1);
+    assert!(!leaf(&vm, 6).unwrap().1.is_writable());
+    assert!(
+        vm.get_dirty_log(0).unwrap().iter().all(|w| *w == 0),
+        "a read logged the page"
+    );
+    teardown(host, vm, vec![vcpu]);
+}
