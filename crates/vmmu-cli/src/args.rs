@@ -52,6 +52,10 @@ pub struct Common {
     pub interval_ms: u64,
     /// dirty-log: the log mode (`-M`), `None` for all.
     pub log_mode: Option<String>,
+    /// Entries of each vCPU's dirty ring (0: bitmaps); set by the dirty-ring mode.
+    pub dirty_ring: u32,
+    /// dirty-log: the ring size asked for with `-c`.
+    pub ring_entries: u32,
     /// live-migration: percentage of each vCPU's memory it keeps writing.
     pub hot_percent: u32,
     /// live-migration: most pre-copy rounds before the stop-and-copy.

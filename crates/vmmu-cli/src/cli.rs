@@ -187,9 +187,13 @@ pub(crate) struct DirtyLogArgs {
     )]
     pub(crate) interval: u64,
     /// Log mode: dirty-log (KVM_GET_DIRTY_LOG), clear-log (manual protection,
-    /// KVM_CLEAR_DIRTY_LOG) or all (dirty-ring is not modelled yet).
+    /// KVM_CLEAR_DIRTY_LOG), dirty-ring (per-vCPU rings, KVM_RESET_DIRTY_RINGS)
+    /// or all.
     #[arg(short = 'M', long = "mode", default_value = "all")]
     pub(crate) mode: String,
+    /// Dirty ring size in entries (dirty-ring mode).
+    #[arg(short = 'c', long = "ring-size", default_value_t = 65536)]
+    pub(crate) ring_size: u32,
     /// vmmu: number of vCPUs, each writing its own chunk (the selftest runs one).
     #[arg(long = "vcpus", default_value_t = 1)]
     pub(crate) vcpus: u32,
@@ -562,6 +566,7 @@ impl RunCmd {
                 iterations: Some(a.iterations),
                 interval_ms: a.interval,
                 log_mode: Some(a.mode.clone()),
+                ring_entries: a.ring_size,
                 ..a.flags.common()
             },
             RunCmd::LiveMigration(a) => Common {

@@ -501,7 +501,7 @@ fn test_conversion_storm_converts_and_the_oracle_sees_every_access() {
 }
 
 #[test]
-fn test_dirty_log_reports_every_write_in_both_modes() {
+fn test_dirty_log_reports_every_write_in_every_mode() {
     let v = json_run(&[
         "run",
         "dirty-log",
@@ -511,23 +511,42 @@ fn test_dirty_log_reports_every_write_in_both_modes() {
         "2",
         "--bytes",
         "8M",
+        "-c",
+        "256",
     ]);
     let modes = v["log_modes"].as_array().unwrap();
-    assert_eq!(modes.len(), 2, "{v}");
+    assert_eq!(modes.len(), 3, "{v}");
     for m in modes {
         assert_eq!(m["lost_writes"], 0, "{m}");
         assert_eq!(m["stale_reports"], 0, "{m}");
         assert!(m["pages_reported"].as_u64().unwrap() > 0, "{m}");
         assert!(m["entries_write_protected"].as_u64().unwrap() > 0, "{m}");
     }
+    let ring = &modes[2];
+    assert_eq!(ring["mode"], "dirty-ring");
+    assert!(
+        ring["ring_entries_collected"].as_u64().unwrap() > 0,
+        "{ring}"
+    );
+    assert!(
+        ring["ring_full_exits"].as_u64().unwrap() > 0,
+        "a 256-entry ring fills: {ring}"
+    );
+    assert_eq!(ring["ring_overflows"], 0, "{ring}");
     assert_eq!(v["dirty_log_errors"], 0);
-    let (code, _, err) = vmmu(&["run", "dirty-log", "-M", "dirty-ring"]);
+    let (code, _, err) = vmmu(&["run", "dirty-log", "-M", "ring"]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("dirty-ring") && err.contains("valid: dirty-log, clear-log"),
+        err.contains("-M ring") && err.contains("valid: dirty-log, clear-log, dirty-ring"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) = vmmu(&["run", "dirty-log", "-c", "300"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("-c 300") && err.contains("power of two"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct MachineConfig {
     pub oracle: bool,
     /// Poison freed frames.
     pub poison: bool,
+    /// Log dirty pages into per-vCPU rings of this many entries (0: bitmaps),
+    /// enabled before the vCPUs are created.
+    pub dirty_ring: u32,
 }
 
 impl Default for MachineConfig {
@@ -43,6 +46,7 @@ impl Default for MachineConfig {
             vm: VmConfig::default(),
             oracle: true,
             poison: true,
+            dirty_ring: 0,
         }
     }
 }
@@ -65,6 +69,9 @@ pub enum MachineError {
     /// A guest_memfd slot.
     #[error(transparent)]
     GmemSlot(#[from] crate::vmm::GmemSlotError),
+    /// The dirty ring could not be enabled.
+    #[error("dirty ring: {0}")]
+    DirtyRing(String),
 }
 
 /// Counts kicks; vCPU threads notice them by polling their exit request.
@@ -85,6 +92,8 @@ impl Kick for Kicker {
 pub struct VcpuCounters {
     /// Accesses completed (memory, MMIO or fault).
     pub accesses: u64,
+    /// Exits because the vCPU's dirty ring was full.
+    pub dirty_ring_full_exits: u64,
     /// Guest entries.
     pub entries: u64,
     /// EPT violation exits.
@@ -353,6 +362,10 @@ impl Machine {
             private: Some(mem.clone()),
         };
         let vm = Vm::new(cfg.vm, ops)?;
+        if cfg.dirty_ring > 0 {
+            vm.enable_dirty_ring(cfg.dirty_ring)
+                .map_err(|e| MachineError::DirtyRing(e.to_string()))?;
+        }
         host.register(Arc::new(vm.clone()));
         let vcpus = (0..vcpus)
             .map(|id| {

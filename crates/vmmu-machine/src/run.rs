@@ -93,6 +93,15 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             }
             let entry = match vcpu.mmu.prepare_entry() {
                 Ok(e) => e,
+                Err(vmmu::VmError::DirtyRingFull { .. }) => {
+                    // KVM_EXIT_DIRTY_RING_FULL: wait for the VMM (the host
+                    // thread harvesting the rings) to collect and reset.
+                    c.dirty_ring_full_exits += 1;
+                    while vcpu.mmu.dirty_ring_soft_full() {
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    }
+                    continue;
+                }
                 Err(_) => break,
             };
             if entry.flush_tlb {

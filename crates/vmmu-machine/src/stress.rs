@@ -306,6 +306,7 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         vm,
         oracle: true,
         poison: true,
+        dirty_ring: 0,
     };
     let mut m = Machine::new(mcfg, cfg.vcpus)?;
     m.map(Hva(DATA_HVA), total, cfg.backing)?;

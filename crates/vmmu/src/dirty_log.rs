@@ -75,6 +75,27 @@ pub enum DirtyLogError {
         /// Pages in the slot.
         npages: u64,
     },
+    /// A ring size that is not a power of two of at least 256 entries (EINVAL).
+    #[error("dirty ring of {entries} entries: the size must be a power of two of at least 256")]
+    BadRingSize {
+        /// Entries asked for.
+        entries: u32,
+    },
+    /// A ring larger than the largest (E2BIG).
+    #[error("dirty ring of {entries} entries is larger than {max}")]
+    RingTooBig {
+        /// Entries asked for.
+        entries: u32,
+        /// The largest.
+        max: u32,
+    },
+    /// Rings enabled twice, after vCPUs were created, or while a slot logs
+    /// into a bitmap (EINVAL).
+    #[error("the dirty ring can only be enabled once, before any vCPU exists and while no memslot logs dirty pages")]
+    RingTooLate,
+    /// A bitmap call on a VM that logs into rings (ENXIO).
+    #[error("this VM logs dirty pages into per-vCPU rings: there is no bitmap to get or clear")]
+    RingInUse,
     /// The bitmap given is shorter than the pages asked for (EFAULT, as KVM
     /// answers a user buffer it cannot read).
     #[error("the bitmap has {words} words, {needed} are needed for {num} pages")]
@@ -95,12 +116,147 @@ impl DirtyLogError {
         match self {
             DirtyLogError::NotLogging { .. } => ENOENT,
             DirtyLogError::ShortBitmap { .. } => EFAULT,
+            DirtyLogError::RingTooBig { .. } => E2BIG,
+            DirtyLogError::RingInUse => ENXIO,
             _ => EINVAL,
         }
     }
 }
 
+/// Record that `gfn` of `slot` was (or may be) written, KVM's
+/// `mark_page_dirty_in_slot`: into the writing vCPU's ring on a VM that logs
+/// into rings, else into the slot's bitmap. Slots that do not log ignore it.
+pub(crate) fn mark_page_dirty(
+    slot: &crate::Memslot,
+    gfn: Gfn,
+    ring: Option<&crate::dirty_ring::DirtyRing>,
+) {
+    if !slot.dirty_logging() {
+        return;
+    }
+    match ring {
+        Some(r) => r.push(
+            (u32::from(slot.as_id()) << 16) | u32::from(slot.id()),
+            gfn.0 - slot.base_gfn().0,
+        ),
+        None => slot.mark_dirty(gfn),
+    }
+}
+
 impl Vm {
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)` with `entries` entries
+    /// per vCPU (a power of two from 256 to 65536): writes are logged into
+    /// each vCPU's ring instead of the slots' bitmaps. Only before any vCPU
+    /// exists and while no slot logs; once.
+    pub fn enable_dirty_ring(&self, entries: u32) -> Result<(), DirtyLogError> {
+        use crate::dirty_ring::{MAX_ENTRIES, MIN_ENTRIES};
+        let vm = &*self.inner;
+        if entries > MAX_ENTRIES {
+            return Err(DirtyLogError::RingTooBig {
+                entries,
+                max: MAX_ENTRIES,
+            });
+        }
+        if !entries.is_power_of_two() || entries < MIN_ENTRIES {
+            return Err(DirtyLogError::BadRingSize { entries });
+        }
+        // `kvm->lock` (the vCPU list's) outside `slots_lock`, as in KVM: a vCPU
+        // created meanwhile either is in the list now or reads the size after
+        // it is set.
+        let reg = vm.vcpu_registry.lock();
+        let _s = vm.slots.lock();
+        let logging = (0..vm.config.address_spaces).any(|a| {
+            self.memslots(a)
+                .is_some_and(|s| s.iter().any(|m| m.dirty_logging()))
+        });
+        if vm.dirty_ring.load(Ordering::Relaxed) != 0 || !reg.is_empty() || logging {
+            return Err(DirtyLogError::RingTooLate);
+        }
+        vm.dirty_ring.store(entries, Ordering::Relaxed);
+        drop(reg);
+        Ok(())
+    }
+
+    /// The VMM reading vCPU `vcpu_id`'s ring from its fetch index `*fetch`:
+    /// each entry marked dirty is handed to `f` (slot number, page offset in
+    /// the slot) and marked collected. Returns how many; 0 for a vCPU that
+    /// does not exist or a VM without rings.
+    pub fn collect_dirty_ring(
+        &self,
+        vcpu_id: u32,
+        fetch: &mut u32,
+        f: impl FnMut(u32, u64),
+    ) -> u64 {
+        let vcpus = self.inner.vcpus.load();
+        vcpus
+            .iter()
+            .find(|v| v.id == vcpu_id)
+            .and_then(|v| v.ring.as_ref())
+            .map_or(0, |r| r.collect(fetch, f))
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: free every collected entry of every vCPU's ring
+    /// and write-protect its page (64-page runs at a time), flushing once if
+    /// anything was protected. Returns how many entries were reset.
+    pub fn reset_dirty_rings(&self) -> u64 {
+        let vm = &*self.inner;
+        let _s = vm.slots.lock();
+        let mut n = 0;
+        let mut protected = false;
+        for v in vm.vcpus.load().iter() {
+            let Some(ring) = v.ring.as_ref() else {
+                continue;
+            };
+            // Coalesce consecutive entries of one slot into a 64-page mask, as
+            // KVM does.
+            let mut run: Option<(u32, u64, u64)> = None;
+            let flush_run = |run: Option<(u32, u64, u64)>, protected: &mut bool| {
+                if let Some((slot, base, mask)) = run {
+                    *protected |= self.protect_slot_masked(slot, base, mask);
+                }
+            };
+            n += ring.reset(|slot, offset| match &mut run {
+                Some((s, base, mask)) if *s == slot && offset >= *base && offset < *base + 64 => {
+                    *mask |= 1 << (offset - *base);
+                }
+                _ => {
+                    flush_run(run.take(), &mut protected);
+                    run = Some((slot, offset & !63, 1 << (offset & 63)));
+                }
+            });
+            flush_run(run, &mut protected);
+        }
+        if protected {
+            vm.flush_remote_tlbs(&vm.stats);
+        }
+        n
+    }
+
+    /// Pages that found their vCPU's ring full (lost to the log): 0 unless
+    /// the VMM let a ring fill past its reserve.
+    pub fn dirty_ring_overflows(&self) -> u64 {
+        self.inner
+            .vcpus
+            .load()
+            .iter()
+            .filter_map(|v| v.ring.as_ref())
+            .map(|r| r.overflows.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn protect_slot_masked(&self, slot: u32, first: u64, mask: u64) -> bool {
+        let Some(set) = self.memslots((slot >> 16) as u16) else {
+            return false;
+        };
+        let Some(s) = set.by_id((slot & 0xffff) as u16) else {
+            return false;
+        };
+        if first >= s.npages() {
+            return false;
+        }
+        self.protect_masked(s.as_id(), s.base_gfn(), first, mask)
+    }
+
     /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`: `flags` 0 turns manual
     /// protection off; `MANUAL_PROTECT_ENABLE` (with `INITIALLY_SET` optionally)
     /// turns it on. Applies to slots whose logging is enabled afterwards (for
@@ -128,6 +284,9 @@ impl Vm {
     /// with it, only copied.
     pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, DirtyLogError> {
         let vm = &*self.inner;
+        if vm.dirty_ring.load(Ordering::Relaxed) != 0 {
+            return Err(DirtyLogError::RingInUse);
+        }
         let _s = vm.slots.lock();
         let set = self.slot_set(slot)?;
         let (s, bitmap) = logging_slot(&set, slot)?;
@@ -164,6 +323,9 @@ impl Vm {
         bitmap: &[u64],
     ) -> Result<u64, DirtyLogError> {
         let vm = &*self.inner;
+        if vm.dirty_ring.load(Ordering::Relaxed) != 0 {
+            return Err(DirtyLogError::RingInUse);
+        }
         if self.manual_dirty_log_protect() & MANUAL_PROTECT_ENABLE == 0 {
             return Err(DirtyLogError::NotManual);
         }

@@ -8,6 +8,8 @@ pub const ENOENT: i32 = 2;
 /// Interrupted system call.
 pub const EINTR: i32 = 4;
 /// Argument list too long (KVM: a range beyond what a call accepts).
+/// No such device or address (a dirty bitmap asked for on a VM with rings).
+pub const ENXIO: i32 = 6;
 pub const E2BIG: i32 = 7;
 /// Bad file descriptor.
 pub const EBADF: i32 = 9;

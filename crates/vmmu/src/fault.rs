@@ -134,6 +134,8 @@ pub(crate) struct PageFault<'s> {
     /// The frame came from the slot's guest_memfd (a private fault, or any
     /// fault on a gmem-only slot): the file owns it, the host MMU plays no part.
     pub(crate) from_gmem: bool,
+    /// The faulting vCPU's dirty ring, on a VM that logs into rings.
+    pub(crate) ring: Option<&'s crate::dirty_ring::DirtyRing>,
     pub(crate) pfn: Pfn,
     /// The frame the host returned (before huge-page alignment), released at the end.
     pub(crate) host_pfn: Pfn,
@@ -232,6 +234,7 @@ impl VcpuMmu {
             mmu_seq,
             attr_private,
             from_gmem: false,
+            ring: self.shared.ring.as_ref(),
             pfn: Pfn(0),
             host_pfn: Pfn(0),
             map_writable: false,
@@ -365,7 +368,7 @@ impl VcpuMmu {
             let logs = new.is_writable() && !spte.is_writable();
             if marks_first && logs {
                 if let Some(slot) = f.slot {
-                    slot.mark_dirty(f.gfn);
+                    crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
                 }
             }
             let ok = if vm.config.knobs.fast_path_plain_store {
@@ -381,7 +384,7 @@ impl VcpuMmu {
             if ok {
                 if logs && !marks_first {
                     if let Some(slot) = f.slot {
-                        slot.mark_dirty(f.gfn);
+                        crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
                     }
                 }
                 CounterSet::inc(&stats.fast_path_fixed);

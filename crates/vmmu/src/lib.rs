@@ -40,6 +40,7 @@
 pub mod attributes;
 pub mod config;
 pub mod dirty_log;
+pub mod dirty_ring;
 pub mod errno;
 pub mod fault;
 pub mod gmem;

@@ -682,6 +682,7 @@ pub(crate) fn classify(
             region2: false,
             gmem: false,
             dirty_initially_set: false,
+            dirty_ring: false,
         },
         None,
     )
@@ -701,6 +702,8 @@ pub(crate) struct Limits {
     /// Manual dirty-log protection with `INITIALLY_SET`: a new bitmap starts
     /// with every page marked.
     pub(crate) dirty_initially_set: bool,
+    /// The VM logs into per-vCPU dirty rings: logging slots get no bitmap.
+    pub(crate) dirty_ring: bool,
 }
 
 /// A guest_memfd given to `KVM_SET_USER_MEMORY_REGION2`, already checked to
@@ -840,7 +843,7 @@ pub(crate) fn classify_with(
         }
     };
     let dirty = |flags: MemFlags, old: Option<&Memslot>| -> Option<Arc<DirtyBitmap>> {
-        if !flags.contains(MemFlags::LOG_DIRTY_PAGES) {
+        if !flags.contains(MemFlags::LOG_DIRTY_PAGES) || limits.dirty_ring {
             return None;
         }
         old.and_then(|o| o.dirty_bitmap.clone()).or_else(|| {

@@ -42,6 +42,8 @@ pub(crate) struct VcpuShared {
     pub(crate) stats: CounterSet,
     /// A signal is pending for the vCPU's thread (see [`crate::prefault::VcpuSignal`]).
     pub(crate) signal: AtomicBool,
+    /// The vCPU's dirty ring, on a VM that logs into rings.
+    pub(crate) ring: Option<crate::dirty_ring::DirtyRing>,
     #[cfg(loom)]
     exit_lock: crate::sync::Mutex<()>,
     #[cfg(loom)]
@@ -49,8 +51,9 @@ pub(crate) struct VcpuShared {
 }
 
 impl VcpuShared {
-    pub(crate) fn new(id: u32) -> Self {
+    pub(crate) fn new(id: u32, ring_entries: u32) -> Self {
         VcpuShared {
+            ring: (ring_entries > 0).then(|| crate::dirty_ring::DirtyRing::new(ring_entries)),
             id,
             requests: AtomicU64::new(0),
             mode: AtomicU8::new(OUTSIDE_GUEST_MODE),

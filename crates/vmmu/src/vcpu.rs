@@ -141,6 +141,12 @@ impl VcpuMmu {
     /// request handling in `vcpu_enter_guest` plus `kvm_mmu_load`).
     pub fn prepare_entry(&mut self) -> Result<Entry, VmError> {
         let _m = vcpu_mutex();
+        // KVM_EXIT_DIRTY_RING_FULL: the VMM must collect and reset first.
+        if self.shared.ring.as_ref().is_some_and(|r| r.soft_full()) {
+            return Err(VmError::DirtyRingFull {
+                vcpu: self.shared.id,
+            });
+        }
         // Acquire: requests were published with SeqCst stores by requesters.
         let reqs = self.shared.requests.swap(0, Ordering::Acquire);
         let mut flush = reqs & REQ_TLB_FLUSH != 0;
@@ -293,6 +299,17 @@ impl VcpuMmu {
     /// guest code; the kick is the asynchronous version of this).
     pub fn exit_requested(&self) -> bool {
         self.shared.mode.load(Ordering::Relaxed) == EXITING_GUEST_MODE
+    }
+
+    /// Whether this vCPU's dirty ring is full up to its reserve (it exits with
+    /// [`VmError::DirtyRingFull`] until the VMM has collected and reset it).
+    pub fn dirty_ring_soft_full(&self) -> bool {
+        self.shared.ring.as_ref().is_some_and(|r| r.soft_full())
+    }
+
+    /// Entries in this vCPU's dirty ring not yet reset (0 without a ring).
+    pub fn dirty_ring_used(&self) -> u32 {
+        self.shared.ring.as_ref().map_or(0, |r| r.used())
     }
 
     /// Whether requests are pending.

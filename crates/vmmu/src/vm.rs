@@ -66,6 +66,14 @@ pub enum VmError {
     /// Table memory ran out (ENOMEM).
     #[error(transparent)]
     Memory(#[from] TableMemoryError),
+    /// `KVM_EXIT_DIRTY_RING_FULL`: the vCPU's dirty ring is full up to its
+    /// reserve; collect and reset it (`Vm::collect_dirty_ring`,
+    /// `Vm::reset_dirty_rings`), then enter again (EAGAIN, "try again").
+    #[error("vCPU {vcpu}: dirty ring full, collect and reset it before entering again")]
+    DirtyRingFull {
+        /// The vCPU.
+        vcpu: u32,
+    },
 }
 
 impl VmError {
@@ -75,6 +83,7 @@ impl VmError {
         match self {
             VmError::VcpuExists(_) => EEXIST,
             VmError::Memory(_) => ENOMEM,
+            VmError::DirtyRingFull { .. } => EAGAIN,
             VmError::InvalidConfig(_)
             | VmError::InvalidVcpuId { .. }
             | VmError::SmmUnsupported { .. }
@@ -129,14 +138,16 @@ pub(crate) struct VmInner {
     pub(crate) slots: Mutex<SlotsState>,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags in force.
     pub(crate) manual_dirty_log: crate::sync::AtomicU64,
+    /// Entries of each vCPU's dirty ring (0: the VM logs into bitmaps).
+    pub(crate) dirty_ring: crate::sync::AtomicU32,
     pub(crate) memslots: Vec<Snapshot<MemslotSet>>,
     pub(crate) srcu: Srcu,
     /// The vCPU list, under `kvm->lock` (as `kvm_vm_ioctl_create_vcpu` takes it).
-    vcpu_registry: Mutex<Vec<Arc<VcpuShared>>>,
+    pub(crate) vcpu_registry: Mutex<Vec<Arc<VcpuShared>>>,
     /// `kvm->slots_arch_lock`: held by a memslot update from publishing its new
     /// set until just before it waits for SRCU readers.
     slots_arch_lock: Mutex<()>,
-    vcpus: Snapshot<Vec<Arc<VcpuShared>>>,
+    pub(crate) vcpus: Snapshot<Vec<Arc<VcpuShared>>>,
     pub(crate) stats: CounterSet,
     /// Generation bits kept in MMIO entries (all 19 outside tests).
     pub(crate) mmio_gen_mask: u64,
@@ -399,6 +410,7 @@ impl Vm {
             inval: InvalidateState::new(config.knobs.relaxed_seq_bump),
             active_inval: ActiveInvalidations::new(),
             manual_dirty_log: crate::sync::AtomicU64::new(0),
+            dirty_ring: crate::sync::AtomicU32::new(0),
             slots: Mutex::new(
                 LockClass::SlotsLock,
                 SlotsState {
@@ -440,7 +452,8 @@ impl Vm {
             if reg.iter().any(|v| v.id == id) {
                 return Err(VmError::VcpuExists(id));
             }
-            let shared = Arc::new(VcpuShared::new(id));
+            let ring = self.inner.dirty_ring.load(crate::sync::Ordering::Relaxed);
+            let shared = Arc::new(VcpuShared::new(id, ring));
             reg.push(shared.clone());
             self.inner.vcpus.swap(Arc::new(reg.clone()));
             shared
@@ -519,6 +532,7 @@ impl Vm {
                     region2,
                     gmem: vm.host.private.is_some(),
                     dirty_initially_set: self.initially_set(),
+                    dirty_ring: vm.dirty_ring.load(crate::sync::Ordering::Relaxed) > 0,
                 },
                 gmem,
             )?

@@ -86,6 +86,7 @@ fn one(a: &BenchConversionsArgs, range: u64, vcpus: u32) -> anyhow::Result<Figur
             },
             oracle: a.flags.oracle,
             poison: true,
+            dirty_ring: 0,
         },
         vcpus,
     )?;

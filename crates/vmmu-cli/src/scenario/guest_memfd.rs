@@ -577,6 +577,7 @@ fn punch_counts(common: &Common) -> anyhow::Result<BTreeMap<&'static str, u64>> 
             },
             oracle: !common.no_oracle,
             poison: true,
+            dirty_ring: 0,
         },
         1,
     )?;
@@ -652,6 +653,7 @@ pub fn run(common: &Common, vs_kvm: bool) -> anyhow::Result<i32> {
         vm: super::vm_config(common),
         oracle: !common.no_oracle,
         poison: true,
+        dirty_ring: 0,
     };
     let m = Machine::new(cfg, 1)?;
     m.map(Hva(HVA), 16 << 20, Backing::Anonymous)?;

@@ -72,6 +72,7 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         vm: vm_config(common),
         oracle: !common.no_oracle,
         poison: true,
+        dirty_ring: common.dirty_ring,
     };
     let m = Machine::new(cfg, shape.vcpus)?;
     m.map(Hva(REGION_HVA), shape.total, shape.backing)?;
@@ -103,6 +104,7 @@ pub fn build_private(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         vm: vm_config(common),
         oracle: !common.no_oracle,
         poison: true,
+        dirty_ring: 0,
     };
     anyhow::ensure!(
         cfg.vm.vm_type.has_private_mem(),

@@ -171,6 +171,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
                 },
                 oracle: !common.no_oracle,
                 poison: true,
+                dirty_ring: 0,
             },
             1,
         )?;

@@ -344,6 +344,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         },
         oracle: !common.no_oracle,
         poison: true,
+        dirty_ring: 0,
     };
     let mut m = Machine::new(cfg, shape.vcpus)?;
     m.map(Hva(BASE_HVA), memfd_size, shape.backing)?;

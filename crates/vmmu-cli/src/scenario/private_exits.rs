@@ -85,6 +85,7 @@ fn machine(common: &Common) -> anyhow::Result<Machine> {
             },
             oracle: !common.no_oracle,
             poison: true,
+            dirty_ring: 0,
         },
         1,
     )?;

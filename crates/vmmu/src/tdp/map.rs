@@ -136,7 +136,7 @@ impl Tdp {
             Some(slot) => {
                 ctx.stats.leaf_mapped(level);
                 if new.is_writable() {
-                    slot.mark_dirty(f.gfn);
+                    crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
                 }
                 if f.write && !new.is_writable() {
                     RetPf::WriteProtected
@@ -204,6 +204,7 @@ mod tests {
             mmu_seq: 0,
             attr_private: None,
             from_gmem: false,
+            ring: None,
             pfn,
             host_pfn: pfn,
             map_writable: true,
