@@ -371,6 +371,26 @@ pub(crate) enum BenchCmd {
     /// converting (guest hypercalls, the VMM's attributes and discard, a
     /// fault on the new side).
     Conversions(BenchConversionsArgs),
+    /// Dirty-log calls timed on vmmu and (with --vs-kvm) /dev/kvm, the same
+    /// guest write pattern on both and the bitmaps compared page for page.
+    DirtyLog(BenchDirtyLogArgs),
+}
+
+/// `vmmu bench dirty-log`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchDirtyLogArgs {
+    /// Logged memory (a multiple of 2M).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// The pattern pass writes every this many pages.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) stride: u64,
+    /// Also run it on /dev/kvm.
+    #[arg(long)]
+    pub(crate) vs_kvm: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
 }
 
 /// `vmmu bench conversions`.

@@ -99,6 +99,9 @@ where
         Cmd::Bench {
             benchmark: BenchCmd::Conversions(a),
         } => bench::conversions::validate(a),
+        Cmd::Bench {
+            benchmark: BenchCmd::DirtyLog(a),
+        } => bench::dirty_log::validate(a),
         Cmd::Soak(a) => soak::check(a),
     };
     r.map_err(|e| errors::single_line(&e.to_string()))
@@ -132,6 +135,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::Conversions(_),
         } => "bench conversions".into(),
+        Cmd::Bench {
+            benchmark: BenchCmd::DirtyLog(_),
+        } => "bench dirty-log".into(),
         Cmd::Soak(_) => "soak".into(),
     };
     let r = match cli.cmd {
@@ -166,6 +172,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::Conversions(a),
         } => bench::conversions::run(&a),
+        Cmd::Bench {
+            benchmark: BenchCmd::DirtyLog(a),
+        } => bench::dirty_log::run(&a),
         Cmd::Soak(a) => soak::run(&a),
     };
     match r {

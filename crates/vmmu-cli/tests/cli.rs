@@ -584,3 +584,26 @@ fn test_live_migration_destination_equals_source_in_both_modes() {
         "{err}"
     );
 }
+
+#[test]
+fn test_bench_dirty_log_reports_exactly_the_pattern_and_compares_with_kvm_when_asked() {
+    let v = json_run(&["bench", "dirty-log", "-b", "8M", "--stride", "5"]);
+    assert_eq!(v["pages"], 2048);
+    assert_eq!(v["pattern_pages"], 410);
+    assert_eq!(v["vmmu"]["pages_reported_for_the_pattern"], 410, "{v}");
+    assert!(v["kvm"].is_null(), "KVM without --vs-kvm: {v}");
+    let (code, out, err) = vmmu(&["bench", "dirty-log", "-b", "8M", "--vs-kvm", "--json"]);
+    if code == 0 {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["bitmap_pages_differing"], 0, "{v}");
+    } else {
+        assert!(err.contains("--vs-kvm") && err.contains("KVM"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    let (code, _, err) = vmmu(&["bench", "dirty-log", "-b", "3M"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("-b 3") && err.contains("multiple of 2M"),
+        "{err}"
+    );
+}

@@ -58,6 +58,7 @@ fn test_every_mode_json_matches_the_schema() {
             "--conversions",
         ],
         &["bench", "conversions", "-b", "2M", "-i", "2"],
+        &["bench", "dirty-log", "-b", "4M"],
         &[
             "run",
             "invalidation-storm",

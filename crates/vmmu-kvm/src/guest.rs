@@ -33,7 +33,7 @@
 //! entries are created with Accessed (and leaf Dirty) already set, so KVM's shadow MMU
 //! never has to write guest page tables to set A/D bits during the measurement.
 
-use iced_x86::code_asm::{al, dx, eax, ebx, qword_ptr, rax, rbx, rcx, rdi, rsi, CodeAssembler};
+use iced_x86::code_asm::{al, dx, eax, ebx, qword_ptr, r8, rax, rbx, rcx, rdi, rsi, CodeAssembler};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::error::{KvmError, Result};
@@ -103,10 +103,11 @@ fn put_u64(image: &mut [u8], at: u64, v: u64) {
 /// Assembles the guest loop at run time (placed at GPA [`CODE`]).
 ///
 /// Inputs: `rdi` = first GPA of this vCPU's chunk, `rsi` = one past its last byte,
-/// `dx` = [`DONE_PORT`], `rbx` = 0. Each pass increments `rbx` and writes
-/// `gpa + pass` to the first 8 bytes of every 4 KiB page in order, so the host can
-/// verify afterwards that every page was written by that pass; then it `out`s the pass
-/// number and loops back for the next pass when the host re-enters the vCPU.
+/// `dx` = [`DONE_PORT`], `rbx` = 0, `r8` = the stride (4 KiB: every page). Each
+/// pass increments `rbx` and writes `gpa + pass` to the first 8 bytes of every
+/// page it visits, in order, so the host can verify afterwards that those pages
+/// were written by that pass; then it `out`s the pass number and loops back for
+/// the next pass when the host re-enters the vCPU.
 pub(crate) fn assemble_loop() -> Result<Vec<u8>> {
     fn build() -> std::result::Result<Vec<u8>, iced_x86::IcedError> {
         let mut a = CodeAssembler::new(64)?;
@@ -118,7 +119,7 @@ pub(crate) fn assemble_loop() -> Result<Vec<u8>> {
         a.set_label(&mut page)?;
         a.lea(rcx, qword_ptr(rax + rbx))?;
         a.mov(qword_ptr(rax), rcx)?;
-        a.add(rax, PAGE_SIZE as i32)?;
+        a.add(rax, r8)?;
         a.cmp(rax, rsi)?;
         a.jb(page)?;
         a.mov(eax, ebx)?;
@@ -257,6 +258,7 @@ pub(crate) fn regs_for_chunk(start: u64, end: u64) -> kvm_regs {
         rsi: end,
         rdx: u64::from(DONE_PORT),
         rbx: 0,
+        r8: PAGE_SIZE,
         rsp: SMALL_SLOT_SIZE,
         ..Default::default()
     }

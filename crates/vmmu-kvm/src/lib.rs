@@ -32,6 +32,7 @@ use kvm_ioctls::Kvm;
 
 mod baseline;
 mod demand_paging;
+pub mod dirty_log;
 mod error;
 pub mod gmem;
 pub mod guest;

@@ -292,6 +292,46 @@ impl GuestVm {
         }
     }
 
+    /// Make the guest visit every `stride`-th byte (a multiple of 4 KiB) from
+    /// the next pass on.
+    pub(crate) fn set_stride(&mut self, stride: u64) -> Result<()> {
+        for vcpu in &self.vcpus {
+            let mut regs = vcpu.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+            regs.r8 = stride;
+            vcpu.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Turn dirty logging of the measured slot on or off
+    /// (`KVM_SET_USER_MEMORY_REGION` with `KVM_MEM_LOG_DIRTY_PAGES`); returns
+    /// how long the call took.
+    pub(crate) fn set_measured_logging(&mut self, on: bool) -> Result<Duration> {
+        let region = kvm_userspace_memory_region {
+            slot: MEASURED_SLOT,
+            flags: if on { 1 } else { 0 },
+            guest_phys_addr: MEASURED_GPA,
+            memory_size: self.measured.len(),
+            userspace_addr: self.measured.host_addr(),
+        };
+        let start = Instant::now();
+        // SAFETY: the same live mapping the slot already describes (only the
+        // flags change); it outlives the VM fd (field order).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION (log dirty pages)"))?;
+        Ok(start.elapsed())
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of the measured slot, and how long it took.
+    pub(crate) fn get_measured_dirty_log(&self) -> Result<(Vec<u64>, Duration)> {
+        let start = Instant::now();
+        let log = self
+            .vm
+            .get_dirty_log(MEASURED_SLOT, self.measured.len() as usize)
+            .map_err(ioctl_err("KVM_GET_DIRTY_LOG"))?;
+        Ok((log, start.elapsed()))
+    }
+
     /// The value at `offset` of the measured slot, read through the host's mapping.
     pub(crate) fn read_measured(&self, offset: u64) -> Option<u64> {
         self.measured.read_u64(offset)

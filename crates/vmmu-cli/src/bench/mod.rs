@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 pub mod conversions;
+pub mod dirty_log;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::json;

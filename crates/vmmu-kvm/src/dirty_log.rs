@@ -1,0 +1,79 @@
+//! Dirty logging on the real KVM, for `vmmu bench dirty-log`: the loop guest
+//! dirties a known pattern of pages with logging on, and the harvested bitmap
+//! and the calls' times are reported, to be compared with vmmu's.
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+use crate::error::{KvmError, Result};
+use crate::host_mem::HostMemory;
+use crate::{HUGE_PAGE_SIZE, PAGE_SIZE};
+
+/// What [`kvm_dirty_log`] measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvmDirtyLogRun {
+    /// Pages of the logged slot.
+    pub pages: u64,
+    /// `KVM_SET_USER_MEMORY_REGION` turning logging on (every page mapped).
+    pub enable_ns: u64,
+    /// A guest pass writing every page, logging on.
+    pub write_pass_ns: u64,
+    /// `KVM_GET_DIRTY_LOG` with every page dirty.
+    pub get_all_ns: u64,
+    /// `KVM_GET_DIRTY_LOG` with no page dirty.
+    pub get_none_ns: u64,
+    /// The bitmap after a pass over every `stride`-th page.
+    pub pattern_bitmap: Vec<u64>,
+}
+
+fn ns(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One vCPU over `bytes` (a multiple of 2 MiB) of anonymous memory: a pass
+/// maps every page, logging is turned on (timed), a pass writes every
+/// `stride`-th page (a multiple of 4 KiB) and the bitmap is taken, then a pass
+/// over every page (timed) and two gets (all dirty, then none; timed).
+pub fn kvm_dirty_log(bytes: u64, stride: u64) -> Result<KvmDirtyLogRun> {
+    if bytes == 0 || !bytes.is_multiple_of(HUGE_PAGE_SIZE) || bytes > crate::MAX_TOTAL_BYTES {
+        return Err(KvmError::BadChunkSize {
+            bytes,
+            granule: HUGE_PAGE_SIZE,
+        });
+    }
+    if stride == 0 || !stride.is_multiple_of(PAGE_SIZE) {
+        return Err(KvmError::BadChunkSize {
+            bytes: stride,
+            granule: PAGE_SIZE,
+        });
+    }
+    let kvm = crate::open_kvm()?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let code = crate::guest::assemble_loop()?;
+    let mem = HostMemory::new(bytes, false)?;
+    let mut vm = crate::vm::GuestVm::new(&kvm, &cpuid, &code, 1, bytes, mem)?;
+    vm.run_pass(1)?;
+    let enable_ns = ns(vm.set_measured_logging(true)?);
+    // Logging starts clean.
+    let _ = vm.get_measured_dirty_log()?;
+    vm.set_stride(stride)?;
+    vm.run_pass(2)?;
+    let (pattern_bitmap, _) = vm.get_measured_dirty_log()?;
+    vm.set_stride(PAGE_SIZE)?;
+    let write_pass_ns = vm.run_pass(3)?;
+    let (_, all) = vm.get_measured_dirty_log()?;
+    let (_, none) = vm.get_measured_dirty_log()?;
+    vm.verify(3)?;
+    Ok(KvmDirtyLogRun {
+        pages: bytes / PAGE_SIZE,
+        enable_ns,
+        write_pass_ns,
+        get_all_ns: ns(all),
+        get_none_ns: ns(none),
+        pattern_bitmap,
+    })
+}
