@@ -80,6 +80,11 @@ pub struct VmConfig {
     pub address_spaces: u16,
     /// Refuse to map executable huge pages (the iTLB-multihit workaround).
     pub nx_huge_pages: bool,
+    /// Split huge mappings of a slot down to 4 KiB when its dirty logging is
+    /// turned on (or, with `INITIALLY_SET`, at the first clear of a range),
+    /// instead of letting each first write fault split them (KVM's
+    /// `eager_page_split` module parameter, on by default).
+    pub eager_page_split: bool,
     /// Test-only switches that remove a guarding step, so tests can show their
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
@@ -144,6 +149,7 @@ impl Default for VmConfig {
             mmio_caching: true,
             address_spaces: 2,
             nx_huge_pages: false,
+            eager_page_split: true,
             knobs: GuardKnobs::default(),
             hooks: TestHooks::default(),
         }

@@ -380,6 +380,61 @@ impl Vm {
         Ok(cleared)
     }
 
+    /// Eager page splitting of `range` in every valid root of `as_id`, under
+    /// the read lock (best effort: stops when table memory runs out). Returns
+    /// the huge leaves split.
+    pub(crate) fn split_huge_pages(&self, as_id: u16, range: GfnRange) -> u64 {
+        let vm = &*self.inner;
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        let mut cache = crate::tdp::TableCache::default();
+        let mut split = 0;
+        {
+            let _r = vm.mmu_lock.read(&vm.stats.lock);
+            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+                let (n, _out_of_memory) = vm.tdp.split_huge_range(&ctx, root, range, &mut cache);
+                split += n;
+            });
+        }
+        cache.drain(&vm.tdp);
+        split
+    }
+
+    /// Huge pages back in place over `slot` (its logging just turned off):
+    /// every table the slot and the host would map huge becomes a huge leaf,
+    /// one flush for the lot. Returns the huge leaves made.
+    pub(crate) fn recover_huge_pages(&self, slot: &crate::Memslot) -> u64 {
+        let vm = &*self.inner;
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        let max = vm.config.max_level;
+        let allowed = |gfn: Gfn| {
+            let l = slot.max_mapping_level(gfn, max);
+            if l == crate::types::Level::K4 {
+                return l;
+            }
+            l.min(vm.host.primary.mapping_level(slot.gfn_to_hva(gfn)))
+        };
+        let mut batch = crate::tdp::FlushBatch::default();
+        let mut made = 0;
+        {
+            let _r = vm.mmu_lock.read(&vm.stats.lock);
+            vm.tdp.for_each_root(&ctx, slot.as_id(), true, |root| {
+                made +=
+                    vm.tdp
+                        .recover_huge_range(&ctx, root, slot.gfn_range(), &allowed, &mut batch);
+            });
+        }
+        batch.flush(vm, &vm.stats);
+        made
+    }
+
     fn slot_set(&self, slot: u32) -> Result<std::sync::Arc<MemslotSet>, DirtyLogError> {
         let as_id = (slot >> 16) as u16;
         let spaces = self.inner.config.address_spaces;
@@ -397,6 +452,13 @@ impl Vm {
     /// write-protected whole. Returns whether anything changed.
     fn protect_masked(&self, as_id: u16, base: Gfn, first: u64, mask: u64) -> bool {
         let vm = &*self.inner;
+        // With INITIALLY_SET nothing was split when logging was turned on:
+        // split the word's range first, so only its dirty 4 KiB pages lose W.
+        if vm.config.eager_page_split && self.manual_dirty_log_protect() & INITIALLY_SET != 0 {
+            let lo = base.add(first + mask.trailing_zeros() as u64);
+            let hi = base.add(first + 64 - mask.leading_zeros() as u64);
+            self.split_huge_pages(as_id, GfnRange::new(lo, hi));
+        }
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
             stats: &vm.stats,

@@ -326,6 +326,20 @@ impl Spte {
         }
     }
 
+    /// A huge leaf at `level` (2 MiB or 1 GiB) built from this 4 KiB or huge
+    /// child leaf: the same permissions and A/D bits, the frame aligned down to
+    /// the huge page (KVM's `make_huge_spte`, for recovering huge pages in
+    /// place when dirty logging is turned off).
+    pub fn huge_from_child(self, level: Level) -> Spte {
+        let pfn = Pfn(self.pfn().0 & !(level.pages() - 1));
+        Spte((self.0 & !ept::PFN_MASK) | (pfn.hpa() & ept::PFN_MASK) | ept::LARGE)
+    }
+
+    /// Without execute permission (the NX mitigation on a huge leaf).
+    pub fn make_non_executable(self) -> Spte {
+        Spte(self.0 & !ept::X & !(ept::X << ept::ACC_TRACK_SAVED_SHIFT))
+    }
+
     /// Child `index` of this huge leaf when split into a table of `child_level`.
     pub fn split_child(self, child_level: Level, index: usize) -> Spte {
         let pfn = Pfn(self.pfn().0 + index as u64 * child_level.pages());

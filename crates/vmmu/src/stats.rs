@@ -187,6 +187,10 @@ counters! {
     /// guest_memfd invalidations (hole punches, failures, releases that hit a
     /// bound slot): one per file and call.
     gmem_invalidations,
+    /// Huge leaves split eagerly (dirty logging turned on, or a first clear).
+    eager_splits,
+    /// Tables replaced in place by huge leaves when dirty logging was turned off.
+    huge_recovered,
     /// Private faults served from a guest_memfd.
     private_faults,
     /// Shared faults served from a guest_memfd (gmem-only slots: the file was

@@ -576,11 +576,25 @@ impl Vm {
             }
             Change::FlagsOnly { old, new } => {
                 let logging_on = new.dirty_logging() && !old.dirty_logging();
+                let logging_off = old.dirty_logging() && !new.dirty_logging();
                 let range = new.gfn_range();
+                let slot = new.clone();
                 vm.publish_memslots(&mut state, as_id, &[SetOp::Replace(old.id(), new)]);
+                // Huge pages back in place, now that writes need not be seen
+                // page by page (KVM 6.13); the slot's huge-page limits are read
+                // from the slot as published.
+                if logging_off {
+                    self.recover_huge_pages(&slot);
+                }
                 // With INITIALLY_SET every page counts as dirty and nothing is
                 // protected until the first clear (KVM's apply-flags).
                 if logging_on && !self.initially_set() {
+                    // Split first (KVM's eager_page_split), so write protection
+                    // then works on 4 KiB pages and a first write does not
+                    // have to split a huge page in the fault path.
+                    if vm.config.eager_page_split {
+                        self.split_huge_pages(as_id, range);
+                    }
                     // The slot exists in `as_id` and its range is ordered.
                     let _ = self.write_protect_gfn_range(as_id, range);
                 }

@@ -265,3 +265,98 @@ fn test_fast_path_read_of_an_aged_page_does_not_log_it() {
     );
     teardown(host, vm, vec![vcpu]);
 }
+
+fn leaves_at(vm: &vmmu::Vm, level: Level) -> usize {
+    vm.mappings(0)
+        .iter()
+        .filter(|(_, l, s)| *l == level && s.is_shadow_present())
+        .count()
+}
+
+/// Turning logging on splits huge mappings eagerly (1 GiB to 2 MiB to 4 KiB in
+/// one walk) and write-protects the 4 KiB pages; with the switch off they
+/// stay huge, write-protected whole.
+#[test]
+fn test_enabling_logging_splits_huge_pages_eagerly_unless_turned_off() {
+    for eager in [true, false] {
+        let host = vmmu::testing::TestHost::new();
+        host.set_host_level(Level::G1);
+        let vm = vmmu::Vm::new(
+            VmConfig {
+                eager_page_split: eager,
+                ..VmConfig::default()
+            },
+            host.ops(),
+        )
+        .unwrap();
+        vm.set_user_memory_region(region(0, 1 << 30, 1 << 30, 1 << 30 << 6, 0))
+            .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.prepare_entry().unwrap();
+        vcpu.page_fault(vmmu::Gpa(1 << 30), ErrorCode::WRITE)
+            .unwrap();
+        assert_eq!(leaves_at(&vm, Level::G1), 1, "a 1 GiB leaf first");
+        let before = vm.stats();
+        vm.set_user_memory_region(region(0, 1 << 30, 1 << 30, 1 << 30 << 6, LOG))
+            .unwrap();
+        let d = vm.stats().since(&before);
+        if eager {
+            assert_eq!(d.eager_splits, 1 + 512, "the 1G leaf, then each 2M child");
+            assert_eq!(leaves_at(&vm, Level::G1) + leaves_at(&vm, Level::M2), 0);
+            assert_eq!(leaves_at(&vm, Level::K4), 512 * 512);
+            assert!(vm.mappings(0).iter().all(|(_, _, s)| !s.is_writable()));
+        } else {
+            assert_eq!(d.eager_splits, 0);
+            assert_eq!(leaves_at(&vm, Level::G1), 1);
+            assert!(!vm.mappings(0)[0].2.is_writable(), "protected whole");
+        }
+        // Either way a write is logged and maps 4 KiB.
+        vcpu.prepare_entry().unwrap();
+        vcpu.page_fault(
+            vmmu::Gpa((1 << 30) + 5 * 4096),
+            ErrorCode::WRITE | ErrorCode::PRESENT,
+        )
+        .unwrap();
+        assert_eq!(
+            set_bits(&vm.get_dirty_log(0).unwrap()),
+            [5],
+            "eager {eager}"
+        );
+        teardown(host, vm, vec![vcpu]);
+    }
+}
+
+/// Turning logging off brings the huge pages back in place: the 4 KiB tables
+/// the host maps as huge pages become 2 MiB leaves again, with one flush and
+/// no refault; what the guest wrote stays mapped.
+#[test]
+fn test_disabling_logging_recovers_huge_pages_in_place() {
+    let (host, vm, mut vcpu) = huge_host_vm(VmConfig::default());
+    for p in [0, 600, 1500] {
+        vcpu.page_fault(gpa(p), ErrorCode::WRITE).unwrap();
+    }
+    assert_eq!(leaves_at(&vm, Level::M2), 3);
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, LOG))
+        .unwrap();
+    assert_eq!(leaves_at(&vm, Level::M2), 0, "split when logging began");
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(gpa(601), ErrorCode::WRITE | ErrorCode::PRESENT)
+        .unwrap();
+    let before = vm.stats();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let d = vm.stats().since(&before);
+    assert_eq!(d.huge_recovered, 3, "each split 2 MiB page is huge again");
+    assert_eq!(leaves_at(&vm, Level::M2), 3);
+    assert_eq!(leaves_at(&vm, Level::K4), 0);
+    assert_eq!(d.tlb_flush_remote, 1, "one flush for the lot");
+    assert_eq!(d.faults, 0, "no refault");
+    // The huge leaf maps the frames the 4 KiB leaves did.
+    let (level, s) = leaf(&vm, 601).unwrap();
+    assert_eq!(level, Level::M2);
+    assert_eq!(
+        Some(s.pfn().0 + 601 - 512),
+        host.lookup(hva(601)).map(|m| m.0 .0)
+    );
+    teardown(host, vm, vec![vcpu]);
+}

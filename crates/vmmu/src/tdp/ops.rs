@@ -96,6 +96,142 @@ impl Tdp {
         changed
     }
 
+    /// Eager page splitting (KVM's `tdp_mmu_split_huge_pages_root`): replace
+    /// every huge leaf of `root` in `range` by a table of children with the
+    /// same permissions and A/D bits, in one pre-order walk (a 1 GiB leaf
+    /// becomes 2 MiB leaves, which the walk then splits to 4 KiB), holding
+    /// `mmu_lock` for read and linking with compare-and-exchange. The
+    /// translation is unchanged, so no flush is needed here (the write
+    /// protection that follows flushes). Table pages come from `cache`, topped
+    /// up as it goes (KVM drops the lock to allocate; table memory here never
+    /// sleeps); when they run out splitting stops, best effort. Returns the
+    /// leaves split and whether memory ran out.
+    pub(crate) fn split_huge_range(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        range: GfnRange,
+        cache: &mut super::TableCache,
+    ) -> (u64, bool) {
+        let mut it = self.walk(root, Level::K4, range.start, range.end);
+        let mut split = 0;
+        while it.in_range() {
+            let old = it.old_spte;
+            let Some(child_level) = it.level.lower() else {
+                it.next();
+                continue;
+            };
+            if !old.is_leaf(it.level) || old.is_frozen() {
+                it.next();
+                continue;
+            }
+            if cache.topup(self, 1).is_err() {
+                return (split, true);
+            }
+            let Some(child) = cache.pop() else {
+                return (split, true);
+            };
+            let exec = child_level == Level::K4 && self.nx_huge_pages;
+            for (i, e) in self.table(child).iter().enumerate() {
+                let mut c = old.split_child(child_level, i);
+                if exec {
+                    c = c.make_executable();
+                }
+                e.store(c.0, Ordering::Relaxed);
+            }
+            let mut cur = old;
+            let link = Spte::table(child, self.ad_enabled);
+            if !self.try_set_spte_atomic(ctx, it.sptep(), &mut cur, link, it.gfn, it.level) {
+                // Changed under us (zapped, aged): look at it again.
+                self.init_table(child);
+                cache.push_clean(child);
+                it.old_spte = cur;
+                continue;
+            }
+            self.linked_tables.fetch_add(1, Ordering::Relaxed);
+            CounterSet::inc(&ctx.stats.tables_allocated);
+            CounterSet::inc(&ctx.stats.huge_splits);
+            CounterSet::inc(&ctx.stats.eager_splits);
+            ctx.stats.leaf_added(child_level, 512);
+            split += 1;
+            // The walk steps down into the new table next (pre-order).
+            it.next();
+        }
+        (split, false)
+    }
+
+    /// Recover huge pages in place (KVM ≥ 6.13's `kvm_tdp_mmu_recover_huge_pages`,
+    /// after dirty logging is turned off): every table of `root` in `range` at
+    /// a level `allowed` permits (the memslot's and the host's mapping level for
+    /// its first gfn) is replaced, with compare-and-exchange under the read
+    /// lock, by a huge leaf built from its first present leaf, instead of being
+    /// zapped and refaulted. The old tables go through RCU; one flush covers the
+    /// whole walk (`batch`). Returns the huge leaves made.
+    pub(crate) fn recover_huge_range(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        range: GfnRange,
+        allowed: &dyn Fn(Gfn) -> Level,
+        batch: &mut super::FlushBatch,
+    ) -> u64 {
+        let mut made = 0;
+        for level in [Level::G1, Level::M2] {
+            let mut it = self.walk(root, level, range.start, range.end);
+            while it.in_range() {
+                let old = it.old_spte;
+                let whole = it.gfn.0 >= range.start.0 && it.gfn.0 + level.pages() <= range.end.0;
+                if it.level != level || !old.is_table(level) || !whole || allowed(it.gfn) < level {
+                    it.next();
+                    continue;
+                }
+                // The first gfn's leaf gives the frame; it must be aligned for
+                // the huge page (the host's level promises contiguity).
+                let (_, child, child_level) = self.last_spte_in(old.pfn(), level, it.gfn);
+                if !child.is_leaf(child_level) || child.pfn().0 & (level.pages() - 1) != 0 {
+                    it.next();
+                    continue;
+                }
+                let mut new = child.huge_from_child(level);
+                if self.nx_huge_pages {
+                    new = new.make_non_executable();
+                }
+                let mut cur = old;
+                if !self.try_set_spte_atomic(ctx, it.sptep(), &mut cur, new, it.gfn, level) {
+                    it.old_spte = cur;
+                    continue;
+                }
+                batch.mark();
+                CounterSet::inc(&ctx.stats.huge_recovered);
+                made += 1;
+                it.next();
+            }
+        }
+        made
+    }
+
+    /// The last entry covering `gfn` under the table at `table_pfn` (at `level`).
+    fn last_spte_in(
+        &self,
+        table_pfn: crate::types::Pfn,
+        level: Level,
+        gfn: Gfn,
+    ) -> (&AtomicU64, Spte, Level) {
+        let mut table = self.table(table_pfn);
+        let mut level = level.lower().unwrap_or(Level::K4);
+        loop {
+            let sptep = &table[level.index(gfn)];
+            let spte = Spte(sptep.load(Ordering::Acquire));
+            match level.lower() {
+                Some(lower) if spte.is_table(level) => {
+                    table = self.table(spte.pfn());
+                    level = lower;
+                }
+                _ => return (sptep, spte, level),
+            }
+        }
+    }
+
     /// Clear the Dirty bit of every leaf of `root` in `range` (dirty logging with
     /// D-bit harvesting; KVM's `clear_dirty_pt_masked`), holding `mmu_lock` for
     /// write. Entries the processor may still dirty are cleared with an atomic AND,
