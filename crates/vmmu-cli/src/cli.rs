@@ -122,6 +122,10 @@ pub(crate) enum RunCmd {
     /// log and a final stop-and-copy; the destination must equal the source
     /// byte for byte (no KVM selftest does this end to end).
     LiveMigration(LiveMigrationArgs),
+    /// x86/dirty_log_page_splitting_test: huge mappings split eagerly when
+    /// logging turns on and recovered in place when it turns off; the leaves
+    /// at each level after every step.
+    PageSplitting(PageSplittingArgs),
     /// private_mem_kvm_exits_test: a slot deleted under a private page, and a
     /// private attribute on a plain slot, each end in a memory-fault exit with
     /// the page's gpa, size 4096 and the PRIVATE flag.
@@ -200,6 +204,25 @@ pub(crate) struct DirtyLogArgs {
     /// vmmu: memory per vCPU.
     #[arg(long = "bytes", value_parser = parse_size, default_value = "64M")]
     pub(crate) bytes: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run page-splitting`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct PageSplittingArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// Backing source: huge host pages (anonymous_thp, anonymous_hugetlb_2mb,
+    /// anonymous_hugetlb_1gb).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous_thp")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -519,6 +542,7 @@ impl RunCmd {
             RunCmd::PrivateExits(_) => "private-exits",
             RunCmd::DirtyLog(_) => "dirty-log",
             RunCmd::LiveMigration(_) => "live-migration",
+            RunCmd::PageSplitting(_) => "page-splitting",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
         }
@@ -589,6 +613,12 @@ impl RunCmd {
                 ring_entries: a.ring_size,
                 ..a.flags.common()
             },
+            RunCmd::PageSplitting(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                backing: Some(a.backing),
+                ..a.flags.common()
+            },
             RunCmd::LiveMigration(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
@@ -619,6 +649,7 @@ impl RunCmd {
             RunCmd::PrivateExits(a) | RunCmd::Prefault(a) => serde_json::to_value(a),
             RunCmd::DirtyLog(a) => serde_json::to_value(a),
             RunCmd::LiveMigration(a) => serde_json::to_value(a),
+            RunCmd::PageSplitting(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()

@@ -607,3 +607,24 @@ fn test_bench_dirty_log_reports_exactly_the_pattern_and_compares_with_kvm_when_a
         "{err}"
     );
 }
+
+#[test]
+fn test_page_splitting_splits_on_enable_and_recovers_on_disable() {
+    let v = json_run(&["run", "page-splitting", "-b", "16M"]);
+    assert_eq!(v["page_splitting_errors"], 0, "{v}");
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels[0]["pages_2m"], 8, "{v}");
+    assert_eq!(levels[1]["pages_4k"], 4096);
+    assert_eq!(levels[1]["pages_2m"], 0);
+    assert_eq!(
+        levels[4]["pages_2m"], 8,
+        "recovered before the guest ran: {v}"
+    );
+    assert_eq!(v["pages_reported"], 4096);
+    let (code, _, err) = vmmu(&["run", "page-splitting", "-s", "anonymous"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("-s anonymous") && err.contains("anonymous_thp"),
+        "{err}"
+    );
+}

@@ -74,6 +74,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["run", "prefault"],
         &["run", "guest-memfd"],
         &["run", "dirty-log", "-i", "3"],
+        &["run", "page-splitting", "-b", "8M"],
         &["run", "live-migration", "-b", "4M", "--max-rounds", "3"],
     ] {
         assert_valid(&v, args);

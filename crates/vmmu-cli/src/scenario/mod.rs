@@ -7,6 +7,7 @@ pub mod invalidation_storm;
 pub mod live_migration;
 pub mod memslot_churn;
 pub mod mmu_stress;
+pub mod page_splitting;
 pub mod prefault;
 pub mod private_conversions;
 pub mod private_exits;
