@@ -343,6 +343,18 @@ pub enum Op {
         /// The pattern.
         pattern: u64,
     },
+    /// The VMM collects vCPU `vcpu`'s dirty ring.
+    CollectDirtyRing {
+        /// vCPU index.
+        vcpu: u8,
+    },
+    /// `KVM_RESET_DIRTY_RINGS`.
+    ResetDirtyRings,
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)` (refused once vCPUs exist).
+    EnableDirtyRing {
+        /// Entries, any value.
+        entries: u32,
+    },
     /// `clear_young` / `clear_flush_young` / `test_young`.
     Age {
         /// Start.
@@ -376,6 +388,10 @@ pub enum Config {
         nx_huge_pages: bool,
         /// VM type: default, software-protected, SNP-like.
         vm_type: u8,
+        /// Odd: dirty rings on, of `256 << (n / 2 % 4)` entries.
+        dirty_ring: u8,
+        /// Eager page splitting when logging turns on.
+        eager_split: bool,
     },
     /// Anything.
     Raw {
@@ -403,6 +419,8 @@ impl Config {
                 smm,
                 nx_huge_pages,
                 vm_type,
+                eager_split,
+                ..
             } => VmConfig {
                 vm_type: match vm_type % 3 {
                     0 => vmmu::VmType::Default,
@@ -417,6 +435,7 @@ impl Config {
                 mmio_caching,
                 address_spaces: if smm { 2 } else { 1 },
                 nx_huge_pages,
+                eager_page_split: eager_split,
                 ..VmConfig::default()
             },
             Config::Raw {
@@ -530,6 +549,10 @@ struct World {
     vcpus: Vec<VcpuMmu>,
     open: Vec<Invalidation>,
     files: Vec<vmmu::GuestMemfd>,
+    /// The VMM's fetch index into each vCPU's ring.
+    ring_fetch: std::collections::HashMap<u32, u32>,
+    /// Ring entries collected and not yet reset.
+    ring_collected: Vec<(u32, u64)>,
 }
 
 impl World {
@@ -1091,6 +1114,35 @@ impl World {
                     Err(e) => errno_of(e.errno(), &e)?,
                 }
             }
+            Op::CollectDirtyRing { vcpu } => {
+                let n = self.vcpus.len();
+                if n == 0 {
+                    return Ok(false);
+                }
+                let id = self.vcpus[*vcpu as usize % n].id();
+                let fetch = self.ring_fetch.entry(id).or_insert(0);
+                let collected = &mut self.ring_collected;
+                self.vm.collect_dirty_ring(id, fetch, |slot, off| {
+                    collected.push((slot, off));
+                });
+                false
+            }
+            Op::ResetDirtyRings => {
+                self.vm.reset_dirty_rings();
+                // Every collected page is write-protected now.
+                for (slot, off) in std::mem::take(&mut self.ring_collected) {
+                    let mut log = vec![0u64; (off / 64 + 1) as usize];
+                    log[(off / 64) as usize] = 1 << (off % 64);
+                    self.check_protected(slot, 0, &log)?;
+                }
+                // (A ring can overflow without an entry in between, e.g. under
+                // a large pre-fault; KVM does not stop that either.)
+                false
+            }
+            Op::EnableDirtyRing { entries } => match self.vm.enable_dirty_ring(*entries) {
+                Ok(()) => return Err("dirty rings enabled after a vCPU was created".into()),
+                Err(e) => errno_of(e.errno(), &e)?,
+            },
             Op::Age { start, len, how } => {
                 let s = start.hva();
                 let r = HvaRange::new(Hva(s), Hva(s.wrapping_add(len.bytes())));
@@ -1153,6 +1205,12 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
         memory_size: 2 << 20,
         userspace_addr: BASE_HVA,
     };
+    if let Config::Plausible { dirty_ring, .. } = input.config {
+        if dirty_ring & 1 != 0 {
+            vm.enable_dirty_ring(256 << ((dirty_ring >> 1) % 4))
+                .map_err(|e| format!("dirty rings refused on a fresh VM: {e}"))?;
+        }
+    }
     vm.set_user_memory_region(slot0)
         .map_err(|e| format!("the initial memslot was refused: {e}"))?;
     let vcpu0 = vm
@@ -1165,6 +1223,8 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
         vcpus: vec![vcpu0],
         open: Vec::new(),
         files: Vec::new(),
+        ring_fetch: Default::default(),
+        ring_collected: Vec::new(),
     };
     for (i, op) in input.ops.iter().take(MAX_OPS).enumerate() {
         if matches!(
