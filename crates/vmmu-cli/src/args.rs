@@ -56,6 +56,8 @@ pub struct Common {
     pub dirty_ring: u32,
     /// dirty-log: the ring size asked for with `-c`.
     pub ring_entries: u32,
+    /// dirty-log-perf: `-g`, KVM_GET_DIRTY_LOG alone (no manual protection).
+    pub no_manual_protect: bool,
     /// live-migration: percentage of each vCPU's memory it keeps writing.
     pub hot_percent: u32,
     /// live-migration: most pre-copy rounds before the stop-and-copy.

@@ -126,6 +126,9 @@ pub(crate) enum RunCmd {
     /// logging turns on and recovered in place when it turns off; the leaves
     /// at each level after every step.
     PageSplitting(PageSplittingArgs),
+    /// dirty_log_perf_test: populate, logging on, per iteration a write pass,
+    /// get and clear of every slot's log, logging off; its timing lines.
+    DirtyLogPerf(DirtyLogPerfArgs),
     /// private_mem_kvm_exits_test: a slot deleted under a private page, and a
     /// private attribute on a plain slot, each end in a memory-fault exit with
     /// the page's gpa, size 4096 and the PRIVATE flag.
@@ -204,6 +207,36 @@ pub(crate) struct DirtyLogArgs {
     /// vmmu: memory per vCPU.
     #[arg(long = "bytes", value_parser = parse_size, default_value = "64M")]
     pub(crate) bytes: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run dirty-log-perf`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct DirtyLogPerfArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// Iterations of write pass, get and clear.
+    #[arg(short = 'i', long = "iterations", default_value_t = 2)]
+    pub(crate) iterations: u32,
+    /// Backing source (see `vmmu run demand-paging --help`).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    /// Memslots the guest memory is split into.
+    #[arg(short = 'x', long = "slots", default_value_t = 1)]
+    pub(crate) slots: u32,
+    /// Use KVM_GET_DIRTY_LOG alone, without manual protection and clear.
+    #[arg(short = 'g')]
+    pub(crate) get_only: bool,
+    /// Seed of the guest programs (the selftest's -r).
+    #[arg(short = 'r', long = "random-seed", default_value_t = 1)]
+    pub(crate) random_seed: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -543,6 +576,7 @@ impl RunCmd {
             RunCmd::DirtyLog(_) => "dirty-log",
             RunCmd::LiveMigration(_) => "live-migration",
             RunCmd::PageSplitting(_) => "page-splitting",
+            RunCmd::DirtyLogPerf(_) => "dirty-log-perf",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
         }
@@ -613,6 +647,16 @@ impl RunCmd {
                 ring_entries: a.ring_size,
                 ..a.flags.common()
             },
+            RunCmd::DirtyLogPerf(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                backing: Some(a.backing),
+                slots: Some(a.slots),
+                no_manual_protect: a.get_only,
+                seed: a.random_seed,
+                ..a.flags.common()
+            },
             RunCmd::PageSplitting(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
@@ -650,6 +694,7 @@ impl RunCmd {
             RunCmd::DirtyLog(a) => serde_json::to_value(a),
             RunCmd::LiveMigration(a) => serde_json::to_value(a),
             RunCmd::PageSplitting(a) => serde_json::to_value(a),
+            RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()

@@ -36,6 +36,7 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::DirtyLog(_) => scenario::dirty_log::validate(&common).map(|_| ()),
         RunCmd::LiveMigration(_) => scenario::live_migration::validate(&common).map(|_| ()),
         RunCmd::PageSplitting(_) => scenario::page_splitting::validate(&common).map(|_| ()),
+        RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::validate(&common).map(|_| ()),
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
         RunCmd::GuestMemfd(_) => scenario::guest_memfd::validate(&common).map(|_| ()),
     }
@@ -161,6 +162,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::DirtyLog(_) => scenario::dirty_log::run(&common),
                 RunCmd::LiveMigration(_) => scenario::live_migration::run(&common),
                 RunCmd::PageSplitting(_) => scenario::page_splitting::run(&common),
+                RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),
                 RunCmd::GuestMemfd(a) => scenario::guest_memfd::run(&common, a.vs_kvm),
             }

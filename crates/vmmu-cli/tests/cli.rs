@@ -628,3 +628,24 @@ fn test_page_splitting_splits_on_enable_and_recovers_on_disable() {
         "{err}"
     );
 }
+
+#[test]
+fn test_dirty_log_perf_prints_the_selftest_lines_and_misses_no_page() {
+    let (code, out, err) = vmmu(&["run", "dirty-log-perf", "-b", "8M", "-i", "2", "-x", "2"]);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "Populate memory time:",
+        "Enabling dirty logging time:",
+        "Iteration 2 dirty memory time:",
+        "Iteration 2 get dirty log time:",
+        "Iteration 2 clear dirty log time:",
+        "Disabling dirty logging time:",
+        "Get dirty log over 2 iterations took",
+    ] {
+        assert!(out.contains(line), "missing {line:?}:\n{out}");
+    }
+    let v = json_run(&["run", "dirty-log-perf", "-b", "8M", "-g", "-r", "5"]);
+    assert_eq!(v["pages_missing_from_logs"], 0, "{v}");
+    assert_eq!(v["manual_protect"], false);
+    assert_eq!(v["config"]["flags"]["random_seed"], 5);
+}

@@ -2,6 +2,7 @@
 
 pub mod demand_paging;
 pub mod dirty_log;
+pub mod dirty_log_perf;
 pub mod guest_memfd;
 pub mod invalidation_storm;
 pub mod live_migration;
