@@ -21,6 +21,8 @@ pub struct KvmDirtyLogRun {
     pub get_all_ns: u64,
     /// `KVM_GET_DIRTY_LOG` with no page dirty.
     pub get_none_ns: u64,
+    /// With manual protection: `KVM_CLEAR_DIRTY_LOG` of every page, all dirty.
+    pub clear_all_ns: u64,
     /// The bitmap after a pass over every `stride`-th page.
     pub pattern_bitmap: Vec<u64>,
 }
@@ -68,12 +70,18 @@ pub fn kvm_dirty_log(bytes: u64, stride: u64) -> Result<KvmDirtyLogRun> {
     let (_, all) = vm.get_measured_dirty_log()?;
     let (_, none) = vm.get_measured_dirty_log()?;
     vm.verify(3)?;
+    // Manual protection: a pass dirties everything, get copies, clear protects.
+    vm.enable_manual_protect()?;
+    vm.run_pass(4)?;
+    let (log, _) = vm.get_measured_dirty_log()?;
+    let clear = vm.clear_measured_dirty_log(&log)?;
     Ok(KvmDirtyLogRun {
         pages: bytes / PAGE_SIZE,
         enable_ns,
         write_pass_ns,
         get_all_ns: ns(all),
         get_none_ns: ns(none),
+        clear_all_ns: ns(clear),
         pattern_bitmap,
     })
 }

@@ -322,6 +322,54 @@ impl GuestVm {
         Ok(start.elapsed())
     }
 
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` with
+    /// `MANUAL_PROTECT_ENABLE`: gets only copy, clears protect.
+    pub(crate) fn enable_manual_protect(&self) -> Result<()> {
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm
+            .enable_cap(&cap)
+            .map_err(ioctl_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the whole measured slot with `bitmap`, and how
+    /// long it took.
+    pub(crate) fn clear_measured_dirty_log(&self, bitmap: &[u64]) -> Result<Duration> {
+        use std::os::fd::AsRawFd;
+        let pages = self.measured.len() / PAGE_SIZE;
+        if (bitmap.len() as u64) < pages.div_ceil(64) {
+            return Err(KvmError::BadChunkSize {
+                bytes: bitmap.len() as u64 * 64 * PAGE_SIZE,
+                granule: PAGE_SIZE,
+            });
+        }
+        let mut arg = kvm_bindings::kvm_clear_dirty_log {
+            slot: MEASURED_SLOT,
+            num_pages: pages as u32,
+            first_page: 0,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut libc::c_void;
+        // _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)
+        const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xC018_AEC0;
+        let start = Instant::now();
+        // SAFETY: a KVM ioctl on our VM fd with a correctly laid out argument
+        // whose bitmap pointer covers every page of the slot (checked above)
+        // and lives across the call.
+        let r = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &arg) };
+        let took = start.elapsed();
+        if r != 0 {
+            return Err(KvmError::Ioctl {
+                op: "KVM_CLEAR_DIRTY_LOG",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(took)
+    }
+
     /// `KVM_GET_DIRTY_LOG` of the measured slot, and how long it took.
     pub(crate) fn get_measured_dirty_log(&self) -> Result<(Vec<u64>, Duration)> {
         let start = Instant::now();

@@ -294,15 +294,10 @@ impl Vm {
             return Ok(bitmap.snapshot());
         }
         let base = s.base_gfn();
-        let mut out = Vec::with_capacity(bitmap.words());
-        let mut protected = false;
-        for i in 0..bitmap.words() {
-            let mask = bitmap.take(i, u64::MAX);
-            if mask != 0 {
-                protected |= self.protect_masked(s.as_id(), base, i as u64 * 64, mask);
-            }
-            out.push(mask);
-        }
+        let out: Vec<u64> = (0..bitmap.words())
+            .map(|i| bitmap.take(i, u64::MAX))
+            .collect();
+        let protected = self.protect_words(s.as_id(), base, 0, &out);
         if protected {
             vm.flush_remote_tlbs(&vm.stats);
         }
@@ -354,26 +349,27 @@ impl Vm {
             });
         }
         let base = s.base_gfn();
-        let mut cleared = 0;
-        let mut protected = false;
-        for (i, &want) in bitmap.iter().take(needed as usize).enumerate() {
-            let page = first_page + i as u64 * 64;
-            // The last word may cover pages past the range: never touch those.
-            let left = num_pages - i as u64 * 64;
-            let want = if left < 64 {
-                want & ((1u64 << left) - 1)
-            } else {
-                want
-            };
-            if want == 0 {
-                continue;
-            }
-            let mask = log.take((page / 64) as usize, want);
-            if mask != 0 {
-                cleared += mask.count_ones() as u64;
-                protected |= self.protect_masked(s.as_id(), base, page, mask);
-            }
-        }
+        let taken: Vec<u64> = bitmap
+            .iter()
+            .take(needed as usize)
+            .enumerate()
+            .map(|(i, &want)| {
+                // The last word may cover pages past the range: never touch those.
+                let left = num_pages - i as u64 * 64;
+                let want = if left < 64 {
+                    want & ((1u64 << left) - 1)
+                } else {
+                    want
+                };
+                if want == 0 {
+                    0
+                } else {
+                    log.take(((first_page / 64) + i as u64) as usize, want)
+                }
+            })
+            .collect();
+        let cleared = taken.iter().map(|w| w.count_ones() as u64).sum();
+        let protected = self.protect_words(s.as_id(), base, first_page, &taken);
         if protected {
             vm.flush_remote_tlbs(&vm.stats);
         }
@@ -450,6 +446,54 @@ impl Vm {
     /// time (KVM's `kvm_arch_mmu_enable_log_dirty_pt_masked`). Huge leaves
     /// covering them (with `INITIALLY_SET` nothing was protected at enable) are
     /// write-protected whole. Returns whether anything changed.
+    /// Write-protect the pages set in `words` (bit `b` of word `i` is page
+    /// `first + 64 * i + b` of the slot at `base`): each run of consecutive set
+    /// pages, across words, is one walk of every valid root, all under one
+    /// read hold of `mmu_lock` (a fully dirty slot is one walk, not one per
+    /// 64 pages). With `INITIALLY_SET` the span is split first. Returns whether
+    /// anything changed.
+    fn protect_words(&self, as_id: u16, base: Gfn, first: u64, words: &[u64]) -> bool {
+        let vm = &*self.inner;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, &w) in words.iter().enumerate() {
+            let mut m = w;
+            while m != 0 {
+                let lo = m.trailing_zeros() as u64;
+                let n = (m >> lo).trailing_ones() as u64;
+                let start = first + i as u64 * 64 + lo;
+                match runs.last_mut() {
+                    Some((s, len)) if *s + *len == start => *len += n,
+                    _ => runs.push((start, n)),
+                }
+                m = if lo + n >= 64 {
+                    0
+                } else {
+                    m & !(((1u64 << n) - 1) << lo)
+                };
+            }
+        }
+        let (Some(&(lo, _)), Some(&(s, n))) = (runs.first(), runs.last()) else {
+            return false;
+        };
+        if vm.config.eager_page_split && self.manual_dirty_log_protect() & INITIALLY_SET != 0 {
+            self.split_huge_pages(as_id, GfnRange::new(base.add(lo), base.add(s + n)));
+        }
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        let _r = vm.mmu_lock.read(&vm.stats.lock);
+        let mut changed = false;
+        for (start, n) in runs {
+            let range = GfnRange::new(base.add(start), base.add(start + n));
+            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
+                changed |= vm.tdp.write_protect_range(&ctx, root, range);
+            });
+        }
+        changed
+    }
+
     fn protect_masked(&self, as_id: u16, base: Gfn, first: u64, mask: u64) -> bool {
         let vm = &*self.inner;
         // With INITIALLY_SET nothing was split when logging was turned on:

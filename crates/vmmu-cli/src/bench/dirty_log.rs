@@ -6,7 +6,9 @@
 //! page; logging is turned on (timed: on vmmu it write-protects every page);
 //! a pass writes every `--stride`-th page and the bitmap is taken (compared);
 //! a pass writes every page with logging on (timed) and two gets follow (all
-//! dirty, then none dirty; timed).
+//! dirty, then none dirty; timed); then, with manual protection, a pass
+//! dirties everything, a get copies the log and a clear of every page is
+//! timed.
 
 use std::time::Instant;
 
@@ -29,6 +31,7 @@ struct Side {
     write_pass_ns: u64,
     get_all_ns: u64,
     get_none_ns: u64,
+    clear_all_ns: u64,
     bitmap: Vec<u64>,
 }
 
@@ -99,6 +102,13 @@ fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
     let t = Instant::now();
     let _ = m.vm.get_dirty_log(1)?;
     let get_none_ns = t.elapsed().as_nanos() as u64;
+    // Manual protection: a pass dirties everything, get copies, clear protects.
+    m.vm.enable_manual_dirty_log_protect(vmmu::dirty_log::MANUAL_PROTECT_ENABLE)?;
+    pass(&mut m, pages, 1, 4);
+    let log = m.vm.get_dirty_log(1)?;
+    let t = Instant::now();
+    m.vm.clear_dirty_log(1, 0, pages, &log)?;
+    let clear_all_ns = t.elapsed().as_nanos() as u64;
     let violations = m.oracle.total();
     let r = m.teardown();
     anyhow::ensure!(
@@ -111,6 +121,7 @@ fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
             write_pass_ns,
             get_all_ns,
             get_none_ns,
+            clear_all_ns,
             bitmap,
         },
         violations,
@@ -129,6 +140,7 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
             write_pass_ns: r.write_pass_ns,
             get_all_ns: r.get_all_ns,
             get_none_ns: r.get_none_ns,
+            clear_all_ns: r.clear_all_ns,
             bitmap: r.pattern_bitmap,
         })
     } else {
@@ -154,6 +166,8 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
         json!({
             "enable_ns": s.enable_ns, "write_pass_ns": s.write_pass_ns,
             "get_all_dirty_ns": s.get_all_ns, "get_none_dirty_ns": s.get_none_ns,
+            "clear_all_dirty_ns": s.clear_all_ns,
+            "get_plus_clear_all_dirty_ns": s.get_all_ns + s.clear_all_ns,
             "enable_ns_per_gib": per_gib(s.enable_ns), "get_all_dirty_ns_per_gib": per_gib(s.get_all_ns),
             "pages_reported_for_the_pattern": set(&s.bitmap),
         })
@@ -206,6 +220,12 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
         t.add_row(row("write pass, logging on (ns)", |s| s.write_pass_ns));
         t.add_row(row("get, all dirty (ns)", |s| s.get_all_ns));
         t.add_row(row("get, none dirty (ns)", |s| s.get_none_ns));
+        t.add_row(row("clear, all dirty, manual protection (ns)", |s| {
+            s.clear_all_ns
+        }));
+        t.add_row(row("get + clear, all dirty (ns)", |s| {
+            s.get_all_ns + s.clear_all_ns
+        }));
         t.add_row(row("pages reported for the pattern", |s| {
             s.bitmap.iter().map(|w| w.count_ones() as u64).sum()
         }));
