@@ -15,8 +15,11 @@ use std::ops::Range;
 
 use rangemap::RangeMap;
 
+use crate::memslot::Memslot;
+use crate::stats::CounterSet;
 use crate::sync::{Arc, Snapshot};
-use crate::types::{Gfn, GfnRange};
+use crate::tdp::{Ctx, FlushBatch};
+use crate::types::{Gfn, GfnRange, PAGE_SIZE};
 
 /// `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
 pub const MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
@@ -169,5 +172,94 @@ mod tests {
             a.boundaries(g(0, 100)),
             vec![Gfn(10), Gfn(15), Gfn(16), Gfn(30)]
         );
+    }
+}
+
+impl crate::vm::Vm {
+    /// `KVM_SET_MEMORY_ATTRIBUTES`: give the gfns of `[address, address + size)`
+    /// the attributes `attributes` (`MEMORY_ATTRIBUTE_PRIVATE` or 0). Refused
+    /// (EINVAL, nothing changed) for unsupported attributes (any, on a VM type
+    /// without private memory), non-zero flags, an empty, wrapping or unaligned
+    /// range.
+    ///
+    /// Atomic with respect to faults (reference §7.4): with `slots_lock` held, an
+    /// invalidation begins over the range in every memslot it intersects and
+    /// their mappings of it are zapped; the new attributes are stored; the
+    /// invalidation ends and the huge-page mixed flags are recomputed. A fault
+    /// that read the old attributes either finished before the zap (and was
+    /// zapped) or finds the invalidation in progress or the sequence moved, and
+    /// retries. A change to what the range already has touches nothing.
+    pub fn set_memory_attributes(
+        &self,
+        address: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> Result<(), AttributeError> {
+        let vm = &*self.inner;
+        let supported = if vm.config.vm_type.has_private_mem() {
+            MEMORY_ATTRIBUTE_PRIVATE
+        } else {
+            0
+        };
+        if flags != 0 {
+            return Err(AttributeError::InvalidFlags(flags));
+        }
+        if attributes & !supported != 0 {
+            return Err(AttributeError::InvalidAttributes {
+                attributes,
+                supported,
+            });
+        }
+        let end = address.checked_add(size).filter(|_| size > 0);
+        let Some(end) = end else {
+            return Err(AttributeError::BadRange { address, size });
+        };
+        if !address.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(AttributeError::Unaligned { address, size });
+        }
+        let range = GfnRange::new(Gfn(address / PAGE_SIZE), Gfn(end / PAGE_SIZE));
+        let _s = vm.slots.lock();
+        if vm.attrs.range_has(range, attributes) {
+            return Ok(());
+        }
+        CounterSet::inc(&vm.stats.attribute_changes);
+        let mut hits: Vec<(u16, GfnRange, Arc<Memslot>)> = Vec::new();
+        for (as_id, set) in vm.memslots.iter().enumerate() {
+            set.load()
+                .for_each_gfn_overlap(range, |slot, g| hits.push((as_id as u16, g, slot.clone())));
+        }
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        if !hits.is_empty() {
+            let mut w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.inval.begin(&w);
+            let mut batch = FlushBatch::default();
+            for (as_id, g, _) in &hits {
+                vm.inval.range_add(*g, &w);
+                if !vm.config.knobs.skip_conversion_zap {
+                    vm.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
+                }
+            }
+            batch.flush(vm, &vm.stats);
+        }
+        vm.attrs.store(range, attributes);
+        if !hits.is_empty() {
+            let w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.inval.end(&w);
+            for (_, g, slot) in &hits {
+                vm.update_mixed(slot, *g);
+            }
+            drop(w);
+        }
+        Ok(())
+    }
+
+    /// The memory attributes of `gfn` (0: shared, or `MEMORY_ATTRIBUTE_PRIVATE`).
+    pub fn memory_attributes(&self, gfn: Gfn) -> u64 {
+        self.inner.attrs.get(gfn)
     }
 }

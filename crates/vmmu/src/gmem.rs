@@ -710,3 +710,44 @@ impl VmInner {
         batch.flush(self, &self.stats);
     }
 }
+
+impl crate::vm::Vm {
+    /// `KVM_CREATE_GUEST_MEMFD`: a file of `size` bytes (a non-zero multiple of
+    /// 4 KiB) of private memory for this VM. Flags: `GUEST_MEMFD_FLAG_MMAP` and
+    /// `GUEST_MEMFD_FLAG_INIT_SHARED` as in 6.18, the latter only on VM types
+    /// without private memory ([`Vm::guest_memfd_flags`]).
+    pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<GuestMemfd, GmemError> {
+        // Only supported flags; INIT_SHARED alone is accepted, as the KVM it was
+        // compared with accepts it (it has no effect without MMAP).
+        let supported = self.guest_memfd_flags();
+        if flags & !supported != 0 {
+            return Err(GmemError::InvalidFlags { flags, supported });
+        }
+        // The size is a signed file offset (loff_t) for KVM: beyond its range
+        // it is as invalid as 0.
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > i64::MAX as u64 {
+            return Err(GmemError::InvalidSize(size));
+        }
+        let Some(private) = self.inner.host.private.clone() else {
+            return Err(GmemError::NoPrivateMemory);
+        };
+        Ok(GuestMemfd::new(GmemFile::new(
+            self.inner.clone(),
+            size,
+            flags,
+            private,
+        )))
+    }
+
+    /// The guest_memfd flags this VM accepts: `MMAP` always; `INIT_SHARED` only
+    /// where the VM has no private memory (on a confidential or
+    /// software-protected VM memory starts private; shared memory there comes
+    /// from conversions, not from the file).
+    pub fn guest_memfd_flags(&self) -> u64 {
+        if self.inner.config.vm_type.has_private_mem() {
+            GUEST_MEMFD_FLAG_MMAP
+        } else {
+            GUEST_MEMFD_FLAGS
+        }
+    }
+}

@@ -38,6 +38,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod attributes;
+pub mod caps;
 pub mod config;
 pub mod dirty_log;
 pub mod dirty_ring;
@@ -60,6 +61,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
+pub use caps::Cap;
 pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
 pub use dirty_log::DirtyLogError;
 pub use fault::{ErrorCode, FaultError, RetPf};
@@ -69,10 +71,11 @@ pub use host::{
     TableMemory, TableMemoryError,
 };
 pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion};
+pub use notifier::Invalidation;
 pub use prefault::{PreFaultError, PreFaultRange, VcpuSignal};
 pub use root::{Role, RootFilter};
 pub use spte::{Access, Spte};
 pub use stats::Stats;
 pub use types::{Gfn, GfnRange, Gpa, Hva, HvaRange, Level, Pfn, PAGE_SIZE};
 pub use vcpu::{Entry, VcpuMmu};
-pub use vm::{Cap, Invalidation, RootInfo, Vm, VmError};
+pub use vm::{RootInfo, Vm, VmError};

@@ -18,6 +18,11 @@
 
 use std::panic::Location;
 
+use crate::stats::CounterSet;
+use crate::tdp::{Ctx, FlushBatch};
+use crate::types::{Hva, HvaRange};
+use crate::vm::Vm;
+
 use crate::sync::lockdep::{Held, LockClass};
 use crate::sync::{AtomicI64, AtomicU64, Condvar, MmuWriteGuard, Mutex, Ordering};
 use crate::types::{Gfn, GfnRange};
@@ -263,5 +268,144 @@ mod tests {
         assert_eq!(inv.in_progress(), 0);
         assert!(inv.retry_gfn(seq, Gfn(25)));
         assert!(!inv.retry_gfn(inv.snapshot(), Gfn(25)));
+    }
+}
+
+impl crate::vm::Vm {
+    /// mmu_notifier `invalidate_range_start`: the host is about to change the
+    /// mappings of `range`. On return no vCPU can use a translation of that range.
+    ///
+    /// The returned [`Invalidation`] is the matching `invalidate_range_end`:
+    /// ending it (or dropping it) is the only way to end the invalidation, so a
+    /// start and its end always pair up and the in-progress count can never be
+    /// unbalanced. An empty or inverted range overlaps nothing.
+    pub fn invalidate_range_start(&self, range: HvaRange) -> Invalidation {
+        let vm = &*self.inner;
+        let _n = notifier_section();
+        CounterSet::inc(&vm.stats.invalidations);
+        vm.active_inval.inc();
+        let token = Invalidation {
+            vm: self.clone(),
+            range,
+        };
+        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
+        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
+        if hits.is_empty() {
+            return token;
+        }
+        CounterSet::inc(&vm.stats.invalidations_with_slots);
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        let mut w = vm.mmu_lock.write(&vm.stats.lock);
+        vm.inval.begin(&w);
+        let mut batch = FlushBatch::default();
+        for (as_id, g) in hits {
+            vm.inval.range_add(g, &w);
+            vm.unmap_gfn_range(&ctx, &mut w, as_id, g, &mut batch);
+        }
+        batch.flush(vm, &vm.stats);
+        token
+    }
+
+    /// mmu_notifier `invalidate_range_end`, reached only through
+    /// [`Invalidation`]. Like KVM it looks at the memslots again: installs wait
+    /// for every active invalidation, so start and end see the same slots.
+    fn invalidate_range_end(&self, range: HvaRange) {
+        let vm = &*self.inner;
+        let _n = notifier_section();
+        let mut found = false;
+        vm.for_each_overlap(range, |_, _| found = true);
+        if found {
+            let w = vm.mmu_lock.write(&vm.stats.lock);
+            vm.inval.end(&w);
+        }
+        vm.active_inval.dec();
+    }
+
+    fn age(&self, range: HvaRange, clear: bool) -> bool {
+        let vm = &*self.inner;
+        let _n = notifier_section();
+        CounterSet::inc(&vm.stats.aging_calls);
+        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
+        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
+        if hits.is_empty() {
+            return false;
+        }
+        let rcu = vm.tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &vm.stats,
+            rcu: &rcu,
+        };
+        let mut young = false;
+        for root in vm.tdp.roots_snapshot().iter() {
+            if root.is_invalid() {
+                continue;
+            }
+            for (as_id, g) in &hits {
+                if root.role.as_id() == *as_id {
+                    young |= vm.tdp.age_range(&ctx, root, *g, clear);
+                }
+            }
+        }
+        young
+    }
+
+    /// mmu_notifier `clear_flush_young`: make the range old, report if it was
+    /// young. Like x86 since 6.13, no TLB flush: a stale TLB entry only makes a
+    /// page look old.
+    pub fn clear_flush_young(&self, range: HvaRange) -> bool {
+        self.age(range, true)
+    }
+
+    /// mmu_notifier `clear_young`.
+    pub fn clear_young(&self, range: HvaRange) -> bool {
+        self.age(range, true)
+    }
+
+    /// mmu_notifier `test_young`.
+    pub fn test_young(&self, hva: Hva) -> bool {
+        self.age(HvaRange::new(hva, hva.add(crate::types::PAGE_SIZE)), false)
+    }
+}
+
+/// An invalidation between `invalidate_range_start` and `invalidate_range_end`
+/// (see [`Vm::invalidate_range_start`]). Ending it is the end call; dropping it
+/// without calling [`Invalidation::end`] ends it too. There is no other way to
+/// end an invalidation, so an end without its start cannot be written:
+///
+/// ```compile_fail
+/// # use vmmu::{testing::TestHost, Hva, HvaRange, Vm, VmConfig};
+/// let host = TestHost::new();
+/// let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
+/// let inv = vm.invalidate_range_start(HvaRange::new(Hva(0), Hva(4096)));
+/// inv.end();
+/// inv.end(); // error: `inv` was moved by the first end
+/// ```
+#[must_use = "the invalidation lasts until this is ended or dropped"]
+#[derive(Debug)]
+pub struct Invalidation {
+    vm: Vm,
+    range: HvaRange,
+}
+
+impl Invalidation {
+    /// The host range being invalidated.
+    pub fn range(&self) -> HvaRange {
+        self.range
+    }
+
+    /// mmu_notifier `invalidate_range_end`: the host has finished changing the
+    /// range.
+    pub fn end(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Invalidation {
+    fn drop(&mut self) {
+        self.vm.invalidate_range_end(self.range);
     }
 }

@@ -3,24 +3,24 @@
 
 use std::collections::BTreeSet;
 
-use crate::attributes::{AttributeError, Attributes, MEMORY_ATTRIBUTE_PRIVATE};
+use crate::attributes::Attributes;
 use crate::config::HookPoint;
 use crate::config::VmConfig;
-use crate::gmem::{GmemError, GmemFile, GuestMemfd, GUEST_MEMFD_FLAGS, GUEST_MEMFD_FLAG_MMAP};
+use crate::gmem::GuestMemfd;
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::GmemArg;
 use crate::memslot::{
     self, Change, Memslot, MemslotError, MemslotSet, SetOp, UserMemoryRegion,
     GEN_UPDATE_IN_PROGRESS,
 };
-use crate::notifier::{notifier_section, ActiveInvalidations, InvalidateState};
+use crate::notifier::{ActiveInvalidations, InvalidateState};
 use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_FLUSH};
 use crate::root::RootFilter;
 use crate::spte::Spte;
 use crate::stats::{CounterSet, Stats};
 use crate::sync::{Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
 use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
-use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level, PAGE_SIZE};
+use crate::types::{Gfn, GfnRange, HvaRange, Level};
 use crate::vcpu::VcpuMmu;
 
 /// Why a VM or vCPU call was refused. A refused call changes nothing.
@@ -93,30 +93,6 @@ impl VmError {
     }
 }
 
-/// Capabilities a VM reports (`KVM_CHECK_EXTENSION` on the VM).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Cap {
-    /// `KVM_CAP_NR_MEMSLOTS`: memslots per address space.
-    NrMemslots,
-    /// `KVM_CAP_MULTI_ADDRESS_SPACE`: address spaces.
-    MultiAddressSpace,
-    /// `KVM_CAP_MAX_VCPU_ID`: one past the largest vCPU id.
-    MaxVcpuId,
-    /// `KVM_CAP_USER_MEMORY2`: `set_user_memory_region2`.
-    UserMemory2,
-    /// `KVM_CAP_MEMORY_FAULT_INFO`: memory-fault exits carry gpa, size, flags.
-    MemoryFaultInfo,
-    /// `KVM_CAP_MEMORY_ATTRIBUTES`: the attributes `set_memory_attributes` takes.
-    MemoryAttributes,
-    /// `KVM_CAP_GUEST_MEMFD`: `create_guest_memfd`.
-    GuestMemfd,
-    /// The guest_memfd creation flags supported (6.18).
-    GuestMemfdFlags,
-    /// `KVM_CAP_VM_TYPES`: a bitmask of the VM types (by `KVM_CREATE_VM` number).
-    VmTypes,
-}
-
 /// `KVM_MAX_VCPU_IDS` on x86.
 pub const MAX_VCPU_IDS: u32 = 4096;
 
@@ -133,7 +109,7 @@ pub(crate) struct VmInner {
     pub(crate) tdp: Tdp,
     pub(crate) mmu_lock: MmuLock,
     pub(crate) inval: InvalidateState,
-    active_inval: ActiveInvalidations,
+    pub(crate) active_inval: ActiveInvalidations,
     /// `kvm->slots_lock`.
     pub(crate) slots: Mutex<SlotsState>,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags in force.
@@ -221,7 +197,7 @@ impl VmInner {
             .zap_invalidated_roots(&ctx, &mut r, &self.stats.lock);
     }
 
-    fn for_each_overlap(&self, range: HvaRange, mut f: impl FnMut(u16, GfnRange)) {
+    pub(crate) fn for_each_overlap(&self, range: HvaRange, mut f: impl FnMut(u16, GfnRange)) {
         for (as_id, set) in self.memslots.iter().enumerate() {
             set.load()
                 .for_each_hva_overlap(range, |_, g| f(as_id as u16, g));
@@ -255,7 +231,7 @@ impl VmInner {
     /// uniform by construction; the partial ones at its edges are looked at.
     /// 1 GiB after 2 MiB, as KVM orders it (a 1 GiB chunk is uniform exactly when
     /// its attributes are the same throughout).
-    fn update_mixed(&self, slot: &Memslot, changed: GfnRange) {
+    pub(crate) fn update_mixed(&self, slot: &Memslot, changed: GfnRange) {
         let sr = slot.gfn_range();
         for level in [Level::M2, Level::G1] {
             let pages = level.pages();
@@ -603,269 +579,12 @@ impl Vm {
         Ok(())
     }
 
-    /// `KVM_SET_MEMORY_ATTRIBUTES`: give the gfns of `[address, address + size)`
-    /// the attributes `attributes` (`MEMORY_ATTRIBUTE_PRIVATE` or 0). Refused
-    /// (EINVAL, nothing changed) for unsupported attributes (any, on a VM type
-    /// without private memory), non-zero flags, an empty, wrapping or unaligned
-    /// range.
-    ///
-    /// Atomic with respect to faults (reference §7.4): with `slots_lock` held, an
-    /// invalidation begins over the range in every memslot it intersects and
-    /// their mappings of it are zapped; the new attributes are stored; the
-    /// invalidation ends and the huge-page mixed flags are recomputed. A fault
-    /// that read the old attributes either finished before the zap (and was
-    /// zapped) or finds the invalidation in progress or the sequence moved, and
-    /// retries. A change to what the range already has touches nothing.
-    pub fn set_memory_attributes(
-        &self,
-        address: u64,
-        size: u64,
-        attributes: u64,
-        flags: u64,
-    ) -> Result<(), AttributeError> {
-        let vm = &*self.inner;
-        let supported = if vm.config.vm_type.has_private_mem() {
-            MEMORY_ATTRIBUTE_PRIVATE
-        } else {
-            0
-        };
-        if flags != 0 {
-            return Err(AttributeError::InvalidFlags(flags));
-        }
-        if attributes & !supported != 0 {
-            return Err(AttributeError::InvalidAttributes {
-                attributes,
-                supported,
-            });
-        }
-        let end = address.checked_add(size).filter(|_| size > 0);
-        let Some(end) = end else {
-            return Err(AttributeError::BadRange { address, size });
-        };
-        if !address.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
-            return Err(AttributeError::Unaligned { address, size });
-        }
-        let range = GfnRange::new(Gfn(address / PAGE_SIZE), Gfn(end / PAGE_SIZE));
-        let _s = vm.slots.lock();
-        if vm.attrs.range_has(range, attributes) {
-            return Ok(());
-        }
-        CounterSet::inc(&vm.stats.attribute_changes);
-        let mut hits: Vec<(u16, GfnRange, Arc<Memslot>)> = Vec::new();
-        for (as_id, set) in vm.memslots.iter().enumerate() {
-            set.load()
-                .for_each_gfn_overlap(range, |slot, g| hits.push((as_id as u16, g, slot.clone())));
-        }
-        let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
-        if !hits.is_empty() {
-            let mut w = vm.mmu_lock.write(&vm.stats.lock);
-            vm.inval.begin(&w);
-            let mut batch = FlushBatch::default();
-            for (as_id, g, _) in &hits {
-                vm.inval.range_add(*g, &w);
-                if !vm.config.knobs.skip_conversion_zap {
-                    vm.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
-                }
-            }
-            batch.flush(vm, &vm.stats);
-        }
-        vm.attrs.store(range, attributes);
-        if !hits.is_empty() {
-            let w = vm.mmu_lock.write(&vm.stats.lock);
-            vm.inval.end(&w);
-            for (_, g, slot) in &hits {
-                vm.update_mixed(slot, *g);
-            }
-            drop(w);
-        }
-        Ok(())
-    }
-
-    /// `KVM_CREATE_GUEST_MEMFD`: a file of `size` bytes (a non-zero multiple of
-    /// 4 KiB) of private memory for this VM. Flags: `GUEST_MEMFD_FLAG_MMAP` and
-    /// `GUEST_MEMFD_FLAG_INIT_SHARED` as in 6.18, the latter only on VM types
-    /// without private memory ([`Vm::guest_memfd_flags`]).
-    pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<GuestMemfd, GmemError> {
-        // Only supported flags; INIT_SHARED alone is accepted, as the KVM it was
-        // compared with accepts it (it has no effect without MMAP).
-        let supported = self.guest_memfd_flags();
-        if flags & !supported != 0 {
-            return Err(GmemError::InvalidFlags { flags, supported });
-        }
-        // The size is a signed file offset (loff_t) for KVM: beyond its range
-        // it is as invalid as 0.
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > i64::MAX as u64 {
-            return Err(GmemError::InvalidSize(size));
-        }
-        let Some(private) = self.inner.host.private.clone() else {
-            return Err(GmemError::NoPrivateMemory);
-        };
-        Ok(GuestMemfd::new(GmemFile::new(
-            self.inner.clone(),
-            size,
-            flags,
-            private,
-        )))
-    }
-
-    /// The guest_memfd flags this VM accepts: `MMAP` always; `INIT_SHARED` only
-    /// where the VM has no private memory (on a confidential or
-    /// software-protected VM memory starts private; shared memory there comes
-    /// from conversions, not from the file).
-    pub fn guest_memfd_flags(&self) -> u64 {
-        if self.inner.config.vm_type.has_private_mem() {
-            GUEST_MEMFD_FLAG_MMAP
-        } else {
-            GUEST_MEMFD_FLAGS
-        }
-    }
-
-    /// `KVM_CHECK_EXTENSION` on this VM.
-    pub fn check_extension(&self, cap: Cap) -> u64 {
-        let c = &self.inner.config;
-        match cap {
-            Cap::NrMemslots => memslot::USER_MEM_SLOTS as u64,
-            Cap::MultiAddressSpace => c.address_spaces as u64,
-            Cap::MaxVcpuId => MAX_VCPU_IDS as u64,
-            Cap::UserMemory2 | Cap::MemoryFaultInfo => 1,
-            Cap::MemoryAttributes => {
-                if c.vm_type.has_private_mem() {
-                    MEMORY_ATTRIBUTE_PRIVATE
-                } else {
-                    0
-                }
-            }
-            Cap::GuestMemfd => self.inner.host.private.is_some() as u64,
-            Cap::GuestMemfdFlags => {
-                if self.inner.host.private.is_some() {
-                    self.guest_memfd_flags()
-                } else {
-                    0
-                }
-            }
-            Cap::VmTypes => {
-                use crate::config::VmType;
-                [VmType::Default, VmType::SwProtected, VmType::Snp]
-                    .iter()
-                    .map(|t| 1u64 << t.kvm_type())
-                    .sum()
-            }
-        }
-    }
-
-    /// The memory attributes of `gfn` (0: shared, or `MEMORY_ATTRIBUTE_PRIVATE`).
-    pub fn memory_attributes(&self, gfn: Gfn) -> u64 {
-        self.inner.attrs.get(gfn)
-    }
-
     /// The current memslots of an address space (a snapshot).
     pub fn memslots(&self, as_id: u16) -> Option<Arc<MemslotSet>> {
         self.inner
             .memslots
             .get(as_id as usize)
             .map(|s| s.load_full())
-    }
-
-    /// mmu_notifier `invalidate_range_start`: the host is about to change the
-    /// mappings of `range`. On return no vCPU can use a translation of that range.
-    ///
-    /// The returned [`Invalidation`] is the matching `invalidate_range_end`:
-    /// ending it (or dropping it) is the only way to end the invalidation, so a
-    /// start and its end always pair up and the in-progress count can never be
-    /// unbalanced. An empty or inverted range overlaps nothing.
-    pub fn invalidate_range_start(&self, range: HvaRange) -> Invalidation {
-        let vm = &*self.inner;
-        let _n = notifier_section();
-        CounterSet::inc(&vm.stats.invalidations);
-        vm.active_inval.inc();
-        let token = Invalidation {
-            vm: self.clone(),
-            range,
-        };
-        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
-        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
-        if hits.is_empty() {
-            return token;
-        }
-        CounterSet::inc(&vm.stats.invalidations_with_slots);
-        let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
-        let mut w = vm.mmu_lock.write(&vm.stats.lock);
-        vm.inval.begin(&w);
-        let mut batch = FlushBatch::default();
-        for (as_id, g) in hits {
-            vm.inval.range_add(g, &w);
-            vm.unmap_gfn_range(&ctx, &mut w, as_id, g, &mut batch);
-        }
-        batch.flush(vm, &vm.stats);
-        token
-    }
-
-    /// mmu_notifier `invalidate_range_end`, reached only through
-    /// [`Invalidation`]. Like KVM it looks at the memslots again: installs wait
-    /// for every active invalidation, so start and end see the same slots.
-    fn invalidate_range_end(&self, range: HvaRange) {
-        let vm = &*self.inner;
-        let _n = notifier_section();
-        let mut found = false;
-        vm.for_each_overlap(range, |_, _| found = true);
-        if found {
-            let w = vm.mmu_lock.write(&vm.stats.lock);
-            vm.inval.end(&w);
-        }
-        vm.active_inval.dec();
-    }
-
-    fn age(&self, range: HvaRange, clear: bool) -> bool {
-        let vm = &*self.inner;
-        let _n = notifier_section();
-        CounterSet::inc(&vm.stats.aging_calls);
-        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
-        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
-        if hits.is_empty() {
-            return false;
-        }
-        let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
-        let mut young = false;
-        for root in vm.tdp.roots_snapshot().iter() {
-            if root.is_invalid() {
-                continue;
-            }
-            for (as_id, g) in &hits {
-                if root.role.as_id() == *as_id {
-                    young |= vm.tdp.age_range(&ctx, root, *g, clear);
-                }
-            }
-        }
-        young
-    }
-
-    /// mmu_notifier `clear_flush_young`: make the range old, report if it was
-    /// young. Like x86 since 6.13, no TLB flush: a stale TLB entry only makes a
-    /// page look old.
-    pub fn clear_flush_young(&self, range: HvaRange) -> bool {
-        self.age(range, true)
-    }
-
-    /// mmu_notifier `clear_young`.
-    pub fn clear_young(&self, range: HvaRange) -> bool {
-        self.age(range, true)
-    }
-
-    /// mmu_notifier `test_young`.
-    pub fn test_young(&self, hva: Hva) -> bool {
-        self.age(HvaRange::new(hva, hva.add(crate::types::PAGE_SIZE)), false)
     }
 
     /// Invalidate roots and zap them (KVM's fast zap). Every vCPU drops its
@@ -1068,45 +787,6 @@ impl Vm {
     /// begin/end pairs that recorded no range (should stay 0).
     pub fn empty_invalidation_pairs(&self) -> u64 {
         self.inner.inval.empty_pairs()
-    }
-}
-
-/// An invalidation between `invalidate_range_start` and `invalidate_range_end`
-/// (see [`Vm::invalidate_range_start`]). Ending it is the end call; dropping it
-/// without calling [`Invalidation::end`] ends it too. There is no other way to
-/// end an invalidation, so an end without its start cannot be written:
-///
-/// ```compile_fail
-/// # use vmmu::{testing::TestHost, Hva, HvaRange, Vm, VmConfig};
-/// let host = TestHost::new();
-/// let vm = Vm::new(VmConfig::default(), host.ops()).unwrap();
-/// let inv = vm.invalidate_range_start(HvaRange::new(Hva(0), Hva(4096)));
-/// inv.end();
-/// inv.end(); // error: `inv` was moved by the first end
-/// ```
-#[must_use = "the invalidation lasts until this is ended or dropped"]
-#[derive(Debug)]
-pub struct Invalidation {
-    vm: Vm,
-    range: HvaRange,
-}
-
-impl Invalidation {
-    /// The host range being invalidated.
-    pub fn range(&self) -> HvaRange {
-        self.range
-    }
-
-    /// mmu_notifier `invalidate_range_end`: the host has finished changing the
-    /// range.
-    pub fn end(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Invalidation {
-    fn drop(&mut self) {
-        self.vm.invalidate_range_end(self.range);
     }
 }
 
