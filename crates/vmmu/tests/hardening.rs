@@ -398,11 +398,13 @@ fn test_long_zap_pinned_across_yields_holds_back_every_free() {
 /// waits for SRCU readers) taken inside a vCPU fault, which holds the SRCU read
 /// side. A real deadlock when two vCPUs race a memslot update; the lock-order
 /// checker reports it the first time it happens.
+#[cfg(debug_assertions)]
 struct MemslotUpdatingHost {
     inner: Arc<TestHost>,
     vm: std::sync::OnceLock<Vm>,
 }
 
+#[cfg(debug_assertions)]
 impl vmmu::PrimaryMmu for MemslotUpdatingHost {
     fn faultin(
         &self,
