@@ -270,7 +270,8 @@ pub(crate) struct LiveMigrationArgs {
     /// Memory per vCPU.
     #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "64M")]
     pub(crate) bytes: u64,
-    /// Log mode: dirty-log (KVM_GET_DIRTY_LOG) or clear-log (manual protection).
+    /// Log mode: dirty-log (KVM_GET_DIRTY_LOG), clear-log (manual protection)
+    /// or dirty-ring (per-vCPU rings of 65536 entries).
     #[arg(short = 'M', long = "mode", default_value = "dirty-log")]
     pub(crate) mode: String,
     /// Percentage of each vCPU's memory it keeps writing after writing it all once.

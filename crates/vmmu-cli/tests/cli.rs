@@ -551,7 +551,7 @@ fn test_dirty_log_reports_every_write_in_every_mode() {
 
 #[test]
 fn test_live_migration_destination_equals_source_in_both_modes() {
-    for mode in ["dirty-log", "clear-log"] {
+    for mode in ["dirty-log", "clear-log", "dirty-ring"] {
         let v = json_run(&[
             "run",
             "live-migration",

@@ -9,7 +9,7 @@
 //! pre-copy cannot outrun, so the stop-and-copy sends about the hot set. The migration: logging
 //! on, a first round sending every page, then rounds sending what the dirty
 //! log reports (`-M dirty-log`: get; `clear-log`: get then clear what was
-//! reported) until a round finds at most 1 % of the pages dirty or
+//! reported; `dirty-ring`: every vCPU's ring collected, then reset) until a round finds at most 1 % of the pages dirty or
 //! `--max-rounds` is reached; then the vCPUs stop and a final harvest sends
 //! the rest. Downtime is that last step: from the stop to the last page sent.
 
@@ -31,9 +31,9 @@ use crate::report::Report;
 pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
     let shape = common.shape(2, 64 << 20, 1, Backing::Anonymous)?;
     match common.log_mode.as_deref() {
-        None | Some("dirty-log") | Some("clear-log") => {}
+        None | Some("dirty-log") | Some("clear-log") | Some("dirty-ring") => {}
         Some(m) => anyhow::bail!(BadInput(format!(
-            "-M {m}: unknown log mode for migration (valid: dirty-log, clear-log; the dirty ring is not modelled yet)"
+            "-M {m}: unknown log mode for migration (valid: dirty-log, clear-log, dirty-ring)"
         ))),
     }
     if common.hot_percent == 0 || common.hot_percent > 100 {
@@ -108,7 +108,10 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| "dirty-log".into());
     let manual = mode == "clear-log";
-    let mut env = build(common, shape)?;
+    let ring = mode == "dirty-ring";
+    let mut c = common.clone();
+    c.dirty_ring = if ring { 65536 } else { 0 };
+    let mut env = build(&c, shape)?;
     if manual {
         env.m
             .vm
@@ -166,7 +169,22 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
                 Err(e) => errors.push(format!("source read of page {p}: {e}")),
             }
         };
-        let harvest = |errors: &mut Vec<String>| -> Vec<u64> {
+        let mut fetch = vec![0u32; shape.vcpus as usize];
+        let mut harvest = |errors: &mut Vec<String>| -> Vec<u64> {
+            if ring {
+                // Every vCPU's ring into one bitmap, then reset (which
+                // write-protects what was collected).
+                let mut log = vec![0u64; pages.div_ceil(64) as usize];
+                for (v, f) in fetch.iter_mut().enumerate() {
+                    ctx.vm.collect_dirty_ring(v as u32, f, |slot, off| {
+                        if slot == 1 && off < pages {
+                            log[(off / 64) as usize] |= 1 << (off % 64);
+                        }
+                    });
+                }
+                ctx.vm.reset_dirty_rings();
+                return log;
+            }
             let log = match ctx.vm.get_dirty_log(1) {
                 Ok(l) => l,
                 Err(e) => {
@@ -197,10 +215,15 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
                 let t_stop = Instant::now();
                 precopy_ns = t_stop.duration_since(t0).as_nanos() as u64;
                 stop.store(true, Ordering::Release);
+                let mut final_pages: std::collections::BTreeSet<u64> = dirty.into_iter().collect();
+                // A vCPU held by a full ring only stops once the rings are
+                // harvested: keep harvesting until every vCPU is done.
                 while !ctx.done() {
+                    if ring {
+                        final_pages.extend(bits(&harvest(&mut errors)).filter(|p| *p < pages));
+                    }
                     std::hint::spin_loop();
                 }
-                let mut final_pages: std::collections::BTreeSet<u64> = dirty.into_iter().collect();
                 final_pages.extend(bits(&harvest(&mut errors)).filter(|p| *p < pages));
                 for &p in &final_pages {
                     send(p, &mut errors);
