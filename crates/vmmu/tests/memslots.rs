@@ -37,3 +37,74 @@ fn test_memslot_accessors_report_what_the_slot_was_created_with() {
     drop(file);
     teardown(host, vm, vec![vcpu]);
 }
+
+#[test]
+fn test_slot_numbers_carry_the_address_space() {
+    let (host, vm, vcpu) = setup(VmConfig::default());
+    vm.set_user_memory_region(region((1 << 16) | 3, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let smm = vm.memslots(1).unwrap();
+    let s = smm.by_id(3).unwrap();
+    assert_eq!(s.slot_number(), (1 << 16) | 3);
+    assert_eq!(s.as_id(), 1);
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// A host invalidation just past a slot's end is no concern of the slot; one
+/// over its last page is.
+#[test]
+fn test_a_slot_ends_where_its_host_range_ends() {
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    let last = SIZE / 4096 - 1;
+    vcpu.page_fault(gpa(last), vmmu::ErrorCode::WRITE).unwrap();
+    let before = vm.stats().invalidations_with_slots;
+    vm.invalidate_range_start(vmmu::HvaRange::new(hva(last + 1), hva(last + 2)))
+        .end();
+    assert_eq!(vm.stats().invalidations_with_slots, before, "past the end");
+    assert!(leaf(&vm, last).is_some());
+    vm.invalidate_range_start(vmmu::HvaRange::new(hva(last), hva(last + 1)))
+        .end();
+    assert_eq!(vm.stats().invalidations_with_slots, before + 1);
+    assert!(leaf(&vm, last).is_none(), "the last page was zapped");
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// What a slot reports of its guest_memfd page for a gfn is the page the
+/// private fault mapped there, with the slot's file offset applied.
+#[test]
+fn test_peek_private_page_follows_the_slots_file_offset() {
+    let host = vmmu::testing::TestHost::new();
+    let vm = vmmu::Vm::new(
+        VmConfig {
+            vm_type: vmmu::VmType::SwProtected,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    let file = vm.create_guest_memfd(2 * SIZE, 0).unwrap();
+    // The slot starts 16 pages into the file.
+    vm.set_user_memory_region2(region(0, GPA, SIZE, HVA, 1 << 2), Some(&file), 16 * 4096)
+        .unwrap();
+    vm.set_memory_attributes(GPA, SIZE, vmmu::MEMORY_ATTRIBUTE_PRIVATE, 0)
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(gpa(5), vmmu::ErrorCode::WRITE).unwrap();
+    let (_, s) = leaf(&vm, 5).unwrap();
+    let slots = vm.memslots(0).unwrap();
+    let slot = slots.by_id(0).unwrap();
+    assert_eq!(
+        slot.peek_private_page(gpa(5).gfn()),
+        vmmu::PrivatePage::Page {
+            pfn: s.pfn(),
+            poisoned: false
+        }
+    );
+    assert_eq!(
+        slot.peek_private_page(gpa(6).gfn()),
+        vmmu::PrivatePage::Absent
+    );
+    drop(file);
+    teardown(host, vm, vec![vcpu]);
+}
