@@ -190,17 +190,23 @@ impl Vmm {
     /// memory is not shared or `offset` is past its end. The page is not
     /// pinned across the read: callers do not race punch-holes of it.
     pub fn mmap_read_u64(&self, file: &GuestMemfd, offset: u64) -> Result<u64, GmemError> {
-        let pfn = file.mmap_fault(offset & !(PAGE_SIZE - 1))?;
-        let word = ((offset & (PAGE_SIZE - 1)) / 8) as usize;
-        Ok(self.host.memory().page(pfn)[word].load(Ordering::Relaxed))
+        Ok(self.mmap_word(file, offset)?.load(Ordering::Relaxed))
     }
 
     /// The host writes the word at `offset` of `file` through its mapping.
     pub fn mmap_write_u64(&self, file: &GuestMemfd, offset: u64, v: u64) -> Result<(), GmemError> {
-        let pfn = file.mmap_fault(offset & !(PAGE_SIZE - 1))?;
-        let word = ((offset & (PAGE_SIZE - 1)) / 8) as usize;
-        self.host.memory().page(pfn)[word].store(v, Ordering::Relaxed);
+        self.mmap_word(file, offset)?.store(v, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The word at `offset` of `file`, reached through the host's mapping.
+    fn mmap_word(
+        &self,
+        file: &GuestMemfd,
+        offset: u64,
+    ) -> Result<&std::sync::atomic::AtomicU64, GmemError> {
+        let pfn = file.mmap_fault(offset & !(PAGE_SIZE - 1))?;
+        Ok(&self.host.memory().page(pfn)[((offset & (PAGE_SIZE - 1)) / 8) as usize])
     }
 
     /// Create the memslot `region` bound to `file` at `offset`.

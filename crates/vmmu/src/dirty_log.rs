@@ -254,7 +254,7 @@ impl Vm {
         if first >= s.npages() {
             return false;
         }
-        self.protect_masked(s.as_id(), s.base_gfn(), first, mask)
+        self.protect_words(s.as_id(), s.base_gfn(), first, &[mask])
     }
 
     /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`: `flags` 0 turns manual
@@ -489,40 +489,6 @@ impl Vm {
             let range = GfnRange::new(base.add(start), base.add(start + n));
             vm.tdp.for_each_root(&ctx, as_id, true, |root| {
                 changed |= vm.tdp.write_protect_range(&ctx, root, range);
-            });
-        }
-        changed
-    }
-
-    fn protect_masked(&self, as_id: u16, base: Gfn, first: u64, mask: u64) -> bool {
-        let vm = &*self.inner;
-        // With INITIALLY_SET nothing was split when logging was turned on:
-        // split the word's range first, so only its dirty 4 KiB pages lose W.
-        if vm.config.eager_page_split && self.manual_dirty_log_protect() & INITIALLY_SET != 0 {
-            let lo = base.add(first + mask.trailing_zeros() as u64);
-            let hi = base.add(first + 64 - mask.leading_zeros() as u64);
-            self.split_huge_pages(as_id, GfnRange::new(lo, hi));
-        }
-        let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
-        let _r = vm.mmu_lock.read(&vm.stats.lock);
-        let mut changed = false;
-        let mut m = mask;
-        while m != 0 {
-            let lo = m.trailing_zeros() as u64;
-            let run = (m >> lo).trailing_ones() as u64;
-            let start = base.add(first + lo);
-            let range = GfnRange::new(start, start.add(run));
-            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
-                changed |= vm.tdp.write_protect_range(&ctx, root, range);
-            });
-            m &= !(if lo + run >= 64 {
-                u64::MAX << lo
-            } else {
-                ((1u64 << run) - 1) << lo
             });
         }
         changed

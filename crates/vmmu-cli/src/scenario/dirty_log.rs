@@ -209,16 +209,7 @@ fn one_mode(common: &Common, shape: crate::args::Shape, mode: &str) -> anyhow::R
                 // Collect every vCPU's ring (the slot's pages set in a
                 // bitmap), then reset: the reset must free exactly as many
                 // entries as were collected.
-                let mut log = vec![0u64; pages.div_ceil(64) as usize];
-                let mut collected = 0;
-                for (v, f) in fetch.iter_mut().enumerate() {
-                    collected += vm.collect_dirty_ring(v as u32, f, |slot, off| {
-                        if slot == 1 && off < pages {
-                            log[(off / 64) as usize] |= 1 << (off % 64);
-                        }
-                    });
-                }
-                let reset = vm.reset_dirty_rings();
+                let (log, collected, reset) = super::harvest_rings(vm, &mut fetch, 1, pages);
                 res.ring_collected += collected;
                 if reset != collected {
                     res.error(format!("reset {reset} ring entries, {collected} were collected"));

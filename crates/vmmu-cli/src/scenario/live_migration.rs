@@ -174,15 +174,12 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
             if ring {
                 // Every vCPU's ring into one bitmap, then reset (which
                 // write-protects what was collected).
-                let mut log = vec![0u64; pages.div_ceil(64) as usize];
-                for (v, f) in fetch.iter_mut().enumerate() {
-                    ctx.vm.collect_dirty_ring(v as u32, f, |slot, off| {
-                        if slot == 1 && off < pages {
-                            log[(off / 64) as usize] |= 1 << (off % 64);
-                        }
-                    });
+                let (log, collected, reset) = super::harvest_rings(ctx.vm, &mut fetch, 1, pages);
+                if collected != reset {
+                    errors.push(format!(
+                        "reset {reset} ring entries, {collected} were collected"
+                    ));
                 }
-                ctx.vm.reset_dirty_rings();
                 return log;
             }
             let log = match ctx.vm.get_dirty_log(1) {

@@ -67,6 +67,29 @@ pub fn vm_config(common: &Common) -> VmConfig {
     }
 }
 
+/// Harvest the dirty rings as a VMM does: collect every vCPU's ring (from its
+/// fetch index in `fetch`) into a bitmap of memslot `slot`'s `pages`, then
+/// reset them (which write-protects what was collected). Returns the bitmap,
+/// the entries collected and the entries reset (the two must agree).
+pub fn harvest_rings(
+    vm: &vmmu::Vm,
+    fetch: &mut [u32],
+    slot: u32,
+    pages: u64,
+) -> (Vec<u64>, u64, u64) {
+    let mut log = vec![0u64; pages.div_ceil(64) as usize];
+    let mut collected = 0;
+    for (v, f) in fetch.iter_mut().enumerate() {
+        collected += vm.collect_dirty_ring(v as u32, f, |s, off| {
+            if s == slot && off < pages {
+                log[(off / 64) as usize] |= 1 << (off % 64);
+            }
+        });
+    }
+    let reset = vm.reset_dirty_rings();
+    (log, collected, reset)
+}
+
 /// Build the machine: the region mapped with the backing, split into memslots.
 pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
     let cfg = MachineConfig {

@@ -13,8 +13,19 @@ impl Tdp {
     /// the first entry that is not a table. Lockless: the caller is inside an RCU
     /// read-side section, so tables it walks through stay allocated.
     pub(crate) fn last_spte(&self, root: &Root, gfn: Gfn) -> (&AtomicU64, Spte, Level) {
-        let mut table = self.table(root.pfn);
-        let mut level = self.root_level;
+        self.last_spte_from(root.pfn, self.root_level, gfn)
+    }
+
+    /// [`Tdp::last_spte`] from the table at `table_pfn`, whose entries are at
+    /// `level`.
+    fn last_spte_from(
+        &self,
+        table_pfn: crate::types::Pfn,
+        level: Level,
+        gfn: Gfn,
+    ) -> (&AtomicU64, Spte, Level) {
+        let mut table = self.table(table_pfn);
+        let mut level = level;
         loop {
             let sptep = &table[level.index(gfn)];
             // Acquire: see the initialised contents of any table this links.
@@ -187,7 +198,8 @@ impl Tdp {
                 }
                 // The first gfn's leaf gives the frame; it must be aligned for
                 // the huge page (the host's level promises contiguity).
-                let (_, child, child_level) = self.last_spte_in(old.pfn(), level, it.gfn);
+                let (_, child, child_level) =
+                    self.last_spte_from(old.pfn(), level.lower().unwrap_or(Level::K4), it.gfn);
                 if !child.is_leaf(child_level) || child.pfn().0 & (level.pages() - 1) != 0 {
                     it.next();
                     continue;
@@ -208,28 +220,6 @@ impl Tdp {
             }
         }
         made
-    }
-
-    /// The last entry covering `gfn` under the table at `table_pfn` (at `level`).
-    fn last_spte_in(
-        &self,
-        table_pfn: crate::types::Pfn,
-        level: Level,
-        gfn: Gfn,
-    ) -> (&AtomicU64, Spte, Level) {
-        let mut table = self.table(table_pfn);
-        let mut level = level.lower().unwrap_or(Level::K4);
-        loop {
-            let sptep = &table[level.index(gfn)];
-            let spte = Spte(sptep.load(Ordering::Acquire));
-            match level.lower() {
-                Some(lower) if spte.is_table(level) => {
-                    table = self.table(spte.pfn());
-                    level = lower;
-                }
-                _ => return (sptep, spte, level),
-            }
-        }
     }
 
     /// Clear the Dirty bit of every leaf of `root` in `range` (dirty logging with
