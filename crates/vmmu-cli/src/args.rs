@@ -62,6 +62,10 @@ pub struct Common {
     pub hot_percent: u32,
     /// live-migration: most pre-copy rounds before the stop-and-copy.
     pub max_rounds: u32,
+    /// Dirty logging: how writes are caught (`--tracking`).
+    pub dirty_tracking: vmmu::DirtyTracking,
+    /// Dirty logging: no eager page splitting (`--no-eager-split`).
+    pub no_eager_split: bool,
     /// invalidation-storm: conversions between private and shared (a
     /// software-protected VM on guest_memfd) instead of host migrations.
     pub conversions: bool,
@@ -197,6 +201,11 @@ impl Common {
         let write_percent = self.write_percent.unwrap_or(100);
         if vcpus == 0 || vcpus > 64 {
             return Err(BadInput(format!("-v {vcpus}: vCPUs must be 1..=64")));
+        }
+        if self.dirty_tracking == vmmu::DirtyTracking::Pml && self.no_ad {
+            return Err(BadInput(
+                "--tracking pml with --no-ad: PML logs the writes that set EPT Dirty bits, so it needs A/D bits (drop one of the two)".into(),
+            ));
         }
         if iterations == 0 {
             return Err(BadInput("-i 0: at least one iteration is needed".into()));

@@ -78,6 +78,47 @@ pub(crate) struct RunFlags {
     pub(crate) no_ad: bool,
 }
 
+/// How dirty logging catches writes: the flags of every dirty-logging
+/// scenario and benchmark (KVM's `enable_pml` and `eager_page_split` module
+/// parameters).
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct TrackingFlags {
+    /// How logged pages catch writes: write-protect (KVM without PML: the next
+    /// write faults) or pml (Intel's page-modification logging: Dirty bits
+    /// cleared, the processor logs the write, drained at vCPU exits).
+    #[arg(long = "tracking", value_name = "HOW", value_parser = parse_tracking, default_value = "write-protect")]
+    #[serde(serialize_with = "tracking_name")]
+    pub(crate) tracking: vmmu::DirtyTracking,
+    /// Do not split huge pages when logging turns on (KVM's
+    /// eager_page_split=N): the first write to each splits it in the fault path.
+    #[arg(long)]
+    pub(crate) no_eager_split: bool,
+}
+
+impl TrackingFlags {
+    fn apply(&self, c: Common) -> Common {
+        Common {
+            dirty_tracking: self.tracking,
+            no_eager_split: self.no_eager_split,
+            ..c
+        }
+    }
+}
+
+fn parse_tracking(s: &str) -> Result<vmmu::DirtyTracking, String> {
+    match s {
+        "write-protect" | "wp" => Ok(vmmu::DirtyTracking::WriteProtect),
+        "pml" | "d-bit" => Ok(vmmu::DirtyTracking::Pml),
+        _ => Err(format!(
+            "unknown dirty tracking '{s}' (valid: write-protect, pml)"
+        )),
+    }
+}
+
+fn tracking_name<S: serde::Serializer>(t: &vmmu::DirtyTracking, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.name())
+}
+
 impl RunFlags {
     fn common(&self) -> Common {
         Common {
@@ -209,6 +250,9 @@ pub(crate) struct DirtyLogArgs {
     pub(crate) bytes: u64,
     #[command(flatten)]
     #[serde(flatten)]
+    pub(crate) tracking: TrackingFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub(crate) flags: RunFlags,
 }
 
@@ -239,6 +283,9 @@ pub(crate) struct DirtyLogPerfArgs {
     pub(crate) random_seed: u64,
     #[command(flatten)]
     #[serde(flatten)]
+    pub(crate) tracking: TrackingFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub(crate) flags: RunFlags,
 }
 
@@ -256,6 +303,9 @@ pub(crate) struct PageSplittingArgs {
     #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous_thp")]
     #[serde(serialize_with = "backing_name")]
     pub(crate) backing: Backing,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) tracking: TrackingFlags,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -280,6 +330,9 @@ pub(crate) struct LiveMigrationArgs {
     /// Most pre-copy rounds before the stop-and-copy.
     #[arg(long, default_value_t = 10)]
     pub(crate) max_rounds: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) tracking: TrackingFlags,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -447,6 +500,9 @@ pub(crate) struct BenchDirtyLogArgs {
     pub(crate) vs_kvm: bool,
     #[command(flatten)]
     #[serde(flatten)]
+    pub(crate) tracking: TrackingFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub(crate) flags: BenchFlags,
 }
 
@@ -543,6 +599,11 @@ pub(crate) struct SoakArgs {
     /// private types add conversions and punch-holes to the host events).
     #[arg(long, value_enum, default_value_t = SoakVmType::All)]
     pub(crate) vm_type: SoakVmType,
+    /// How the slot's dirty logging (turned on, harvested and off among the
+    /// host events) catches writes: write-protect or pml.
+    #[arg(long = "tracking", value_name = "HOW", value_parser = parse_tracking, default_value = "write-protect")]
+    #[serde(serialize_with = "tracking_name")]
+    pub(crate) tracking: vmmu::DirtyTracking,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -646,7 +707,7 @@ impl RunCmd {
                 interval_ms: a.interval,
                 log_mode: Some(a.mode.clone()),
                 ring_entries: a.ring_size,
-                ..a.flags.common()
+                ..a.tracking.apply(a.flags.common())
             },
             RunCmd::DirtyLogPerf(a) => Common {
                 vcpus: Some(a.vcpus),
@@ -656,13 +717,13 @@ impl RunCmd {
                 slots: Some(a.slots),
                 no_manual_protect: a.get_only,
                 seed: a.random_seed,
-                ..a.flags.common()
+                ..a.tracking.apply(a.flags.common())
             },
             RunCmd::PageSplitting(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
                 backing: Some(a.backing),
-                ..a.flags.common()
+                ..a.tracking.apply(a.flags.common())
             },
             RunCmd::LiveMigration(a) => Common {
                 vcpus: Some(a.vcpus),
@@ -670,7 +731,7 @@ impl RunCmd {
                 log_mode: Some(a.mode.clone()),
                 hot_percent: a.hot_percent,
                 max_rounds: a.max_rounds,
-                ..a.flags.common()
+                ..a.tracking.apply(a.flags.common())
             },
             RunCmd::GuestMemfd(a) => a.flags.common(),
         }

@@ -268,6 +268,8 @@ pub fn config_json(command: &str, flags: Value, vm: &vmmu::VmConfig, oracle: boo
             "precheck": vm.precheck,
             "mmio_caching": vm.mmio_caching,
             "nx_huge_pages": vm.nx_huge_pages,
+            "dirty_tracking": vm.dirty_tracking.name(),
+            "eager_page_split": vm.eager_page_split,
             "address_spaces": vm.address_spaces,
             "maxphyaddr": vm.maxphyaddr,
         },

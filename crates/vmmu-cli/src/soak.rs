@@ -29,6 +29,11 @@ pub(crate) fn check(a: &SoakArgs) -> anyhow::Result<()> {
     if a.vcpus == 0 || a.vcpus > 64 {
         anyhow::bail!(BadInput(format!("-v {}: vCPUs must be 1..=64", a.vcpus)));
     }
+    if a.tracking == vmmu::DirtyTracking::Pml && a.no_ad {
+        anyhow::bail!(BadInput(
+            "--tracking pml with --no-ad: PML logs the writes that set EPT Dirty bits, so it needs A/D bits (drop one of the two)".into()
+        ));
+    }
     if !a.bytes.is_multiple_of(2 << 20) || a.bytes > 4 << 30 {
         anyhow::bail!(BadInput(format!(
             "-b {}: soak memory per vCPU must be a multiple of 2M, at most 4G",
@@ -57,6 +62,7 @@ pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
         &vmmu::VmConfig {
             ad_enabled: !a.no_ad,
             vm_type: types[0],
+            dirty_tracking: a.tracking,
             ..vmmu::VmConfig::default()
         },
         true,
@@ -99,6 +105,7 @@ pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
                 stop: Some(stop.clone()),
                 progress: Some(progress[i].clone()),
                 vm_type: *t,
+                dirty_tracking: a.tracking,
                 ..Default::default()
             };
             match stress(&cfg) {

@@ -549,6 +549,52 @@ fn test_dirty_log_reports_every_write_in_every_mode() {
     );
 }
 
+/// PML: every mode reports every write without a single write fault (the
+/// processor logs them), the ring fills and drains as before, and PML without
+/// A/D bits or an unknown tracking is refused in one line.
+#[test]
+fn test_dirty_log_with_pml_reports_every_write_without_faults() {
+    let v = json_run(&[
+        "run",
+        "dirty-log",
+        "-i",
+        "6",
+        "--vcpus",
+        "2",
+        "--bytes",
+        "8M",
+        "-c",
+        "256",
+        "--tracking",
+        "pml",
+    ]);
+    assert_eq!(v["config"]["mmu"]["dirty_tracking"], "pml", "{v}");
+    let modes = v["log_modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 3, "{v}");
+    for m in modes {
+        assert_eq!(m["lost_writes"], 0, "{m}");
+        assert_eq!(m["stale_reports"], 0, "{m}");
+        assert!(m["pages_reported"].as_u64().unwrap() > 0, "{m}");
+        assert_eq!(m["fast_path_fixed"], 0, "no write faults with PML: {m}");
+        assert_eq!(m["entries_write_protected"], 0, "{m}");
+        assert!(m["dirty_bits_cleared"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["pml_entries_drained"].as_u64().unwrap() > 0, "{m}");
+    }
+    assert_eq!(v["dirty_log_errors"], 0);
+    assert_eq!(v["violations"], 0);
+    let (code, _, err) = vmmu(&["run", "dirty-log", "--tracking", "pml", "--no-ad"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--tracking pml") && err.contains("A/D"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) = vmmu(&["run", "live-migration", "--tracking", "d"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("valid: write-protect, pml"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 #[test]
 fn test_live_migration_destination_equals_source_in_both_modes() {
     for mode in ["dirty-log", "clear-log", "dirty-ring"] {

@@ -101,6 +101,7 @@ pub fn walk(mem: &HostMemory, mmu: &Mmu, gpa: Gpa, access: Access) -> Result<Tra
                 });
             }
             let mut dirty = raw & ept::D != 0;
+            let mut set_dirty = false;
             if mmu.ad {
                 let mut want = ept::A;
                 if access.contains(Access::WRITE) {
@@ -114,6 +115,7 @@ pub fn walk(mem: &HostMemory, mmu: &Mmu, gpa: Gpa, access: Access) -> Result<Tra
                     {
                         continue 'restart;
                     }
+                    set_dirty = !dirty && access.contains(Access::WRITE);
                     dirty |= access.contains(Access::WRITE);
                 }
             }
@@ -123,6 +125,7 @@ pub fn walk(mem: &HostMemory, mmu: &Mmu, gpa: Gpa, access: Access) -> Result<Tra
                 perm: spte.permits(),
                 dirty,
                 level,
+                set_dirty,
             });
         }
     }

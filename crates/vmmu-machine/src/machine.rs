@@ -94,6 +94,8 @@ pub struct VcpuCounters {
     pub accesses: u64,
     /// Exits because the vCPU's dirty ring was full.
     pub dirty_ring_full_exits: u64,
+    /// PML-full exits (the vCPU's page-modification log filled up).
+    pub pml_full_exits: u64,
     /// Guest entries.
     pub entries: u64,
     /// EPT violation exits.
@@ -274,7 +276,6 @@ pub struct PhaseCtx<'a> {
     pub running: &'a AtomicU64,
     /// The VMM (guest_memfd slots, conversions).
     pub vmm: &'a Vmm,
-    harvests: &'a AtomicU64,
 }
 
 impl std::fmt::Debug for PhaseCtx<'_> {
@@ -289,16 +290,10 @@ impl PhaseCtx<'_> {
         self.running.load(Ordering::Acquire) == 0
     }
 
-    /// Harvest (clear) the Dirty bits of `range` while vCPUs run. Harvests go
-    /// through here so the oracle knows a clean leaf may be the harvest's doing,
-    /// not a processor that forgot to set D.
+    /// Harvest (clear) the Dirty bits of `range` while vCPUs run (the oracle
+    /// learns of it from the VM's [`Vm::dirty_bit_clears`]).
     pub fn clear_dirty(&self, as_id: u16, range: vmmu::GfnRange) -> Result<u64, VmError> {
-        // SeqCst: a vCPU that reads the same even count before its walk and
-        // after its check saw no harvest in between.
-        self.harvests.fetch_add(1, Ordering::SeqCst);
-        let r = self.vm.clear_dirty_gfn_range(as_id, range);
-        self.harvests.fetch_add(1, Ordering::SeqCst);
-        r
+        self.vm.clear_dirty_gfn_range(as_id, range)
     }
 }
 
@@ -327,8 +322,6 @@ pub struct Machine {
     pub kicker: Arc<Kicker>,
     /// The VMM's private-memory side.
     pub vmm: Arc<Vmm>,
-    /// Dirty-bit harvests started and finished (odd while one runs).
-    harvests: Arc<AtomicU64>,
     vcpus: Vec<Vcpu>,
 }
 
@@ -384,7 +377,6 @@ impl Machine {
             vm,
             oracle: Arc::new(Oracle::new(cfg.oracle)),
             kicker,
-            harvests: Arc::new(AtomicU64::new(0)),
             vcpus,
         })
     }
@@ -416,7 +408,6 @@ impl Machine {
         let running = AtomicU64::new(programs.len() as u64);
         let barrier = std::sync::Barrier::new(programs.len() + 1);
         let (mem, host, oracle, vm) = (&self.mem, &self.host, &self.oracle, &self.vm);
-        let harvests = &*self.harvests;
         let vmm = &*self.vmm;
         let out = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -432,7 +423,6 @@ impl Machine {
                             host,
                             oracle,
                             vm,
-                            harvests,
                             vmm,
                         };
                         let report = run_vcpu(&env, vcpu, &mut prog, opts);
@@ -447,7 +437,6 @@ impl Machine {
                 vm,
                 running: &running,
                 vmm,
-                harvests,
             });
             handles
                 .into_iter()
@@ -479,7 +468,6 @@ impl Machine {
             vm,
             oracle,
             kicker: _,
-            harvests: _,
             vmm,
             vcpus,
         } = self;

@@ -17,7 +17,7 @@ use crate::machine::{
 };
 use crate::oracle::{check_access, check_dirty_after_walk, check_emulated, Oracle, Violation};
 use crate::primary_mmu::HostMmu;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::Ordering;
 use crate::vmm::Vmm;
 
 /// What a vCPU thread shares with the machine.
@@ -26,7 +26,6 @@ pub(crate) struct VcpuEnv<'a> {
     pub(crate) host: &'a HostMmu,
     pub(crate) oracle: &'a Oracle,
     pub(crate) vm: &'a Vm,
-    pub(crate) harvests: &'a AtomicU64,
     pub(crate) vmm: &'a Vmm,
 }
 
@@ -165,9 +164,10 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
         let write = matches!(access.kind, AccessKind::Write(_));
         let want = if write { Access::WRITE } else { Access::READ };
         let check_dirty = write && view.ad && slots.is_some();
-        // SeqCst: pairs with the harvest count in `PhaseCtx::clear_dirty`.
-        let harvests_before = if check_dirty {
-            env.harvests.load(Ordering::SeqCst)
+        // Dirty-bit clearing walks finished before this access (SeqCst
+        // inside): with none started by the check, a clean leaf is a bug.
+        let clears_finished = if check_dirty {
+            vm.dirty_bit_clears().1
         } else {
             0
         };
@@ -200,8 +200,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                     );
                     if check_dirty && source == Source::Walk {
                         check_dirty_after_walk(oracle, mem, &view, access.gpa, t.pfn, || {
-                            harvests_before % 2 == 0
-                                && env.harvests.load(Ordering::SeqCst) == harvests_before
+                            vm.dirty_bit_clears().0 == clears_finished
                         });
                     }
                 }
@@ -217,6 +216,9 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                     prog.complete(&access, AccessResult::Fault);
                     continue;
                 }
+                // The processor logs the write that set D (PML); a full log
+                // makes it exit after this access, which drains the log.
+                let pml_full = t.set_dirty && vcpu.mmu.pml_log(access.gpa);
                 let word = &mem.page(t.pfn)[((access.gpa.0 & 0xfff) / 8) as usize];
                 let result = match access.kind {
                     AccessKind::Write(v) => {
@@ -240,6 +242,11 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                         .map_or(0, |f| f(access.gpa))
                         .min(buckets - 1);
                     let _ = resolve_ns[b].record(t0.elapsed().as_nanos() as u64);
+                }
+                if pml_full {
+                    vcpu.mmu.exit_guest_mode();
+                    in_guest = false;
+                    c.pml_full_exits += 1;
                 }
             }
             Err(exit) => {

@@ -57,6 +57,9 @@ pub struct StressConfig {
     /// The VM type: with private memory, the data slot has a guest_memfd and
     /// conversions and punch-holes join the host events.
     pub vm_type: VmType,
+    /// How dirty logging catches writes while a slot logs (the stress turns
+    /// logging on, harvests and turns it off again among its host events).
+    pub dirty_tracking: vmmu::DirtyTracking,
 }
 
 /// A stress run's progress, readable while it runs.
@@ -86,6 +89,7 @@ impl Default for StressConfig {
             stop: None,
             progress: None,
             vm_type: VmType::Default,
+            dirty_tracking: vmmu::DirtyTracking::WriteProtect,
         }
     }
 }
@@ -254,7 +258,11 @@ fn host_events(
                     DATA_GPA,
                     MemFlags::LOG_DIRTY_PAGES.bits(),
                 ));
-                std::thread::sleep(Duration::from_micros(300));
+                std::thread::sleep(Duration::from_micros(150));
+                // A harvest while the vCPUs write (it write-protects, or
+                // with PML clears Dirty bits, racing the processor).
+                let _ = ctx.vm.get_dirty_log(DATA_SLOT);
+                std::thread::sleep(Duration::from_micros(150));
                 let _ = ctx
                     .vm
                     .set_user_memory_region(data_region(total, DATA_GPA, 0));
@@ -298,6 +306,7 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         ad_enabled: cfg.ad_enabled,
         precheck: cfg.precheck,
         vm_type: cfg.vm_type,
+        dirty_tracking: cfg.dirty_tracking,
         ..VmConfig::default()
     };
     let private = cfg.vm_type.has_private_mem();

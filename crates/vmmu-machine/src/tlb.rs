@@ -29,6 +29,9 @@ pub struct Translation {
     pub dirty: bool,
     /// Size of the mapping.
     pub level: Level,
+    /// This walk set the leaf's Dirty bit (the event PML logs). Never true
+    /// for a TLB hit.
+    pub set_dirty: bool,
 }
 
 /// Capacity of each array.
@@ -91,6 +94,7 @@ impl Tlb {
                     perm: Access::from_bits_truncate(e.perm),
                     dirty: e.dirty,
                     level,
+                    set_dirty: false,
                 });
             }
         }

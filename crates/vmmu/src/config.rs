@@ -52,6 +52,33 @@ impl VmType {
     }
 }
 
+/// How dirty logging catches a guest's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DirtyTracking {
+    /// Write-protect logged pages: the next write to each faults (the fast
+    /// path makes it writable again and logs it). What KVM does without PML
+    /// (AMD hosts, `enable_pml=0`, EPT A/D bits off).
+    #[default]
+    WriteProtect,
+    /// Intel's Page-Modification Logging: logged 4 KiB pages stay writable
+    /// with Dirty cleared; the processor sets Dirty on the first write and
+    /// appends the address to the vCPU's 512-entry log, which KVM drains into
+    /// the dirty bitmap or ring at every VM exit (and at a log-full exit).
+    /// Huge leaves are still write-protected, since one Dirty bit cannot say
+    /// which of their pages were written. Needs EPT A/D bits.
+    Pml,
+}
+
+impl DirtyTracking {
+    /// Short name (`write-protect`, `pml`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DirtyTracking::WriteProtect => "write-protect",
+            DirtyTracking::Pml => "pml",
+        }
+    }
+}
+
 /// How a VM's MMU is configured. `Default` is what KVM does on a modern Intel host.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -85,6 +112,8 @@ pub struct VmConfig {
     /// instead of letting each first write fault split them (KVM's
     /// `eager_page_split` module parameter, on by default).
     pub eager_page_split: bool,
+    /// How dirty logging catches writes (KVM's `enable_pml`).
+    pub dirty_tracking: DirtyTracking,
     /// Test-only switches that remove a guarding step, so tests can show their
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
@@ -150,6 +179,7 @@ impl Default for VmConfig {
             address_spaces: 2,
             nx_huge_pages: false,
             eager_page_split: true,
+            dirty_tracking: DirtyTracking::WriteProtect,
             knobs: GuardKnobs::default(),
             hooks: TestHooks::default(),
         }

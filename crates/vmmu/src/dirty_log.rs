@@ -290,6 +290,7 @@ impl Vm {
         let _s = vm.slots.lock();
         let set = self.slot_set(slot)?;
         let (s, bitmap) = logging_slot(&set, slot)?;
+        self.sync_dirty_log();
         if self.manual_dirty_log_protect() & MANUAL_PROTECT_ENABLE != 0 {
             return Ok(bitmap.snapshot());
         }
@@ -328,6 +329,7 @@ impl Vm {
         let set = self.slot_set(slot)?;
         let (s, log) = logging_slot(&set, slot)?;
         let npages = s.npages();
+        self.sync_dirty_log();
         let bad = DirtyLogError::BadRange {
             first: first_page,
             num: num_pages,
@@ -376,6 +378,27 @@ impl Vm {
         Ok(cleared)
     }
 
+    /// With PML, kick every vCPU in guest mode so it exits and drains its
+    /// page-modification log into the bitmaps (KVM's
+    /// `kvm_arch_sync_dirty_log`). Like KVM, it does not wait: a write still
+    /// in a log is reported by a later harvest (see [`crate::pml`]).
+    fn sync_dirty_log(&self) {
+        let vm = &*self.inner;
+        if vm.config.dirty_tracking == crate::DirtyTracking::Pml {
+            vm.make_all_vcpus_request(0, false);
+        }
+    }
+
+    /// Make the next write to every page of `range` reach the dirty log:
+    /// write-protect it, or with PML clear the Dirty bits of its 4 KiB leaves
+    /// and write-protect its huge ones (KVM's `kvm_mmu_slot_leaf_clear_dirty`
+    /// plus write protection at 2 MiB); flush once if anything changed. What
+    /// turning logging on does.
+    pub(crate) fn protect_for_dirty_log(&self, as_id: u16, range: GfnRange) {
+        let pml = self.inner.config.dirty_tracking == crate::DirtyTracking::Pml;
+        self.protect_range(as_id, range, pml);
+    }
+
     /// Eager page splitting of `range` in every valid root of `as_id`, under
     /// the read lock (best effort: stops when table memory runs out). Returns
     /// the huge leaves split.
@@ -420,6 +443,11 @@ impl Vm {
         let mut batch = crate::tdp::FlushBatch::default();
         let mut made = 0;
         {
+            // A recovered huge leaf takes its bits from one child, as KVM's
+            // does: a Dirty bit another child had, or gets while the table is
+            // replaced, is not carried over. Logging is off by then, so only
+            // checkers care; they learn of it as of any Dirty-bit clearing.
+            let _c = vm.clearing_dirty_bits();
             let _r = vm.mmu_lock.read(&vm.stats.lock);
             vm.tdp.for_each_root(&ctx, slot.as_id(), true, |root| {
                 made +=
@@ -441,12 +469,7 @@ impl Vm {
         })
     }
 
-    /// Write-protect the pages of `mask` (bit `i` is page `first + i` of the
-    /// slot at `base`) in every valid root of `as_id`, one run of set bits at a
-    /// time (KVM's `kvm_arch_mmu_enable_log_dirty_pt_masked`). Huge leaves
-    /// covering them (with `INITIALLY_SET` nothing was protected at enable) are
-    /// write-protected whole. Returns whether anything changed.
-    /// Write-protect the pages set in `words` (bit `b` of word `i` is page
+    /// Write-protect (or, with PML, clear the Dirty bit of) the pages set in `words` (bit `b` of word `i` is page
     /// `first + 64 * i + b` of the slot at `base`): each run of consecutive set
     /// pages, across words, is one walk of every valid root, all under one
     /// read hold of `mmu_lock` (a fully dirty slot is one walk, not one per
@@ -483,12 +506,14 @@ impl Vm {
             stats: &vm.stats,
             rcu: &rcu,
         };
+        let pml = vm.config.dirty_tracking == crate::DirtyTracking::Pml;
+        let _c = pml.then(|| vm.clearing_dirty_bits());
         let _r = vm.mmu_lock.read(&vm.stats.lock);
         let mut changed = false;
         for (start, n) in runs {
             let range = GfnRange::new(base.add(start), base.add(start + n));
             vm.tdp.for_each_root(&ctx, as_id, true, |root| {
-                changed |= vm.tdp.write_protect_range(&ctx, root, range);
+                changed |= vm.tdp.dirty_log_protect_range(&ctx, root, range, pml);
             });
         }
         changed

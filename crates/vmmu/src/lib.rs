@@ -48,6 +48,7 @@ pub mod gmem;
 pub mod host;
 pub mod memslot;
 pub mod notifier;
+pub mod pml;
 pub mod prefault;
 pub mod request;
 pub mod root;
@@ -62,7 +63,7 @@ pub mod vm;
 
 pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
 pub use caps::Cap;
-pub use config::{GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
+pub use config::{DirtyTracking, GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
 pub use dirty_log::DirtyLogError;
 pub use fault::{ErrorCode, FaultError, RetPf};
 pub use gmem::{GmemError, GuestMemfd, PrivatePage};

@@ -187,6 +187,10 @@ counters! {
     /// guest_memfd invalidations (hole punches, failures, releases that hit a
     /// bound slot): one per file and call.
     gmem_invalidations,
+    /// PML-full exits: a vCPU's page-modification log filled up.
+    pml_full_exits,
+    /// Page-modification log entries drained into dirty bitmaps or rings.
+    pml_entries_flushed,
     /// Huge leaves split eagerly (dirty logging turned on, or a first clear).
     eager_splits,
     /// Tables replaced in place by huge leaves when dirty logging was turned off.

@@ -54,6 +54,8 @@ pub struct VcpuMmu {
     pub(crate) srcu: SrcuReader,
     /// What the last fault decided, for pre-faulting.
     pub(crate) last_fault: std::cell::Cell<crate::prefault::LastFault>,
+    /// The page-modification log, with PML dirty tracking.
+    pub(crate) pml: crate::pml::PmlLog,
     _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
@@ -83,6 +85,7 @@ impl VcpuMmu {
             prev_roots: Default::default(),
             cache: TableCache::default(),
             last_fault: Default::default(),
+            pml: Default::default(),
             _not_sync: std::marker::PhantomData,
         }
     }
@@ -291,6 +294,10 @@ impl VcpuMmu {
     /// Leave guest mode. Release: everything done in guest mode happens before a
     /// waiting requester continues.
     pub fn exit_guest_mode(&self) {
+        // Every exit drains the page-modification log first (KVM does it at
+        // the top of its exit handler), so a requester that waits for this
+        // vCPU to leave guest mode finds its writes logged.
+        self.flush_pml();
         self.shared.set_mode(OUTSIDE_GUEST_MODE, Ordering::Release);
         self.shared.left_guest_mode();
     }

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use crate::attributes::Attributes;
-use crate::config::HookPoint;
 use crate::config::VmConfig;
+use crate::config::{DirtyTracking, HookPoint};
 use crate::gmem::GuestMemfd;
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::GmemArg;
@@ -114,6 +114,9 @@ pub(crate) struct VmInner {
     pub(crate) slots: Mutex<SlotsState>,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags in force.
     pub(crate) manual_dirty_log: crate::sync::AtomicU64,
+    /// Walks that clear Dirty bits, started and finished (see
+    /// [`Vm::dirty_bit_clears`]).
+    pub(crate) d_clears: [crate::sync::AtomicU64; 2],
     /// Entries of each vCPU's dirty ring (0: the VM logs into bitmaps).
     pub(crate) dirty_ring: crate::sync::AtomicU32,
     pub(crate) memslots: Vec<Snapshot<MemslotSet>>,
@@ -152,7 +155,22 @@ impl RemoteFlush for VmInner {
     }
 }
 
+/// A walk that clears Dirty bits is in progress while this lives.
+pub(crate) struct ClearingDirtyBits<'a>(&'a [crate::sync::AtomicU64; 2]);
+
+impl Drop for ClearingDirtyBits<'_> {
+    fn drop(&mut self) {
+        self.0[1].fetch_add(1, crate::sync::Ordering::SeqCst);
+    }
+}
+
 impl VmInner {
+    /// Count a Dirty-bit clearing walk as started until the guard drops.
+    pub(crate) fn clearing_dirty_bits(&self) -> ClearingDirtyBits<'_> {
+        self.d_clears[0].fetch_add(1, crate::sync::Ordering::SeqCst);
+        ClearingDirtyBits(&self.d_clears)
+    }
+
     /// Set `bits` on every vCPU, kick those in guest mode, and with `wait` return
     /// only once each of them has left guest mode.
     pub(crate) fn make_all_vcpus_request(&self, bits: u64, wait: bool) {
@@ -371,6 +389,13 @@ impl Vm {
         if config.max_level > Level::MAX_HUGE {
             return Err(VmError::InvalidConfig("max mapping level is 1G"));
         }
+        // KVM turns PML off when EPT A/D bits are off: the log is written when
+        // the processor sets a Dirty bit.
+        if config.dirty_tracking == DirtyTracking::Pml && !config.ad_enabled {
+            return Err(VmError::InvalidConfig(
+                "PML dirty tracking needs EPT A/D bits (ad_enabled)",
+            ));
+        }
         let n = config.address_spaces;
         let inner = VmInner {
             tdp: Tdp::new(
@@ -386,6 +411,7 @@ impl Vm {
             inval: InvalidateState::new(config.knobs.relaxed_seq_bump),
             active_inval: ActiveInvalidations::new(),
             manual_dirty_log: crate::sync::AtomicU64::new(0),
+            d_clears: Default::default(),
             dirty_ring: crate::sync::AtomicU32::new(0),
             slots: Mutex::new(
                 LockClass::SlotsLock,
@@ -571,8 +597,7 @@ impl Vm {
                     if vm.config.eager_page_split {
                         self.split_huge_pages(as_id, range);
                     }
-                    // The slot exists in `as_id` and its range is ordered.
-                    let _ = self.write_protect_gfn_range(as_id, range);
+                    self.protect_for_dirty_log(as_id, range);
                 }
             }
         }
@@ -627,6 +652,15 @@ impl Vm {
     /// makes the entry writable again and records the page as dirty.
     pub fn write_protect_gfn_range(&self, as_id: u16, range: GfnRange) -> Result<(), VmError> {
         self.check_range(as_id, Some(range))?;
+        self.protect_range(as_id, range, false);
+        Ok(())
+    }
+
+    /// Write-protect `range` in every valid root of `as_id` under the read
+    /// lock, or with `pml` clear the Dirty bits of its 4 KiB leaves instead
+    /// (huge leaves are write-protected either way); flush once if anything
+    /// changed.
+    pub(crate) fn protect_range(&self, as_id: u16, range: GfnRange, pml: bool) {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
@@ -635,15 +669,30 @@ impl Vm {
         };
         let mut changed = false;
         {
+            let _c = pml.then(|| vm.clearing_dirty_bits());
             let _r = vm.mmu_lock.read(&vm.stats.lock);
             vm.tdp.for_each_root(&ctx, as_id, true, |root| {
-                changed |= vm.tdp.write_protect_range(&ctx, root, range);
+                changed |= vm.tdp.dirty_log_protect_range(&ctx, root, range, pml);
             });
         }
         if changed {
             vm.flush_remote_tlbs(&vm.stats);
         }
-        Ok(())
+    }
+
+    /// Walks that clear Dirty bits (D-bit harvests, PML dirty logging)
+    /// started and finished so far. For checkers: a leaf a processor's write
+    /// made dirty and that is clean again afterwards is a harvest's doing only
+    /// if a walk overlapped, i.e. unless `started` read after equals
+    /// `finished` read before.
+    #[doc(hidden)]
+    pub fn dirty_bit_clears(&self) -> (u64, u64) {
+        let c = &self.inner.d_clears;
+        // SeqCst: ordered with the vCPU's own accesses and the walks' bumps.
+        (
+            c[0].load(crate::sync::Ordering::SeqCst),
+            c[1].load(crate::sync::Ordering::SeqCst),
+        )
     }
 
     /// Clear the Dirty bits of `range` in valid roots and return how many pages
@@ -661,6 +710,7 @@ impl Vm {
         let mut n = 0;
         let mut protected = false;
         {
+            let _c = vm.clearing_dirty_bits();
             let _w = vm.mmu_lock.write(&vm.stats.lock);
             vm.tdp.for_each_root(&ctx, as_id, true, |root| {
                 let (d, p) = vm.tdp.clear_dirty_range(&ctx, root, range);

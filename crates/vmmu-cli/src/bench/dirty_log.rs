@@ -66,12 +66,21 @@ fn pass(m: &mut Machine, pages: u64, stride: u64, value: u64) -> u64 {
     t.elapsed().as_nanos() as u64
 }
 
+fn vm_config(a: &BenchDirtyLogArgs) -> vmmu::VmConfig {
+    vmmu::VmConfig {
+        dirty_tracking: a.tracking.tracking,
+        eager_page_split: !a.tracking.no_eager_split,
+        ..vmmu::VmConfig::default()
+    }
+}
+
 fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
     let pages = a.bytes / PAGE;
     let mut m = Machine::new(
         MachineConfig {
             memory_bytes: a.bytes + a.bytes / 64 + (1 << 30),
             oracle: a.flags.oracle,
+            vm: vm_config(a),
             ..MachineConfig::default()
         },
         1,
@@ -182,7 +191,7 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
                 "config": crate::report::config_json(
                     "bench dirty-log",
                     serde_json::to_value(a).unwrap_or_default(),
-                    &vmmu::VmConfig::default(),
+                    &vm_config(a),
                     a.flags.oracle,
                 ),
                 "pages": pages,
@@ -196,9 +205,13 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
     } else {
         use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
         println!(
-            "One vCPU over {} ({pages} pages): a pass maps every page, logging is turned on, a pass writes one page in every {} ({expected} pages) and the bitmap is taken, then a pass writes every page and two gets follow. All figures from this one run.\n",
+            "One vCPU over {} ({pages} pages): a pass maps every page, logging is turned on, a pass writes one page in every {} ({expected} pages) and the bitmap is taken, then a pass writes every page and two gets follow. vmmu catches writes by {}. All figures from this one run.\n",
             human(a.bytes),
-            a.stride
+            a.stride,
+            match a.tracking.tracking {
+                vmmu::DirtyTracking::Pml => "PML (Dirty bits cleared, writes logged by the processor)",
+                vmmu::DirtyTracking::WriteProtect => "write protection",
+            }
         );
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);

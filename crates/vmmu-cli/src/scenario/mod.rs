@@ -57,6 +57,8 @@ pub fn vm_config(common: &Common) -> VmConfig {
     VmConfig {
         precheck: !common.no_precheck,
         ad_enabled: !common.no_ad,
+        dirty_tracking: common.dirty_tracking,
+        eager_page_split: !common.no_eager_split,
         // The conversion storm converts memory: only a VM with private memory can.
         vm_type: if common.conversions {
             vmmu::VmType::SwProtected

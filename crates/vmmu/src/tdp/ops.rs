@@ -77,19 +77,38 @@ impl Tdp {
         young
     }
 
-    /// Clear W (keeping MMU-writable) on every writable leaf of `root` in `range`,
-    /// under the read lock; the fast path can make them writable again and log the
-    /// write. Returns whether anything changed (the caller flushes once).
-    pub(crate) fn write_protect_range(&self, ctx: &Ctx<'_>, root: &Root, range: GfnRange) -> bool {
+    /// Make the next write to every page of `range` visible to dirty logging,
+    /// under the read lock. With `pml` a 4 KiB leaf with A/D bits only loses
+    /// its Dirty bit (the processor logs the write that sets it again); every
+    /// other writable leaf, and every leaf without `pml`, is write-protected.
+    /// Huge leaves are always write-protected: one Dirty bit cannot say which
+    /// of their pages a write touched. Every change is a compare-and-exchange,
+    /// so a Dirty bit the processor sets meanwhile makes it look again rather
+    /// than be lost. Returns whether anything changed (the caller flushes once:
+    /// a translation cached dirty would let writes skip setting D).
+    pub(crate) fn dirty_log_protect_range(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        range: GfnRange,
+        pml: bool,
+    ) -> bool {
         let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut changed = false;
         while it.in_range() {
             let mut old = it.old_spte;
-            if !old.is_leaf(it.level) || !old.is_writable() {
+            let clear_d = pml && it.level == Level::K4 && old.ad_enabled();
+            let new = if !old.is_leaf(it.level) {
+                None
+            } else if clear_d {
+                old.is_dirty().then_some(Spte(old.0 & !crate::spte::ept::D))
+            } else {
+                old.is_writable().then(|| old.write_protect())
+            };
+            let Some(new) = new else {
                 it.next();
                 continue;
-            }
-            let new = old.write_protect();
+            };
             if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, new, it.gfn, it.level) {
                 if self.knobs.write_protect_skips_lost_race {
                     it.next();
@@ -100,7 +119,11 @@ impl Tdp {
                 it.old_spte = old;
                 continue;
             }
-            CounterSet::inc(&ctx.stats.entries_write_protected);
+            if clear_d {
+                CounterSet::inc(&ctx.stats.dirty_bits_harvested);
+            } else {
+                CounterSet::inc(&ctx.stats.entries_write_protected);
+            }
             changed = true;
             it.next();
         }
