@@ -489,9 +489,12 @@ pub(crate) enum BenchCmd {
 /// `vmmu bench dirty-log`.
 #[derive(Args, Debug, Clone, Serialize)]
 pub(crate) struct BenchDirtyLogArgs {
-    /// Logged memory (a multiple of 2M).
+    /// Logged memory in all (a multiple of 2M per vCPU).
     #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
     pub(crate) bytes: u64,
+    /// vCPUs writing, each its own chunk of the memory (on both sides).
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
     /// The pattern pass writes every this many pages.
     #[arg(long, default_value_t = 3)]
     pub(crate) stride: u64,

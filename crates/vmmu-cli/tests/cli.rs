@@ -652,6 +652,29 @@ fn test_bench_dirty_log_reports_exactly_the_pattern_and_compares_with_kvm_when_a
         err.contains("-b 3") && err.contains("multiple of 2M"),
         "{err}"
     );
+    // Two vCPUs, each its own half, with PML: each half's pattern exactly
+    // (2 x ceil(1024 / 5) pages).
+    let v = json_run(&[
+        "bench",
+        "dirty-log",
+        "-b",
+        "8M",
+        "-v",
+        "2",
+        "--stride",
+        "5",
+        "--tracking",
+        "pml",
+    ]);
+    assert_eq!(v["pattern_pages"], 410, "{v}");
+    assert_eq!(v["vmmu"]["pages_reported_for_the_pattern"], 410, "{v}");
+    assert_eq!(v["config"]["mmu"]["dirty_tracking"], "pml", "{v}");
+    let (code, _, err) = vmmu(&["bench", "dirty-log", "-b", "6M", "-v", "2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("-v 2") && err.contains("multiple of 2M"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -31,12 +31,19 @@ fn ns(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// One vCPU over `bytes` (a multiple of 2 MiB) of anonymous memory: a pass
-/// maps every page, logging is turned on (timed), a pass writes every
-/// `stride`-th page (a multiple of 4 KiB) and the bitmap is taken, then a pass
-/// over every page (timed) and two gets (all dirty, then none; timed).
-pub fn kvm_dirty_log(bytes: u64, stride: u64) -> Result<KvmDirtyLogRun> {
-    if bytes == 0 || !bytes.is_multiple_of(HUGE_PAGE_SIZE) || bytes > crate::MAX_TOTAL_BYTES {
+/// `vcpus` vCPUs over `bytes` (a multiple of 2 MiB per vCPU) of anonymous
+/// memory, each on its own chunk: a pass maps every page, logging is turned on
+/// (timed), a pass writes every `stride`-th page of each chunk (a multiple of
+/// 4 KiB) and the bitmap is taken, then a pass over every page (timed) and two
+/// gets (all dirty, then none; timed).
+pub fn kvm_dirty_log(bytes: u64, stride: u64, vcpus: usize) -> Result<KvmDirtyLogRun> {
+    let per_vcpu = bytes / vcpus.max(1) as u64;
+    if vcpus == 0
+        || per_vcpu == 0
+        || !per_vcpu.is_multiple_of(HUGE_PAGE_SIZE)
+        || per_vcpu * vcpus as u64 != bytes
+        || bytes > crate::MAX_TOTAL_BYTES
+    {
         return Err(KvmError::BadChunkSize {
             bytes,
             granule: HUGE_PAGE_SIZE,
@@ -57,7 +64,7 @@ pub fn kvm_dirty_log(bytes: u64, stride: u64) -> Result<KvmDirtyLogRun> {
         })?;
     let code = crate::guest::assemble_loop()?;
     let mem = HostMemory::new(bytes, false)?;
-    let mut vm = crate::vm::GuestVm::new(&kvm, &cpuid, &code, 1, bytes, mem)?;
+    let mut vm = crate::vm::GuestVm::new(&kvm, &cpuid, &code, vcpus, per_vcpu, mem)?;
     vm.run_pass(1)?;
     let enable_ns = ns(vm.set_measured_logging(true)?);
     // Logging starts clean.

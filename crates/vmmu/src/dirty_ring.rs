@@ -63,9 +63,17 @@ impl DirtyRing {
 
     /// Entries pushed and not yet reset.
     pub(crate) fn used(&self) -> u32 {
-        self.dirty_index
+        let used = self
+            .dirty_index
             .load(Ordering::Acquire)
-            .wrapping_sub(self.reset_index.load(Ordering::Acquire))
+            .wrapping_sub(self.reset_index.load(Ordering::Acquire));
+        // A reset may free an entry whose push has not yet advanced the
+        // producer index: for that moment the reset index is ahead.
+        if used > self.entries.len() as u32 {
+            0
+        } else {
+            used
+        }
     }
 
     /// Whether the vCPU must exit before it enters again.
@@ -113,11 +121,13 @@ impl DirtyRing {
     /// many entries were reset.
     pub(crate) fn reset(&self, mut protect: impl FnMut(u32, u64)) -> u64 {
         let mut n = 0;
-        loop {
+        // The flags alone say what was collected (as KVM's reset reads them):
+        // the VMM can collect an entry whose push has stored DIRTY but not yet
+        // advanced the producer index, and that entry must be reset (its page
+        // protected) like any other. Each reset entry goes back to 0, so the
+        // walk ends within one lap.
+        for _ in 0..self.entries.len() {
             let r = self.reset_index.load(Ordering::Relaxed);
-            if r == self.dirty_index.load(Ordering::Acquire) {
-                return n;
-            }
             let e = &self.entries[(r & self.mask()) as usize];
             if e.flags.load(Ordering::Acquire) & DIRTY_GFN_F_RESET == 0 {
                 return n;
@@ -130,6 +140,7 @@ impl DirtyRing {
             self.reset_index.store(r.wrapping_add(1), Ordering::Release);
             n += 1;
         }
+        n
     }
 }
 

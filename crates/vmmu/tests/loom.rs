@@ -30,7 +30,22 @@ fn model_bounded(bound: usize, f: impl Fn() + Sync + Send + 'static) {
             .unwrap_or(bound),
     );
     b.max_branches = 100_000;
-    b.check(f);
+    // Count the schedules explored: a model whose threads never interleave
+    // (one schedule) checks nothing, so that is a failure of the model.
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    b.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    let n = runs.load(std::sync::atomic::Ordering::Relaxed);
+    if std::env::var_os("VMMU_LOOM_SCHEDULES").is_some() {
+        eprintln!("schedules explored: {n}");
+    }
+    assert!(
+        n > 1,
+        "the model explored {n} schedule: its threads never interleave"
+    );
 }
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -194,6 +209,8 @@ fn harvest_vs_fast_path(knobs: GuardKnobs) {
         let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE | ErrorCode::PRESENT);
         vcpu
     });
+    // As in the ring model: a yield point, so the fault may also go first.
+    thread::yield_now();
     let second = vm.get_dirty_log(0).unwrap();
     let vcpu = t.join().unwrap();
     let writable = leaf_pfn(&vm, GPA).is_some_and(|(_, w)| w);
@@ -215,6 +232,47 @@ fn harvest_vs_fast_path(knobs: GuardKnobs) {
         st.fast_path_fixed,
         st.faults_fixed,
         st.faults_retry
+    );
+}
+
+/// (b1r) The same with dirty rings: a ring reset that frees the entry a
+/// racing fast path pushed has write-protected the page after that fast path
+/// made it writable, or the push is still in the ring when both are done.
+fn ring_reset_vs_fast_path(knobs: GuardKnobs) {
+    let (_host, vm) = vm_with(knobs);
+    vm.enable_dirty_ring(256).unwrap();
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: MemFlags::LOG_DIRTY_PAGES.bits(),
+        guest_phys_addr: GPA,
+        memory_size: 2 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
+    // The first harvest collects the page and the reset write-protects it.
+    let mut fetch = 0;
+    assert_eq!(vm.collect_dirty_ring(0, &mut fetch, |_, _| {}), 1);
+    assert_eq!(vm.reset_dirty_rings(), 1);
+    let t = thread::spawn(move || {
+        let _ = vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE | ErrorCode::PRESENT);
+        vcpu
+    });
+    // A yield point before the VMM's harvest: without it the model never
+    // schedules the vCPU's fault ahead of the collect (one execution only).
+    thread::yield_now();
+    let collected = vm.collect_dirty_ring(0, &mut fetch, |_, _| {});
+    let reset = vm.reset_dirty_rings();
+    let vcpu = t.join().unwrap();
+    let writable = leaf_pfn(&vm, GPA).is_some_and(|(_, w)| w);
+    let pending = vm.collect_dirty_ring(0, &mut fetch, |_, _| {});
+    drop(vcpu);
+    drop(vm);
+    assert!(
+        !writable || pending > 0,
+        "the entry is writable but no ring entry for it is left (collected {collected}, reset {reset})"
     );
 }
 
@@ -633,6 +691,13 @@ protocol!(
     write_protect_vs_hardware_dirty,
     write_protect_skips_lost_race,
     "still writable"
+);
+protocol!(
+    loom_ring_reset_never_leaves_a_writable_page_unlogged,
+    loom_fast_path_pushing_before_the_write_permission_loses_ring_writes,
+    ring_reset_vs_fast_path,
+    fast_path_marks_dirty_first,
+    "no ring entry"
 );
 protocol!(
     loom_harvest_never_leaves_a_writable_page_unlogged,

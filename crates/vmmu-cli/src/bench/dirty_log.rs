@@ -43,6 +43,18 @@ pub fn validate(a: &BenchDirtyLogArgs) -> anyhow::Result<()> {
             human(a.bytes)
         )));
     }
+    if a.vcpus == 0 || a.vcpus > 64 {
+        anyhow::bail!(BadInput(format!("-v {}: vCPUs must be 1..=64", a.vcpus)));
+    }
+    if !(a.bytes / u64::from(a.vcpus)).is_multiple_of(2 << 20)
+        || a.bytes / u64::from(a.vcpus) * u64::from(a.vcpus) != a.bytes
+    {
+        anyhow::bail!(BadInput(format!(
+            "-b {} -v {}: every vCPU's chunk must be a multiple of 2M",
+            human(a.bytes),
+            a.vcpus
+        )));
+    }
     if a.stride == 0 || a.stride > 512 {
         anyhow::bail!(BadInput(format!(
             "--stride {}: pages between written pages must be 1..=512",
@@ -52,17 +64,27 @@ pub fn validate(a: &BenchDirtyLogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pass(m: &mut Machine, pages: u64, stride: u64, value: u64) -> u64 {
-    let script = (0..pages)
-        .step_by(stride as usize)
-        .map(|p| GuestAccess {
-            gpa: Gpa(GPA + p * PAGE),
-            kind: AccessKind::Write(value),
-            private: false,
+/// Every vCPU writes `value` into every `stride`-th page of its own chunk of
+/// the `pages`, as the real KVM's loop guest does; returns the pass's time.
+fn pass(m: &mut Machine, vcpus: u32, pages: u64, stride: u64, value: u64) -> u64 {
+    let vcpus = u64::from(vcpus);
+    let per = pages / vcpus;
+    let scripts = (0..vcpus)
+        .map(|v| {
+            Script::new(
+                (v * per..(v + 1) * per)
+                    .step_by(stride as usize)
+                    .map(|p| GuestAccess {
+                        gpa: Gpa(GPA + p * PAGE),
+                        kind: AccessKind::Write(value),
+                        private: false,
+                    })
+                    .collect(),
+            )
         })
         .collect();
     let t = Instant::now();
-    m.run(vec![Script::new(script)], &RunOptions::default(), |_| {});
+    m.run(scripts, &RunOptions::default(), |_| {});
     t.elapsed().as_nanos() as u64
 }
 
@@ -83,7 +105,7 @@ fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
             vm: vm_config(a),
             ..MachineConfig::default()
         },
-        1,
+        a.vcpus,
     )?;
     m.map(vmmu::Hva(HVA), a.bytes, Backing::Anonymous)?;
     let region = UserMemoryRegion {
@@ -94,7 +116,7 @@ fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
         userspace_addr: HVA,
     };
     m.set_memslot(region)?;
-    pass(&mut m, pages, 1, 1);
+    pass(&mut m, a.vcpus, pages, 1, 1);
     let t = Instant::now();
     m.set_memslot(UserMemoryRegion {
         flags: MemFlags::LOG_DIRTY_PAGES.bits(),
@@ -102,9 +124,9 @@ fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
     })?;
     let enable_ns = t.elapsed().as_nanos() as u64;
     let _ = m.vm.get_dirty_log(1)?;
-    pass(&mut m, pages, a.stride, 2);
+    pass(&mut m, a.vcpus, pages, a.stride, 2);
     let bitmap = m.vm.get_dirty_log(1)?;
-    let write_pass_ns = pass(&mut m, pages, 1, 3);
+    let write_pass_ns = pass(&mut m, a.vcpus, pages, 1, 3);
     let t = Instant::now();
     let _ = m.vm.get_dirty_log(1)?;
     let get_all_ns = t.elapsed().as_nanos() as u64;
@@ -113,7 +135,7 @@ fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
     let get_none_ns = t.elapsed().as_nanos() as u64;
     // Manual protection: a pass dirties everything, get copies, clear protects.
     m.vm.enable_manual_dirty_log_protect(vmmu::dirty_log::MANUAL_PROTECT_ENABLE)?;
-    pass(&mut m, pages, 1, 4);
+    pass(&mut m, a.vcpus, pages, 1, 4);
     let log = m.vm.get_dirty_log(1)?;
     let t = Instant::now();
     m.vm.clear_dirty_log(1, 0, pages, &log)?;
@@ -142,7 +164,7 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
     validate(a)?;
     let (ours, violations) = vmmu_side(a)?;
     let kvm = if a.vs_kvm {
-        let r = vmmu_kvm::dirty_log::kvm_dirty_log(a.bytes, a.stride * PAGE)
+        let r = vmmu_kvm::dirty_log::kvm_dirty_log(a.bytes, a.stride * PAGE, a.vcpus as usize)
             .map_err(|e| anyhow::anyhow!("--vs-kvm: {e}"))?;
         Some(Side {
             enable_ns: r.enable_ns,
@@ -157,7 +179,7 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
     };
     let pages = a.bytes / PAGE;
     let set = |b: &[u64]| -> u64 { b.iter().map(|w| w.count_ones() as u64).sum() };
-    let expected = pages.div_ceil(a.stride);
+    let expected = u64::from(a.vcpus) * (pages / u64::from(a.vcpus)).div_ceil(a.stride);
     let differ = kvm.as_ref().map(|k| {
         (0..pages)
             .filter(|p| {
@@ -205,7 +227,8 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
     } else {
         use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
         println!(
-            "One vCPU over {} ({pages} pages): a pass maps every page, logging is turned on, a pass writes one page in every {} ({expected} pages) and the bitmap is taken, then a pass writes every page and two gets follow. vmmu catches writes by {}. All figures from this one run.\n",
+            "{} over {} ({pages} pages): a pass maps every page, logging is turned on, a pass writes one page in every {} ({expected} pages) and the bitmap is taken, then a pass writes every page and two gets follow. vmmu catches writes by {}. All figures from this one run.\n",
+            if a.vcpus == 1 { "One vCPU".to_string() } else { format!("{} vCPUs, each on its own chunk,", a.vcpus) },
             human(a.bytes),
             a.stride,
             match a.tracking.tracking {
