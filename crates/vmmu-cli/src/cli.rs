@@ -324,6 +324,11 @@ pub(crate) struct LiveMigrationArgs {
     /// or dirty-ring (per-vCPU rings of 65536 entries).
     #[arg(short = 'M', long = "mode", default_value = "dirty-log")]
     pub(crate) mode: String,
+    /// Backing source of the source machine's guest memory (see `vmmu run
+    /// demand-paging --help`); huge pages show what eager splitting changes.
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
     /// Percentage of each vCPU's memory it keeps writing after writing it all once.
     #[arg(long, default_value_t = 10)]
     pub(crate) hot_percent: u32,
@@ -731,6 +736,7 @@ impl RunCmd {
             RunCmd::LiveMigration(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
+                backing: Some(a.backing),
                 log_mode: Some(a.mode.clone()),
                 hot_percent: a.hot_percent,
                 max_rounds: a.max_rounds,

@@ -623,6 +623,36 @@ fn test_live_migration_destination_equals_source_in_both_modes() {
         );
         assert!(v["downtime_ns"].as_u64().unwrap() > 0);
     }
+    // On THP, logging starts after the guest has mapped its memory huge:
+    // eager splitting splits every 2 MiB leaf when it turns on, unless turned
+    // off; with PML no write faults at all once split.
+    for (extra, splits) in [
+        (&[][..], 4),
+        (&["--no-eager-split"][..], 0),
+        (&["--tracking", "pml"][..], 4),
+    ] {
+        let mut args = vec![
+            "run",
+            "live-migration",
+            "-b",
+            "4M",
+            "-s",
+            "anonymous_thp",
+            "--max-rounds",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        let v = json_run(&args);
+        assert_eq!(v["pages_mismatched"], 0, "{v}");
+        assert_eq!(v["migration_errors"], 0, "{v}");
+        assert_eq!(v["eager_splits"], splits, "{extra:?}: {v}");
+        if extra.contains(&"pml") {
+            assert_eq!(v["fast_path_fixed"], 0, "{v}");
+            assert!(v["dirty_bits_cleared"].as_u64().unwrap() > 0, "{v}");
+        } else {
+            assert!(v["fast_path_fixed"].as_u64().unwrap() > 0, "{v}");
+        }
+    }
     let (code, _, err) = vmmu(&["run", "live-migration", "--hot-percent", "0"]);
     assert_ne!(code, 0);
     assert!(

@@ -37,7 +37,9 @@ fn test_kvm_dirty_log_with_two_vcpus_reports_each_chunk_pattern() {
     let set: Vec<u64> = (0..r.pages)
         .filter(|p| r.pattern_bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
         .collect();
-    let want: Vec<u64> = (0..r.pages).filter(|p| (p % half).is_multiple_of(3)).collect();
+    let want: Vec<u64> = (0..r.pages)
+        .filter(|p| (p % half).is_multiple_of(3))
+        .collect();
     assert_eq!(set, want);
     // A chunk that is not a whole number of 2 MiB is refused.
     assert!(matches!(

@@ -6,14 +6,17 @@
 //! The guest: each vCPU writes unique values (its id and a counter) to every
 //! page of its own chunk once, then only to its hot set (`--hot-percent` of
 //! the chunk), at random and as fast as the machine runs it: a working set the
-//! pre-copy cannot outrun, so the stop-and-copy sends about the hot set. The migration: logging
-//! on, a first round sending every page, then rounds sending what the dirty
+//! pre-copy cannot outrun, so the stop-and-copy sends about the hot set. The
+//! migration starts once every vCPU has written its whole chunk (so memory is
+//! mapped, huge where the backing allows, as in a guest that has run a while):
+//! logging on (timed: with huge pages this is where eager splitting works), a
+//! first round sending every page, then rounds sending what the dirty
 //! log reports (`-M dirty-log`: get; `clear-log`: get then clear what was
 //! reported; `dirty-ring`: every vCPU's ring collected, then reset) until a round finds at most 1 % of the pages dirty or
 //! `--max-rounds` is reached; then the vCPUs stop and a final harvest sends
 //! the rest. Downtime is that last step: from the stop to the last page sent.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,6 +63,8 @@ struct Worker {
     hot: u64,
     seq: u64,
     stop: Arc<AtomicBool>,
+    /// vCPUs that have written their whole chunk once.
+    warm: Arc<AtomicU64>,
     rng: Rng,
     failed: u64,
 }
@@ -75,6 +80,10 @@ impl GuestProgram for Worker {
             self.rng.below(self.hot)
         };
         self.seq += 1;
+        if self.seq == self.pages + 1 {
+            // Release: the chunk's first writes happen before the host sees it warm.
+            self.warm.fetch_add(1, Ordering::Release);
+        }
         let gpa = REGION_GPA + (self.first_page + p) * 4096;
         Some(GuestAccess::shared(
             Gpa(gpa),
@@ -119,12 +128,16 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     }
     let region = UserMemoryRegion {
         slot: 1,
-        flags: MemFlags::LOG_DIRTY_PAGES.bits(),
+        flags: 0,
         guest_phys_addr: REGION_GPA,
         memory_size: shape.total,
         userspace_addr: REGION_HVA,
     };
     env.m.set_memslot(region)?;
+    let logging = UserMemoryRegion {
+        flags: MemFlags::LOG_DIRTY_PAGES.bits(),
+        ..region
+    };
     // The destination: its own arena, host MMU and VM, the same layout.
     let dst = Machine::new(
         MachineConfig {
@@ -140,6 +153,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let per_vcpu = shape.bytes_per_vcpu / 4096;
     let hot = (per_vcpu * common.hot_percent as u64 / 100).max(1);
     let stop = Arc::new(AtomicBool::new(false));
+    let warm = Arc::new(AtomicU64::new(0));
     let progs: Vec<Worker> = (0..shape.vcpus as u64)
         .map(|v| Worker {
             id: v,
@@ -148,6 +162,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
             hot,
             seq: 0,
             stop: stop.clone(),
+            warm: warm.clone(),
             rng: Rng::new(common.seed ^ (v << 20)),
             failed: 0,
         })
@@ -155,9 +170,19 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let threshold = pages / 100;
     let mut sent_per_round: Vec<u64> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
-    let (mut downtime_ns, mut precopy_ns) = (0u64, 0u64);
-    let t0 = Instant::now();
+    let (mut downtime_ns, mut precopy_ns, mut enable_ns) = (0u64, 0u64, 0u64);
+    let before = env.m.vm.stats();
+    let mut t0 = Instant::now();
     let out = env.m.run(progs, &env.options(&Default::default()), |ctx| {
+        // The guest has run over all of its memory: the migration starts.
+        while warm.load(Ordering::Acquire) < u64::from(shape.vcpus) && !ctx.done() {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        t0 = Instant::now();
+        if let Err(e) = ctx.vm.set_user_memory_region(logging) {
+            errors.push(format!("turning logging on: {e}"));
+        }
+        enable_ns = t0.elapsed().as_nanos() as u64;
         let send = |p: u64, errors: &mut Vec<String>| {
             let hva = Hva(REGION_HVA + p * 4096);
             match ctx.host.read_page(hva) {
@@ -246,6 +271,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
             first_mismatch.get_or_insert(p);
         }
     }
+    let st = env.m.vm.stats().since(&before);
     let writes: u64 = out.iter().map(|(_, r)| r.counters.accesses).sum();
     let failed: u64 = out.iter().map(|(p, _)| p.failed).sum();
     let sent: u64 = sent_per_round.iter().sum();
@@ -259,6 +285,14 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         "pages sent per round: {:?}; {sent} pages sent for a {pages}-page guest ({:.2}x)",
         sent_per_round,
         sent as f64 / pages as f64
+    ));
+    r.line(format!(
+        "logging on in {:.3} ms ({} huge leaves split eagerly, tracking {}); {} write faults fixed by the fast path, {} Dirty bits cleared",
+        enable_ns as f64 / 1e6,
+        st.eager_splits,
+        common.dirty_tracking.name(),
+        st.fast_path_fixed,
+        st.dirty_bits_harvested
     ));
     r.line(format!(
         "pre-copy {:.3} s, downtime {:.3} ms; {writes} guest writes ({failed} failed); destination pages different from the source: {mismatched}{}",
@@ -275,6 +309,10 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     r.put("pages_sent", sent);
     r.put("guest_pages", pages);
     r.put("precopy_ns", precopy_ns);
+    r.put("enable_logging_ns", enable_ns);
+    r.put("eager_splits", st.eager_splits);
+    r.put("fast_path_fixed", st.fast_path_fixed);
+    r.put("dirty_bits_cleared", st.dirty_bits_harvested);
     r.put("downtime_ns", downtime_ns);
     r.put("guest_writes", writes);
     r.put("failed_writes", failed);
