@@ -278,8 +278,11 @@ impl DirtyBitmap {
     /// Clear the bits of `mask` in word `i` and return those that were set
     /// (atomic, so a bit set meanwhile is either taken now or stays).
     pub(crate) fn take(&self, i: usize, mask: u64) -> u64 {
-        // AcqRel: see `set`.
+        // AcqRel: see `set`. A word with none of `mask` set is left alone
+        // without a locked update (most of a mostly clean log): a bit set
+        // after this load is simply taken by the next harvest.
         match self.words.get(i) {
+            Some(w) if w.load(Ordering::Acquire) & mask == 0 => 0,
             Some(w) if mask == u64::MAX => w.swap(0, Ordering::AcqRel),
             Some(w) => w.fetch_and(!mask, Ordering::AcqRel) & mask,
             None => 0,

@@ -95,6 +95,7 @@ impl Tdp {
     ) -> bool {
         let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut changed = false;
+        let (mut cleared, mut protected) = (0, 0);
         while it.in_range() {
             let mut old = it.old_spte;
             let clear_d = pml && it.level == Level::K4 && old.ad_enabled();
@@ -119,14 +120,18 @@ impl Tdp {
                 it.old_spte = old;
                 continue;
             }
+            // Counted here and added once: a shared counter bumped per entry
+            // cost a locked update per page of a fully dirty slot.
             if clear_d {
-                CounterSet::inc(&ctx.stats.dirty_bits_harvested);
+                cleared += 1;
             } else {
-                CounterSet::inc(&ctx.stats.entries_write_protected);
+                protected += 1;
             }
             changed = true;
             it.next();
         }
+        CounterSet::add(&ctx.stats.dirty_bits_harvested, cleared);
+        CounterSet::add(&ctx.stats.entries_write_protected, protected);
         changed
     }
 
