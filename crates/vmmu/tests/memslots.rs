@@ -108,3 +108,241 @@ fn test_peek_private_page_follows_the_slots_file_offset() {
     drop(file);
     teardown(host, vm, vec![vcpu]);
 }
+
+const LOG: u32 = MemFlags::LOG_DIRTY_PAGES.bits();
+const RO: u32 = MemFlags::READONLY.bits();
+const GMEM: u32 = MemFlags::GUEST_MEMFD.bits();
+const P: u64 = 4096;
+
+fn ids(set: &vmmu::MemslotSet) -> Vec<u16> {
+    let mut v: Vec<u16> = set.iter().map(|s| s.id()).collect();
+    v.sort_unstable();
+    v
+}
+
+/// The set as a VMM reads it: its size, its slots, and which slots a range of
+/// gfns touches, with exactly the overlapping gfns.
+#[test]
+fn test_memslot_set_size_iteration_and_gfn_overlaps() {
+    let host = vmmu::testing::TestHost::new();
+    let vm = vmmu::Vm::new(VmConfig::default(), host.ops()).unwrap();
+    let set = vm.memslots(0).unwrap();
+    assert!(set.is_empty() && set.len() == 0 && set.iter().next().is_none());
+    let base = GPA / P;
+    // Pages [0,16), [16,32) (adjacent: allowed) and [64,80) of the region.
+    for (id, first, n) in [(0, 0, 16), (1, 16, 16), (2, 64, 16)] {
+        vm.set_user_memory_region(region(id, GPA + first * P, n * P, HVA + first * P, 0))
+            .unwrap();
+    }
+    let set = vm.memslots(0).unwrap();
+    assert_eq!(set.len(), 3);
+    assert!(!set.is_empty());
+    assert_eq!(ids(&set), [0, 1, 2]);
+    let overlaps = |s: u64, e: u64| {
+        let mut v = Vec::new();
+        set.for_each_gfn_overlap(
+            vmmu::GfnRange::new(Gfn(base + s), Gfn(base + e)),
+            |slot, r| v.push((slot.id(), r.start.0 - base, r.end.0 - base)),
+        );
+        v
+    };
+    assert_eq!(overlaps(8, 70), [(0, 8, 16), (1, 16, 32), (2, 64, 70)]);
+    assert_eq!(overlaps(15, 16), [(0, 15, 16)]);
+    assert_eq!(overlaps(16, 17), [(1, 16, 17)]);
+    assert_eq!(overlaps(31, 33), [(1, 31, 32)]);
+    assert!(overlaps(32, 64).is_empty(), "the hole between slots");
+    assert!(overlaps(80, 90).is_empty(), "past the last slot");
+    assert!(overlaps(5, 5).is_empty(), "an empty range");
+    assert_eq!(overlaps(0, 1000).len(), 3);
+    drop(set);
+    drop(vm);
+}
+
+/// Overlap in guest physical space is refused (EEXIST) by one page either
+/// way, adjacency is not, and a slot may move onto a range that overlaps its
+/// own old place.
+#[test]
+fn test_overlap_is_refused_by_one_page_and_a_move_may_overlap_itself() {
+    let (host, vm, vcpu) = setup(VmConfig::default());
+    let n = SIZE / P;
+    // Slot 0 is pages [0, n) at GPA.
+    let before = vm.memslots(0).unwrap().generation();
+    for (first, what) in [(n - 1, "last page"), (0u64.wrapping_sub(1), "first page")] {
+        let gpa = GPA.wrapping_add(first.wrapping_mul(P));
+        let e = vm
+            .set_user_memory_region(region(1, gpa, 2 * P, 2 * HVA, 0))
+            .unwrap_err();
+        assert_eq!(e.errno(), vmmu::errno::EEXIST, "{what}: {e}");
+    }
+    assert_eq!(
+        vm.memslots(0).unwrap().generation(),
+        before,
+        "nothing changed"
+    );
+    vm.set_user_memory_region(region(1, GPA + SIZE, 2 * P, 2 * HVA, 0))
+        .expect("adjacent after");
+    vm.set_user_memory_region(region(2, GPA - 2 * P, 2 * P, 3 * HVA, 0))
+        .expect("adjacent before");
+    // Slot 1 moves one page up: its old and new ranges overlap, no one else's.
+    vm.set_user_memory_region(region(1, GPA + SIZE + P, 2 * P, 2 * HVA, 0))
+        .expect("a move overlapping only itself");
+    // Moving slot 1 back down by two pages would overlap slot 0.
+    let e = vm
+        .set_user_memory_region(region(1, GPA + SIZE - P, 2 * P, 2 * HVA, 0))
+        .unwrap_err();
+    assert_eq!(e.errno(), vmmu::errno::EEXIST);
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// After the largest slot is deleted, a host invalidation of the last page of
+/// another big slot still finds it (the host-address search starts one
+/// largest-slot size below the range), and deleting one slot leaves the
+/// others reachable from host addresses.
+#[test]
+fn test_host_invalidations_find_slots_after_deletes() {
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    // Slot 0: 8 MiB at HVA. Slot 1: 16 MiB elsewhere, then deleted.
+    vm.set_user_memory_region(region(1, 4 * GPA, 2 * SIZE, 4 * HVA, 0))
+        .unwrap();
+    vm.set_user_memory_region(region(2, 8 * GPA, 4 * P, 8 * HVA, 0))
+        .unwrap();
+    vm.set_user_memory_region(region(1, 0, 0, 0, 0)).unwrap();
+    let last = SIZE / P - 1;
+    vcpu.prepare_entry().unwrap();
+    vcpu.page_fault(gpa(last), vmmu::ErrorCode::WRITE).unwrap();
+    vcpu.page_fault(vmmu::Gpa(8 * GPA), vmmu::ErrorCode::WRITE)
+        .unwrap();
+    assert!(leaf(&vm, last).is_some());
+    let inv = vm.invalidate_range_start(vmmu::HvaRange::new(hva(last), hva(last + 1)));
+    inv.end();
+    assert!(
+        leaf(&vm, last).is_none(),
+        "slot 0's last page must be zapped"
+    );
+    let g = vmmu::Gpa(8 * GPA).gfn();
+    let mapped = |vm: &vmmu::Vm| {
+        vm.mappings(0)
+            .iter()
+            .any(|(x, _, s)| *x == g && s.is_shadow_present())
+    };
+    assert!(mapped(&vm));
+    let inv = vm.invalidate_range_start(vmmu::HvaRange::new(Hva(8 * HVA), Hva(8 * HVA + P)));
+    inv.end();
+    assert!(
+        !mapped(&vm),
+        "slot 2 must still be found by its host address"
+    );
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// The address limits are inclusive of their last byte: a slot may end
+/// exactly at the top of user space and exactly at the guest's physical
+/// width, not one page beyond.
+#[test]
+fn test_slots_may_end_exactly_at_the_address_limits() {
+    let host = vmmu::testing::TestHost::new();
+    let vm = vmmu::Vm::new(
+        VmConfig {
+            maxphyaddr: 36,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    let top = vmmu::memslot::USER_ADDR_LIMIT;
+    vm.set_user_memory_region(region(0, GPA, 4 * P, top - 4 * P, 0))
+        .expect("ends at the user address limit");
+    let e = vm
+        .set_user_memory_region(region(1, 2 * GPA, 4 * P, top - 3 * P, 0))
+        .unwrap_err();
+    assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    let end = 1u64 << 36;
+    vm.set_user_memory_region(region(2, end - 4 * P, 4 * P, HVA, 0))
+        .expect("ends at the guest's physical width");
+    let e = vm
+        .set_user_memory_region(region(3, end - 3 * P, 4 * P, 2 * HVA, 0))
+        .unwrap_err();
+    assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    drop(vm);
+}
+
+/// Flags: guest_memfd only through the second call on a VM that supports it,
+/// never with dirty logging or read-only; a read-only slot may start logging;
+/// a move may change the logging flag and then logs.
+#[test]
+fn test_flag_rules_on_create_change_and_move() {
+    let (host, vm, vcpu) = setup(VmConfig::default());
+    let file = vm.create_guest_memfd(4 * SIZE, 0).unwrap();
+    let e = vm
+        .set_user_memory_region(region(1, 4 * GPA, SIZE, 4 * HVA, GMEM))
+        .unwrap_err();
+    assert_eq!(
+        e.errno(),
+        vmmu::errno::EINVAL,
+        "the old call has no guest_memfd"
+    );
+    for bad in [GMEM | LOG, GMEM | RO] {
+        let e = vm
+            .set_user_memory_region2(region(1, 4 * GPA, SIZE, 4 * HVA, bad), Some(&file), 0)
+            .unwrap_err();
+        assert_eq!(e.errno(), vmmu::errno::EINVAL, "flags {bad:#x}");
+    }
+    assert!(vm.memslots(0).unwrap().by_id(1).is_none());
+    // A read-only slot turns logging on and off.
+    vm.set_user_memory_region(region(2, 8 * GPA, SIZE, 8 * HVA, RO))
+        .unwrap();
+    vm.set_user_memory_region(region(2, 8 * GPA, SIZE, 8 * HVA, RO | LOG))
+        .expect("logging on a read-only slot");
+    assert!(vm.memslots(0).unwrap().by_id(2).unwrap().dirty_logging());
+    // Slot 0 moves and starts logging in one call.
+    vm.set_user_memory_region(region(0, 2 * GPA, SIZE, HVA, LOG))
+        .unwrap();
+    let set = vm.memslots(0).unwrap();
+    let s = set.by_id(0).unwrap();
+    assert_eq!(s.base_gfn(), Gfn(2 * GPA / P));
+    assert_eq!(s.flags(), MemFlags::LOG_DIRTY_PAGES);
+    assert!(vm.get_dirty_log(0).is_ok(), "the moved slot logs");
+    drop(set);
+    drop(file);
+    teardown(host, vm, vec![vcpu]);
+}
+
+/// A guest_memfd slot can be set again unchanged but not moved, resized or
+/// given other flags; two slots can bind neighbouring ranges of one file but
+/// not overlapping ones.
+#[test]
+fn test_guest_memfd_slot_changes_and_file_ranges() {
+    let (host, vm, vcpu) = setup(VmConfig::default());
+    let file = vm.create_guest_memfd(4 * SIZE, 0).unwrap();
+    let r = region(1, 4 * GPA, SIZE, 4 * HVA, GMEM);
+    vm.set_user_memory_region2(r, Some(&file), 0).unwrap();
+    vm.set_user_memory_region2(r, Some(&file), 0)
+        .expect("the same again");
+    let gen = vm.memslots(0).unwrap().generation();
+    for (what, bad) in [
+        ("moved", region(1, 5 * GPA, SIZE, 4 * HVA, GMEM)),
+        ("resized", region(1, 4 * GPA, SIZE / 2, 4 * HVA, GMEM)),
+        (
+            "other host address",
+            region(1, 4 * GPA, SIZE, 5 * HVA, GMEM),
+        ),
+        ("other flags", region(1, 4 * GPA, SIZE, 4 * HVA, 0)),
+    ] {
+        let e = vm.set_user_memory_region2(bad, Some(&file), 0).unwrap_err();
+        assert_eq!(e.errno(), vmmu::errno::EINVAL, "{what}: {e}");
+    }
+    assert_eq!(vm.memslots(0).unwrap().generation(), gen, "nothing changed");
+    // The file's next range binds; one overlapping slot 1's last page does not.
+    vm.set_user_memory_region2(region(2, 6 * GPA, SIZE, 6 * HVA, GMEM), Some(&file), SIZE)
+        .expect("the neighbouring file range");
+    let e = vm
+        .set_user_memory_region2(
+            region(3, 7 * GPA, SIZE, 7 * HVA, GMEM),
+            Some(&file),
+            2 * SIZE - P,
+        )
+        .unwrap_err();
+    assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    drop(file);
+    teardown(host, vm, vec![vcpu]);
+}
