@@ -49,6 +49,29 @@ pub(crate) enum Cmd {
     /// The long stress run: host events and memslot churn under writing and
     /// verifying vCPUs, with the oracle on.
     Soak(SoakArgs),
+    /// One self-contained HTML page with plots from the --json output of runs
+    /// and benchmarks (several runs are also compared).
+    Report(ReportArgs),
+}
+
+/// `vmmu report`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ReportArgs {
+    /// Files holding `vmmu run|bench|soak ... --json` output (one object per
+    /// file or per line).
+    #[arg(value_name = "RUN.json", required = true)]
+    pub(crate) runs: Vec<PathBuf>,
+    /// The page to write.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FILE",
+        default_value = "report.html"
+    )]
+    pub(crate) output: PathBuf,
+    /// A trace written with `--trace`: adds fault latency over time.
+    #[arg(long, value_name = "TRACE.json")]
+    pub(crate) trace: Option<PathBuf>,
 }
 
 /// Flags every scenario takes: the MMU's configuration and the output.

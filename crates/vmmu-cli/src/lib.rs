@@ -8,6 +8,7 @@ mod args;
 mod bench;
 mod cli;
 mod errors;
+mod html;
 mod report;
 mod scenario;
 mod soak;
@@ -105,6 +106,7 @@ where
             benchmark: BenchCmd::DirtyLog(a),
         } => bench::dirty_log::validate(a),
         Cmd::Soak(a) => soak::check(a),
+        Cmd::Report(_) => Ok(()),
     };
     r.map_err(|e| errors::single_line(&e.to_string()))
 }
@@ -141,6 +143,7 @@ pub fn run_cli() -> ExitCode {
             benchmark: BenchCmd::DirtyLog(_),
         } => "bench dirty-log".into(),
         Cmd::Soak(_) => "soak".into(),
+        Cmd::Report(_) => "report".into(),
     };
     let r = match cli.cmd {
         Cmd::Run { scenario: cmd } => validate_run(&cmd).and_then(|()| {
@@ -180,6 +183,7 @@ pub fn run_cli() -> ExitCode {
             benchmark: BenchCmd::DirtyLog(a),
         } => bench::dirty_log::run(&a),
         Cmd::Soak(a) => soak::run(&a),
+        Cmd::Report(a) => html::run(&a.runs, a.trace.as_deref(), &a.output),
     };
     match r {
         Ok(0) => ExitCode::SUCCESS,

@@ -46,6 +46,22 @@ pub fn latency_json(h: &Histogram<u64>) -> Value {
     })
 }
 
+/// [`latency_json`] plus the histogram itself, in power-of-two buckets:
+/// `buckets` is a list of `[upper_bound_ns, count]` for every non-empty
+/// bucket (a fault of `d` ns counts in the first bucket with `d <= upper`).
+pub fn histogram_json(h: &Histogram<u64>) -> Value {
+    let mut v = latency_json(h);
+    let buckets: Vec<Value> = h
+        .iter_log(1, 2.0)
+        .filter(|b| b.count_since_last_iteration() > 0)
+        .map(|b| json!([b.value_iterated_to(), b.count_since_last_iteration()]))
+        .collect();
+    if let Value::Object(m) = &mut v {
+        m.insert("buckets".into(), Value::Array(buckets));
+    }
+    v
+}
+
 /// Format ns as seconds with 9 decimals, as the selftests print timespecs.
 pub fn secs(ns: u64) -> String {
     format!("{}.{:09}s", ns / 1_000_000_000, ns % 1_000_000_000)

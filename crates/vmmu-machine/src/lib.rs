@@ -20,7 +20,8 @@ pub mod tlb;
 pub mod vmm;
 
 pub use machine::{
-    BucketCounts, FaultRecord, Machine, MachineConfig, MachineError, MemoryFaultPolicy, PhaseCtx,
-    RunOptions, SmmState, TeardownReport, Vcpu, VcpuReport,
+    fault_outcome, histogram, BucketCounts, FaultRecord, Machine, MachineConfig, MachineError,
+    MemoryFaultPolicy, PhaseCtx, RunOptions, SmmState, TeardownReport, Vcpu, VcpuReport,
+    FAULT_OUTCOMES,
 };
 pub use primary_mmu::{Backing, HostMmu};

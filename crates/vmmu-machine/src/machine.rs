@@ -257,6 +257,9 @@ pub struct VcpuReport {
     pub fault_ns: Vec<Histogram<u64>>,
     /// Fault counts per bucket.
     pub buckets: Vec<BucketCounts>,
+    /// Time of each `page_fault` call by its outcome, indexed like
+    /// [`FAULT_OUTCOMES`] (ns; with `latency` or a trace).
+    pub outcome_ns: Vec<Histogram<u64>>,
     /// Recorded faults (with `trace_epoch`).
     pub trace: Vec<FaultRecord>,
     /// Faults not recorded because `trace_limit` was reached, and when the
@@ -322,6 +325,13 @@ pub struct Machine {
     pub kicker: Arc<Kicker>,
     /// The VMM's private-memory side.
     pub vmm: Arc<Vmm>,
+    /// Time every `page_fault` call of every run (as `RunOptions::latency`
+    /// does for one run) and keep the calls' latency by outcome in
+    /// [`Machine::outcome_ns`].
+    pub record_latency: bool,
+    /// Fault-call latency by outcome over every run so far, indexed like
+    /// [`FAULT_OUTCOMES`] (ns).
+    pub outcome_ns: Vec<Histogram<u64>>,
     vcpus: Vec<Vcpu>,
 }
 
@@ -337,7 +347,34 @@ impl std::fmt::Debug for Machine {
 pub(crate) const BATCH: u32 = 256;
 pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(20);
 
-pub(crate) fn histogram() -> Histogram<u64> {
+/// What a `page_fault` call came to, as reports and traces name it.
+pub const FAULT_OUTCOMES: [&str; 8] = [
+    "fixed",
+    "spurious",
+    "retry",
+    "emulate",
+    "write_protected",
+    "other",
+    "memory_fault",
+    "efault",
+];
+
+/// The index in [`FAULT_OUTCOMES`] of a fault's result.
+pub fn fault_outcome(r: &Result<vmmu::RetPf, vmmu::FaultError>) -> usize {
+    match r {
+        Ok(vmmu::RetPf::Fixed) => 0,
+        Ok(vmmu::RetPf::Spurious) => 1,
+        Ok(vmmu::RetPf::Retry) => 2,
+        Ok(vmmu::RetPf::Emulate) => 3,
+        Ok(vmmu::RetPf::WriteProtected) => 4,
+        Ok(_) => 5,
+        Err(vmmu::FaultError::MemoryFault { .. }) => 6,
+        Err(_) => 7,
+    }
+}
+
+/// An empty latency histogram (1 ns to 60 s, 3 significant digits).
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3)
         .unwrap_or_else(|_| unreachable!("valid bounds"))
 }
@@ -377,6 +414,8 @@ impl Machine {
             vm,
             oracle: Arc::new(Oracle::new(cfg.oracle)),
             kicker,
+            record_latency: false,
+            outcome_ns: FAULT_OUTCOMES.iter().map(|_| histogram()).collect(),
             vcpus,
         })
     }
@@ -407,6 +446,16 @@ impl Machine {
         assert_eq!(programs.len(), self.vcpus.len(), "one program per vCPU");
         let running = AtomicU64::new(programs.len() as u64);
         let barrier = std::sync::Barrier::new(programs.len() + 1);
+        let timed;
+        let opts = if self.record_latency && !opts.latency {
+            timed = RunOptions {
+                latency: true,
+                ..opts.clone()
+            };
+            &timed
+        } else {
+            opts
+        };
         let (mem, host, oracle, vm) = (&self.mem, &self.host, &self.oracle, &self.vm);
         let vmm = &*self.vmm;
         let out = std::thread::scope(|s| {
@@ -443,6 +492,11 @@ impl Machine {
                 .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
                 .collect::<Vec<_>>()
         });
+        for (_, r) in &out {
+            for (acc, h) in self.outcome_ns.iter_mut().zip(&r.outcome_ns) {
+                let _ = acc.add(h);
+            }
+        }
         for (p, _) in &out {
             self.oracle
                 .report_n(Violation::DataMismatch, p.mismatches(), || {
@@ -470,6 +524,8 @@ impl Machine {
             kicker: _,
             vmm,
             vcpus,
+            record_latency: _,
+            outcome_ns: _,
         } = self;
         drop(vcpus);
         host.unregister_all();

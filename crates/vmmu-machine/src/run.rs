@@ -12,8 +12,8 @@ use crate::cpu::{translate, Exit, Mmu, Source};
 use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram};
 use crate::host_memory::{HostMemory, PageState};
 use crate::machine::{
-    histogram, BucketCounts, FaultRecord, MemoryFaultPolicy, RunOptions, Vcpu, VcpuCounters,
-    VcpuReport, BATCH, STUCK_AFTER,
+    fault_outcome, histogram, BucketCounts, FaultRecord, MemoryFaultPolicy, RunOptions, Vcpu,
+    VcpuCounters, VcpuReport, BATCH, FAULT_OUTCOMES, STUCK_AFTER,
 };
 use crate::oracle::{check_access, check_dirty_after_walk, check_emulated, Oracle, Violation};
 use crate::primary_mmu::HostMmu;
@@ -47,6 +47,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
     let buckets = opts.buckets.max(1);
     let mut resolve_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
     let mut fault_ns: Vec<_> = (0..buckets).map(|_| histogram()).collect();
+    let mut outcome_ns: Vec<_> = FAULT_OUTCOMES.iter().map(|_| histogram()).collect();
     let mut bucket_counts: Vec<BucketCounts> = vec![BucketCounts::default(); buckets];
     let mut trace: Vec<FaultRecord> = Vec::new();
     let mut trace_dropped = 0u64;
@@ -289,6 +290,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                 let locks = vcpu.mmu.mmu_lock_reads() - l0;
                 if timing {
                     let _ = fault_ns[b].record(dur.max(1));
+                    let _ = outcome_ns[fault_outcome(&r)].record(dur.max(1));
                 }
                 let bc = &mut bucket_counts[b];
                 bc.faults += 1;
@@ -307,16 +309,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                             start_ns,
                             dur_ns: dur,
                             gpa: gpa.0,
-                            outcome: match r {
-                                Ok(RetPf::Fixed) => "fixed",
-                                Ok(RetPf::Spurious) => "spurious",
-                                Ok(RetPf::Retry) => "retry",
-                                Ok(RetPf::Emulate) => "emulate",
-                                Ok(RetPf::WriteProtected) => "write_protected",
-                                Ok(_) => "other",
-                                Err(FaultError::MemoryFault { .. }) => "memory_fault",
-                                Err(_) => "efault",
-                            },
+                            outcome: FAULT_OUTCOMES[fault_outcome(&r)],
                             lock_reads: locks,
                         });
                     }
@@ -405,6 +398,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
         counters: c,
         resolve_ns,
         fault_ns,
+        outcome_ns,
         buckets: bucket_counts,
         trace,
         trace_dropped,

@@ -127,7 +127,8 @@ fn test_memslot_set_size_iteration_and_gfn_overlaps() {
     let host = vmmu::testing::TestHost::new();
     let vm = vmmu::Vm::new(VmConfig::default(), host.ops()).unwrap();
     let set = vm.memslots(0).unwrap();
-    assert!(set.is_empty() && set.len() == 0 && set.iter().next().is_none());
+    assert!(set.is_empty() && set.iter().next().is_none());
+    assert_eq!(set.len(), 0);
     let base = GPA / P;
     // Pages [0,16), [16,32) (adjacent: allowed) and [64,80) of the region.
     for (id, first, n) in [(0, 0, 16), (1, 16, 16), (2, 64, 16)] {

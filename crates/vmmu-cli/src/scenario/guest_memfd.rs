@@ -754,12 +754,7 @@ pub fn run(common: &Common, vs_kvm: bool) -> anyhow::Result<i32> {
         counts["repunch_leaves_zapped"],
         if punch_ok { "" } else { " FAIL" }
     ));
-    let env = super::Env {
-        m: side.m,
-        shape,
-        common: common.clone(),
-        trace: None,
-    };
+    let env = super::Env::new(side.m, shape, common, None);
     let code = env.finish(r)?;
     Ok(if failed > 0 || !punch_ok { 1 } else { code })
 }

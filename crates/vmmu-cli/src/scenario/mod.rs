@@ -114,12 +114,7 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         })?;
     }
     let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
-    Ok(Env {
-        m,
-        shape,
-        common: common.clone(),
-        trace,
-    })
+    Ok(Env::new(m, shape, common, trace))
 }
 
 /// As [`build`], on a software-protected VM whose memslots are bound to one
@@ -155,15 +150,23 @@ pub fn build_private(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         )?;
     }
     let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
-    Ok(Env {
-        m,
-        shape,
-        common: common.clone(),
-        trace,
-    })
+    Ok(Env::new(m, shape, common, trace))
 }
 
 impl Env {
+    /// An environment around a machine already set up.
+    pub fn new(mut m: Machine, shape: Shape, common: &Common, trace: Option<Arc<Trace>>) -> Env {
+        // Fault latencies for the report (not while a benchmark drives the
+        // scenario quietly: the clock reads would be in its figures).
+        m.record_latency = !common.quiet;
+        Env {
+            m,
+            shape,
+            common: common.clone(),
+            trace,
+        }
+    }
+
     /// Per-vCPU reference models (each vCPU owns a chunk, or with `-o` the whole
     /// region).
     pub fn models(&self) -> Vec<RefModel> {
@@ -304,6 +307,15 @@ impl Env {
         let Env {
             m, common, trace, ..
         } = self;
+        let by_outcome: serde_json::Map<String, serde_json::Value> = vmmu_machine::FAULT_OUTCOMES
+            .iter()
+            .zip(&m.outcome_ns)
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(name, h)| (name.to_string(), crate::report::histogram_json(h)))
+            .collect();
+        if !by_outcome.is_empty() {
+            report.put("fault_latency", serde_json::Value::Object(by_outcome));
+        }
         report.stats = m.vm.stats();
         report.config = common.config.clone();
         let oracle = m.oracle.clone();

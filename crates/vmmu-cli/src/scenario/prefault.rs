@@ -266,12 +266,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     r.put("cases_failed", failed);
     r.put("earlier_variants_violations", violations);
     let m = last.unwrap_or_else(|| unreachable!("three variants"));
-    let env = super::Env {
-        m,
-        shape,
-        common: common.clone(),
-        trace: None,
-    };
+    let env = super::Env::new(m, shape, common, None);
     let code = env.finish(r)?;
     Ok(if failed > 0 || violations > 0 {
         1

@@ -445,12 +445,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         "private faults {}, pages punched {punched} ({} guest_memfd invalidations), memory-fault exits {memory_faults}; 2M leaves {huge_before} after the shared warm-up, {huge_after} at the end",
         st.private_faults, st.gmem_invalidations
     ));
-    let env = super::Env {
-        m,
-        shape,
-        common: common.clone(),
-        trace: None,
-    };
+    let env = super::Env::new(m, shape, common, None);
     let code = env.finish(r)?;
     if zapped_out > 0 || unfinished > 0 || memory_faults > 0 {
         eprintln!(

@@ -200,12 +200,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         r.line(format!("case 1 violation: {l}"));
     }
     r.put("case1_violations", first_bad);
-    let env = super::Env {
-        m,
-        shape,
-        common: common.clone(),
-        trace: None,
-    };
+    let env = super::Env::new(m, shape, common, None);
     let code = env.finish(r)?;
     if failed > 0 || first_bad > 0 {
         return Ok(1);
