@@ -156,6 +156,17 @@ fn test_memslot_set_size_iteration_and_gfn_overlaps() {
     assert!(overlaps(5, 5).is_empty(), "an empty range");
     assert_eq!(overlaps(0, 1000).len(), 3);
     drop(set);
+    // Low in guest memory, where a slot's first gfn times its size is less
+    // than its end: pages [1, 5) are found from page 4.
+    vm.set_user_memory_region(region(3, P, 4 * P, 2 * HVA, 0))
+        .unwrap();
+    let set = vm.memslots(0).unwrap();
+    let mut v = Vec::new();
+    set.for_each_gfn_overlap(vmmu::GfnRange::new(Gfn(4), Gfn(6)), |slot, r| {
+        v.push((slot.id(), r.start.0, r.end.0))
+    });
+    assert_eq!(v, [(3, 4, 5)]);
+    drop(set);
     drop(vm);
 }
 
