@@ -166,4 +166,47 @@ mod tests {
         t.flush_all();
         assert!(t.is_empty());
     }
+
+    #[test]
+    fn test_tlb_sizes_counts_and_what_an_entry_keeps() {
+        let mut t = Tlb::default();
+        assert!(t.is_empty() && t.len() == 0);
+        t.insert(
+            1,
+            Gfn(7),
+            Pfn(0x77),
+            Level::K4,
+            Access::READ | Access::WRITE,
+            true,
+        );
+        t.insert(
+            1,
+            Gfn(0x40123),
+            Pfn(0x80123),
+            Level::G1,
+            Access::READ,
+            false,
+        );
+        assert_eq!(t.len(), 2);
+        assert!(!t.is_empty());
+        let k = t.lookup(1, Gfn(7)).unwrap();
+        assert_eq!((k.pfn, k.level, k.dirty), (Pfn(0x77), Level::K4, true));
+        assert!(k.perm.contains(Access::WRITE) && !k.set_dirty);
+        assert!(
+            t.lookup(1, Gfn(8)).is_none(),
+            "a 4 KiB entry covers one page"
+        );
+        let g = t.lookup(1, Gfn(0x40000 + 0x3ffff)).unwrap();
+        assert_eq!((g.pfn, g.level), (Pfn(0x80000 + 0x3ffff), Level::G1));
+        assert!(!g.perm.contains(Access::WRITE) && !g.dirty);
+        assert!(t.lookup(1, Gfn(0x80000)).is_none(), "past the 1 GiB page");
+        assert_eq!((t.hits, t.misses), (2, 2));
+        // Inserting again replaces (same slot), it does not add.
+        t.insert(1, Gfn(7), Pfn(0x99), Level::K4, Access::READ, false);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.lookup(1, Gfn(7)).unwrap().pfn, Pfn(0x99));
+        t.flush_all();
+        assert_eq!((t.len(), t.flushes), (0, 1));
+        assert!(t.lookup(1, Gfn(7)).is_none());
+    }
 }
