@@ -170,7 +170,8 @@ mod tests {
     #[test]
     fn test_tlb_sizes_counts_and_what_an_entry_keeps() {
         let mut t = Tlb::default();
-        assert!(t.is_empty() && t.len() == 0);
+        assert!(t.is_empty());
+        assert_eq!(t.len(), 0);
         t.insert(
             1,
             Gfn(7),
