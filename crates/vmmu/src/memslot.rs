@@ -585,11 +585,15 @@ impl MemslotSet {
     /// The first slot (other than `except`) whose gfns overlap `range`.
     fn overlapping(&self, range: GfnRange, except: Option<u16>) -> Option<&Arc<Memslot>> {
         let idx = self.by_gfn.partition_point(|s| s.base_gfn.0 < range.end.0);
+        // Slots are disjoint, so going down from the last one that starts
+        // before the range's end, every slot that ends after its start
+        // overlaps it, and the first that does not ends the search (`except`,
+        // the slot being moved, may be anywhere and is passed over).
         self.by_gfn[..idx]
             .iter()
             .rev()
             .take_while(|s| s.base_gfn.0 + s.npages > range.start.0 || Some(s.id) == except)
-            .find(|s| Some(s.id) != except && s.base_gfn.0 + s.npages > range.start.0)
+            .find(|s| Some(s.id) != except)
     }
 
     fn insert(&mut self, slot: Arc<Memslot>) {
