@@ -152,6 +152,18 @@ pub enum Op {
         /// vCPU index.
         vcpu: u8,
     },
+    /// The processor writes through vCPU `vcpu`'s mapping of `gpa` in guest
+    /// mode: Dirty set if the leaf is writable (else a write fault first),
+    /// the write logged with PML (a full log exits), then the vCPU leaves
+    /// guest mode (which drains the log).
+    ProcessorWrite {
+        /// vCPU index.
+        vcpu: u8,
+        /// Address.
+        gpa: Addr,
+        /// Writes to that page and the ones after it.
+        pages: u8,
+    },
     /// Enter or leave SMM.
     Smm {
         /// vCPU index.
@@ -392,6 +404,8 @@ pub enum Config {
         dirty_ring: u8,
         /// Eager page splitting when logging turns on.
         eager_split: bool,
+        /// PML dirty tracking (only with A/D bits).
+        pml: bool,
     },
     /// Anything.
     Raw {
@@ -420,6 +434,7 @@ impl Config {
                 nx_huge_pages,
                 vm_type,
                 eager_split,
+                pml,
                 ..
             } => VmConfig {
                 vm_type: match vm_type % 3 {
@@ -436,6 +451,11 @@ impl Config {
                 address_spaces: if smm { 2 } else { 1 },
                 nx_huge_pages,
                 eager_page_split: eager_split,
+                dirty_tracking: if pml && ad_enabled {
+                    vmmu::DirtyTracking::Pml
+                } else {
+                    vmmu::DirtyTracking::WriteProtect
+                },
                 ..VmConfig::default()
             },
             Config::Raw {
@@ -448,6 +468,13 @@ impl Config {
                 maxphyaddr: maxphyaddr as u32 % 64,
                 max_level: level(max_level)?,
                 address_spaces: (address_spaces % 4) as u16,
+                // Odd widths also ask for PML without A/D bits (refused).
+                ad_enabled: maxphyaddr & 0x40 == 0,
+                dirty_tracking: if maxphyaddr & 0x80 != 0 {
+                    vmmu::DirtyTracking::Pml
+                } else {
+                    vmmu::DirtyTracking::WriteProtect
+                },
                 ..VmConfig::default()
             },
         })
@@ -473,6 +500,8 @@ pub struct Coverage {
     pub leaves_checked: u64,
     /// Of those, leaves checked against their guest_memfd.
     pub gmem_leaves_checked: u64,
+    /// Page-modification log entries drained into dirty logs (PML VMs).
+    pub pml_entries: u64,
 }
 
 /// A whole input: a configuration and the calls.
@@ -787,6 +816,36 @@ impl World {
             Op::EnterExit { vcpu } => {
                 if let Some(v) = self.vcpu(*vcpu) {
                     if v.prepare_entry().is_ok() && v.enter_guest_mode() {
+                        v.exit_guest_mode();
+                    }
+                }
+                false
+            }
+            Op::ProcessorWrite { vcpu, gpa, pages } => {
+                let base = gpa.gpa() & !0xfff;
+                let vm = self.vm.clone();
+                if let Some(v) = self.vcpu(*vcpu) {
+                    if v.prepare_entry().is_ok() && v.enter_guest_mode() {
+                        for i in 0..u64::from(*pages % 64) + 1 {
+                            let g = Gpa(base.wrapping_add(i << 12));
+                            let mut set = vmmu::testing::hardware_set_dirty(&vm, g);
+                            if !set {
+                                // Not writable: the EPT violation, the fault,
+                                // and the write again.
+                                v.exit_guest_mode();
+                                let _ = v.page_fault(g, ErrorCode::WRITE);
+                                if !(v.prepare_entry().is_ok() && v.enter_guest_mode()) {
+                                    return Ok(false);
+                                }
+                                set = vmmu::testing::hardware_set_dirty(&vm, g);
+                            }
+                            if set && v.pml_log(g) {
+                                v.exit_guest_mode();
+                                if !(v.prepare_entry().is_ok() && v.enter_guest_mode()) {
+                                    return Ok(false);
+                                }
+                            }
+                        }
                         v.exit_guest_mode();
                     }
                 }
@@ -1254,6 +1313,7 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
     cov.faults_fixed += st.faults_fixed;
     cov.huge_leaves += st.leaves_mapped_2m + st.leaves_mapped_1g;
     cov.pre_faulted_bytes += st.pre_faulted_bytes;
+    cov.pml_entries += st.pml_entries_flushed;
     let World {
         host,
         vm,
