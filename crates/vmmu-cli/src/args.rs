@@ -66,6 +66,8 @@ pub struct Common {
     pub dirty_tracking: vmmu::DirtyTracking,
     /// Dirty logging: no eager page splitting (`--no-eager-split`).
     pub no_eager_split: bool,
+    /// access-tracking: age under `mmu_lock` (before KVM 6.15).
+    pub locked_aging: bool,
     /// invalidation-storm: conversions between private and shared (a
     /// software-protected VM on guest_memfd) instead of host migrations.
     pub conversions: bool,

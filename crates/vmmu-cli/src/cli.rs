@@ -190,6 +190,10 @@ pub(crate) enum RunCmd {
     /// logging turns on and recovered in place when it turns off; the leaves
     /// at each level after every step.
     PageSplitting(PageSplittingArgs),
+    /// access_tracking_perf_test (page_idle): memory marked idle through the
+    /// aging callbacks, then written and read; the pages seen accessed are
+    /// counted at each mark; aging while the vCPUs read.
+    AccessTracking(AccessTrackingArgs),
     /// dirty_log_perf_test: populate, logging on, per iteration a write pass,
     /// get and clear of every slot's log, logging off; its timing lines.
     DirtyLogPerf(DirtyLogPerfArgs),
@@ -329,6 +333,31 @@ pub(crate) struct PageSplittingArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) tracking: TrackingFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run access-tracking`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct AccessTrackingArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// Backing source (see `vmmu run demand-paging --help`).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    /// Overlap guest memory accesses instead of partitioning them per vCPU.
+    #[arg(short = 'o', long = "overlap")]
+    pub(crate) overlap: bool,
+    /// vmmu: age under mmu_lock, taken for write by every aging callback (KVM
+    /// before 6.15), instead of locklessly.
+    #[arg(long)]
+    pub(crate) locked_aging: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -669,6 +698,7 @@ impl RunCmd {
             RunCmd::DirtyLog(_) => "dirty-log",
             RunCmd::LiveMigration(_) => "live-migration",
             RunCmd::PageSplitting(_) => "page-splitting",
+            RunCmd::AccessTracking(_) => "access-tracking",
             RunCmd::DirtyLogPerf(_) => "dirty-log-perf",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
@@ -750,6 +780,14 @@ impl RunCmd {
                 seed: a.random_seed,
                 ..a.tracking.apply(a.flags.common())
             },
+            RunCmd::AccessTracking(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                backing: Some(a.backing),
+                overlap: a.overlap,
+                locked_aging: a.locked_aging,
+                ..a.flags.common()
+            },
             RunCmd::PageSplitting(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
@@ -788,6 +826,7 @@ impl RunCmd {
             RunCmd::DirtyLog(a) => serde_json::to_value(a),
             RunCmd::LiveMigration(a) => serde_json::to_value(a),
             RunCmd::PageSplitting(a) => serde_json::to_value(a),
+            RunCmd::AccessTracking(a) => serde_json::to_value(a),
             RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
         };

@@ -114,6 +114,10 @@ pub struct VmConfig {
     pub eager_page_split: bool,
     /// How dirty logging catches writes (KVM's `enable_pml`).
     pub dirty_tracking: DirtyTracking,
+    /// Age entries (the mmu_notifier's young callbacks) under RCU without
+    /// `mmu_lock`, as KVM does since 6.15; off, each callback takes
+    /// `mmu_lock` for write as before, to measure the difference.
+    pub lockless_aging: bool,
     /// Test-only switches that remove a guarding step, so tests can show their
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
@@ -180,6 +184,7 @@ impl Default for VmConfig {
             nx_huge_pages: false,
             eager_page_split: true,
             dirty_tracking: DirtyTracking::WriteProtect,
+            lockless_aging: true,
             knobs: GuardKnobs::default(),
             hooks: TestHooks::default(),
         }

@@ -382,6 +382,9 @@ impl VcpuMmu {
                     .is_ok()
             };
             if ok {
+                if spte.is_access_tracked() {
+                    CounterSet::inc(&stats.access_restored_fast);
+                }
                 if logs && !marks_first {
                     if let Some(slot) = f.slot {
                         crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);

@@ -340,6 +340,11 @@ impl crate::vm::Vm {
             rcu: &rcu,
         };
         let mut young = false;
+        // Before 6.15 every aging callback took mmu_lock for write.
+        let _w = (!vm.config.lockless_aging).then(|| {
+            CounterSet::inc(&vm.stats.aging_locked);
+            vm.mmu_lock.write(&vm.stats.lock)
+        });
         for root in vm.tdp.roots_snapshot().iter() {
             if root.is_invalid() {
                 continue;

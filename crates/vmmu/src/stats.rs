@@ -178,6 +178,13 @@ counters! {
     aging_calls,
     /// Entries aged (made old).
     entries_aged,
+    /// Aging callbacks that took `mmu_lock` (locked aging, before KVM 6.15).
+    aging_locked,
+    /// Access-tracked entries given back their permissions by the fast path.
+    access_restored_fast,
+    /// Access-tracked entries replaced by the slow path (should stay 0: the
+    /// fast path restores them).
+    access_restored_slow,
     /// Entries write-protected.
     entries_write_protected,
     /// Memslot updates published.

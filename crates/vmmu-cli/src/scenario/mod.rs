@@ -1,5 +1,6 @@
 //! Scenarios: KVM selftests re-created on the machine model.
 
+pub mod access_tracking;
 pub mod demand_paging;
 pub mod dirty_log;
 pub mod dirty_log_perf;
@@ -59,6 +60,7 @@ pub fn vm_config(common: &Common) -> VmConfig {
         ad_enabled: !common.no_ad,
         dirty_tracking: common.dirty_tracking,
         eager_page_split: !common.no_eager_split,
+        lockless_aging: !common.locked_aging,
         // The conversion storm converts memory: only a VM with private memory can.
         vm_type: if common.conversions {
             vmmu::VmType::SwProtected

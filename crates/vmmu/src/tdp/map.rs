@@ -120,6 +120,9 @@ impl Tdp {
             CounterSet::inc(&ctx.stats.map_retries);
             return RetPf::Retry;
         }
+        if old.is_leaf(level) && old.is_access_tracked() {
+            CounterSet::inc(&ctx.stats.access_restored_slow);
+        }
         // A table replaced by a huge leaf, or a present leaf replaced by something
         // that allows less (an MMIO entry from a fault that saw the memslots before
         // an update, another frame): translations the old entry gave must be gone
