@@ -339,6 +339,18 @@ mod tests {
             })
         );
         assert!(walk(&t.mem, &m, Gpa(2 << 12), Access::READ).is_ok());
+        // An execute-only leaf (no R, no W) is valid: fetches go through,
+        // reads are violations; only W without R is a misconfiguration.
+        let xo = Spte((leaf(d, Level::K4, false, true).0 & !(ept::R | ept::W)) | ept::X);
+        set(&t.mem, t.l1, 8, xo);
+        assert!(walk(&t.mem, &m, Gpa(8 << 12), Access::EXEC).is_ok());
+        assert_eq!(
+            walk(&t.mem, &m, Gpa(8 << 12), Access::READ),
+            Err(Exit::Violation {
+                gpa: Gpa(8 << 12),
+                error: ErrorCode::PRESENT
+            })
+        );
         // An MMIO entry is a misconfiguration.
         assert_eq!(
             walk(&t.mem, &m, Gpa(3 << 12), Access::READ),
