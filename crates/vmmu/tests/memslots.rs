@@ -358,3 +358,24 @@ fn test_guest_memfd_slot_changes_and_file_ranges() {
     drop(file);
     teardown(host, vm, vec![vcpu]);
 }
+
+/// The largest slot is `KVM_MEM_MAX_NR_PAGES` pages; one more page is refused.
+/// A delete (size 0) ignores its guest address, as KVM checks the guest's
+/// physical width only when a slot is created or moved.
+#[test]
+fn test_largest_slot_and_a_delete_with_any_address() {
+    let host = vmmu::testing::TestHost::new();
+    let vm = vmmu::Vm::new(VmConfig::default(), host.ops()).unwrap();
+    let max = vmmu::memslot::MEM_MAX_NR_PAGES;
+    vm.set_user_memory_region(region(0, 0, max * P, 1 << 40, 0))
+        .expect("KVM_MEM_MAX_NR_PAGES pages");
+    let e = vm
+        .set_user_memory_region(region(1, 16 << 40, (max + 1) * P, 1 << 44, 0))
+        .unwrap_err();
+    assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    assert!(vm.memslots(0).unwrap().by_id(1).is_none());
+    vm.set_user_memory_region(region(0, u64::MAX & !0xfff, 0, 0, 0))
+        .expect("a delete ignores the address");
+    assert!(vm.memslots(0).unwrap().is_empty());
+    drop(vm);
+}
