@@ -300,16 +300,6 @@ impl GmemFile {
         true
     }
 
-    /// Whether file pages `[start, start + npages)` could be bound.
-    pub(crate) fn can_bind(&self, start: u64, npages: u64) -> bool {
-        let st = self.state.lock();
-        !st.released
-            && !st
-                .bindings
-                .iter()
-                .any(|o| o.start < start + npages && start < o.start + o.npages)
-    }
-
     /// Forget a slot's binding (the slot is being deleted; SRCU readers of it
     /// are gone, and it was zapped).
     pub(crate) fn unbind(&self, as_id: u16, slot_id: u16) {

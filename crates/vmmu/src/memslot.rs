@@ -825,9 +825,9 @@ pub(crate) fn classify_with(
         {
             return Err(bad("range passes the end of the file"));
         }
-        if old.is_none() && !g.file.can_bind(g.offset / PAGE_SIZE, npages) {
-            return Err(bad("range is bound to another memslot"));
-        }
+        // Whether the file range is free is decided once, by the bind that
+        // creating the slot does (under the slots lock, before anything is
+        // published).
         Some(SlotGmem {
             file: g.file.clone(),
             pgoff: g.offset / PAGE_SIZE,

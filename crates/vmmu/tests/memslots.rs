@@ -355,6 +355,8 @@ fn test_guest_memfd_slot_changes_and_file_ranges() {
         )
         .unwrap_err();
     assert_eq!(e.errno(), vmmu::errno::EINVAL);
+    assert!(e.to_string().contains("bound to another memslot"), "{e}");
+    assert!(vm.memslots(0).unwrap().by_id(3).is_none());
     drop(file);
     teardown(host, vm, vec![vcpu]);
 }
