@@ -273,7 +273,16 @@ mod tests {
         );
         let w = walk(&t.mem, &m, Gpa(5 << 12), Access::WRITE).unwrap();
         assert!(w.dirty && w.set_dirty, "the first write sets D");
-        assert!(get(&t.mem, t.l1, 5).0 & ept::D != 0);
+        let s = get(&t.mem, t.l1, 5);
+        assert!(
+            s.0 & ept::D != 0 && s.0 & ept::A != 0,
+            "D set, A kept: {s:?}"
+        );
+        assert_eq!(
+            s.0 & !(ept::A | ept::D),
+            clean.0 & !(ept::A | ept::D),
+            "nothing else changed"
+        );
         let w2 = walk(&t.mem, &m, Gpa(5 << 12), Access::WRITE).unwrap();
         assert!(w2.dirty && !w2.set_dirty, "D already set: nothing to log");
     }

@@ -134,6 +134,14 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HookPoint {
+    /// A memslot update made its new set visible, still marked as an update
+    /// in progress (its final generation is stored later).
+    MemslotSetSwapped {
+        /// The address space.
+        as_id: u16,
+        /// The generation of the set now visible (with the in-progress bit).
+        generation: u64,
+    },
     /// A memslot update stored the final generation of `as_id`'s new set.
     MemslotGenerationPublished {
         /// The address space.

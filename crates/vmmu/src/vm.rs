@@ -303,6 +303,10 @@ impl VmInner {
                     self.memslots[idx].swap(next.clone())
                 })
         };
+        self.config.hooks.run(HookPoint::MemslotSetSwapped {
+            as_id,
+            generation: cur_gen | GEN_UPDATE_IN_PROGRESS,
+        });
         // Every reader that might still use the old set is gone after this.
         self.srcu.synchronize();
         let new_gen = cur_gen + self.config.address_spaces as u64;

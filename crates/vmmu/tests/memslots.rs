@@ -368,7 +368,9 @@ fn test_guest_memfd_slot_changes_and_file_ranges() {
 fn test_largest_slot_and_a_delete_with_any_address() {
     let host = vmmu::testing::TestHost::new();
     let vm = vmmu::Vm::new(VmConfig::default(), host.ops()).unwrap();
-    let max = vmmu::memslot::MEM_MAX_NR_PAGES;
+    // KVM's value, written out: the test must not follow the constant.
+    let max = (1u64 << 31) - 1;
+    assert_eq!(vmmu::memslot::MEM_MAX_NR_PAGES, max);
     vm.set_user_memory_region(region(0, 0, max * P, 1 << 40, 0))
         .expect("KVM_MEM_MAX_NR_PAGES pages");
     let e = vm
@@ -380,4 +382,64 @@ fn test_largest_slot_and_a_delete_with_any_address() {
         .expect("a delete ignores the address");
     assert!(vm.memslots(0).unwrap().is_empty());
     drop(vm);
+}
+
+/// While a memslot update is in progress its generation carries the
+/// in-progress bit, so an MMIO entry cached before it can never match: a
+/// fault in that window on a gfn the new slot covers must not be emulated as
+/// MMIO (KVM's `KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS`).
+#[test]
+fn test_mmio_entries_are_not_trusted_while_a_slot_is_being_created() {
+    use std::sync::{mpsc, Arc, Mutex};
+    use vmmu::{ErrorCode, HookPoint, RetPf, TestHooks};
+    let (paused_tx, paused_rx) = mpsc::channel::<u64>();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
+    let armed = Arc::new(Mutex::new(false));
+    let chans = Arc::new(Mutex::new((paused_tx, resume_rx)));
+    let hooks = {
+        let armed = armed.clone();
+        TestHooks {
+            on: Some(Arc::new(move |p: HookPoint| {
+                if let HookPoint::MemslotSetSwapped { generation, .. } = p {
+                    if std::mem::take(&mut *armed.lock().unwrap()) {
+                        let (paused, resume) = &*chans.lock().unwrap();
+                        paused.send(generation).unwrap();
+                        resume.recv().unwrap();
+                    }
+                }
+            })),
+        }
+    };
+    let (host, vm, mut vcpu) = setup(VmConfig {
+        hooks,
+        ..VmConfig::default()
+    });
+    // Past slot 0's end: no slot, an MMIO entry is cached and then hit fast.
+    let g = gpa(SIZE / P + 1);
+    assert_eq!(
+        vcpu.page_fault(g, ErrorCode::empty()).unwrap(),
+        RetPf::Emulate
+    );
+    let hits = vcpu.stats().mmio_fast_hits;
+    assert_eq!(vcpu.page_fault(g, ErrorCode::RSVD).unwrap(), RetPf::Emulate);
+    assert_eq!(
+        vcpu.stats().mmio_fast_hits,
+        hits + 1,
+        "the cached entry is used"
+    );
+    // A slot appears over that gfn; the fault runs inside the update.
+    *armed.lock().unwrap() = true;
+    let installer = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            vm.set_user_memory_region(region(1, GPA + SIZE, SIZE, HVA + 2 * SIZE, 0))
+        })
+    };
+    let generation = paused_rx.recv().unwrap();
+    assert!(generation & vmmu::memslot::GEN_UPDATE_IN_PROGRESS != 0);
+    let r = vcpu.page_fault(g, ErrorCode::RSVD).unwrap();
+    resume_tx.send(()).unwrap();
+    installer.join().unwrap().unwrap();
+    assert_ne!(r, RetPf::Emulate, "MMIO emulated for a gfn that has a slot");
+    teardown(host, vm, vec![vcpu]);
 }
