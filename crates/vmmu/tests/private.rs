@@ -146,6 +146,26 @@ fn test_no_huge_page_is_mapped_across_a_private_shared_boundary() {
     teardown(host, vm, vec![vcpu]);
 }
 
+/// The mixed flag lands on the chunk that holds the page, counted from the
+/// slot's first chunk: a private page in the third 2 MiB chunk keeps that one
+/// at 4 KiB and leaves its neighbours huge.
+#[test]
+fn test_mixed_attributes_mark_exactly_their_own_chunk() {
+    let (host, vm, mut vcpu) = vm_of(vmmu::VmType::SwProtected, Level::M2);
+    vm.set_memory_attributes(gpa(2 * 512 + 7).0, 4096, PRIVATE, 0)
+        .unwrap();
+    for (page, want) in [
+        (3, Level::M2),
+        (512 + 3, Level::M2),
+        (2 * 512 + 3, Level::K4),
+        (3 * 512 + 3, Level::M2),
+    ] {
+        vcpu.page_fault(gpa(page), ErrorCode::WRITE).unwrap();
+        assert_eq!(leaf(&vm, page).unwrap().0, want, "page {page}");
+    }
+    teardown(host, vm, vec![vcpu]);
+}
+
 #[test]
 fn test_a_slot_created_over_mixed_attributes_starts_with_the_mixed_flags() {
     let host = TestHost::new();
