@@ -451,6 +451,12 @@ mod tests {
         assert_eq!(peek_leaf(&t.mem, &m, Gpa(7 << 12)), None);
         set(&t.mem, t.l1, 7, Spte::mmio(Gfn(7), 0));
         assert_eq!(peek_leaf(&t.mem, &m, Gpa(7 << 12)), None, "MMIO is no leaf");
+        // An access-tracked entry (RWX cleared, still the MMU's) is not present
+        // to the processor.
+        let tracked = Spte(leaf(d, Level::K4, true, false).0 & !ept::RWX);
+        assert!(tracked.is_shadow_present());
+        set(&t.mem, t.l1, 9, tracked);
+        assert_eq!(peek_leaf(&t.mem, &m, Gpa(9 << 12)), None);
         let big = t.mem.alloc(Order::M2, PageState::Data).unwrap();
         set(&t.mem, t.l2, 1, leaf(big, Level::M2, true, true));
         assert_eq!(

@@ -925,6 +925,34 @@ pub(crate) fn classify_with(
 mod tests {
     use super::*;
 
+    #[test]
+    fn test_dirty_bitmap_set_test_take_and_the_initially_set_form() {
+        let b = DirtyBitmap::new(130);
+        assert_eq!(b.words(), 3);
+        for p in [0, 63, 64, 129] {
+            assert!(!b.test(p));
+            b.set(p);
+            assert!(b.test(p), "page {p}");
+        }
+        assert!(
+            !b.test(1) && !b.test(65) && !b.test(128),
+            "only what was set"
+        );
+        b.set(500); // past the slot: ignored
+        assert_eq!(b.count(), 4);
+        assert_eq!(b.snapshot(), vec![1 | 1 << 63, 1, 1 << 1]);
+        // Take a masked part of word 0, then the rest; a clean word gives 0.
+        assert_eq!(b.take(0, 1 << 63 | 1 << 5), 1 << 63);
+        assert!(!b.test(63) && b.test(0));
+        assert_eq!(b.take(0, u64::MAX), 1);
+        assert_eq!(b.take(0, u64::MAX), 0);
+        assert_eq!(b.take(9, u64::MAX), 0, "past the bitmap");
+        assert_eq!(b.count(), 2);
+        let all = DirtyBitmap::all_set(130);
+        assert_eq!(all.count(), 130);
+        assert_eq!(all.snapshot(), vec![u64::MAX, u64::MAX, 0b11]);
+    }
+
     fn region(slot: u32, gpa: u64, size: u64, hva: u64) -> UserMemoryRegion {
         UserMemoryRegion {
             slot,
