@@ -35,6 +35,10 @@ pub struct StressConfig {
     pub bytes_per_vcpu: u64,
     /// How long to keep going.
     pub duration: Duration,
+    /// Keep going past `duration` until this many passes are done (at most
+    /// six times `duration`), so a slow build on a busy machine still runs
+    /// the passes a check needs.
+    pub min_passes: u64,
     /// Seed of the guest programs and the host event mix.
     pub seed: u64,
     /// Backing of the data region.
@@ -79,6 +83,7 @@ impl Default for StressConfig {
             vcpus: 2,
             bytes_per_vcpu: 8 << 20,
             duration: Duration::from_secs(10),
+            min_passes: 0,
             seed: 1,
             backing: Backing::AnonymousThp,
             knobs: GuardKnobs::default(),
@@ -356,10 +361,11 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
             .as_ref()
             .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
     };
-    while start.elapsed() < cfg.duration
-        && !(cfg.stop_on_violation && m.oracle.total() > 0)
-        && !stopped()
-    {
+    let more = |passes: u64| {
+        let t = start.elapsed();
+        t < cfg.duration || (passes < cfg.min_passes && t < cfg.duration * 6)
+    };
+    while more(report.passes) && !(cfg.stop_on_violation && m.oracle.total() > 0) && !stopped() {
         pass_no += 1;
         let pattern = [Pattern::Sequential, Pattern::Random, Pattern::HotSet][pass_no as usize % 3];
         let write = if pass_no % 2 == 1 { 100 } else { 0 };

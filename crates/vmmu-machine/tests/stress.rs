@@ -30,6 +30,7 @@ fn assert_clean(r: &StressReport) {
 fn test_stress_host_events_and_memslot_churn_zero_violations() {
     let cfg = StressConfig {
         duration: secs(25),
+        min_passes: 2,
         ..StressConfig::default()
     };
     let r = stress(&cfg).unwrap();
@@ -54,6 +55,7 @@ fn test_stress_host_events_and_memslot_churn_zero_violations() {
 fn test_stress_access_tracking_without_ad_bits_zero_violations() {
     let cfg = StressConfig {
         duration: secs(10),
+        min_passes: 2,
         ad_enabled: false,
         backing: Backing::Anonymous,
         seed: 2,
@@ -117,6 +119,7 @@ fn test_oracle_catches_missing_locked_retry_check() {
 fn private_stress(vm_type: vmmu::VmType, seed: u64) -> StressReport {
     let cfg = StressConfig {
         duration: secs(10),
+        min_passes: 2,
         vm_type,
         seed,
         ..StressConfig::default()
