@@ -210,4 +210,24 @@ mod tests {
         assert_eq!((t.len(), t.flushes), (0, 1));
         assert!(t.lookup(1, Gfn(7)).is_none());
     }
+
+    /// The TLB holds as many translations as it has entries, per size: the
+    /// capacity the access-tracking scenario's small-guest case depends on.
+    #[test]
+    fn test_tlb_capacity_per_page_size() {
+        let mut t = Tlb::default();
+        for g in 0..N4K as u64 {
+            t.insert(1, Gfn(g), Pfn(0x10000 + g), Level::K4, Access::READ, false);
+        }
+        for g in 0..N2M as u64 {
+            t.insert(1, Gfn(g << 9), Pfn(g << 9), Level::M2, Access::READ, false);
+        }
+        assert_eq!(t.len(), N4K + N2M);
+        assert!((0..N4K as u64).all(|g| t
+            .lookup(1, Gfn(g))
+            .is_some_and(|h| h.level == Level::K4 && h.pfn == Pfn(0x10000 + g))));
+        // One more 4 KiB page evicts exactly one (direct-mapped).
+        t.insert(1, Gfn(N4K as u64), Pfn(1), Level::K4, Access::READ, false);
+        assert_eq!(t.len(), N4K + N2M);
+    }
 }
