@@ -136,6 +136,17 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
+/// The series' legend, boxed, in the chart's corner.
+fn legend<'a, CT: CoordTranslate>(
+    c: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+) -> anyhow::Result<()> {
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(plot_err)
+}
+
 /// Fault latency by outcome: one line per outcome over power-of-two buckets.
 fn latency_plot(title: &str, lat: &serde_json::Map<String, Value>) -> anyhow::Result<String> {
     let series: Vec<(String, Vec<(u64, u64)>)> = lat
@@ -189,11 +200,7 @@ fn latency_plot(title: &str, lat: &serde_json::Map<String, Value>) -> anyhow::Re
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(plot_err)?;
         }
-        c.configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(plot_err)?;
+        legend(&mut c)?;
         Ok(())
     })
 }
@@ -291,11 +298,7 @@ where
             .map_err(plot_err)?;
     }
     if k > 1 {
-        c.configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(plot_err)?;
+        legend(c)?;
     }
     Ok(())
 }
@@ -372,11 +375,7 @@ fn timeline_plot(path: &Path) -> anyhow::Result<String> {
             .label(kind.as_str())
             .legend(move |(x, y)| Circle::new((x + 6, y), 3, color.filled()));
         }
-        c.configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(plot_err)?;
+        legend(&mut c)?;
         Ok(())
     })
 }

@@ -270,6 +270,11 @@ impl VmConfig {
         1u64 << (self.maxphyaddr.saturating_sub(12)).min(52)
     }
 
+    /// Whether dirty logging uses PML (Dirty bits) rather than write protection.
+    pub fn pml(&self) -> bool {
+        self.dirty_tracking == DirtyTracking::Pml
+    }
+
     /// The memslot-generation bits that MMIO entries store.
     pub(crate) fn mmio_gen_mask(&self) -> u64 {
         match self.knobs.mmio_gen_bits {

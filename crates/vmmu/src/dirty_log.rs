@@ -384,19 +384,9 @@ impl Vm {
     /// in a log is reported by a later harvest (see [`crate::pml`]).
     fn sync_dirty_log(&self) {
         let vm = &*self.inner;
-        if vm.config.dirty_tracking == crate::DirtyTracking::Pml {
+        if vm.config.pml() {
             vm.make_all_vcpus_request(0, false);
         }
-    }
-
-    /// Make the next write to every page of `range` reach the dirty log:
-    /// write-protect it, or with PML clear the Dirty bits of its 4 KiB leaves
-    /// and write-protect its huge ones (KVM's `kvm_mmu_slot_leaf_clear_dirty`
-    /// plus write protection at 2 MiB); flush once if anything changed. What
-    /// turning logging on does.
-    pub(crate) fn protect_for_dirty_log(&self, as_id: u16, range: GfnRange) {
-        let pml = self.inner.config.dirty_tracking == crate::DirtyTracking::Pml;
-        self.protect_range(as_id, range, pml);
     }
 
     /// Eager page splitting of `range` in every valid root of `as_id`, under
@@ -501,22 +491,10 @@ impl Vm {
         if vm.config.eager_page_split && self.manual_dirty_log_protect() & INITIALLY_SET != 0 {
             self.split_huge_pages(as_id, GfnRange::new(base.add(lo), base.add(s + n)));
         }
-        let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
-        let pml = vm.config.dirty_tracking == crate::DirtyTracking::Pml;
-        let _c = pml.then(|| vm.clearing_dirty_bits());
-        let _r = vm.mmu_lock.read(&vm.stats.lock);
-        let mut changed = false;
-        for (start, n) in runs {
-            let range = GfnRange::new(base.add(start), base.add(start + n));
-            vm.tdp.for_each_root(&ctx, as_id, true, |root| {
-                changed |= vm.tdp.dirty_log_protect_range(&ctx, root, range, pml);
-            });
-        }
-        changed
+        let ranges = runs
+            .into_iter()
+            .map(|(start, n)| GfnRange::new(base.add(start), base.add(start + n)));
+        self.protect_ranges(as_id, ranges, vm.config.pml())
     }
 }
 

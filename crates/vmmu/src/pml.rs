@@ -61,7 +61,7 @@ impl VcpuMmu {
     /// (a PML-full exit) before its next write, which drains the log. Without
     /// PML this does nothing and returns false.
     pub fn pml_log(&self, gpa: Gpa) -> bool {
-        if self.vm.config.dirty_tracking != crate::DirtyTracking::Pml {
+        if !self.vm.config.pml() {
             return false;
         }
         let full = self.pml.push(gpa.gfn());

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use crate::attributes::Attributes;
+use crate::config::HookPoint;
 use crate::config::VmConfig;
-use crate::config::{DirtyTracking, HookPoint};
 use crate::gmem::GuestMemfd;
 use crate::host::{HostOps, TableMemoryError};
 use crate::memslot::GmemArg;
@@ -395,7 +395,7 @@ impl Vm {
         }
         // KVM turns PML off when EPT A/D bits are off: the log is written when
         // the processor sets a Dirty bit.
-        if config.dirty_tracking == DirtyTracking::Pml && !config.ad_enabled {
+        if config.pml() && !config.ad_enabled {
             return Err(VmError::InvalidConfig(
                 "PML dirty tracking needs EPT A/D bits (ad_enabled)",
             ));
@@ -601,7 +601,12 @@ impl Vm {
                     if vm.config.eager_page_split {
                         self.split_huge_pages(as_id, range);
                     }
-                    self.protect_for_dirty_log(as_id, range);
+                    // Write-protect, or with PML clear D (KVM's
+                    // kvm_mmu_slot_leaf_clear_dirty plus write protection of
+                    // huge leaves).
+                    if self.protect_ranges(as_id, [range], vm.config.pml()) {
+                        vm.flush_remote_tlbs(&vm.stats);
+                    }
                 }
             }
         }
@@ -656,32 +661,39 @@ impl Vm {
     /// makes the entry writable again and records the page as dirty.
     pub fn write_protect_gfn_range(&self, as_id: u16, range: GfnRange) -> Result<(), VmError> {
         self.check_range(as_id, Some(range))?;
-        self.protect_range(as_id, range, false);
+        if self.protect_ranges(as_id, [range], false) {
+            self.inner.flush_remote_tlbs(&self.inner.stats);
+        }
         Ok(())
     }
 
-    /// Write-protect `range` in every valid root of `as_id` under the read
-    /// lock, or with `pml` clear the Dirty bits of its 4 KiB leaves instead
-    /// (huge leaves are write-protected either way); flush once if anything
-    /// changed.
-    pub(crate) fn protect_range(&self, as_id: u16, range: GfnRange, pml: bool) {
+    /// Write-protect `ranges` in every valid root of `as_id`, all under one
+    /// read hold of `mmu_lock`, or with `pml` clear the Dirty bits of their
+    /// 4 KiB leaves instead (huge leaves are write-protected either way).
+    /// Returns whether anything changed: the caller flushes before relying on
+    /// it (a translation cached writable, or cached dirty, would let writes
+    /// through unseen).
+    pub(crate) fn protect_ranges(
+        &self,
+        as_id: u16,
+        ranges: impl IntoIterator<Item = GfnRange>,
+        pml: bool,
+    ) -> bool {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
             stats: &vm.stats,
             rcu: &rcu,
         };
+        let _c = pml.then(|| vm.clearing_dirty_bits());
+        let _r = vm.mmu_lock.read(&vm.stats.lock);
         let mut changed = false;
-        {
-            let _c = pml.then(|| vm.clearing_dirty_bits());
-            let _r = vm.mmu_lock.read(&vm.stats.lock);
+        for range in ranges {
             vm.tdp.for_each_root(&ctx, as_id, true, |root| {
                 changed |= vm.tdp.dirty_log_protect_range(&ctx, root, range, pml);
             });
         }
-        if changed {
-            vm.flush_remote_tlbs(&vm.stats);
-        }
+        changed
     }
 
     /// Walks that clear Dirty bits (D-bit harvests, PML dirty logging)

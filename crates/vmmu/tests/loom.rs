@@ -85,6 +85,12 @@ fn vm_with(knobs: GuardKnobs) -> (Arc<TestHost>, Vm) {
 
 fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
     let (host, vm) = vm_with(knobs);
+    add_slot(&vm, flags);
+    (host, vm)
+}
+
+/// Slot 0: 2 MiB at `GPA`, backed from `HVA`.
+fn add_slot(vm: &Vm, flags: u32) {
     vm.set_user_memory_region(UserMemoryRegion {
         slot: 0,
         flags,
@@ -93,7 +99,6 @@ fn vm_with_slot(knobs: GuardKnobs, flags: u32) -> (Arc<TestHost>, Vm) {
         userspace_addr: HVA,
     })
     .unwrap();
-    (host, vm)
 }
 
 fn leaf_pfn(vm: &Vm, gpa: u64) -> Option<(Pfn, bool)> {
@@ -241,14 +246,7 @@ fn harvest_vs_fast_path(knobs: GuardKnobs) {
 fn ring_reset_vs_fast_path(knobs: GuardKnobs) {
     let (_host, vm) = vm_with(knobs);
     vm.enable_dirty_ring(256).unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: MemFlags::LOG_DIRTY_PAGES.bits(),
-        guest_phys_addr: GPA,
-        memory_size: 2 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
+    add_slot(&vm, MemFlags::LOG_DIRTY_PAGES.bits());
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap();
@@ -350,14 +348,7 @@ fn lockless_host_vs_fault(knobs: GuardKnobs) {
         ops,
     )
     .unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: GPA,
-        memory_size: 2 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
+    add_slot(&vm, 0);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     // Build the tables with a neighbour so the racing fault only installs a leaf.
@@ -471,14 +462,7 @@ fn conversion_vs_shared_fault(knobs: GuardKnobs) {
         host.ops(),
     )
     .unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: GPA,
-        memory_size: 2 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
+    add_slot(&vm, 0);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     vcpu.page_fault(Gpa(GPA + 4096), ErrorCode::WRITE).unwrap();
