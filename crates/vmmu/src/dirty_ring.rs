@@ -63,17 +63,13 @@ impl DirtyRing {
 
     /// Entries pushed and not yet reset.
     pub(crate) fn used(&self) -> u32 {
-        let used = self
-            .dirty_index
-            .load(Ordering::Acquire)
-            .wrapping_sub(self.reset_index.load(Ordering::Acquire));
         // A reset may free an entry whose push has not yet advanced the
-        // producer index: for that moment the reset index is ahead.
-        if used > self.entries.len() as u32 {
-            0
-        } else {
-            used
-        }
+        // producer index, putting the reset index one ahead for a moment;
+        // only the ring's own vCPU asks (between its pushes), so it never
+        // sees that moment.
+        self.dirty_index
+            .load(Ordering::Acquire)
+            .wrapping_sub(self.reset_index.load(Ordering::Acquire))
     }
 
     /// Whether the vCPU must exit before it enters again.
