@@ -16,6 +16,8 @@ pub struct Common {
     pub bytes: Option<u64>,
     /// Iterations (passes, or operations for churn scenarios).
     pub iterations: Option<u32>,
+    /// Run one case in this many (`access`).
+    pub stride: Option<u64>,
     /// Backing source.
     pub backing: Option<Backing>,
     /// Number of memslots the test region is split into.

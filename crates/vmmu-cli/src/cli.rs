@@ -190,6 +190,10 @@ pub(crate) enum RunCmd {
     /// logging turns on and recovered in place when it turns off; the leaves
     /// at each level after every step.
     PageSplitting(PageSplittingArgs),
+    /// kvm-unit-tests' access test: every combination of guest PTE/PDE bits,
+    /// paging mode and access, through the guest's own page tables, against a
+    /// reference walk (fault or not, error code, A/D bits).
+    Access(AccessArgs),
     /// access_tracking_perf_test (page_idle): memory marked idle through the
     /// aging callbacks, then written and read; the pages seen accessed are
     /// counted at each mark; aging while the vCPUs read.
@@ -333,6 +337,17 @@ pub(crate) struct PageSplittingArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) tracking: TrackingFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run access`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct AccessArgs {
+    /// Run about one case in N, picked pseudo-randomly (1: all of them).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub(crate) stride: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -698,6 +713,7 @@ impl RunCmd {
             RunCmd::DirtyLog(_) => "dirty-log",
             RunCmd::LiveMigration(_) => "live-migration",
             RunCmd::PageSplitting(_) => "page-splitting",
+            RunCmd::Access(_) => "access",
             RunCmd::AccessTracking(_) => "access-tracking",
             RunCmd::DirtyLogPerf(_) => "dirty-log-perf",
             RunCmd::Prefault(_) => "prefault",
@@ -780,6 +796,10 @@ impl RunCmd {
                 seed: a.random_seed,
                 ..a.tracking.apply(a.flags.common())
             },
+            RunCmd::Access(a) => Common {
+                stride: Some(a.stride),
+                ..a.flags.common()
+            },
             RunCmd::AccessTracking(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
@@ -826,6 +846,7 @@ impl RunCmd {
             RunCmd::DirtyLog(a) => serde_json::to_value(a),
             RunCmd::LiveMigration(a) => serde_json::to_value(a),
             RunCmd::PageSplitting(a) => serde_json::to_value(a),
+            RunCmd::Access(a) => serde_json::to_value(a),
             RunCmd::AccessTracking(a) => serde_json::to_value(a),
             RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),

@@ -783,3 +783,22 @@ fn test_access_tracking_sees_every_access_and_ages_without_the_lock() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("were not seen accessed"), "{out}");
 }
+
+/// `access`: a sample of the guest-paging cases agrees with the reference
+/// walk (faults, error codes, A/D bits) and the oracle; a stride of 0 is
+/// refused in one line.
+#[test]
+fn test_access_cases_agree_with_the_reference() {
+    let v = json_run(&["run", "access", "--stride", "499"]);
+    let cases = v["cases"].as_u64().unwrap();
+    assert!(cases > 4000, "{v}");
+    assert_eq!(v["case_failures"], 0, "{v}");
+    let faulted = v["cases_faulted"].as_u64().unwrap();
+    assert!(faulted > 0 && faulted < cases, "{v}");
+    assert!(
+        v["oracle_checked_accesses"].as_u64().unwrap() > cases,
+        "{v}"
+    );
+    let e = refusal(&["run", "access", "--stride", "0"]);
+    assert!(e.contains("--stride 0") && e.contains("1..="), "{e}");
+}

@@ -5,7 +5,9 @@
 //! must hold, and reads that are checked compare against it. Streams are
 //! deterministic for a seed.
 
-use vmmu::{Gpa, PAGE_SIZE};
+use vmmu::{Gpa, Gva, PAGE_SIZE};
+
+use crate::paging::{LinearAccess, PagingMode};
 
 /// What the guest does with one page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +31,58 @@ pub enum AccessKind {
     /// host side runs in [`GuestProgram::complete`] (outside guest mode), and the
     /// guest goes on.
     Ucall(u64),
+    /// An access by linear address, through the guest's page tables when its
+    /// paging is on (`GuestAccess::gpa` is unused). Completes with the value
+    /// loaded (or stored), or with [`AccessResult::PageFault`].
+    Linear {
+        /// The address.
+        gva: Gva,
+        /// What and with which privilege.
+        access: LinearAccess,
+    },
+    /// Store an entry of the guest's own page tables at `GuestAccess::gpa` (a
+    /// physical store, as through the kernel's direct map). The oracle learns
+    /// that translations of address space `space` may now be stale.
+    PteWrite {
+        /// The new entry.
+        value: u64,
+        /// The root table's address of the address space the entry belongs to.
+        space: Gpa,
+    },
+    /// A paging instruction (completes with [`AccessResult::Done`]).
+    Paging(PagingOp),
+}
+
+/// Paging instructions and control-register writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagingOp {
+    /// Write CR0/CR4/EFER: a new paging mode. Changing PCIDE, PGE, or turning
+    /// paging on or off flushes every linear translation.
+    SetMode(PagingMode),
+    /// MOV to CR3 (bit 63: keep the new PCID's translations, with PCIDE).
+    LoadCr3(u64),
+    /// INVLPG: the current PCID's and the global translations of a page.
+    Invlpg(Gva),
+    /// INVPCID.
+    Invpcid(Invpcid),
+}
+
+/// The four INVPCID types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invpcid {
+    /// Type 0: one page of one PCID, global translations kept.
+    Address {
+        /// The PCID.
+        pcid: u16,
+        /// The page.
+        gva: Gva,
+    },
+    /// Type 1: one PCID's translations, global ones kept.
+    Context(u16),
+    /// Type 2: everything, global translations too.
+    AllIncludingGlobal,
+    /// Type 3: every PCID, global translations kept.
+    AllNonGlobal,
 }
 
 /// How the VMM handles a `MapGpaRange` hypercall.
@@ -94,6 +148,22 @@ pub enum AccessResult {
         /// Its PRIVATE flag.
         private: bool,
     },
+    /// The guest's paging raised a page fault (#PF with this error code); the
+    /// access did not happen.
+    PageFault(vmmu::ErrorCode),
+    /// A paging instruction completed.
+    Done,
+}
+
+impl GuestAccess {
+    /// A linear access.
+    pub fn linear(gva: Gva, access: LinearAccess) -> GuestAccess {
+        GuestAccess::shared(Gpa(0), AccessKind::Linear { gva, access })
+    }
+    /// A paging instruction.
+    pub fn paging(op: PagingOp) -> GuestAccess {
+        GuestAccess::shared(Gpa(0), AccessKind::Paging(op))
+    }
 }
 
 /// What an emulated MMIO read returns (the selftests answer 0xBEEF).
@@ -398,9 +468,19 @@ impl GuestProgram for Pass {
                 }
             }
             (_, AccessResult::Mmio) => self.mmio += 1,
-            (_, AccessResult::Fault | AccessResult::MemoryFault { .. }) => self.faults += 1,
-            (_, AccessResult::Hypercall(_))
-            | (AccessKind::MapGpaRange { .. } | AccessKind::Ucall(_), _) => {}
+            (
+                _,
+                AccessResult::Fault | AccessResult::MemoryFault { .. } | AccessResult::PageFault(_),
+            ) => self.faults += 1,
+            (_, AccessResult::Hypercall(_) | AccessResult::Done)
+            | (
+                AccessKind::MapGpaRange { .. }
+                | AccessKind::Ucall(_)
+                | AccessKind::Linear { .. }
+                | AccessKind::PteWrite { .. }
+                | AccessKind::Paging(_),
+                _,
+            ) => {}
         }
     }
 

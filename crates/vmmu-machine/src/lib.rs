@@ -7,11 +7,14 @@
 //! checks every access and the final state ([`oracle`]). It uses only the public
 //! API of `vmmu`, the same one a hypervisor would use.
 
+pub mod access_test;
 pub mod cpu;
 pub mod guest;
+pub mod guest_oracle;
 pub mod host_memory;
 pub mod machine;
 pub mod oracle;
+pub mod paging;
 pub mod primary_mmu;
 pub(crate) mod run;
 pub mod stress;

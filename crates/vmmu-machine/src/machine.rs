@@ -15,8 +15,10 @@ use vmmu::{
 };
 
 use crate::guest::GuestProgram;
+use crate::guest_oracle::FlushLog;
 use crate::host_memory::{HostMemory, MemoryError};
 use crate::oracle::{Oracle, Violation};
+use crate::paging::GuestCpu;
 use crate::primary_mmu::{Backing, HostError, HostMmu};
 use crate::run::{run_vcpu, VcpuEnv};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
@@ -110,6 +112,8 @@ pub struct VcpuCounters {
     pub efaults: u64,
     /// Memory-fault exits.
     pub memory_faults: u64,
+    /// Page faults the guest's own paging raised (delivered to the guest).
+    pub guest_page_faults: u64,
     /// Faults that said "retry".
     pub retries: u64,
     /// SMM switches the VM refused (it has one address space).
@@ -134,6 +138,10 @@ pub struct Vcpu {
     pub mmu: VcpuMmu,
     /// Hardware TLB.
     pub tlb: Tlb,
+    /// The guest's paging state (off until its program turns it on).
+    pub paging: GuestCpu,
+    /// The guest's flushes, for the oracle's paging check.
+    pub flushes: FlushLog,
 }
 
 /// Options of one run.
@@ -403,6 +411,8 @@ impl Machine {
                     id,
                     mmu: vm.create_vcpu(id)?,
                     tlb: Tlb::default(),
+                    paging: GuestCpu::default(),
+                    flushes: FlushLog::default(),
                 })
             })
             .collect::<Result<Vec<_>, VmError>>()?;

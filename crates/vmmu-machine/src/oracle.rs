@@ -25,6 +25,11 @@
 //!     reverse, and no access uses a translation made before a conversion that
 //!     completed. A private frame must be the page the slot's guest_memfd holds
 //!     for the gfn now (not one a punch-hole or a release freed).
+//! (g) Guest paging: every linear access reaches the guest physical address
+//!     (or takes the page fault, with its error code) that a reference walk of
+//!     the guest's tables gives now, unless the guest changed its tables since
+//!     this vCPU last flushed that translation (then the old one may still be
+//!     cached, as on a processor). See [`crate::guest_oracle`].
 
 use std::sync::Arc;
 
@@ -64,9 +69,11 @@ pub enum Violation {
     WrongSide,
     /// A private frame that is not the guest_memfd's page for the gfn now.
     StalePrivate,
+    /// A linear access the guest's tables do not give, after the guest flushed.
+    GuestTranslation,
 }
 
-const KINDS: [Violation; 12] = [
+const KINDS: [Violation; 13] = [
     Violation::StaleTranslation,
     Violation::WriteToReadOnly,
     Violation::NoSlotAccess,
@@ -79,6 +86,7 @@ const KINDS: [Violation; 12] = [
     Violation::DirtyNotSet,
     Violation::WrongSide,
     Violation::StalePrivate,
+    Violation::GuestTranslation,
 ];
 
 impl Violation {
@@ -97,6 +105,7 @@ impl Violation {
             Violation::DirtyNotSet => "dirty_not_set",
             Violation::WrongSide => "wrong_side",
             Violation::StalePrivate => "stale_private",
+            Violation::GuestTranslation => "guest_translation",
         }
     }
 }
@@ -105,9 +114,14 @@ impl Violation {
 #[derive(Debug)]
 pub struct Oracle {
     enabled: bool,
-    counts: [AtomicU64; 12],
+    counts: [AtomicU64; 13],
     checks: AtomicU64,
     log: Mutex<Vec<String>>,
+    /// Guest page-table writes so far (a clock for (g)).
+    pte_seq: AtomicU64,
+    /// Per guest address space (its root table's address): the clock at its
+    /// last page-table write.
+    pte_changes: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 impl Oracle {
@@ -119,7 +133,26 @@ impl Oracle {
             counts: Default::default(),
             checks: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
+            pte_seq: AtomicU64::new(0),
+            pte_changes: Mutex::new(Default::default()),
         }
+    }
+
+    /// A guest is about to write an entry of the tables of address space
+    /// `space`: a translation cached before may now differ from its tables.
+    pub fn note_pte_write(&self, space: Gpa) {
+        let seq = self.pte_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.pte_changes.lock().insert(space.0, seq);
+    }
+
+    /// The page-table write clock now (a flush records it).
+    pub fn pte_clock(&self) -> u64 {
+        self.pte_seq.load(Ordering::SeqCst)
+    }
+
+    /// The clock at the last write to the tables of `space` (0: none).
+    pub fn last_pte_write(&self, space: Gpa) -> u64 {
+        self.pte_changes.lock().get(&space.0).copied().unwrap_or(0)
     }
 
     /// Whether per-access checks run.

@@ -10,12 +10,15 @@ use vmmu::{Access, ErrorCode, FaultError, MemslotSet, RetPf, Vm};
 
 use crate::cpu::{translate, Exit, Mmu, Source};
 use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram};
+use crate::guest::{Invpcid, PagingOp};
+use crate::guest_oracle::{check_linear, Outcome};
 use crate::host_memory::{HostMemory, PageState};
 use crate::machine::{
     fault_outcome, histogram, BucketCounts, FaultRecord, MemoryFaultPolicy, RunOptions, Vcpu,
     VcpuCounters, VcpuReport, BATCH, FAULT_OUTCOMES, STUCK_AFTER,
 };
 use crate::oracle::{check_access, check_dirty_after_walk, check_emulated, Oracle, Violation};
+use crate::paging::{translate_linear, LinearAccess, LinearFault, LinearOp, CR3_NOFLUSH};
 use crate::primary_mmu::HostMmu;
 use crate::sync::Ordering;
 use crate::vmm::Vmm;
@@ -160,9 +163,29 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                 prog.complete(&access, AccessResult::Hypercall(0));
                 continue;
             }
+            AccessKind::Paging(op) => {
+                // With a second stage none of these exits: the processor
+                // changes its own state and TLB.
+                paging_op(oracle, vcpu, op);
+                c.accesses += 1;
+                prog.complete(&access, AccessResult::Done);
+                continue;
+            }
+            AccessKind::PteWrite { space, .. } => oracle.note_pte_write(space),
             _ => {}
         }
-        let write = matches!(access.kind, AccessKind::Write(_));
+        let (write, store) = match access.kind {
+            AccessKind::Write(v) | AccessKind::PteWrite { value: v, .. } => (true, Some(v)),
+            AccessKind::Linear {
+                access:
+                    LinearAccess {
+                        op: LinearOp::Write(v),
+                        ..
+                    },
+                ..
+            } => (true, Some(v)),
+            _ => (false, None),
+        };
         let want = if write { Access::WRITE } else { Access::READ };
         let check_dirty = write && view.ad && slots.is_some();
         // Dirty-bit clearing walks finished before this access (SeqCst
@@ -172,10 +195,48 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
         } else {
             0
         };
-        let translated = match translate(mem, &mut vcpu.tlb, &view, access.gpa, want) {
-            Ok((t, _)) if marks_private && is_private(mem, t.pfn) != access.private => {
+        let translated = if let AccessKind::Linear { gva, access: la } = access.kind {
+            let r = translate_linear(mem, &mut vcpu.tlb, &view, &vcpu.paging, gva, &la);
+            if let Some(s) = &slots {
+                let actual = match r {
+                    Ok(l) => Some((Outcome::Reached(l.gpa), l.global)),
+                    Err(LinearFault::Guest(e)) => Some((Outcome::Fault(e), false)),
+                    Err(LinearFault::Exit(_)) => None,
+                };
+                if let Some((actual, global)) = actual {
+                    check_linear(
+                        oracle,
+                        host,
+                        mem,
+                        s,
+                        &vcpu.paging,
+                        &vcpu.flushes,
+                        gva,
+                        &la,
+                        actual,
+                        global,
+                    );
+                }
+            }
+            match r {
+                Ok(l) => Ok((l.gpa, l.t, l.source)),
+                Err(LinearFault::Exit(e)) => Err(e),
+                Err(LinearFault::Guest(e)) => {
+                    // A #PF the guest handles: no exit with a second stage.
+                    c.guest_page_faults += 1;
+                    c.accesses += 1;
+                    prog.complete(&access, AccessResult::PageFault(e));
+                    continue;
+                }
+            }
+        } else {
+            translate(mem, &mut vcpu.tlb, &view, access.gpa, want)
+                .map(|(t, source)| (access.gpa, t, source))
+        };
+        let translated = match translated {
+            Ok((gpa, t, _)) if marks_private && is_private(mem, t.pfn) != access.private => {
                 Err(Exit::Violation {
-                    gpa: access.gpa,
+                    gpa,
                     error: if write {
                         ErrorCode::PRESENT | ErrorCode::WRITE
                     } else {
@@ -186,21 +247,11 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             r => r,
         };
         match translated {
-            Ok((t, source)) => {
+            Ok((gpa, t, source)) => {
                 if let Some(s) = &slots {
-                    check_access(
-                        oracle,
-                        host,
-                        mem,
-                        vm,
-                        s,
-                        access.gpa,
-                        t.pfn,
-                        write,
-                        private_mem,
-                    );
+                    check_access(oracle, host, mem, vm, s, gpa, t.pfn, write, private_mem);
                     if check_dirty && source == Source::Walk {
-                        check_dirty_after_walk(oracle, mem, &view, access.gpa, t.pfn, || {
+                        check_dirty_after_walk(oracle, mem, &view, gpa, t.pfn, || {
                             vm.dirty_bit_clears().0 == clears_finished
                         });
                     }
@@ -209,24 +260,22 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                     // Only a corrupted or freed table can translate to a frame that
                     // is not host memory; never let it reach the access.
                     oracle.report(Violation::WildWalk, || {
-                        format!(
-                            "{} translated to {:?}, outside host memory",
-                            access.gpa, t.pfn
-                        )
+                        format!("{gpa} translated to {:?}, outside host memory", t.pfn)
                     });
                     prog.complete(&access, AccessResult::Fault);
                     continue;
                 }
                 // The processor logs the write that set D (PML); a full log
                 // makes it exit after this access, which drains the log.
-                let pml_full = t.set_dirty && vcpu.mmu.pml_log(access.gpa);
-                let word = &mem.page(t.pfn)[((access.gpa.0 & 0xfff) / 8) as usize];
-                let result = match access.kind {
-                    AccessKind::Write(v) => {
-                        word.store(v, Ordering::Relaxed);
+                let pml_full = t.set_dirty && vcpu.mmu.pml_log(gpa);
+                let word = &mem.page(t.pfn)[((gpa.0 & 0xfff) / 8) as usize];
+                let result = match store {
+                    Some(v) => {
+                        // Guest tables are read with acquire loads by walkers.
+                        word.store(v, Ordering::Release);
                         AccessResult::Memory(v)
                     }
-                    _ => AccessResult::Memory(word.load(Ordering::Relaxed)),
+                    None => AccessResult::Memory(word.load(Ordering::Relaxed)),
                 };
                 prog.complete(&access, result);
                 c.accesses += 1;
@@ -403,6 +452,57 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
         trace,
         trace_dropped,
         trace_cut_ns,
+    }
+}
+
+/// Carry out a paging instruction on the vCPU's state and TLB, and log the
+/// flush it makes for the oracle.
+fn paging_op(oracle: &Oracle, vcpu: &mut Vcpu, op: PagingOp) {
+    let clock = oracle.pte_clock();
+    let (tlb, log) = (&mut vcpu.tlb, &mut vcpu.flushes);
+    match op {
+        PagingOp::SetMode(mode) => {
+            let old = *vcpu.paging.mode();
+            if old.enabled != mode.enabled || old.pcide != mode.pcide || old.pge != mode.pge {
+                tlb.flush_linear(None, true);
+                log.flush_all(clock);
+            }
+            vcpu.paging.set_mode(mode);
+        }
+        PagingOp::LoadCr3(value) => {
+            let mode = *vcpu.paging.mode();
+            let keep = mode.pcide && value & CR3_NOFLUSH != 0;
+            vcpu.paging.cr3 = value & !CR3_NOFLUSH;
+            if !keep {
+                let pcid = vcpu.paging.pcid();
+                // Global translations stay (there are none without PGE).
+                tlb.flush_linear(Some(pcid), false);
+                log.flush_pcid(pcid, clock);
+            }
+        }
+        PagingOp::Invlpg(gva) => {
+            let pcid = vcpu.paging.pcid();
+            tlb.invalidate_page(pcid, gva, true);
+            log.flush_page(pcid, gva, true, clock);
+        }
+        PagingOp::Invpcid(kind) => match kind {
+            Invpcid::Address { pcid, gva } => {
+                tlb.invalidate_page(pcid, gva, false);
+                log.flush_page(pcid, gva, false, clock);
+            }
+            Invpcid::Context(pcid) => {
+                tlb.flush_linear(Some(pcid), false);
+                log.flush_pcid(pcid, clock);
+            }
+            Invpcid::AllIncludingGlobal => {
+                tlb.flush_linear(None, true);
+                log.flush_all(clock);
+            }
+            Invpcid::AllNonGlobal => {
+                tlb.flush_linear(None, false);
+                log.flush_nonglobal(clock);
+            }
+        },
     }
 }
 

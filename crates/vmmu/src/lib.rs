@@ -77,6 +77,6 @@ pub use prefault::{PreFaultError, PreFaultRange, VcpuSignal};
 pub use root::{Role, RootFilter};
 pub use spte::{Access, Spte};
 pub use stats::Stats;
-pub use types::{Gfn, GfnRange, Gpa, Hva, HvaRange, Level, Pfn, PAGE_SIZE};
+pub use types::{Gfn, GfnRange, Gpa, Gva, Hva, HvaRange, Level, Pfn, PAGE_SIZE};
 pub use vcpu::{Entry, VcpuMmu};
 pub use vm::{RootInfo, Vm, VmError};

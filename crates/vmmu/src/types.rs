@@ -52,6 +52,12 @@ newtype!(
     Hva,
     "hva:"
 );
+newtype!(
+    /// Guest virtual (linear) address: what a guest with paging on accesses,
+    /// translated by its own page tables to a [`Gpa`].
+    Gva,
+    "gva:"
+);
 
 impl Gpa {
     /// The frame this address lies in.

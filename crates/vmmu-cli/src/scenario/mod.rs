@@ -1,5 +1,6 @@
 //! Scenarios: KVM selftests re-created on the machine model.
 
+pub mod access;
 pub mod access_tracking;
 pub mod demand_paging;
 pub mod dirty_log;
