@@ -670,6 +670,10 @@ pub(crate) struct SoakArgs {
     /// Run without EPT A/D bits (access tracking).
     #[arg(long)]
     pub(crate) no_ad: bool,
+    /// Guests with paging on: kernels spawning, switching and ending processes
+    /// (host events that would rewrite guest memory are left out).
+    #[arg(long)]
+    pub(crate) guest_paging: bool,
     /// The VM type to soak; `all` splits the duration between the three (the
     /// private types add conversions and punch-holes to the host events).
     #[arg(long, value_enum, default_value_t = SoakVmType::All)]

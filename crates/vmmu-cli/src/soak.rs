@@ -106,6 +106,7 @@ pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
                 progress: Some(progress[i].clone()),
                 vm_type: *t,
                 dirty_tracking: a.tracking,
+                guest_paging: a.guest_paging,
                 ..Default::default()
             };
             match stress(&cfg) {

@@ -16,6 +16,7 @@ pub mod machine;
 pub mod oracle;
 pub mod paging;
 pub mod primary_mmu;
+pub mod processes;
 pub(crate) mod run;
 pub mod stress;
 pub(crate) mod sync;

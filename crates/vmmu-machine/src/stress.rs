@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use vmmu::{Gpa, GuardKnobs, Hva, HvaRange, MemFlags, UserMemoryRegion, VmConfig, VmType};
 
-use crate::guest::{Discarded, Pass, Pattern, RefModel, Rng};
+use crate::guest::{Discarded, GuestProgram, Pass, Pattern, RefModel, Rng};
 use crate::machine::{
     Machine, MachineConfig, MachineError, MemoryFaultPolicy, PhaseCtx, RunOptions,
 };
 use crate::primary_mmu::Backing;
+use crate::processes::ProcessChurn;
 
 /// Guest physical base of the data slot.
 pub const DATA_GPA: u64 = 1 << 30;
@@ -64,6 +65,12 @@ pub struct StressConfig {
     /// How dirty logging catches writes while a slot logs (the stress turns
     /// logging on, harvests and turns it off again among its host events).
     pub dirty_tracking: vmmu::DirtyTracking,
+    /// The guests run with paging on: a kernel per vCPU spawning, switching
+    /// and ending processes ([`crate::processes`]) instead of write/verify
+    /// passes. Host events that would change guest memory under the guest's
+    /// feet (discards, read-only protection, slot moves and deletions) are
+    /// left out: a real host does not do them to a guest's page tables.
+    pub guest_paging: bool,
 }
 
 /// A stress run's progress, readable while it runs.
@@ -95,6 +102,7 @@ impl Default for StressConfig {
             progress: None,
             vm_type: VmType::Default,
             dirty_tracking: vmmu::DirtyTracking::WriteProtect,
+            guest_paging: false,
         }
     }
 }
@@ -124,6 +132,11 @@ pub const EVENTS: usize = 16;
 
 /// Events that need private memory (the last ones of [`EVENT_NAMES`]).
 const PRIVATE_EVENTS: usize = 2;
+
+/// Events that change what guest memory holds or where it is (discard,
+/// read-only, slot move, slot delete, conversion, punch-hole): not run under
+/// a paging guest.
+const PAGING_REFUSED: [usize; 6] = [5, 7, 9, 10, 14, 15];
 
 /// Events a private-memory data slot refuses, as KVM does on guest_memfd
 /// slots (moves and dirty logging): not run there.
@@ -178,12 +191,15 @@ fn host_events(
     total: u64,
     discarded: &Discarded,
     events: &mut [u64; EVENTS],
+    paging: bool,
 ) {
     let pages = total / 4096;
     let private = ctx.vm.config().vm_type.has_private_mem();
     let kinds: Vec<usize> = (0..EVENTS)
         .filter(|k| {
-            if private {
+            if paging && PAGING_REFUSED.contains(k) {
+                false
+            } else if private {
                 !GMEM_REFUSED.contains(k)
             } else {
                 *k < EVENTS - PRIVATE_EVENTS
@@ -352,6 +368,16 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
             )
         })
         .collect();
+    let mut kernels: Vec<ProcessChurn> = if cfg.guest_paging {
+        (0..cfg.vcpus)
+            .map(|i| {
+                let base = Gpa(DATA_GPA + i as u64 * cfg.bytes_per_vcpu);
+                ProcessChurn::new(i, base, cfg.bytes_per_vcpu, 16, 6, 0, cfg.seed)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut rng = Rng::new(cfg.seed);
     let mut report = StressReport::default();
     let start = Instant::now();
@@ -382,6 +408,18 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
                 }
             })
             .collect();
+        if cfg.guest_paging {
+            // The kernels keep their processes from pass to pass.
+            for k in kernels.iter_mut() {
+                k.add_ops(PAGING_OPS_PER_PASS);
+            }
+        }
+        let paging = cfg.guest_paging;
+        let progs: Vec<Guest> = if paging {
+            kernels.drain(..).map(Guest::Kernel).collect()
+        } else {
+            progs.into_iter().map(Guest::Pass).collect()
+        };
         let threads = cfg.host_threads.max(1);
         let seeds: Vec<u64> = (0..threads).map(|_| rng.next_u64()).collect();
         let out = m.run(progs, &opts, |ctx| {
@@ -393,7 +431,7 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
                         s.spawn(move || {
                             let mut rng = Rng::new(seed);
                             let mut events = [0u64; EVENTS];
-                            host_events(ctx, &mut rng, total, discarded, &mut events);
+                            host_events(ctx, &mut rng, total, discarded, &mut events, paging);
                             events
                         })
                     })
@@ -412,7 +450,10 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         for (p, r) in out {
             report.accesses += r.counters.accesses;
             report.conversions += r.counters.conversions;
-            models.push(p.into_model());
+            match p {
+                Guest::Pass(p) => models.push(p.into_model()),
+                Guest::Kernel(k) => kernels.push(k),
+            }
         }
         report.passes += 1;
         if let Some(pr) = &cfg.progress {
@@ -438,4 +479,46 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
     report.total_violations = oracle.total();
     report.log = oracle.log();
     Ok(report)
+}
+
+/// Operations each kernel makes per stress pass.
+const PAGING_OPS_PER_PASS: u64 = 4000;
+
+/// What a vCPU runs in a stress pass.
+enum Guest {
+    Pass(Pass),
+    Kernel(ProcessChurn),
+}
+
+impl GuestProgram for Guest {
+    fn next(&mut self) -> Option<crate::guest::GuestAccess> {
+        match self {
+            Guest::Pass(p) => p.next(),
+            Guest::Kernel(k) => k.next(),
+        }
+    }
+    fn complete(&mut self, a: &crate::guest::GuestAccess, r: crate::guest::AccessResult) {
+        match self {
+            Guest::Pass(p) => p.complete(a, r),
+            Guest::Kernel(k) => k.complete(a, r),
+        }
+    }
+    fn mismatches(&self) -> u64 {
+        match self {
+            Guest::Pass(p) => p.mismatches(),
+            Guest::Kernel(k) => k.mismatches(),
+        }
+    }
+    fn first_mismatch(&self) -> Option<String> {
+        match self {
+            Guest::Pass(p) => p.first_mismatch(),
+            Guest::Kernel(k) => k.first_mismatch(),
+        }
+    }
+    fn converted(&mut self, gpa: Gpa, size: u64, private: bool) {
+        match self {
+            Guest::Pass(p) => p.converted(gpa, size, private),
+            Guest::Kernel(k) => k.converted(gpa, size, private),
+        }
+    }
 }

@@ -8,7 +8,9 @@ mod common;
 use common::{machine, GPA};
 use vmmu::{ErrorCode, Gpa, Gva};
 use vmmu_machine::access_test::{case_count, AccessTest};
-use vmmu_machine::guest::{AccessKind, AccessResult, GuestAccess, Invpcid, PagingOp, Script};
+use vmmu_machine::guest::{
+    AccessKind, AccessResult, GuestAccess, GuestProgram, Invpcid, PagingOp, Script,
+};
 use vmmu_machine::paging::{pte, LinearAccess, LinearOp, PagingMode, CR3_NOFLUSH};
 use vmmu_machine::{Backing, Machine, MachineConfig};
 
@@ -234,5 +236,57 @@ fn test_access_cases_sample() {
         p.failed
     );
     assert_eq!(p.failures, 0, "{:?}", p.failed);
+    clean(&m);
+}
+
+/// Two vCPUs each run a kernel that spawns, switches, remaps, write-protects
+/// and ends processes, while the host keeps migrating and swapping out the
+/// guest's memory (tables and data pages move and fault back in): every read
+/// returns the last stamp, every write to a read-only page faults, and the
+/// oracle's reference walk agrees with every access.
+#[test]
+fn test_process_churn_under_host_invalidations() {
+    use std::sync::atomic::Ordering;
+    use vmmu_machine::processes::ProcessChurn;
+    let chunk = 8 * MIB;
+    let mut m = machine(
+        MachineConfig {
+            memory_bytes: 256 * MIB,
+            ..MachineConfig::default()
+        },
+        2,
+        chunk,
+        Backing::Anonymous,
+    );
+    let progs: Vec<_> = (0..2)
+        .map(|v| ProcessChurn::new(v, Gpa(GPA + v as u64 * chunk), chunk, 16, 4, 3000, 9))
+        .collect();
+    let zaps = std::sync::atomic::AtomicU64::new(0);
+    let out = m.run(progs, &Default::default(), |ctx| {
+        let mut i = 0u64;
+        while ctx.running.load(Ordering::Acquire) > 0 {
+            // Move or swap out 64 KiB somewhere in the guest's memory.
+            let off = ((i * 0x13_3000) % (2 * chunk - 0x10000)) & !0xfff;
+            let hva = vmmu::Hva(common::HVA + off);
+            let range = vmmu::HvaRange::new(hva, hva.add(0x10000));
+            if i.is_multiple_of(2) {
+                ctx.host.migrate(range);
+            } else {
+                ctx.host.swap_out(range);
+            }
+            zaps.fetch_add(1, Ordering::Relaxed);
+            i += 1;
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    });
+    for (p, _) in &out {
+        assert_eq!(p.mismatches(), 0, "{:?}", p.first_mismatch());
+        let c = &p.counters;
+        assert!(
+            c.spawned > 10 && c.exited > 5 && c.switches > 50 && c.verified_reads > 500,
+            "{c:?}"
+        );
+    }
+    assert!(zaps.load(Ordering::Relaxed) > 0);
     clean(&m);
 }
