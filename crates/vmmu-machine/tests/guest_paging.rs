@@ -290,3 +290,38 @@ fn test_process_churn_under_host_invalidations() {
     assert!(zaps.load(Ordering::Relaxed) > 0);
     clean(&m);
 }
+
+/// A 1 GiB guest page (PDPTE with PS) over memory the second stage maps
+/// with smaller pages: accesses anywhere in it reach the right offset, the
+/// TLB caches it in pieces, and one INVLPG anywhere in the guest page drops
+/// them all (a remap of the PDPTE is seen on every piece afterwards).
+#[test]
+fn test_one_gib_guest_page_and_invlpg_of_all_its_pieces() {
+    let mut m = small_machine();
+    let root = GPA + MIB;
+    let user = pte::P | pte::W | pte::U;
+    let mut s = vec![
+        phys_write(GPA + 0x5000, 0x55),
+        phys_write(GPA + 0x20_7000, 0x77),
+        op(PagingOp::SetMode(PagingMode::long_mode())),
+        op(PagingOp::LoadCr3(root)),
+        pte_write(root, (root + 0x1000) | user, root),
+        // gva [0, 1 GiB) -> gpa [1 GiB, 2 GiB): the memslot's first 16 MiB.
+        pte_write(root + 0x1000, GPA | pte::PS | user, root),
+    ];
+    let n = s.len();
+    s.push(read(0x5000));
+    s.push(read(0x20_7000));
+    // Unmap the 1 GiB page without a flush, then flush with one INVLPG far
+    // from both addresses read: both must fault afterwards.
+    s.push(pte_write(root + 0x1000, 0, root));
+    s.push(op(PagingOp::Invlpg(Gva(0x3000_0000))));
+    s.push(read(0x5000));
+    s.push(read(0x20_7000));
+    let r = run(&mut m, s);
+    assert_eq!(r[n], AccessResult::Memory(0x55));
+    assert_eq!(r[n + 1], AccessResult::Memory(0x77));
+    assert_eq!(r[n + 4], AccessResult::PageFault(ErrorCode::USER));
+    assert_eq!(r[n + 5], AccessResult::PageFault(ErrorCode::USER));
+    clean(&m);
+}
