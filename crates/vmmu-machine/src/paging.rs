@@ -302,15 +302,21 @@ pub trait GuestPhys<'m> {
 }
 
 /// The processor's view: table pages reached through the second stage.
-struct SecondStage<'m> {
+struct SecondStage<'m, 'l> {
     mem: &'m HostMemory,
     mmu: &'m Mmu,
+    /// Table pages whose second-stage Dirty bit an A/D update set (what PML
+    /// logs, like any other write that sets D).
+    logged: &'l mut Vec<Gpa>,
 }
 
-impl<'m> GuestPhys<'m> for SecondStage<'m> {
+impl<'m> GuestPhys<'m> for SecondStage<'m, '_> {
     fn entry(&mut self, gpa: Gpa, write: bool) -> Result<&'m AtomicU64, Exit> {
         let want = if write { Access::WRITE } else { Access::READ };
         let t = walk(self.mem, self.mmu, gpa, want)?;
+        if t.set_dirty {
+            self.logged.push(gpa);
+        }
         if !self.mem.contains(t.pfn) {
             return Err(Exit::Wild { gpa });
         }
@@ -409,7 +415,9 @@ pub struct Linear {
 /// Translate a linear access: the TLB first (a hit must allow the access and,
 /// for a write, have been cached dirty at both stages), else the two-stage
 /// walk, whose result is cached at the smaller of the two page sizes. With
-/// paging off the linear address is the physical one.
+/// paging off the linear address is the physical one. Guest table pages whose
+/// second-stage Dirty bit the walk's A/D updates set are appended to `logged`
+/// (even when the access then faults or exits: the update happened).
 pub fn translate_linear(
     mem: &HostMemory,
     tlb: &mut Tlb,
@@ -417,6 +425,7 @@ pub fn translate_linear(
     cpu: &GuestCpu,
     gva: Gva,
     access: &LinearAccess,
+    logged: &mut Vec<Gpa>,
 ) -> Result<Linear, LinearFault> {
     let second = access.second_stage();
     if !cpu.mode.enabled {
@@ -441,7 +450,7 @@ pub fn translate_linear(
             });
         }
     }
-    let gw = walk_guest(&mut SecondStage { mem, mmu }, cpu, gva, access)?;
+    let gw = walk_guest(&mut SecondStage { mem, mmu, logged }, cpu, gva, access)?;
     let t = walk(mem, mmu, gw.gpa, second).map_err(LinearFault::Exit)?;
     tlb.insert_linear(
         mmu.root_id,

@@ -63,6 +63,8 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
     let mut batch = 0u32;
     let mut pending: Option<(GuestAccess, Option<Instant>)> = None;
     let mut since_toggle = 0u64;
+    let mut table_writes: Vec<vmmu::Gpa> = Vec::new();
+    let mut pml_full_tables = false;
     let mut smm_toggle = opts.smm_toggle_every;
     loop {
         if opts
@@ -196,7 +198,21 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             0
         };
         let translated = if let AccessKind::Linear { gva, access: la } = access.kind {
-            let r = translate_linear(mem, &mut vcpu.tlb, &view, &vcpu.paging, gva, &la);
+            table_writes.clear();
+            let r = translate_linear(
+                mem,
+                &mut vcpu.tlb,
+                &view,
+                &vcpu.paging,
+                gva,
+                &la,
+                &mut table_writes,
+            );
+            // The processor logs the A/D writes that set a table page's D
+            // (PML); a full log exits after this access.
+            for &g in &table_writes {
+                pml_full_tables |= vcpu.mmu.pml_log(g);
+            }
             if let Some(s) = &slots {
                 let actual = match r {
                     Ok(l) => Some((Outcome::Reached(l.gpa), l.global)),
@@ -220,9 +236,19 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             }
             match r {
                 Ok(l) => Ok((l.gpa, l.t, l.source)),
-                Err(LinearFault::Exit(e)) => Err(e),
+                Err(LinearFault::Exit(e)) => {
+                    // The exit drains the log.
+                    pml_full_tables = false;
+                    Err(e)
+                }
                 Err(LinearFault::Guest(e)) => {
-                    // A #PF the guest handles: no exit with a second stage.
+                    // A #PF the guest handles: no exit with a second stage
+                    // (unless the walk's A/D writes filled the log).
+                    if std::mem::take(&mut pml_full_tables) {
+                        vcpu.mmu.exit_guest_mode();
+                        in_guest = false;
+                        c.pml_full_exits += 1;
+                    }
                     c.guest_page_faults += 1;
                     c.accesses += 1;
                     prog.complete(&access, AccessResult::PageFault(e));
@@ -267,7 +293,8 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                 }
                 // The processor logs the write that set D (PML); a full log
                 // makes it exit after this access, which drains the log.
-                let pml_full = t.set_dirty && vcpu.mmu.pml_log(gpa);
+                let pml_full =
+                    (t.set_dirty && vcpu.mmu.pml_log(gpa)) || std::mem::take(&mut pml_full_tables);
                 let word = &mem.page(t.pfn)[((gpa.0 & 0xfff) / 8) as usize];
                 let result = match store {
                     Some(v) => {

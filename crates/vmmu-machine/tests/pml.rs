@@ -78,3 +78,84 @@ fn test_pml_logs_every_write_after_each_harvest_without_a_fault() {
         0
     );
 }
+
+/// With guest paging, the processor's Accessed update of a guest page-table
+/// entry is a write to the table page: once a harvest cleaned that page, the
+/// write that sets its Dirty bit again is logged like any other (a
+/// migration would otherwise send a stale copy of the guest's tables).
+#[test]
+fn test_pml_logs_the_walks_accessed_update_of_a_guest_table() {
+    use vmmu::Gva;
+    use vmmu_machine::guest::PagingOp;
+    use vmmu_machine::paging::{pte, LinearAccess, LinearOp, PagingMode};
+    let mut m = Machine::new(
+        MachineConfig {
+            memory_bytes: 1 << 30,
+            vm: VmConfig {
+                dirty_tracking: DirtyTracking::Pml,
+                ..VmConfig::default()
+            },
+            ..MachineConfig::default()
+        },
+        1,
+    )
+    .unwrap();
+    m.map(Hva(HVA), SIZE, Backing::Anonymous).unwrap();
+    m.set_memslot(region(MemFlags::LOG_DIRTY_PAGES.bits()))
+        .unwrap();
+    // Tables in pages 0..4, data in page 8.
+    let root = GPA;
+    let user = pte::P | pte::W | pte::U;
+    let pw = |gpa: u64, v: u64| {
+        GuestAccess::shared(
+            Gpa(gpa),
+            AccessKind::PteWrite {
+                value: v,
+                space: Gpa(root),
+            },
+        )
+    };
+    let read = GuestAccess::linear(
+        Gva(0),
+        LinearAccess {
+            op: LinearOp::Read,
+            user: true,
+            ac: false,
+        },
+    );
+    let setup = vec![
+        GuestAccess::paging(PagingOp::SetMode(PagingMode::long_mode())),
+        GuestAccess::paging(PagingOp::LoadCr3(root)),
+        pw(root, (root + 0x1000) | user),
+        pw(root + 0x1000, (root + 0x2000) | user),
+        pw(root + 0x2000, (root + 0x3000) | user),
+        pw(root + 0x3000, (GPA + 0x8000) | user),
+        read,
+    ];
+    m.run(vec![Script::new(setup)], &RunOptions::default(), |_| {});
+    let _ = m.vm.get_dirty_log(1).unwrap();
+    // The kernel rewrites the leaf entry (Accessed clear): one logged store.
+    let rewrite = vec![
+        pw(root + 0x3000, (GPA + 0x8000) | user),
+        GuestAccess::paging(PagingOp::Invlpg(Gva(0))),
+    ];
+    m.run(vec![Script::new(rewrite)], &RunOptions::default(), |_| {});
+    let log = m.vm.get_dirty_log(1).unwrap();
+    assert_eq!(log[0], 1 << 3, "the store to the leaf's table page");
+    // The next walk sets Accessed in that entry: a write to the table page
+    // the harvest just cleaned, by the processor, not by a store.
+    m.run(
+        vec![Script::new(vec![read])],
+        &RunOptions::default(),
+        |_| {},
+    );
+    let log = m.vm.get_dirty_log(1).unwrap();
+    assert_eq!(
+        log[0],
+        1 << 3,
+        "the walk's Accessed update, logged: {:#x}",
+        log[0]
+    );
+    assert_eq!(count(&log), 1);
+    assert_eq!(m.oracle.total(), 0, "{:?}", m.oracle.log());
+}
