@@ -543,4 +543,118 @@ mod tests {
         );
         assert_eq!(reserved_bits(&m, 1, pte::P | pte::NX), 0);
     }
+
+    /// Guest memory as a map of words, for walks without a machine.
+    struct Words(std::collections::HashMap<u64, &'static AtomicU64>);
+
+    impl<'m> GuestPhys<'m> for Words {
+        fn entry(&mut self, gpa: Gpa, _write: bool) -> Result<&'m AtomicU64, Exit> {
+            self.0.get(&gpa.0).copied().ok_or(Exit::Wild { gpa })
+        }
+    }
+
+    fn words(entries: &[(u64, u64)]) -> Words {
+        Words(
+            entries
+                .iter()
+                .map(|&(g, v)| (g, &*Box::leak(Box::new(AtomicU64::new(v)))))
+                .collect(),
+        )
+    }
+
+    fn cpu(mode: PagingMode, cr3: u64) -> GuestCpu {
+        let mut c = GuestCpu::default();
+        c.set_mode(mode);
+        c.cr3 = cr3;
+        c
+    }
+
+    /// Entries written as raw numbers from the architecture's bit layout (P 0,
+    /// R/W 1, U/S 2, A 5, D 6, PS 7, G 8, NX 63), so a wrong constant in
+    /// `pte` is found even though the reference walk shares them.
+    #[test]
+    fn test_walk_of_literal_entries() {
+        // PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000: entry 0 a 2 MiB leaf
+        // (global, user, read-only), entry 1 -> PT 0x4000 whose entry 0 is a
+        // writable supervisor NX page.
+        let mut w = words(&[
+            (0x1000, 0x2007),
+            (0x2000, 0x3007),
+            (0x3000, 0x0060_0000 | 0x1a5), // P U A PS G
+            (0x3008, 0x4007),
+            (0x4000, 0x8000_0000_0070_0003), // P W NX
+        ]);
+        let m = PagingMode::long_mode();
+        let c = cpu(m, 0x1000 | 5);
+        assert_eq!(c.pcid(), 5);
+        assert_eq!(c.root(), Gpa(0x1000));
+        let rd = |user| LinearAccess {
+            op: LinearOp::Read,
+            user,
+            ac: false,
+        };
+        let g = walk_guest(&mut w, &c, Gva(0x1_2345), &rd(true)).unwrap();
+        assert_eq!(
+            (g.gpa, g.level, g.global),
+            (Gpa(0x61_2345), Level::M2, true)
+        );
+        assert_eq!(g.rights, acc::USER | acc::EXEC, "read-only, executable");
+        assert!(!g.dirty);
+        // A set on every level, D untouched by a read.
+        let v = |w: &Words, gpa: u64| w.0[&gpa].load(Ordering::Relaxed);
+        assert_eq!(
+            (v(&w, 0x1000), v(&w, 0x2000), v(&w, 0x3000)),
+            (0x2027, 0x3027, 0x0060_01a5)
+        );
+        let g = walk_guest(&mut w, &c, Gva(0x20_0008), &rd(false)).unwrap();
+        assert_eq!(
+            (g.gpa, g.level, g.global),
+            (Gpa(0x70_0008), Level::K4, false)
+        );
+        assert_eq!(g.rights, acc::WRITE);
+        let wr = LinearAccess {
+            op: LinearOp::Write(1),
+            user: false,
+            ac: false,
+        };
+        let g = walk_guest(&mut w, &c, Gva(0x20_0000), &wr).unwrap();
+        assert!(g.dirty);
+        assert_eq!(v(&w, 0x4000), 0x8000_0000_0070_0063, "A and D on a write");
+        let fetch = LinearAccess {
+            op: LinearOp::Fetch,
+            user: false,
+            ac: false,
+        };
+        assert_eq!(
+            walk_guest(&mut w, &c, Gva(0x20_0000), &fetch),
+            Err(LinearFault::Guest(ErrorCode::PRESENT | ErrorCode::FETCH))
+        );
+        assert_eq!(
+            walk_guest(
+                &mut w,
+                &c,
+                Gva(0x1_0000),
+                &LinearAccess { user: true, ..wr }
+            ),
+            Err(LinearFault::Guest(
+                ErrorCode::PRESENT | ErrorCode::WRITE | ErrorCode::USER
+            ))
+        );
+        // Without PGE nothing is global; without PCIDE the PCID is 0.
+        let c2 = cpu(
+            PagingMode {
+                pge: false,
+                pcide: false,
+                ..m
+            },
+            0x1000 | 5,
+        );
+        assert_eq!(c2.pcid(), 0);
+        assert!(!walk_guest(&mut w, &c2, Gva(0), &rd(true)).unwrap().global);
+        // Paging modes a modern kernel uses.
+        assert!(m.enabled && m.wp && m.nx && m.pcide && m.pge && !m.smep && !m.smap);
+        assert_eq!(CR3_NOFLUSH, 0x8000_0000_0000_0000);
+        assert_eq!(pte::ADDR, 0x0000_3fff_ffff_f000);
+        assert_eq!(pte::RSVD_HIGH, 0x000f_c000_0000_0000);
+    }
 }
