@@ -121,6 +121,7 @@ pub struct AccessTest {
     next_flags: u32,
     /// Run one case in `stride` (1: all).
     stride: u64,
+    seed: u64,
     seen: u64,
     mode: Option<PagingMode>,
     queue: VecDeque<(GuestAccess, Step)>,
@@ -147,6 +148,7 @@ impl AccessTest {
             base,
             next_flags: 0,
             stride: stride.max(1),
+            seed: 0,
             seen: 0,
             mode: None,
             queue: VecDeque::new(),
@@ -159,6 +161,12 @@ impl AccessTest {
             failures: 0,
             failed: Vec::new(),
         }
+    }
+
+    /// Pick a different sample of cases (with a stride above 1).
+    pub fn with_seed(mut self, seed: u64) -> AccessTest {
+        self.seed = seed;
+        self
     }
 
     fn pml4(&self) -> u64 {
@@ -217,7 +225,11 @@ impl AccessTest {
                 self.seen += 1;
                 // A scrambled pick: a plain "every N-th" would keep the low
                 // flag bits in step with N (an even N never sets pte.p).
-                if self.stride == 1 || Rng::new(self.seen).next_u64().is_multiple_of(self.stride) {
+                if self.stride == 1
+                    || Rng::new(self.seen ^ self.seed.rotate_left(32))
+                        .next_u64()
+                        .is_multiple_of(self.stride)
+                {
                     break x;
                 }
             }

@@ -49,7 +49,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         "Cases: about one in {stride} of {total}; MMU: TDP (the guest's walk is the processor's)"
     ));
     let t = Instant::now();
-    let prog = AccessTest::new(Gpa(REGION_GPA), stride);
+    let prog = AccessTest::new(Gpa(REGION_GPA), stride).with_seed(common.seed);
     let out = env.m.run(vec![prog], &Default::default(), |_| {});
     let ns = t.elapsed().as_nanos() as u64;
     let (p, rep) = out
