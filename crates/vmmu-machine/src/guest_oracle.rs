@@ -20,7 +20,7 @@ use vmmu::{ErrorCode, Gpa, Gva, MemslotSet};
 
 use crate::host_memory::HostMemory;
 use crate::oracle::{Oracle, Violation};
-use crate::paging::{guest_error, pte, reserved_bits, GuestCpu, LinearAccess, PagingMode};
+use crate::paging::{pte, GuestCpu, LinearAccess, PagingMode};
 use crate::primary_mmu::HostMmu;
 use crate::sync::Ordering;
 
@@ -45,7 +45,24 @@ pub fn reference_walk(
     if !mode.enabled {
         return Some(Outcome::Reached(Gpa(gva.0)));
     }
-    let fault = |present, rsvd| Some(Outcome::Fault(guest_error(mode, access, present, rsvd)));
+    // The error code, bit by bit (written apart from the processor model's).
+    let fault = |present: bool, rsvd: bool| {
+        let bits = [
+            (present, ErrorCode::PRESENT),
+            (access.is_write(), ErrorCode::WRITE),
+            (access.user, ErrorCode::USER),
+            (rsvd, ErrorCode::RSVD),
+            (
+                access.is_fetch() && (mode.nx || mode.smep),
+                ErrorCode::FETCH,
+            ),
+        ];
+        let code = bits
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(ErrorCode::empty(), |e, (_, b)| e | *b);
+        Some(Outcome::Fault(code))
+    };
     let mut table = cr3 & pte::ADDR;
     let (mut writable, mut user, mut exec) = (true, true, true);
     let mut level = 4u8;
@@ -55,7 +72,15 @@ pub fn reference_walk(
         if e & pte::P == 0 {
             return fault(false, false);
         }
-        if reserved_bits(mode, level, e) != 0 {
+        // Reserved: address bits 51:46 (MAXPHYADDR 46), NX without EFER.NX,
+        // PS in a PML4E, and the low address bits of a huge leaf but PAT.
+        let huge = e & pte::PS != 0;
+        let reserved = e & 0x000f_c000_0000_0000 != 0
+            || (!mode.nx && e & pte::NX != 0)
+            || (level == 4 && huge)
+            || (level == 3 && huge && e & 0x3fff_e000 != 0)
+            || (level == 2 && huge && e & 0x001f_e000 != 0);
+        if reserved {
             return fault(true, true);
         }
         writable &= e & pte::W != 0;
