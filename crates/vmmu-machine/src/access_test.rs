@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use vmmu::{ErrorCode, Gpa, Gva};
+use vmmu::{Gpa, Gva};
 
 use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram, PagingOp, Rng};
 use crate::guest_oracle::{reference_walk, Outcome};
@@ -85,6 +85,13 @@ fn legal(flags: u32) -> bool {
         && (has(f::PDE_PS) || !has(f::PDE_D | f::PDE_13))
         && (!has(f::PDE_PS) || flags & f::PTE_BITS == 0)
         && (has(f::SMAP) || !has(f::AC))
+}
+
+/// The entry bits a case's flags select from `map` (flag, entry bit).
+fn entry_bits(flags: u32, map: &[(u32, u64)]) -> u64 {
+    map.iter()
+        .filter(|(flag, _)| flags & flag != 0)
+        .fold(0, |e, (_, bit)| e | bit)
 }
 
 /// The name of a case: its flags.
@@ -253,34 +260,32 @@ impl AccessTest {
         } else {
             t + 0x3000
         };
-        for (bit, b) in [
-            (f::PDE_P, pte::P),
-            (f::PDE_W, pte::W),
-            (f::PDE_U, pte::U),
-            (f::PDE_A, pte::A),
-            (f::PDE_D, pte::D),
-            (f::PDE_NX, pte::NX),
-            (f::PDE_51, 1 << 51),
-            (f::PDE_13, 1 << 13),
-        ] {
-            if has(bit) {
-                pde |= b;
-            }
-        }
-        let mut leaf = self.target();
-        for (bit, b) in [
-            (f::PTE_P, pte::P),
-            (f::PTE_W, pte::W),
-            (f::PTE_U, pte::U),
-            (f::PTE_A, pte::A),
-            (f::PTE_D, pte::D),
-            (f::PTE_NX, pte::NX),
-            (f::PTE_51, 1 << 51),
-        ] {
-            if has(bit) {
-                leaf |= b;
-            }
-        }
+        pde |= entry_bits(
+            flags,
+            &[
+                (f::PDE_P, pte::P),
+                (f::PDE_W, pte::W),
+                (f::PDE_U, pte::U),
+                (f::PDE_A, pte::A),
+                (f::PDE_D, pte::D),
+                (f::PDE_NX, pte::NX),
+                (f::PDE_51, 1 << 51),
+                (f::PDE_13, 1 << 13),
+            ],
+        );
+        let leaf = self.target()
+            | entry_bits(
+                flags,
+                &[
+                    (f::PTE_P, pte::P),
+                    (f::PTE_W, pte::W),
+                    (f::PTE_U, pte::U),
+                    (f::PTE_A, pte::A),
+                    (f::PTE_D, pte::D),
+                    (f::PTE_NX, pte::NX),
+                    (f::PTE_51, 1 << 51),
+                ],
+            );
         let upper = pte::P | pte::W | pte::U;
         let values = [(t + 0x1000) | upper, (t + 0x2000) | upper, pde, leaf];
         self.tables.clear();
@@ -443,21 +448,4 @@ impl GuestProgram for AccessTest {
     fn first_mismatch(&self) -> Option<String> {
         self.failed.first().cloned()
     }
-}
-
-/// The error-code bits a case can produce (for reports).
-pub fn error_bits(e: ErrorCode) -> String {
-    let mut s = Vec::new();
-    for (b, n) in [
-        (ErrorCode::PRESENT, "P"),
-        (ErrorCode::WRITE, "W"),
-        (ErrorCode::USER, "U"),
-        (ErrorCode::RSVD, "RSVD"),
-        (ErrorCode::FETCH, "I"),
-    ] {
-        if e.contains(b) {
-            s.push(n);
-        }
-    }
-    s.join("|")
 }

@@ -64,7 +64,6 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
     let mut pending: Option<(GuestAccess, Option<Instant>)> = None;
     let mut since_toggle = 0u64;
     let mut table_writes: Vec<vmmu::Gpa> = Vec::new();
-    let mut pml_full_tables = false;
     let mut smm_toggle = opts.smm_toggle_every;
     loop {
         if opts
@@ -197,6 +196,9 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
         } else {
             0
         };
+        // The walk's A/D writes to guest tables filled the PML log: exit
+        // after this access.
+        let mut pml_full_tables = false;
         let translated = if let AccessKind::Linear { gva, access: la } = access.kind {
             table_writes.clear();
             let r = translate_linear(
@@ -236,15 +238,11 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             }
             match r {
                 Ok(l) => Ok((l.gpa, l.t, l.source)),
-                Err(LinearFault::Exit(e)) => {
-                    // The exit drains the log.
-                    pml_full_tables = false;
-                    Err(e)
-                }
+                Err(LinearFault::Exit(e)) => Err(e),
                 Err(LinearFault::Guest(e)) => {
                     // A #PF the guest handles: no exit with a second stage
                     // (unless the walk's A/D writes filled the log).
-                    if std::mem::take(&mut pml_full_tables) {
+                    if pml_full_tables {
                         vcpu.mmu.exit_guest_mode();
                         in_guest = false;
                         c.pml_full_exits += 1;
@@ -293,8 +291,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                 }
                 // The processor logs the write that set D (PML); a full log
                 // makes it exit after this access, which drains the log.
-                let pml_full =
-                    (t.set_dirty && vcpu.mmu.pml_log(gpa)) || std::mem::take(&mut pml_full_tables);
+                let pml_full = (t.set_dirty && vcpu.mmu.pml_log(gpa)) || pml_full_tables;
                 let word = &mem.page(t.pfn)[((gpa.0 & 0xfff) / 8) as usize];
                 let result = match store {
                     Some(v) => {

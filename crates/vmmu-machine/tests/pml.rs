@@ -39,9 +39,9 @@ fn count(log: &[u64]) -> u64 {
     log.iter().map(|w| w.count_ones() as u64).sum()
 }
 
-#[test]
-fn test_pml_logs_every_write_after_each_harvest_without_a_fault() {
-    let mut m = Machine::new(
+/// One vCPU with PML, the region mapped by the host (no memslot yet).
+fn pml_machine() -> Machine {
+    let m = Machine::new(
         MachineConfig {
             memory_bytes: 1 << 30,
             vm: VmConfig {
@@ -54,6 +54,12 @@ fn test_pml_logs_every_write_after_each_harvest_without_a_fault() {
     )
     .unwrap();
     m.map(Hva(HVA), SIZE, Backing::Anonymous).unwrap();
+    m
+}
+
+#[test]
+fn test_pml_logs_every_write_after_each_harvest_without_a_fault() {
+    let mut m = pml_machine();
     m.set_memslot(region(0)).unwrap();
     write_all(&mut m, 1, 1);
     m.set_memslot(region(MemFlags::LOG_DIRTY_PAGES.bits()))
@@ -88,19 +94,7 @@ fn test_pml_logs_the_walks_accessed_update_of_a_guest_table() {
     use vmmu::Gva;
     use vmmu_machine::guest::PagingOp;
     use vmmu_machine::paging::{pte, LinearAccess, LinearOp, PagingMode};
-    let mut m = Machine::new(
-        MachineConfig {
-            memory_bytes: 1 << 30,
-            vm: VmConfig {
-                dirty_tracking: DirtyTracking::Pml,
-                ..VmConfig::default()
-            },
-            ..MachineConfig::default()
-        },
-        1,
-    )
-    .unwrap();
-    m.map(Hva(HVA), SIZE, Backing::Anonymous).unwrap();
+    let mut m = pml_machine();
     m.set_memslot(region(MemFlags::LOG_DIRTY_PAGES.bits()))
         .unwrap();
     // Tables in pages 0..4, data in page 8.
