@@ -16,7 +16,7 @@ use vmmu::{Gpa, Gva};
 
 use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram, PagingOp, Rng};
 use crate::guest_oracle::{reference_walk, Outcome};
-use crate::paging::{pte, LinearAccess, LinearOp, PagingMode};
+use crate::paging::{direct_map_entries, pte, LinearAccess, LinearOp, PagingMode};
 
 /// Flag bits of one case.
 mod f {
@@ -244,6 +244,23 @@ impl AccessTest {
         self.flags = flags;
         let has = |b| flags & b != 0;
         let mode = Self::mode_of(flags);
+        if self.mode.is_none() {
+            // Before paging is on: the kernel's direct map, through which
+            // its physical accesses go under shadow paging.
+            let t = self.pml4();
+            for (gpa, v) in direct_map_entries(Gpa(t), Gpa(t + 0x4000)) {
+                self.queue.push_back((
+                    GuestAccess::shared(
+                        gpa,
+                        AccessKind::PteWrite {
+                            value: v,
+                            space: Gpa(t),
+                        },
+                    ),
+                    Step::Setup,
+                ));
+            }
+        }
         if self.mode != Some(mode) {
             self.mode = Some(mode);
             self.queue

@@ -18,6 +18,8 @@ pub mod paging;
 pub mod primary_mmu;
 pub mod processes;
 pub(crate) mod run;
+mod run_shadow;
+pub mod shadow_cpu;
 pub mod stress;
 pub(crate) mod sync;
 pub mod tlb;

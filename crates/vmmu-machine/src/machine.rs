@@ -126,6 +126,13 @@ pub struct VcpuCounters {
     pub tlb_hits: u64,
     /// TLB misses.
     pub tlb_misses: u64,
+    /// Shadow paging: #PF exits to the MMU.
+    pub shadow_pf_exits: u64,
+    /// Shadow paging: paging instructions that exited (CR0/CR4, CR3 loads,
+    /// INVLPG, INVPCID).
+    pub paging_exits: u64,
+    /// Shadow paging: guest stores to shadowed tables the MMU emulated.
+    pub emulated_writes: u64,
 }
 
 /// One vCPU: its MMU context, its TLB.

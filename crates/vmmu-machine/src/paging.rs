@@ -226,6 +226,33 @@ impl GuestCpu {
     }
 }
 
+/// PML4 entry of the guest kernels' direct map of guest physical memory.
+pub const DIRECT_MAP_INDEX: u64 = 254;
+/// Where the direct map starts: linear `DIRECT_MAP + gpa` reaches `gpa`.
+/// Kernels reach their page tables through it. Under shadow paging the
+/// processor makes no physical accesses once paging is on, so the machine
+/// sends a guest's physical loads and stores (`AccessKind::Read`, `Write`,
+/// `PteWrite`) through it; a guest that runs under shadow paging builds it
+/// ([`direct_map_entries`]) before it turns paging on.
+pub const DIRECT_MAP: u64 = DIRECT_MAP_INDEX << 39;
+
+/// The entries of a direct map of guest physical 0..512 GiB: the PML4 entry
+/// (in the table at `pml4`) pointing at the table at `pdpt`, then that
+/// table's 512 1 GiB leaves (supervisor, writable, accessed and dirty).
+pub fn direct_map_entries(pml4: Gpa, pdpt: Gpa) -> Vec<(Gpa, u64)> {
+    let mut v = vec![(
+        Gpa(pml4.0 + DIRECT_MAP_INDEX * 8),
+        pdpt.0 | pte::P | pte::W | pte::A,
+    )];
+    v.extend((0..512u64).map(|i| {
+        (
+            Gpa(pdpt.0 + i * 8),
+            (i << 30) | pte::P | pte::W | pte::PS | pte::A | pte::D,
+        )
+    }));
+    v
+}
+
 /// CR3 bit 63 on a load: keep the new PCID's translations.
 pub const CR3_NOFLUSH: u64 = 1 << 63;
 

@@ -880,6 +880,11 @@ impl HostMmu {
     }
 }
 
+/// The 8-byte word of its page `hva` falls in.
+fn word_index(hva: Hva) -> usize {
+    ((hva.0 & 0xfff) / 8) as usize
+}
+
 impl PrimaryMmu for HostMmu {
     fn faultin(&self, hva: Hva, req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
         let r = self.region(hva.0).ok_or(HostFaultError::NotMapped)?;
@@ -947,6 +952,44 @@ impl PrimaryMmu for HostMmu {
 
     fn release(&self, pfn: Pfn, _mapped_writable: bool) {
         self.mem.put(pfn);
+    }
+
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFaultError> {
+        let h = self.faultin(hva, FaultinRequest { write: false })?;
+        let v = self.mem.page(h.pfn)[word_index(hva)].load(Ordering::Acquire);
+        self.release(h.pfn, false);
+        Ok(v)
+    }
+
+    fn peek_u64(&self, hva: Hva) -> Option<u64> {
+        let m = self.translate(hva)?;
+        self.mem
+            .contains(m.pfn)
+            .then(|| self.mem.page(m.pfn)[word_index(hva)].load(Ordering::Acquire))
+    }
+
+    fn cmpxchg_u64(
+        &self,
+        hva: Hva,
+        old: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, HostFaultError> {
+        let h = self.faultin(hva, FaultinRequest { write: true })?;
+        let r = self.mem.page(h.pfn)[word_index(hva)].compare_exchange(
+            old,
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.release(h.pfn, true);
+        Ok(r)
+    }
+
+    fn write_u64(&self, hva: Hva, value: u64) -> Result<(), HostFaultError> {
+        let h = self.faultin(hva, FaultinRequest { write: true })?;
+        self.mem.page(h.pfn)[word_index(hva)].store(value, Ordering::Release);
+        self.release(h.pfn, true);
+        Ok(())
     }
 
     fn mapping_level(&self, hva: Hva) -> Level {

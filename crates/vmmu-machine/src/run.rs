@@ -65,6 +65,12 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
     let mut since_toggle = 0u64;
     let mut table_writes: Vec<vmmu::Gpa> = Vec::new();
     let mut smm_toggle = opts.smm_toggle_every;
+    let shadow = vm.config().mmu == vmmu::MmuKind::Shadow;
+    let mut hw_perms = crate::shadow_cpu::hardware_permissions(vcpu.paging.mode());
+    if shadow {
+        // The MMU follows the paging state the guest starts in.
+        crate::run_shadow::paging_exit(vcpu, PagingOp::SetMode(*vcpu.paging.mode()));
+    }
     loop {
         if opts
             .stop
@@ -166,14 +172,41 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             }
             AccessKind::Paging(op) => {
                 // With a second stage none of these exits: the processor
-                // changes its own state and TLB.
+                // changes its own state and TLB. Under shadow paging each
+                // exits to the MMU, which follows the guest's state.
                 paging_op(oracle, vcpu, op);
+                if shadow {
+                    vcpu.mmu.exit_guest_mode();
+                    in_guest = false;
+                    c.paging_exits += 1;
+                    crate::run_shadow::paging_exit(vcpu, op);
+                    hw_perms = crate::shadow_cpu::hardware_permissions(vcpu.paging.mode());
+                }
                 c.accesses += 1;
                 prog.complete(&access, AccessResult::Done);
                 continue;
             }
             AccessKind::PteWrite { space, .. } => oracle.note_pte_write(space),
             _ => {}
+        }
+        if shadow {
+            let flow = crate::run_shadow::shadow_access(
+                env,
+                vcpu,
+                prog,
+                &view,
+                &hw_perms,
+                slots.as_ref(),
+                access,
+                first_exit,
+                &mut c,
+                &mut pending,
+                &mut in_guest,
+            );
+            match flow {
+                crate::run_shadow::Flow::Next => continue,
+                crate::run_shadow::Flow::Stop => break,
+            }
         }
         let (write, store) = match access.kind {
             AccessKind::Write(v) | AccessKind::PteWrite { value: v, .. } => (true, Some(v)),
@@ -448,7 +481,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                         c.accesses += 1;
                         prog.complete(&access, AccessResult::Fault);
                     }
-                    Err(FaultError::NoMemory(_)) => {
+                    Err(FaultError::NoMemory(_) | FaultError::WrongMmu(_)) => {
                         c.efaults += 1;
                         prog.complete(&access, AccessResult::Fault);
                         break;
@@ -536,7 +569,7 @@ fn is_private(mem: &HostMemory, pfn: vmmu::Pfn) -> bool {
 
 /// Run the access again, unless it has been retried for too long: then it is
 /// reported stuck and completed as failed.
-fn retry_or_stuck<P: GuestProgram>(
+pub(crate) fn retry_or_stuck<P: GuestProgram>(
     oracle: &Oracle,
     vcpu: u32,
     prog: &mut P,

@@ -79,12 +79,40 @@ impl DirtyTracking {
     }
 }
 
+/// Which MMU a VM runs on (KVM's `tdp_enabled`, a module parameter there,
+/// a per-VM choice here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MmuKind {
+    /// Two-dimensional paging: the guest's tables are the processor's
+    /// business; the MMU maps guest physical memory (the TDP MMU).
+    #[default]
+    Tdp,
+    /// Shadow paging (`tdp=off`): the MMU walks the guest's page tables and
+    /// builds tables from guest virtual to host physical addresses
+    /// (`shadow/`). Guest paging instructions and faults exit to it.
+    Shadow,
+}
+
+impl MmuKind {
+    /// Short name (`tdp`, `shadow`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            MmuKind::Tdp => "tdp",
+            MmuKind::Shadow => "shadow",
+        }
+    }
+}
+
 /// How a VM's MMU is configured. `Default` is what KVM does on a modern Intel host.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     /// The VM type: whether it has private memory, and where a fault's private
     /// bit comes from.
     pub vm_type: VmType,
+    /// TDP or shadow paging. Shadow paging needs the default VM type (KVM's
+    /// private-memory types need TDP) and write-protection dirty logging (PML
+    /// logs guest physical addresses of a second stage there is none of).
+    pub mmu: MmuKind,
     /// Root level: 4 (48-bit guest physical space) or 5 (57-bit).
     pub root_level: Level,
     /// Guest physical address width in bits; gfns at or above `1 << (bits-12)` are
@@ -182,6 +210,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             vm_type: VmType::Default,
+            mmu: MmuKind::Tdp,
             root_level: Level::L4,
             maxphyaddr: 46,
             ad_enabled: true,

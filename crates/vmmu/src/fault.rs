@@ -92,6 +92,9 @@ pub enum FaultError {
     /// No memory for page-table pages.
     #[error(transparent)]
     NoMemory(#[from] TableMemoryError),
+    /// The call needs the other MMU: a guest-virtual fault on a TDP VM (EINVAL).
+    #[error("{0}")]
+    WrongMmu(&'static str),
 }
 
 impl FaultError {
@@ -108,6 +111,7 @@ impl FaultError {
             } => EHWPOISON,
             FaultError::NoMemory(_) => ENOMEM,
             FaultError::Host { .. } => EFAULT,
+            FaultError::WrongMmu(_) => EINVAL,
         }
     }
 }
@@ -398,7 +402,7 @@ impl VcpuMmu {
     }
 
     /// Resolve the frame (KVM's `kvm_mmu_faultin_pfn`), including the pre-check.
-    fn faultin_pfn(&self, f: &mut PageFault<'_>) -> Result<RetPf, FaultError> {
+    pub(crate) fn faultin_pfn(&self, f: &mut PageFault<'_>) -> Result<RetPf, FaultError> {
         let vm = &*self.vm;
         let stats = &self.shared.stats;
         // The one snapshot of the fault, before anything it decides on is read
@@ -548,7 +552,7 @@ impl VcpuMmu {
     /// Pick the largest level the slot, the configuration and the host's own
     /// mapping allow (KVM's `kvm_mmu_hugepage_adjust`). Runs under `mmu_lock`; the
     /// host level is validated by the invalidation sequence like the frame.
-    fn hugepage_adjust(&self, f: &mut PageFault<'_>) {
+    pub(crate) fn hugepage_adjust(&self, f: &mut PageFault<'_>) {
         f.goal_level = Level::K4;
         f.req_level = Level::K4;
         let Some(slot) = f.slot else { return };

@@ -100,6 +100,41 @@ pub trait PrimaryMmu: Send + Sync {
     /// pages). Read without locks; the result is validated by the invalidation
     /// sequence like the frame itself.
     fn mapping_level(&self, hva: Hva) -> Level;
+    /// Read the aligned 8 bytes at `hva` as `copy_from_user` would (faulting
+    /// the page in). The shadow MMU reads the guest's page tables this way; a
+    /// host that cannot (the default) cannot run a shadow-MMU VM.
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFaultError> {
+        let _ = hva;
+        Err(HostFaultError::NotMapped)
+    }
+    /// Read the aligned 8 bytes at `hva` only if the page is mapped now,
+    /// without faulting anything in and without calling back into the MMU
+    /// (`copy_from_user` with page faults disabled): the shadow MMU re-reads
+    /// a guest entry this way while it holds `mmu_lock`. `None` if not
+    /// mapped.
+    fn peek_u64(&self, hva: Hva) -> Option<u64> {
+        let _ = hva;
+        None
+    }
+    /// Compare-and-exchange the aligned 8 bytes at `hva` (a user-space
+    /// `cmpxchg`, faulting the page in writable): `Ok(Ok(old))` if it held
+    /// `old` and now holds `new`, `Ok(Err(found))` if it held `found`. The
+    /// shadow MMU sets the guest's Accessed and Dirty bits this way.
+    fn cmpxchg_u64(
+        &self,
+        hva: Hva,
+        old: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, HostFaultError> {
+        let _ = (hva, old, new);
+        Err(HostFaultError::NotMapped)
+    }
+    /// Store the aligned 8 bytes at `hva` (`copy_to_user`): the emulator's
+    /// write of a guest store the MMU had to intercept.
+    fn write_u64(&self, hva: Hva, value: u64) -> Result<(), HostFaultError> {
+        let _ = (hva, value);
+        Err(HostFaultError::NotMapped)
+    }
 }
 
 /// Where guest_memfd pages come from: memory the host keeps out of every host

@@ -52,6 +52,7 @@ pub mod pml;
 pub mod prefault;
 pub mod request;
 pub mod root;
+pub(crate) mod shadow;
 pub mod spte;
 pub mod stats;
 pub mod sync;
@@ -63,7 +64,7 @@ pub mod vm;
 
 pub use attributes::{AttributeError, MEMORY_ATTRIBUTE_PRIVATE};
 pub use caps::Cap;
-pub use config::{DirtyTracking, GuardKnobs, HookPoint, TestHooks, VmConfig, VmType};
+pub use config::{DirtyTracking, GuardKnobs, HookPoint, MmuKind, TestHooks, VmConfig, VmType};
 pub use dirty_log::DirtyLogError;
 pub use fault::{ErrorCode, FaultError, RetPf};
 pub use gmem::{GmemError, GuestMemfd, PrivatePage};
@@ -75,6 +76,11 @@ pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion}
 pub use notifier::Invalidation;
 pub use prefault::{PreFaultError, PreFaultRange, VcpuSignal};
 pub use root::{Role, RootFilter};
+pub use shadow::fault::GvaFault;
+pub use shadow::paging::CR3_NOFLUSH;
+pub use shadow::track::FLOOD_WRITES;
+pub use shadow::walk::GuestPaging;
+pub use shadow::ShadowInfo;
 pub use spte::{Access, Spte};
 pub use stats::Stats;
 pub use types::{Gfn, GfnRange, Gpa, Gva, Hva, HvaRange, Level, Pfn, PAGE_SIZE};

@@ -345,6 +345,14 @@ impl crate::vm::Vm {
             CounterSet::inc(&vm.stats.aging_locked);
             vm.mmu_lock.write(&vm.stats.lock)
         });
+        if vm.is_shadow() {
+            // The shadow MMU ages under the write lock (lockless aging of
+            // shadow entries is not modelled).
+            let _w = vm.mmu_lock.write(&vm.stats.lock);
+            for (as_id, g) in &hits {
+                young |= vm.shadow.age_range(vm, *as_id, *g, clear);
+            }
+        }
         for root in vm.tdp.roots_snapshot().iter() {
             if root.is_invalid() {
                 continue;

@@ -36,6 +36,10 @@ pub mod ept {
     pub const A: u64 = 1 << 8;
     /// Dirty (bit 9), set by the processor on writes when A/D bits are enabled.
     pub const D: u64 = 1 << 9;
+    /// Shadow paging only: user/supervisor (bit 10). Shadow tables keep this
+    /// one entry layout, and the processor in shadow mode reads R as present,
+    /// W, X (NX clear) and this bit as U/S. TDP entries never set it.
+    pub const USER: u64 = 1 << 10;
     /// Software: "KVM considers this a real mapping" (bit 11, ignored by hardware).
     pub const MMU_PRESENT: u64 = 1 << 11;
     /// Physical frame bits 51:12.
@@ -184,6 +188,36 @@ impl Spte {
             v |= ept::AD_DISABLED;
         }
         Spte(v)
+    }
+
+    /// Build a shadow-paging leaf: a [`Spte::leaf`] whose rights are cut down
+    /// to what the guest's entries allow (`write`, `user`, `exec`). Without
+    /// `write` the entry is neither writable nor MMU-writable (a write must
+    /// fault: the guest forbids it, its entry is clean, or the gfn is a guest
+    /// page table).
+    pub fn shadow_leaf(p: LeafParams, write: bool, user: bool, exec: bool) -> Spte {
+        let mut s = Spte::leaf(LeafParams {
+            executable: p.executable && exec,
+            ..p
+        });
+        if !write {
+            s = Spte(s.0 & !(ept::W | ept::MMU_WRITABLE | ept::D));
+        }
+        if user {
+            s = Spte(s.0 | ept::USER);
+        }
+        s
+    }
+
+    /// Build a shadow-paging non-leaf entry: fully permissive (U/S included);
+    /// the leaf decides.
+    pub fn shadow_table(child: Pfn, ad_enabled: bool) -> Spte {
+        Spte(Spte::table(child, ad_enabled).0 | ept::USER)
+    }
+
+    /// Shadow paging: the entry allows user-mode accesses.
+    pub fn is_user(self) -> bool {
+        self.0 & ept::USER != 0
     }
 
     /// Build an MMIO entry caching "gfn has no memslot" for memslot generation `gen`.

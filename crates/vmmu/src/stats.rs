@@ -213,6 +213,25 @@ counters! {
     pre_faulted_bytes,
     /// Fast zaps of all roots.
     fast_zaps,
+    /// Shadow pages created: a lookup found no page to reuse (`mmu_cache_miss`).
+    shadow_pages_created,
+    /// Shadow pages zapped (`mmu_shadow_zapped`).
+    shadow_pages_zapped,
+    /// Guest stores to shadowed tables emulated (`mmu_pte_write`).
+    shadow_pte_writes,
+    /// Shadow pages zapped because the guest kept writing to their table
+    /// without a walk through them in between (`mmu_flooded`).
+    shadow_flooded,
+    /// Entries of upper-level shadow pages zapped by an emulated write of a
+    /// present guest entry (`mmu_pde_zapped`).
+    shadow_pde_zapped,
+    /// Page faults the shadow MMU gave back to the guest: its own tables
+    /// forbid the access (an injected #PF).
+    shadow_guest_faults,
+    /// Shadow roots loaded (a root per guest CR3 and role).
+    shadow_root_loads,
+    /// Guest INVLPGs that exited to the shadow MMU (`invlpg`).
+    shadow_invlpg,
     /// Internal invariant violations detected (a present leaf replaced by another
     /// frame without a zap, an illegal writable combination). Always a bug.
     invariant_violations,

@@ -165,6 +165,9 @@ pub struct TestHost {
     next_private: AtomicU64,
     /// Most guest_memfd pages allocated at once (then out of memory).
     private_limit: AtomicU64,
+    /// Contents of guest memory by frame and 8-byte word (what the shadow
+    /// MMU reads and writes); absent words read as 0.
+    words: Mutex<HashMap<(u64, u64), u64>>,
 }
 
 impl std::fmt::Debug for TestHost {
@@ -183,6 +186,7 @@ impl TestHost {
             memory: TestMemory::new(),
             map: Mutex::new(LockClass::Leaf, HashMap::new()),
             refs: Mutex::new(LockClass::Leaf, HashMap::new()),
+            words: Mutex::new(LockClass::Leaf, HashMap::new()),
             next_pfn: AtomicU64::new(0x1000),
             host_level: AtomicU8::new(1),
             populate: true,
@@ -361,6 +365,48 @@ impl PrimaryMmu for TestHost {
             .lock()
             .get(&(hva.0 / PAGE_SIZE))
             .map_or(Level::K4, |m| m.level)
+    }
+
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFaultError> {
+        let key = self.word(hva, false)?;
+        Ok(self.words.lock().get(&key).copied().unwrap_or(0))
+    }
+
+    fn peek_u64(&self, hva: Hva) -> Option<u64> {
+        let m = self.map.lock().get(&(hva.0 / PAGE_SIZE)).map(|m| m.pfn)?;
+        let key = (m.0, (hva.0 % PAGE_SIZE) / 8);
+        Some(self.words.lock().get(&key).copied().unwrap_or(0))
+    }
+
+    fn cmpxchg_u64(
+        &self,
+        hva: Hva,
+        old: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, HostFaultError> {
+        let key = self.word(hva, true)?;
+        let mut w = self.words.lock();
+        let cur = w.get(&key).copied().unwrap_or(0);
+        if cur != old {
+            return Ok(Err(cur));
+        }
+        w.insert(key, new);
+        Ok(Ok(old))
+    }
+
+    fn write_u64(&self, hva: Hva, value: u64) -> Result<(), HostFaultError> {
+        let key = self.word(hva, true)?;
+        self.words.lock().insert(key, value);
+        Ok(())
+    }
+}
+
+impl TestHost {
+    /// The (frame, word) behind `hva`, faulted in like a user access.
+    fn word(&self, hva: Hva, write: bool) -> Result<(u64, u64), HostFaultError> {
+        let h = self.faultin(hva, FaultinRequest { write })?;
+        self.release(h.pfn, write);
+        Ok((h.pfn.0, (hva.0 % PAGE_SIZE) / 8))
     }
 }
 

@@ -56,6 +56,8 @@ pub struct VcpuMmu {
     pub(crate) last_fault: std::cell::Cell<crate::prefault::LastFault>,
     /// The page-modification log, with PML dirty tracking.
     pub(crate) pml: crate::pml::PmlLog,
+    /// Shadow paging: the guest's paging state and the shadow root.
+    pub(crate) shadow: crate::shadow::paging::ShadowVcpu,
     _not_sync: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
@@ -86,6 +88,7 @@ impl VcpuMmu {
             cache: TableCache::default(),
             last_fault: Default::default(),
             pml: Default::default(),
+            shadow: Default::default(),
             _not_sync: std::marker::PhantomData,
         }
     }
@@ -153,6 +156,9 @@ impl VcpuMmu {
         // Acquire: requests were published with SeqCst stores by requesters.
         let reqs = self.shared.requests.swap(0, Ordering::Acquire);
         let mut flush = reqs & REQ_TLB_FLUSH != 0;
+        if self.vm.config.mmu == crate::config::MmuKind::Shadow {
+            return self.prepare_shadow_entry(flush);
+        }
         let current_invalid = self.root.as_ref().is_some_and(|r| r.is_invalid());
         if reqs & REQ_FREE_OBSOLETE_ROOTS != 0 || current_invalid {
             self.free_obsolete_roots();
@@ -173,6 +179,31 @@ impl VcpuMmu {
             root: root.pfn,
             root_id: root.id,
             root_level: self.vm.config.root_level,
+            ad_enabled: self.vm.config.ad_enabled,
+            flush_tlb: flush,
+        })
+    }
+
+    /// Guest entry on a shadow VM: drop the root if it was zapped, load one
+    /// for the current paging state if there is none.
+    fn prepare_shadow_entry(&mut self, mut flush: bool) -> Result<Entry, VmError> {
+        self.free_obsolete_shadow_root();
+        if self.shadow.root.is_none() {
+            self.load_shadow_root()?;
+            flush = true;
+        }
+        let root = self
+            .shadow
+            .root
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("load_shadow_root sets the root"));
+        if flush {
+            CounterSet::inc(&self.shared.stats.tlb_flush_local);
+        }
+        Ok(Entry {
+            root: root.pfn,
+            root_id: root.id,
+            root_level: Level::L4,
             ad_enabled: self.vm.config.ad_enabled,
             flush_tlb: flush,
         })
@@ -239,6 +270,11 @@ impl VcpuMmu {
             return Ok(());
         }
         self.role.smm = smm;
+        if self.vm.config.mmu == crate::config::MmuKind::Shadow {
+            // Another address space: another root, loaded at the next entry.
+            self.put_shadow_root();
+            return Ok(());
+        }
         let want = self.role;
         let hit = self.prev_roots.iter().position(|r| {
             r.as_ref()
@@ -327,6 +363,7 @@ impl VcpuMmu {
 
 impl Drop for VcpuMmu {
     fn drop(&mut self) {
+        self.put_shadow_root();
         let vm = &*self.vm;
         {
             let stats = &vm.stats;

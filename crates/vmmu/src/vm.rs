@@ -63,6 +63,13 @@ pub enum VmError {
         /// One past the last gfn.
         end: u64,
     },
+    /// A CR3 value with bits set above the guest's physical address width
+    /// (KVM injects #GP; EINVAL here).
+    #[error("CR3 {cr3:#x} has reserved bits set")]
+    InvalidCr3 {
+        /// The value given.
+        cr3: u64,
+    },
     /// Table memory ran out (ENOMEM).
     #[error(transparent)]
     Memory(#[from] TableMemoryError),
@@ -88,7 +95,8 @@ impl VmError {
             | VmError::InvalidVcpuId { .. }
             | VmError::SmmUnsupported { .. }
             | VmError::InvalidAddressSpace { .. }
-            | VmError::InvalidRange { .. } => EINVAL,
+            | VmError::InvalidRange { .. }
+            | VmError::InvalidCr3 { .. } => EINVAL,
         }
     }
 }
@@ -107,6 +115,8 @@ pub(crate) struct VmInner {
     pub(crate) config: VmConfig,
     pub(crate) host: HostOps,
     pub(crate) tdp: Tdp,
+    /// The shadow MMU's pages, rmaps and write tracking (empty on TDP VMs).
+    pub(crate) shadow: crate::shadow::ShadowMmu,
     pub(crate) mmu_lock: MmuLock,
     pub(crate) inval: InvalidateState,
     pub(crate) active_inval: ActiveInvalidations,
@@ -204,6 +214,11 @@ impl VmInner {
             let _w = self.mmu_lock.write(&self.stats.lock);
             self.tdp.invalidate_roots(&self.stats, filter);
             self.make_all_vcpus_request(REQ_FREE_OBSOLETE_ROOTS, true);
+            // Shadow pages have no generation here: all of them go (roots in
+            // use turn invalid and are dropped by their vCPUs).
+            if self.is_shadow() {
+                self.shadow.zap_everything(self);
+            }
         }
         let rcu = self.tdp.rcu.read_lock();
         let ctx = Ctx {
@@ -241,6 +256,14 @@ impl VmInner {
             self.tdp
                 .zap_leafs(ctx, root, range, w, &self.stats.lock, batch, self);
         });
+        if self.is_shadow() {
+            self.shadow.unmap_range(self, as_id, range);
+        }
+    }
+
+    /// Whether the VM runs the shadow MMU.
+    pub(crate) fn is_shadow(&self) -> bool {
+        self.config.mmu == crate::config::MmuKind::Shadow
     }
 
     /// After the attributes of `changed` (inside `slot`) changed: re-evaluate the
@@ -400,8 +423,26 @@ impl Vm {
                 "PML dirty tracking needs EPT A/D bits (ad_enabled)",
             ));
         }
+        if config.mmu == crate::config::MmuKind::Shadow {
+            if config.vm_type != crate::config::VmType::Default {
+                return Err(VmError::InvalidConfig(
+                    "shadow paging needs the default VM type (private memory needs TDP)",
+                ));
+            }
+            if config.pml() {
+                return Err(VmError::InvalidConfig(
+                    "shadow paging has no PML: use write-protect dirty tracking",
+                ));
+            }
+            if config.root_level != Level::L4 {
+                return Err(VmError::InvalidConfig(
+                    "shadow paging shadows 4-level guest tables: root level must be 4",
+                ));
+            }
+        }
         let n = config.address_spaces;
         let inner = VmInner {
+            shadow: crate::shadow::ShadowMmu::new(),
             tdp: Tdp::new(
                 host.memory.clone(),
                 config.root_level,
@@ -651,6 +692,9 @@ impl Vm {
             vm.tdp
                 .zap_leafs(&ctx, root, range, &mut w, &vm.stats.lock, &mut batch, vm);
         });
+        if vm.is_shadow() {
+            vm.shadow.unmap_range(vm, as_id, range);
+        }
         batch.flush(vm, &vm.stats);
         vm.inval.end(&w);
         Ok(())
@@ -680,6 +724,15 @@ impl Vm {
         pml: bool,
     ) -> bool {
         let vm = &*self.inner;
+        if vm.is_shadow() {
+            // Shadow entries change under the write lock only (no PML there).
+            let _w = vm.mmu_lock.write(&vm.stats.lock);
+            let mut changed = false;
+            for range in ranges {
+                changed |= vm.shadow.write_protect_range(vm, as_id, range);
+            }
+            return changed;
+        }
         let rcu = vm.tdp.rcu.read_lock();
         let ctx = Ctx {
             stats: &vm.stats,
@@ -733,6 +786,9 @@ impl Vm {
                 n += d;
                 protected |= p;
             });
+            if vm.is_shadow() {
+                n += vm.shadow.clear_dirty_range(vm, as_id, range);
+            }
         }
         // Write-protection (entries without A/D bits) is only in force once no
         // TLB holds the writable translation.
@@ -753,8 +809,13 @@ impl Vm {
         s
     }
 
-    /// Table pages in use: linked tables plus live roots.
+    /// Table pages in use: linked tables plus live roots (shadow pages on a
+    /// shadow VM).
     pub fn table_pages_in_use(&self) -> u64 {
+        if self.inner.is_shadow() {
+            let _w = self.inner.mmu_lock.write(&self.inner.stats.lock);
+            return self.inner.shadow.page_count();
+        }
         self.inner
             .tdp
             .linked_tables
@@ -766,6 +827,12 @@ impl Vm {
                 .iter()
                 .filter(|r| !r.is_freed())
                 .count() as u64
+    }
+
+    /// The shadow MMU's pages, tracked gfns and leaves (all zero on a TDP VM).
+    pub fn shadow_info(&self) -> crate::shadow::ShadowInfo {
+        let _w = self.inner.mmu_lock.write(&self.inner.stats.lock);
+        self.inner.shadow.lock().info()
     }
 
     /// Live roots: (id, address space, valid, reference count).
@@ -787,6 +854,11 @@ impl Vm {
     /// by gfn: for tests and oracles. Lockless; racing changes may or may not show.
     pub fn mappings(&self, as_id: u16) -> Vec<(Gfn, Level, Spte)> {
         let vm = &*self.inner;
+        if vm.is_shadow() {
+            // Shadow leaves of every page (several may map one gfn).
+            let _w = vm.mmu_lock.write(&vm.stats.lock);
+            return vm.shadow.leaves_of(vm, as_id);
+        }
         let _rcu = vm.tdp.rcu.read_lock();
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
@@ -880,6 +952,7 @@ impl Drop for VmInner {
             rcu: &rcu,
         };
         let mut w = self.mmu_lock.write(&self.stats.lock);
+        self.shadow.zap_everything(self);
         self.tdp.invalidate_roots(&self.stats, RootFilter::All);
         self.tdp
             .zap_invalidated_roots(&ctx, &mut w, &self.stats.lock);

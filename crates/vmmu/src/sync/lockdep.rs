@@ -57,6 +57,10 @@ pub enum LockClass {
     MmuLock,
     /// `kvm->arch.tdp_mmu_pages_lock`: the roots list. Only under `mmu_lock`.
     TdpMmuPagesLock,
+    /// The shadow MMU's pages, hash, rmaps and write tracking: only ever
+    /// taken with `mmu_lock` held for write (the lock that really guards
+    /// them, as in KVM; this one gives the state to Rust).
+    ShadowPages,
     /// Statistics and other leaf bookkeeping.
     Leaf,
 }
@@ -77,6 +81,7 @@ impl LockClass {
             LockClass::MnInvalidateLock => "kvm->mn_invalidate_lock",
             LockClass::MmuLock => "kvm->mmu_lock",
             LockClass::TdpMmuPagesLock => "kvm->arch.tdp_mmu_pages_lock",
+            LockClass::ShadowPages => "shadow pages (under kvm->mmu_lock)",
             LockClass::Leaf => "leaf lock",
         }
     }
@@ -96,6 +101,7 @@ impl LockClass {
             LockClass::MnInvalidateLock => 50,
             LockClass::MmuLock => 60,
             LockClass::TdpMmuPagesLock => 70,
+            LockClass::ShadowPages => 72,
             LockClass::Leaf => 90,
         }
     }
@@ -103,7 +109,7 @@ impl LockClass {
     /// A lock that must already be held when this one is taken.
     pub const fn requires(self) -> Option<LockClass> {
         match self {
-            LockClass::TdpMmuPagesLock => Some(LockClass::MmuLock),
+            LockClass::TdpMmuPagesLock | LockClass::ShadowPages => Some(LockClass::MmuLock),
             _ => None,
         }
     }

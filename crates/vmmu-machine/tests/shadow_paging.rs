@@ -1,0 +1,76 @@
+//! The shadow MMU on the machine: the processor walks only the shadow
+//! tables, every #PF and paging instruction exits to the MMU, guest stores
+//! to shadowed tables are emulated, and the oracle checks each access
+//! against the reference walk of the guest's tables and the host's mapping.
+
+mod common;
+
+use common::{machine, GPA};
+use vmmu::{Gpa, MmuKind, VmConfig};
+use vmmu_machine::access_test::{case_count, AccessTest};
+use vmmu_machine::guest::Pattern;
+use vmmu_machine::{Backing, Machine, MachineConfig};
+
+const MIB: u64 = 1 << 20;
+
+fn shadow_machine(vcpus: u32, bytes: u64) -> Machine {
+    machine(
+        MachineConfig {
+            memory_bytes: 256 * MIB,
+            vm: VmConfig {
+                mmu: MmuKind::Shadow,
+                ..VmConfig::default()
+            },
+            ..MachineConfig::default()
+        },
+        vcpus,
+        bytes,
+        Backing::Anonymous,
+    )
+}
+
+fn clean(m: &Machine) {
+    assert_eq!(m.oracle.total(), 0, "{:?}", m.oracle.log());
+    assert!(m.oracle.checks() > 0);
+}
+
+/// A sample of the `access` cases under shadow paging: the MMU's walker
+/// (not the processor's) decides every fault, error code and A/D update,
+/// and each agrees with the reference.
+#[test]
+fn test_shadow_access_cases_sample() {
+    let mut m = shadow_machine(1, 16 * MIB);
+    let prog = AccessTest::new(Gpa(GPA + 2 * MIB), 61);
+    let out = m.run(vec![prog], &Default::default(), |_| {});
+    let (p, rep) = out.into_iter().next().unwrap();
+    let expect = case_count() / 61;
+    assert!(p.cases > expect * 9 / 10, "{} cases", p.cases);
+    assert!(p.faulted > 0 && p.faulted < p.cases, "{:?}", p.failed);
+    assert_eq!(p.failures, 0, "{:?}", p.failed);
+    let c = &rep.counters;
+    // Every case rewrites its shadowed tables: emulated stores.
+    assert!(c.emulated_writes > p.cases, "{c:?}");
+    assert!(c.shadow_pf_exits > p.cases, "{c:?}");
+    assert!(c.paging_exits >= p.cases, "{c:?}");
+    let s = m.vm.stats();
+    assert!(
+        s.shadow_guest_faults > 0 && s.shadow_pte_writes > 0,
+        "{s:?}"
+    );
+    clean(&m);
+}
+
+/// Paging off: the direct root maps linear = physical; the demand-paging
+/// passes see every value they wrote.
+#[test]
+fn test_shadow_paging_off_demand_paging() {
+    let bytes = 8 * MIB;
+    let mut m = shadow_machine(2, bytes);
+    let models = common::models(2, bytes);
+    let models = common::pass(&mut m, models, 0, Pattern::Sequential, 100);
+    let _ = common::pass(&mut m, models, 1, Pattern::Random, 50);
+    let s = m.vm.stats();
+    assert!(s.faults_fixed >= 2 * bytes / 4096, "{s:?}");
+    assert_eq!(s.shadow_guest_faults, 0);
+    clean(&m);
+}
