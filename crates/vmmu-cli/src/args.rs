@@ -46,6 +46,8 @@ pub struct Common {
     pub no_precheck: bool,
     /// Run without EPT A/D bits.
     pub no_ad: bool,
+    /// The MMU (`--mmu`).
+    pub mmu: vmmu::MmuKind,
     /// Touch all host memory before the vCPUs start (demand-paging).
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
@@ -209,6 +211,16 @@ impl Common {
         if self.dirty_tracking == vmmu::DirtyTracking::Pml && self.no_ad {
             return Err(BadInput(
                 "--tracking pml with --no-ad: PML logs the writes that set EPT Dirty bits, so it needs A/D bits (drop one of the two)".into(),
+            ));
+        }
+        if self.mmu == vmmu::MmuKind::Shadow && self.dirty_tracking == vmmu::DirtyTracking::Pml {
+            return Err(BadInput(
+                "--mmu shadow with --tracking pml: PML logs second-stage writes and shadow paging has no second stage (use --tracking write-protect)".into(),
+            ));
+        }
+        if self.mmu == vmmu::MmuKind::Shadow && self.conversions {
+            return Err(BadInput(
+                "--mmu shadow with --conversions: private memory needs the TDP MMU (drop one of the two)".into(),
             ));
         }
         if iterations == 0 {

@@ -99,6 +99,23 @@ pub(crate) struct RunFlags {
     /// Run without EPT A/D bits (pages aged by access tracking).
     #[arg(long)]
     pub(crate) no_ad: bool,
+    /// The MMU: tdp (two-dimensional paging, the TDP MMU) or shadow (KVM's
+    /// tdp=off: the MMU shadows the guest's own page tables).
+    #[arg(long, value_name = "KIND", value_parser = parse_mmu, default_value = "tdp")]
+    #[serde(serialize_with = "mmu_name")]
+    pub(crate) mmu: vmmu::MmuKind,
+}
+
+fn parse_mmu(s: &str) -> Result<vmmu::MmuKind, String> {
+    match s {
+        "tdp" => Ok(vmmu::MmuKind::Tdp),
+        "shadow" => Ok(vmmu::MmuKind::Shadow),
+        _ => Err(format!("unknown MMU '{s}' (valid: tdp, shadow)")),
+    }
+}
+
+fn mmu_name<S: serde::Serializer>(m: &vmmu::MmuKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.name())
 }
 
 /// How dirty logging catches writes: the flags of every dirty-logging
@@ -152,6 +169,7 @@ impl RunFlags {
             no_oracle: self.no_oracle,
             no_precheck: self.no_precheck,
             no_ad: self.no_ad,
+            mmu: self.mmu,
             ..Common::default()
         }
     }

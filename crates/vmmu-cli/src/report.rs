@@ -276,7 +276,7 @@ pub fn config_json(command: &str, flags: Value, vm: &vmmu::VmConfig, oracle: boo
         "command": command,
         "flags": flags,
         "mmu": {
-            "kind": "tdp",
+            "kind": vm.mmu.name(),
             "vm_type": vm.vm_type.name(),
             "root_level": vm.root_level.get(),
             "max_level": vm.max_level.to_string(),

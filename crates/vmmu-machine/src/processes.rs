@@ -4,7 +4,11 @@
 //! spawns processes (a CR3 load that flushes the new PCID), switches between
 //! live ones (CR3 loads with the no-flush bit), remaps and write-protects
 //! their pages (entry write, then INVLPG), and ends them (entries cleared,
-//! frames freed for the next process to reuse).
+//! frames freed for the next process to reuse). Like a real kernel it has
+//! tables of its own (a PML4 with only the direct map of guest memory, whose
+//! table every process's PML4 shares): it runs on them before paging has a
+//! process to run and while it tears one down, and it writes page tables
+//! through the direct map.
 //!
 //! This is the guest a shadow MMU finds hardest: every spawn and exit changes
 //! page tables, every switch changes roots. Here it checks the machine's
@@ -17,7 +21,9 @@ use std::collections::VecDeque;
 use vmmu::{ErrorCode, Gpa, Gva};
 
 use crate::guest::{AccessKind, AccessResult, GuestAccess, GuestProgram, PagingOp, Rng};
-use crate::paging::{pte, LinearAccess, LinearOp, PagingMode, CR3_NOFLUSH};
+use crate::paging::{
+    direct_map_entries, pte, LinearAccess, LinearOp, PagingMode, CR3_NOFLUSH, DIRECT_MAP_INDEX,
+};
 
 /// Linear address of a process's first page (PML4, PDPT index 0, PD index 2).
 const USER_BASE: u64 = 0x40_0000;
@@ -78,6 +84,9 @@ pub struct ProcessChurn {
     seq: u64,
     queue: VecDeque<(GuestAccess, Expect)>,
     started: bool,
+    /// The kernel's own PML4 (CR3 with PCID 0) and its direct map's PDPT.
+    kernel_root: u64,
+    direct_map: u64,
     mismatches: u64,
     first: Option<String>,
     /// What it did.
@@ -98,10 +107,15 @@ impl ProcessChurn {
         seed: u64,
     ) -> ProcessChurn {
         let frames = bytes / 4096;
+        let mut free: Vec<u64> = (0..frames).rev().map(|i| base.0 + i * 4096).collect();
+        let kernel_root = free.pop().unwrap_or_default();
+        let direct_map = free.pop().unwrap_or_default();
         ProcessChurn {
             vcpu,
             rng: Rng::new(seed ^ ((vcpu as u64) << 40)),
-            free: (0..frames).rev().map(|i| base.0 + i * 4096).collect(),
+            free,
+            kernel_root,
+            direct_map,
             live: Vec::new(),
             current: None,
             next_pcid: 1,
@@ -177,6 +191,12 @@ impl ProcessChurn {
         self.next_pcid = self.next_pcid % 4095 + 1;
         let root = tables[0];
         let pd_index = (USER_BASE >> 21) & 511;
+        // The kernel half: the shared direct map.
+        self.pte_write(
+            root + DIRECT_MAP_INDEX * 8,
+            self.direct_map | pte::P | pte::W | pte::A,
+            root,
+        );
         self.pte_write(tables[0], tables[1] | USER, root);
         self.pte_write(tables[1], tables[2] | USER, root);
         self.pte_write(tables[2] + pd_index * 8, tables[3] | USER, root);
@@ -197,9 +217,16 @@ impl ProcessChurn {
 
     fn exit(&mut self, idx: usize) {
         let p = self.live.swap_remove(idx);
+        // Off its tables first (a kernel switches to its own mm before it
+        // frees a process's), without keeping PCID 0's translations.
+        self.push(
+            GuestAccess::paging(PagingOp::LoadCr3(self.kernel_root)),
+            Expect::Nothing,
+        );
         // Clear what the process's tables hold, so their frames come back
         // zeroed, then free everything.
         let pd_index = (USER_BASE >> 21) & 511;
+        self.pte_write(p.root + DIRECT_MAP_INDEX * 8, 0, p.root);
         for i in 0..p.frames.len() {
             self.pte_write(p.pt_entry(i), 0, p.root);
         }
@@ -276,10 +303,16 @@ impl ProcessChurn {
     fn plan(&mut self) -> bool {
         if !self.started {
             self.started = true;
+            // Before paging: the kernel's own tables, the direct map only.
+            let k = self.kernel_root;
+            for (gpa, v) in direct_map_entries(Gpa(k), Gpa(self.direct_map)) {
+                self.pte_write(gpa.0, v, k);
+            }
             self.push(
                 GuestAccess::paging(PagingOp::SetMode(PagingMode::long_mode())),
                 Expect::Nothing,
             );
+            self.push(GuestAccess::paging(PagingOp::LoadCr3(k)), Expect::Nothing);
         }
         if self.ops == 0 {
             return false;

@@ -8,7 +8,7 @@ mod common;
 use common::{machine, GPA};
 use vmmu::{Gpa, MmuKind, VmConfig};
 use vmmu_machine::access_test::{case_count, AccessTest};
-use vmmu_machine::guest::Pattern;
+use vmmu_machine::guest::{GuestProgram, Pattern};
 use vmmu_machine::{Backing, Machine, MachineConfig};
 
 const MIB: u64 = 1 << 20;
@@ -72,5 +72,35 @@ fn test_shadow_paging_off_demand_paging() {
     let s = m.vm.stats();
     assert!(s.faults_fixed >= 2 * bytes / 4096, "{s:?}");
     assert_eq!(s.shadow_guest_faults, 0);
+    clean(&m);
+}
+
+/// Two vCPUs each run a kernel that spawns, switches, remaps, write-protects
+/// and ends processes under shadow paging: every read returns the last
+/// stamp, every write to a read-only page faults, the oracle agrees with
+/// every access, and the process exits zap shadow pages (flooding). Without
+/// a previous-roots cache yet, every CR3 switch loads a root.
+#[test]
+fn test_shadow_process_churn() {
+    use vmmu_machine::processes::ProcessChurn;
+    let chunk = 8 * MIB;
+    let mut m = shadow_machine(2, chunk);
+    let progs: Vec<_> = (0..2)
+        .map(|v| ProcessChurn::new(v, Gpa(GPA + v as u64 * chunk), chunk, 16, 4, 3000, 9))
+        .collect();
+    let out = m.run(progs, &Default::default(), |_| {});
+    for (p, rep) in &out {
+        assert_eq!(p.mismatches(), 0, "{:?}", p.first_mismatch());
+        let c = &p.counters;
+        assert!(
+            c.spawned > 10 && c.exited > 5 && c.switches > 50 && c.verified_reads > 500,
+            "{c:?}"
+        );
+        assert!(rep.counters.emulated_writes > 0, "{:?}", rep.counters);
+    }
+    let s = m.vm.stats();
+    assert!(s.shadow_flooded > 0 && s.shadow_pages_zapped > 0, "{s:?}");
+    let switches: u64 = out.iter().map(|(p, _)| p.counters.switches).sum();
+    assert!(s.shadow_root_loads > switches, "{s:?}");
     clean(&m);
 }

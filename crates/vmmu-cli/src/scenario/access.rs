@@ -6,8 +6,9 @@
 //! access through its own tables and reads the entries back. Each case must
 //! give the fault (and error code) or the address, and the Accessed/Dirty
 //! updates, of the oracle's reference walk; the oracle also checks every
-//! access of the run on its own. The MMU underneath is the TDP MMU here: the
-//! guest's walk is the processor's.
+//! access of the run on its own. On the TDP MMU (the default) the guest's
+//! walk is the processor's; with `--mmu shadow` it is the shadow MMU's, and
+//! every case's table writes are emulated stores to shadowed tables.
 //!
 //! Reported: cases run, cases that faulted, cases that disagreed (with the
 //! first few named by their flags), and the time per case.
@@ -45,8 +46,12 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let mut env = build(common, shape)?;
     let mut r = Report::new("access", &shape);
     let total = case_count();
+    let mmu = match common.mmu {
+        vmmu::MmuKind::Tdp => "TDP (the guest's walk is the processor's)",
+        vmmu::MmuKind::Shadow => "shadow (the guest's walk is the MMU's)",
+    };
     r.line(format!(
-        "Cases: about one in {stride} of {total}; MMU: TDP (the guest's walk is the processor's)"
+        "Cases: about one in {stride} of {total}; MMU: {mmu}"
     ));
     let t = Instant::now();
     let prog = AccessTest::new(Gpa(REGION_GPA), stride).with_seed(common.seed);
@@ -76,6 +81,9 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     r.put("failed_cases", serde_json::json!(p.failed));
     r.put("guest_page_faults", rep.counters.guest_page_faults);
     r.put("ept_violations", rep.counters.violations);
+    r.put("shadow_pf_exits", rep.counters.shadow_pf_exits);
+    r.put("emulated_writes", rep.counters.emulated_writes);
+    r.put("paging_exits", rep.counters.paging_exits);
     let code = env.finish(r)?;
     Ok(if p.failures > 0 { 1 } else { code })
 }

@@ -62,6 +62,7 @@ pub fn vm_config(common: &Common) -> VmConfig {
         dirty_tracking: common.dirty_tracking,
         eager_page_split: !common.no_eager_split,
         lockless_aging: !common.locked_aging,
+        mmu: common.mmu,
         // The conversion storm converts memory: only a VM with private memory can.
         vm_type: if common.conversions {
             vmmu::VmType::SwProtected
