@@ -693,9 +693,14 @@ pub(crate) struct SoakArgs {
     #[arg(long)]
     pub(crate) guest_paging: bool,
     /// The VM type to soak; `all` splits the duration between the three (the
-    /// private types add conversions and punch-holes to the host events).
+    /// private types add conversions and punch-holes to the host events);
+    /// with `--mmu shadow`, `all` is the default type alone.
     #[arg(long, value_enum, default_value_t = SoakVmType::All)]
     pub(crate) vm_type: SoakVmType,
+    /// The MMU: tdp or shadow (shadow paging; only the default VM type).
+    #[arg(long, value_name = "KIND", value_parser = parse_mmu, default_value = "tdp")]
+    #[serde(serialize_with = "mmu_name")]
+    pub(crate) mmu: vmmu::MmuKind,
     /// How the slot's dirty logging (turned on, harvested and off among the
     /// host events) catches writes: write-protect or pml.
     #[arg(long = "tracking", value_name = "HOW", value_parser = parse_tracking, default_value = "write-protect")]

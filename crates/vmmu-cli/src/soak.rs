@@ -17,7 +17,19 @@ use crate::report;
 
 /// Refuse what a soak cannot run.
 pub(crate) fn check(a: &SoakArgs) -> anyhow::Result<()> {
-    let types = types(a.vm_type);
+    let types = types(a);
+    if a.mmu == vmmu::MmuKind::Shadow {
+        if types.iter().any(|t| t.has_private_mem()) {
+            anyhow::bail!(BadInput(
+                "--mmu shadow with a private-memory VM type: private memory needs the TDP MMU (use --vm-type default)".into()
+            ));
+        }
+        if a.tracking == vmmu::DirtyTracking::Pml {
+            anyhow::bail!(BadInput(
+                "--mmu shadow with --tracking pml: PML logs second-stage writes and shadow paging has no second stage (use --tracking write-protect)".into()
+            ));
+        }
+    }
     if a.duration < types.len() as u64 {
         anyhow::bail!(BadInput(format!(
             "--duration {}: a soak runs each VM type for at least 1 second ({} type{} here)",
@@ -43,8 +55,10 @@ pub(crate) fn check(a: &SoakArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn types(t: SoakVmType) -> Vec<VmType> {
-    match t {
+fn types(a: &SoakArgs) -> Vec<VmType> {
+    match a.vm_type {
+        // Shadow paging has no private memory: `all` is the one type it has.
+        SoakVmType::All if a.mmu == vmmu::MmuKind::Shadow => vec![VmType::Default],
         SoakVmType::All => VmType::ALL.to_vec(),
         SoakVmType::Default => vec![VmType::Default],
         SoakVmType::SwProtected => vec![VmType::SwProtected],
@@ -55,7 +69,7 @@ fn types(t: SoakVmType) -> Vec<VmType> {
 /// Run the soak; exit code 1 if the oracle saw anything.
 pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     check(a)?;
-    let types = types(a.vm_type);
+    let types = types(a);
     let config = report::config_json(
         "soak",
         serde_json::to_value(a)?,
@@ -63,6 +77,7 @@ pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
             ad_enabled: !a.no_ad,
             vm_type: types[0],
             dirty_tracking: a.tracking,
+            mmu: a.mmu,
             ..vmmu::VmConfig::default()
         },
         true,
@@ -107,6 +122,7 @@ pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
                 vm_type: *t,
                 dirty_tracking: a.tracking,
                 guest_paging: a.guest_paging,
+                mmu: a.mmu,
                 ..Default::default()
             };
             match stress(&cfg) {

@@ -64,9 +64,10 @@ pub fn translate_shadow(
     gva: Gva,
     access: &LinearAccess,
 ) -> Result<(Translation, Source), ShadowExit> {
-    let paging = cpu.mode().enabled;
     let pcid = cpu.pcid();
-    let allowed = |r: u8| !paging || !perms.faults(r, access);
+    // The shadow entries' rights hold with guest paging off too: the
+    // processor runs the guest on the MMU's tables either way.
+    let allowed = |r: u8| !perms.faults(r, access);
     if let Some((e, t, _)) = tlb.lookup_linear(mmu.root_id, pcid, gva) {
         if allowed(e.rights) && (!access.is_write() || t.dirty || !mmu.ad) {
             return Ok((t, Source::Tlb));

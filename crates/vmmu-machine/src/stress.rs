@@ -71,6 +71,8 @@ pub struct StressConfig {
     /// feet (discards, read-only protection, slot moves and deletions) are
     /// left out: a real host does not do them to a guest's page tables.
     pub guest_paging: bool,
+    /// The MMU (shadow paging: the default VM type only).
+    pub mmu: vmmu::MmuKind,
 }
 
 /// A stress run's progress, readable while it runs.
@@ -103,6 +105,7 @@ impl Default for StressConfig {
             vm_type: VmType::Default,
             dirty_tracking: vmmu::DirtyTracking::WriteProtect,
             guest_paging: false,
+            mmu: vmmu::MmuKind::Tdp,
         }
     }
 }
@@ -328,6 +331,7 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         precheck: cfg.precheck,
         vm_type: cfg.vm_type,
         dirty_tracking: cfg.dirty_tracking,
+        mmu: cfg.mmu,
         ..VmConfig::default()
     };
     let private = cfg.vm_type.has_private_mem();

@@ -104,3 +104,34 @@ fn test_shadow_process_churn() {
     assert!(s.shadow_root_loads > switches, "{s:?}");
     clean(&m);
 }
+
+/// Dirty logging under shadow paging: every page written after a harvest
+/// is in the next one (the harvest write-protects through the rmaps).
+#[test]
+fn test_shadow_dirty_log_reports_every_write() {
+    let bytes = 2 * MIB;
+    let mut m = shadow_machine(1, bytes);
+    m.set_memslot(vmmu::UserMemoryRegion {
+        slot: 0,
+        flags: vmmu::MemFlags::LOG_DIRTY_PAGES.bits(),
+        guest_phys_addr: GPA,
+        memory_size: bytes,
+        userspace_addr: common::HVA,
+    })
+    .unwrap();
+    let mut models = common::models(1, bytes);
+    for pass in 0..3 {
+        models = common::pass(&mut m, models, pass, Pattern::Sequential, 100);
+        let log = m.vm.get_dirty_log(0).unwrap();
+        let set: u32 = log.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(set as u64, bytes / 4096, "pass {pass}: {log:x?}");
+        let writable = m
+            .vm
+            .mappings(0)
+            .iter()
+            .filter(|(_, _, s)| s.is_writable())
+            .count();
+        assert_eq!(writable, 0, "pass {pass}: writable leaves after the harvest");
+    }
+    clean(&m);
+}

@@ -217,7 +217,7 @@ impl VmInner {
             // Shadow pages have no generation here: all of them go (roots in
             // use turn invalid and are dropped by their vCPUs).
             if self.is_shadow() {
-                self.shadow.zap_everything(self);
+                self.shadow.zap_everything(self, filter);
             }
         }
         let rcu = self.tdp.rcu.read_lock();
@@ -952,7 +952,7 @@ impl Drop for VmInner {
             rcu: &rcu,
         };
         let mut w = self.mmu_lock.write(&self.stats.lock);
-        self.shadow.zap_everything(self);
+        self.shadow.zap_everything(self, RootFilter::All);
         self.tdp.invalidate_roots(&self.stats, RootFilter::All);
         self.tdp
             .zap_invalidated_roots(&ctx, &mut w, &self.stats.lock);

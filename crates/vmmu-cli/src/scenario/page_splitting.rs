@@ -17,6 +17,12 @@ use crate::report::Report;
 
 /// Check the flags.
 pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
+    if common.mmu == vmmu::MmuKind::Shadow {
+        return Err(crate::args::BadInput(
+            "page-splitting --mmu shadow: eager splitting and in-place recovery are TDP-MMU operations here (the shadow MMU zaps huge leaves when logging starts and refaults them small; use --mmu tdp)".into(),
+        )
+        .into());
+    }
     let shape = common.shape(1, 1 << 30, 1, Backing::AnonymousThp)?;
     if !matches!(
         shape.backing,

@@ -17,6 +17,12 @@ use crate::report::Report;
 
 /// Check the flags (before anything is allocated).
 pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
+    if common.mmu == vmmu::MmuKind::Shadow {
+        return Err(crate::args::BadInput(
+            "roots --mmu shadow: this scenario checks the previous-roots cache, which the shadow MMU does not have yet (use --mmu tdp)".into(),
+        )
+        .into());
+    }
     Ok(common.shape(2, 64 << 20, 20, Backing::Anonymous)?)
 }
 

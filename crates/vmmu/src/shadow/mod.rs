@@ -211,12 +211,12 @@ impl ShadowMmu {
         self.commit(vm, z);
     }
 
-    /// Zap every page (memslot delete or move, VM teardown). Roots in use go
-    /// invalid and every vCPU drops them before it enters again.
-    pub(crate) fn zap_everything(&self, vm: &VmInner) {
+    /// Zap every page of the address spaces `filter` names (memslot delete
+    /// or move, `invalidate_roots`, VM teardown). Roots in use go invalid and
+    /// every vCPU drops them before it enters again.
+    pub(crate) fn zap_everything(&self, vm: &VmInner, filter: crate::root::RootFilter) {
         let mut z = Zap::default();
-        self.lock()
-            .zap_all(self, &*vm.host.memory, &vm.stats, &mut z);
+        self.lock().zap_all(self, &*vm.host.memory, &vm.stats, filter, &mut z);
         self.commit(vm, z);
     }
 
@@ -627,15 +627,25 @@ impl State {
         }
     }
 
-    /// Zap every page (KVM's `kvm_mmu_zap_all`).
+    /// Zap every page of the address spaces `filter` names (KVM's
+    /// `kvm_mmu_zap_all`).
     pub(crate) fn zap_all(
         &mut self,
         sh: &ShadowMmu,
         mem: &dyn TableMemory,
         stats: &CounterSet,
+        filter: crate::root::RootFilter,
         z: &mut Zap,
     ) {
-        let all: Vec<Pfn> = self.pages.keys().copied().collect();
+        let all: Vec<Pfn> = self
+            .pages
+            .values()
+            .filter(|sp| match filter {
+                crate::root::RootFilter::All => true,
+                crate::root::RootFilter::AddressSpace(a) => sp.role.as_id == a,
+            })
+            .map(|sp| sp.pfn)
+            .collect();
         for pfn in all {
             self.zap_page(sh, mem, stats, pfn, z);
         }

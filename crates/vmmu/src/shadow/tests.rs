@@ -447,3 +447,45 @@ fn test_a_page_that_becomes_a_shadowed_table_loses_its_writable_leaves() {
     assert!(g.vm.stats().entries_write_protected >= 1);
     assert_eq!(g.vm.shadow_info().tracked_gfns, 5);
 }
+
+#[test]
+fn test_shadow_dirty_logging_write_protects_through_the_rmap() {
+    let host = TestHost::new();
+    let vm = Vm::new(
+        VmConfig {
+            mmu: MmuKind::Shadow,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    let region = UserMemoryRegion {
+        slot: 0,
+        flags: crate::memslot::MemFlags::LOG_DIRTY_PAGES.bits(),
+        guest_phys_addr: 1 << 30,
+        memory_size: 4 << 20,
+        userspace_addr: HVA,
+    };
+    vm.set_user_memory_region(region).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    let gva = Gva((1 << 30) + 0x3000);
+    for round in 0..3 {
+        let ec = if round == 0 {
+            ErrorCode::WRITE
+        } else {
+            ErrorCode::WRITE | ErrorCode::PRESENT
+        };
+        assert_eq!(
+            vcpu.page_fault_gva(gva, ec, false).unwrap(),
+            GvaFault::Mmu(RetPf::Fixed),
+            "round {round}"
+        );
+        assert!(leaf_for(&vm, ((1 << 30) >> 12) + 3)[0].1.is_writable());
+        let log = vm.get_dirty_log(0).unwrap();
+        assert_eq!(log[0], 1 << 3, "round {round}");
+        let l = leaf_for(&vm, ((1 << 30) >> 12) + 3);
+        assert_eq!(l.len(), 1);
+        assert!(!l[0].1.is_writable(), "round {round}: still writable after the harvest");
+    }
+}
