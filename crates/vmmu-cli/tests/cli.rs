@@ -802,3 +802,37 @@ fn test_access_cases_agree_with_the_reference() {
     let e = refusal(&["run", "access", "--stride", "0"]);
     assert!(e.contains("--stride 0") && e.contains("1..="), "{e}");
 }
+
+/// `--mmu shadow`: the `access` sample agrees with the reference when the
+/// shadow MMU's walker decides the faults, its stores to shadowed tables are
+/// emulated, and the JSON says which MMU ran; what shadow paging cannot run
+/// is refused in one line.
+#[test]
+fn test_shadow_mmu_runs_the_access_cases_and_refuses_what_it_cannot() {
+    let v = json_run(&["run", "access", "--stride", "499", "--mmu", "shadow"]);
+    assert_eq!(v["config"]["mmu"]["kind"], "shadow", "{v}");
+    assert_eq!(v["case_failures"], 0, "{v}");
+    assert!(v["cases"].as_u64().unwrap() > 4000, "{v}");
+    assert!(v["emulated_writes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["shadow_pf_exits"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["violations"], 0, "{v}");
+    let e = refusal(&["run", "access", "--mmu", "nested"]);
+    assert!(e.contains("tdp, shadow"), "{e}");
+    let e = refusal(&["run", "roots", "--mmu", "shadow"]);
+    assert!(
+        e.contains("previous-roots cache") && e.contains("--mmu tdp"),
+        "{e}"
+    );
+    let e = refusal(&["run", "dirty-log", "--mmu", "shadow", "--tracking", "pml"]);
+    assert!(e.contains("write-protect"), "{e}");
+    let e = refusal(&[
+        "soak",
+        "--mmu",
+        "shadow",
+        "--vm-type",
+        "snp",
+        "--duration",
+        "1",
+    ]);
+    assert!(e.contains("--vm-type default"), "{e}");
+}

@@ -125,13 +125,15 @@ fn test_shadow_dirty_log_reports_every_write() {
         let log = m.vm.get_dirty_log(0).unwrap();
         let set: u32 = log.iter().map(|w| w.count_ones()).sum();
         assert_eq!(set as u64, bytes / 4096, "pass {pass}: {log:x?}");
-        let writable = m
-            .vm
-            .mappings(0)
-            .iter()
-            .filter(|(_, _, s)| s.is_writable())
-            .count();
-        assert_eq!(writable, 0, "pass {pass}: writable leaves after the harvest");
+        let writable =
+            m.vm.mappings(0)
+                .iter()
+                .filter(|(_, _, s)| s.is_writable())
+                .count();
+        assert_eq!(
+            writable, 0,
+            "pass {pass}: writable leaves after the harvest"
+        );
     }
     clean(&m);
 }

@@ -208,3 +208,58 @@ fn test_oracle_catches_missing_tlb_flush_after_zap_under_guest_paging() {
     let r = stress(&cfg).unwrap();
     assert!(r.total_violations > 0, "the oracle saw nothing: {r:#?}");
 }
+
+/// The shadow MMU under the same world: kernels churning processes (their
+/// tables shadowed and write-protected, stores to them emulated) and the
+/// host events that keep guest memory's contents.
+#[test]
+fn test_stress_shadow_guest_paging_zero_violations() {
+    let cfg = StressConfig {
+        duration: secs(10),
+        min_passes: 2,
+        guest_paging: true,
+        mmu: vmmu::MmuKind::Shadow,
+        seed: 5,
+        ..StressConfig::default()
+    };
+    let r = stress(&cfg).unwrap();
+    assert!(r.accesses > 10_000, "{r:#?}");
+    assert_clean(&r);
+}
+
+/// Shadow paging with guest paging off (direct shadow pages) under every
+/// host event, memslot moves and deletions included.
+#[test]
+fn test_stress_shadow_direct_zero_violations() {
+    let cfg = StressConfig {
+        duration: secs(10),
+        min_passes: 2,
+        mmu: vmmu::MmuKind::Shadow,
+        seed: 6,
+        ..StressConfig::default()
+    };
+    let r = stress(&cfg).unwrap();
+    assert!(r.accesses > 10_000, "{r:#?}");
+    assert_clean(&r);
+}
+
+/// The shadow world finds a missing flush after a zap too: an emulated
+/// store's zap (or an invalidation's) that leaves a vCPU's TLB alone lets
+/// it keep the old translation.
+#[test]
+fn test_oracle_catches_missing_flush_after_shadow_zap() {
+    let cfg = StressConfig {
+        duration: secs(25),
+        knobs: GuardKnobs {
+            skip_flush_after_zap: true,
+            ..GuardKnobs::default()
+        },
+        stop_on_violation: true,
+        backing: Backing::Anonymous,
+        guest_paging: true,
+        mmu: vmmu::MmuKind::Shadow,
+        ..StressConfig::default()
+    };
+    let r = stress(&cfg).unwrap();
+    assert!(r.total_violations > 0, "the oracle saw nothing: {r:#?}");
+}

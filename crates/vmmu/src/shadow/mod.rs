@@ -216,7 +216,8 @@ impl ShadowMmu {
     /// every vCPU drops them before it enters again.
     pub(crate) fn zap_everything(&self, vm: &VmInner, filter: crate::root::RootFilter) {
         let mut z = Zap::default();
-        self.lock().zap_all(self, &*vm.host.memory, &vm.stats, filter, &mut z);
+        self.lock()
+            .zap_all(self, &*vm.host.memory, &vm.stats, filter, &mut z);
         self.commit(vm, z);
     }
 

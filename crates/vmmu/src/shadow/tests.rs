@@ -486,6 +486,9 @@ fn test_shadow_dirty_logging_write_protects_through_the_rmap() {
         assert_eq!(log[0], 1 << 3, "round {round}");
         let l = leaf_for(&vm, ((1 << 30) >> 12) + 3);
         assert_eq!(l.len(), 1);
-        assert!(!l[0].1.is_writable(), "round {round}: still writable after the harvest");
+        assert!(
+            !l[0].1.is_writable(),
+            "round {round}: still writable after the harvest"
+        );
     }
 }
