@@ -641,6 +641,11 @@ pub(crate) struct BenchDemandPagingArgs {
     /// Also run the workload on /dev/kvm.
     #[arg(long)]
     pub(crate) vs_kvm: bool,
+    /// vmmu's MMU: tdp or shadow (the real KVM on these machines runs its
+    /// shadow MMU either way, nested).
+    #[arg(long, value_name = "KIND", value_parser = parse_mmu, default_value = "tdp")]
+    #[serde(serialize_with = "mmu_name")]
+    pub(crate) mmu: vmmu::MmuKind,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: BenchFlags,

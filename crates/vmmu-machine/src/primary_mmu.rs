@@ -452,10 +452,7 @@ impl HostMmu {
     /// The VMM reads the word at `hva` through its own mapping (faulting the
     /// page in as a read would).
     pub fn read_u64(&self, hva: Hva) -> Result<u64, HostFaultError> {
-        let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: false })?;
-        let v = self.mem.page(p.pfn)[((hva.0 & (PAGE - 1)) / 8) as usize].load(Ordering::Relaxed);
-        self.release(p.pfn, false);
-        Ok(v)
+        self.with_word(hva, false, |w| w.load(Ordering::Acquire))
     }
 
     /// The VMM reads the whole 4 KiB page at `hva` through its own mapping (a
@@ -484,13 +481,10 @@ impl HostMmu {
         Ok(())
     }
 
-    /// The VMM writes the word at `hva` through its own mapping.
+    /// The VMM writes the word at `hva` through its own mapping (a store made
+    /// while the host moves the page is never lost: see `with_word`).
     pub fn write_u64(&self, hva: Hva, v: u64) -> Result<(), HostFaultError> {
-        let p = self.faultin(Hva(hva.0 & !(PAGE - 1)), FaultinRequest { write: true })?;
-        self.mem.commit(p.pfn);
-        self.mem.page(p.pfn)[((hva.0 & (PAGE - 1)) / 8) as usize].store(v, Ordering::Relaxed);
-        self.release(p.pfn, true);
-        Ok(())
+        self.with_word(hva, true, |w| w.store(v, Ordering::Release))
     }
 
     /// Inside a bracket: split the huge pages `range` cuts through (a change to
@@ -885,6 +879,41 @@ fn word_index(hva: Hva) -> usize {
     ((hva.0 & 0xfff) / 8) as usize
 }
 
+impl HostMmu {
+    /// Access the word at `hva` as a user-space load or store does: through
+    /// the host's mapping, faulting it in. The access is made holding the
+    /// page's lock, after checking the mapping still names the frame the
+    /// fault-in returned: every change of a mapping (migration, swap-out,
+    /// KSM, collapse) copies and switches under that lock, so the access
+    /// lands before the copy or goes to the new frame, never to a frame
+    /// that was already copied (a write there would be lost, as a store
+    /// through a stale mapping would).
+    fn with_word<R>(
+        &self,
+        hva: Hva,
+        write: bool,
+        f: impl Fn(&crate::sync::AtomicU64) -> R,
+    ) -> Result<R, HostFaultError> {
+        loop {
+            let h = self.faultin(hva, FaultinRequest { write })?;
+            let r = self.region(hva.0).ok_or(HostFaultError::NotMapped)?;
+            let idx = r.idx(hva.0);
+            let out = {
+                let _l = r.lock(idx);
+                let e = r.entries[idx].load(Ordering::Acquire);
+                let still = e & PRESENT != 0
+                    && Pfn(e & FRAME) == h.pfn
+                    && (!write || (e & WRITE != 0 && e & PROT_RO == 0));
+                still.then(|| f(&self.mem.page(h.pfn)[word_index(hva)]))
+            };
+            self.release(h.pfn, write);
+            if let Some(v) = out {
+                return Ok(v);
+            }
+        }
+    }
+}
+
 impl PrimaryMmu for HostMmu {
     fn faultin(&self, hva: Hva, req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
         let r = self.region(hva.0).ok_or(HostFaultError::NotMapped)?;
@@ -955,10 +984,7 @@ impl PrimaryMmu for HostMmu {
     }
 
     fn read_u64(&self, hva: Hva) -> Result<u64, HostFaultError> {
-        let h = self.faultin(hva, FaultinRequest { write: false })?;
-        let v = self.mem.page(h.pfn)[word_index(hva)].load(Ordering::Acquire);
-        self.release(h.pfn, false);
-        Ok(v)
+        HostMmu::read_u64(self, hva)
     }
 
     fn peek_u64(&self, hva: Hva) -> Option<u64> {
@@ -974,22 +1000,13 @@ impl PrimaryMmu for HostMmu {
         old: u64,
         new: u64,
     ) -> Result<Result<u64, u64>, HostFaultError> {
-        let h = self.faultin(hva, FaultinRequest { write: true })?;
-        let r = self.mem.page(h.pfn)[word_index(hva)].compare_exchange(
-            old,
-            new,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-        self.release(h.pfn, true);
-        Ok(r)
+        self.with_word(hva, true, |w| {
+            w.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+        })
     }
 
     fn write_u64(&self, hva: Hva, value: u64) -> Result<(), HostFaultError> {
-        let h = self.faultin(hva, FaultinRequest { write: true })?;
-        self.mem.page(h.pfn)[word_index(hva)].store(value, Ordering::Release);
-        self.release(h.pfn, true);
-        Ok(())
+        HostMmu::write_u64(self, hva, value)
     }
 
     fn mapping_level(&self, hva: Hva) -> Level {

@@ -133,6 +133,7 @@ fn demand_paging_common(a: &BenchDemandPagingArgs) -> anyhow::Result<Common> {
         json: a.flags.json,
         // Per-access oracle checks would be measured too; they are off unless asked.
         no_oracle: !a.flags.oracle,
+        mmu: a.mmu,
         ..Common::default()
     })
 }

@@ -220,8 +220,11 @@ pub(crate) fn walk(
                 continue;
             }
             match cmpxchg_gpte(vm, slots, ring, w.pte_gpa[l], w.ptes[l], want)? {
-                true => w.ptes[l] = want,
-                false => continue 'restart,
+                Some(true) => w.ptes[l] = want,
+                // A table in read-only memory keeps its bits (the entry
+                // stays as read, which the fault re-reads under the lock).
+                None => {}
+                Some(false) => continue 'restart,
             }
         }
         // A clean leaf maps read-only, so the first write faults and sets D.
@@ -270,7 +273,9 @@ fn read_gpte(vm: &VmInner, slots: &MemslotSet, gpa: Gpa) -> Result<Option<u64>, 
         .map_err(|cause| WalkError::Host(FaultError::Host { gpa, hva, cause }))
 }
 
-/// Set bits in a guest entry: false if it no longer held `old`.
+/// Set bits in a guest entry: `Some(false)` if it no longer held `old`,
+/// `None` if its page is read-only to the guest (KVM skips A/D updates on
+/// read-only table pages).
 fn cmpxchg_gpte(
     vm: &VmInner,
     slots: &MemslotSet,
@@ -278,14 +283,12 @@ fn cmpxchg_gpte(
     gpa: Gpa,
     old: u64,
     new: u64,
-) -> Result<bool, WalkError> {
+) -> Result<Option<bool>, WalkError> {
     let Some(slot) = slots.lookup(gpa.gfn()).filter(|s| !s.is_invalid()) else {
-        return Ok(false);
+        return Ok(Some(false));
     };
-    // A read-only slot: the bits cannot be set; the walk uses the entry as is
-    // (KVM skips A/D updates on read-only table pages).
     if slot.is_readonly() {
-        return Ok(true);
+        return Ok(None);
     }
     let hva = slot.gfn_to_hva(gpa.gfn()).add(gpa.0 & 0xff8);
     let r = vm
@@ -296,7 +299,7 @@ fn cmpxchg_gpte(
     if r.is_ok() {
         crate::dirty_log::mark_page_dirty(slot, gpa.gfn(), ring);
     }
-    Ok(r.is_ok())
+    Ok(Some(r.is_ok()))
 }
 
 /// Re-read a guest entry under `mmu_lock`, without faulting (`None` if the
