@@ -146,6 +146,11 @@ pub struct VmConfig {
     /// `mmu_lock`, as KVM does since 6.15; off, each callback takes
     /// `mmu_lock` for write as before, to measure the difference.
     pub lockless_aging: bool,
+    /// Shadow paging, before KVM 5.18/5.19's "free only obsolete roots": a
+    /// zapped root makes every vCPU drop every root it holds (current and
+    /// cached) instead of only the slots naming zapped roots. For measuring
+    /// what the fix buys.
+    pub legacy_root_reload: bool,
     /// Test-only switches that remove a guarding step, so tests can show their
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
@@ -222,6 +227,7 @@ impl Default for VmConfig {
             eager_page_split: true,
             dirty_tracking: DirtyTracking::WriteProtect,
             lockless_aging: true,
+            legacy_root_reload: false,
             knobs: GuardKnobs::default(),
             hooks: TestHooks::default(),
         }

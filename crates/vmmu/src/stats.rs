@@ -144,6 +144,13 @@ counters! {
     prev_roots_kept,
     /// Root switches satisfied from the previous-roots cache.
     prev_root_hits,
+    /// Shadow CR3 switches the previous-roots cache could not satisfy (a
+    /// root looked up or built at the next entry; `mmu_cache_miss` counts
+    /// only the builds).
+    prev_root_misses,
+    /// Root slots dropped by "free obsolete roots" under
+    /// `legacy_root_reload` (every slot, obsolete or not).
+    roots_reloaded_legacy,
     /// Leaf entries installed by faults at 4 KiB.
     leaves_mapped_4k,
     /// Leaf entries installed by faults at 2 MiB.

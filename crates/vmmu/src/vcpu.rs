@@ -125,6 +125,9 @@ impl VcpuMmu {
 
     /// Id of the current root, if loaded.
     pub fn root_id(&self) -> Option<u64> {
+        if self.vm.config.mmu == crate::config::MmuKind::Shadow {
+            return self.shadow.root.as_ref().map(|r| r.id);
+        }
         self.root.as_ref().map(|r| r.id)
     }
 
@@ -137,6 +140,14 @@ impl VcpuMmu {
 
     /// Ids of the cached previous roots.
     pub fn prev_root_ids(&self) -> Vec<Option<u64>> {
+        if self.vm.config.mmu == crate::config::MmuKind::Shadow {
+            return self
+                .shadow
+                .prev
+                .iter()
+                .map(|r| r.as_ref().map(|r| r.id))
+                .collect();
+        }
         self.prev_roots
             .iter()
             .map(|r| r.as_ref().map(|r| r.id))
@@ -157,7 +168,7 @@ impl VcpuMmu {
         let reqs = self.shared.requests.swap(0, Ordering::Acquire);
         let mut flush = reqs & REQ_TLB_FLUSH != 0;
         if self.vm.config.mmu == crate::config::MmuKind::Shadow {
-            return self.prepare_shadow_entry(flush);
+            return self.prepare_shadow_entry(reqs, flush);
         }
         let current_invalid = self.root.as_ref().is_some_and(|r| r.is_invalid());
         if reqs & REQ_FREE_OBSOLETE_ROOTS != 0 || current_invalid {
@@ -186,8 +197,15 @@ impl VcpuMmu {
 
     /// Guest entry on a shadow VM: drop the root if it was zapped, load one
     /// for the current paging state if there is none.
-    fn prepare_shadow_entry(&mut self, mut flush: bool) -> Result<Entry, VmError> {
-        self.free_obsolete_shadow_root();
+    fn prepare_shadow_entry(&mut self, reqs: u64, mut flush: bool) -> Result<Entry, VmError> {
+        let current_invalid = self
+            .shadow
+            .root
+            .as_ref()
+            .is_some_and(|r| r.invalid.load(Ordering::Acquire));
+        if reqs & REQ_FREE_OBSOLETE_ROOTS != 0 || current_invalid {
+            self.free_obsolete_shadow_roots();
+        }
         if self.shadow.root.is_none() {
             self.load_shadow_root()?;
             flush = true;
@@ -271,8 +289,8 @@ impl VcpuMmu {
         }
         self.role.smm = smm;
         if self.vm.config.mmu == crate::config::MmuKind::Shadow {
-            // Another address space: another root, loaded at the next entry.
-            self.put_shadow_root();
+            // Another address space: other roots (KVM resets the MMU).
+            self.free_shadow_roots(|_| true);
             return Ok(());
         }
         let want = self.role;
@@ -363,7 +381,7 @@ impl VcpuMmu {
 
 impl Drop for VcpuMmu {
     fn drop(&mut self) {
-        self.put_shadow_root();
+        self.free_shadow_roots(|_| true);
         let vm = &*self.vm;
         {
             let stats = &vm.stats;

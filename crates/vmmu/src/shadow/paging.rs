@@ -3,10 +3,15 @@
 //! for it.
 //!
 //! A root is the shadow page of the guest's top-level table for (CR3, role),
-//! shared by every vCPU with the same CR3 and mode, held by a count. This
-//! step has no previous-roots cache: a CR3 switch drops the current root
-//! (it stays as an ordinary page while no vCPU holds it) and the next entry
-//! looks its successor up in the hash, building it if needed.
+//! shared by every vCPU with the same CR3 and mode, held by a count. Each
+//! vCPU keeps its last three roots besides the current one (KVM's
+//! `prev_roots`, most recent first): a CR3 switch to one of them is a hit
+//! that loads nothing (`fast_pgd_switch`); on a miss the least recent falls
+//! out and the next entry looks the new root up in the hash, building it if
+//! needed. A zapped root goes invalid; "free obsolete roots" drops only the
+//! slots naming invalid roots, the current one and each cached one judged
+//! on its own (the 2022 fix), unless `VmConfig::legacy_root_reload` asks for
+//! the behaviour before it (every slot dropped).
 
 use crate::stats::CounterSet;
 use crate::sync::{Arc, AtomicBool, Ordering};
@@ -23,6 +28,21 @@ pub(crate) struct ShadowRoot {
     pub(crate) pfn: Pfn,
     pub(crate) id: u64,
     pub(crate) invalid: Arc<AtomicBool>,
+    /// The CR3 (PCID included) and role it was loaded for.
+    pub(crate) pgd: u64,
+    pub(crate) role: SpRole,
+}
+
+impl ShadowRoot {
+    /// KVM's `is_root_usable`: the same CR3 (any, for a direct root) and
+    /// role, and not zapped.
+    fn usable(&self, pgd: u64, role: SpRole) -> bool {
+        (role.direct || self.pgd == pgd) && self.role == role && !self.is_invalid()
+    }
+
+    fn is_invalid(&self) -> bool {
+        self.invalid.load(Ordering::Acquire)
+    }
 }
 
 /// A vCPU's shadow-paging state.
@@ -30,6 +50,8 @@ pub(crate) struct ShadowRoot {
 pub(crate) struct ShadowVcpu {
     pub(crate) paging: GuestPaging,
     pub(crate) root: Option<ShadowRoot>,
+    /// Previous roots, most recently used first.
+    pub(crate) prev: [Option<ShadowRoot>; crate::vcpu::NUM_PREV_ROOTS],
 }
 
 /// CR3 bit 63 (with CR4.PCIDE): keep the PCID's translations.
@@ -56,12 +78,65 @@ impl VcpuMmu {
         }
         let old = self.shadow.paging;
         self.shadow.paging = p;
-        if self.vm.config.mmu == crate::config::MmuKind::Shadow
-            && (self.shadow_role(&old) != self.shadow_role(&p) || root_gfn(&old) != root_gfn(&p))
-        {
-            self.put_shadow_root();
+        if self.vm.config.mmu != crate::config::MmuKind::Shadow {
+            return Ok(());
+        }
+        let role = self.shadow_role(&p);
+        if self.shadow_role(&old) != role {
+            // Another mode: no root of the old one fits (KVM unloads them all).
+            self.free_shadow_roots(|_| true);
+        } else if pgd(&old) != pgd(&p) {
+            self.fast_pgd_switch(pgd(&p), role);
         }
         Ok(())
+    }
+
+    /// Switch to the root for `pgd` from the cache if it is there (KVM's
+    /// `fast_pgd_switch`). The current root moves to the front of the cache;
+    /// on a miss the least recently used root falls out and the current slot
+    /// stays empty, so the next entry loads one.
+    fn fast_pgd_switch(&mut self, pgd: u64, role: SpRole) {
+        let sh = &mut self.shadow;
+        let hit = match sh.root.as_ref() {
+            Some(r) if r.usable(pgd, role) => true,
+            Some(_) => {
+                // cached_root_find_and_keep_current: swap through the cache,
+                // testing after each swap.
+                let mut hit = false;
+                for i in 0..sh.prev.len() {
+                    std::mem::swap(&mut sh.root, &mut sh.prev[i]);
+                    if sh.root.as_ref().is_some_and(|r| r.usable(pgd, role)) {
+                        hit = true;
+                        break;
+                    }
+                }
+                hit
+            }
+            None => {
+                // cached_root_find_without_current: the first usable one
+                // becomes current, those after it move up.
+                match sh
+                    .prev
+                    .iter()
+                    .position(|r| r.as_ref().is_some_and(|r| r.usable(pgd, role)))
+                {
+                    Some(i) => {
+                        sh.root = sh.prev[i].take();
+                        sh.prev[i..].rotate_left(1);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        let stats = &self.shared.stats;
+        if hit {
+            CounterSet::inc(&stats.prev_root_hits);
+        } else {
+            CounterSet::inc(&stats.prev_root_misses);
+            // The least recently used root ended up current: it goes.
+            self.put_shadow_root();
+        }
     }
 
     /// The guest loaded CR3 (`value` may carry the no-flush bit, which the
@@ -135,7 +210,13 @@ impl VcpuMmu {
             let (id, invalid) = st
                 .get_root(pfn)
                 .unwrap_or_else(|| unreachable!("the page was just found or made"));
-            ShadowRoot { pfn, id, invalid }
+            ShadowRoot {
+                pfn,
+                id,
+                invalid,
+                pgd: pgd(&p),
+                role,
+            }
         };
         vm.shadow.commit(&vm, z);
         if let Some(old) = self.shadow.root.replace(root) {
@@ -152,17 +233,65 @@ impl VcpuMmu {
         }
     }
 
-    /// Drop the current root if it is obsolete (zapped while held).
-    pub(crate) fn free_obsolete_shadow_root(&mut self) {
-        if self
-            .shadow
-            .root
-            .as_ref()
-            .is_some_and(|r| r.invalid.load(Ordering::Acquire))
-        {
-            CounterSet::inc(&self.shared.stats.obsolete_roots_dropped);
-            self.put_shadow_root();
+    /// Handle "free obsolete roots": drop each slot (current and cached,
+    /// each judged on its own) whose root was zapped; keep the others. With
+    /// `legacy_root_reload` (before the 2022 fix), drop every slot.
+    pub(crate) fn free_obsolete_shadow_roots(&mut self) {
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        if self.vm.config.legacy_root_reload {
+            let n = self.shadow_root_slots();
+            CounterSet::add(&stats.roots_reloaded_legacy, n);
+            self.free_shadow_roots(|_| true);
+            return;
         }
+        let dropped = self.free_shadow_roots(|r| r.is_invalid());
+        CounterSet::add(&stats.obsolete_roots_dropped, dropped);
+        let kept = self.shadow.prev.iter().flatten().count() as u64;
+        CounterSet::add(&stats.prev_roots_kept, kept);
+    }
+
+    /// Slots holding a root (current and cached).
+    fn shadow_root_slots(&self) -> u64 {
+        (self.shadow.root.is_some() as u64) + self.shadow.prev.iter().flatten().count() as u64
+    }
+
+    /// Drop the slots whose root `drop` picks, under one hold of `mmu_lock`;
+    /// cached roots after a dropped one move up. Returns how many went.
+    pub(crate) fn free_shadow_roots(&mut self, drop: impl Fn(&ShadowRoot) -> bool) -> u64 {
+        let sh = &mut self.shadow;
+        let mut gone: Vec<ShadowRoot> = Vec::new();
+        if let Some(r) = sh.root.take_if(|r| drop(r)) {
+            gone.push(r);
+        }
+        for slot in sh.prev.iter_mut() {
+            if let Some(r) = slot.take_if(|r| drop(r)) {
+                gone.push(r);
+            }
+        }
+        // Keep the cache dense, most recent first.
+        let mut kept: Vec<ShadowRoot> = sh.prev.iter_mut().filter_map(Option::take).collect();
+        for (i, slot) in sh.prev.iter_mut().enumerate() {
+            *slot = if i < kept.len() {
+                Some(kept.remove(0))
+            } else {
+                None
+            };
+        }
+        let n = gone.len() as u64;
+        if n > 0 {
+            let vm = &*self.vm;
+            let _w = vm.mmu_lock.write(&self.shared.stats.lock);
+            let mut z = Zap::default();
+            {
+                let mut st = vm.shadow.lock();
+                for r in gone {
+                    st.put_root(r.pfn, &mut z);
+                }
+            }
+            vm.shadow.commit(vm, z);
+        }
+        n
     }
 
     fn release_root(&self, r: ShadowRoot) {
@@ -171,6 +300,15 @@ impl VcpuMmu {
         let mut z = Zap::default();
         vm.shadow.lock().put_root(r.pfn, &mut z);
         vm.shadow.commit(vm, z);
+    }
+}
+
+/// The CR3 a root is cached under (0 with paging off: one direct root).
+fn pgd(p: &GuestPaging) -> u64 {
+    if p.paging {
+        p.cr3
+    } else {
+        0
     }
 }
 

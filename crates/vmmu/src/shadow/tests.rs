@@ -492,3 +492,130 @@ fn test_shadow_dirty_logging_write_protects_through_the_rmap() {
         );
     }
 }
+
+/// Four address spaces, each PML4 → the same lower tables (as processes
+/// sharing a kernel half would): PML4s at 0x20000 + i * 0x1000.
+fn spaces(g: &Guest, n: u64) -> Vec<u64> {
+    let all = gpte::P | gpte::W | gpte::U;
+    (0..n)
+        .map(|i| {
+            let pml4 = 0x20000 + i * 0x1000;
+            put(&g.host, pml4 + idx(GVA, 4) * 8, PDPT | all);
+            pml4
+        })
+        .collect()
+}
+
+fn enter_and_touch(g: &mut Guest) -> u64 {
+    let e = g.vcpu.prepare_entry().unwrap();
+    let r = g
+        .vcpu
+        .page_fault_gva(Gva(GVA), ErrorCode::USER, false)
+        .unwrap();
+    assert!(
+        matches!(r, GvaFault::Mmu(RetPf::Fixed | RetPf::Spurious)),
+        "{r:?}"
+    );
+    e.root_id
+}
+
+#[test]
+fn test_cr3_switches_hit_the_previous_roots_cache_most_recent_first() {
+    let mut g = guest();
+    let s = spaces(&g, 5);
+    let mut ids = Vec::new();
+    for &cr3 in &s[..4] {
+        g.vcpu.load_cr3(cr3).unwrap();
+        ids.push(enter_and_touch(&mut g));
+    }
+    let loads = g.vcpu.stats().shadow_root_loads;
+    let order = |g: &Guest| g.vcpu.prev_root_ids();
+    assert_eq!(order(&g), vec![Some(ids[2]), Some(ids[1]), Some(ids[0])]);
+    // Back to the second: cached (current was the fourth; cache 3, 2, 1).
+    g.vcpu.load_cr3(s[1]).unwrap();
+    assert_eq!(g.vcpu.root_id(), Some(ids[1]), "switched without an entry");
+    assert_eq!(order(&g), vec![Some(ids[3]), Some(ids[2]), Some(ids[0])]);
+    assert_eq!(enter_and_touch(&mut g), ids[1]);
+    assert_eq!(
+        g.vcpu.stats().shadow_root_loads,
+        loads,
+        "a hit loaded a root"
+    );
+    assert_eq!(g.vcpu.stats().prev_root_hits, 1);
+    // The cache is now 4th, 3rd, 1st (most recent first): the 1st is still in.
+    g.vcpu.load_cr3(s[0]).unwrap();
+    assert_eq!(order(&g), vec![Some(ids[1]), Some(ids[3]), Some(ids[2])]);
+    assert_eq!(enter_and_touch(&mut g), ids[0]);
+    assert_eq!(g.vcpu.stats().prev_root_hits, 2);
+    // A fifth pushes out the least recent (the 3rd).
+    g.vcpu.load_cr3(s[4]).unwrap();
+    enter_and_touch(&mut g);
+    assert_eq!(g.vcpu.stats().prev_root_misses, 5);
+    g.vcpu.load_cr3(s[2]).unwrap();
+    let again = enter_and_touch(&mut g);
+    assert_eq!(g.vcpu.stats().prev_root_misses, 6, "the 3rd was evicted");
+    // Evicted roots stay as ordinary pages: found in the hash, not rebuilt.
+    assert_eq!(again, ids[2]);
+}
+
+/// A cached root whose table the guest floods goes invalid; "free obsolete
+/// roots" drops only that slot: the current root and the other cached ones
+/// stay, and switching back to them still hits. With the legacy switch every
+/// slot goes.
+#[test]
+fn test_a_zapped_cached_root_is_the_only_slot_dropped() {
+    for legacy in [false, true] {
+        let mut g = guest();
+        if legacy {
+            // A fresh VM with the switch on, same guest tables.
+            let cfg = VmConfig {
+                mmu: MmuKind::Shadow,
+                legacy_root_reload: true,
+                ..VmConfig::default()
+            };
+            let vm = Vm::new(cfg, g.host.ops()).unwrap();
+            vm.set_user_memory_region(UserMemoryRegion {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: 0,
+                memory_size: 64 << 20,
+                userspace_addr: HVA,
+            })
+            .unwrap();
+            let mut vcpu = vm.create_vcpu(0).unwrap();
+            vcpu.set_guest_paging(g.vcpu.guest_paging()).unwrap();
+            vcpu.prepare_entry().unwrap();
+            g = Guest {
+                host: g.host.clone(),
+                vm,
+                vcpu,
+            };
+        }
+        let s = spaces(&g, 3);
+        for &cr3 in &s {
+            g.vcpu.load_cr3(cr3).unwrap();
+            enter_and_touch(&mut g);
+        }
+        // Current: s[2]; cached: s[1], s[0], the first PML4.
+        for i in 0..3u64 {
+            g.vcpu.emulate_write(Gpa(s[1] + (200 + i) * 8), 0).unwrap();
+        }
+        let before = g.vcpu.stats();
+        let cur = g.vcpu.prepare_entry().unwrap().root_id;
+        let st = g.vcpu.stats().since(&before);
+        if legacy {
+            assert_eq!(st.roots_reloaded_legacy, 4, "{st:?}");
+            assert_eq!(st.shadow_root_loads, 1, "{st:?}");
+        } else {
+            assert_eq!(st.obsolete_roots_dropped, 1, "{st:?}");
+            assert_eq!(
+                st.shadow_root_loads, 0,
+                "the valid current root was reloaded"
+            );
+            let _ = cur;
+            g.vcpu.load_cr3(s[0]).unwrap();
+            g.vcpu.prepare_entry().unwrap();
+            assert_eq!(g.vcpu.stats().since(&before).prev_root_hits, 1);
+        }
+    }
+}
