@@ -48,6 +48,8 @@ pub struct Common {
     pub no_ad: bool,
     /// The MMU (`--mmu`).
     pub mmu: vmmu::MmuKind,
+    /// Shadow MMU: drop every root on a root zap (before the fix).
+    pub legacy_root_reload: bool,
     /// Touch all host memory before the vCPUs start (demand-paging).
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).

@@ -99,11 +99,22 @@ pub(crate) struct RunFlags {
     /// Run without EPT A/D bits (pages aged by access tracking).
     #[arg(long)]
     pub(crate) no_ad: bool,
-    /// The MMU: tdp (two-dimensional paging, the TDP MMU) or shadow (KVM's
-    /// tdp=off: the MMU shadows the guest's own page tables).
-    #[arg(long, value_name = "KIND", value_parser = parse_mmu, default_value = "tdp")]
-    #[serde(serialize_with = "mmu_name")]
-    pub(crate) mmu: vmmu::MmuKind,
+    /// The MMU: tdp (two-dimensional paging, the TDP MMU; the default but
+    /// for shadow-process-churn) or shadow (KVM's tdp=off: the MMU shadows
+    /// the guest's own page tables).
+    #[arg(long, value_name = "KIND", value_parser = parse_mmu)]
+    #[serde(serialize_with = "mmu_name_opt")]
+    pub(crate) mmu: Option<vmmu::MmuKind>,
+}
+
+fn mmu_name_opt<S: serde::Serializer>(
+    m: &Option<vmmu::MmuKind>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match m {
+        Some(m) => s.serialize_str(m.name()),
+        None => s.serialize_none(),
+    }
 }
 
 fn parse_mmu(s: &str) -> Result<vmmu::MmuKind, String> {
@@ -169,7 +180,7 @@ impl RunFlags {
             no_oracle: self.no_oracle,
             no_precheck: self.no_precheck,
             no_ad: self.no_ad,
-            mmu: self.mmu,
+            mmu: self.mmu.unwrap_or_default(),
             ..Common::default()
         }
     }
@@ -208,6 +219,11 @@ pub(crate) enum RunCmd {
     /// logging turns on and recovered in place when it turns off; the leaves
     /// at each level after every step.
     PageSplitting(PageSplittingArgs),
+    /// Guests running many short-lived processes under the shadow MMU, with
+    /// the fix that frees only obsolete roots and without it: root loads,
+    /// previous-root hits, roots zapped, fault rate (the free-obsolete-roots
+    /// discussion; no KVM selftest).
+    ShadowProcessChurn(ShadowProcessChurnArgs),
     /// kvm-unit-tests' access test: every combination of guest PTE/PDE bits,
     /// paging mode and access, through the guest's own page tables, against a
     /// reference walk (fault or not, error code, A/D bits).
@@ -366,6 +382,23 @@ pub(crate) struct AccessArgs {
     /// Run about one case in N, picked pseudo-randomly (1: all of them).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub(crate) stride: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run shadow-process-churn`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct ShadowProcessChurnArgs {
+    /// Number of vCPUs (each runs its own kernel).
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Guest memory per vCPU (its kernel's frames).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "8M")]
+    pub(crate) bytes: u64,
+    /// Kernel operations per vCPU (spawn, switch, run, remap, protect, exit).
+    #[arg(short = 'i', long = "iterations", default_value_t = 20000)]
+    pub(crate) iterations: u32,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -746,6 +779,7 @@ impl RunCmd {
             RunCmd::LiveMigration(_) => "live-migration",
             RunCmd::PageSplitting(_) => "page-splitting",
             RunCmd::Access(_) => "access",
+            RunCmd::ShadowProcessChurn(_) => "shadow-process-churn",
             RunCmd::AccessTracking(_) => "access-tracking",
             RunCmd::DirtyLogPerf(_) => "dirty-log-perf",
             RunCmd::Prefault(_) => "prefault",
@@ -832,6 +866,13 @@ impl RunCmd {
                 stride: Some(a.stride),
                 ..a.flags.common()
             },
+            RunCmd::ShadowProcessChurn(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                mmu: a.flags.mmu.unwrap_or(vmmu::MmuKind::Shadow),
+                ..a.flags.common()
+            },
             RunCmd::AccessTracking(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
@@ -879,6 +920,7 @@ impl RunCmd {
             RunCmd::LiveMigration(a) => serde_json::to_value(a),
             RunCmd::PageSplitting(a) => serde_json::to_value(a),
             RunCmd::Access(a) => serde_json::to_value(a),
+            RunCmd::ShadowProcessChurn(a) => serde_json::to_value(a),
             RunCmd::AccessTracking(a) => serde_json::to_value(a),
             RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),

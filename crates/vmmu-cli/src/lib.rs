@@ -38,6 +38,9 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::LiveMigration(_) => scenario::live_migration::validate(&common).map(|_| ()),
         RunCmd::PageSplitting(_) => scenario::page_splitting::validate(&common).map(|_| ()),
         RunCmd::Access(_) => scenario::access::validate(&common).map(|_| ()),
+        RunCmd::ShadowProcessChurn(_) => {
+            scenario::shadow_process_churn::validate(&common).map(|_| ())
+        }
         RunCmd::AccessTracking(_) => scenario::access_tracking::validate(&common).map(|_| ()),
         RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::validate(&common).map(|_| ()),
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
@@ -168,6 +171,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::LiveMigration(_) => scenario::live_migration::run(&common),
                 RunCmd::PageSplitting(_) => scenario::page_splitting::run(&common),
                 RunCmd::Access(_) => scenario::access::run(&common),
+                RunCmd::ShadowProcessChurn(_) => scenario::shadow_process_churn::run(&common),
                 RunCmd::AccessTracking(_) => scenario::access_tracking::run(&common),
                 RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),

@@ -836,3 +836,29 @@ fn test_shadow_mmu_runs_the_access_cases_and_refuses_what_it_cannot() {
     ]);
     assert!(e.contains("--vm-type default"), "{e}");
 }
+
+/// `shadow-process-churn`: the same guests with the free-obsolete-roots fix
+/// and without it; the fix drops only zapped roots and loads fewer; both
+/// sides keep every guest check and the oracle clean; `--mmu tdp` is refused.
+#[test]
+fn test_shadow_process_churn_shows_what_freeing_only_obsolete_roots_saves() {
+    let v = json_run(&["run", "shadow-process-churn", "-i", "5000"]);
+    assert_eq!(v["config"]["mmu"]["kind"], "shadow", "{v}");
+    let (fixed, legacy) = (&v["fixed"], &v["legacy"]);
+    for side in [fixed, legacy] {
+        assert_eq!(side["mismatches"], 0, "{v}");
+        assert_eq!(side["violations"], 0, "{v}");
+        assert!(side["prev_root_hits"].as_u64().unwrap() > 0, "{v}");
+    }
+    assert!(fixed["obsolete_roots_dropped"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(fixed["root_slots_dropped_legacy"], 0, "{v}");
+    assert!(legacy["root_slots_dropped_legacy"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        fixed["root_loads"].as_u64().unwrap() < legacy["root_loads"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["legacy_leaked_pages"], 0, "{v}");
+    assert_eq!(v["leaked_table_pages"], 0, "{v}");
+    let e = refusal(&["run", "shadow-process-churn", "--mmu", "tdp"]);
+    assert!(e.contains("shadow MMU"), "{e}");
+}

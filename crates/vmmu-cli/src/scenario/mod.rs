@@ -15,6 +15,7 @@ pub mod prefault;
 pub mod private_conversions;
 pub mod private_exits;
 pub mod roots;
+pub mod shadow_process_churn;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -63,6 +64,7 @@ pub fn vm_config(common: &Common) -> VmConfig {
         eager_page_split: !common.no_eager_split,
         lockless_aging: !common.locked_aging,
         mmu: common.mmu,
+        legacy_root_reload: common.legacy_root_reload,
         // The conversion storm converts memory: only a VM with private memory can.
         vm_type: if common.conversions {
             vmmu::VmType::SwProtected

@@ -19,7 +19,7 @@ use crate::report::Report;
 pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
     if common.mmu == vmmu::MmuKind::Shadow {
         return Err(crate::args::BadInput(
-            "roots --mmu shadow: this scenario checks the previous-roots cache, which the shadow MMU does not have yet (use --mmu tdp)".into(),
+            "roots --mmu shadow: this scenario keeps roots across SMM switches, which reset a shadow MMU's roots (use --mmu tdp; shadow-process-churn measures the shadow MMU's roots)".into(),
         )
         .into());
     }

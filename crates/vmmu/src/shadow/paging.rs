@@ -270,13 +270,10 @@ impl VcpuMmu {
             }
         }
         // Keep the cache dense, most recent first.
-        let mut kept: Vec<ShadowRoot> = sh.prev.iter_mut().filter_map(Option::take).collect();
-        for (i, slot) in sh.prev.iter_mut().enumerate() {
-            *slot = if i < kept.len() {
-                Some(kept.remove(0))
-            } else {
-                None
-            };
+        let kept: Vec<ShadowRoot> = sh.prev.iter_mut().filter_map(Option::take).collect();
+        let mut kept = kept.into_iter();
+        for slot in sh.prev.iter_mut() {
+            *slot = kept.next();
         }
         let n = gone.len() as u64;
         if n > 0 {
