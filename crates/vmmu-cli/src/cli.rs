@@ -107,10 +107,7 @@ pub(crate) struct RunFlags {
     pub(crate) mmu: Option<vmmu::MmuKind>,
 }
 
-fn mmu_name_opt<S: serde::Serializer>(
-    m: &Option<vmmu::MmuKind>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
+fn mmu_name_opt<S: serde::Serializer>(m: &Option<vmmu::MmuKind>, s: S) -> Result<S::Ok, S::Error> {
     match m {
         Some(m) => s.serialize_str(m.name()),
         None => s.serialize_none(),

@@ -852,7 +852,10 @@ fn test_shadow_process_churn_shows_what_freeing_only_obsolete_roots_saves() {
     }
     assert!(fixed["obsolete_roots_dropped"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(fixed["root_slots_dropped_legacy"], 0, "{v}");
-    assert!(legacy["root_slots_dropped_legacy"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        legacy["root_slots_dropped_legacy"].as_u64().unwrap() > 0,
+        "{v}"
+    );
     assert!(
         fixed["root_loads"].as_u64().unwrap() < legacy["root_loads"].as_u64().unwrap(),
         "{v}"

@@ -18,11 +18,9 @@ use std::collections::HashMap;
 
 use vmmu::{ErrorCode, Gpa, Gva, MemslotSet};
 
-use crate::host_memory::HostMemory;
 use crate::oracle::{Oracle, Violation};
 use crate::paging::{pte, GuestCpu, LinearAccess, PagingMode};
 use crate::primary_mmu::HostMmu;
-use crate::sync::Ordering;
 
 /// Where a linear access went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,19 +112,14 @@ pub fn reference_walk(
 }
 
 /// Read a guest word through the host's mapping now (`None` without a valid
-/// memslot or a host page).
-pub(crate) fn host_read(
-    host: &HostMmu,
-    mem: &HostMemory,
-    slots: &MemslotSet,
-    gpa: Gpa,
-) -> Option<u64> {
+/// memslot or a host page). The read holds the page's lock, so it sees a
+/// whole state of the page: a reference walk outside guest mode (judging a
+/// fault the MMU gave back to the guest, or a store it emulated) may meet a
+/// host event mid-way, and a lock-free read could then see a frame already
+/// copied and freed (its poison reads as a reserved-bit entry).
+pub(crate) fn host_read(host: &HostMmu, slots: &MemslotSet, gpa: Gpa) -> Option<u64> {
     let slot = slots.lookup(gpa.gfn()).filter(|s| !s.is_invalid())?;
-    let m = host.translate(slot.gfn_to_hva(gpa.gfn()))?;
-    if !mem.contains(m.pfn) {
-        return None;
-    }
-    Some(mem.page(m.pfn)[((gpa.0 & 0xfff) / 8) as usize].load(Ordering::Acquire))
+    host.peek_word(slot.gfn_to_hva(gpa.gfn()).add(gpa.0 & 0xff8))
 }
 
 /// The host frame behind `gpa` now, if the host maps it.
@@ -201,7 +194,6 @@ impl FlushLog {
 pub(crate) fn check_linear(
     oracle: &Oracle,
     host: &HostMmu,
-    mem: &HostMemory,
     slots: &MemslotSet,
     cpu: &GuestCpu,
     log: &FlushLog,
@@ -214,7 +206,7 @@ pub(crate) fn check_linear(
         return;
     }
     let Some(want) = reference_walk(
-        |gpa| host_read(host, mem, slots, gpa),
+        |gpa| host_read(host, slots, gpa),
         cpu.mode(),
         cpu.cr3,
         gva,

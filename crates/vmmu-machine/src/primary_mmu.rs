@@ -880,6 +880,18 @@ fn word_index(hva: Hva) -> usize {
 }
 
 impl HostMmu {
+    /// The word at `hva` if the page is mapped now, read holding the page's
+    /// lock (no fault-in; the mapping and the frame's contents are one state).
+    pub fn peek_word(&self, hva: Hva) -> Option<u64> {
+        let r = self.region(hva.0)?;
+        let idx = r.idx(hva.0);
+        let _l = r.lock(idx);
+        let e = r.entries[idx].load(Ordering::Acquire);
+        let pfn = Pfn(e & FRAME);
+        (e & PRESENT != 0 && self.mem.contains(pfn))
+            .then(|| self.mem.page(pfn)[word_index(hva)].load(Ordering::Acquire))
+    }
+
     /// Access the word at `hva` as a user-space load or store does: through
     /// the host's mapping, faulting it in. The access is made holding the
     /// page's lock, after checking the mapping still names the frame the

@@ -258,7 +258,6 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                     check_linear(
                         oracle,
                         host,
-                        mem,
                         s,
                         &vcpu.paging,
                         &vcpu.flushes,

@@ -108,7 +108,6 @@ pub(crate) fn shadow_access<P: GuestProgram>(
             check_linear(
                 oracle,
                 host,
-                mem,
                 s.as_ref(),
                 &vcpu.paging,
                 &vcpu.flushes,
