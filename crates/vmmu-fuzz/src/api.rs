@@ -147,6 +147,45 @@ pub enum Op {
         /// private, or any raw value.
         ec: Result<u8, u64>,
     },
+    /// Shadow paging: the guest's paging state (CR0.PG/WP, CR4.SMEP/SMAP/
+    /// PCIDE, EFER.NX from the bits) and CR3 (refused above the physical
+    /// width); on a TDP VM only recorded.
+    GuestPaging {
+        /// vCPU index.
+        vcpu: u8,
+        /// Bit 0 paging, 1 WP, 2 SMEP, 3 SMAP, 4 NX, 5 PCIDE.
+        bits: u8,
+        /// CR3 (guest tables at a page, or anything).
+        cr3: Addr,
+    },
+    /// Shadow paging: a #PF at a linear address (after entry); refused on a
+    /// TDP VM.
+    GvaFault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Linear address.
+        gva: u64,
+        /// Error code bits (present, write, user, rsvd, fetch).
+        ec: u8,
+        /// EFLAGS.AC.
+        ac: bool,
+    },
+    /// Shadow paging: an emulated guest store (any address, aligned or not).
+    EmulateWrite {
+        /// vCPU index.
+        vcpu: u8,
+        /// Where.
+        gpa: Addr,
+        /// What.
+        value: u64,
+    },
+    /// Shadow paging: INVLPG.
+    Invlpg {
+        /// vCPU index.
+        vcpu: u8,
+        /// Linear address.
+        gva: u64,
+    },
     /// Enter and leave guest mode.
     EnterExit {
         /// vCPU index.
@@ -406,6 +445,9 @@ pub enum Config {
         eager_split: bool,
         /// PML dirty tracking (only with A/D bits).
         pml: bool,
+        /// The shadow MMU (refused with a private-memory type, PML or 5
+        /// levels: creation's checks get hit too).
+        shadow: bool,
     },
     /// Anything.
     Raw {
@@ -435,8 +477,14 @@ impl Config {
                 vm_type,
                 eager_split,
                 pml,
+                shadow,
                 ..
             } => VmConfig {
+                mmu: if shadow {
+                    vmmu::MmuKind::Shadow
+                } else {
+                    vmmu::MmuKind::Tdp
+                },
                 vm_type: match vm_type % 3 {
                     0 => vmmu::VmType::Default,
                     1 => vmmu::VmType::SwProtected,
@@ -502,6 +550,10 @@ pub struct Coverage {
     pub gmem_leaves_checked: u64,
     /// Page-modification log entries drained into dirty logs (PML VMs).
     pub pml_entries: u64,
+    /// Inputs that created a shadow-MMU VM.
+    pub shadow_vms: u64,
+    /// Faults handled by shadow-MMU VMs (guest-virtual ones).
+    pub shadow_faults: u64,
 }
 
 /// A whole input: a configuration and the calls.
@@ -810,6 +862,71 @@ impl World {
                     if v.prepare_entry().is_ok() {
                         let _ = v.page_fault(gpa, ec);
                     }
+                }
+                false
+            }
+            Op::GuestPaging { vcpu, bits, cr3 } => {
+                let cr3 = cr3.gpa();
+                if let Some(v) = self.vcpu(*vcpu) {
+                    let before = v.guest_paging();
+                    let p = vmmu::GuestPaging {
+                        paging: bits & 1 != 0,
+                        wp: bits & 2 != 0,
+                        smep: bits & 4 != 0,
+                        smap: bits & 8 != 0,
+                        nx: bits & 16 != 0,
+                        pcide: bits & 32 != 0,
+                        cr3,
+                    };
+                    match v.set_guest_paging(p) {
+                        Ok(()) if v.guest_paging() != p => {
+                            return Err(format!("paging state {p:?} taken but not kept"));
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            if v.guest_paging() != before {
+                                return Err(format!("refused paging state {e} changed it"));
+                            }
+                            if e.errno() <= 0 {
+                                return Err(format!("refusal without errno: {e:?}"));
+                            }
+                        }
+                    }
+                }
+                false
+            }
+            Op::GvaFault { vcpu, gva, ec, ac } => {
+                let ec = ErrorCode::from_bits_truncate((*ec & 0x1f) as u64);
+                let shadow = self.vm.config().mmu == vmmu::MmuKind::Shadow;
+                if let Some(v) = self.vcpu(*vcpu) {
+                    if v.prepare_entry().is_ok() {
+                        match v.page_fault_gva(vmmu::Gva(*gva), ec, *ac) {
+                            Err(vmmu::FaultError::WrongMmu(_)) if shadow => {
+                                return Err("a shadow VM refused a guest-virtual fault".into())
+                            }
+                            Ok(_) if !shadow => {
+                                return Err("a TDP VM took a guest-virtual fault".into())
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                false
+            }
+            Op::EmulateWrite { vcpu, gpa, value } => {
+                let gpa = Gpa(gpa.gpa());
+                if let Some(v) = self.vcpu(*vcpu) {
+                    if let Err(e) = v.emulate_write(gpa, *value) {
+                        if e.errno() <= 0 {
+                            return Err(format!("error without errno: {e:?}"));
+                        }
+                    }
+                }
+                false
+            }
+            Op::Invlpg { vcpu, gva } => {
+                if let Some(v) = self.vcpu(*vcpu) {
+                    v.invlpg(vmmu::Gva(*gva));
                 }
                 false
             }
@@ -1314,6 +1431,10 @@ pub fn run_counted(input: &Input, cov: &mut Coverage) -> Result<(), String> {
     cov.huge_leaves += st.leaves_mapped_2m + st.leaves_mapped_1g;
     cov.pre_faulted_bytes += st.pre_faulted_bytes;
     cov.pml_entries += st.pml_entries_flushed;
+    if w.vm.config().mmu == vmmu::MmuKind::Shadow {
+        cov.shadow_vms += 1;
+        cov.shadow_faults += st.faults;
+    }
     let World {
         host,
         vm,

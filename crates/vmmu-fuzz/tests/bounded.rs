@@ -45,6 +45,10 @@ fn test_api_fuzz_bounded_run_keeps_every_property() {
     assert!(cov.leaves_checked > runs / 2, "{cov:?}");
     assert!(cov.gmem_leaves_checked > 0, "no guest_memfd leaf: {cov:?}");
     assert!(cov.pml_entries > 0, "no PML log drained: {cov:?}");
+    assert!(
+        cov.shadow_vms > 0 && cov.shadow_faults > 0,
+        "no shadow-MMU fault: {cov:?}"
+    );
 }
 
 #[test]
