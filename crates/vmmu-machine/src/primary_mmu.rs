@@ -1000,10 +1000,7 @@ impl PrimaryMmu for HostMmu {
     }
 
     fn peek_u64(&self, hva: Hva) -> Option<u64> {
-        let m = self.translate(hva)?;
-        self.mem
-            .contains(m.pfn)
-            .then(|| self.mem.page(m.pfn)[word_index(hva)].load(Ordering::Acquire))
+        self.peek_word(hva)
     }
 
     fn cmpxchg_u64(

@@ -77,9 +77,14 @@ pub enum RootFilter {
 
 impl RootFilter {
     fn matches(&self, role: &Role) -> bool {
+        self.covers(role.as_id())
+    }
+
+    /// Whether the filter takes address space `as_id`.
+    pub(crate) fn covers(&self, as_id: u16) -> bool {
         match self {
             RootFilter::All => true,
-            RootFilter::AddressSpace(a) => role.as_id() == *a,
+            RootFilter::AddressSpace(a) => as_id == *a,
         }
     }
 }

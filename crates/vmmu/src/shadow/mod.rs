@@ -641,10 +641,7 @@ impl State {
         let all: Vec<Pfn> = self
             .pages
             .values()
-            .filter(|sp| match filter {
-                crate::root::RootFilter::All => true,
-                crate::root::RootFilter::AddressSpace(a) => sp.role.as_id == a,
-            })
+            .filter(|sp| filter.covers(sp.role.as_id))
             .map(|sp| sp.pfn)
             .collect();
         for pfn in all {

@@ -46,21 +46,29 @@ fn idx(gva: u64, level: u32) -> u64 {
 
 /// A shadow VM whose guest maps `GVA` → `DATA` (4 KiB, user, writable)
 /// through PML4 → PDPT → PD → PT, paging on, CR3 loaded, entered.
-fn guest() -> Guest {
-    let host = TestHost::new();
+/// A shadow-MMU VM on `host` (`legacy`: `legacy_root_reload`) with one
+/// memslot of `size` bytes at `gpa`, backed from `HVA`, with `flags`.
+fn shadow_vm(host: &Arc<TestHost>, legacy: bool, gpa: u64, size: u64, flags: u32) -> Vm {
     let cfg = VmConfig {
         mmu: MmuKind::Shadow,
+        legacy_root_reload: legacy,
         ..VmConfig::default()
     };
     let vm = Vm::new(cfg, host.ops()).unwrap();
     vm.set_user_memory_region(UserMemoryRegion {
         slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: 64 << 20,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
         userspace_addr: HVA,
     })
     .unwrap();
+    vm
+}
+
+fn guest() -> Guest {
+    let host = TestHost::new();
+    let vm = shadow_vm(&host, false, 0, 64 << 20, 0);
     let all = gpte::P | gpte::W | gpte::U;
     put(&host, PML4 + idx(GVA, 4) * 8, PDPT | all);
     put(&host, PDPT + idx(GVA, 3) * 8, PD | all);
@@ -322,22 +330,7 @@ fn test_shadow_guest_huge_page_uses_direct_pages_unless_the_host_maps_huge() {
 #[test]
 fn test_shadow_paging_off_maps_linear_as_physical() {
     let host = TestHost::new();
-    let vm = Vm::new(
-        VmConfig {
-            mmu: MmuKind::Shadow,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 1 << 30,
-        memory_size: 4 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
+    let vm = shadow_vm(&host, false, 1 << 30, 4 << 20, 0);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     let r = vcpu
@@ -451,22 +444,8 @@ fn test_a_page_that_becomes_a_shadowed_table_loses_its_writable_leaves() {
 #[test]
 fn test_shadow_dirty_logging_write_protects_through_the_rmap() {
     let host = TestHost::new();
-    let vm = Vm::new(
-        VmConfig {
-            mmu: MmuKind::Shadow,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
-    let region = UserMemoryRegion {
-        slot: 0,
-        flags: crate::memslot::MemFlags::LOG_DIRTY_PAGES.bits(),
-        guest_phys_addr: 1 << 30,
-        memory_size: 4 << 20,
-        userspace_addr: HVA,
-    };
-    vm.set_user_memory_region(region).unwrap();
+    let logged = crate::memslot::MemFlags::LOG_DIRTY_PAGES.bits();
+    let vm = shadow_vm(&host, false, 1 << 30, 4 << 20, logged);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.prepare_entry().unwrap();
     let gva = Gva((1 << 30) + 0x3000);
@@ -583,20 +562,7 @@ fn test_a_zapped_cached_root_is_the_only_slot_dropped() {
         let mut g = guest();
         if legacy {
             // A fresh VM with the switch on, same guest tables.
-            let cfg = VmConfig {
-                mmu: MmuKind::Shadow,
-                legacy_root_reload: true,
-                ..VmConfig::default()
-            };
-            let vm = Vm::new(cfg, g.host.ops()).unwrap();
-            vm.set_user_memory_region(UserMemoryRegion {
-                slot: 0,
-                flags: 0,
-                guest_phys_addr: 0,
-                memory_size: 64 << 20,
-                userspace_addr: HVA,
-            })
-            .unwrap();
+            let vm = shadow_vm(&g.host, true, 0, 64 << 20, 0);
             let mut vcpu = vm.create_vcpu(0).unwrap();
             vcpu.set_guest_paging(g.vcpu.guest_paging()).unwrap();
             vcpu.prepare_entry().unwrap();
@@ -634,4 +600,111 @@ fn test_a_zapped_cached_root_is_the_only_slot_dropped() {
         }
         no_leaks(g);
     }
+}
+
+/// A host on which the first read of one guest word returns a stale value:
+/// as if the guest changed the entry between the walk and `mmu_lock`.
+struct StaleOnce {
+    inner: Arc<TestHost>,
+    hva: Hva,
+    stale: std::sync::Mutex<Option<u64>>,
+}
+
+impl PrimaryMmu for StaleOnce {
+    fn faultin(
+        &self,
+        hva: Hva,
+        req: crate::host::FaultinRequest,
+    ) -> Result<crate::host::HostPfn, crate::host::HostFaultError> {
+        self.inner.faultin(hva, req)
+    }
+    fn release(&self, pfn: crate::types::Pfn, w: bool) {
+        self.inner.release(pfn, w)
+    }
+    fn mapping_level(&self, hva: Hva) -> Level {
+        self.inner.mapping_level(hva)
+    }
+    fn read_u64(&self, hva: Hva) -> Result<u64, crate::host::HostFaultError> {
+        if hva == self.hva {
+            if let Some(v) = self.stale.lock().unwrap().take() {
+                return Ok(v);
+            }
+        }
+        self.inner.read_u64(hva)
+    }
+    fn peek_u64(&self, hva: Hva) -> Option<u64> {
+        self.inner.peek_u64(hva)
+    }
+    fn cmpxchg_u64(
+        &self,
+        hva: Hva,
+        old: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, crate::host::HostFaultError> {
+        self.inner.cmpxchg_u64(hva, old, new)
+    }
+    fn write_u64(&self, hva: Hva, v: u64) -> Result<(), crate::host::HostFaultError> {
+        self.inner.write_u64(hva, v)
+    }
+}
+
+/// The guest entry a walk read is read again under `mmu_lock` (its table is
+/// write-protected by then); an entry changed meanwhile makes the fault
+/// retry instead of mapping what the walk saw.
+#[test]
+fn test_a_guest_entry_changed_after_the_walk_makes_the_fault_retry() {
+    let host = TestHost::new();
+    let all = gpte::P | gpte::W | gpte::U | gpte::A | gpte::D;
+    let pte = Hva(HVA + PT + idx(GVA, 1) * 8);
+    let other = DATA + 0x1000;
+    let stale = Arc::new(StaleOnce {
+        inner: host.clone(),
+        hva: pte,
+        stale: std::sync::Mutex::new(Some(DATA | all)),
+    });
+    let mut ops = host.ops();
+    ops.primary = stale.clone();
+    let vm = Vm::new(
+        VmConfig {
+            mmu: MmuKind::Shadow,
+            ..VmConfig::default()
+        },
+        ops,
+    )
+    .unwrap();
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 64 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    put(&host, PML4 + idx(GVA, 4) * 8, PDPT | all);
+    put(&host, PDPT + idx(GVA, 3) * 8, PD | all);
+    put(&host, PD + idx(GVA, 2) * 8, PT | all);
+    put(&host, PT + idx(GVA, 1) * 8, other | all);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_guest_paging(GuestPaging {
+        paging: true,
+        wp: true,
+        cr3: PML4,
+        ..Default::default()
+    })
+    .unwrap();
+    vcpu.prepare_entry().unwrap();
+    let r = vcpu
+        .page_fault_gva(Gva(GVA), ErrorCode::USER, false)
+        .unwrap();
+    assert_eq!(r, GvaFault::Mmu(RetPf::Retry));
+    assert!(
+        leaf_for(&vm, DATA >> 12).is_empty(),
+        "mapped the stale entry"
+    );
+    // Again: the entry as it is now.
+    let r = vcpu
+        .page_fault_gva(Gva(GVA), ErrorCode::USER, false)
+        .unwrap();
+    assert_eq!(r, GvaFault::Mmu(RetPf::Fixed));
+    assert_eq!(leaf_for(&vm, other >> 12).len(), 1);
 }
