@@ -3,7 +3,8 @@
 //! a PCID, and user pages it writes stamps to and reads back. The kernel
 //! spawns processes (a CR3 load that flushes the new PCID), switches between
 //! live ones (CR3 loads with the no-flush bit), remaps and write-protects
-//! their pages (entry write, then INVLPG), and ends them (entries cleared,
+//! their pages (entry write, then INVLPG, or for some remaps a CR3 load
+//! that flushes the whole PCID), and ends them (entries cleared,
 //! frames freed for the next process to reuse). Like a real kernel it has
 //! tables of its own (a PML4 with only the direct map of guest memory, whose
 //! table every process's PML4 shares): it runs on them before paging has a
@@ -63,6 +64,9 @@ pub struct ProcessCounters {
     pub switches: u64,
     /// Pages moved to another frame.
     pub remaps: u64,
+    /// Remaps flushed with a CR3 load of the process's own table that
+    /// flushes its PCID (the others with INVLPG).
+    pub flushing_loads: u64,
     /// Writes to read-only pages (each must fault).
     pub protection_faults: u64,
     /// Reads checked against the stamp written.
@@ -276,10 +280,15 @@ impl ProcessChurn {
         p.expected[page] = None;
         let (entry, root) = (p.pt_entry(page), p.root);
         self.pte_write(entry, new | USER, root);
-        self.push(
-            GuestAccess::paging(PagingOp::Invlpg(Gva(USER_BASE + page as u64 * 4096))),
-            Expect::Nothing,
-        );
+        if self.rng.below(4) == 0 {
+            self.load(c, false);
+            self.counters.flushing_loads += 1;
+        } else {
+            self.push(
+                GuestAccess::paging(PagingOp::Invlpg(Gva(USER_BASE + page as u64 * 4096))),
+                Expect::Nothing,
+            );
+        }
         self.free.push(old);
         self.counters.remaps += 1;
     }

@@ -480,7 +480,11 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                         c.accesses += 1;
                         prog.complete(&access, AccessResult::Fault);
                     }
-                    Err(FaultError::NoMemory(_) | FaultError::WrongMmu(_)) => {
+                    Err(
+                        FaultError::NoMemory(_)
+                        | FaultError::WrongMmu(_)
+                        | FaultError::NoShadowPages { .. },
+                    ) => {
                         c.efaults += 1;
                         prog.complete(&access, AccessResult::Fault);
                         break;

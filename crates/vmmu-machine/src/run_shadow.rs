@@ -44,14 +44,31 @@ pub(crate) fn guest_paging(vcpu: &Vcpu) -> GuestPaging {
 /// exits under shadow paging).
 pub(crate) fn paging_exit(vcpu: &mut Vcpu, op: PagingOp) {
     let r = match op {
-        PagingOp::SetMode(_) | PagingOp::LoadCr3(_) => {
-            vcpu.mmu.set_guest_paging(guest_paging(vcpu))
+        PagingOp::SetMode(_) => {
+            // A mode change flushes every translation (CR0.PG/WP, CR4.PGE
+            // and PCIDE toggles): the MMU resyncs what it keeps.
+            let r = vcpu.mmu.set_guest_paging(guest_paging(vcpu));
+            vcpu.mmu.flush_guest_tlb();
+            r
         }
-        PagingOp::Invlpg(gva) | PagingOp::Invpcid(Invpcid::Address { gva, .. }) => {
+        // The raw value: its no-flush bit decides whether the PCID is synced.
+        PagingOp::LoadCr3(value) => vcpu.mmu.load_cr3(value),
+        PagingOp::Invlpg(gva) => {
             vcpu.mmu.invlpg(gva);
             Ok(())
         }
-        PagingOp::Invpcid(_) => Ok(()),
+        PagingOp::Invpcid(Invpcid::Address { pcid, gva }) => {
+            vcpu.mmu.invpcid_address(pcid, gva);
+            Ok(())
+        }
+        PagingOp::Invpcid(Invpcid::Context(pcid)) => {
+            vcpu.mmu.invpcid_context(pcid);
+            Ok(())
+        }
+        PagingOp::Invpcid(_) => {
+            vcpu.mmu.flush_guest_tlb();
+            Ok(())
+        }
     };
     // The processor model only builds CR3 values inside its address width.
     debug_assert!(r.is_ok(), "paging state refused: {r:?}");
@@ -207,7 +224,9 @@ pub(crate) fn shadow_access<P: GuestProgram>(
                     c.accesses += 1;
                     prog.complete(&access, AccessResult::Fault);
                 }
-                Err(FaultError::NoMemory(_)) | Err(FaultError::WrongMmu(_)) => {
+                Err(FaultError::NoMemory(_))
+                | Err(FaultError::WrongMmu(_))
+                | Err(FaultError::NoShadowPages { .. }) => {
                     c.efaults += 1;
                     prog.complete(&access, AccessResult::Fault);
                     return Flow::Stop;

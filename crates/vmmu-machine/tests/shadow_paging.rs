@@ -14,12 +14,16 @@ use vmmu_machine::{Backing, Machine, MachineConfig};
 const MIB: u64 = 1 << 20;
 
 fn shadow_machine(vcpus: u32, bytes: u64) -> Machine {
+    shadow_machine_with(vcpus, bytes, VmConfig::default())
+}
+
+fn shadow_machine_with(vcpus: u32, bytes: u64, vm: VmConfig) -> Machine {
     machine(
         MachineConfig {
             memory_bytes: 256 * MIB,
             vm: VmConfig {
                 mmu: MmuKind::Shadow,
-                ..VmConfig::default()
+                ..vm
             },
             ..MachineConfig::default()
         },
@@ -83,13 +87,7 @@ fn test_shadow_paging_off_demand_paging() {
 /// processes hit the previous-roots cache.
 #[test]
 fn test_shadow_process_churn() {
-    use vmmu_machine::processes::ProcessChurn;
-    let chunk = 8 * MIB;
-    let mut m = shadow_machine(2, chunk);
-    let progs: Vec<_> = (0..2)
-        .map(|v| ProcessChurn::new(v, Gpa(GPA + v as u64 * chunk), chunk, 16, 4, 3000, 9))
-        .collect();
-    let out = m.run(progs, &Default::default(), |_| {});
+    let (m, out) = churn(VmConfig::default(), 3000);
     for (p, rep) in &out {
         assert_eq!(p.mismatches(), 0, "{:?}", p.first_mismatch());
         let c = &p.counters;
@@ -106,6 +104,74 @@ fn test_shadow_process_churn() {
         "{s:?}"
     );
     assert!(s.prev_roots_kept > 0, "{s:?}");
+    // The kernel writes its processes' PTs without exits once they are
+    // unsync; INVLPG and flushing CR3 loads sync them.
+    assert!(
+        s.shadow_unsynced > 0 && s.shadow_synced > 0 && s.shadow_entries_synced > 0,
+        "{s:?}"
+    );
+    clean(&m);
+}
+
+type ChurnOut = Vec<(
+    vmmu_machine::processes::ProcessChurn,
+    vmmu_machine::VcpuReport,
+)>;
+
+fn churn(vm: VmConfig, ops: u64) -> (Machine, ChurnOut) {
+    use vmmu_machine::processes::ProcessChurn;
+    let chunk = 8 * MIB;
+    let mut m = shadow_machine_with(2, chunk, vm);
+    let progs: Vec<_> = (0..2)
+        .map(|v| ProcessChurn::new(v, Gpa(GPA + v as u64 * chunk), chunk, 16, 4, ops, 9))
+        .collect();
+    let out = m.run(progs, &Default::default(), |_| {});
+    (m, out)
+}
+
+/// Each rule of the sync, broken on purpose, lets a process use a
+/// translation its kernel replaced and flushed: the guest sees a stale
+/// value and the oracle reports the access.
+#[test]
+fn test_shadow_sync_rules_broken_are_caught() {
+    type Knob = fn(&mut vmmu::GuardKnobs);
+    // (The reuse rule needs a path cut at the right moment; its unit test
+    // makes that moment: `test_a_reused_page_with_unsync_pages_below_...`.)
+    let knobs: [(&str, Knob); 3] = [
+        ("invlpg_skips_sync", |k| k.invlpg_skips_sync = true),
+        ("cr3_flush_skips_sync", |k| k.cr3_flush_skips_sync = true),
+        ("sync_without_write_protect", |k| {
+            k.sync_without_write_protect = true
+        }),
+    ];
+    for (name, set) in knobs {
+        let mut vm = VmConfig::default();
+        set(&mut vm.knobs);
+        let (m, out) = churn(vm, 3000);
+        let mismatches: u64 = out.iter().map(|(p, _)| p.mismatches()).sum();
+        assert!(
+            m.oracle.total() > 0 && mismatches > 0,
+            "{name}: not caught ({mismatches} mismatches, oracle {:?})",
+            m.oracle.log()
+        );
+    }
+}
+
+/// With unsync off every store to a shadowed table is emulated, and the
+/// same guest runs as correctly.
+#[test]
+fn test_shadow_process_churn_without_unsync() {
+    let vm = VmConfig {
+        shadow_unsync: false,
+        ..VmConfig::default()
+    };
+    let (m, out) = churn(vm, 2000);
+    for (p, _) in &out {
+        assert_eq!(p.mismatches(), 0, "{:?}", p.first_mismatch());
+    }
+    let s = m.vm.stats();
+    assert_eq!(s.shadow_unsynced, 0);
+    assert!(s.shadow_pte_writes > 0, "{s:?}");
     clean(&m);
 }
 

@@ -151,6 +151,12 @@ pub struct VmConfig {
     /// cached) instead of only the slots naming zapped roots. For measuring
     /// what the fix buys.
     pub legacy_root_reload: bool,
+    /// Shadow paging: let a shadowed 4 KiB guest table go *unsync* at the
+    /// guest's first store to it (its shadow page is resynced when the guest
+    /// flushes its TLB) instead of emulating every store. KVM always does;
+    /// off, every shadowed table stays write-tracked, to measure what unsync
+    /// buys.
+    pub shadow_unsync: bool,
     /// Test-only switches that remove a guarding step, so tests can show their
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
@@ -228,6 +234,7 @@ impl Default for VmConfig {
             dirty_tracking: DirtyTracking::WriteProtect,
             lockless_aging: true,
             legacy_root_reload: false,
+            shadow_unsync: true,
             knobs: GuardKnobs::default(),
             hooks: TestHooks::default(),
         }
@@ -294,6 +301,17 @@ pub struct GuardKnobs {
     /// so a harvest between the two takes the bit and leaves the entry writable
     /// and unlogged.
     pub fast_path_marks_dirty_first: bool,
+    /// Syncing unsync shadow pages re-reads their guest tables without first
+    /// write-protecting them (and flushing), so a store through a writable
+    /// translation still cached goes unseen by the now-synced page.
+    pub sync_without_write_protect: bool,
+    /// INVLPG leaves the entries of unsync shadow pages as they are.
+    pub invlpg_skips_sync: bool,
+    /// A CR3 load that flushes the PCID skips the resync of the current root.
+    pub cr3_flush_skips_sync: bool,
+    /// A fault that links a page found in the hash with unsync pages below
+    /// it does not ask for the root to be synced before the next entry.
+    pub reuse_skips_sync: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -95,6 +95,13 @@ pub enum FaultError {
     /// The call needs the other MMU: a guest-virtual fault on a TDP VM (EINVAL).
     #[error("{0}")]
     WrongMmu(&'static str),
+    /// The shadow page limit is reached and only roots in use are left to
+    /// recycle (ENOSPC).
+    #[error("shadow page limit of {limit} reached and every page is a root in use")]
+    NoShadowPages {
+        /// The limit in force.
+        limit: u64,
+    },
 }
 
 impl FaultError {
@@ -112,6 +119,7 @@ impl FaultError {
             FaultError::NoMemory(_) => ENOMEM,
             FaultError::Host { .. } => EFAULT,
             FaultError::WrongMmu(_) => EINVAL,
+            FaultError::NoShadowPages { .. } => ENOSPC,
         }
     }
 }

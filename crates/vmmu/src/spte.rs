@@ -209,6 +209,25 @@ impl Spte {
         s
     }
 
+    /// A shadow leaf with its rights narrowed or widened to (`write`,
+    /// `user`, `exec`); frame, A/D and the other bits stay. Without `write`
+    /// the entry loses W and MMU-writable (nothing may make it writable
+    /// without a fault); with it the write bits stay as they are, as a sync
+    /// never grants a write right the leaf did not have.
+    pub fn with_shadow_rights(self, write: bool, user: bool, exec: bool) -> Spte {
+        let mut v = self.0 & !(ept::USER | ept::X);
+        if !write {
+            v &= !(ept::W | ept::MMU_WRITABLE);
+        }
+        if user {
+            v |= ept::USER;
+        }
+        if exec {
+            v |= ept::X;
+        }
+        Spte(v)
+    }
+
     /// Build a shadow-paging non-leaf entry: fully permissive (U/S included);
     /// the leaf decides.
     pub fn shadow_table(child: Pfn, ad_enabled: bool) -> Spte {

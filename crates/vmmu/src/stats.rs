@@ -239,6 +239,18 @@ counters! {
     shadow_root_loads,
     /// Guest INVLPGs that exited to the shadow MMU (`invlpg`).
     shadow_invlpg,
+    /// Shadow pages that went unsync: a guest store to their 4 KiB table
+    /// made it writable instead of being emulated (`mmu_unsync` counts the
+    /// ones unsync now; see `ShadowInfo::unsync`).
+    shadow_unsynced,
+    /// Unsync shadow pages synced again with their guest table (a guest TLB
+    /// flush, a root load, a lookup that reused the page).
+    shadow_synced,
+    /// Entries of unsync pages resynced one at a time (INVLPG, INVPCID of an
+    /// address).
+    shadow_entries_synced,
+    /// Shadow pages zapped to stay under the page limit (`mmu_recycled`).
+    shadow_recycled,
     /// Internal invariant violations detected (a present leaf replaced by another
     /// frame without a zap, an illegal writable combination). Always a bug.
     invariant_violations,

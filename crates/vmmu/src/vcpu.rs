@@ -208,7 +208,12 @@ impl VcpuMmu {
         }
         if self.shadow.root.is_none() {
             self.load_shadow_root()?;
+            // A root found in the hash may have unsync pages below it.
+            self.shadow.sync_pending = true;
             flush = true;
+        }
+        if std::mem::take(&mut self.shadow.sync_pending) {
+            self.sync_shadow_root();
         }
         let root = self
             .shadow

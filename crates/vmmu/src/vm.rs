@@ -73,6 +73,21 @@ pub enum VmError {
     /// Table memory ran out (ENOMEM).
     #[error(transparent)]
     Memory(#[from] TableMemoryError),
+    /// Every shadow page under the limit is a root in use: nothing to
+    /// recycle for a new one (ENOSPC, as KVM's `make_mmu_pages_available`).
+    #[error("shadow page limit of {limit} reached and every page is a root in use")]
+    NoShadowPages {
+        /// The limit in force.
+        limit: u64,
+    },
+    /// `KVM_SET_NR_MMU_PAGES` below the minimum.
+    #[error("shadow page limit {pages} is below the minimum of {min}")]
+    InvalidNrMmuPages {
+        /// The value given.
+        pages: u64,
+        /// The smallest allowed.
+        min: u64,
+    },
     /// `KVM_EXIT_DIRTY_RING_FULL`: the vCPU's dirty ring is full up to its
     /// reserve; collect and reset it (`Vm::collect_dirty_ring`,
     /// `Vm::reset_dirty_rings`), then enter again (EAGAIN, "try again").
@@ -91,12 +106,14 @@ impl VmError {
             VmError::VcpuExists(_) => EEXIST,
             VmError::Memory(_) => ENOMEM,
             VmError::DirtyRingFull { .. } => EAGAIN,
+            VmError::NoShadowPages { .. } => ENOSPC,
             VmError::InvalidConfig(_)
             | VmError::InvalidVcpuId { .. }
             | VmError::SmmUnsupported { .. }
             | VmError::InvalidAddressSpace { .. }
             | VmError::InvalidRange { .. }
-            | VmError::InvalidCr3 { .. } => EINVAL,
+            | VmError::InvalidCr3 { .. }
+            | VmError::InvalidNrMmuPages { .. } => EINVAL,
         }
     }
 }
@@ -832,7 +849,11 @@ impl Vm {
     /// The shadow MMU's pages, tracked gfns and leaves (all zero on a TDP VM).
     pub fn shadow_info(&self) -> crate::shadow::ShadowInfo {
         let _w = self.inner.mmu_lock.write(&self.inner.stats.lock);
-        self.inner.shadow.lock().info()
+        let mut info = self.inner.shadow.lock().info();
+        if self.inner.config.mmu == crate::config::MmuKind::Shadow {
+            info.max_pages = self.inner.shadow.limit(&self.inner);
+        }
+        info
     }
 
     /// Live roots: (id, address space, valid, reference count).

@@ -178,21 +178,29 @@ impl VcpuMmu {
                 let mut z = Zap::default();
                 let r = {
                     let mut st = vm.shadow.lock();
+                    let room = st.make_pages_available(&vm, stats, &mut z);
                     let mut cx = Fetch {
                         vm: &vm,
                         stats,
                         cache: &mut self.cache,
+                        paging: &paging,
+                        slots: &slots,
+                        needs_sync: false,
                     };
-                    cx.fetch(
-                        &mut st,
-                        root.pfn,
-                        walk.as_ref(),
-                        &f,
-                        &slots,
-                        gva,
-                        pte_access,
-                        &mut z,
-                    )
+                    let r = match room {
+                        Ok(()) => cx.fetch(
+                            &mut st,
+                            root.pfn,
+                            walk.as_ref(),
+                            &f,
+                            gva,
+                            pte_access,
+                            &mut z,
+                        ),
+                        Err(limit) => Err(FaultError::NoShadowPages { limit }),
+                    };
+                    self.shadow.sync_pending |= cx.needs_sync;
+                    r
                 };
                 vm.shadow.commit(&vm, z);
                 match r {
@@ -217,6 +225,12 @@ struct Fetch<'a> {
     vm: &'a crate::vm::VmInner,
     stats: &'a CounterSet,
     cache: &'a mut crate::tdp::TableCache,
+    paging: &'a super::walk::GuestPaging,
+    slots: &'a MemslotSet,
+    /// A page reused from the hash has unsync pages below it, which the
+    /// guest's flushes may have missed while it was unlinked: sync the root
+    /// before the next entry (KVM's `KVM_REQ_MMU_SYNC` from the lookup).
+    needs_sync: bool,
 }
 
 impl Fetch<'_> {
@@ -229,12 +243,12 @@ impl Fetch<'_> {
         root: crate::types::Pfn,
         walk: Option<&Walk>,
         f: &PageFault<'_>,
-        slots: &MemslotSet,
         gva: Gva,
         pte_access: u8,
         z: &mut Zap,
     ) -> Result<RetPf, FaultError> {
         let vm = self.vm;
+        let slots = self.slots;
         let mem = &*vm.host.memory;
         let stats = self.stats;
         let ad = vm.config.ad_enabled;
@@ -283,8 +297,13 @@ impl Fetch<'_> {
             level = lower;
         }
         let pos = (sp, index(gva, level));
-        let tracked = level == Level::K4 && st.is_tracked(as_id, f.gfn);
-        let write_ok = pte_access & ACC_WRITE != 0 && !tracked && f.map_writable;
+        // A store to a shadowed guest table: its 4 KiB pages go unsync, or
+        // (shadowed higher up too) the leaf stays read-only and the store is
+        // emulated.
+        let write_ok = pte_access & ACC_WRITE != 0
+            && f.map_writable
+            && (level > Level::K4
+                || st.try_unsync(&vm.shadow, stats, as_id, f.gfn, vm.config.shadow_unsync));
         let pfn = crate::types::Pfn(f.host_pfn.0 & !(level.pages() - 1));
         let new = Spte::shadow_leaf(
             LeafParams {
@@ -348,7 +367,26 @@ impl Fetch<'_> {
             st.zap_entry(mem, stats, pos, z);
         }
         let child = match st.find(gfn, role) {
-            Some(c) => c,
+            Some(c) => {
+                if !vm.config.knobs.reuse_skips_sync
+                    && st.pages.get(&c).is_some_and(|sp| sp.unsync_children > 0)
+                {
+                    self.needs_sync = true;
+                }
+                if st.pages.get(&c).is_some_and(|sp| sp.unsync) {
+                    // Reused while unsync: bring its entries up to date (it
+                    // stays unsync, its table writable, until the guest
+                    // flushes; KVM's lookup does the same).
+                    let cx = super::unsync::SyncCx {
+                        vm,
+                        slots: self.slots,
+                        paging: self.paging,
+                        stats,
+                    };
+                    st.refresh_page(&cx, c, z);
+                }
+                c
+            }
             None => {
                 let table = self
                     .cache

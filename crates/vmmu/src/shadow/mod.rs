@@ -21,12 +21,14 @@
 //! hands the table pages back.
 
 pub(crate) mod fault;
+pub(crate) mod limit;
 pub(crate) mod paging;
 pub(crate) mod rmap;
 pub(crate) mod track;
+pub(crate) mod unsync;
 pub(crate) mod walk;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::host::TableMemory;
 use crate::request::REQ_FREE_OBSOLETE_ROOTS;
@@ -86,6 +88,14 @@ pub(crate) struct Sp {
     pub(crate) invalid: Arc<AtomicBool>,
     /// Emulated writes since a fault last walked through the page.
     pub(crate) flood: u8,
+    /// A 4 KiB page whose guest table the guest may write without an exit:
+    /// its entries may be stale until the next sync (see [`unsync`]).
+    pub(crate) unsync: bool,
+    /// Entries whose child is unsync or has unsync children below it
+    /// (KVM's `unsync_child_bitmap`; bits may be stale, a walk clears them).
+    pub(crate) unsync_child: [u64; 8],
+    /// Bits set in `unsync_child`.
+    pub(crate) unsync_children: u16,
 }
 
 impl Sp {
@@ -116,6 +126,10 @@ pub struct ShadowInfo {
     pub leaves: u64,
     /// The longest rmap (`max_mmu_rmap_size`, as of now).
     pub longest_rmap: u64,
+    /// Pages unsync now (`mmu_unsync`).
+    pub unsync: u64,
+    /// The page limit in force (`n_max_mmu_pages`).
+    pub max_pages: u64,
 }
 
 /// Pages zapped but not yet committed.
@@ -135,6 +149,11 @@ pub(crate) struct ShadowMmu {
     /// Valid pages that shadow a guest table (KVM's `indirect_shadow_pages`):
     /// emulated writes skip the lock while it is 0.
     pub(crate) indirect_pages: AtomicU64,
+    /// Unsync pages now: syncs skip the lock while it is 0.
+    pub(crate) unsync_pages: AtomicU64,
+    /// The page limit set with [`crate::Vm::set_nr_mmu_pages`] (0: the
+    /// default, from the memslots' size).
+    pub(crate) max_pages: AtomicU64,
     next_id: AtomicU64,
 }
 
@@ -159,6 +178,9 @@ pub(crate) struct State {
     /// Huge pages disallowed over a chunk (KVM's `disallow_lpage`), by
     /// (address space, level, chunk's first gfn).
     disallow: HashMap<(u16, u8, u64), u32>,
+    /// Valid pages by age, oldest first (KVM's `active_mmu_pages` read from
+    /// its tail): the page limit recycles from the front.
+    pub(crate) active: BTreeMap<u64, Pfn>,
 }
 
 impl ShadowMmu {
@@ -166,6 +188,8 @@ impl ShadowMmu {
         ShadowMmu {
             state: Mutex::new(LockClass::ShadowPages, State::default()),
             indirect_pages: AtomicU64::new(0),
+            unsync_pages: AtomicU64::new(0),
+            max_pages: AtomicU64::new(0),
             next_id: AtomicU64::new(1 << 48),
         }
     }
@@ -344,11 +368,6 @@ impl State {
         self.hash.get(&(gfn, role)).copied()
     }
 
-    /// Whether the gfn holds a shadowed guest table.
-    pub(crate) fn is_tracked(&self, as_id: u16, gfn: Gfn) -> bool {
-        self.tracked.contains_key(&(as_id, gfn))
-    }
-
     /// Whether a huge leaf of `level` may cover `gfn` (no guest table inside).
     pub(crate) fn huge_allowed(&self, as_id: u16, level: Level, gfn: Gfn) -> bool {
         !self
@@ -391,8 +410,12 @@ impl State {
             root_count: 0,
             invalid: Arc::new(AtomicBool::new(false)),
             flood: 0,
+            unsync: false,
+            unsync_child: [0; 8],
+            unsync_children: 0,
         };
         self.pages.insert(table, sp);
+        self.active.insert(id, table);
         self.hash.insert((gfn, role), table);
         CounterSet::inc(&stats.shadow_pages_created);
         CounterSet::inc(&stats.tables_allocated);
@@ -430,6 +453,19 @@ impl State {
                 self.drop_leaf(mem, stats, pos, z);
             }
         }
+        self.write_protect_gfn(mem, stats, as_id, gfn, z);
+    }
+
+    /// Take W away from every 4 KiB leaf that maps `gfn` (KVM's
+    /// `kvm_vcpu_write_protect_gfn`); `z.flush` if one had it.
+    pub(crate) fn write_protect_gfn(
+        &mut self,
+        mem: &dyn TableMemory,
+        stats: &CounterSet,
+        as_id: u16,
+        gfn: Gfn,
+        z: &mut Zap,
+    ) {
         for pos in self.rmap.get(as_id, Level::K4, gfn) {
             let e = entry(mem, pos);
             // The processor may set A/D meanwhile: update, never overwrite.
@@ -508,8 +544,13 @@ impl State {
     /// Link `child` below the entry at `pos`.
     pub(crate) fn link(&mut self, mem: &dyn TableMemory, ad: bool, pos: SptePos, child: Pfn) {
         entry(mem, pos).store(Spte::shadow_table(child, ad).0, Ordering::Release);
-        if let Some(c) = self.pages.get_mut(&child) {
-            c.parents.push(pos);
+        let Some(c) = self.pages.get_mut(&child) else {
+            return;
+        };
+        c.parents.push(pos);
+        // The new parent must lead a sync to whatever is unsync below.
+        if c.unsync || c.unsync_children > 0 {
+            self.mark_unsync(pos);
         }
     }
 
@@ -587,8 +628,17 @@ impl State {
         if sp.is_invalid() {
             return;
         }
-        let (gfn, role) = (sp.gfn, sp.role);
+        let (gfn, role, id) = (sp.gfn, sp.role, sp.id);
+        if sp.unsync_children > 0 {
+            // What is unsync below goes too (KVM's mmu_zap_unsync_children):
+            // no sync would reach it through this page any more.
+            for child in self.unsync_below(mem, pfn) {
+                self.zap_page(sh, mem, stats, child, z);
+            }
+        }
         CounterSet::inc(&stats.shadow_pages_zapped);
+        self.active.remove(&id);
+        self.clear_unsync(sh, pfn);
         for i in 0..512u16 {
             self.zap_entry(mem, stats, (pfn, i), z);
         }
@@ -678,6 +728,8 @@ impl State {
             tracked_gfns: self.tracked.len() as u64,
             leaves: self.rmap.len() as u64,
             longest_rmap: self.rmap.longest() as u64,
+            unsync: self.pages.values().filter(|sp| sp.unsync).count() as u64,
+            max_pages: 0,
         }
     }
 }

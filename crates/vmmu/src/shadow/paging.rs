@@ -15,7 +15,7 @@
 
 use crate::stats::CounterSet;
 use crate::sync::{Arc, AtomicBool, Ordering};
-use crate::types::{Gfn, Gva, Pfn};
+use crate::types::{Gfn, Pfn};
 use crate::vcpu::VcpuMmu;
 use crate::vm::VmError;
 
@@ -52,6 +52,9 @@ pub(crate) struct ShadowVcpu {
     pub(crate) root: Option<ShadowRoot>,
     /// Previous roots, most recently used first.
     pub(crate) prev: [Option<ShadowRoot>; crate::vcpu::NUM_PREV_ROOTS],
+    /// The guest flushed the current PCID: sync the current root before the
+    /// next entry (KVM's `KVM_REQ_MMU_SYNC`).
+    pub(crate) sync_pending: bool,
 }
 
 /// CR3 bit 63 (with CR4.PCIDE): keep the PCID's translations.
@@ -139,26 +142,23 @@ impl VcpuMmu {
         }
     }
 
-    /// The guest loaded CR3 (`value` may carry the no-flush bit, which the
-    /// MMU has nothing to keep for without unsync pages). A new table drops
-    /// the current root; the next entry loads the new one.
+    /// The guest loaded CR3 (KVM's `kvm_set_cr3`): switch to the root for
+    /// the new table (from the cache if it is there); then, unless CR4.PCIDE
+    /// is on and `value` carries the no-flush bit, the load flushes the new
+    /// PCID, which resyncs the current root and, with PCIDs, drops the cached
+    /// roots of that PCID. Refused like [`VcpuMmu::set_guest_paging`].
     pub fn load_cr3(&mut self, value: u64) -> Result<(), VmError> {
+        let noflush = self.shadow.paging.pcide && value & CR3_NOFLUSH != 0;
         let p = GuestPaging {
             cr3: value & !CR3_NOFLUSH,
             ..self.shadow.paging
         };
-        self.set_guest_paging(p)
-    }
-
-    /// The guest ran INVLPG (or INVPCID for one address). Shadow pages are
-    /// never out of sync with the guest's tables in this step (every
-    /// shadowed table is write-protected), so there is nothing to resync:
-    /// the processor's own flush of the address is all it takes.
-    pub fn invlpg(&mut self, gva: Gva) {
-        let _ = gva;
-        if self.vm.config.mmu == crate::config::MmuKind::Shadow {
-            CounterSet::inc(&self.shared.stats.shadow_invlpg);
+        self.set_guest_paging(p)?;
+        if !noflush && self.vm.config.mmu == crate::config::MmuKind::Shadow {
+            let pcid = if p.pcide { p.cr3 & 0xfff } else { 0 };
+            self.invalidate_pcid(pcid);
         }
+        Ok(())
     }
 
     /// The role of the root for paging state `p` in the current address space.
@@ -192,6 +192,11 @@ impl VcpuMmu {
             let pfn = match st.find(gfn, role) {
                 Some(pfn) => pfn,
                 None => {
+                    if let Err(limit) = st.make_pages_available(&vm, stats, &mut z) {
+                        drop(st);
+                        vm.shadow.commit(&vm, z);
+                        return Err(VmError::NoShadowPages { limit });
+                    }
                     let table = self
                         .cache
                         .pop()
@@ -259,10 +264,21 @@ impl VcpuMmu {
     /// Drop the slots whose root `drop` picks, under one hold of `mmu_lock`;
     /// cached roots after a dropped one move up. Returns how many went.
     pub(crate) fn free_shadow_roots(&mut self, drop: impl Fn(&ShadowRoot) -> bool) -> u64 {
+        self.free_root_slots(true, drop)
+    }
+
+    /// Drop the cached roots `drop` picks (the current one stays).
+    pub(crate) fn free_cached_roots(&mut self, drop: impl Fn(&ShadowRoot) -> bool) -> u64 {
+        self.free_root_slots(false, drop)
+    }
+
+    fn free_root_slots(&mut self, current: bool, drop: impl Fn(&ShadowRoot) -> bool) -> u64 {
         let sh = &mut self.shadow;
         let mut gone: Vec<ShadowRoot> = Vec::new();
-        if let Some(r) = sh.root.take_if(|r| drop(r)) {
-            gone.push(r);
+        if current {
+            if let Some(r) = sh.root.take_if(|r| drop(r)) {
+                gone.push(r);
+            }
         }
         for slot in sh.prev.iter_mut() {
             if let Some(r) = slot.take_if(|r| drop(r)) {

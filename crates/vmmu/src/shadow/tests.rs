@@ -17,42 +17,54 @@ use super::fault::GvaFault;
 use super::walk::{gpte, GuestPaging};
 
 /// Guest memory: 64 MiB at gpa 0, host addresses from 1 GiB.
-const HVA: u64 = 1 << 30;
-const PML4: u64 = 0x1000;
-const PDPT: u64 = 0x2000;
-const PD: u64 = 0x3000;
-const PT: u64 = 0x4000;
+pub(super) const HVA: u64 = 1 << 30;
+pub(super) const PML4: u64 = 0x1000;
+pub(super) const PDPT: u64 = 0x2000;
+pub(super) const PD: u64 = 0x3000;
+pub(super) const PT: u64 = 0x4000;
 /// The page the test maps at `GVA`.
-const DATA: u64 = 0x10_0000;
-const GVA: u64 = 0x4000_0000_0000 | 0x20_0000 | 0x5000;
+pub(super) const DATA: u64 = 0x10_0000;
+pub(super) const GVA: u64 = 0x4000_0000_0000 | 0x20_0000 | 0x5000;
 
-struct Guest {
-    host: Arc<TestHost>,
-    vm: Vm,
-    vcpu: VcpuMmu,
+pub(super) struct Guest {
+    pub(super) host: Arc<TestHost>,
+    pub(super) vm: Vm,
+    pub(super) vcpu: VcpuMmu,
 }
 
-fn put(host: &TestHost, gpa: u64, v: u64) {
+pub(super) fn put(host: &TestHost, gpa: u64, v: u64) {
     host.write_u64(Hva(HVA + gpa), v).unwrap();
 }
 
-fn get(host: &TestHost, gpa: u64) -> u64 {
+pub(super) fn get(host: &TestHost, gpa: u64) -> u64 {
     host.read_u64(Hva(HVA + gpa)).unwrap()
 }
 
-fn idx(gva: u64, level: u32) -> u64 {
+pub(super) fn idx(gva: u64, level: u32) -> u64 {
     (gva >> (12 + 9 * (level - 1))) & 511
 }
 
-/// A shadow VM whose guest maps `GVA` → `DATA` (4 KiB, user, writable)
-/// through PML4 → PDPT → PD → PT, paging on, CR3 loaded, entered.
 /// A shadow-MMU VM on `host` (`legacy`: `legacy_root_reload`) with one
 /// memslot of `size` bytes at `gpa`, backed from `HVA`, with `flags`.
 fn shadow_vm(host: &Arc<TestHost>, legacy: bool, gpa: u64, size: u64, flags: u32) -> Vm {
     let cfg = VmConfig {
-        mmu: MmuKind::Shadow,
         legacy_root_reload: legacy,
         ..VmConfig::default()
+    };
+    shadow_vm_with(host, cfg, gpa, size, flags)
+}
+
+/// [`shadow_vm`] with the rest of the configuration from `cfg`.
+pub(super) fn shadow_vm_with(
+    host: &Arc<TestHost>,
+    cfg: VmConfig,
+    gpa: u64,
+    size: u64,
+    flags: u32,
+) -> Vm {
+    let cfg = VmConfig {
+        mmu: MmuKind::Shadow,
+        ..cfg
     };
     let vm = Vm::new(cfg, host.ops()).unwrap();
     vm.set_user_memory_region(UserMemoryRegion {
@@ -66,9 +78,16 @@ fn shadow_vm(host: &Arc<TestHost>, legacy: bool, gpa: u64, size: u64, flags: u32
     vm
 }
 
-fn guest() -> Guest {
+/// A shadow VM whose guest maps `GVA` → `DATA` (4 KiB, user, writable)
+/// through PML4 → PDPT → PD → PT, paging on, CR3 loaded, entered.
+pub(super) fn guest() -> Guest {
+    guest_with(VmConfig::default(), false)
+}
+
+/// [`guest`] on a VM configured from `cfg`, with CR4.PCIDE as `pcide`.
+pub(super) fn guest_with(cfg: VmConfig, pcide: bool) -> Guest {
     let host = TestHost::new();
-    let vm = shadow_vm(&host, false, 0, 64 << 20, 0);
+    let vm = shadow_vm_with(&host, cfg, 0, 64 << 20, 0);
     let all = gpte::P | gpte::W | gpte::U;
     put(&host, PML4 + idx(GVA, 4) * 8, PDPT | all);
     put(&host, PDPT + idx(GVA, 3) * 8, PD | all);
@@ -79,6 +98,7 @@ fn guest() -> Guest {
         paging: true,
         wp: true,
         nx: true,
+        pcide,
         cr3: PML4,
         ..Default::default()
     })
@@ -87,7 +107,7 @@ fn guest() -> Guest {
     Guest { host, vm, vcpu }
 }
 
-fn leaf_for(vm: &Vm, gfn: u64) -> Vec<(Level, Spte)> {
+pub(super) fn leaf_for(vm: &Vm, gfn: u64) -> Vec<(Level, Spte)> {
     vm.mappings(0)
         .into_iter()
         .filter(|(g, _, _)| g.0 == gfn)
@@ -180,9 +200,15 @@ fn test_shadow_guest_level_faults_are_injected_with_the_guest_error_code() {
     assert_eq!(g.vm.stats().shadow_guest_faults, 4);
 }
 
+/// With unsync off, every shadowed table stays write-tracked (see the
+/// unsync tests for what happens with it on).
 #[test]
 fn test_shadowed_tables_are_write_protected_and_their_writes_emulated() {
-    let mut g = guest();
+    let cfg = VmConfig {
+        shadow_unsync: false,
+        ..VmConfig::default()
+    };
+    let mut g = guest_with(cfg, false);
     // Map the guest's own PT page at a second address (like a kernel's
     // direct map), writable.
     let alias = GVA + 0x1000;
@@ -545,7 +571,7 @@ fn test_cr3_switches_hit_the_previous_roots_cache_most_recent_first() {
 
 /// Every table page goes back to the host once the vCPU and the VM are gone
 /// (a root slot lost without its count dropped would keep its page).
-fn no_leaks(g: Guest) {
+pub(super) fn no_leaks(g: Guest) {
     let Guest { host, vm, vcpu } = g;
     drop(vcpu);
     drop(vm);

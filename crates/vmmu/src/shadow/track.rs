@@ -10,9 +10,11 @@
 //! Write flooding: a page the guest keeps writing without any fault walking
 //! through it in between is probably no page table any more (a process
 //! exited and the kernel reuses or clears the page). The third such write
-//! zaps the whole page, which stops the write protection. Upstream applies
-//! this to upper-level pages only, because level-1 pages go unsync instead
-//! of being write-protected; without unsync pages yet, it applies to all.
+//! zaps the whole page, which stops the write protection. It applies to
+//! upper-level pages only: a 4 KiB table goes unsync at the first store
+//! instead (see [`super::unsync`]), so its stores are emulated only while
+//! the gfn is shadowed higher up too. With `VmConfig::shadow_unsync` off,
+//! every page counts.
 
 use crate::fault::FaultError;
 use crate::stats::CounterSet;
@@ -78,8 +80,10 @@ impl VcpuMmu {
                 let Some(sp) = st.pages.get_mut(&pfn) else {
                     continue;
                 };
-                sp.flood = sp.flood.saturating_add(1);
                 let level = sp.role.level;
+                if level > crate::types::Level::K4 || !vm.config.shadow_unsync {
+                    sp.flood = sp.flood.saturating_add(1);
+                }
                 if !aligned || sp.flood >= FLOOD_WRITES {
                     CounterSet::inc(&stats.shadow_flooded);
                     st.zap_page(&vm.shadow, mem, stats, pfn, &mut z);

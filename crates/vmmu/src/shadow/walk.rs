@@ -184,17 +184,7 @@ pub(crate) fn walk(
             if rsvd {
                 return Err(fault(true, true));
             }
-            let mut a = 0;
-            if e & gpte::W != 0 {
-                a |= ACC_WRITE;
-            }
-            if e & gpte::U != 0 {
-                a |= ACC_USER;
-            }
-            if !(paging.nx && e & gpte::NX != 0) {
-                a |= ACC_EXEC;
-            }
-            access &= a;
+            access &= gpte_rights(paging, e);
             w.acc_through[l] = access;
             if level == 1 || huge {
                 let lv = Level::new(level).unwrap_or(Level::K4);
@@ -234,6 +224,47 @@ pub(crate) fn walk(
         }
         return Ok(w);
     }
+}
+
+/// The rights one guest entry grants (`ACC_*`).
+pub(crate) fn gpte_rights(paging: &GuestPaging, e: u64) -> u8 {
+    let mut a = 0;
+    if e & gpte::W != 0 {
+        a |= ACC_WRITE;
+    }
+    if e & gpte::U != 0 {
+        a |= ACC_USER;
+    }
+    if !(paging.nx && e & gpte::NX != 0) {
+        a |= ACC_EXEC;
+    }
+    a
+}
+
+/// A guest 4 KiB leaf entry as a sync sees it (KVM's `FNAME(sync_spte)`
+/// with `prefetch_invalid_gpte`): the gfn it maps and the rights a shadow
+/// leaf may have (`parent`'s, W only once the guest entry is dirty), or
+/// `None` if no shadow leaf may stay for it (not present, reserved bits set,
+/// never accessed).
+pub(crate) fn sync_gpte(
+    maxphyaddr: u32,
+    paging: &GuestPaging,
+    e: u64,
+    parent: u8,
+) -> Option<(Gfn, u8)> {
+    let reserved_addr = ADDR_MASK & !((1u64 << maxphyaddr) - 1);
+    if e & gpte::P == 0
+        || e & gpte::A == 0
+        || e & reserved_addr != 0
+        || (!paging.nx && e & gpte::NX != 0)
+    {
+        return None;
+    }
+    let mut access = parent & gpte_rights(paging, e);
+    if e & gpte::D == 0 {
+        access &= !ACC_WRITE;
+    }
+    Some((Gfn((e & ADDR_MASK) >> 12), access))
 }
 
 /// Whether `access` rights (the AND of the walk) forbid the access in this
