@@ -50,6 +50,10 @@ pub struct Common {
     pub mmu: vmmu::MmuKind,
     /// Shadow MMU: drop every root on a root zap (before the fix).
     pub legacy_root_reload: bool,
+    /// Shadow MMU: no unsync pages (`--no-unsync`).
+    pub no_unsync: bool,
+    /// Shadow MMU: the page limit (`--nr-mmu-pages`).
+    pub nr_mmu_pages: Option<u64>,
     /// Touch all host memory before the vCPUs start (demand-paging).
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
@@ -219,6 +223,25 @@ impl Common {
             return Err(BadInput(
                 "--mmu shadow with --tracking pml: PML logs second-stage writes and shadow paging has no second stage (use --tracking write-protect)".into(),
             ));
+        }
+        if self.mmu != vmmu::MmuKind::Shadow && (self.no_unsync || self.nr_mmu_pages.is_some()) {
+            let flag = if self.no_unsync {
+                "--no-unsync"
+            } else {
+                "--nr-mmu-pages"
+            };
+            return Err(BadInput(format!(
+                "{flag} without --mmu shadow: unsync pages and the page limit are the shadow MMU's (add --mmu shadow)"
+            )));
+        }
+        if let Some(n) = self
+            .nr_mmu_pages
+            .filter(|n| *n < vmmu::SHADOW_MIN_ALLOC_PAGES)
+        {
+            return Err(BadInput(format!(
+                "--nr-mmu-pages {n}: the shadow page limit is at least {} (KVM_MIN_ALLOC_MMU_PAGES)",
+                vmmu::SHADOW_MIN_ALLOC_PAGES
+            )));
         }
         if self.mmu == vmmu::MmuKind::Shadow && self.conversions {
             return Err(BadInput(

@@ -105,6 +105,15 @@ pub(crate) struct RunFlags {
     #[arg(long, value_name = "KIND", value_parser = parse_mmu)]
     #[serde(serialize_with = "mmu_name_opt")]
     pub(crate) mmu: Option<vmmu::MmuKind>,
+    /// Shadow MMU: keep every shadowed guest table write-protected (no unsync
+    /// pages: each guest store to one is emulated), to measure what unsync
+    /// buys.
+    #[arg(long)]
+    pub(crate) no_unsync: bool,
+    /// Shadow MMU: the page limit (KVM_SET_NR_MMU_PAGES, at least 64;
+    /// default 2 % of guest memory's pages).
+    #[arg(long, value_name = "N")]
+    pub(crate) nr_mmu_pages: Option<u64>,
 }
 
 fn mmu_name_opt<S: serde::Serializer>(m: &Option<vmmu::MmuKind>, s: S) -> Result<S::Ok, S::Error> {
@@ -178,6 +187,8 @@ impl RunFlags {
             no_precheck: self.no_precheck,
             no_ad: self.no_ad,
             mmu: self.mmu.unwrap_or_default(),
+            no_unsync: self.no_unsync,
+            nr_mmu_pages: self.nr_mmu_pages,
             ..Common::default()
         }
     }

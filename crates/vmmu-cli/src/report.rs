@@ -288,6 +288,8 @@ pub fn config_json(command: &str, flags: Value, vm: &vmmu::VmConfig, oracle: boo
             "eager_page_split": vm.eager_page_split,
             "address_spaces": vm.address_spaces,
             "maxphyaddr": vm.maxphyaddr,
+            "shadow_unsync": vm.mmu == vmmu::MmuKind::Shadow && vm.shadow_unsync,
+            "legacy_root_reload": vm.legacy_root_reload,
         },
         "oracle": oracle,
         "version": env!("CARGO_PKG_VERSION"),

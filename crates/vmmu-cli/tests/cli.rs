@@ -862,3 +862,45 @@ fn test_shadow_process_churn_shows_what_freeing_only_obsolete_roots_saves() {
     let e = refusal(&["run", "shadow-process-churn", "--mmu", "tdp"]);
     assert!(e.contains("shadow MMU"), "{e}");
 }
+
+/// Unsync pages take most stores to the kernel's page tables off the exit
+/// path: with `--no-unsync` the same guests have more of them emulated; the
+/// config says which ran; the page limit and unsync flags are refused
+/// without a shadow MMU or below KVM's minimum.
+#[test]
+fn test_shadow_unsync_and_page_limit_flags() {
+    let on = json_run(&[
+        "run",
+        "shadow-process-churn",
+        "-i",
+        "3000",
+        "--nr-mmu-pages",
+        "64",
+    ]);
+    let off = json_run(&["run", "shadow-process-churn", "-i", "3000", "--no-unsync"]);
+    assert_eq!(on["config"]["mmu"]["shadow_unsync"], true, "{on}");
+    assert_eq!(off["config"]["mmu"]["shadow_unsync"], false, "{off}");
+    let (a, b) = (&on["fixed"], &off["fixed"]);
+    assert!(a["shadow_unsynced"].as_u64().unwrap() > 0, "{on}");
+    assert!(a["shadow_recycled"].as_u64().unwrap() > 0, "{on}");
+    assert_eq!(b["shadow_unsynced"], 0, "{off}");
+    assert!(
+        a["shadow_pte_writes"].as_u64().unwrap() < b["shadow_pte_writes"].as_u64().unwrap(),
+        "{on} {off}"
+    );
+    for v in [&on, &off] {
+        assert_eq!(v["fixed"]["violations"], 0, "{v}");
+        assert_eq!(v["fixed"]["mismatches"], 0, "{v}");
+    }
+    let e = refusal(&["run", "demand-paging", "--no-unsync"]);
+    assert!(e.contains("--mmu shadow"), "{e}");
+    let e = refusal(&[
+        "run",
+        "demand-paging",
+        "--mmu",
+        "shadow",
+        "--nr-mmu-pages",
+        "63",
+    ]);
+    assert!(e.contains("at least 64"), "{e}");
+}

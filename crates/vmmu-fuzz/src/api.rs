@@ -186,6 +186,22 @@ pub enum Op {
         /// Linear address.
         gva: u64,
     },
+    /// Shadow paging: INVPCID (0: one address, 1: a context, else all).
+    Invpcid {
+        /// vCPU index.
+        vcpu: u8,
+        /// The type.
+        kind: u8,
+        /// The PCID (12 bits are used).
+        pcid: u16,
+        /// Linear address.
+        gva: u64,
+    },
+    /// `KVM_SET_NR_MMU_PAGES` (any value: below 64 must be refused).
+    SetNrMmuPages {
+        /// The limit.
+        pages: u16,
+    },
     /// Enter and leave guest mode.
     EnterExit {
         /// vCPU index.
@@ -927,6 +943,40 @@ impl World {
             Op::Invlpg { vcpu, gva } => {
                 if let Some(v) = self.vcpu(*vcpu) {
                     v.invlpg(vmmu::Gva(*gva));
+                }
+                false
+            }
+            Op::Invpcid {
+                vcpu,
+                kind,
+                pcid,
+                gva,
+            } => {
+                if let Some(v) = self.vcpu(*vcpu) {
+                    let pcid = pcid & 0xfff;
+                    match kind {
+                        0 => v.invpcid_address(pcid, vmmu::Gva(*gva)),
+                        1 => v.invpcid_context(pcid),
+                        _ => v.flush_guest_tlb(),
+                    }
+                }
+                false
+            }
+            Op::SetNrMmuPages { pages } => {
+                let before = self.vm.nr_mmu_pages();
+                match self.vm.set_nr_mmu_pages(*pages as u64) {
+                    Ok(()) if (*pages as u64) < vmmu::SHADOW_MIN_ALLOC_PAGES => {
+                        return Err(format!("limit {pages} accepted"));
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        if e.errno() != vmmu::errno::EINVAL {
+                            return Err(format!("limit refused with {e:?}"));
+                        }
+                        if self.vm.nr_mmu_pages() != before {
+                            return Err("a refused limit changed the limit".into());
+                        }
+                    }
                 }
                 false
             }

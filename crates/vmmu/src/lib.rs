@@ -77,6 +77,7 @@ pub use notifier::Invalidation;
 pub use prefault::{PreFaultError, PreFaultRange, VcpuSignal};
 pub use root::{Role, RootFilter};
 pub use shadow::fault::GvaFault;
+pub use shadow::limit::MIN_ALLOC_PAGES as SHADOW_MIN_ALLOC_PAGES;
 pub use shadow::paging::CR3_NOFLUSH;
 pub use shadow::track::FLOOD_WRITES;
 pub use shadow::walk::GuestPaging;

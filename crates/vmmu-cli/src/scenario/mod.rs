@@ -65,6 +65,7 @@ pub fn vm_config(common: &Common) -> VmConfig {
         lockless_aging: !common.locked_aging,
         mmu: common.mmu,
         legacy_root_reload: common.legacy_root_reload,
+        shadow_unsync: !common.no_unsync,
         // The conversion storm converts memory: only a VM with private memory can.
         vm_type: if common.conversions {
             vmmu::VmType::SwProtected
@@ -108,6 +109,9 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         dirty_ring: common.dirty_ring,
     };
     let m = Machine::new(cfg, shape.vcpus)?;
+    if let Some(n) = common.nr_mmu_pages {
+        m.vm.set_nr_mmu_pages(n)?;
+    }
     m.map(Hva(REGION_HVA), shape.total, shape.backing)?;
     let per_slot = shape.total / shape.slots as u64;
     for i in 0..shape.slots as u64 {
