@@ -312,6 +312,10 @@ pub struct GuardKnobs {
     /// A fault that links a page found in the hash with unsync pages below
     /// it does not ask for the root to be synced before the next entry.
     pub reuse_skips_sync: bool,
+    /// The shadow MMU's fast path also runs on indirect entries (guest paging
+    /// on), whose gfn comes from a guest walk the entry may no longer match
+    /// (locking.rst's ABA), instead of direct ones only.
+    pub shadow_fast_path_indirect: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -323,7 +323,7 @@ impl VcpuMmu {
         RetPf::Invalid
     }
 
-    fn fault_can_be_fast(&self, f: &PageFault<'_>) -> bool {
+    pub(crate) fn fault_can_be_fast(&self, f: &PageFault<'_>) -> bool {
         if f.rsvd || f.private {
             return false;
         }
@@ -348,65 +348,82 @@ impl VcpuMmu {
     /// the value and fails the exchange.
     fn fast_page_fault(&self, root: &crate::root::Root, f: &PageFault<'_>) -> RetPf {
         let vm = &*self.vm;
-        let stats = &self.shared.stats;
         let _rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
         for _ in 0..4 {
             let (sptep, spte, level) = vm.tdp.last_spte(root, f.gfn);
-            if !spte.is_leaf(level) {
-                return RetPf::Invalid;
-            }
-            if spte.allows(f.access) {
-                CounterSet::inc(&stats.fast_path_spurious);
-                return RetPf::Spurious;
-            }
-            let mut new = spte;
-            if new.is_access_tracked() {
-                new = new.restore_access_tracked();
-            }
-            if f.write && new.is_mmu_writable() {
-                // Only one 4 KiB page of a huge mapping could be logged; let the
-                // slow path map a 4 KiB entry instead.
-                if level > Level::K4 && f.slot.is_some_and(|s| s.dirty_logging()) {
-                    return RetPf::Invalid;
-                }
-                new = new.make_writable();
-            }
-            if new == spte || !new.allows(f.access) {
-                return RetPf::Invalid;
-            }
-            // The page is logged after the entry is writable: a harvest in between
-            // either protects the entry again or finds the bit set after it.
-            let marks_first = vm.config.knobs.fast_path_marks_dirty_first;
-            let logs = new.is_writable() && !spte.is_writable();
-            if marks_first && logs {
-                if let Some(slot) = f.slot {
-                    crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
-                }
-            }
-            let ok = if vm.config.knobs.fast_path_plain_store {
-                sptep.store(new.0, Ordering::Release);
-                true
-            } else {
-                // AcqRel: the exchange must observe the latest value (including D
-                // set by hardware) and publish ours.
-                sptep
-                    .compare_exchange(spte.0, new.0, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            };
-            if ok {
-                if spte.is_access_tracked() {
-                    CounterSet::inc(&stats.access_restored_fast);
-                }
-                if logs && !marks_first {
-                    if let Some(slot) = f.slot {
-                        crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
-                    }
-                }
-                CounterSet::inc(&stats.fast_path_fixed);
-                return RetPf::Fixed;
+            if let Some(r) = self.fast_fix(sptep, spte, level, f) {
+                return r;
             }
         }
         RetPf::Invalid
+    }
+
+    /// One attempt of the fast path on the last entry of the walk, `spte`
+    /// read from `sptep` at `level` (shared by the TDP and shadow MMUs):
+    /// `None` when the exchange lost a race and the walk should look again.
+    pub(crate) fn fast_fix(
+        &self,
+        sptep: &crate::sync::AtomicU64,
+        spte: crate::spte::Spte,
+        level: Level,
+        f: &PageFault<'_>,
+    ) -> Option<RetPf> {
+        let vm = &*self.vm;
+        let stats = &self.shared.stats;
+        if !spte.is_leaf(level) {
+            return Some(RetPf::Invalid);
+        }
+        if spte.allows(f.access) {
+            CounterSet::inc(&stats.fast_path_spurious);
+            return Some(RetPf::Spurious);
+        }
+        let mut new = spte;
+        if new.is_access_tracked() {
+            new = new.restore_access_tracked();
+        }
+        if f.write && new.is_mmu_writable() {
+            // Only one 4 KiB page of a huge mapping could be logged; let the
+            // slow path map a 4 KiB entry instead.
+            if level > Level::K4 && f.slot.is_some_and(|s| s.dirty_logging()) {
+                return Some(RetPf::Invalid);
+            }
+            new = new.make_writable();
+        }
+        if new == spte || !new.allows(f.access) {
+            return Some(RetPf::Invalid);
+        }
+        // The page is logged after the entry is writable: a harvest in between
+        // either protects the entry again or finds the bit set after it.
+        let marks_first = vm.config.knobs.fast_path_marks_dirty_first;
+        let logs = new.is_writable() && !spte.is_writable();
+        if marks_first && logs {
+            if let Some(slot) = f.slot {
+                crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
+            }
+        }
+        let ok = if vm.config.knobs.fast_path_plain_store {
+            sptep.store(new.0, Ordering::Release);
+            true
+        } else {
+            // AcqRel: the exchange must observe the latest value (including D
+            // set by hardware) and publish ours.
+            sptep
+                .compare_exchange(spte.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        };
+        if !ok {
+            return None;
+        }
+        if spte.is_access_tracked() {
+            CounterSet::inc(&stats.access_restored_fast);
+        }
+        if logs && !marks_first {
+            if let Some(slot) = f.slot {
+                crate::dirty_log::mark_page_dirty(slot, f.gfn, f.ring);
+            }
+        }
+        CounterSet::inc(&stats.fast_path_fixed);
+        Some(RetPf::Fixed)
     }
 
     /// Resolve the frame (KVM's `kvm_mmu_faultin_pfn`), including the pre-check.

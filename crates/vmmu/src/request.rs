@@ -29,6 +29,11 @@ pub const REQ_FREE_OBSOLETE_ROOTS: u64 = 1 << 1;
 pub(crate) const OUTSIDE_GUEST_MODE: u8 = 0;
 pub(crate) const IN_GUEST_MODE: u8 = 1;
 pub(crate) const EXITING_GUEST_MODE: u8 = 2;
+/// Walking shadow tables without `mmu_lock` (the shadow MMU's fast path):
+/// a requester that waits (a remote flush before table pages are freed)
+/// waits for the walk to end, as KVM's IPI waits for interrupts to come
+/// back on (`READING_SHADOW_PAGE_TABLES`).
+pub(crate) const READING_SHADOW_PAGE_TABLES: u8 = 3;
 
 /// The part of a vCPU other threads touch. Aligned to its own cache lines: the
 /// vCPU bumps its counters on every fault, and a neighbour's fields on the same
@@ -82,7 +87,7 @@ impl VcpuShared {
             Ordering::Relaxed,
         ) {
             Ok(_) => RequestState::MustKick,
-            Err(EXITING_GUEST_MODE) => RequestState::Exiting,
+            Err(EXITING_GUEST_MODE | READING_SHADOW_PAGE_TABLES) => RequestState::Exiting,
             Err(_) => RequestState::Outside,
         }
     }
@@ -91,7 +96,26 @@ impl VcpuShared {
     pub(crate) fn is_exiting(&self) -> bool {
         // Acquire: pairs with the Release store in `exit_guest_mode`, so once we see
         // it out, nothing it did in guest mode is still in flight.
-        self.mode.load(Ordering::Acquire) == EXITING_GUEST_MODE
+        matches!(
+            self.mode.load(Ordering::Acquire),
+            EXITING_GUEST_MODE | READING_SHADOW_PAGE_TABLES
+        )
+    }
+
+    /// Begin a walk of shadow tables without `mmu_lock` (KVM's
+    /// `walk_shadow_page_lockless_begin`): the mode store, then a full fence
+    /// before the first table read, the Dekker pair with `request`'s fence
+    /// after the requester's zap.
+    pub(crate) fn begin_lockless_walk(&self) {
+        self.set_mode(READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// End it: Release, so the walk's reads are done before a waiting
+    /// requester frees what they read.
+    pub(crate) fn end_lockless_walk(&self) {
+        self.set_mode(OUTSIDE_GUEST_MODE, Ordering::Release);
+        self.left_guest_mode();
     }
 
     /// Set the vCPU's mode with `order`, from the vCPU's own thread.

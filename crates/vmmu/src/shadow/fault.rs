@@ -146,6 +146,22 @@ impl VcpuMmu {
             mmio_gen: 0,
             huge_page_disallowed: acc.fetch && vm.config.nx_huge_pages,
         };
+        // The lockless fast path (a write to a write-protected but
+        // MMU-writable entry, or an access-tracked one), on direct roots only,
+        // as upstream: a direct entry's gfn follows from where it sits, which
+        // the exchange pins, while an indirect one's came from a guest walk
+        // the entry may no longer match (locking.rst's ABA: the exchange
+        // would succeed on an entry that now maps another gfn and log the
+        // wrong page).
+        if (root.role.direct || vm.config.knobs.shadow_fast_path_indirect)
+            && self.fault_can_be_fast(&f)
+        {
+            CounterSet::inc(&stats.fast_path_attempts);
+            match self.shadow_fast_page_fault(root.pfn, gva, &f) {
+                RetPf::Invalid => {}
+                r => return Ok(GvaFault::Mmu(r)),
+            }
+        }
         // Up to one new page per level below the root, and the leaf's.
         self.cache.topup(&vm.tdp, 4)?;
         match self.faultin_pfn(&mut f)? {
@@ -217,6 +233,54 @@ impl VcpuMmu {
         let mapped_writable = f.map_writable && matches!(result, GvaFault::Mmu(RetPf::Fixed));
         vm.host.primary.release(f.host_pfn, mapped_writable);
         Ok(result)
+    }
+}
+
+impl VcpuMmu {
+    /// KVM's `fast_page_fault` on a shadow root: walk the shadow tables for
+    /// `gva` without `mmu_lock`, announced as `READING_SHADOW_PAGE_TABLES`
+    /// so no table page is freed under the walk (a zap's remote flush waits
+    /// for it), then at most four exchanges on the last entry.
+    fn shadow_fast_page_fault(
+        &self,
+        root: crate::types::Pfn,
+        gva: Gva,
+        f: &PageFault<'_>,
+    ) -> RetPf {
+        let mem = &*self.vm.host.memory;
+        self.shared.begin_lockless_walk();
+        let mut r = RetPf::Invalid;
+        for _ in 0..4 {
+            let (pos, spte, level) = last_shadow_spte(mem, root, gva);
+            if let Some(done) = self.fast_fix(entry(mem, pos), spte, level, f) {
+                r = done;
+                break;
+            }
+        }
+        self.shared.end_lockless_walk();
+        r
+    }
+}
+
+/// The last entry on `gva`'s shadow path below `root`: where it is, its
+/// value, its level.
+fn last_shadow_spte(
+    mem: &dyn crate::host::TableMemory,
+    root: crate::types::Pfn,
+    gva: Gva,
+) -> (super::rmap::SptePos, Spte, Level) {
+    let mut sp = root;
+    let mut level = Level::L4;
+    loop {
+        let pos = (sp, index(gva, level));
+        let e = Spte(entry(mem, pos).load(Ordering::Acquire));
+        match level.lower() {
+            Some(lower) if e.is_shadow_present() && !e.is_leaf(level) => {
+                sp = e.pfn();
+                level = lower;
+            }
+            _ => return (pos, e, level),
+        }
     }
 }
 

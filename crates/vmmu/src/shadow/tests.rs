@@ -496,6 +496,42 @@ fn test_shadow_dirty_logging_write_protects_through_the_rmap() {
             "round {round}: still writable after the harvest"
         );
     }
+    // Paging off: a direct root, so each write after a harvest was fixed by
+    // the lockless fast path (its gfn follows from the entry's position).
+    assert_eq!(vcpu.stats().fast_path_fixed, 2);
+}
+
+/// With guest paging on, entries are indirect: a write to a page the
+/// harvest protected takes the slow path under `mmu_lock` (the fast path's
+/// exchange could not tell that the entry still maps the gfn the walk saw).
+#[test]
+fn test_shadow_fast_path_stays_off_indirect_entries() {
+    let mut g = guest();
+    let logged = crate::memslot::MemFlags::LOG_DIRTY_PAGES.bits();
+    g.vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: logged,
+        guest_phys_addr: 0,
+        memory_size: 64 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    g.vcpu.prepare_entry().unwrap();
+    let w = ErrorCode::USER | ErrorCode::WRITE;
+    for ec in [w, w | ErrorCode::PRESENT] {
+        g.vm.get_dirty_log(0).unwrap();
+        assert_eq!(
+            g.vcpu.page_fault_gva(Gva(GVA), ec, false).unwrap(),
+            GvaFault::Mmu(RetPf::Fixed)
+        );
+        let log = g.vm.get_dirty_log(0).unwrap();
+        assert_ne!(
+            log[(DATA >> 12) as usize / 64] & (1 << ((DATA >> 12) % 64)),
+            0
+        );
+    }
+    let s = g.vcpu.stats();
+    assert_eq!((s.fast_path_attempts, s.fast_path_fixed), (0, 0), "{s:?}");
 }
 
 /// Four address spaces, each PML4 → the same lower tables (as processes
