@@ -852,6 +852,11 @@ impl Vm {
         let mut info = self.inner.shadow.lock().info();
         if self.inner.config.mmu == crate::config::MmuKind::Shadow {
             info.max_pages = self.inner.shadow.limit(&self.inner);
+            info.unsync = self
+                .inner
+                .shadow
+                .unsync_pages
+                .load(crate::sync::Ordering::Relaxed);
         }
         info
     }

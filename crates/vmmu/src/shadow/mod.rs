@@ -728,7 +728,8 @@ impl State {
             tracked_gfns: self.tracked.len() as u64,
             leaves: self.rmap.len() as u64,
             longest_rmap: self.rmap.longest() as u64,
-            unsync: self.pages.values().filter(|sp| sp.unsync).count() as u64,
+            // Filled in by `Vm::shadow_info` from the running counts.
+            unsync: 0,
             max_pages: 0,
         }
     }

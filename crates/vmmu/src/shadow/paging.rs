@@ -155,8 +155,7 @@ impl VcpuMmu {
         };
         self.set_guest_paging(p)?;
         if !noflush && self.vm.config.mmu == crate::config::MmuKind::Shadow {
-            let pcid = if p.pcide { p.cr3 & 0xfff } else { 0 };
-            self.invalidate_pcid(pcid);
+            self.invalidate_pcid(super::unsync::pcid_of(&p, p.cr3));
         }
         Ok(())
     }

@@ -229,10 +229,7 @@ impl State {
     /// write-protected already.
     pub(crate) fn sync_page(&mut self, cx: &SyncCx<'_>, pfn: Pfn, z: &mut Zap) {
         self.clear_unsync(&cx.vm.shadow, pfn);
-        CounterSet::inc(&cx.stats.shadow_synced);
-        for i in 0..512u16 {
-            self.sync_entry(cx, (pfn, i), z);
-        }
+        self.refresh_page(cx, pfn, z);
     }
 
     /// Check every entry of an unsync page that is being reused by a
@@ -319,7 +316,7 @@ impl State {
 }
 
 /// The PCID a root was loaded for (0 without PCIDs).
-fn pcid_of(paging: &GuestPaging, pgd: u64) -> u64 {
+pub(crate) fn pcid_of(paging: &GuestPaging, pgd: u64) -> u64 {
     if paging.pcide {
         pgd & 0xfff
     } else {

@@ -232,3 +232,27 @@ fn test_the_page_limit_recycles_the_oldest_pages_and_refuses_too_small_a_limit()
     assert_eq!(s.obsolete_roots_dropped, 0);
     no_leaks(g);
 }
+
+/// Flooding is for upper-level pages: a 4 KiB page goes unsync instead, so
+/// emulated stores to it never zap it for their number; with unsync off
+/// the third one does.
+#[test]
+fn test_flooding_spares_4k_pages_unless_unsync_is_off() {
+    for unsync in [true, false] {
+        let cfg = VmConfig {
+            shadow_unsync: unsync,
+            ..VmConfig::default()
+        };
+        let mut g = guest_with(cfg, false);
+        fault(&mut g, GVA, ErrorCode::USER);
+        for i in 0..3u64 {
+            g.vcpu.emulate_write(Gpa(PT + (300 + i) * 8), 0).unwrap();
+        }
+        assert_eq!(
+            g.vm.stats().shadow_flooded,
+            u64::from(!unsync),
+            "unsync {unsync}"
+        );
+        assert_eq!(leaf_for(&g.vm, DATA >> 12).len(), usize::from(unsync));
+    }
+}
