@@ -316,6 +316,11 @@ pub struct GuardKnobs {
     /// on), whose gfn comes from a guest walk the entry may no longer match
     /// (locking.rst's ABA), instead of direct ones only.
     pub shadow_fast_path_indirect: bool,
+    /// A zapped or synced shadow page stops counting as unsync before its
+    /// entries are dropped or brought up to date, so a guest flush on
+    /// another vCPU that finds nothing unsync skips the lock and uses the
+    /// stale entry the zap or sync is about to fix.
+    pub unsync_cleared_early: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -459,3 +459,11 @@ pub fn hardware_set_dirty(vm: &crate::Vm, gpa: crate::Gpa) -> bool {
     }
     false
 }
+
+/// What the processor reads for `gva` on a shadow VM: a walk of the shadow
+/// tables from `root` (the root an entry returned) without `mmu_lock`, as the
+/// hardware walks them. The last entry on the path (a leaf, or the first
+/// entry that is not present).
+pub fn hardware_walk_shadow(vm: &crate::Vm, root: Pfn, gva: crate::Gva) -> crate::spte::Spte {
+    crate::shadow::fault::last_shadow_spte(&*vm.inner.host.memory, root, gva).1
+}

@@ -459,7 +459,7 @@ impl Vm {
         }
         let n = config.address_spaces;
         let inner = VmInner {
-            shadow: crate::shadow::ShadowMmu::new(),
+            shadow: crate::shadow::ShadowMmu::new(config.knobs.unsync_cleared_early),
             tdp: Tdp::new(
                 host.memory.clone(),
                 config.root_level,

@@ -264,7 +264,7 @@ impl VcpuMmu {
 
 /// The last entry on `gva`'s shadow path below `root`: where it is, its
 /// value, its level.
-fn last_shadow_spte(
+pub(crate) fn last_shadow_spte(
     mem: &dyn crate::host::TableMemory,
     root: crate::types::Pfn,
     gva: Gva,

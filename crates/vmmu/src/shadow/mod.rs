@@ -155,6 +155,8 @@ pub(crate) struct ShadowMmu {
     /// default, from the memslots' size).
     pub(crate) max_pages: AtomicU64,
     next_id: AtomicU64,
+    /// `GuardKnobs::unsync_cleared_early` (a test-only broken order).
+    pub(crate) unsync_cleared_early: bool,
 }
 
 impl std::fmt::Debug for ShadowMmu {
@@ -184,8 +186,9 @@ pub(crate) struct State {
 }
 
 impl ShadowMmu {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(unsync_cleared_early: bool) -> Self {
         ShadowMmu {
+            unsync_cleared_early,
             state: Mutex::new(LockClass::ShadowPages, State::default()),
             indirect_pages: AtomicU64::new(0),
             unsync_pages: AtomicU64::new(0),
@@ -395,6 +398,17 @@ impl State {
         table: Pfn,
         z: &mut Zap,
     ) -> Pfn {
+        if !role.direct && role.level > Level::K4 {
+            // The guest reuses the frame of a 4 KiB table as an upper-level
+            // one (a process's table freed, the frame given to another):
+            // the unsync pages there go, as the new page keeps the frame
+            // write-protected for good (KVM zaps them in the hash lookup).
+            for pfn in self.pages_at(role.as_id, gfn) {
+                if self.pages.get(&pfn).is_some_and(|sp| sp.unsync) {
+                    self.zap_page(sh, mem, stats, pfn, z);
+                }
+            }
+        }
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let sp = Sp {
             id,
@@ -441,18 +455,19 @@ impl State {
     ) {
         let n = self.tracked.entry((as_id, gfn)).or_insert(0);
         *n += 1;
-        if *n > 1 {
-            return;
-        }
-        for level in [Level::M2, Level::G1] {
-            *self
-                .disallow
-                .entry((as_id, level.get(), gfn.align_down(level).0))
-                .or_insert(0) += 1;
-            for pos in self.rmap.get(as_id, level, gfn) {
-                self.drop_leaf(mem, stats, pos, z);
+        if *n == 1 {
+            for level in [Level::M2, Level::G1] {
+                *self
+                    .disallow
+                    .entry((as_id, level.get(), gfn.align_down(level).0))
+                    .or_insert(0) += 1;
+                for pos in self.rmap.get(as_id, level, gfn) {
+                    self.drop_leaf(mem, stats, pos, z);
+                }
             }
         }
+        // Even when the gfn was tracked already: its other pages may be
+        // unsync, their table mapped writable, and this new page is not.
         self.write_protect_gfn(mem, stats, as_id, gfn, z);
     }
 
@@ -638,7 +653,10 @@ impl State {
         }
         CounterSet::inc(&stats.shadow_pages_zapped);
         self.active.remove(&id);
-        self.clear_unsync(sh, pfn);
+        let early = sh.unsync_cleared_early;
+        if early {
+            self.clear_unsync(sh, pfn);
+        }
         for i in 0..512u16 {
             self.zap_entry(mem, stats, (pfn, i), z);
         }
@@ -650,6 +668,13 @@ impl State {
         for p in parents {
             entry(mem, p).store(Spte::NONPRESENT.0, Ordering::Release);
             z.flush = true;
+        }
+        // Only now that no entry of the page is left: a vCPU that finds
+        // nothing unsync skips the lock for its INVLPG or CR3 flush, and
+        // must not then walk into this page's stale entries (KVM unlinks
+        // the page before it clears `unsync`).
+        if !early {
+            self.clear_unsync(sh, pfn);
         }
         if self.hash.get(&(gfn, role)) == Some(&pfn) {
             self.hash.remove(&(gfn, role));
@@ -688,12 +713,15 @@ impl State {
         filter: crate::root::RootFilter,
         z: &mut Zap,
     ) {
-        let all: Vec<Pfn> = self
+        let mut all: Vec<Pfn> = self
             .pages
             .values()
             .filter(|sp| filter.covers(sp.role.as_id))
             .map(|sp| sp.pfn)
             .collect();
+        // In frame order, whatever order the hash map keeps (a run zaps
+        // the same way each time: loom models replay it).
+        all.sort_unstable();
         for pfn in all {
             self.zap_page(sh, mem, stats, pfn, z);
         }

@@ -228,8 +228,16 @@ impl State {
     /// Make one unsync page sync again (KVM's `kvm_sync_page`). Its table is
     /// write-protected already.
     pub(crate) fn sync_page(&mut self, cx: &SyncCx<'_>, pfn: Pfn, z: &mut Zap) {
-        self.clear_unsync(&cx.vm.shadow, pfn);
+        let early = cx.vm.shadow.unsync_cleared_early;
+        if early {
+            self.clear_unsync(&cx.vm.shadow, pfn);
+        }
         self.refresh_page(cx, pfn, z);
+        // After its entries are right: until then a flush on another vCPU
+        // must take the lock and wait for this sync (see `zap_page`).
+        if !early {
+            self.clear_unsync(&cx.vm.shadow, pfn);
+        }
     }
 
     /// Check every entry of an unsync page that is being reused by a

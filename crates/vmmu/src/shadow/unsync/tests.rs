@@ -256,3 +256,67 @@ fn test_flooding_spares_4k_pages_unless_unsync_is_off() {
         assert_eq!(leaf_for(&g.vm, DATA >> 12).len(), usize::from(unsync));
     }
 }
+
+/// A kernel frees a process's page table and reuses its frame as another
+/// process's top-level table: the new upper-level page must write-protect
+/// the frame (whose 4 KiB page was unsync, mapped writable) and zap that
+/// unsync page, or the kernel's stores to the new table bypass the MMU and
+/// the root's entries go stale (the soak's lost write protection).
+#[test]
+fn test_an_unsync_table_reused_as_an_upper_level_table_is_write_protected() {
+    let mut g = unsynced(VmConfig::default(), false);
+    assert!(leaf_for(&g.vm, PT >> 12)[0].1.is_writable());
+    assert_eq!(g.vm.shadow_info().unsync, 1);
+    g.vcpu.load_cr3(PT).unwrap();
+    g.vcpu.prepare_entry().unwrap();
+    assert!(
+        leaf_for(&g.vm, PT >> 12)
+            .iter()
+            .all(|(_, s)| !s.is_writable()),
+        "the frame of a new root is still mapped writable"
+    );
+    assert_eq!(
+        g.vm.shadow_info().unsync,
+        0,
+        "the unsync page of the reused frame was kept"
+    );
+    // Back on the first tables, a store to the new root's table exits.
+    g.vcpu.load_cr3(PML4).unwrap();
+    g.vcpu.prepare_entry().unwrap();
+    assert_eq!(
+        fault(&mut g, ALIAS, ErrorCode::USER | ErrorCode::WRITE),
+        GvaFault::Emulate {
+            gpa: Gpa(PT),
+            mmio: false
+        }
+    );
+    no_leaks(g);
+}
+
+/// A second page for an unsync table (the same PT reached through a
+/// read-only PD entry, another role) starts in sync, so its creation must
+/// take the write right away again even though the gfn is tracked already.
+#[test]
+fn test_a_second_page_for_an_unsync_table_write_protects_it_again() {
+    let mut g = unsynced(VmConfig::default(), false);
+    assert!(leaf_for(&g.vm, PT >> 12)[0].1.is_writable());
+    let other = GVA + (2 << 20);
+    put(&g.host, PD + idx(other, 2) * 8, PT | gpte::P | gpte::U);
+    assert_eq!(
+        fault(&mut g, other, ErrorCode::USER),
+        GvaFault::Mmu(RetPf::Fixed)
+    );
+    assert!(
+        leaf_for(&g.vm, PT >> 12)
+            .iter()
+            .all(|(_, s)| !s.is_writable()),
+        "a new in-sync page left its table writable"
+    );
+    // The next store unsyncs both and exits no more.
+    assert_eq!(
+        fault(&mut g, ALIAS, ErrorCode::USER | ErrorCode::WRITE),
+        GvaFault::Mmu(RetPf::Fixed)
+    );
+    assert_eq!(g.vm.shadow_info().unsync, 2);
+    no_leaks(g);
+}
