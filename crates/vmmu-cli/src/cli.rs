@@ -590,7 +590,8 @@ pub(crate) struct RootsArgs {
     /// Memory per vCPU.
     #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "64M")]
     pub(crate) bytes: u64,
-    /// Root zaps (half of every root, half of the SMM address space's).
+    /// Root zaps (half of every root, half of the SMM address space's; with
+    /// `--mmu shadow` every root, while the guests' processes zap their own).
     #[arg(short = 'i', long = "iterations", default_value_t = 20)]
     pub(crate) iterations: u32,
     /// Memslots the test region is split into (mirrored into SMM).

@@ -15,6 +15,7 @@ pub mod prefault;
 pub mod private_conversions;
 pub mod private_exits;
 pub mod roots;
+pub mod roots_shadow;
 pub mod shadow_process_churn;
 
 use std::io::IsTerminal;

@@ -18,16 +18,17 @@ use crate::report::Report;
 /// Check the flags (before anything is allocated).
 pub fn validate(common: &Common) -> anyhow::Result<crate::args::Shape> {
     if common.mmu == vmmu::MmuKind::Shadow {
-        return Err(crate::args::BadInput(
-            "roots --mmu shadow: this scenario keeps roots across SMM switches, which reset a shadow MMU's roots (use --mmu tdp; shadow-process-churn measures the shadow MMU's roots)".into(),
-        )
-        .into());
+        return super::roots_shadow::validate(common);
     }
     Ok(common.shape(2, 64 << 20, 20, Backing::Anonymous)?)
 }
 
 /// Run it.
 pub fn run(common: &Common) -> anyhow::Result<i32> {
+    if common.mmu == vmmu::MmuKind::Shadow {
+        // SMM switches reset a shadow MMU's roots: processes instead.
+        return super::roots_shadow::run(common);
+    }
     let shape = validate(common)?;
     let mut env = build(common, shape)?;
     // SMM sees the same memory through address space 1, as KVM mirrors memslots.

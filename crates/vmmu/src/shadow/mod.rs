@@ -118,6 +118,8 @@ impl Sp {
 pub struct ShadowInfo {
     /// Shadow pages not yet freed (invalid roots still held included).
     pub pages: u64,
+    /// Zapped roots some vCPU still holds (freed when the last lets go).
+    pub invalid_roots: u64,
     /// Valid pages that shadow a guest table (`indirect_shadow_pages`).
     pub indirect: u64,
     /// Guest frames write-protected because they hold a shadowed table.
@@ -752,6 +754,7 @@ impl State {
     pub(crate) fn info(&self) -> ShadowInfo {
         ShadowInfo {
             pages: self.pages.len() as u64,
+            invalid_roots: self.pages.values().filter(|sp| sp.is_invalid()).count() as u64,
             indirect: self.by_gfn.values().map(|v| v.len() as u64).sum(),
             tracked_gfns: self.tracked.len() as u64,
             leaves: self.rmap.len() as u64,
