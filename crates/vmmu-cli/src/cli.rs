@@ -684,7 +684,8 @@ pub(crate) struct BenchDemandPagingArgs {
     #[arg(long)]
     pub(crate) vs_kvm: bool,
     /// vmmu's MMU: tdp or shadow (the real KVM on these machines runs its
-    /// shadow MMU either way, nested).
+    /// shadow MMU either way, nested); shadow also runs vmmu's TDP MMU in the
+    /// same invocation, so each phase shows vmmu shadow, vmmu TDP and KVM.
     #[arg(long, value_name = "KIND", value_parser = parse_mmu, default_value = "tdp")]
     #[serde(serialize_with = "mmu_name")]
     pub(crate) mmu: vmmu::MmuKind,

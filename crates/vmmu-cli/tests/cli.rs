@@ -236,6 +236,49 @@ fn test_bench_says_vcpu_in_the_singular_for_one() {
     assert!(out.contains("oracle violations: 0"), "{out}");
 }
 
+/// `bench demand-paging --mmu shadow`: every phase has the shadow MMU's
+/// figure and the TDP MMU's from the same run; with `--mmu tdp` no TDP
+/// column is added.
+#[test]
+fn test_bench_demand_paging_on_the_shadow_mmu_shows_the_tdp_side_too() {
+    let v = json_run(&[
+        "bench",
+        "demand-paging",
+        "-v",
+        "1",
+        "-b",
+        "4M",
+        "--mmu",
+        "shadow",
+    ]);
+    assert_eq!(v["config"]["mmu"]["kind"], "shadow", "{v}");
+    for p in v["phases"].as_array().unwrap() {
+        assert!(p["vmmu_ns"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["vmmu_tdp_ns"].as_u64().unwrap() > 0, "{p}");
+    }
+    assert!(
+        v["delete_populated_slot_ns"]["vmmu_tdp"].as_u64().is_some(),
+        "{v}"
+    );
+    let (code, out, err) = vmmu(&[
+        "bench",
+        "demand-paging",
+        "-v",
+        "1",
+        "-b",
+        "4M",
+        "--mmu",
+        "shadow",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("vmmu shadow ns/page") && out.contains("shadow / TDP"),
+        "{out}"
+    );
+    let v = json_run(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
+    assert!(v["phases"][0]["vmmu_tdp_ns"].is_null(), "{v}");
+}
+
 #[test]
 fn test_soak_short_run_is_clean() {
     let (code, out, err) = vmmu(&["soak", "--duration", "3", "-b", "4M", "--json"]);

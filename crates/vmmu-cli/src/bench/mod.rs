@@ -66,6 +66,8 @@ struct Phase {
     /// Its stable JSON name.
     key: &'static str,
     vmmu_ns: u64,
+    /// With `--mmu shadow`: the same phase on vmmu's TDP MMU, same run.
+    tdp_ns: Option<u64>,
     kvm_ns: Option<u64>,
     pages: u64,
 }
@@ -173,6 +175,19 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
     let (untouched, _, _, viol1) = vmmu_run(&c, v, b, false)?;
     let (pretouched, warm, delete, viol2) = vmmu_run(&c, v, b, true)?;
     let (one_pretouched, _, _, viol3) = vmmu_run(&c, 1, b, true)?;
+    // The shadow MMU's figures beside the TDP MMU's, measured in this run.
+    let shadow = common.mmu == vmmu::MmuKind::Shadow;
+    let tdp = if shadow {
+        let t = Common {
+            mmu: vmmu::MmuKind::Tdp,
+            ..c.clone()
+        };
+        let (u, _, _, x) = vmmu_run(&t, v, b, false)?;
+        let (p, w, d, y) = vmmu_run(&t, v, b, true)?;
+        Some((u, p, w, d, x + y))
+    } else {
+        None
+    };
     let baseline = vmmu_kvm::plain_first_touch(v as usize, b, thp)?;
     let mut kvm_note = String::new();
     let kvm = if vs_kvm {
@@ -205,6 +220,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
             name: "first pass, host memory untouched",
             key: "first_pass_untouched_host",
             vmmu_ns: untouched,
+            tdp_ns: tdp.map(|t| t.0),
             kvm_ns: kvm.as_ref().map(|k| k.first_touch_untouched_host.wall_ns),
             pages,
         },
@@ -212,6 +228,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
             name: "first pass, host memory pre-touched",
             key: "first_pass_pretouched_host",
             vmmu_ns: pretouched,
+            tdp_ns: tdp.map(|t| t.1),
             kvm_ns: kvm.as_ref().map(|k| k.first_touch_pretouched_host.wall_ns),
             pages,
         },
@@ -219,12 +236,13 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
             name: "warm pass (all mapped)",
             key: "warm_pass",
             vmmu_ns: warm,
+            tdp_ns: tdp.map(|t| t.2),
             kvm_ns: kvm.as_ref().map(|k| k.warm.wall_ns),
             pages,
         },
     ];
     let scaling = (one_pretouched as f64 / 1.0) / (pretouched as f64 / v as f64);
-    let violations = viol1 + viol2 + viol3;
+    let violations = viol1 + viol2 + viol3 + tdp.map_or(0, |t| t.4);
     if common.json {
         let out = json!({
             "mode": "bench",
@@ -243,11 +261,13 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
                 "name": p.key,
                 "pages": p.pages,
                 "vmmu_ns": p.vmmu_ns,
+                "vmmu_tdp_ns": p.tdp_ns,
                 "kvm_ns": p.kvm_ns,
             })).collect::<Vec<_>>(),
             "baseline_first_touch_ns": baseline,
             "delete_populated_slot_ns": {
                 "vmmu": delete,
+                "vmmu_tdp": tdp.map(|t| t.3),
                 "kvm": kvm.as_ref().map(|k| k.delete_populated_slot_ns),
             },
             "mmu_fault_throughput_scaling": if v > 1 { Some(scaling) } else { None },
@@ -263,9 +283,12 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
         return Ok(if violations > 0 { 1 } else { 0 });
     }
     // Without --vs-kvm the table has no KVM columns at all.
-    let with_kvm = |mut cols: Vec<String>, kvm_cols: [String; 2]| {
+    let with_kvm = |mut cols: Vec<String>, kvm_cols: [String; 2], tdp_cols: [String; 2]| {
         if vs_kvm {
             cols.splice(2..2, kvm_cols);
+        }
+        if shadow {
+            cols.splice(2..2, tdp_cols);
         }
         cols
     };
@@ -274,11 +297,16 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
     t.set_header(with_kvm(
         vec![
             "phase".into(),
-            "vmmu ns/page".into(),
+            if shadow {
+                "vmmu shadow ns/page".into()
+            } else {
+                "vmmu ns/page".into()
+            },
             "plain first-touch ns/page".into(),
             "vmmu / plain".into(),
         ],
         ["KVM ns/page".into(), "vmmu / KVM".into()],
+        ["vmmu TDP ns/page".into(), "shadow / TDP".into()],
     ));
     for p in &phases {
         let vm = per_page(p.vmmu_ns, p.pages);
@@ -304,6 +332,13 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
                 kv.map_or("-".into(), |k| format!("{k:.0}")),
                 kv.map_or("-".into(), |k| format!("{:.2}", vm / k)),
             ],
+            {
+                let td = p.tdp_ns.map(|t| per_page(t, p.pages));
+                [
+                    td.map_or("-".into(), |t| format!("{t:.0}")),
+                    td.map_or("-".into(), |t| format!("{:.2}", vm / t)),
+                ]
+            },
         ));
     }
     let kd = kvm.as_ref().map(|k| k.delete_populated_slot_ns);
@@ -318,6 +353,13 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
             kd.map_or("-".into(), |k| format!("{:.2}", k as f64 / 1e6)),
             kd.map_or("-".into(), |k| format!("{:.2}", delete as f64 / k as f64)),
         ],
+        {
+            let td = tdp.map(|t| t.3);
+            [
+                td.map_or("-".into(), |t| format!("{:.2}", t as f64 / 1e6)),
+                td.map_or("-".into(), |t| format!("{:.2}", delete as f64 / t as f64)),
+            ]
+        },
     ));
     println!("{t}");
     if v > 1 {
