@@ -54,6 +54,8 @@ pub struct Common {
     pub no_unsync: bool,
     /// Shadow MMU: the page limit (`--nr-mmu-pages`).
     pub nr_mmu_pages: Option<u64>,
+    /// Shadow MMU: vCPUs start with paging on over a direct map (`--guest-paging`).
+    pub guest_paging: bool,
     /// Touch all host memory before the vCPUs start (demand-paging).
     pub prefault_host: bool,
     /// Print nothing (benchmarks collect the figures themselves).
@@ -233,6 +235,11 @@ impl Common {
             return Err(BadInput(format!(
                 "{flag} without --mmu shadow: unsync pages and the page limit are the shadow MMU's (add --mmu shadow)"
             )));
+        }
+        if self.mmu != vmmu::MmuKind::Shadow && self.guest_paging {
+            return Err(BadInput(
+                "--guest-paging without --mmu shadow: under the TDP MMU the guests' physical accesses take the second stage only, so guest paging changes nothing there (add --mmu shadow)".into(),
+            ));
         }
         if let Some(n) = self
             .nr_mmu_pages

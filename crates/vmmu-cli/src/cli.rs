@@ -114,6 +114,11 @@ pub(crate) struct RunFlags {
     /// default 2 % of guest memory's pages).
     #[arg(long, value_name = "N")]
     pub(crate) nr_mmu_pages: Option<u64>,
+    /// Shadow MMU: start the vCPUs with paging on over a direct map of guest
+    /// memory (1 GiB guest pages, tables in a 1 MiB slot at GPA 0), so the
+    /// MMU shadows real guest tables instead of running KVM's nonpaging mode.
+    #[arg(long)]
+    pub(crate) guest_paging: bool,
 }
 
 fn mmu_name_opt<S: serde::Serializer>(m: &Option<vmmu::MmuKind>, s: S) -> Result<S::Ok, S::Error> {
@@ -189,6 +194,7 @@ impl RunFlags {
             mmu: self.mmu.unwrap_or_default(),
             no_unsync: self.no_unsync,
             nr_mmu_pages: self.nr_mmu_pages,
+            guest_paging: self.guest_paging,
             ..Common::default()
         }
     }
@@ -689,6 +695,11 @@ pub(crate) struct BenchDemandPagingArgs {
     #[arg(long, value_name = "KIND", value_parser = parse_mmu, default_value = "tdp")]
     #[serde(serialize_with = "mmu_name")]
     pub(crate) mmu: vmmu::MmuKind,
+    /// With `--mmu shadow`: vmmu's guest runs with paging on over a direct
+    /// map (1 GiB guest pages), as the real KVM's guest does (2 MiB pages),
+    /// so the shadow MMU walks and shadows guest tables on both sides.
+    #[arg(long)]
+    pub(crate) guest_paging: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: BenchFlags,

@@ -960,3 +960,41 @@ fn test_roots_on_the_shadow_mmu_frees_only_obsolete_roots() {
     assert_eq!(v["invalid_roots_left"], 0, "{v}");
     assert_eq!(v["guest_mismatches"], 0, "{v}");
 }
+
+/// `--guest-paging` (shadow only): the vCPUs start over a direct map, so
+/// the shadow MMU shadows guest tables (indirect pages) where it shadows
+/// none without it; refused in one line under the TDP MMU.
+#[test]
+fn test_guest_paging_makes_the_shadow_mmu_shadow_guest_tables() {
+    let on = json_run(&[
+        "run",
+        "demand-paging",
+        "-v",
+        "2",
+        "-b",
+        "4M",
+        "--mmu",
+        "shadow",
+        "--guest-paging",
+    ]);
+    assert_eq!(on["shadow"]["guest_paging"], true, "{on}");
+    assert!(
+        on["shadow"]["indirect_pages"].as_u64().unwrap() >= 2,
+        "{on}"
+    );
+    let off = json_run(&[
+        "run",
+        "demand-paging",
+        "-v",
+        "2",
+        "-b",
+        "4M",
+        "--mmu",
+        "shadow",
+    ]);
+    assert_eq!(off["shadow"]["indirect_pages"], 0, "{off}");
+    let e = refusal(&["run", "demand-paging", "--guest-paging"]);
+    assert!(e.contains("--mmu shadow"), "{e}");
+    let e = refusal(&["bench", "demand-paging", "--guest-paging"]);
+    assert!(e.contains("--mmu shadow"), "{e}");
+}

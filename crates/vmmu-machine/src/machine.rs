@@ -74,6 +74,9 @@ pub enum MachineError {
     /// The dirty ring could not be enabled.
     #[error("dirty ring: {0}")]
     DirtyRing(String),
+    /// The guest page tables could not be written where asked.
+    #[error("guest page tables at {0}: {1}")]
+    Tables(Gpa, String),
 }
 
 /// Counts kicks; vCPU threads notice them by polling their exit request.
@@ -440,6 +443,52 @@ impl Machine {
     /// The vCPUs.
     pub fn vcpus(&mut self) -> &mut [Vcpu] {
         &mut self.vcpus
+    }
+
+    /// Start every vCPU with paging on (4-level, CR0.WP, NX, PCIDs) over a
+    /// direct map of guest memory, as a VMM writes a guest's page tables and
+    /// puts it in long mode before its first entry (KVM's selftests do): vCPU
+    /// `i` gets its PML4 at `tables + i * 8 KiB` and the direct map's PDPT
+    /// (512 1 GiB pages) in the page after it; `tables` must lie in a memslot
+    /// of address space 0 that the guest programs do not touch. Under shadow
+    /// paging the guests' physical accesses then go through the direct map,
+    /// so the MMU shadows real guest tables; the TDP MMU only records the
+    /// state.
+    pub fn start_paging_over_direct_map(&mut self, tables: Gpa) -> Result<(), MachineError> {
+        let slots = self
+            .vm
+            .memslots(0)
+            .ok_or_else(|| MachineError::Tables(tables, "no address space 0".into()))?;
+        // Every table page in a memslot before anything is written: a
+        // refused call changes nothing.
+        let pages = 2 * self.vcpus.len() as u64;
+        if let Some(gpa) = (0..pages)
+            .map(|i| Gpa(tables.0 + i * 0x1000))
+            .find(|g| slots.lookup(g.gfn()).is_none())
+        {
+            return Err(MachineError::Tables(
+                tables,
+                format!("{gpa} is in no memslot"),
+            ));
+        }
+        for v in &mut self.vcpus {
+            let pml4 = Gpa(tables.0 + v.id as u64 * 0x2000);
+            for (gpa, value) in crate::paging::direct_map_entries(pml4, Gpa(pml4.0 + 0x1000)) {
+                let slot = slots.lookup(gpa.gfn()).ok_or_else(|| {
+                    MachineError::Tables(tables, format!("{gpa} is in no memslot"))
+                })?;
+                let hva = slot.gfn_to_hva(gpa.gfn()).add(gpa.0 & 0xfff);
+                self.host
+                    .write_u64(hva, value)
+                    .map_err(|e| MachineError::Tables(tables, e.to_string()))?;
+            }
+            v.paging.set_mode(crate::paging::PagingMode::long_mode());
+            v.paging.cr3 = pml4.0;
+            v.mmu
+                .set_guest_paging(crate::run_shadow::guest_paging(v))
+                .map_err(MachineError::Vm)?;
+        }
+        Ok(())
     }
 
     /// Map host memory.

@@ -79,6 +79,50 @@ fn test_shadow_paging_off_demand_paging() {
     clean(&m);
 }
 
+/// Paging on over the direct map the VMM wrote before the first entry: the
+/// same passes go through guest tables the MMU shadows (indirect pages, a
+/// walk per fault) and still see every value; tables outside every memslot
+/// are refused, changing nothing.
+#[test]
+fn test_shadow_demand_paging_over_a_direct_map() {
+    let bytes = 8 * MIB;
+    let mut m = shadow_machine(2, bytes);
+    let e = m.start_paging_over_direct_map(Gpa(64 * MIB)).unwrap_err();
+    assert!(e.to_string().contains("in no memslot"), "{e}");
+    assert!(m.vcpus().iter().all(|v| !v.paging.mode().enabled));
+    // Room for the first vCPU's tables only: refused, nothing written.
+    let tables = 0x20_0000_0000u64;
+    m.map(vmmu::Hva(tables + MIB), 8192, Backing::Anonymous)
+        .unwrap();
+    m.set_memslot(vmmu::UserMemoryRegion {
+        slot: 2,
+        flags: 0,
+        guest_phys_addr: 64 * MIB,
+        memory_size: 8192,
+        userspace_addr: tables + MIB,
+    })
+    .unwrap();
+    assert!(m.start_paging_over_direct_map(Gpa(64 * MIB)).is_err());
+    assert!(m.vcpus().iter().all(|v| !v.paging.mode().enabled));
+    m.map(vmmu::Hva(tables), MIB, Backing::Anonymous).unwrap();
+    m.set_memslot(vmmu::UserMemoryRegion {
+        slot: 1,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: MIB,
+        userspace_addr: tables,
+    })
+    .unwrap();
+    m.start_paging_over_direct_map(Gpa(0)).unwrap();
+    let models = common::models(2, bytes);
+    let models = common::pass(&mut m, models, 0, Pattern::Sequential, 100);
+    let _ = common::pass(&mut m, models, 1, Pattern::Random, 50);
+    let info = m.vm.shadow_info();
+    assert!(info.indirect >= 4, "{info:?}");
+    assert!(m.vm.stats().faults_fixed >= 2 * bytes / 4096);
+    clean(&m);
+}
+
 /// Two vCPUs each run a kernel that spawns, switches, remaps, write-protects
 /// and ends processes under shadow paging: every read returns the last
 /// stamp, every write to a read-only page faults, the oracle agrees with

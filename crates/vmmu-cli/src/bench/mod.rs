@@ -136,6 +136,7 @@ fn demand_paging_common(a: &BenchDemandPagingArgs) -> anyhow::Result<Common> {
         // Per-access oracle checks would be measured too; they are off unless asked.
         no_oracle: !a.flags.oracle,
         mmu: a.mmu,
+        guest_paging: a.guest_paging,
         ..Common::default()
     })
 }
@@ -180,6 +181,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
     let tdp = if shadow {
         let t = Common {
             mmu: vmmu::MmuKind::Tdp,
+            guest_paging: false,
             ..c.clone()
         };
         let (u, _, _, x) = vmmu_run(&t, v, b, false)?;

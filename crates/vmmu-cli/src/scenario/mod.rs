@@ -109,7 +109,7 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
         poison: true,
         dirty_ring: common.dirty_ring,
     };
-    let m = Machine::new(cfg, shape.vcpus)?;
+    let mut m = Machine::new(cfg, shape.vcpus)?;
     if let Some(n) = common.nr_mmu_pages {
         m.vm.set_nr_mmu_pages(n)?;
     }
@@ -124,9 +124,31 @@ pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
             userspace_addr: REGION_HVA + i * per_slot,
         })?;
     }
+    if common.guest_paging {
+        // The guests' page tables in a slot of their own (as KVM's selftests
+        // keep them apart from the measured memory).
+        m.map(
+            Hva(TABLES_HVA),
+            TABLES_BYTES,
+            vmmu_machine::Backing::Anonymous,
+        )?;
+        m.set_memslot(UserMemoryRegion {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: TABLES_BYTES,
+            userspace_addr: TABLES_HVA,
+        })?;
+        m.start_paging_over_direct_map(Gpa(0))?;
+    }
     let trace = common.trace.as_ref().map(|_| Arc::new(Trace::new()));
     Ok(Env::new(m, shape, common, trace))
 }
+
+/// Host address of the guests' page tables with `--guest-paging`.
+const TABLES_HVA: u64 = 0x80_0000_0000;
+/// Their slot's size: two pages per vCPU, 64 vCPUs at most.
+const TABLES_BYTES: u64 = 1 << 20;
 
 /// As [`build`], on a software-protected VM whose memslots are bound to one
 /// guest_memfd of the region's size (each slot its part of the file; the
@@ -329,6 +351,26 @@ impl Env {
         }
         report.stats = m.vm.stats();
         report.config = common.config.clone();
+        if m.vm.config().mmu == vmmu::MmuKind::Shadow {
+            // What the shadow MMU did (indirect pages: guest tables shadowed,
+            // none with guest paging off).
+            let i = m.vm.shadow_info();
+            let st = &report.stats;
+            report.put(
+                "shadow",
+                serde_json::json!({
+                    "guest_paging": common.guest_paging,
+                    "pages": i.pages,
+                    "indirect_pages": i.indirect,
+                    "tracked_gfns": i.tracked_gfns,
+                    "pages_created": st.shadow_pages_created,
+                    "pages_zapped": st.shadow_pages_zapped,
+                    "pte_writes_emulated": st.shadow_pte_writes,
+                    "unsynced": st.shadow_unsynced,
+                    "root_loads": st.shadow_root_loads,
+                }),
+            );
+        }
         let oracle = m.oracle.clone();
         let teardown = m.teardown();
         report.put("leaked_data_pages", teardown.leaked_data_pages);
