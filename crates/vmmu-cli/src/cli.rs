@@ -413,6 +413,10 @@ pub(crate) struct ShadowProcessChurnArgs {
     /// Kernel operations per vCPU (spawn, switch, run, remap, protect, exit).
     #[arg(short = 'i', long = "iterations", default_value_t = 20000)]
     pub(crate) iterations: u32,
+    /// Also run a process-churning kernel on /dev/kvm (its CPL0 code is
+    /// emulated there: compare counts per operation, not times).
+    #[arg(long)]
+    pub(crate) vs_kvm: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,

@@ -171,7 +171,9 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::LiveMigration(_) => scenario::live_migration::run(&common),
                 RunCmd::PageSplitting(_) => scenario::page_splitting::run(&common),
                 RunCmd::Access(_) => scenario::access::run(&common),
-                RunCmd::ShadowProcessChurn(_) => scenario::shadow_process_churn::run(&common),
+                RunCmd::ShadowProcessChurn(a) => {
+                    scenario::shadow_process_churn::run(&common, a.vs_kvm)
+                }
                 RunCmd::AccessTracking(_) => scenario::access_tracking::run(&common),
                 RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),

@@ -998,3 +998,38 @@ fn test_guest_paging_makes_the_shadow_mmu_shadow_guest_tables() {
     let e = refusal(&["bench", "demand-paging", "--guest-paging"]);
     assert!(e.contains("--mmu shadow"), "{e}");
 }
+
+/// `shadow-process-churn --vs-kvm`: the real KVM's side ran (both phases,
+/// with the shadow MMU's counters and the emulation count), or the report
+/// says why not; without the flag there is no KVM side.
+#[test]
+fn test_shadow_process_churn_vs_kvm_runs_both_phases_or_says_why_not() {
+    let v = json_run(&[
+        "run",
+        "shadow-process-churn",
+        "-i",
+        "500",
+        "-b",
+        "2M",
+        "--vs-kvm",
+    ]);
+    let k = &v["kvm"];
+    if let Some(phases) = k["phases"].as_array() {
+        let names: Vec<_> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["switches", "churn"], "{k}");
+        for p in phases {
+            assert!(p["stats"]["insn_emulation"].as_u64().unwrap() > 0, "{p}");
+            assert!(p["stats"]["tlb_flush"].as_u64().unwrap() >= 4000, "{p}");
+        }
+        assert!(
+            phases[0]["stats"]["mmu_cache_miss"].as_u64().unwrap() > 0,
+            "{k}"
+        );
+        assert_eq!(phases[1]["respawns"], 1000, "{k}");
+    } else {
+        assert_eq!(k["ran"], false, "{k}");
+        assert!(k["note"].as_str().unwrap().contains("kvm"), "{k}");
+    }
+    let v = json_run(&["run", "shadow-process-churn", "-i", "500", "-b", "2M"]);
+    assert!(v.get("kvm").is_none(), "{v}");
+}

@@ -29,6 +29,10 @@ pub enum KvmError {
     #[error("At least one vCPU is needed, got 0")]
     NoVcpus,
 
+    /// A workload parameter outside what it accepts (the message names both).
+    #[error("{0}")]
+    BadConfig(String),
+
     /// More vCPUs than this crate is willing to start.
     #[error("Too many vCPUs: {vcpus} (at most {max})")]
     TooManyVcpus {
