@@ -8,6 +8,7 @@
 //! API of `vmmu`, the same one a hypervisor would use.
 
 pub mod access_test;
+pub mod churn_schedule;
 pub mod cpu;
 pub mod guest;
 pub mod guest_oracle;

@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod access_tracking;
+pub mod churn_vs_kvm;
 pub mod demand_paging;
 pub mod dirty_log;
 pub mod dirty_log_perf;

@@ -129,63 +129,6 @@ fn side_json(s: &Side, vcpus: u32) -> serde_json::Value {
     })
 }
 
-/// KVM statistics shown for the real-KVM side, with what they count.
-const KVM_COUNTERS: [(&str, &str); 8] = [
-    ("mmu_cache_miss", "shadow pages created"),
-    ("mmu_shadow_zapped", "shadow pages zapped"),
-    ("mmu_flooded", "pages zapped for write flooding"),
-    (
-        "mmu_pte_write",
-        "emulated stores checked against shadowed tables",
-    ),
-    ("mmu_unsync", "pages gone unsync (net)"),
-    ("mmu_recycled", "pages recycled at the limit"),
-    ("tlb_flush", "TLB flushes"),
-    ("insn_emulation", "instructions emulated"),
-];
-
-/// The real KVM's side: its shadow MMU under a process-churning CPL0 kernel
-/// (see `vmmu_kvm::process_churn`); `Err` says why it did not run.
-fn kvm_side(r: &mut Report) -> Result<serde_json::Value, String> {
-    let info = vmmu_kvm::kvm_available().map_err(|e| format!("/dev/kvm: {e}"))?;
-    let rep =
-        vmmu_kvm::process_churn::run_process_churn(&vmmu_kvm::process_churn::ProcessChurnConfig {
-            switches: 4_000,
-        })
-        .map_err(|e| format!("real KVM run failed: {e}"))?;
-    r.line(format!(
-        "real KVM ({}): a CPL0 kernel switching between {} processes ({} user pages each), then also ending and respawning one every {} switches; every instruction is emulated on this backend, so compare counts per operation, not times",
-        info.description,
-        vmmu_kvm::process_churn::PROCESSES,
-        vmmu_kvm::process_churn::PAGES,
-        vmmu_kvm::process_churn::RESPAWN_EVERY
-    ));
-    let mut phases = Vec::new();
-    for p in &rep.phases {
-        let per = |k: &str| *p.kvm.get(k).unwrap_or(&0);
-        r.line(format!(
-            "   KVM {}: {} switches, {} respawns, {}; {}",
-            p.name,
-            p.switches,
-            p.respawns,
-            secs(p.ns),
-            KVM_COUNTERS
-                .iter()
-                .map(|(k, what)| format!("{what} {}", per(k)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        phases.push(json!({
-            "name": p.name,
-            "ns": p.ns,
-            "switches": p.switches,
-            "respawns": p.respawns,
-            "stats": p.kvm,
-        }));
-    }
-    Ok(json!({"description": info.description, "phases": phases}))
-}
-
 /// Run it.
 pub fn run(common: &Common, vs_kvm: bool) -> anyhow::Result<i32> {
     let shape = validate(common)?;
@@ -222,7 +165,7 @@ pub fn run(common: &Common, vs_kvm: bool) -> anyhow::Result<i32> {
         fixed.stats.shadow_root_loads, legacy.stats.shadow_root_loads
     ));
     if vs_kvm {
-        match kvm_side(&mut r) {
+        match super::churn_vs_kvm::run(common, &mut r) {
             Ok(v) => r.put("kvm", v),
             Err(why) => {
                 r.line(format!("real KVM side not run: {why}"));
