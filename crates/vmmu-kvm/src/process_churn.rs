@@ -106,11 +106,14 @@ fn frame(p: u64, i: u64) -> u64 {
     FRAMES + (p * PAGES + i) * 0x1000
 }
 
-/// The stores that build process `p`'s address space (user half only; the
-/// kernel half, PML4 entry 0, is set once by the host).
+/// The stores that build process `p`'s address space: the kernel half
+/// (PML4 entry 0, the shared identity map), then the user half. An exit
+/// clears them in the opposite order, so it writes the root twice and a
+/// respawn twice more.
 fn spawn_stores(p: u64) -> Vec<(u64, u64)> {
     let [pml4, pdpt, pd, pt] = tables(p);
     let mut v = vec![
+        (pml4, KERNEL_PDPT | TABLE),
         (pml4 + 8, pdpt | TABLE),
         (pdpt, pd | TABLE),
         (pd, pt | TABLE),
@@ -129,7 +132,6 @@ fn image() -> Vec<u8> {
         put(&mut img, KERNEL_PD + 8 * i, (i << 21) | LEAF | PS);
     }
     for p in 0..PROCESSES {
-        put(&mut img, tables(p)[0], KERNEL_PDPT | TABLE);
         for (gpa, v) in spawn_stores(p) {
             put(&mut img, gpa, v);
         }
@@ -320,8 +322,9 @@ mod tests {
     #[test]
     fn test_spawn_stores_map_every_page_of_the_process() {
         let s = spawn_stores(2);
-        assert_eq!(s.len() as u64, 3 + PAGES);
-        assert_eq!(s[3], (tables(2)[3], frame(2, 0) | LEAF));
+        assert_eq!(s.len() as u64, 4 + PAGES);
+        assert_eq!(s[0], (tables(2)[0], KERNEL_PDPT | TABLE));
+        assert_eq!(s[4], (tables(2)[3], frame(2, 0) | LEAF));
         // No two processes share a table or a frame.
         assert!(tables(1)[3] < tables(2)[0]);
         assert!(frame(PROCESSES - 1, PAGES - 1) < CODE);

@@ -63,9 +63,17 @@ impl ChurnSchedule {
         };
         let frames = b + (2 + 4 * shape.processes) * 0x1000;
         let frame = |p: u64, i: u64| frames + (p * shape.pages + i) * 0x1000;
+        // The kernel half (the shared direct map) first, then the user half,
+        // as on the KVM side: an exit writes the root twice, a respawn twice.
+        let dm_entry = (kernel + 0x1000) | pte::P | pte::W | pte::A;
         let spawn = |p: u64| {
             let [pml4, pdpt, pd, pt] = tables(p);
-            let mut v = vec![(pml4 + 8, pdpt | USER), (pdpt, pd | USER), (pd, pt | USER)];
+            let mut v = vec![
+                (pml4 + crate::paging::DIRECT_MAP_INDEX * 8, dm_entry),
+                (pml4 + 8, pdpt | USER),
+                (pdpt, pd | USER),
+                (pd, pt | USER),
+            ];
             v.extend((0..shape.pages).map(|i| (pt + 8 * i, frame(p, i) | USER)));
             v
         };
@@ -88,11 +96,8 @@ impl ChurnSchedule {
             for (gpa, v) in direct_map_entries(Gpa(kernel), Gpa(kernel + 0x1000)) {
                 pte_write(&mut q, gpa.0, v, kernel);
             }
-            let dm = kernel + crate::paging::DIRECT_MAP_INDEX * 8;
-            let dm_entry = (kernel + 0x1000) | pte::P | pte::W | pte::A;
             for p in 0..shape.processes {
                 let root = tables(p)[0];
-                pte_write(&mut q, root + (dm - kernel), dm_entry, root);
                 for (gpa, v) in spawn(p) {
                     pte_write(&mut q, gpa, v, root);
                 }

@@ -7,8 +7,10 @@
 //! vmmu runs the same schedule (`vmmu_machine::churn_schedule`: the same
 //! processes, pages, switches and respawns) on one vCPU of its shadow MMU,
 //! with the oracle on. What compares: pages created and zapped, write
-//! flooding, upper-level entries zapped by stores, TLB flushes; vmmu's root
-//! loads and previous-root hits have no KVM counter.
+//! flooding (each respawn writes its root four times with no fault through
+//! it, so both MMUs zap the root: the root-zap path on both), upper-level
+//! entries zapped by stores, TLB flushes; vmmu's root loads and
+//! previous-root hits have no KVM counter.
 
 use serde_json::json;
 use vmmu::Gpa;
