@@ -302,9 +302,16 @@ fn test_a_second_page_for_an_unsync_table_write_protects_it_again() {
     assert!(leaf_for(&g.vm, PT >> 12)[0].1.is_writable());
     let other = GVA + (2 << 20);
     put(&g.host, PD + idx(other, 2) * 8, PT | gpte::P | gpte::U);
+    let zapped = g.vm.stats().shadow_pages_zapped;
     assert_eq!(
         fault(&mut g, other, ErrorCode::USER),
         GvaFault::Mmu(RetPf::Fixed)
+    );
+    // Only an upper-level page zaps the unsync pages of its gfn.
+    assert_eq!(
+        g.vm.stats().shadow_pages_zapped,
+        zapped,
+        "a 4 KiB page zapped its twin"
     );
     assert!(
         leaf_for(&g.vm, PT >> 12)
