@@ -465,6 +465,10 @@ fn test_a_page_that_becomes_a_shadowed_table_loses_its_writable_leaves() {
     assert!(!l[0].1.is_writable(), "a shadowed table stayed writable");
     assert!(g.vm.stats().entries_write_protected >= 1);
     assert_eq!(g.vm.shadow_info().tracked_gfns, 5);
+    // Every page zapped: no gfn stays write-tracked (or huge-disallowed).
+    g.vm.invalidate_roots(crate::root::RootFilter::All).unwrap();
+    g.vcpu.prepare_entry().unwrap();
+    assert_eq!(g.vm.shadow_info().tracked_gfns, 1, "only the new root's");
 }
 
 #[test]
