@@ -327,3 +327,44 @@ fn test_a_second_page_for_an_unsync_table_write_protects_it_again() {
     assert_eq!(g.vm.shadow_info().unsync, 2);
     no_leaks(g);
 }
+
+/// INVLPG narrows every right the guest took away in an unsync table, not
+/// only W: user access (U/S cleared) and execution (NX set).
+#[test]
+fn test_invlpg_syncs_lost_user_and_execute_rights() {
+    let mut g = unsynced(VmConfig::default(), false);
+    let leaf = |g: &Guest| leaf_for(&g.vm, DATA >> 12)[0].1;
+    assert!(leaf(&g).is_user());
+    assert!(leaf(&g).0 & crate::spte::ept::X != 0);
+    let e = PT + idx(GVA, 1) * 8;
+    put(&g.host, e, get(&g.host, e) & !gpte::U);
+    g.vcpu.invlpg(Gva(GVA));
+    assert!(
+        !leaf(&g).is_user(),
+        "a supervisor-only page kept user access"
+    );
+    assert!(leaf(&g).0 & crate::spte::ept::X != 0);
+    put(&g.host, e, get(&g.host, e) | gpte::NX);
+    g.vcpu.invlpg(Gva(GVA));
+    assert!(
+        leaf(&g).0 & crate::spte::ept::X == 0,
+        "an NX page stayed executable"
+    );
+    no_leaks(g);
+}
+
+/// Zapping an upper-level page zaps the unsync pages below it (no sync
+/// could reach them through it any more).
+#[test]
+fn test_zapping_a_page_zaps_the_unsync_pages_below_it() {
+    let mut g = unsynced(VmConfig::default(), false);
+    assert_eq!(g.vm.shadow_info().unsync, 1);
+    // A store the emulator cannot map to one entry zaps the PD's page.
+    g.vcpu.emulate_write(Gpa(PD + 1), 0).unwrap();
+    assert_eq!(
+        g.vm.shadow_info().unsync,
+        0,
+        "the unsync PT below the zapped PD was kept"
+    );
+    no_leaks(g);
+}
