@@ -8,6 +8,7 @@ use crate::shadow::tests::{
     get, guest, guest_with, idx, leaf_for, no_leaks, put, Guest, DATA, GVA, PD, PDPT, PML4, PT,
 };
 use crate::shadow::walk::gpte;
+use crate::spte::ept;
 use crate::types::{Gpa, Gva};
 use crate::vm::VmError;
 
@@ -334,22 +335,27 @@ fn test_a_second_page_for_an_unsync_table_write_protects_it_again() {
 fn test_invlpg_syncs_lost_user_and_execute_rights() {
     let mut g = unsynced(VmConfig::default(), false);
     let leaf = |g: &Guest| leaf_for(&g.vm, DATA >> 12)[0].1;
+    let flushes = |g: &Guest| g.vm.stats().tlb_flush_remote;
     assert!(leaf(&g).is_user());
-    assert!(leaf(&g).0 & crate::spte::ept::X != 0);
+    assert!(leaf(&g).0 & ept::X != 0);
     let e = PT + idx(GVA, 1) * 8;
+    let (f0, ad) = (flushes(&g), leaf(&g).0 & (ept::A | ept::D));
     put(&g.host, e, get(&g.host, e) & !gpte::U);
     g.vcpu.invlpg(Gva(GVA));
-    assert!(
-        !leaf(&g).is_user(),
-        "a supervisor-only page kept user access"
-    );
-    assert!(leaf(&g).0 & crate::spte::ept::X != 0);
+    assert!(!leaf(&g).is_user(), "a supervisor page kept user access");
+    assert!(leaf(&g).0 & ept::X != 0);
+    // A right taken away is flushed everywhere; the A/D bits stay.
+    assert!(flushes(&g) > f0, "lost U/S not flushed");
+    assert_eq!(leaf(&g).0 & (ept::A | ept::D), ad);
+    let f1 = flushes(&g);
     put(&g.host, e, get(&g.host, e) | gpte::NX);
     g.vcpu.invlpg(Gva(GVA));
-    assert!(
-        leaf(&g).0 & crate::spte::ept::X == 0,
-        "an NX page stayed executable"
-    );
+    assert!(leaf(&g).0 & ept::X == 0, "an NX page stayed executable");
+    assert!(flushes(&g) > f1, "lost X not flushed");
+    // Nothing changed: no entry touched, no flush.
+    let (f2, before) = (flushes(&g), leaf(&g).0);
+    g.vcpu.invlpg(Gva(GVA));
+    assert_eq!((flushes(&g), leaf(&g).0), (f2, before));
     no_leaks(g);
 }
 
