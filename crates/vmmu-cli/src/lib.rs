@@ -73,6 +73,16 @@ fn check_trace_path(common: &args::Common) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Check a benchmark's flags before anything is allocated.
+fn validate_bench(b: &BenchCmd) -> anyhow::Result<()> {
+    match b {
+        BenchCmd::DemandPaging(a) => bench::validate_demand_paging(a),
+        BenchCmd::InvalidationStorm(a) => bench::validate_storm(a),
+        BenchCmd::Conversions(a) => bench::conversions::validate(a),
+        BenchCmd::DirtyLog(a) => bench::dirty_log::validate(a),
+    }
+}
+
 /// Parse `argv` (program name first) and validate it as the command would,
 /// without running anything: `Ok` if the command would start, otherwise the one
 /// line it would print. Help and version requests count as `Ok`. For the argument
@@ -98,18 +108,7 @@ where
     };
     let r = match &cli.cmd {
         Cmd::Run { scenario: cmd } => validate_scenario(cmd),
-        Cmd::Bench {
-            benchmark: BenchCmd::DemandPaging(a),
-        } => bench::validate_demand_paging(a),
-        Cmd::Bench {
-            benchmark: BenchCmd::InvalidationStorm(a),
-        } => bench::validate_storm(a),
-        Cmd::Bench {
-            benchmark: BenchCmd::Conversions(a),
-        } => bench::conversions::validate(a),
-        Cmd::Bench {
-            benchmark: BenchCmd::DirtyLog(a),
-        } => bench::dirty_log::validate(a),
+        Cmd::Bench { benchmark } => validate_bench(benchmark),
         Cmd::Soak(a) => soak::check(a),
         Cmd::Report(_) => Ok(()),
     };
@@ -150,6 +149,15 @@ pub fn run_cli() -> ExitCode {
         Cmd::Soak(_) => "soak".into(),
         Cmd::Report(_) => "report".into(),
     };
+    // The load before anything runs, for the record; a benchmark warns when
+    // the machine is too busy for its figures.
+    // (A refused benchmark prints its one line only.)
+    let busy = report::note_start();
+    if let (Some(w), Cmd::Bench { benchmark }) = (&busy, &cli.cmd) {
+        if validate_bench(benchmark).is_ok() {
+            eprintln!("{w}");
+        }
+    }
     let r = match cli.cmd {
         Cmd::Run { scenario: cmd } => validate_run(&cmd).and_then(|()| {
             let mut common = cmd.common();

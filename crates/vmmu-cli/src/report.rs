@@ -242,7 +242,72 @@ impl Report {
     }
 }
 
-/// What the machine is, for the record: the CPU model and how loaded it was.
+/// The load average when the command started (see [`note_start`]).
+static LOAD_AT_START: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+
+/// The load averages (1, 5, 15 minutes), empty where /proc has none.
+pub fn load_average() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| {
+            l.split_whitespace()
+                .take(3)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Load average per CPU above which a measurement is called busy.
+pub const BUSY_PER_CPU: f64 = 0.5;
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Record the load average before anything runs (the start of a command).
+/// Returns a warning when the machine is busy: the 1-minute load above
+/// [`BUSY_PER_CPU`] per CPU.
+pub fn note_start() -> Option<String> {
+    let load = LOAD_AT_START.get_or_init(load_average);
+    let n = cpus().max(1);
+    let one = *load.first()?;
+    (one > BUSY_PER_CPU * n as f64).then(|| {
+        format!(
+            "vmmu: warning: the machine is busy (load average {one:.2} on {n} CPUs, above {BUSY_PER_CPU} per CPU): figures will be noisy; the JSON records it"
+        )
+    })
+}
+
+/// One line for a benchmark's text output: where it was measured.
+pub fn host_line() -> String {
+    let h = host_json();
+    let fmt = |v: &Value| {
+        v.as_array().map_or("unknown".into(), |a| {
+            a.iter()
+                .filter_map(Value::as_f64)
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        })
+    };
+    format!(
+        "Measured on: {}, {} CPUs, commit {}; load average {} before, {} after{}",
+        h["cpu_model"].as_str().unwrap_or("unknown"),
+        h["cpus"],
+        env!("VMMU_COMMIT"),
+        fmt(&h["load_average_before"]),
+        fmt(&h["load_average"]),
+        if h["busy"] == true {
+            " (busy: figures are noisy)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// What the machine is, for the record: the CPU model and how loaded it was
+/// before the command ran and when its report was made.
 pub fn host_json() -> Value {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -253,19 +318,19 @@ pub fn host_json() -> Value {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    let load: Vec<f64> = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| {
-            l.split_whitespace()
-                .take(3)
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let load = load_average();
+    let before = LOAD_AT_START.get().cloned();
+    let n = cpus();
+    let busy = before
+        .as_ref()
+        .and_then(|b| b.first())
+        .is_some_and(|one| *one > BUSY_PER_CPU * n.max(1) as f64);
     json!({
         "cpu_model": cpu_model,
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpus": n,
         "load_average": load,
+        "load_average_before": before,
+        "busy": busy,
     })
 }
 

@@ -376,8 +376,13 @@ fn test_trace_names_tracks_once_prints_exact_times_and_marks_its_cut() {
 fn test_bench_speaks_of_kvm_only_when_asked_and_says_what_it_found() {
     let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
     assert_eq!(code, 0, "{err}");
+    // The host line names the CPU model, which may say KVM on a VM.
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with("Measured on:"))
+        .collect();
     assert!(
-        !out.to_lowercase().contains("kvm"),
+        !body.to_lowercase().contains("kvm"),
         "KVM mentioned without --vs-kvm:\n{out}"
     );
     let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M", "--vs-kvm"]);
@@ -1047,4 +1052,32 @@ fn test_shadow_process_churn_vs_kvm_runs_both_phases_or_says_why_not() {
     }
     let v = json_run(&["run", "shadow-process-churn", "-i", "500", "-b", "2M"]);
     assert!(v.get("kvm").is_none(), "{v}");
+}
+
+/// Every benchmark says where it was measured: the text output ends with the
+/// host line (CPU, CPUs, commit, load before and after), the JSON records the
+/// load before the run and whether it was busy (above 0.5 per CPU), and a
+/// busy machine is warned about on stderr.
+#[test]
+fn test_bench_records_the_machine_and_its_load_before_and_after() {
+    let (code, out, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("Measured on:") && last.contains("before") && last.contains("after"),
+        "{out}"
+    );
+    let v = json_run(&["bench", "demand-paging", "-v", "1", "-b", "4M"]);
+    let h = &v["config"]["host"];
+    let before = h["load_average_before"].as_array().expect("load before");
+    let cpus = h["cpus"].as_f64().unwrap();
+    let busy = before[0].as_f64().unwrap() > 0.5 * cpus.max(1.0);
+    assert_eq!(h["busy"], busy, "{h}");
+    let (_, _, err) = vmmu(&["bench", "demand-paging", "-v", "1", "-b", "4M", "--json"]);
+    // Warned exactly when the load was above the threshold at the start (the
+    // load may change between the runs: only a warning that names it is
+    // checked when there is one).
+    if err.contains("warning") {
+        assert!(err.contains("busy") && err.contains("per CPU"), "{err}");
+    }
 }

@@ -256,6 +256,7 @@ pub fn run(a: &BenchConversionsArgs) -> anyhow::Result<i32> {
             ]);
         }
         println!("{t}");
+        println!("{}", crate::report::host_line());
         if a.flags.oracle {
             println!("oracle violations: {violations}");
         }

@@ -266,6 +266,7 @@ pub fn run(a: &BenchDirtyLogArgs) -> anyhow::Result<i32> {
             s.bitmap.iter().map(|w| w.count_ones() as u64).sum()
         }));
         println!("{t}");
+        println!("{}", crate::report::host_line());
         if let Some(d) = differ {
             println!(
                 "bitmaps of the same write pattern: {d} pages differ between vmmu and /dev/kvm"

@@ -380,6 +380,7 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
         }
     }
     println!("oracle violations: {violations}");
+    println!("{}", crate::report::host_line());
     Ok(if violations > 0 { 1 } else { 0 })
 }
 
@@ -504,6 +505,7 @@ pub fn invalidation_storm(a: &BenchStormArgs) -> anyhow::Result<i32> {
         ),
     ));
     println!("{t}");
+    println!("{}", crate::report::host_line());
     println!(
         "oracle violations: {} (pre-check on {}, off {}){}",
         with.violations + without.violations,
