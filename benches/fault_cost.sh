@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Instructions per 4 KiB fault, counted by callgrind (stable whatever the
+# machine's load): two demand-paging runs that differ only in size, so
+# everything that does not scale with the faults (start-up, teardown)
+# cancels out. Reports the MMU's fault path inclusive, the machine model's
+# host side called from it (the host page lookup and its release), and the
+# MMU's own instructions (the difference), plus the two biggest parts.
+#
+#   bash benches/fault_cost.sh            # builds the release binary first
+#   SMALL=16M LARGE=64M bash benches/fault_cost.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SMALL=${SMALL:-16M}
+LARGE=${LARGE:-64M}
+command -v valgrind >/dev/null || { echo "fault_cost.sh: valgrind is needed (valgrind --tool=callgrind)" >&2; exit 1; }
+cargo build --release -q -p vmmu-cli
+BIN=target/release/vmmu
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+faults() { "$BIN" run demand-paging -v 1 -b "$1" --no-oracle --prefault-host --json | sed -n 's/.*"faults":\([0-9]*\).*/\1/p'; }
+for b in "$SMALL" "$LARGE"; do
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$b" \
+    "$BIN" run demand-paging -v 1 -b "$b" --no-oracle --prefault-host >/dev/null 2>"$OUT/vg.$b"
+  callgrind_annotate --inclusive=yes "$OUT/cg.$b" 2>/dev/null >"$OUT/an.$b"
+done
+# What calling the function whose name ends with $2 cost in run $1: the
+# inclusive cost of every call to it, summed over its call sites (the
+# "=> callee (Nx)" lines), so code inlined into it is counted once.
+incl() {
+  grep -E "=> .*$2 \([0-9,]+x\)" "$OUT/an.$1" | awk '{gsub(",", "", $1); s += $1} END { print s + 0 }'
+}
+fs=$(faults "$SMALL"); fl=$(faults "$LARGE")
+n=$((fl - fs))
+per() { awk -v a="$(incl "$SMALL" "$1")" -v b="$(incl "$LARGE" "$1")" -v n="$n" 'BEGIN { printf "%.0f", (b - a) / n }'; }
+fault=$(per "VcpuMmu>::page_fault")
+host=$(per "PrimaryMmu>::faultin")
+release=$(per "PrimaryMmu>::release")
+map=$(per "Tdp>::map")
+adjust=$(per "VcpuMmu>::hugepage_adjust")
+echo "Instructions per 4 KiB fault (callgrind; demand-paging -v 1, $SMALL vs $LARGE, host memory pre-touched, $n faults apart):"
+echo "  MMU fault path, inclusive (VcpuMmu::page_fault):   $fault"
+echo "  machine model's host side (faultin + release):    $((host + release))"
+echo "  MMU's own:                                         $((fault - host - release))"
+echo "    of which tdp::map:                               $map"
+echo "    of which hugepage_adjust:                        $adjust"
+echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
