@@ -21,7 +21,7 @@ faults() { "$BIN" run demand-paging -v 1 -b "$1" --no-oracle --prefault-host --j
 for b in "$SMALL" "$LARGE"; do
   valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$b" \
     "$BIN" run demand-paging -v 1 -b "$b" --no-oracle --prefault-host >/dev/null 2>"$OUT/vg.$b"
-  callgrind_annotate --inclusive=yes "$OUT/cg.$b" 2>/dev/null >"$OUT/an.$b"
+  callgrind_annotate --inclusive=yes --threshold=100 "$OUT/cg.$b" 2>/dev/null >"$OUT/an.$b"
 done
 # What calling the function whose name ends with $2 cost in run $1: the
 # inclusive cost of every call to it, summed over its call sites (the
@@ -29,12 +29,21 @@ done
 incl() {
   grep -E "=> .*$2 \([0-9,]+x\)" "$OUT/an.$1" | awk '{gsub(",", "", $1); s += $1} END { print s + 0 }'
 }
+# The same, counting only the calls made from the MMU's own source (the
+# host side the MMU asks for, not the machine's own use of its host).
+incl_mmu() {
+  awk -v pat="=> .*$2 \\([0-9,]+x\\)" '
+    /^-- Auto-annotated source:/ { mmu = ($0 ~ /crates\/vmmu\/src\//) }
+    mmu && $0 ~ pat { gsub(",", "", $1); s += $1 }
+    END { print s + 0 }' "$OUT/an.$1"
+}
 fs=$(faults "$SMALL"); fl=$(faults "$LARGE")
 n=$((fl - fs))
 per() { awk -v a="$(incl "$SMALL" "$1")" -v b="$(incl "$LARGE" "$1")" -v n="$n" 'BEGIN { printf "%.0f", (b - a) / n }'; }
+per_mmu() { awk -v a="$(incl_mmu "$SMALL" "$1")" -v b="$(incl_mmu "$LARGE" "$1")" -v n="$n" 'BEGIN { printf "%.0f", (b - a) / n }'; }
 fault=$(per "VcpuMmu>::page_fault")
-host=$(per "PrimaryMmu>::faultin")
-release=$(per "PrimaryMmu>::release")
+host=$(per_mmu "PrimaryMmu>::faultin")
+release=$(per_mmu "PrimaryMmu>::release")
 map=$(per "Tdp>::map")
 adjust=$(per "VcpuMmu>::hugepage_adjust")
 # The run ends by deleting the populated slot: a fast zap of the roots,
@@ -47,4 +56,17 @@ echo "  MMU's own:                                         $((fault - host - rel
 echo "    of which tdp::map:                               $map"
 echo "    of which hugepage_adjust:                        $adjust"
 echo "Instructions per zapped 4 KiB leaf (the slot delete's zap of the roots): $zap"
+# 2 MiB faults: 2 MiB host pages (hugetlb backing), 64M vs 256M.
+for b in 64M 256M; do
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.h$b" \
+    "$BIN" run demand-paging -v 1 -b "$b" -s anonymous_hugetlb --no-oracle --prefault-host >/dev/null 2>"$OUT/vg.h$b"
+  callgrind_annotate --inclusive=yes --threshold=100 "$OUT/cg.h$b" 2>/dev/null >"$OUT/an.h$b"
+done
+hfaults() { "$BIN" run demand-paging -v 1 -b "$1" -s anonymous_hugetlb --no-oracle --prefault-host --json | sed -n 's/.*"faults":\([0-9]*\).*/\1/p'; }
+hn=$(( $(hfaults 256M) - $(hfaults 64M) ))
+hper() { awk -v a="$(incl h64M "$1")" -v b="$(incl h256M "$1")" -v n="$hn" 'BEGIN { printf "%.0f", (b - a) / n }'; }
+hper_mmu() { awk -v a="$(incl_mmu h64M "$1")" -v b="$(incl_mmu h256M "$1")" -v n="$hn" 'BEGIN { printf "%.0f", (b - a) / n }'; }
+hfault=$(hper "VcpuMmu>::page_fault")
+hhost=$(( $(hper_mmu "PrimaryMmu>::faultin") + $(hper_mmu "PrimaryMmu>::release") ))
+echo "Instructions per 2 MiB fault ($hn faults apart): MMU path $hfault, host side $hhost, MMU's own $((hfault - hhost))"
 echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
