@@ -3,7 +3,8 @@
 # machine's load): two demand-paging runs that differ only in size, so
 # everything that does not scale with the faults (start-up, teardown)
 # cancels out. Reports the MMU's fault path inclusive, the machine model's
-# host side called from it (the host page lookup and its release), and the
+# host side called from it (the host page lookup, its release and the host
+# mapping level), and the
 # MMU's own instructions (the difference), plus the two biggest parts.
 #
 #   bash benches/fault_cost.sh            # builds the release binary first
@@ -44,6 +45,8 @@ per_mmu() { awk -v a="$(incl_mmu "$SMALL" "$1")" -v b="$(incl_mmu "$LARGE" "$1")
 fault=$(per "VcpuMmu>::page_fault")
 host=$(per_mmu "PrimaryMmu>::faultin")
 release=$(per_mmu "PrimaryMmu>::release")
+# The host's mapping level (KVM reads the host page tables for it).
+level=$(per_mmu "PrimaryMmu>::mapping_level")
 map=$(per "Tdp>::map")
 adjust=$(per "VcpuMmu>::hugepage_adjust")
 # The run ends by deleting the populated slot: a fast zap of the roots,
@@ -51,10 +54,10 @@ adjust=$(per "VcpuMmu>::hugepage_adjust")
 zap=$(per "Tdp>::zap_invalidated_roots")
 echo "Instructions per 4 KiB fault (callgrind; demand-paging -v 1, $SMALL vs $LARGE, host memory pre-touched, $n faults apart):"
 echo "  MMU fault path, inclusive (VcpuMmu::page_fault):   $fault"
-echo "  machine model's host side (faultin + release):    $((host + release))"
-echo "  MMU's own:                                         $((fault - host - release))"
+echo "  machine model's host side (faultin, release, mapping level): $((host + release + level))"
+echo "  MMU's own:                                         $((fault - host - release - level))"
 echo "    of which tdp::map:                               $map"
-echo "    of which hugepage_adjust:                        $adjust"
+echo "    of which hugepage_adjust, less the host level:   $((adjust - level))"
 echo "Instructions per zapped 4 KiB leaf (the slot delete's zap of the roots): $zap"
 # 2 MiB faults: 2 MiB host pages (hugetlb backing), 64M vs 256M.
 for b in 64M 256M; do
@@ -67,6 +70,6 @@ hn=$(( $(hfaults 256M) - $(hfaults 64M) ))
 hper() { awk -v a="$(incl h64M "$1")" -v b="$(incl h256M "$1")" -v n="$hn" 'BEGIN { printf "%.0f", (b - a) / n }'; }
 hper_mmu() { awk -v a="$(incl_mmu h64M "$1")" -v b="$(incl_mmu h256M "$1")" -v n="$hn" 'BEGIN { printf "%.0f", (b - a) / n }'; }
 hfault=$(hper "VcpuMmu>::page_fault")
-hhost=$(( $(hper_mmu "PrimaryMmu>::faultin") + $(hper_mmu "PrimaryMmu>::release") ))
+hhost=$(( $(hper_mmu "PrimaryMmu>::faultin") + $(hper_mmu "PrimaryMmu>::release") + $(hper_mmu "PrimaryMmu>::mapping_level") ))
 echo "Instructions per 2 MiB fault ($hn faults apart): MMU path $hfault, host side $hhost, MMU's own $((hfault - hhost))"
 echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
