@@ -164,18 +164,35 @@ pub fn run(common: &Common, vs_kvm: bool) -> anyhow::Result<i32> {
         "the fix saved {saved} root loads ({} with it, {} without)",
         fixed.stats.shadow_root_loads, legacy.stats.shadow_root_loads
     ));
+    // vmmu's replay of the KVM schedule failing fails the run.
+    let mut replay_failed = false;
     if vs_kvm {
+        use super::churn_vs_kvm::NotRun;
         match super::churn_vs_kvm::run(common, &mut r) {
-            Ok(v) => r.put("kvm", v),
-            Err(why) => {
+            Ok(v) => {
+                let n = v["vmmu_violations"].as_u64().unwrap_or(0);
+                if n > 0 {
+                    replay_failed = true;
+                    r.line(format!(
+                        "FAIL (replay of the KVM schedule): {n} oracle violations"
+                    ));
+                }
+                r.put("kvm", v);
+            }
+            Err(NotRun::Kvm(why)) => {
                 r.line(format!("real KVM side not run: {why}"));
+                r.put("kvm", json!({ "ran": false, "note": why }));
+            }
+            Err(NotRun::Vmmu(why)) => {
+                replay_failed = true;
+                r.line(format!("FAIL (replay of the KVM schedule): {why}"));
                 r.put("kvm", json!({ "ran": false, "note": why }));
             }
         }
     }
     r.put("legacy_leaked_pages", legacy.leaked);
     r.put("legacy_violations", legacy.violations);
-    let mut bad = false;
+    let mut bad = replay_failed;
     for (name, s) in [("fixed", &fixed), ("legacy", &legacy)] {
         if s.mismatches > 0 {
             bad = true;
