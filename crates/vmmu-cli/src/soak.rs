@@ -137,6 +137,11 @@ pub(crate) fn run(a: &SoakArgs) -> anyhow::Result<i32> {
         Ok(out)
     })?;
     let interrupted = stop.load(Ordering::Relaxed);
+    // The host block as of the end (the load after beside the one before).
+    let mut config = config;
+    if let Some(c) = config.as_object_mut() {
+        c.insert("host".into(), report::host_json());
+    }
     let violations: u64 = reports.iter().map(|r| r.total_violations).sum();
     if a.json {
         println!("{}", summary_json(a, config, &types, &reports, interrupted));

@@ -352,6 +352,11 @@ impl Env {
         }
         report.stats = m.vm.stats();
         report.config = common.config.clone();
+        // The host block as of now: the load after the run beside the one
+        // recorded before it.
+        if let Some(c) = report.config.as_object_mut() {
+            c.insert("host".into(), crate::report::host_json());
+        }
         if m.vm.config().mmu == vmmu::MmuKind::Shadow {
             // What the shadow MMU did (indirect pages: guest tables shadowed,
             // none with guest paging off).
