@@ -183,13 +183,18 @@ pub(crate) fn small_slot_image(measured_bytes: u64, code: &[u8]) -> Vec<u8> {
 }
 
 fn user_segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
+    flat_segment(selector, type_, code, 3)
+}
+
+/// A flat 4 GiB code (64-bit) or data segment of privilege `dpl`.
+pub(crate) fn flat_segment(selector: u16, type_: u8, code: bool, dpl: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xFFFF_FFFF,
         selector,
         type_,
         present: 1,
-        dpl: 3,
+        dpl,
         db: u8::from(!code),
         s: 1,
         l: u8::from(code),

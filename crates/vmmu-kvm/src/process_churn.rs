@@ -29,10 +29,11 @@
 use std::time::Instant;
 
 use iced_x86::code_asm::{al, cr3, dx, qword_ptr, rax, CodeAssembler};
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::VcpuExit;
 
 use crate::error::{KvmError, Result};
+use crate::guest::flat_segment;
 use crate::host_mem::HostMemory;
 use crate::stats::{delta, Snapshot, StatsFd};
 
@@ -176,24 +177,6 @@ fn code(switches: u64) -> std::result::Result<Vec<u8>, iced_x86::IcedError> {
     a.assemble(CODE)
 }
 
-fn kernel_segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xFFFF_FFFF,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Run the two phases on the real KVM.
 pub fn run_process_churn(cfg: &ProcessChurnConfig) -> Result<ProcessChurnReport> {
     if cfg.switches == 0 || cfg.switches > MAX_SWITCHES {
@@ -241,8 +224,8 @@ pub fn run_process_churn(cfg: &ProcessChurnConfig) -> Result<ProcessChurnReport>
         source,
     })?;
     let mut s = vcpu.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
-    s.cs = kernel_segment(0x8, 0xB, true);
-    let data = kernel_segment(0x10, 0x3, false);
+    s.cs = flat_segment(0x8, 0xB, true, 0);
+    let data = flat_segment(0x10, 0x3, false, 0);
     (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
     s.gdt.base = GDT;
     s.gdt.limit = 23;

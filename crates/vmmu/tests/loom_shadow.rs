@@ -10,20 +10,19 @@ mod loom_common;
 use loom::thread;
 use loom_common::{GPA, HVA};
 use vmmu::testing::TestHost;
-use vmmu::{ErrorCode, Gpa, GuardKnobs, Hva, MemFlags, UserMemoryRegion, Vm, VmConfig};
+use vmmu::{
+    ErrorCode, Gpa, GuardKnobs, GuestPaging, Hva, MemFlags, MmuKind, PrimaryMmu, UserMemoryRegion,
+    Vm, VmConfig,
+};
 
-/// (s1) The shadow MMU's fast path stays off indirect entries: a guest that
-/// repoints a PTE from gfn A to gfn B (two memslots on the same host page,
-/// so B's entry, once written and harvested, holds the same value A's did)
-/// must never end with B's entry writable and B out of the log. On an
-/// indirect entry the exchange cannot tell: it succeeds and logs A, the gfn
-/// its guest walk saw (locking.rst's ABA).
-fn shadow_fast_path_vs_repointed_pte(knobs: GuardKnobs) {
-    use vmmu::{GuestPaging, Gva, GvaFault, MmuKind, PrimaryMmu};
-    const PML4: u64 = 0x1000;
-    const GVA: u64 = 0x40_0000;
-    const A: u64 = 0x10_0000;
-    const B: u64 = GPA + A;
+/// The guest's tables: PML4 at 0x1000, PDPT, PD, and the PT for `GVA`.
+const PML4: u64 = 0x1000;
+const PT: u64 = 0x4000;
+const GVA: u64 = 0x40_0000;
+
+/// A shadow VM whose memslots `(slot, gpa, flags)` are 2 MiB each, all
+/// backed by the same host memory at `HVA`.
+fn shadow_vm(knobs: GuardKnobs, slots: &[(u32, u64, u32)]) -> (std::sync::Arc<TestHost>, Vm) {
     let host = TestHost::new();
     let vm = Vm::new(
         VmConfig {
@@ -34,31 +33,60 @@ fn shadow_fast_path_vs_repointed_pte(knobs: GuardKnobs) {
         host.ops(),
     )
     .unwrap();
-    let logged = MemFlags::LOG_DIRTY_PAGES.bits();
-    for (slot, gpa) in [(0, 0), (1, GPA)] {
+    for &(slot, gpa, flags) in slots {
         vm.set_user_memory_region(UserMemoryRegion {
             slot,
-            flags: logged,
+            flags,
             guest_phys_addr: gpa,
             memory_size: 2 << 20,
             userspace_addr: HVA,
         })
         .unwrap();
     }
-    let put = |gpa: u64, v: u64| host.write_u64(Hva(HVA + gpa), v).unwrap();
-    let all = 0b111; // P | W | U
-    let pte = 0x4000 + ((GVA >> 12) & 511) * 8;
-    put(PML4, 0x2000 | all);
-    put(0x2000, 0x3000 | all);
-    put(0x3000 + ((GVA >> 21) & 511) * 8, 0x4000 | all);
-    put(pte, A | all);
-    let paging = GuestPaging {
+    (host, vm)
+}
+
+/// A guest store to `gpa` of the memory behind the slots.
+fn put(host: &TestHost, gpa: u64, v: u64) {
+    host.write_u64(Hva(HVA + gpa), v).unwrap();
+}
+
+/// Link the path PML4 → PDPT → PD → PT for `GVA` with `rights`; returns the
+/// gpa of `GVA`'s PTE.
+fn guest_path(host: &TestHost, rights: u64) -> u64 {
+    put(host, PML4, 0x2000 | rights);
+    put(host, 0x2000, 0x3000 | rights);
+    put(host, 0x3000 + ((GVA >> 21) & 511) * 8, PT | rights);
+    PT + ((GVA >> 12) & 511) * 8
+}
+
+/// 4-level paging with CR0.WP and NX on `PML4`.
+fn long_mode() -> GuestPaging {
+    GuestPaging {
         paging: true,
         wp: true,
         nx: true,
         cr3: PML4,
         ..Default::default()
-    };
+    }
+}
+
+/// (s1) The shadow MMU's fast path stays off indirect entries: a guest that
+/// repoints a PTE from gfn A to gfn B (two memslots on the same host page,
+/// so B's entry, once written and harvested, holds the same value A's did)
+/// must never end with B's entry writable and B out of the log. On an
+/// indirect entry the exchange cannot tell: it succeeds and logs A, the gfn
+/// its guest walk saw (locking.rst's ABA).
+fn shadow_fast_path_vs_repointed_pte(knobs: GuardKnobs) {
+    use vmmu::{Gva, GvaFault};
+    const A: u64 = 0x10_0000;
+    const B: u64 = GPA + A;
+    let logged = MemFlags::LOG_DIRTY_PAGES.bits();
+    let (host, vm) = shadow_vm(knobs, &[(0, 0, logged), (1, GPA, logged)]);
+    let all = 0b111; // P | W | U
+    let pte = guest_path(&host, all);
+    put(&host, pte, A | all);
+    let paging = long_mode();
     let mut vcpus: Vec<_> = (0..2)
         .map(|i| {
             let mut v = vm.create_vcpu(i).unwrap();
@@ -123,46 +151,16 @@ protocol!(
 /// writable leaf is still there.
 fn invlpg_vs_zap_of_unsync_page(knobs: GuardKnobs) {
     use vmmu::testing::hardware_walk_shadow;
-    use vmmu::{GuestPaging, Gva, MmuKind, PrimaryMmu};
-    const PML4: u64 = 0x1000;
-    const PT: u64 = 0x4000;
-    const GVA: u64 = 0x40_0000;
+    use vmmu::Gva;
     const ALIAS: u64 = GVA + 0x1000;
     const DATA: u64 = 0x10_0000;
-    let host = TestHost::new();
-    let vm = Vm::new(
-        VmConfig {
-            mmu: MmuKind::Shadow,
-            knobs,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: 2 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
-    let put = |gpa: u64, v: u64| host.write_u64(Hva(HVA + gpa), v).unwrap();
+    let (host, vm) = shadow_vm(knobs, &[(0, 0, 0)]);
     let all = 0b111 | 0x60; // P | W | U, A | D
-    let pte = PT + ((GVA >> 12) & 511) * 8;
-    put(PML4, 0x2000 | all);
-    put(0x2000, 0x3000 | all);
-    put(0x3000 + ((GVA >> 21) & 511) * 8, PT | all);
-    put(pte, DATA | all);
+    let pte = guest_path(&host, all);
+    put(&host, pte, DATA | all);
     // The guest maps its own PT at ALIAS, as a kernel's direct map does.
-    put(pte + 8, PT | all);
-    let paging = GuestPaging {
-        paging: true,
-        wp: true,
-        nx: true,
-        cr3: PML4,
-        ..Default::default()
-    };
+    put(&host, pte + 8, PT | all);
+    let paging = long_mode();
     let mut v = vm.create_vcpu(0).unwrap();
     v.set_guest_paging(paging).unwrap();
     v.prepare_entry().unwrap();
@@ -175,7 +173,7 @@ fn invlpg_vs_zap_of_unsync_page(knobs: GuardKnobs) {
     let root = v.prepare_entry().unwrap().root;
     assert!(hardware_walk_shadow(&vm, root, Gva(GVA)).is_writable());
     // The guest's store through ALIAS takes W away from GVA's entry.
-    put(pte, DATA | (all & !0b10));
+    put(&host, pte, DATA | (all & !0b10));
     let t = thread::spawn(move || {
         // Misaligned: the whole table's shadow pages go.
         v1.emulate_write(Gpa(PT + 1), 0).unwrap();

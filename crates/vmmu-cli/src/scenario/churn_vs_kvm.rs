@@ -46,24 +46,9 @@ const PAIRS: [(&str, &str, &str); 5] = [
     ("tlb_flush_local", "tlb_flush", "local TLB flushes"),
 ];
 
-fn vmmu_counter(s: &vmmu::Stats, name: &str) -> u64 {
-    match name {
-        "shadow_pages_created" => s.shadow_pages_created,
-        "shadow_pages_zapped" => s.shadow_pages_zapped,
-        "shadow_flooded" => s.shadow_flooded,
-        "shadow_pde_zapped" => s.shadow_pde_zapped,
-        "tlb_flush_local" => s.tlb_flush_local,
-        "shadow_root_loads" => s.shadow_root_loads,
-        "prev_root_hits" => s.prev_root_hits,
-        "prev_root_misses" => s.prev_root_misses,
-        "faults" => s.faults,
-        _ => 0,
-    }
-}
-
 /// vmmu's side: both phases of the schedule; per phase its time, counter
-/// deltas, guest mismatches and oracle violations.
-fn vmmu_side(common: &Common) -> anyhow::Result<Vec<(u64, vmmu::Stats, vmmu::Stats, u64)>> {
+/// deltas and oracle violations.
+fn vmmu_side(common: &Common) -> anyhow::Result<Vec<(u64, vmmu::Stats, u64)>> {
     let shape = ChurnShape {
         processes: process_churn::PROCESSES,
         pages: process_churn::PAGES,
@@ -101,12 +86,12 @@ fn vmmu_side(common: &Common) -> anyhow::Result<Vec<(u64, vmmu::Stats, vmmu::Sta
                 "vmmu's replay of the KVM schedule: {mismatches} guest checks failed; first: {m}"
             );
         }
-        out.push((ns, before, env.m.vm.stats(), 0));
+        out.push((ns, env.m.vm.stats().since(&before), 0));
     }
     // Torn down as every scenario is (quietly: `quiet` is set above).
     let (_, violations) = env.finish_counted(Report::default())?;
     if let Some(last) = out.last_mut() {
-        last.3 = violations;
+        last.2 = violations;
     }
     Ok(out)
 }
@@ -136,9 +121,15 @@ pub fn run(common: &Common, r: &mut Report) -> Result<serde_json::Value, NotRun>
     ));
     let mut phases = Vec::new();
     let mut violations = 0;
-    for (k, (ns, before, after, v)) in kvm.phases.iter().zip(&ours) {
+    for (k, (ns, delta, v)) in kvm.phases.iter().zip(&ours) {
         violations += v;
-        let d = |name: &str| vmmu_counter(after, name) - vmmu_counter(before, name);
+        let fields = delta.fields();
+        let d = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, x)| *x)
+        };
         let kv = |name: &str| *k.kvm.get(name).unwrap_or(&0);
         r.line(format!(
             "   {}: vmmu {} / KVM {} ({} instructions emulated); {}; vmmu root loads {}, previous-root hits {} / misses {}, faults {}",

@@ -14,17 +14,13 @@
 
 use std::time::{Duration, Instant};
 
-use vmmu::{Gpa, RootFilter};
+use vmmu::RootFilter;
 use vmmu_machine::guest::GuestProgram;
-use vmmu_machine::processes::ProcessChurn;
 
-use super::{build, REGION_GPA};
-use crate::args::{BadInput, Common, Shape};
+use super::build;
+use crate::args::{Common, Shape};
 use crate::report::Report;
 
-/// Processes alive at once per vCPU, and pages each maps.
-const MAX_LIVE: usize = 6;
-const PAGES: usize = 16;
 /// Kernel operations per vCPU and host zap.
 const OPS_PER_ZAP: u64 = 1_000;
 /// CR3 switches (all vCPUs) between two host zaps.
@@ -32,15 +28,7 @@ const SWITCHES_PER_ZAP: u64 = 100;
 
 /// Check the flags (the shape: 2 vCPUs × 8 MiB, 20 host zaps).
 pub fn validate(common: &Common) -> anyhow::Result<Shape> {
-    let shape = common.shape(2, 8 << 20, 20, vmmu_machine::Backing::Anonymous)?;
-    if shape.bytes_per_vcpu < 1 << 20 {
-        return Err(BadInput(format!(
-            "roots --mmu shadow -b {}: each vCPU's kernel needs at least 1M",
-            crate::args::human(shape.bytes_per_vcpu)
-        ))
-        .into());
-    }
-    Ok(shape)
+    super::shadow_process_churn::kernel_shape(common, 20, "roots --mmu shadow ")
 }
 
 /// Run it.
@@ -49,19 +37,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let mut env = build(common, shape)?;
     let mut r = Report::new("roots", &shape);
     let ops = OPS_PER_ZAP * shape.iterations.max(1) as u64;
-    let progs: Vec<ProcessChurn> = (0..shape.vcpus)
-        .map(|v| {
-            ProcessChurn::new(
-                v,
-                Gpa(REGION_GPA + v as u64 * shape.bytes_per_vcpu),
-                shape.bytes_per_vcpu,
-                PAGES,
-                MAX_LIVE,
-                ops,
-                common.seed,
-            )
-        })
-        .collect();
+    let progs = super::shadow_process_churn::kernels(shape, ops, common.seed);
     let iterations = shape.iterations;
     let mut all_zaps = 0u64;
     let t0 = Instant::now();

@@ -38,15 +38,40 @@ pub fn validate(common: &Common) -> anyhow::Result<Shape> {
         )
         .into());
     }
-    let shape = common.shape(2, 8 << 20, 20_000, Backing::Anonymous)?;
+    kernel_shape(common, 20_000, "")
+}
+
+/// The shape of a run of process kernels (2 vCPUs × 8 MiB by default,
+/// `iterations` by default): each kernel needs 1 MiB at least. `what`
+/// prefixes the refusal (the command, when it is not this one).
+pub(super) fn kernel_shape(common: &Common, iterations: u32, what: &str) -> anyhow::Result<Shape> {
+    let shape = common.shape(2, 8 << 20, iterations, Backing::Anonymous)?;
     if shape.bytes_per_vcpu < 1 << 20 {
         return Err(BadInput(format!(
-            "-b {}: each vCPU's kernel needs at least 1M",
+            "{what}-b {}: each vCPU's kernel needs at least 1M",
             crate::args::human(shape.bytes_per_vcpu)
         ))
         .into());
     }
     Ok(shape)
+}
+
+/// One process kernel per vCPU, each in its own part of the region,
+/// `ops` kernel operations long.
+pub(super) fn kernels(shape: Shape, ops: u64, seed: u64) -> Vec<ProcessChurn> {
+    (0..shape.vcpus)
+        .map(|v| {
+            ProcessChurn::new(
+                v,
+                Gpa(REGION_GPA + v as u64 * shape.bytes_per_vcpu),
+                shape.bytes_per_vcpu,
+                PAGES,
+                MAX_LIVE,
+                ops,
+                seed,
+            )
+        })
+        .collect()
 }
 
 /// One run's figures.
@@ -69,19 +94,7 @@ fn run_side(common: &Common, shape: Shape, legacy: bool) -> anyhow::Result<(Side
         ..common.clone()
     };
     let mut env = build(&c, shape)?;
-    let progs: Vec<ProcessChurn> = (0..shape.vcpus)
-        .map(|v| {
-            ProcessChurn::new(
-                v,
-                Gpa(REGION_GPA + v as u64 * shape.bytes_per_vcpu),
-                shape.bytes_per_vcpu,
-                PAGES,
-                MAX_LIVE,
-                shape.iterations as u64,
-                common.seed,
-            )
-        })
-        .collect();
+    let progs = kernels(shape, shape.iterations as u64, common.seed);
     let t = Instant::now();
     let out = env.m.run(progs, &Default::default(), |_| {});
     let ns = t.elapsed().as_nanos() as u64;

@@ -715,15 +715,12 @@ impl State {
         filter: crate::root::RootFilter,
         z: &mut Zap,
     ) {
-        let mut all: Vec<Pfn> = self
+        let all: Vec<Pfn> = self
             .pages
             .values()
             .filter(|sp| filter.covers(sp.role.as_id))
             .map(|sp| sp.pfn)
             .collect();
-        // In frame order, whatever order the hash map keeps (a run zaps
-        // the same way each time: loom models replay it).
-        all.sort_unstable();
         for pfn in all {
             self.zap_page(sh, mem, stats, pfn, z);
         }
