@@ -321,6 +321,17 @@ pub struct GuardKnobs {
     /// another vCPU that finds nothing unsync skips the lock and uses the
     /// stale entry the zap or sync is about to fix.
     pub unsync_cleared_early: bool,
+    /// A fault that lists a possible NX huge page does not check, under the
+    /// list's lock, that the table it linked is still linked, so a table
+    /// torn down in between stays on the list.
+    pub nx_track_without_recheck: bool,
+    /// A fault that would map huge replaces a table the NX mitigation made
+    /// (no `disallowed_hugepage_adjust`): every data access undoes the split
+    /// and the next fetch splits again.
+    pub nx_replace_disallowed_table: bool,
+    /// NX recovery zaps pages in slots that log dirty pages too (they come
+    /// back as 4 KiB pages, split by logging anyway).
+    pub nx_recovery_ignores_dirty_log: bool,
     /// Store only this many memslot-generation bits in MMIO entries (0: all 19),
     /// so a test reaches a generation wrap within a few updates. Not a guard.
     pub mmio_gen_bits: u32,

@@ -251,7 +251,7 @@ impl VcpuMmu {
             host_pfn: Pfn(0),
             map_writable: false,
             mmio_gen: slots.generation() & vm.mmio_gen_mask,
-            huge_page_disallowed: exec && vm.config.nx_huge_pages,
+            huge_page_disallowed: exec && vm.tdp.nx_enabled(),
         };
 
         if f.rsvd {

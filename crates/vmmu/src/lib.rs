@@ -48,6 +48,7 @@ pub mod gmem;
 pub mod host;
 pub mod memslot;
 pub mod notifier;
+pub mod nx_huge_pages;
 pub mod pml;
 pub mod prefault;
 pub mod request;
@@ -74,6 +75,7 @@ pub use host::{
 };
 pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion};
 pub use notifier::Invalidation;
+pub use nx_huge_pages::NxRecovery;
 pub use prefault::{PreFaultError, PreFaultRange, VcpuSignal};
 pub use root::{Role, RootFilter};
 pub use shadow::fault::GvaFault;

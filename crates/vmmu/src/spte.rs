@@ -56,6 +56,11 @@ pub mod ept {
     pub const HOST_WRITABLE: u64 = 1 << 57;
     /// Software: the MMU allows writes; may be made W without `mmu_lock` (bit 58).
     pub const MMU_WRITABLE: u64 = 1 << 58;
+    /// Software, table links only: the table exists because the NX huge page
+    /// mitigation kept an instruction fetch from mapping this entry's range
+    /// huge, and it is on the VM's list of possible NX huge pages (bit 59;
+    /// KVM keeps this as `nx_huge_page_disallowed` in the child page).
+    pub const NX_HUGE_DISALLOWED: u64 = 1 << 59;
     /// Suppress #VE (bit 63); set in every not-present entry.
     pub const SUPPRESS_VE: u64 = 1 << 63;
     /// Value of an entry that maps nothing.
@@ -190,6 +195,23 @@ impl Spte {
         Spte(v)
     }
 
+    /// This table link marked as standing for a possible NX huge page.
+    pub const fn with_nx_disallowed(self) -> Spte {
+        Spte(self.0 | ept::NX_HUGE_DISALLOWED)
+    }
+
+    /// This table link without the NX huge page mark.
+    pub const fn without_nx_disallowed(self) -> Spte {
+        Spte(self.0 & !ept::NX_HUGE_DISALLOWED)
+    }
+
+    /// A table link whose table stands for a possible NX huge page: faults
+    /// that would map its range huge go below it instead, until the NX
+    /// recovery worker zaps it.
+    pub const fn is_nx_disallowed(self, level: Level) -> bool {
+        self.is_table(level) && self.0 & ept::NX_HUGE_DISALLOWED != 0
+    }
+
     /// Build a shadow-paging leaf: a [`Spte::leaf`] whose rights are cut down
     /// to what the guest's entries allow (`write`, `user`, `exec`). Without
     /// `write` the entry is neither writable nor MMU-writable (a write must
@@ -279,6 +301,10 @@ impl Spte {
     /// Frame mapped by a leaf, or the child table of a non-leaf.
     pub const fn pfn(self) -> Pfn {
         Pfn((self.0 & ept::PFN_MASK) >> PAGE_SHIFT)
+    }
+    /// Hardware execute permission.
+    pub const fn is_executable(self) -> bool {
+        self.0 & ept::X != 0
     }
     /// Hardware write permission.
     pub const fn is_writable(self) -> bool {

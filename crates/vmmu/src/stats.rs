@@ -192,6 +192,21 @@ counters! {
     /// Access-tracked entries replaced by the slow path (should stay 0: the
     /// fast path restores them).
     access_restored_slow,
+    /// Tables put on the possible-NX-huge-page list (a fetch kept a range
+    /// from being mapped huge).
+    nx_pages_tracked,
+    /// Tables taken off that list (zapped, replaced, or by recovery).
+    nx_pages_untracked,
+    /// Faults that went below a listed table instead of mapping huge
+    /// (`disallowed_hugepage_adjust`).
+    nx_disallowed_adjusts,
+    /// NX recovery passes.
+    nx_recovery_passes,
+    /// Listed tables NX recovery zapped.
+    nx_recovered,
+    /// Listed tables NX recovery left in place because their slot logs
+    /// dirty pages.
+    nx_recovery_skipped,
     /// Entries write-protected.
     entries_write_protected,
     /// Memslot updates published.
@@ -270,6 +285,12 @@ impl Stats {
             ("no_root", self.no_root_retries),
             ("mmio_changed", self.mmio_changed_retries),
         ]
+    }
+
+    /// Possible NX huge pages now listed (KVM's `nx_lpage_splits`).
+    pub fn nx_lpage_splits(&self) -> u64 {
+        self.nx_pages_tracked
+            .saturating_sub(self.nx_pages_untracked)
     }
 
     /// Present leaves currently mapped at `level`.

@@ -467,3 +467,13 @@ pub fn hardware_set_dirty(vm: &crate::Vm, gpa: crate::Gpa) -> bool {
 pub fn hardware_walk_shadow(vm: &crate::Vm, root: Pfn, gva: crate::Gva) -> crate::spte::Spte {
     crate::shadow::fault::last_shadow_spte(&*vm.inner.host.memory, root, gva).1
 }
+
+/// Build huge leaves back in place over memslot `slot` of address space 0, as
+/// turning its dirty logging off does, under the read lock (for models that
+/// race it against faults). Returns the huge leaves made, or `None` if there
+/// is no such slot.
+pub fn recover_huge_pages(vm: &crate::Vm, slot: u16) -> Option<u64> {
+    let set = vm.inner.memslots[0].load_full();
+    let s = set.by_id(slot)?;
+    Some(vm.recover_huge_pages(s))
+}

@@ -225,10 +225,18 @@ impl VmInner {
     /// returning (after a memslot delete, notifiers can no longer find those
     /// entries, so nothing may be left behind).
     pub(crate) fn zap_roots_fast(&self, filter: RootFilter) {
+        self.zap_roots_fast_with(filter, || {});
+    }
+
+    /// [`VmInner::zap_roots_fast`], running `first` in the same write-locked
+    /// section before the roots are invalidated (a setting that new roots
+    /// must see and old ones must not outlive).
+    pub(crate) fn zap_roots_fast_with(&self, filter: RootFilter, first: impl FnOnce()) {
         crate::sync::lockdep::assert_held(LockClass::SlotsLock);
         CounterSet::inc(&self.stats.fast_zaps);
         {
             let _w = self.mmu_lock.write(&self.stats.lock);
+            first();
             self.tdp.invalidate_roots(&self.stats, filter);
             self.make_all_vcpus_request(REQ_FREE_OBSOLETE_ROOTS, true);
             // Shadow pages have no generation here: all of them go (roots in

@@ -144,7 +144,7 @@ impl VcpuMmu {
             host_pfn: crate::types::Pfn(0),
             map_writable: false,
             mmio_gen: 0,
-            huge_page_disallowed: acc.fetch && vm.config.nx_huge_pages,
+            huge_page_disallowed: acc.fetch && vm.tdp.nx_enabled(),
         };
         // The lockless fast path (a write to a write-protected but
         // MMU-writable entry, or an access-tracked one), on direct roots only,
@@ -376,7 +376,7 @@ impl Fetch<'_> {
                 host_writable: f.map_writable,
                 prefetch: false,
                 ad_enabled: ad,
-                executable: !(vm.config.nx_huge_pages && level > Level::K4),
+                executable: !(vm.tdp.nx_enabled() && level > Level::K4),
             },
             write_ok,
             pte_access & ACC_USER != 0,

@@ -23,7 +23,9 @@ impl Tdp {
         cache: &mut TableCache,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
-        let mut it = self.walk(root, f.goal_level, f.gfn, f.gfn.add(1));
+        let mut goal = f.goal_level;
+        let mut pfn = f.pfn;
+        let mut it = self.walk(root, Level::K4, f.gfn, f.gfn.add(1));
         while it.in_range() {
             if it.old_spte.is_frozen() {
                 // Someone owns the entry for a multi-step change; don't bother
@@ -31,8 +33,25 @@ impl Tdp {
                 CounterSet::inc(&ctx.stats.map_retries);
                 return RetPf::Retry;
             }
-            if it.level == f.goal_level {
-                return self.map_target_level(ctx, &mut it, f, flusher);
+            if it.level == goal {
+                match it.level.lower() {
+                    Some(lower)
+                        if it.old_spte.is_nx_disallowed(it.level)
+                            && !self.knobs.nx_replace_disallowed_table =>
+                    {
+                        // A fetch split this range and NX recovery has not
+                        // zapped it yet: map below the table instead of
+                        // replacing it with a huge leaf (KVM's
+                        // `disallowed_hugepage_adjust`). The frame gets back
+                        // the address bits of the smaller page.
+                        CounterSet::inc(&ctx.stats.nx_disallowed_adjusts);
+                        pfn = crate::types::Pfn(
+                            pfn.0 | (f.gfn.0 & (it.level.pages() - lower.pages())),
+                        );
+                        goal = lower;
+                    }
+                    _ => return self.map_target_level(ctx, &mut it, f, pfn, flusher),
+                }
             }
             if it.old_spte.is_table(it.level) {
                 it.next();
@@ -48,7 +67,7 @@ impl Tdp {
                 // Children inherit the huge leaf's permissions and A/D, so the
                 // translation is unchanged and no flush is needed. 4 KiB children
                 // get exec back: the NX mitigation only concerns huge leaves.
-                let exec = child_level == Level::K4 && self.nx_huge_pages;
+                let exec = child_level == Level::K4 && self.nx_enabled();
                 for (i, e) in self.table(child).iter().enumerate() {
                     let mut c = it.old_spte.split_child(child_level, i);
                     if exec {
@@ -57,8 +76,14 @@ impl Tdp {
                     e.store(c.0, Ordering::Relaxed);
                 }
             }
+            // A fetch that could have mapped this range huge: the table stands
+            // for a possible NX huge page (listed below, once linked).
+            let nx = f.huge_page_disallowed && f.req_level >= it.level;
             let mut old = it.old_spte;
-            let link = Spte::table(child, self.ad_enabled);
+            let mut link = Spte::table(child, self.ad_enabled);
+            if nx {
+                link = link.with_nx_disallowed();
+            }
             if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, link, it.gfn, it.level) {
                 if split {
                     self.init_table(child);
@@ -73,6 +98,15 @@ impl Tdp {
                 CounterSet::inc(&ctx.stats.huge_splits);
                 ctx.stats.leaf_added(child_level, 512);
             }
+            if nx {
+                let page = super::nx::NxPage {
+                    table: child,
+                    gfn: it.gfn,
+                    level: it.level,
+                    root_id: root.id,
+                };
+                self.track_possible_nx(ctx, it.sptep(), link, page);
+            }
             it.next();
         }
         CounterSet::inc(&ctx.stats.map_retries);
@@ -84,6 +118,7 @@ impl Tdp {
         ctx: &Ctx<'_>,
         it: &mut TdpIter<'_>,
         f: &PageFault<'_>,
+        pfn: crate::types::Pfn,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
         let old = it.old_spte;
@@ -94,7 +129,7 @@ impl Tdp {
         let new = match f.slot {
             None => Spte::mmio(f.gfn, f.mmio_gen),
             Some(_) => Spte::leaf(LeafParams {
-                pfn: f.pfn,
+                pfn,
                 level,
                 host_writable: f.map_writable,
                 prefetch: false,
@@ -102,7 +137,7 @@ impl Tdp {
                 // The iTLB-multihit mitigation: with it on, no huge leaf is ever
                 // executable; an instruction fetch maps its page at 4 KiB
                 // (`huge_page_disallowed` made the goal level 4 KiB).
-                executable: !(self.nx_huge_pages && level > Level::K4),
+                executable: !(self.nx_enabled() && level > Level::K4),
             }),
         };
         if new == old {

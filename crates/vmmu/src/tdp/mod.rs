@@ -15,6 +15,7 @@
 
 pub(crate) mod iter;
 pub(crate) mod map;
+pub(crate) mod nx;
 pub(crate) mod ops;
 pub(crate) mod zap;
 
@@ -23,7 +24,9 @@ use crate::host::{Table, TableMemory, TableMemoryError};
 use crate::root::Root;
 use crate::spte::Spte;
 use crate::stats::CounterSet;
-use crate::sync::{spin_wait, Arc, AtomicU64, LockClass, Mutex, Ordering, Rcu, RcuGuard, Snapshot};
+use crate::sync::{
+    spin_wait, Arc, AtomicBool, AtomicU64, LockClass, Mutex, Ordering, Rcu, RcuGuard, Snapshot,
+};
 use crate::types::{Gfn, Level, Pfn};
 
 /// State of the TDP MMU shared by a VM.
@@ -39,8 +42,14 @@ pub(crate) struct Tdp {
     /// One past the largest gfn memslots may contain.
     pub(crate) gfn_limit: u64,
     pub(crate) ad_enabled: bool,
-    /// The iTLB-multihit mitigation: huge leaves are never executable.
-    pub(crate) nx_huge_pages: bool,
+    /// The iTLB-multihit mitigation: huge leaves are never executable. Changed
+    /// at run time only under `mmu_lock` held for write ([`Tdp::nx_enabled`]).
+    pub(crate) nx_huge_pages: AtomicBool,
+    /// Tables an instruction fetch made where a huge leaf could have been
+    /// (`possible_nx_huge_pages`, under `tdp_mmu_pages_lock`).
+    pub(crate) possible_nx: Mutex<nx::NxPages>,
+    /// Its length, readable without the lock.
+    pub(crate) possible_nx_len: AtomicU64,
     pub(crate) knobs: GuardKnobs,
     pub(crate) next_root_id: AtomicU64,
     /// Non-root table pages currently linked (`tdp_mmu_pages`).
@@ -144,7 +153,9 @@ impl Tdp {
             root_level,
             gfn_limit,
             ad_enabled,
-            nx_huge_pages,
+            nx_huge_pages: AtomicBool::new(nx_huge_pages),
+            possible_nx: Mutex::new(LockClass::TdpMmuPagesLock, nx::NxPages::default()),
+            possible_nx_len: AtomicU64::new(0),
             knobs,
             next_root_id: AtomicU64::new(1),
             linked_tables: AtomicU64::new(0),
@@ -278,6 +289,14 @@ impl Tdp {
             CounterSet::inc(&ctx.stats.invariant_violations);
             debug_assert!(false, "illegal writable bits in {new:?}");
         }
+        if is_leaf && level > Level::K4 && new.is_executable() && self.nx_enabled() {
+            // The mitigation's one promise: no executable huge leaf, ever.
+            CounterSet::inc(&ctx.stats.invariant_violations);
+            debug_assert!(
+                false,
+                "executable huge leaf {new:?} at {gfn:?} with NX huge pages on"
+            );
+        }
         if was_leaf && is_leaf && old.pfn() != new.pfn() {
             // Remapping a gfn to another frame without zap + flush in between would
             // let stale TLB entries reach the old frame.
@@ -291,6 +310,10 @@ impl Tdp {
             if is_leaf {
                 ctx.stats.leaf_added(level, 1);
             }
+        }
+        if old.is_nx_disallowed(level) && !(new.is_nx_disallowed(level) && new.pfn() == old.pfn()) {
+            // Zapped, replaced, or unmarked by recovery: off the list.
+            self.untrack_possible_nx(ctx, old.pfn());
         }
         if old.is_table(level) && !(new.is_table(level) && new.pfn() == old.pfn()) {
             if let Some(child_level) = level.lower() {

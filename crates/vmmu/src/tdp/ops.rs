@@ -170,7 +170,7 @@ impl Tdp {
             let Some(child) = cache.pop() else {
                 return (split, true);
             };
-            let exec = child_level == Level::K4 && self.nx_huge_pages;
+            let exec = child_level == Level::K4 && self.nx_enabled();
             for (i, e) in self.table(child).iter().enumerate() {
                 let mut c = old.split_child(child_level, i);
                 if exec {
@@ -233,7 +233,7 @@ impl Tdp {
                     continue;
                 }
                 let mut new = child.huge_from_child(level);
-                if self.nx_huge_pages {
+                if self.nx_enabled() {
                     new = new.make_non_executable();
                 }
                 let mut cur = old;
