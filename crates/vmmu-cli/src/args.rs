@@ -80,6 +80,8 @@ pub struct Common {
     pub no_eager_split: bool,
     /// access-tracking: age under `mmu_lock` (before KVM 6.15).
     pub locked_aging: bool,
+    /// The iTLB-multihit mitigation (`nx_huge_pages`) on at VM creation.
+    pub nx_huge_pages: bool,
     /// invalidation-storm: conversions between private and shared (a
     /// software-protected VM on guest_memfd) instead of host migrations.
     pub conversions: bool,

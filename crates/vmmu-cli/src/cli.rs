@@ -256,6 +256,10 @@ pub(crate) enum RunCmd {
     /// pre_fault_memory_test: three KVM_PRE_FAULT_MEMORY calls raced by a slot
     /// delete, on a default, a software-protected and a private VM.
     Prefault(PlainArgs),
+    /// x86/nx_huge_pages_test: reads and fetches over four 2 MiB pages with
+    /// the iTLB-multihit mitigation on and off; 2 MiB pages and
+    /// nx_lpage_splits after each step, recovery periods, run-time toggles.
+    NxHugePages(NxHugePagesArgs),
     /// guest_memfd_test: the guest_memfd contract case by case (creation sizes
     /// and flags, fallocate modes and bounds, bind errors, mmap), with
     /// --vs-kvm side by side with /dev/kvm; and the punch-hole invalidation count.
@@ -271,6 +275,48 @@ pub(crate) struct GuestMemfdArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run nx-huge-pages`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct NxHugePagesArgs {
+    /// Milliseconds between NX recovery passes
+    /// (`nx_huge_pages_recovery_period_ms`; 0: an hour / ratio).
+    #[arg(
+        short = 'p',
+        long = "recovery-period",
+        value_name = "MS",
+        default_value_t = 100
+    )]
+    pub(crate) period_ms: u64,
+    /// `nx_huge_pages_recovery_ratio`: each pass zaps ceil(listed / ratio)
+    /// (KVM's default is 60; the selftest's script sets 1).
+    #[arg(long = "recovery-ratio", default_value_t = 1)]
+    pub(crate) ratio: u32,
+    /// The mitigation's settings to run: on, off or both (on, then turned
+    /// off at run time).
+    #[arg(long = "mitigation", default_value = "both", value_parser = ["on", "off", "both"])]
+    pub(crate) mitigation: String,
+    /// Backing source: huge host pages (anonymous_thp, anonymous_hugetlb_2mb,
+    /// anonymous_hugetlb_1gb).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous_hugetlb_2mb")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+impl NxHugePagesArgs {
+    /// The scenario's own arguments.
+    pub(crate) fn nx(&self) -> crate::scenario::nx_huge_pages::NxArgs {
+        crate::scenario::nx_huge_pages::NxArgs {
+            period_ms: self.period_ms,
+            ratio: self.ratio,
+            on: self.mitigation != "off",
+            off: self.mitigation != "on",
+        }
+    }
 }
 
 /// A scenario with the common flags only.
@@ -809,6 +855,7 @@ impl RunCmd {
             RunCmd::DirtyLogPerf(_) => "dirty-log-perf",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
+            RunCmd::NxHugePages(_) => "nx-huge-pages",
         }
     }
 
@@ -922,6 +969,11 @@ impl RunCmd {
                 ..a.tracking.apply(a.flags.common())
             },
             RunCmd::GuestMemfd(a) => a.flags.common(),
+            RunCmd::NxHugePages(a) => Common {
+                backing: Some(a.backing),
+                nx_huge_pages: a.mitigation != "off",
+                ..a.flags.common()
+            },
         }
     }
 }
@@ -949,6 +1001,7 @@ impl RunCmd {
             RunCmd::AccessTracking(a) => serde_json::to_value(a),
             RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
+            RunCmd::NxHugePages(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()
     }

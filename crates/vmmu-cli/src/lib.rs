@@ -45,6 +45,7 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::validate(&common).map(|_| ()),
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
         RunCmd::GuestMemfd(_) => scenario::guest_memfd::validate(&common).map(|_| ()),
+        RunCmd::NxHugePages(a) => scenario::nx_huge_pages::validate(&common, &a.nx()).map(|_| ()),
     }
 }
 
@@ -186,6 +187,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),
                 RunCmd::GuestMemfd(a) => scenario::guest_memfd::run(&common, a.vs_kvm),
+                RunCmd::NxHugePages(a) => scenario::nx_huge_pages::run(&common, &a.nx()),
             }
         }),
         Cmd::Bench {

@@ -14,6 +14,7 @@ pub mod guest;
 pub mod guest_oracle;
 pub mod host_memory;
 pub mod machine;
+pub mod nx_recovery;
 pub mod oracle;
 pub mod paging;
 pub mod primary_mmu;

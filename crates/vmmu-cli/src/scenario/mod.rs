@@ -11,6 +11,7 @@ pub mod invalidation_storm;
 pub mod live_migration;
 pub mod memslot_churn;
 pub mod mmu_stress;
+pub mod nx_huge_pages;
 pub mod page_splitting;
 pub mod prefault;
 pub mod private_conversions;
@@ -65,6 +66,7 @@ pub fn vm_config(common: &Common) -> VmConfig {
         dirty_tracking: common.dirty_tracking,
         eager_page_split: !common.no_eager_split,
         lockless_aging: !common.locked_aging,
+        nx_huge_pages: common.nx_huge_pages,
         mmu: common.mmu,
         legacy_root_reload: common.legacy_root_reload,
         shadow_unsync: !common.no_unsync,
