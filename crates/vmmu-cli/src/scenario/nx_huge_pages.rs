@@ -257,16 +257,14 @@ pub fn run(common: &Common, a: &NxArgs) -> anyhow::Result<i32> {
             }
         }
         match step {
-            Step::Recover => {
-                if model.nx {
-                    let before = worker.passes();
-                    drop(hold.take());
-                    // Several periods at most: the worker's own clock.
-                    let waited = worker.wait_for_pass(before, period * 4 + Duration::from_secs(5));
-                    hold = Some(worker.hold());
-                    if waited.is_none() {
-                        errors.push("the recovery worker did not run within four periods".into());
-                    }
+            Step::Recover if model.nx => {
+                let before = worker.passes();
+                drop(hold.take());
+                // Several periods at most: the worker's own clock.
+                let waited = worker.wait_for_pass(before, period * 4 + Duration::from_secs(5));
+                hold = Some(worker.hold());
+                if waited.is_none() {
+                    errors.push("the recovery worker did not run within four periods".into());
                 }
             }
             Step::Toggle(on) => {
