@@ -243,6 +243,12 @@ fn summary_json(
                 "faults": r.faults, "private_faults": r.stats.private_faults,
                 "attribute_changes": r.stats.attribute_changes,
                 "gmem_invalidations": r.stats.gmem_invalidations,
+                "nx_huge_pages": {
+                    "tables_listed": r.stats.nx_pages_tracked,
+                    "recovered": r.stats.nx_recovered,
+                    "recovery_passes": r.stats.nx_recovery_passes,
+                    "faults_below_listed": r.stats.nx_disallowed_adjusts,
+                },
                 "conversions_on_exit": r.conversions,
                 "vmm_conversions": {"to_private": r.vmm_conversions.0, "to_shared": r.vmm_conversions.1},
                 "events": events_json(&r.events),
@@ -308,6 +314,10 @@ fn print_run(seed: u64, t: VmType, r: &StressReport) {
             .map(|(k, n)| format!("{k} {n}"))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    println!(
+        "  nx huge pages: {} tables listed by fetches, {} zapped by {} recovery passes, {} faults went below a listed table",
+        st.nx_pages_tracked, st.nx_recovered, st.nx_recovery_passes, st.nx_disallowed_adjusts
     );
     if t.has_private_mem() {
         println!(

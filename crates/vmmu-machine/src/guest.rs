@@ -310,6 +310,7 @@ pub struct Pass {
     rng: Rng,
     discarded: Option<std::sync::Arc<Discarded>>,
     private_percent: u32,
+    fetch_percent: u32,
     repeat: bool,
     i: u64,
     mismatches: u64,
@@ -341,6 +342,7 @@ impl Pass {
             rng: Rng::new(seed ^ ((vcpu as u64) << 32) ^ pass as u64),
             discarded: None,
             private_percent: 0,
+            fetch_percent: 0,
             repeat: false,
             i: 0,
             mismatches: 0,
@@ -372,6 +374,14 @@ impl Pass {
     /// whether the hardware acts on it).
     pub fn with_private_percent(mut self, percent: u32) -> Pass {
         self.private_percent = percent;
+        self
+    }
+
+    /// Make about `percent` % of the reads instruction fetches of the page's
+    /// first word (paging off: the linear address is the physical one), so
+    /// the NX huge page mitigation splits what they touch. Checked as reads.
+    pub fn with_fetch_percent(mut self, percent: u32) -> Pass {
+        self.fetch_percent = percent;
         self
     }
 
@@ -418,13 +428,23 @@ impl GuestProgram for Pass {
         self.i += 1;
         let write = self.write_percent >= 100
             || (self.write_percent > 0 && self.rng.below(100) < self.write_percent as u64);
+        let gpa = self.model.gpa(page);
         let kind = if write {
             AccessKind::Write(stamp(self.vcpu, self.pass, page))
+        } else if self.fetch_percent > 0 && self.rng.below(100) < self.fetch_percent as u64 {
+            AccessKind::Linear {
+                gva: Gva(gpa.0),
+                access: LinearAccess {
+                    op: crate::paging::LinearOp::Fetch,
+                    user: false,
+                    ac: false,
+                },
+            }
         } else {
             AccessKind::Read
         };
         Some(GuestAccess {
-            gpa: self.model.gpa(page),
+            gpa,
             kind,
             private: self.side_of(page),
         })
@@ -432,7 +452,12 @@ impl GuestProgram for Pass {
 
     fn complete(&mut self, access: &GuestAccess, result: AccessResult) {
         let page = self.page_of(access.gpa);
-        match (access.kind, result) {
+        // A fetch (`with_fetch_percent`) loads the page's first word: a read.
+        let kind = match access.kind {
+            AccessKind::Linear { access: la, .. } if la.is_fetch() => AccessKind::Read,
+            k => k,
+        };
+        match (kind, result) {
             (AccessKind::Write(v), AccessResult::Memory(_)) => {
                 self.model.expected[page as usize] = v;
                 if let Some(d) = &self.discarded {

@@ -73,6 +73,10 @@ pub struct StressConfig {
     pub guest_paging: bool,
     /// The MMU (shadow paging: the default VM type only).
     pub mmu: vmmu::MmuKind,
+    /// The iTLB-multihit mitigation: with it the read passes fetch too (on
+    /// the default VM type), NX recovery passes and run-time toggles join
+    /// the host events.
+    pub nx_huge_pages: bool,
 }
 
 /// A stress run's progress, readable while it runs.
@@ -106,6 +110,7 @@ impl Default for StressConfig {
             dirty_tracking: vmmu::DirtyTracking::WriteProtect,
             guest_paging: false,
             mmu: vmmu::MmuKind::Tdp,
+            nx_huge_pages: true,
         }
     }
 }
@@ -126,12 +131,14 @@ pub const EVENT_NAMES: [&str; EVENTS] = [
     "dirty_log_toggle",
     "zap_all_roots",
     "dirty_harvest",
+    "nx_recovery",
+    "nx_toggle",
     "convert",
     "punch_hole",
 ];
 
 /// Number of host event kinds.
-pub const EVENTS: usize = 16;
+pub const EVENTS: usize = 18;
 
 /// Events that need private memory (the last ones of [`EVENT_NAMES`]).
 const PRIVATE_EVENTS: usize = 2;
@@ -139,7 +146,10 @@ const PRIVATE_EVENTS: usize = 2;
 /// Events that change what guest memory holds or where it is (discard,
 /// read-only, slot move, slot delete, conversion, punch-hole): not run under
 /// a paging guest.
-const PAGING_REFUSED: [usize; 6] = [5, 7, 9, 10, 14, 15];
+const PAGING_REFUSED: [usize; 6] = [5, 7, 9, 10, 16, 17];
+
+/// The NX huge page events: run only with the mitigation on.
+const NX_EVENTS: [usize; 2] = [14, 15];
 
 /// Events a private-memory data slot refuses, as KVM does on guest_memfd
 /// slots (moves and dirty logging): not run there.
@@ -198,9 +208,12 @@ fn host_events(
 ) {
     let pages = total / 4096;
     let private = ctx.vm.config().vm_type.has_private_mem();
+    let nx = ctx.vm.nx_huge_pages();
     let kinds: Vec<usize> = (0..EVENTS)
         .filter(|k| {
-            if paging && PAGING_REFUSED.contains(k) {
+            if !nx && NX_EVENTS.contains(k) {
+                false
+            } else if paging && PAGING_REFUSED.contains(k) {
                 false
             } else if private {
                 !GMEM_REFUSED.contains(k)
@@ -303,6 +316,18 @@ fn host_events(
                 let _ = ctx.clear_dirty(0, vmmu::GfnRange::new(g, g.add(n)));
             }
             14 => {
+                // A pass of the NX recovery worker (a ratio of 1..=4 of what
+                // the guests' fetches split).
+                let _ = ctx.vm.recover_nx_huge_pages(1 + rng.below(4) as u32);
+            }
+            15 => {
+                // The mitigation turned off and on again at run time: each
+                // change zaps every root.
+                ctx.vm.set_nx_huge_pages(false);
+                std::thread::sleep(Duration::from_micros(300));
+                ctx.vm.set_nx_huge_pages(true);
+            }
+            16 => {
                 // The VMM converts the range (marking it discarded around).
                 let to_private = rng.below(2) == 0;
                 let _ = ctx
@@ -332,6 +357,7 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
         vm_type: cfg.vm_type,
         dirty_tracking: cfg.dirty_tracking,
         mmu: cfg.mmu,
+        nx_huge_pages: cfg.nx_huge_pages,
         ..VmConfig::default()
     };
     let private = cfg.vm_type.has_private_mem();
@@ -403,8 +429,11 @@ pub fn stress(cfg: &StressConfig) -> Result<StressReport, MachineError> {
             .drain(..)
             .enumerate()
             .map(|(i, md)| {
-                let p = Pass::new(i as u32, pass_no, pattern, write, true, md, cfg.seed)
+                let mut p = Pass::new(i as u32, pass_no, pattern, write, true, md, cfg.seed)
                     .with_discarded(discarded.clone());
+                if cfg.nx_huge_pages && cfg.vm_type == VmType::Default {
+                    p = p.with_fetch_percent(10);
+                }
                 if marks {
                     p.with_private_percent(50)
                 } else {
