@@ -672,6 +672,24 @@ pub(crate) enum BenchCmd {
     /// Dirty-log calls timed on vmmu and (with --vs-kvm) /dev/kvm, the same
     /// guest write pattern on both and the bitmaps compared page for page.
     DirtyLog(BenchDirtyLogArgs),
+    /// NX huge page recovery under the read lock (KVM 6.18) and the write
+    /// lock (before): pass time, the vCPU's fault latency during the pass,
+    /// and the faults a read takes before and after recovery.
+    NxRecovery(BenchNxRecoveryArgs),
+}
+
+/// `vmmu bench nx-recovery`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchNxRecoveryArgs {
+    /// The region split by fetches (hugetlb 2 MiB pages; a multiple of 2M).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// The region the vCPU faults in, page by page, during the pass.
+    #[arg(long = "fault-bytes", value_parser = parse_size, default_value = "256M")]
+    pub(crate) fault_bytes: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
 }
 
 /// `vmmu bench dirty-log`.

@@ -81,6 +81,7 @@ fn validate_bench(b: &BenchCmd) -> anyhow::Result<()> {
         BenchCmd::InvalidationStorm(a) => bench::validate_storm(a),
         BenchCmd::Conversions(a) => bench::conversions::validate(a),
         BenchCmd::DirtyLog(a) => bench::dirty_log::validate(a),
+        BenchCmd::NxRecovery(a) => bench::nx_recovery::validate(a),
     }
 }
 
@@ -147,6 +148,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::DirtyLog(_),
         } => "bench dirty-log".into(),
+        Cmd::Bench {
+            benchmark: BenchCmd::NxRecovery(_),
+        } => "bench nx-recovery".into(),
         Cmd::Soak(_) => "soak".into(),
         Cmd::Report(_) => "report".into(),
     };
@@ -202,6 +206,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::DirtyLog(a),
         } => bench::dirty_log::run(&a),
+        Cmd::Bench {
+            benchmark: BenchCmd::NxRecovery(a),
+        } => bench::nx_recovery::run(&a),
         Cmd::Soak(a) => soak::run(&a),
         Cmd::Report(a) => html::run(&a.runs, a.trace.as_deref(), &a.output),
     };

@@ -96,3 +96,38 @@ fn test_nx_huge_pages_refuses_what_it_cannot_run_in_one_line() {
         assert!(err.contains(needle), "{a:?}: {err}");
     }
 }
+
+#[test]
+fn test_bench_nx_recovery_zaps_every_listed_table_and_huge_pages_come_back() {
+    let (code, out, err) = vmmu(&[
+        "bench",
+        "nx-recovery",
+        "-b",
+        "16M",
+        "--fault-bytes",
+        "8M",
+        "--oracle",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["violations"], 0);
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    for (r, lock) in runs.iter().zip(["read", "write"]) {
+        assert_eq!(r["lock"], lock);
+        assert_eq!(
+            (r["listed"].as_u64(), r["zapped"].as_u64()),
+            (Some(8), Some(8))
+        );
+        assert_eq!(
+            r["read_faults_while_split"], 4096,
+            "split: a fault per page"
+        );
+        assert_eq!(r["read_faults_after_recovery"], 8, "one per huge page");
+        assert_eq!(r["huge_pages_after"], 8);
+    }
+    let (code, _, err) = vmmu(&["bench", "nx-recovery", "-b", "3M"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("-b 3 MiB") || err.contains("-b 3"), "{err}");
+}

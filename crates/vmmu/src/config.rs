@@ -157,6 +157,9 @@ pub struct VmConfig {
     /// off, every shadowed table stays write-tracked, to measure what unsync
     /// buys.
     pub shadow_unsync: bool,
+    /// NX recovery takes `mmu_lock` for write, as KVM did before 6.18
+    /// (off: the read lock, as since), to measure what faults gain.
+    pub nx_recovery_write_lock: bool,
     /// Test-only switches that remove a guarding step, so tests can show their
     /// checkers catch the resulting bug. Never set outside tests.
     #[doc(hidden)]
@@ -235,6 +238,7 @@ impl Default for VmConfig {
             lockless_aging: true,
             legacy_root_reload: false,
             shadow_unsync: true,
+            nx_recovery_write_lock: false,
             knobs: GuardKnobs::default(),
             hooks: TestHooks::default(),
         }

@@ -25,6 +25,12 @@ use crate::vm::Vm;
 /// short without a contention probe).
 const PAGES_PER_HOLD: u64 = 64;
 
+/// `mmu_lock` as a recovery batch holds it.
+enum Held<'a> {
+    Read(#[allow(dead_code)] crate::sync::MmuReadGuard<'a>),
+    Write(#[allow(dead_code)] crate::sync::MmuWriteGuard<'a>),
+}
+
 /// What one NX recovery pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NxRecovery {
@@ -103,7 +109,12 @@ impl Vm {
                 rcu: &rcu,
             };
             let mut batch = FlushBatch::default();
-            let r = vm.mmu_lock.read(&vm.stats.lock);
+            // Before 6.18 recovery held the write lock (kept for measuring).
+            let r = if vm.config.nx_recovery_write_lock {
+                Held::Write(vm.mmu_lock.write(&vm.stats.lock))
+            } else {
+                Held::Read(vm.mmu_lock.read(&vm.stats.lock))
+            };
             let mut empty = false;
             for _ in 0..PAGES_PER_HOLD.min(to_zap - taken) {
                 let Some(page) = vm.tdp.pop_possible_nx(&ctx) else {

@@ -198,3 +198,26 @@ fn test_a_fetch_in_a_1g_range_lists_both_levels() {
     assert_eq!(splits(&vm), 0);
     teardown(host, vm, vec![vcpu]);
 }
+
+/// Recovery takes `mmu_lock` for read (6.18), or for write with the old
+/// behaviour kept for measuring.
+#[test]
+fn test_recovery_takes_the_read_lock_unless_asked_for_the_old_write_lock() {
+    for write_lock in [false, true] {
+        let config = VmConfig {
+            nx_recovery_write_lock: write_lock,
+            ..nx_config(GuardKnobs::default())
+        };
+        let (host, vm, mut vcpu) = huge_host_vm(config);
+        fault(&mut vcpu, 1, ErrorCode::FETCH);
+        let before = vm.stats();
+        assert_eq!(vm.recover_nx_huge_pages(1).zapped, 1);
+        let d = vm.stats().since(&before);
+        assert_eq!(
+            (d.mmu_lock_read, d.mmu_lock_write),
+            if write_lock { (0, 1) } else { (1, 0) },
+            "write_lock {write_lock}"
+        );
+        teardown(host, vm, vec![vcpu]);
+    }
+}

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 pub mod conversions;
 pub mod dirty_log;
+pub mod nx_recovery;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::json;

@@ -25,7 +25,7 @@ pub use std::sync::{Arc, Weak};
 
 pub use lockdep::LockClass;
 pub use mmu_lock::LockStats;
-pub(crate) use mmu_lock::{MmuGuard, MmuLock, MmuWriteGuard};
+pub(crate) use mmu_lock::{MmuGuard, MmuLock, MmuReadGuard, MmuWriteGuard};
 pub(crate) use mutex::{Condvar, Mutex, MutexGuard};
 pub(crate) use rcu::{Rcu, RcuGuard, RcuReader};
 pub(crate) use snapshot::Snapshot;
