@@ -211,9 +211,7 @@ fn host_events(
     let nx = ctx.vm.nx_huge_pages();
     let kinds: Vec<usize> = (0..EVENTS)
         .filter(|k| {
-            if !nx && NX_EVENTS.contains(k) {
-                false
-            } else if paging && PAGING_REFUSED.contains(k) {
+            if (!nx && NX_EVENTS.contains(k)) || (paging && PAGING_REFUSED.contains(k)) {
                 false
             } else if private {
                 !GMEM_REFUSED.contains(k)
