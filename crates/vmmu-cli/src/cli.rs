@@ -260,6 +260,11 @@ pub(crate) enum RunCmd {
     /// the iTLB-multihit mitigation on and off; 2 MiB pages and
     /// nx_lpage_splits after each step, recovery periods, run-time toggles.
     NxHugePages(NxHugePagesArgs),
+    /// A working set larger than the host memory it may keep: the host's
+    /// reclaim loop ages pages through the MMU and swaps out the cold ones;
+    /// pages reclaimed, refaults and fault latency with lockless and locked
+    /// aging (no selftest).
+    Reclaim(ReclaimArgs),
     /// guest_memfd_test: the guest_memfd contract case by case (creation sizes
     /// and flags, fallocate modes and bounds, bind errors, mmap), with
     /// --vs-kvm side by side with /dev/kvm; and the punch-hole invalidation count.
@@ -275,6 +280,45 @@ pub(crate) struct GuestMemfdArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
+}
+
+/// `vmmu run reclaim`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct ReclaimArgs {
+    /// Number of vCPUs.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory per vCPU.
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "64M")]
+    pub(crate) bytes: u64,
+    /// Passes over the hot set after the populate.
+    #[arg(short = 'i', long = "iterations", default_value_t = 6)]
+    pub(crate) iterations: u32,
+    /// Pages the host lets the guest keep resident, in percent of its memory.
+    #[arg(long = "limit", value_name = "PERCENT", default_value_t = 75)]
+    pub(crate) limit_percent: u32,
+    /// Aging modes to run: lockless (KVM ≥ 6.15), locked (under mmu_lock,
+    /// before) or both.
+    #[arg(long = "aging", default_value = "both", value_parser = ["lockless", "locked", "both"])]
+    pub(crate) aging: String,
+    /// Backing source (swappable memory: anonymous, anonymous_thp, shmem).
+    #[arg(short = 's', long = "backing", value_parser = parse_backing, default_value = "anonymous")]
+    #[serde(serialize_with = "backing_name")]
+    pub(crate) backing: Backing,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+impl ReclaimArgs {
+    /// The scenario's own arguments.
+    pub(crate) fn reclaim(&self) -> crate::scenario::reclaim::ReclaimArgs {
+        crate::scenario::reclaim::ReclaimArgs {
+            limit_percent: self.limit_percent,
+            lockless: self.aging != "locked",
+            locked: self.aging != "lockless",
+        }
+    }
 }
 
 /// `vmmu run nx-huge-pages`.
@@ -874,6 +918,7 @@ impl RunCmd {
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
             RunCmd::NxHugePages(_) => "nx-huge-pages",
+            RunCmd::Reclaim(_) => "reclaim",
         }
     }
 
@@ -987,6 +1032,14 @@ impl RunCmd {
                 ..a.tracking.apply(a.flags.common())
             },
             RunCmd::GuestMemfd(a) => a.flags.common(),
+            RunCmd::Reclaim(a) => Common {
+                vcpus: Some(a.vcpus),
+                bytes: Some(a.bytes),
+                iterations: Some(a.iterations),
+                backing: Some(a.backing),
+                locked_aging: a.aging == "locked",
+                ..a.flags.common()
+            },
             RunCmd::NxHugePages(a) => Common {
                 backing: Some(a.backing),
                 nx_huge_pages: a.mitigation != "off",
@@ -1020,6 +1073,7 @@ impl RunCmd {
             RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
             RunCmd::NxHugePages(a) => serde_json::to_value(a),
+            RunCmd::Reclaim(a) => serde_json::to_value(a),
         };
         v.unwrap_or_default()
     }

@@ -46,6 +46,7 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
         RunCmd::GuestMemfd(_) => scenario::guest_memfd::validate(&common).map(|_| ()),
         RunCmd::NxHugePages(a) => scenario::nx_huge_pages::validate(&common, &a.nx()).map(|_| ()),
+        RunCmd::Reclaim(a) => scenario::reclaim::validate(&common, &a.reclaim()).map(|_| ()),
     }
 }
 
@@ -192,6 +193,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),
                 RunCmd::GuestMemfd(a) => scenario::guest_memfd::run(&common, a.vs_kvm),
                 RunCmd::NxHugePages(a) => scenario::nx_huge_pages::run(&common, &a.nx()),
+                RunCmd::Reclaim(a) => scenario::reclaim::run(&common, &a.reclaim()),
             }
         }),
         Cmd::Bench {

@@ -77,6 +77,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["run", "dirty-log", "-i", "3"],
         &["run", "page-splitting", "-b", "8M"],
         &["run", "nx-huge-pages", "-p", "20"],
+        &["run", "reclaim", "-b", "4M", "-i", "2"],
         &["run", "access", "--stride", "4999"],
         &["run", "dirty-log-perf", "-b", "8M", "-x", "2"],
         &["run", "live-migration", "-b", "4M", "--max-rounds", "3"],

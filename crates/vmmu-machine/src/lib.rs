@@ -19,6 +19,7 @@ pub mod oracle;
 pub mod paging;
 pub mod primary_mmu;
 pub mod processes;
+pub mod reclaim;
 pub(crate) mod run;
 mod run_shadow;
 pub mod shadow_cpu;

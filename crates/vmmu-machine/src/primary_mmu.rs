@@ -868,6 +868,34 @@ impl HostMmu {
             .sum()
     }
 
+    /// Whether the page of `hva` is mapped to a frame now (neither
+    /// unpopulated nor swapped out).
+    pub fn is_resident(&self, hva: Hva) -> bool {
+        self.region(hva.0)
+            .is_some_and(|r| r.entries[r.idx(hva.0)].load(Ordering::Relaxed) & PRESENT != 0)
+    }
+
+    /// Pages of `range` mapped to frames now.
+    pub fn resident_in(&self, range: HvaRange) -> u64 {
+        let mut n = 0;
+        let mut hva = range.start.0 & !(PAGE - 1);
+        while hva < range.end.0 {
+            match self.region(hva) {
+                Some(r) => {
+                    let end = range.end.0.min(r.start + r.pages * PAGE);
+                    let (a, b) = (r.idx(hva), r.idx(end - 1) + 1);
+                    n += r.entries[a..b]
+                        .iter()
+                        .filter(|e| e.load(Ordering::Relaxed) & PRESENT != 0)
+                        .count() as u64;
+                    hva = end;
+                }
+                None => hva += PAGE,
+            }
+        }
+        n
+    }
+
     /// Swap slots in use.
     pub fn swap_slots(&self) -> usize {
         self.swap.lock().len()

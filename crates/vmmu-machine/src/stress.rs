@@ -133,12 +133,13 @@ pub const EVENT_NAMES: [&str; EVENTS] = [
     "dirty_harvest",
     "nx_recovery",
     "nx_toggle",
+    "reclaim",
     "convert",
     "punch_hole",
 ];
 
 /// Number of host event kinds.
-pub const EVENTS: usize = 18;
+pub const EVENTS: usize = 19;
 
 /// Events that need private memory (the last ones of [`EVENT_NAMES`]).
 const PRIVATE_EVENTS: usize = 2;
@@ -146,7 +147,7 @@ const PRIVATE_EVENTS: usize = 2;
 /// Events that change what guest memory holds or where it is (discard,
 /// read-only, slot move, slot delete, conversion, punch-hole): not run under
 /// a paging guest.
-const PAGING_REFUSED: [usize; 6] = [5, 7, 9, 10, 16, 17];
+const PAGING_REFUSED: [usize; 6] = [5, 7, 9, 10, 17, 18];
 
 /// The NX huge page events: run only with the mitigation on.
 const NX_EVENTS: [usize; 2] = [14, 15];
@@ -326,6 +327,13 @@ fn host_events(
                 ctx.vm.set_nx_huge_pages(true);
             }
             16 => {
+                // The host's reclaim loop over the range: age every page
+                // through the MMU, swap out what stayed old for a turn.
+                let mut lru = crate::reclaim::Lru::new(range.start, n);
+                let stats = crate::reclaim::ReclaimStats::default();
+                lru.sweep(ctx.host, n / 2, &stats);
+            }
+            17 => {
                 // The VMM converts the range (marking it discarded around).
                 let to_private = rng.below(2) == 0;
                 let _ = ctx

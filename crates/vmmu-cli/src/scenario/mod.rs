@@ -16,6 +16,7 @@ pub mod page_splitting;
 pub mod prefault;
 pub mod private_conversions;
 pub mod private_exits;
+pub mod reclaim;
 pub mod roots;
 pub mod roots_shadow;
 pub mod shadow_process_churn;

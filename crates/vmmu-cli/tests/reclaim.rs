@@ -1,0 +1,60 @@
+//! `vmmu run reclaim` as a user runs it: the host reclaims and the guest
+//! refaults with every read checked, lockless aging never takes `mmu_lock`,
+//! bad flags get one line.
+
+use std::process::Command;
+
+fn vmmu(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(args)
+        .output()
+        .expect("run vmmu");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn test_reclaim_swaps_out_cold_pages_and_refaults_them_with_both_agings() {
+    let (code, out, err) = vmmu(&["run", "reclaim", "-b", "8M", "-i", "3", "--json"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["violations"], 0);
+    assert_eq!(v["reclaim_errors"], 0, "{v}");
+    let modes = v["modes"].as_array().expect("modes");
+    assert_eq!(modes.len(), 2);
+    for m in modes {
+        assert!(m["reclaimed"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["refaults"].as_u64().unwrap() > 0, "{m}");
+        assert!(
+            m["young"].as_u64().unwrap() > 0,
+            "the hot set is seen young: {m}"
+        );
+        assert_eq!(m["violations"], 0);
+    }
+    assert_eq!(modes[0]["aging"], "lockless");
+    assert_eq!(modes[0]["aging_mmu_lock_writes"], 0);
+    assert_eq!(modes[1]["aging"], "locked");
+    assert!(modes[1]["aging_mmu_lock_writes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn test_reclaim_refuses_what_it_cannot_run_in_one_line() {
+    for (args, needle) in [
+        (&["--limit", "100"][..], "--limit 100"),
+        (&["-s", "anonymous_hugetlb_2mb"], "never swapped"),
+        (&["--aging", "sometimes"], "sometimes"),
+    ] {
+        let mut a = vec!["run", "reclaim"];
+        a.extend_from_slice(args);
+        let (code, out, err) = vmmu(&a);
+        assert_eq!(code, 2, "{a:?}: {err}");
+        assert!(out.is_empty());
+        assert!(
+            err.contains(needle) && err.lines().count() == 1,
+            "{a:?}: {err}"
+        );
+    }
+}
