@@ -720,6 +720,30 @@ pub(crate) enum BenchCmd {
     /// lock (before): pass time, the vCPU's fault latency during the pass,
     /// and the faults a read takes before and after recovery.
     NxRecovery(BenchNxRecoveryArgs),
+    /// One aging pass over populated memory while the vCPUs fault, lockless
+    /// (KVM 6.15) and under mmu_lock (before): pass time and the vCPUs'
+    /// fault latency during the pass.
+    Aging(BenchAgingArgs),
+}
+
+/// `vmmu bench aging`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchAgingArgs {
+    /// The aged memory (populated first).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "1G")]
+    pub(crate) bytes: u64,
+    /// vCPUs faulting during the pass.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Each vCPU's region of first-touch faults.
+    #[arg(long = "fault-bytes", value_parser = parse_size, default_value = "128M")]
+    pub(crate) fault_bytes: u64,
+    /// No EPT A/D bits: aging makes entries access-tracked.
+    #[arg(long)]
+    pub(crate) no_ad: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
 }
 
 /// `vmmu bench nx-recovery`.

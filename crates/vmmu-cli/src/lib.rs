@@ -83,6 +83,7 @@ fn validate_bench(b: &BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Conversions(a) => bench::conversions::validate(a),
         BenchCmd::DirtyLog(a) => bench::dirty_log::validate(a),
         BenchCmd::NxRecovery(a) => bench::nx_recovery::validate(a),
+        BenchCmd::Aging(a) => bench::aging::validate(a),
     }
 }
 
@@ -152,6 +153,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::NxRecovery(_),
         } => "bench nx-recovery".into(),
+        Cmd::Bench {
+            benchmark: BenchCmd::Aging(_),
+        } => "bench aging".into(),
         Cmd::Soak(_) => "soak".into(),
         Cmd::Report(_) => "report".into(),
     };
@@ -211,6 +215,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::NxRecovery(a),
         } => bench::nx_recovery::run(&a),
+        Cmd::Bench {
+            benchmark: BenchCmd::Aging(a),
+        } => bench::aging::run(&a),
         Cmd::Soak(a) => soak::run(&a),
         Cmd::Report(a) => html::run(&a.runs, a.trace.as_deref(), &a.output),
     };

@@ -58,3 +58,34 @@ fn test_reclaim_refuses_what_it_cannot_run_in_one_line() {
         );
     }
 }
+
+#[test]
+fn test_bench_aging_runs_both_modes_and_only_the_locked_one_takes_mmu_lock() {
+    for ad in [&[][..], &["--no-ad"][..]] {
+        let mut args = vec![
+            "bench",
+            "aging",
+            "-b",
+            "8M",
+            "--fault-bytes",
+            "2M",
+            "--oracle",
+            "--json",
+        ];
+        args.extend_from_slice(ad);
+        let (code, out, err) = vmmu(&args);
+        assert_eq!(code, 0, "{err}\n{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(v["violations"], 0);
+        let runs = v["runs"].as_array().expect("runs");
+        assert_eq!(runs[0]["aging"], "lockless");
+        assert_eq!(runs[0]["mmu_lock_writes"], 0);
+        assert_eq!(runs[1]["aging"], "locked");
+        assert_eq!(runs[1]["mmu_lock_writes"], 2048, "one per callback");
+        for r in runs {
+            assert_eq!(r["callbacks"], 2048);
+            // Every page was written before the pass: all young.
+            assert_eq!(r["young"], 2048, "{r}");
+        }
+    }
+}

@@ -60,6 +60,7 @@ fn test_every_mode_json_matches_the_schema() {
         &["bench", "conversions", "-b", "2M", "-i", "2"],
         &["bench", "dirty-log", "-b", "4M"],
         &["bench", "nx-recovery", "-b", "8M", "--fault-bytes", "4M"],
+        &["bench", "aging", "-b", "8M", "--fault-bytes", "2M"],
         &[
             "run",
             "invalidation-storm",

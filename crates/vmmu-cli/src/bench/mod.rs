@@ -3,9 +3,11 @@
 
 use std::time::Instant;
 
+pub mod aging;
 pub mod conversions;
 pub mod dirty_log;
 pub mod nx_recovery;
+mod window;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::json;

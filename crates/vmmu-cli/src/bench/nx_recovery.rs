@@ -21,6 +21,7 @@ use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
 use vmmu_machine::paging::{LinearAccess, LinearOp};
 use vmmu_machine::{Backing, Machine, MachineConfig, RunOptions};
 
+use super::window::Latency;
 use crate::args::{human, BadInput};
 use crate::cli::BenchNxRecoveryArgs;
 
@@ -30,34 +31,6 @@ const FAULT_GPA: u64 = 1 << 36;
 const FAULT_HVA: u64 = 0x300_0000_0000;
 const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
-
-/// Latency summary of a set of faults (ns).
-#[derive(Debug, Default, Clone, Copy)]
-struct Latency {
-    n: u64,
-    p50: u64,
-    p99: u64,
-    max: u64,
-}
-
-impl Latency {
-    fn of(mut v: Vec<u64>) -> Latency {
-        if v.is_empty() {
-            return Latency::default();
-        }
-        v.sort_unstable();
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Latency {
-            n: v.len() as u64,
-            p50: at(0.50),
-            p99: at(0.99),
-            max: v[v.len() - 1],
-        }
-    }
-    fn json(&self) -> Value {
-        json!({"faults": self.n, "p50_ns": self.p50, "p99_ns": self.p99, "max_ns": self.max})
-    }
-}
 
 /// One lock's figures.
 struct Figures {
@@ -211,16 +184,7 @@ fn one(a: &BenchNxRecoveryArgs, write_lock: bool) -> anyhow::Result<Figures> {
         .ok()
         .flatten()
         .ok_or_else(|| anyhow::anyhow!("the recovery pass did not run"))?;
-    let (mut during, mut outside) = (Vec::new(), Vec::new());
-    for (_, rep) in &out {
-        for f in &rep.trace {
-            if f.start_ns + f.dur_ns >= t0 && f.start_ns <= t1 {
-                during.push(f.dur_ns);
-            } else {
-                outside.push(f.dur_ns);
-            }
-        }
-    }
+    let (during, outside) = super::window::split(&out, t0, t1);
 
     // Read the region again: huge leaves come back, one fault each.
     let before = m.vm.stats();
@@ -243,8 +207,8 @@ fn one(a: &BenchNxRecoveryArgs, write_lock: bool) -> anyhow::Result<Figures> {
         listed,
         zapped: r.zapped,
         pass_ns: t1 - t0,
-        during: Latency::of(during),
-        outside: Latency::of(outside),
+        during,
+        outside,
         faults_split,
         faults_rebuild,
         huge_after,
@@ -305,18 +269,8 @@ pub fn run(a: &BenchNxRecoveryArgs) -> anyhow::Result<i32> {
                 format!("{:.2}", f.pass_ns as f64 / 1e6),
                 format!("{:.2}", us(f.pass_ns) / f.zapped.max(1) as f64),
                 f.during.n.to_string(),
-                format!(
-                    "{:.1} / {:.1} / {:.1}",
-                    us(f.during.p50),
-                    us(f.during.p99),
-                    us(f.during.max)
-                ),
-                format!(
-                    "{:.1} / {:.1} / {:.1}",
-                    us(f.outside.p50),
-                    us(f.outside.p99),
-                    us(f.outside.max)
-                ),
+                f.during.us(),
+                f.outside.us(),
                 format!("{} / {}", f.faults_split, f.faults_rebuild),
             ]);
         }
