@@ -325,6 +325,10 @@ pub struct GuardKnobs {
     /// another vCPU that finds nothing unsync skips the lock and uses the
     /// stale entry the zap or sync is about to fix.
     pub unsync_cleared_early: bool,
+    /// Lockless aging writes the aged entry with a plain store instead of a
+    /// compare-and-exchange from the value it read, so a zap (or any other
+    /// change) in between is undone.
+    pub aging_plain_store: bool,
     /// A fault that lists a possible NX huge page does not check, under the
     /// list's lock, that the table it linked is still linked, so a table
     /// torn down in between stays on the list.

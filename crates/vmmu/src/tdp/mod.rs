@@ -258,7 +258,14 @@ impl Tdp {
         new: Spte,
         level: Level,
     ) -> Spte {
-        if old.is_leaf(level) && old.needs_atomic_update() && !self.knobs.nonatomic_zap {
+        // Under loom every leaf is exchanged: loom lets a plain store fall
+        // between the read and the write of another thread's
+        // compare-and-exchange on the same entry (tokio-rs/loom#254), which
+        // neither the language's memory model nor any processor allows; a
+        // lockless ager's exchange would then seem to undo this store. The
+        // exchange gives the model exactly the atomicity real stores have.
+        let exchange = old.is_leaf(level) && (cfg!(loom) || old.needs_atomic_update());
+        if exchange && !self.knobs.nonatomic_zap {
             // AcqRel: we learn the final value (with any D set by hardware).
             Spte(sptep.swap(new.0, Ordering::AcqRel))
         } else {

@@ -62,9 +62,14 @@ impl Tdp {
                 young = true;
                 if clear {
                     let new = old.mark_old();
-                    // AcqRel: like every lockless change of a live entry.
-                    if it
+                    if self.knobs.aging_plain_store {
+                        // The bug the knob stands for: whatever happened to
+                        // the entry since it was read is overwritten.
+                        it.sptep().store(new.0, Ordering::Release);
+                        CounterSet::inc(&ctx.stats.entries_aged);
+                    } else if it
                         .sptep()
+                        // AcqRel: like every lockless change of a live entry.
                         .compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                     {
