@@ -52,6 +52,26 @@ pub(crate) enum Cmd {
     /// One self-contained HTML page with plots from the --json output of runs
     /// and benchmarks (several runs are also compared).
     Report(ReportArgs),
+    /// Historical KVM MMU bugs re-created as test-only switches: `vmmu bugs`
+    /// lists them with their upstream fixes; `vmmu bugs run [NAME]` puts
+    /// each back and runs the detector that catches it.
+    Bugs(BugsArgs),
+}
+
+/// `vmmu bugs`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BugsArgs {
+    /// `list` the bugs, or `run` their detectors with each bug put back.
+    #[arg(value_parser = ["list", "run"], default_value = "list")]
+    pub(crate) action: String,
+    /// One bug (default: all of them).
+    pub(crate) name: Option<String>,
+    /// Only the detectors that run in this process (no cargo, no source tree).
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// `vmmu report`.

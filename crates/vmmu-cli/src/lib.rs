@@ -6,6 +6,8 @@
 
 mod args;
 mod bench;
+mod bug_zoo;
+mod bugs;
 mod cli;
 mod errors;
 mod html;
@@ -114,7 +116,7 @@ where
         Cmd::Run { scenario: cmd } => validate_scenario(cmd),
         Cmd::Bench { benchmark } => validate_bench(benchmark),
         Cmd::Soak(a) => soak::check(a),
-        Cmd::Report(_) => Ok(()),
+        Cmd::Report(_) | Cmd::Bugs(_) => Ok(()),
     };
     r.map_err(|e| errors::single_line(&e.to_string()))
 }
@@ -158,6 +160,7 @@ pub fn run_cli() -> ExitCode {
         } => "bench aging".into(),
         Cmd::Soak(_) => "soak".into(),
         Cmd::Report(_) => "report".into(),
+        Cmd::Bugs(_) => "bugs".into(),
     };
     // The load before anything runs, for the record; a benchmark warns when
     // the machine is too busy for its figures.
@@ -220,6 +223,7 @@ pub fn run_cli() -> ExitCode {
         } => bench::aging::run(&a),
         Cmd::Soak(a) => soak::run(&a),
         Cmd::Report(a) => html::run(&a.runs, a.trace.as_deref(), &a.output),
+        Cmd::Bugs(a) => bugs::run(&a),
     };
     match r {
         Ok(0) => ExitCode::SUCCESS,

@@ -325,6 +325,24 @@ pub struct GuardKnobs {
     /// another vCPU that finds nothing unsync skips the lock and uses the
     /// stale entry the zap or sync is about to fix.
     pub unsync_cleared_early: bool,
+    /// A walk yields `mmu_lock` even when it has not moved since it last
+    /// (re)started, so two walkers can hand the lock back and forth at the
+    /// same gfn forever (the model gives up after 1,000 such yields).
+    pub yield_without_progress: bool,
+    /// Huge-page recovery asks for the mapping level of a huge page that
+    /// reaches below its memslot's base, i.e. reads the slot's huge-page
+    /// information outside the slot.
+    pub recover_huge_outside_slot: bool,
+    /// "Free obsolete roots" judges each cached previous root by whether
+    /// the *current* root is obsolete, not by its own state.
+    pub free_obsolete_tests_current_root: bool,
+    /// Zapping a whole root tears down each top-level entry in one step
+    /// instead of in passes of growing level, so one step can free a huge
+    /// subtree without a chance to yield.
+    pub zap_root_one_pass: bool,
+    /// NX recovery looks up the memslot of a listed page in address space 0
+    /// whatever the page's root (so an SMM page's dirty logging is missed).
+    pub nx_recovery_slot_as0: bool,
     /// Lockless aging writes the aged entry with a plain store instead of a
     /// compare-and-exchange from the value it read, so a zap (or any other
     /// change) in between is undone.

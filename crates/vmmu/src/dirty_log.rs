@@ -424,6 +424,13 @@ impl Vm {
         };
         let max = vm.config.max_level;
         let allowed = |gfn: Gfn| {
+            if !slot.contains(gfn) {
+                // A huge page reaching outside the slot has no huge-page
+                // information there (KVM read past `lpage_info`): callers
+                // must not ask. Counted, and answered "4 KiB".
+                crate::stats::CounterSet::inc(&vm.stats.invariant_violations);
+                return crate::types::Level::K4;
+            }
             let l = slot.max_mapping_level(gfn, max);
             if l == crate::types::Level::K4 {
                 return l;

@@ -127,7 +127,13 @@ impl Vm {
                     .roots_snapshot()
                     .iter()
                     .find(|root| root.id == page.root_id)
-                    .map(|root| root.role.as_id());
+                    .map(|root| {
+                        if vm.config.knobs.nx_recovery_slot_as0 {
+                            0
+                        } else {
+                            root.role.as_id()
+                        }
+                    });
                 let logged = as_id.is_some_and(|a| {
                     vm.memslots[a as usize]
                         .load()

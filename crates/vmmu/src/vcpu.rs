@@ -261,12 +261,20 @@ impl VcpuMmu {
         let _r = vm.mmu_lock.read(&stats.lock);
         let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
         let ctx = Ctx { stats, rcu: &rcu };
+        let current_obsolete = self.root.as_ref().is_some_and(|r| r.is_invalid());
         if let Some(r) = self.root.take_if(|r| r.is_invalid()) {
             vm.tdp.put_root(&ctx, &r);
             CounterSet::inc(&stats.obsolete_roots_dropped);
         }
+        let wrong = vm.config.knobs.free_obsolete_tests_current_root;
         for slot in self.prev_roots.iter_mut() {
-            match slot.take_if(|r| r.is_invalid()) {
+            match slot.take_if(|r| {
+                if wrong {
+                    current_obsolete
+                } else {
+                    r.is_invalid()
+                }
+            }) {
                 Some(r) => {
                     vm.tdp.put_root(&ctx, &r);
                     CounterSet::inc(&stats.obsolete_roots_dropped);

@@ -249,7 +249,12 @@ impl VcpuMmu {
             self.free_shadow_roots(|_| true);
             return;
         }
-        let dropped = self.free_shadow_roots(|r| r.is_invalid());
+        let dropped = if self.vm.config.knobs.free_obsolete_tests_current_root {
+            let current = self.shadow.root.as_ref().is_some_and(|r| r.is_invalid());
+            self.free_shadow_roots(|_| current)
+        } else {
+            self.free_shadow_roots(|r| r.is_invalid())
+        };
         CounterSet::add(&stats.obsolete_roots_dropped, dropped);
         let kept = self.shadow.prev.iter().flatten().count() as u64;
         CounterSet::add(&stats.prev_roots_kept, kept);

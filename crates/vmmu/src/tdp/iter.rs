@@ -170,15 +170,22 @@ pub(crate) struct Resched {
     yields: u32,
     /// Test-only: yield after every step that made progress.
     always: bool,
+    /// Test-only (`yield_without_progress`): skip the forward-progress rule.
+    no_progress_rule: bool,
+    /// Yields made without progress (bounded, so the broken rule livelocks
+    /// only for a while).
+    stalled: u32,
 }
 
 impl Resched {
-    pub(crate) fn new(always: bool) -> Self {
+    pub(crate) fn new(knobs: &crate::config::GuardKnobs) -> Self {
         Resched {
             since: Instant::now(),
             checks: 0,
             yields: 0,
-            always,
+            always: knobs.yield_every_step,
+            no_progress_rule: knobs.yield_without_progress,
+            stalled: 0,
         }
     }
 
@@ -186,7 +193,10 @@ impl Resched {
     /// someone waits for the lock or the walk has held it for a full slice.
     pub(crate) fn should_yield<G: MmuGuard>(&mut self, it: &TdpIter<'_>, guard: &G) -> bool {
         if !it.has_progressed() {
-            return false;
+            if !self.no_progress_rule || self.stalled >= 1000 {
+                return false;
+            }
+            self.stalled += 1;
         }
         if self.always {
             self.yields += 1;

@@ -224,7 +224,8 @@ impl Tdp {
             let mut it = self.walk(root, level, range.start, range.end);
             while it.in_range() {
                 let old = it.old_spte;
-                let whole = it.gfn.0 >= range.start.0 && it.gfn.0 + level.pages() <= range.end.0;
+                let whole = self.knobs.recover_huge_outside_slot
+                    || (it.gfn.0 >= range.start.0 && it.gfn.0 + level.pages() <= range.end.0);
                 if it.level != level || !old.is_table(level) || !whole || allowed(it.gfn) < level {
                     it.next();
                     continue;

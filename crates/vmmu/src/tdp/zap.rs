@@ -36,7 +36,7 @@ impl Tdp {
         flusher: &dyn RemoteFlush,
     ) {
         let mut it = self.walk(root, Level::K4, range.start, range.end);
-        let mut rs = Resched::new(self.knobs.yield_every_step);
+        let mut rs = Resched::new(&self.knobs);
         while it.in_range() {
             if rs.should_yield(&it, guard) {
                 if !self.knobs.skip_flush_before_yield {
@@ -86,9 +86,9 @@ impl Tdp {
         shared: bool,
     ) {
         let mut levels = vec![Level::K4, Level::M2, Level::G1];
-        levels.retain(|l| *l < self.root_level);
+        levels.retain(|l| *l < self.root_level && !self.knobs.zap_root_one_pass);
         levels.push(self.root_level);
-        let mut rs = Resched::new(self.knobs.yield_every_step);
+        let mut rs = Resched::new(&self.knobs);
         for zap_level in levels {
             let mut it = self.walk(root, zap_level, Gfn(0), self.max_gfn());
             while it.in_range() {
