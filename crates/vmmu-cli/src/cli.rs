@@ -56,6 +56,25 @@ pub(crate) enum Cmd {
     /// lists them with their upstream fixes; `vmmu bugs run [NAME]` puts
     /// each back and runs the detector that catches it.
     Bugs(BugsArgs),
+    /// The same memslot calls and capability queries on vmmu and on this
+    /// machine's /dev/kvm (or a recording of it): a parity table; exits
+    /// non-zero on any mismatch.
+    Diff(DiffArgs),
+}
+
+/// `vmmu diff`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DiffArgs {
+    /// Write the real KVM's answers to FILE (needs /dev/kvm).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) record: Option<PathBuf>,
+    /// Compare against a recording instead of /dev/kvm (without /dev/kvm,
+    /// the recording committed with the source is used).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) answers: Option<PathBuf>,
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// `vmmu bugs`.

@@ -9,6 +9,8 @@ mod bench;
 mod bug_zoo;
 mod bugs;
 mod cli;
+mod diff;
+mod diff_cases;
 mod errors;
 mod html;
 mod report;
@@ -116,7 +118,7 @@ where
         Cmd::Run { scenario: cmd } => validate_scenario(cmd),
         Cmd::Bench { benchmark } => validate_bench(benchmark),
         Cmd::Soak(a) => soak::check(a),
-        Cmd::Report(_) | Cmd::Bugs(_) => Ok(()),
+        Cmd::Report(_) | Cmd::Bugs(_) | Cmd::Diff(_) => Ok(()),
     };
     r.map_err(|e| errors::single_line(&e.to_string()))
 }
@@ -161,6 +163,7 @@ pub fn run_cli() -> ExitCode {
         Cmd::Soak(_) => "soak".into(),
         Cmd::Report(_) => "report".into(),
         Cmd::Bugs(_) => "bugs".into(),
+        Cmd::Diff(_) => "diff".into(),
     };
     // The load before anything runs, for the record; a benchmark warns when
     // the machine is too busy for its figures.
@@ -224,6 +227,7 @@ pub fn run_cli() -> ExitCode {
         Cmd::Soak(a) => soak::run(&a),
         Cmd::Report(a) => html::run(&a.runs, a.trace.as_deref(), &a.output),
         Cmd::Bugs(a) => bugs::run(&a),
+        Cmd::Diff(a) => diff::run(&a),
     };
     match r {
         Ok(0) => ExitCode::SUCCESS,

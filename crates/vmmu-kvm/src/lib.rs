@@ -37,6 +37,7 @@ mod error;
 pub mod gmem;
 pub mod guest;
 mod host_mem;
+pub mod memslot_api;
 pub mod process_churn;
 mod stats;
 mod vm;

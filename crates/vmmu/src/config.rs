@@ -365,8 +365,16 @@ pub struct GuardKnobs {
 
 impl VmConfig {
     /// One past the largest gfn the guest can address.
+    /// As KVM's `kvm_mmu_max_gfn`: with a second stage the host's physical
+    /// width bounds guest physical addresses; shadow paging (no EPT/NPT) allows
+    /// the architectural 52 bits.
     pub fn gfn_limit(&self) -> u64 {
-        1u64 << (self.maxphyaddr.saturating_sub(12)).min(52)
+        let bits = if self.mmu == MmuKind::Shadow {
+            52
+        } else {
+            self.maxphyaddr.min(52)
+        };
+        1u64 << bits.saturating_sub(12)
     }
 
     /// Whether dirty logging uses PML (Dirty bits) rather than write protection.

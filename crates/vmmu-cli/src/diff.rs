@@ -1,0 +1,405 @@
+//! `vmmu diff`: the same memslot calls and capability queries on vmmu's VM
+//! and on this machine's `/dev/kvm`, answer by answer.
+//!
+//! Every case is a short sequence of `KVM_SET_USER_MEMORY_REGION(2)` calls;
+//! each call's answer (0 or an errno) is compared, so a case also checks
+//! that what an earlier call did (or refused) left the right state behind.
+//! On vmmu every refused call must also leave the memslot set exactly as it
+//! was. `--record FILE` writes the real KVM's answers, so a machine without
+//! `/dev/kvm` (CI) compares vmmu against them (`--answers FILE`, or the
+//! recording committed with the source when `/dev/kvm` cannot be opened).
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use vmmu::{UserMemoryRegion, Vm, VmConfig};
+
+use crate::args::BadInput;
+use crate::diff_cases::{cases, Hva, Op, CAPS};
+
+/// The recording committed with the source (made with `vmmu diff --record`).
+const RECORDED: &str = include_str!("../data/kvm-diff-answers.json");
+
+/// vmmu's host buffer (any page-aligned user address: the test host maps
+/// nothing, it only has to be a valid address).
+const VMMU_BUFFER: u64 = 0x7f00_0000_0000;
+
+/// An answer: "ok" or the errno's name.
+fn answer(r: Result<(), i32>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => errno_name(e),
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::EINVAL => "EINVAL".into(),
+        libc::EEXIST => "EEXIST".into(),
+        libc::ENOMEM => "ENOMEM".into(),
+        libc::EFAULT => "EFAULT".into(),
+        libc::EBADF => "EBADF".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::ENOTTY => "ENOTTY".into(),
+        libc::E2BIG => "E2BIG".into(),
+        n => format!("errno {n}"),
+    }
+}
+
+/// The host's physical address width (`address sizes` in /proc/cpuinfo),
+/// which bounds guest physical addresses on both sides.
+fn host_maxphyaddr() -> Option<u32> {
+    let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("address sizes"))?;
+    let bits = line.split(':').nth(1)?.split_whitespace().next()?;
+    bits.parse().ok()
+}
+
+fn region(op: &Op, buffer: u64) -> UserMemoryRegion {
+    UserMemoryRegion {
+        slot: op.slot,
+        flags: op.flags,
+        guest_phys_addr: op.gpa,
+        memory_size: op.size,
+        userspace_addr: match op.hva {
+            Hva::Buf(off) => buffer + off,
+            Hva::Raw(a) => a,
+        },
+    }
+}
+
+/// The VM vmmu answers with: the KVM side's physical width, MMU kind and
+/// number of address spaces, so that like is compared with like.
+fn vmmu_config(k: &KvmAnswers) -> VmConfig {
+    VmConfig {
+        maxphyaddr: k.maxphyaddr,
+        mmu: if k.shadow {
+            vmmu::MmuKind::Shadow
+        } else {
+            vmmu::MmuKind::Tdp
+        },
+        address_spaces: k.address_spaces,
+        ..VmConfig::default()
+    }
+}
+
+type Answers = Vec<(String, Vec<String>, Option<String>)>;
+
+/// vmmu's answers, and the first refused call that changed the memslots.
+fn run_vmmu(k: &KvmAnswers) -> anyhow::Result<(Answers, Vec<(String, u64)>)> {
+    let mut out = Vec::new();
+    for c in cases(k.maxphyaddr) {
+        let host = vmmu::testing::TestHost::new();
+        let vm = Vm::new(vmmu_config(k), host.ops())?;
+        let mut answers = Vec::new();
+        let mut changed = None;
+        for op in &c.ops {
+            let snapshot = |vm: &Vm| -> Vec<String> {
+                (0..2)
+                    .filter_map(|a| vm.memslots(a))
+                    .flat_map(|set| {
+                        set.iter()
+                            .map(|s| {
+                                format!(
+                                    "{:?}",
+                                    (
+                                        s.slot_number(),
+                                        s.base_gfn(),
+                                        s.npages(),
+                                        s.userspace_addr(),
+                                        s.flags()
+                                    )
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            };
+            let before = snapshot(&vm);
+            let r = region(op, VMMU_BUFFER);
+            let res = if op.v2 {
+                vm.set_user_memory_region2(r, None, 0)
+            } else {
+                vm.set_user_memory_region(r)
+            };
+            let refused = res.is_err();
+            answers.push(answer(res.map_err(|e| e.errno())));
+            if refused && changed.is_none() && snapshot(&vm) != before {
+                changed = Some(format!(
+                    "call {} was refused but changed the memslots",
+                    answers.len()
+                ));
+            }
+        }
+        out.push((c.name.to_string(), answers, changed));
+    }
+    let host = vmmu::testing::TestHost::new();
+    let vm = Vm::new(vmmu_config(k), host.ops())?;
+    let caps = CAPS
+        .iter()
+        .map(|(name, cap, _)| (name.to_string(), vm.check_extension(*cap)))
+        .collect();
+    Ok((out, caps))
+}
+
+/// The real KVM's answers (case name → answers; cap name → value).
+#[derive(Debug, Clone)]
+struct KvmAnswers {
+    source: String,
+    maxphyaddr: u32,
+    /// KVM runs its shadow MMU (no EPT/NPT).
+    shadow: bool,
+    /// Memslot address spaces (`KVM_CAP_MULTI_ADDRESS_SPACE`, 0 meaning 1).
+    address_spaces: u16,
+    cases: Vec<(String, Vec<String>)>,
+    caps: Vec<(String, i64)>,
+}
+
+fn run_kvm() -> Result<KvmAnswers, String> {
+    let maxphyaddr = host_maxphyaddr().ok_or("the host's physical address width is unknown")?;
+    let mut out = Vec::new();
+    let api = vmmu_kvm::memslot_api::MemslotApi::new().map_err(|e| e.to_string())?;
+    drop(api);
+    for c in cases(maxphyaddr) {
+        // A fresh VM per case, as on vmmu.
+        let api = vmmu_kvm::memslot_api::MemslotApi::new().map_err(|e| e.to_string())?;
+        let answers = c
+            .ops
+            .iter()
+            .map(|op| {
+                let r = region(op, api.buffer());
+                answer(api.set(
+                    op.v2,
+                    r.slot,
+                    r.flags,
+                    r.guest_phys_addr,
+                    r.memory_size,
+                    r.userspace_addr,
+                ))
+            })
+            .collect();
+        out.push((c.name.to_string(), answers));
+    }
+    let api = vmmu_kvm::memslot_api::MemslotApi::new().map_err(|e| e.to_string())?;
+    let caps = CAPS
+        .iter()
+        .map(|(name, _, num)| (name.to_string(), i64::from(api.check_extension(*num))))
+        .collect();
+    let info = vmmu_kvm::kvm_available()
+        .map(|i| i.description)
+        .unwrap_or_default();
+    let spaces = api.check_extension(118).max(1) as u16;
+    Ok(KvmAnswers {
+        source: format!("/dev/kvm here ({info})"),
+        maxphyaddr,
+        shadow: info.contains("shadow MMU"),
+        address_spaces: spaces,
+        cases: out,
+        caps,
+    })
+}
+
+fn answers_json(k: &KvmAnswers) -> Value {
+    json!({
+        "source": k.source,
+        "maxphyaddr": k.maxphyaddr,
+        "shadow_mmu": k.shadow,
+        "address_spaces": k.address_spaces,
+        "host": crate::report::host_json(),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cases": k.cases.iter().map(|(n, a)| (n.clone(), json!(a))).collect::<serde_json::Map<_, _>>(),
+        "caps": k.caps.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+fn parse_answers(text: &str, origin: &str) -> anyhow::Result<KvmAnswers> {
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        BadInput(format!(
+            "{origin}: not a recording of `vmmu diff --record` ({e})"
+        ))
+    })?;
+    let bad = || BadInput(format!("{origin}: not a recording of `vmmu diff --record`"));
+    let cases = v["cases"]
+        .as_object()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|(n, a)| {
+            let list = a
+                .as_array()
+                .map(|x| {
+                    x.iter()
+                        .map(|s| s.as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (n.clone(), list)
+        })
+        .collect();
+    let caps = v["caps"]
+        .as_object()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|(n, x)| (n.clone(), x.as_i64().unwrap_or(-1)))
+        .collect();
+    Ok(KvmAnswers {
+        source: format!(
+            "recorded: {} (kernel {})",
+            v["source"].as_str().unwrap_or("?"),
+            v["kernel"].as_str().unwrap_or("?")
+        ),
+        maxphyaddr: v["maxphyaddr"].as_u64().ok_or_else(bad)? as u32,
+        shadow: v["shadow_mmu"].as_bool().ok_or_else(bad)?,
+        address_spaces: v["address_spaces"].as_u64().ok_or_else(bad)? as u16,
+        cases,
+        caps,
+    })
+}
+
+/// One line of the parity table.
+struct Row {
+    case: String,
+    vmmu: String,
+    kvm: String,
+    verdict: String,
+    mismatch: bool,
+}
+
+/// Run it.
+pub(crate) fn run(a: &crate::cli::DiffArgs) -> anyhow::Result<i32> {
+    let kvm = match (&a.answers, &a.record) {
+        (Some(_), Some(_)) => anyhow::bail!(BadInput(
+            "--answers with --record: record from /dev/kvm, or compare against a recording, not both".into()
+        )),
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                BadInput(format!("--answers {}: cannot read it: {e}", path.display()))
+            })?;
+            parse_answers(&text, &path.display().to_string())?
+        }
+        (None, record) => match run_kvm() {
+            Ok(k) => {
+                if let Some(path) = record {
+                    write_recording(path, &k)?;
+                }
+                k
+            }
+            Err(e) if record.is_some() => {
+                anyhow::bail!("--record needs /dev/kvm: {e}")
+            }
+            Err(e) => {
+                let mut k = parse_answers(RECORDED, "the committed recording")?;
+                k.source = format!("{} — /dev/kvm not usable here: {e}", k.source);
+                k
+            }
+        },
+    };
+    let (vmmu_cases, vmmu_caps) = run_vmmu(&kvm)?;
+    let mut rows = Vec::new();
+    for (name, answers, changed) in &vmmu_cases {
+        let theirs = kvm.cases.iter().find(|(n, _)| n == name).map(|(_, a)| a);
+        let (kvm_text, verdict, mismatch) = match theirs {
+            None => (
+                "—".to_string(),
+                "not comparable here: the KVM side has no answer for this case (record again)"
+                    .to_string(),
+                false,
+            ),
+            Some(t) if changed.is_some() => (
+                t.join(", "),
+                format!("vmmu FAILS: {}", changed.as_deref().unwrap_or("")),
+                true,
+            ),
+            Some(t) if t == answers => (t.join(", "), "parity".into(), false),
+            Some(t) => match crate::diff_cases::deviation(name) {
+                Some(why) => (
+                    t.join(", "),
+                    format!("deviation (documented): {why}"),
+                    false,
+                ),
+                None => (t.join(", "), "MISMATCH".into(), true),
+            },
+        };
+        rows.push(Row {
+            case: name.clone(),
+            vmmu: answers.join(", "),
+            kvm: kvm_text,
+            verdict,
+            mismatch,
+        });
+    }
+    for (name, value) in &vmmu_caps {
+        let theirs = kvm.caps.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        let (kvm_text, verdict, mismatch) = match theirs {
+            None => (
+                "—".into(),
+                "not comparable here: not recorded".into(),
+                false,
+            ),
+            Some(v) if v == *value as i64 => (v.to_string(), "parity".into(), false),
+            Some(v) => match crate::diff_cases::deviation(name) {
+                Some(why) => (
+                    v.to_string(),
+                    format!("deviation (documented): {why}"),
+                    false,
+                ),
+                None => (v.to_string(), "MISMATCH".into(), true),
+            },
+        };
+        rows.push(Row {
+            case: format!("cap {name}"),
+            vmmu: value.to_string(),
+            kvm: kvm_text,
+            verdict,
+            mismatch,
+        });
+    }
+    let mismatches = rows.iter().filter(|r| r.mismatch).count();
+    let parity = rows.iter().filter(|r| r.verdict == "parity").count();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "diff",
+                "kvm": kvm.source,
+                "maxphyaddr": kvm.maxphyaddr,
+                "cases": rows.iter().map(|r| json!({
+                    "case": r.case, "vmmu": r.vmmu, "kvm": r.kvm, "verdict": r.verdict,
+                })).collect::<Vec<_>>(),
+                "parity": parity,
+                "mismatches": mismatches,
+            })
+        );
+    } else {
+        use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+        println!(
+            "KVM side: {}. Both sides: host physical width {} bits, {} MMU, {} address space(s).\n",
+            kvm.source,
+            kvm.maxphyaddr,
+            if kvm.shadow { "shadow" } else { "TDP" },
+            kvm.address_spaces
+        );
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(vec!["case", "vmmu", "KVM", "verdict"]);
+        for r in &rows {
+            t.add_row(vec![
+                r.case.clone(),
+                r.vmmu.clone(),
+                r.kvm.clone(),
+                r.verdict.clone(),
+            ]);
+        }
+        println!("{t}");
+        println!(
+            "{parity} of {} at parity, {mismatches} mismatches",
+            rows.len()
+        );
+    }
+    Ok(if mismatches == 0 { 0 } else { 1 })
+}
+
+fn write_recording(path: &PathBuf, k: &KvmAnswers) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(&answers_json(k))?;
+    std::fs::write(path, text + "\n")
+        .map_err(|e| anyhow::anyhow!("--record {}: cannot write it: {e}", path.display()))
+}
