@@ -24,6 +24,54 @@ const RECORDED: &str = include_str!("../data/kvm-diff-answers.json");
 /// nothing, it only has to be a valid address).
 const VMMU_BUFFER: u64 = 0x7f00_0000_0000;
 
+/// Dirty logging cases: the bench's pattern (every page mapped, logging on,
+/// a pass writing every `stride`-th page, then `KVM_GET_DIRTY_LOG`) over
+/// 16 MiB and one vCPU; vmmu also with PML. Name, stride, PML.
+const DIRTY_LOG_CASES: &[(&str, u64, bool)] = &[
+    ("dirty-log-bitmap-every-page", 1, false),
+    ("dirty-log-bitmap-every-3rd-page", 3, false),
+    ("dirty-log-bitmap-every-3rd-page-pml", 3, true),
+    ("dirty-log-bitmap-every-7th-page", 7, false),
+];
+const DIRTY_LOG_BYTES: u64 = 16 << 20;
+
+/// A bitmap as an answer: how many pages, and a hash of the words (FNV-1a),
+/// so a recording stays short and any difference shows.
+fn bitmap_answer(words: &[u64]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in words {
+        for b in w.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let n: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+    format!("{n} pages dirty, fnv {h:016x}")
+}
+
+fn vmmu_dirty_log(stride: u64, pml: bool) -> anyhow::Result<(String, u64)> {
+    let a = crate::cli::BenchDirtyLogArgs {
+        bytes: DIRTY_LOG_BYTES,
+        vcpus: 1,
+        stride,
+        vs_kvm: false,
+        tracking: crate::cli::TrackingFlags {
+            tracking: if pml {
+                vmmu::DirtyTracking::Pml
+            } else {
+                vmmu::DirtyTracking::WriteProtect
+            },
+            no_eager_split: false,
+        },
+        flags: crate::cli::BenchFlags {
+            oracle: true,
+            json: false,
+        },
+    };
+    let (bitmap, violations) = crate::bench::dirty_log::pattern_bitmap(&a)?;
+    Ok((bitmap_answer(&bitmap), violations))
+}
+
 /// An answer: "ok" or the errno's name.
 fn answer(r: Result<(), i32>) -> String {
     match r {
@@ -133,6 +181,11 @@ fn run_vmmu(k: &KvmAnswers) -> anyhow::Result<(Answers, Vec<(String, u64)>)> {
         }
         out.push((c.name.to_string(), answers, changed));
     }
+    for (name, stride, pml) in DIRTY_LOG_CASES {
+        let (answer, violations) = vmmu_dirty_log(*stride, *pml)?;
+        let bad = (violations > 0).then(|| format!("{violations} oracle violations"));
+        out.push((name.to_string(), vec![answer], bad));
+    }
     let host = vmmu::testing::TestHost::new();
     let vm = Vm::new(vmmu_config(k), host.ops())?;
     let caps = CAPS
@@ -179,6 +232,22 @@ fn run_kvm() -> Result<KvmAnswers, String> {
             })
             .collect();
         out.push((c.name.to_string(), answers));
+    }
+    // The same write pattern through a real guest; PML or not is the host's
+    // business, so the PML case compares with the same bitmap.
+    let mut by_stride: Vec<(u64, String)> = Vec::new();
+    for (name, stride, _) in DIRTY_LOG_CASES {
+        let answer = match by_stride.iter().find(|(s, _)| s == stride) {
+            Some((_, a)) => a.clone(),
+            None => {
+                let r = vmmu_kvm::dirty_log::kvm_dirty_log(DIRTY_LOG_BYTES, stride * 4096, 1)
+                    .map_err(|e| e.to_string())?;
+                let a = bitmap_answer(&r.pattern_bitmap);
+                by_stride.push((*stride, a.clone()));
+                a
+            }
+        };
+        out.push((name.to_string(), vec![answer]));
     }
     let api = vmmu_kvm::memslot_api::MemslotApi::new().map_err(|e| e.to_string())?;
     let caps = CAPS

@@ -96,6 +96,13 @@ fn vm_config(a: &BenchDirtyLogArgs) -> vmmu::VmConfig {
     }
 }
 
+/// The bitmap vmmu reports for the bench's write pattern (for `vmmu diff`),
+/// and the oracle's violations.
+pub(crate) fn pattern_bitmap(a: &BenchDirtyLogArgs) -> anyhow::Result<(Vec<u64>, u64)> {
+    let (side, violations) = vmmu_side(a)?;
+    Ok((side.bitmap, violations))
+}
+
 fn vmmu_side(a: &BenchDirtyLogArgs) -> anyhow::Result<(Side, u64)> {
     let pages = a.bytes / PAGE;
     let mut m = Machine::new(
