@@ -16,6 +16,7 @@ use vmmu::{UserMemoryRegion, Vm, VmConfig};
 
 use crate::args::BadInput;
 use crate::diff_cases::{cases, Hva, Op, CAPS};
+use vmmu_kvm::memslot_api::{GuestCase, GUEST_CASE_GPA, READONLY_WORD};
 
 /// The recording committed with the source (made with `vmmu diff --record`).
 const RECORDED: &str = include_str!("../data/kvm-diff-answers.json");
@@ -70,6 +71,93 @@ fn vmmu_dirty_log(stride: u64, pml: bool) -> anyhow::Result<(String, u64)> {
     };
     let (bitmap, violations) = crate::bench::dirty_log::pattern_bitmap(&a)?;
     Ok((bitmap_answer(&bitmap), violations))
+}
+
+/// Guest-visible cases: one access by the guest after the host deleted the
+/// slot or made it read-only.
+const GUEST_CASES: &[(&str, GuestCase)] = &[
+    ("guest-read-after-slot-delete", GuestCase::ReadAfterDelete),
+    ("guest-write-to-readonly-slot", GuestCase::WriteToReadOnly),
+    ("guest-read-of-readonly-slot", GuestCase::ReadOfReadOnly),
+];
+
+/// vmmu's side of a guest case, on the machine model: the exit (the
+/// machine's MMIO exit is the access's own address and size) or the value
+/// read; and the oracle's violations.
+fn vmmu_guest_case(k: &KvmAnswers, case: GuestCase) -> anyhow::Result<(String, u64)> {
+    use vmmu_machine::guest::{AccessKind, AccessResult, GuestAccess, Script};
+    const HVA: u64 = 0x300_0000_0000;
+    const SIZE: u64 = 2 << 20;
+    let mut m = vmmu_machine::Machine::new(
+        vmmu_machine::MachineConfig {
+            memory_bytes: 1 << 30,
+            vm: vmmu_config(k),
+            oracle: true,
+            poison: true,
+            dirty_ring: 0,
+        },
+        1,
+    )?;
+    m.map(vmmu::Hva(HVA), SIZE, vmmu_machine::Backing::Anonymous)?;
+    let r = UserMemoryRegion {
+        slot: 1,
+        flags: 0,
+        guest_phys_addr: GUEST_CASE_GPA,
+        memory_size: SIZE,
+        userspace_addr: HVA,
+    };
+    m.set_memslot(r)?;
+    let gone = UserMemoryRegion {
+        memory_size: 0,
+        ..r
+    };
+    let readonly = UserMemoryRegion {
+        flags: vmmu::MemFlags::READONLY.bits(),
+        ..r
+    };
+    let kind = match case {
+        GuestCase::ReadAfterDelete => {
+            m.set_memslot(gone)?;
+            AccessKind::Read
+        }
+        GuestCase::WriteToReadOnly => {
+            m.set_memslot(gone)?;
+            m.set_memslot(readonly)?;
+            AccessKind::Write(GUEST_CASE_GPA)
+        }
+        GuestCase::ReadOfReadOnly => {
+            m.host
+                .write_u64(vmmu::Hva(HVA), READONLY_WORD)
+                .map_err(|e| anyhow::anyhow!("host write: {e:?}"))?;
+            m.set_memslot(gone)?;
+            m.set_memslot(readonly)?;
+            AccessKind::Read
+        }
+    };
+    let access = GuestAccess::shared(vmmu::Gpa(GUEST_CASE_GPA), kind);
+    let out = m.run(
+        vec![Script::new(vec![access])],
+        &vmmu_machine::RunOptions::default(),
+        |_| {},
+    );
+    let result = out
+        .first()
+        .and_then(|(s, _)| s.results.first().map(|(_, r)| *r));
+    let answer = match result {
+        Some(AccessResult::Mmio) => format!(
+            "mmio {} {GUEST_CASE_GPA:#x} len 8",
+            if matches!(kind, AccessKind::Write(_)) {
+                "write"
+            } else {
+                "read"
+            }
+        ),
+        Some(AccessResult::Memory(v)) if matches!(kind, AccessKind::Read) => format!("read {v:#x}"),
+        other => format!("{other:?}"),
+    };
+    let violations = m.oracle.total();
+    let _ = m.teardown();
+    Ok((answer, violations))
 }
 
 /// An answer: "ok" or the errno's name.
@@ -181,6 +269,11 @@ fn run_vmmu(k: &KvmAnswers) -> anyhow::Result<(Answers, Vec<(String, u64)>)> {
         }
         out.push((c.name.to_string(), answers, changed));
     }
+    for (name, case) in GUEST_CASES {
+        let (answer, violations) = vmmu_guest_case(k, *case)?;
+        let bad = (violations > 0).then(|| format!("{violations} oracle violations"));
+        out.push((name.to_string(), vec![answer], bad));
+    }
     for (name, stride, pml) in DIRTY_LOG_CASES {
         let (answer, violations) = vmmu_dirty_log(*stride, *pml)?;
         let bad = (violations > 0).then(|| format!("{violations} oracle violations"));
@@ -232,6 +325,10 @@ fn run_kvm() -> Result<KvmAnswers, String> {
             })
             .collect();
         out.push((c.name.to_string(), answers));
+    }
+    for (name, case) in GUEST_CASES {
+        let answer = vmmu_kvm::memslot_api::guest_case(*case).map_err(|e| e.to_string())?;
+        out.push((name.to_string(), vec![answer]));
     }
     // The same write pattern through a real guest; PML or not is the host's
     // business, so the PML case compares with the same bitmap.

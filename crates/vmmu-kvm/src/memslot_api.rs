@@ -83,3 +83,76 @@ impl MemslotApi {
         self.vm.check_extension_raw(cap.into())
     }
 }
+
+/// What a guest sees in memory the memslots no longer (or only read-only)
+/// back, on the real KVM: one access by a CPL3 guest, then its completion
+/// `out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestCase {
+    /// The slot is deleted; the guest reads its first word.
+    ReadAfterDelete,
+    /// The slot is read-only; the guest writes its first word.
+    WriteToReadOnly,
+    /// The slot is read-only and the host wrote `0x5eed_0000_1234` to its
+    /// first word; the guest reads it.
+    ReadOfReadOnly,
+}
+
+/// The guest physical address the guest cases access.
+pub const GUEST_CASE_GPA: u64 = crate::guest::MEASURED_GPA;
+
+/// The word the host writes for [`GuestCase::ReadOfReadOnly`].
+pub const READONLY_WORD: u64 = 0x5eed_0000_1234;
+
+/// Run `case` on a fresh VM and describe its first exit: `mmio read|write
+/// <addr> len <n>`, `read <value>` (the guest's load completed), or what
+/// else happened.
+pub fn guest_case(case: GuestCase) -> Result<String> {
+    use iced_x86::code_asm::{al, dx, qword_ptr, rax, rdi, CodeAssembler};
+    let kvm = crate::open_kvm()?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let code = {
+        let build = || -> std::result::Result<Vec<u8>, iced_x86::IcedError> {
+            let mut a = CodeAssembler::new(64)?;
+            match case {
+                GuestCase::WriteToReadOnly => a.mov(qword_ptr(GUEST_CASE_GPA), rdi)?,
+                _ => a.mov(rax, qword_ptr(GUEST_CASE_GPA))?,
+            }
+            a.out(dx, al)?;
+            a.assemble(crate::guest::CODE)
+        };
+        build().map_err(KvmError::Assemble)?
+    };
+    let measured = HostMemory::new(crate::host_mem::HUGE_PAGE_SIZE, false)?;
+    let mut vm = crate::vm::GuestVm::new(
+        &kvm,
+        &cpuid,
+        &code,
+        1,
+        crate::host_mem::HUGE_PAGE_SIZE,
+        measured,
+    )?;
+    match case {
+        GuestCase::ReadAfterDelete => {
+            vm.delete_measured_slot()?;
+        }
+        GuestCase::WriteToReadOnly => vm.set_measured_readonly()?,
+        GuestCase::ReadOfReadOnly => {
+            vm.write_measured(0, READONLY_WORD);
+            vm.set_measured_readonly()?;
+        }
+    }
+    Ok(match vm.run_once()? {
+        crate::vm::GuestExit::Mmio { addr, len, write } => format!(
+            "mmio {} {addr:#x} len {len}",
+            if write { "write" } else { "read" }
+        ),
+        crate::vm::GuestExit::Done { rax: value } => format!("read {value:#x}"),
+        crate::vm::GuestExit::Other(s) => s,
+    })
+}

@@ -390,6 +390,52 @@ impl GuestVm {
         self.measured.write_u64(offset, value);
     }
 
+    /// Makes the measured memslot read-only (deleted and created again with
+    /// `KVM_MEM_READONLY`: the flag cannot be toggled in place).
+    pub(crate) fn set_measured_readonly(&mut self) -> Result<()> {
+        self.delete_measured_slot()?;
+        let region = kvm_userspace_memory_region {
+            slot: MEASURED_SLOT,
+            flags: 1 << 1,
+            guest_phys_addr: MEASURED_GPA,
+            memory_size: self.measured.len(),
+            userspace_addr: self.measured.host_addr(),
+        };
+        // SAFETY: the same live mapping as before; it outlives the VM fd
+        // (field order).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION (read-only)"))?;
+        Ok(())
+    }
+
+    /// Enters vCPU 0 once and says how it exited: an MMIO access (address,
+    /// length, write), the completion `out` (with `rax`), or something else.
+    pub(crate) fn run_once(&mut self) -> Result<GuestExit> {
+        let vcpu = self
+            .vcpus
+            .first_mut()
+            .ok_or(KvmError::ThreadPanicked { index: 0 })?;
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::MmioRead(addr, data)) => GuestExit::Mmio {
+                addr,
+                len: data.len(),
+                write: false,
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => GuestExit::Mmio {
+                addr,
+                len: data.len(),
+                write: true,
+            },
+            Ok(VcpuExit::IoOut(port, _)) if port == DONE_PORT => {
+                let regs = vcpu.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+                GuestExit::Done { rax: regs.rax }
+            }
+            Ok(other) => GuestExit::Other(format!("{other:?}")),
+            Err(e) => GuestExit::Other(format!("KVM_RUN failed: {e}")),
+        };
+        Ok(exit)
+    }
+
     /// Deletes the (populated) measured memslot and returns how long the ioctl took.
     pub(crate) fn delete_measured_slot(&mut self) -> Result<Duration> {
         let region = kvm_userspace_memory_region {
@@ -407,6 +453,17 @@ impl GuestVm {
         let took = start.elapsed();
         Ok(took)
     }
+}
+
+/// How a single entry of the guest ended ([`GuestVm::run_once`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GuestExit {
+    /// `KVM_EXIT_MMIO`.
+    Mmio { addr: u64, len: usize, write: bool },
+    /// The completion `out`; `rax` as the guest left it.
+    Done { rax: u64 },
+    /// Anything else, described.
+    Other(String),
 }
 
 /// Enters the vCPU until the guest reports the end of `pass` on [`DONE_PORT`].
