@@ -36,6 +36,70 @@ const DIRTY_LOG_CASES: &[(&str, u64, bool)] = &[
 ];
 const DIRTY_LOG_BYTES: u64 = 16 << 20;
 
+/// The clear-log case: strides of the two passes (see
+/// `vmmu_kvm::dirty_log::kvm_clear_log_bitmap`).
+const CLEAR_LOG_CASE: (&str, u64, u64) = ("dirty-log-clear-half-then-rewrite", 3, 5);
+
+/// vmmu's side of the clear-log case, on the machine model.
+fn vmmu_clear_log(first: u64, second: u64) -> anyhow::Result<(String, u64)> {
+    use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
+    const GPA: u64 = 1 << 30;
+    const HVA: u64 = 0x300_0000_0000;
+    let pages = DIRTY_LOG_BYTES / 4096;
+    let mut m = vmmu_machine::Machine::new(
+        vmmu_machine::MachineConfig {
+            memory_bytes: 1 << 30,
+            vm: VmConfig::default(),
+            oracle: true,
+            poison: true,
+            dirty_ring: 0,
+        },
+        1,
+    )?;
+    m.map(
+        vmmu::Hva(HVA),
+        DIRTY_LOG_BYTES,
+        vmmu_machine::Backing::Anonymous,
+    )?;
+    let r = UserMemoryRegion {
+        slot: 1,
+        flags: 0,
+        guest_phys_addr: GPA,
+        memory_size: DIRTY_LOG_BYTES,
+        userspace_addr: HVA,
+    };
+    m.set_memslot(r)?;
+    let pass = |m: &mut vmmu_machine::Machine, stride: u64, v: u64| {
+        let s = Script::new(
+            (0..pages)
+                .step_by(stride as usize)
+                .map(|p| GuestAccess::shared(vmmu::Gpa(GPA + p * 4096), AccessKind::Write(v)))
+                .collect(),
+        );
+        m.run(vec![s], &vmmu_machine::RunOptions::default(), |_| {});
+    };
+    pass(&mut m, 1, 1);
+    m.vm.enable_manual_dirty_log_protect(vmmu::dirty_log::MANUAL_PROTECT_ENABLE)?;
+    m.set_memslot(UserMemoryRegion {
+        flags: vmmu::MemFlags::LOG_DIRTY_PAGES.bits(),
+        ..r
+    })?;
+    let log = m.vm.get_dirty_log(1)?;
+    m.vm.clear_dirty_log(1, 0, pages, &log)?;
+    pass(&mut m, first, 2);
+    let mut log = m.vm.get_dirty_log(1)?;
+    let half = log.len() / 2;
+    for w in &mut log[half..] {
+        *w = 0;
+    }
+    m.vm.clear_dirty_log(1, 0, pages, &log)?;
+    pass(&mut m, second, 3);
+    let last = m.vm.get_dirty_log(1)?;
+    let violations = m.oracle.total();
+    let _ = m.teardown();
+    Ok((bitmap_answer(&last), violations))
+}
+
 /// A bitmap as an answer: how many pages, and a hash of the words (FNV-1a),
 /// so a recording stays short and any difference shows.
 fn bitmap_answer(words: &[u64]) -> String {
@@ -274,6 +338,12 @@ fn run_vmmu(k: &KvmAnswers) -> anyhow::Result<(Answers, Vec<(String, u64)>)> {
         let bad = (violations > 0).then(|| format!("{violations} oracle violations"));
         out.push((name.to_string(), vec![answer], bad));
     }
+    {
+        let (name, first, second) = CLEAR_LOG_CASE;
+        let (answer, violations) = vmmu_clear_log(first, second)?;
+        let bad = (violations > 0).then(|| format!("{violations} oracle violations"));
+        out.push((name.to_string(), vec![answer], bad));
+    }
     for (name, stride, pml) in DIRTY_LOG_CASES {
         let (answer, violations) = vmmu_dirty_log(*stride, *pml)?;
         let bad = (violations > 0).then(|| format!("{violations} oracle violations"));
@@ -345,6 +415,12 @@ fn run_kvm() -> Result<KvmAnswers, String> {
             }
         };
         out.push((name.to_string(), vec![answer]));
+    }
+    {
+        let (name, first, second) = CLEAR_LOG_CASE;
+        let b = vmmu_kvm::dirty_log::kvm_clear_log_bitmap(DIRTY_LOG_BYTES, first, second)
+            .map_err(|e| e.to_string())?;
+        out.push((name.to_string(), vec![bitmap_answer(&b)]));
     }
     let api = vmmu_kvm::memslot_api::MemslotApi::new().map_err(|e| e.to_string())?;
     let caps = CAPS
