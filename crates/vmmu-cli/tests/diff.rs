@@ -25,12 +25,14 @@ fn test_diff_against_the_recording_is_at_parity() {
     assert_eq!(code, 0, "{err}\n{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v["mismatches"], 0, "{v}");
-    assert!(v["parity"].as_u64().unwrap() >= 45, "{v}");
+    assert!(v["parity"].as_u64().unwrap() >= 100, "{v}");
     let cases = v["cases"].as_array().expect("cases");
     for c in cases {
         let verdict = c["verdict"].as_str().unwrap_or_default();
         assert!(
-            verdict == "parity" || verdict.starts_with("deviation (documented)"),
+            verdict == "parity"
+                || verdict.starts_with("deviation (documented)")
+                || verdict.starts_with("not comparable here:"),
             "{c}"
         );
     }

@@ -646,6 +646,30 @@ fn punch_counts(common: &Common) -> anyhow::Result<BTreeMap<&'static str, u64>> 
 }
 
 /// Run it.
+/// vmmu's answer to every case, as shown (for `vmmu diff`).
+pub(crate) fn vmmu_answers() -> anyhow::Result<Vec<(&'static str, String)>> {
+    let cfg = MachineConfig {
+        memory_bytes: 1 << 30,
+        vm: vmmu::VmConfig::default(),
+        oracle: true,
+        poison: true,
+        dirty_ring: 0,
+    };
+    let m = Machine::new(cfg, 1)?;
+    m.map(Hva(HVA), 16 << 20, Backing::Anonymous)?;
+    let mut side = VmmuSide { m };
+    let (ours, _) = cases(&mut side);
+    Ok(ours.iter().map(|(n, _, got)| (*n, got.show())).collect())
+}
+
+/// The real KVM's answer to every case, as shown (for `vmmu diff`).
+pub(crate) fn kvm_answers() -> Result<Vec<(&'static str, String)>, String> {
+    let kvm = vmmu_kvm::gmem::GmemVm::new().map_err(|e| e.to_string())?;
+    let mut k = KvmSide(kvm);
+    let (theirs, _) = cases(&mut k);
+    Ok(theirs.iter().map(|(n, _, got)| (*n, got.show())).collect())
+}
+
 pub fn run(common: &Common, vs_kvm: bool) -> anyhow::Result<i32> {
     let shape = validate(common)?;
     let cfg = MachineConfig {
