@@ -129,3 +129,84 @@ pub fn kvm_clear_log_bitmap(bytes: u64, first: u64, second: u64) -> Result<Vec<u
     let (last, _) = vm.get_measured_dirty_log()?;
     Ok(last)
 }
+
+/// The ring mode (`KVM_CAP_DIRTY_LOG_RING`) on the real KVM, for `vmmu
+/// diff`: one vCPU over `bytes` with a ring of `entries`; a pass maps every
+/// page; logging on; a pass over every `stride`-th page; the ring's entries
+/// for the measured slot, harvested (and reset), as a bitmap.
+pub fn kvm_ring_bitmap(bytes: u64, stride: u64, entries: u32) -> Result<Vec<u64>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let kvm = crate::open_kvm()?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let code = crate::guest::assemble_loop()?;
+    let mem = HostMemory::new(bytes, false)?;
+    // One entry is `struct kvm_dirty_gfn`: flags (u32), slot (u32), offset (u64).
+    let ring_bytes = entries * 16;
+    let mut vm = crate::vm::GuestVm::new_with_ring(&kvm, &cpuid, &code, mem, ring_bytes)?;
+    vm.run_pass(1)?;
+    vm.set_measured_logging(true)?;
+    vm.set_stride(stride * PAGE_SIZE)?;
+    vm.run_pass(2)?;
+    let vcpu = vm.vcpu0().ok_or(KvmError::ThreadPanicked { index: 0 })?;
+    use std::os::fd::AsRawFd;
+    // KVM_DIRTY_LOG_PAGE_OFFSET (64) pages into the vCPU's mapping.
+    let offset = 64 * PAGE_SIZE as libc::off_t;
+    // SAFETY: a shared mapping of the vCPU's ring as KVM documents it, checked
+    // for MAP_FAILED; unmapped below before the VM goes away.
+    let ring = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            ring_bytes as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            vcpu.as_raw_fd(),
+            offset,
+        )
+    };
+    if ring == libc::MAP_FAILED {
+        return Err(KvmError::Ioctl {
+            op: "mmap(dirty ring)",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    let pages = bytes / PAGE_SIZE;
+    let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+    for i in 0..entries as usize {
+        // SAFETY: entry `i` lies inside the mapping (entries * 16 bytes); the
+        // flags word is shared with KVM, so it is read and written atomically.
+        let (flags, slot, off) = unsafe {
+            let e = (ring as *mut u8).add(i * 16);
+            let flags = &*(e as *const AtomicU32);
+            let f = flags.load(Ordering::Acquire);
+            if f & 1 == 0 {
+                break;
+            }
+            let slot = std::ptr::read_volatile(e.add(4) as *const u32);
+            let off = std::ptr::read_volatile(e.add(8) as *const u64);
+            // Collected: KVM_DIRTY_GFN_F_RESET, so the reset re-protects it.
+            flags.store(2, Ordering::Release);
+            (f, slot, off)
+        };
+        let _ = flags;
+        if slot == crate::vm::MEASURED_SLOT && off < pages {
+            bitmap[(off / 64) as usize] |= 1 << (off % 64);
+        }
+    }
+    // _IO(KVMIO, 0xc7): KVM_RESET_DIRTY_RINGS.
+    // SAFETY: a KVM ioctl without argument on our VM fd.
+    let r = unsafe { libc::ioctl(vm.vm_fd().as_raw_fd(), 0xAEC7 as _) };
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(ring, ring_bytes as usize) };
+    if r < 0 {
+        return Err(KvmError::Ioctl {
+            op: "KVM_RESET_DIRTY_RINGS",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(bitmap)
+}

@@ -15,7 +15,9 @@ use crate::host_mem::{HostMemory, PAGE_SIZE};
 use crate::stats::{Snapshot, StatsFd};
 
 const SMALL_SLOT: u32 = 0;
-const MEASURED_SLOT: u32 = 1;
+/// `KVM_CAP_DIRTY_LOG_RING`.
+pub(crate) const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
+pub(crate) const MEASURED_SLOT: u32 = 1;
 
 fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     move |source| KvmError::Ioctl { op, source }
@@ -77,6 +79,7 @@ impl GuestVm {
             vcpus,
             bytes_per_vcpu,
             Measured::Anon(measured),
+            0,
         )
     }
 
@@ -91,7 +94,15 @@ impl GuestVm {
         bytes: u64,
         flags: u64,
     ) -> Result<Self> {
-        Self::build(kvm, cpuid, code, 1, bytes, Measured::Gmem { bytes, flags })
+        Self::build(
+            kvm,
+            cpuid,
+            code,
+            1,
+            bytes,
+            Measured::Gmem { bytes, flags },
+            0,
+        )
     }
 
     fn build(
@@ -101,8 +112,19 @@ impl GuestVm {
         vcpus: usize,
         bytes_per_vcpu: u64,
         measured: Measured,
+        ring_bytes: u32,
     ) -> Result<Self> {
         let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        if ring_bytes > 0 {
+            // Before any vCPU exists, as KVM requires.
+            let cap = kvm_bindings::kvm_enable_cap {
+                cap: KVM_CAP_DIRTY_LOG_RING,
+                args: [u64::from(ring_bytes), 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap)
+                .map_err(ioctl_err("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)"))?;
+        }
         let (measured, gmem) = match measured {
             Measured::Anon(m) => (m, None),
             Measured::Gmem { bytes, flags } => {
@@ -388,6 +410,37 @@ impl GuestVm {
     /// Write `value` at `offset` of the measured slot through the host's mapping.
     pub(crate) fn write_measured(&self, offset: u64, value: u64) {
         self.measured.write_u64(offset, value);
+    }
+
+    /// As [`GuestVm::new`] with one vCPU whose dirty ring is `ring_bytes`
+    /// long (enabled on the VM before the vCPU is created).
+    pub(crate) fn new_with_ring(
+        kvm: &Kvm,
+        cpuid: &CpuId,
+        code: &[u8],
+        measured: HostMemory,
+        ring_bytes: u32,
+    ) -> Result<Self> {
+        let bytes = measured.len();
+        Self::build(
+            kvm,
+            cpuid,
+            code,
+            1,
+            bytes,
+            Measured::Anon(measured),
+            ring_bytes,
+        )
+    }
+
+    /// vCPU 0's fd (to map its dirty ring).
+    pub(crate) fn vcpu0(&self) -> Option<&VcpuFd> {
+        self.vcpus.first()
+    }
+
+    /// The VM fd.
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.vm
     }
 
     /// Makes the measured memslot read-only (deleted and created again with
