@@ -42,58 +42,21 @@ const CLEAR_LOG_CASE: (&str, u64, u64) = ("dirty-log-clear-half-then-rewrite", 3
 
 /// vmmu's side of the clear-log case, on the machine model.
 fn vmmu_clear_log(first: u64, second: u64) -> anyhow::Result<(String, u64)> {
-    use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
-    const GPA: u64 = 1 << 30;
-    const HVA: u64 = 0x300_0000_0000;
     let pages = DIRTY_LOG_BYTES / 4096;
-    let mut m = vmmu_machine::Machine::new(
-        vmmu_machine::MachineConfig {
-            memory_bytes: 1 << 30,
-            vm: VmConfig::default(),
-            oracle: true,
-            poison: true,
-            dirty_ring: 0,
-        },
-        1,
-    )?;
-    m.map(
-        vmmu::Hva(HVA),
-        DIRTY_LOG_BYTES,
-        vmmu_machine::Backing::Anonymous,
-    )?;
-    let r = UserMemoryRegion {
-        slot: 1,
-        flags: 0,
-        guest_phys_addr: GPA,
-        memory_size: DIRTY_LOG_BYTES,
-        userspace_addr: HVA,
-    };
-    m.set_memslot(r)?;
-    let pass = |m: &mut vmmu_machine::Machine, stride: u64, v: u64| {
-        let s = Script::new(
-            (0..pages)
-                .step_by(stride as usize)
-                .map(|p| GuestAccess::shared(vmmu::Gpa(GPA + p * 4096), AccessKind::Write(v)))
-                .collect(),
-        );
-        m.run(vec![s], &vmmu_machine::RunOptions::default(), |_| {});
-    };
-    pass(&mut m, 1, 1);
+    let (mut m, r) = log_machine(0)?;
+    write_pass(&mut m, 1, 1);
     m.vm.enable_manual_dirty_log_protect(vmmu::dirty_log::MANUAL_PROTECT_ENABLE)?;
-    m.set_memslot(UserMemoryRegion {
-        flags: vmmu::MemFlags::LOG_DIRTY_PAGES.bits(),
-        ..r
-    })?;
+    log_on(&m, r)?;
     let log = m.vm.get_dirty_log(1)?;
     m.vm.clear_dirty_log(1, 0, pages, &log)?;
-    pass(&mut m, first, 2);
+    write_pass(&mut m, first, 2);
     let mut log = m.vm.get_dirty_log(1)?;
     let half = log.len() / 2;
     for w in &mut log[half..] {
         *w = 0;
     }
     m.vm.clear_dirty_log(1, 0, pages, &log)?;
-    pass(&mut m, second, 3);
+    write_pass(&mut m, second, 3);
     let last = m.vm.get_dirty_log(1)?;
     let violations = m.oracle.total();
     let _ = m.teardown();
@@ -105,53 +68,71 @@ const RING_CASE: (&str, u64, u32) = ("dirty-log-ring-every-3rd-page", 3, 4096);
 
 /// vmmu's side of the ring case, on the machine model.
 fn vmmu_ring(stride: u64, entries: u32) -> anyhow::Result<(String, u64)> {
-    use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
-    const GPA: u64 = 1 << 30;
-    const HVA: u64 = 0x300_0000_0000;
-    let pages = DIRTY_LOG_BYTES / 4096;
-    let mut m = vmmu_machine::Machine::new(
+    let (mut m, r) = log_machine(entries)?;
+    write_pass(&mut m, 1, 1);
+    log_on(&m, r)?;
+    write_pass(&mut m, stride, 2);
+    let mut fetch = vec![0u32; 1];
+    let (bitmap, _, _) =
+        crate::scenario::harvest_rings(&m.vm, &mut fetch, 1, DIRTY_LOG_BYTES / 4096);
+    let violations = m.oracle.total();
+    let _ = m.teardown();
+    Ok((bitmap_answer(&bitmap), violations))
+}
+
+/// The machine the dirty-log cases run on: one vCPU, the logged region at
+/// `LOG_GPA` (slot 1, not yet logging), a dirty ring of `ring` entries (0:
+/// bitmaps).
+fn log_machine(ring: u32) -> anyhow::Result<(vmmu_machine::Machine, UserMemoryRegion)> {
+    let m = vmmu_machine::Machine::new(
         vmmu_machine::MachineConfig {
             memory_bytes: 1 << 30,
             vm: VmConfig::default(),
             oracle: true,
             poison: true,
-            dirty_ring: entries,
+            dirty_ring: ring,
         },
         1,
     )?;
     m.map(
-        vmmu::Hva(HVA),
+        vmmu::Hva(LOG_HVA),
         DIRTY_LOG_BYTES,
         vmmu_machine::Backing::Anonymous,
     )?;
     let r = UserMemoryRegion {
         slot: 1,
         flags: 0,
-        guest_phys_addr: GPA,
+        guest_phys_addr: LOG_GPA,
         memory_size: DIRTY_LOG_BYTES,
-        userspace_addr: HVA,
+        userspace_addr: LOG_HVA,
     };
     m.set_memslot(r)?;
-    let pass = |m: &mut vmmu_machine::Machine, stride: u64, v: u64| {
-        let s = Script::new(
-            (0..pages)
-                .step_by(stride as usize)
-                .map(|p| GuestAccess::shared(vmmu::Gpa(GPA + p * 4096), AccessKind::Write(v)))
-                .collect(),
-        );
-        m.run(vec![s], &vmmu_machine::RunOptions::default(), |_| {});
-    };
-    pass(&mut m, 1, 1);
+    Ok((m, r))
+}
+
+const LOG_GPA: u64 = 1 << 30;
+const LOG_HVA: u64 = 0x300_0000_0000;
+
+/// The vCPU writes `v` into every `stride`-th page of the logged region, as
+/// the KVM side's loop guest does.
+fn write_pass(m: &mut vmmu_machine::Machine, stride: u64, v: u64) {
+    use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
+    let s = Script::new(
+        (0..DIRTY_LOG_BYTES / 4096)
+            .step_by(stride as usize)
+            .map(|p| GuestAccess::shared(vmmu::Gpa(LOG_GPA + p * 4096), AccessKind::Write(v)))
+            .collect(),
+    );
+    m.run(vec![s], &vmmu_machine::RunOptions::default(), |_| {});
+}
+
+/// Logging on for the region.
+fn log_on(m: &vmmu_machine::Machine, r: UserMemoryRegion) -> anyhow::Result<()> {
     m.set_memslot(UserMemoryRegion {
         flags: vmmu::MemFlags::LOG_DIRTY_PAGES.bits(),
         ..r
     })?;
-    pass(&mut m, stride, 2);
-    let mut fetch = vec![0u32; 1];
-    let (bitmap, _, _) = crate::scenario::harvest_rings(&m.vm, &mut fetch, 1, pages);
-    let violations = m.oracle.total();
-    let _ = m.teardown();
-    Ok((bitmap_answer(&bitmap), violations))
+    Ok(())
 }
 
 /// A bitmap as an answer: how many pages, and a hash of the words (FNV-1a),
