@@ -150,6 +150,7 @@ fn test_recovery_leaves_tables_in_dirty_logged_slots_in_place() {
 #[test]
 fn test_toggling_nx_huge_pages_zaps_and_changes_what_fetches_map() {
     let (host, vm, mut vcpu) = huge_host_vm(nx_config(GuardKnobs::default()));
+    assert!(vm.nx_huge_pages());
     fault(&mut vcpu, 1, ErrorCode::FETCH);
     assert_eq!(splits(&vm), 1);
     assert!(!vm.set_nx_huge_pages(true), "no change, nothing done");
@@ -220,4 +221,28 @@ fn test_recovery_takes_the_read_lock_unless_asked_for_the_old_write_lock() {
         );
         teardown(host, vm, vec![vcpu]);
     }
+}
+
+/// A pass larger than one hold of the lock (64 pages) takes exactly
+/// `ceil(listed / ratio)`, oldest first, across holds.
+#[test]
+fn test_recovery_across_several_holds_takes_exactly_its_share() {
+    let host = vmmu::testing::TestHost::new();
+    host.set_host_level(Level::M2);
+    let vm = Vm::new(nx_config(GuardKnobs::default()), host.ops()).unwrap();
+    vm.set_user_memory_region(region(0, GPA, 400 << 20, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    for h in 0..200 {
+        fault(&mut vcpu, h * 512 + 1, ErrorCode::FETCH);
+    }
+    assert_eq!(splits(&vm), 200);
+    let r = vm.recover_nx_huge_pages(2);
+    assert_eq!((r.listed, r.to_zap, r.zapped), (200, 100, 100));
+    assert_eq!(splits(&vm), 100);
+    // The oldest went: the first 100 ranges are unmapped, the rest are not.
+    assert!(leaf(&vm, 99 * 512 + 1).is_none());
+    assert!(leaf(&vm, 100 * 512 + 1).is_some());
+    teardown(host, vm, vec![vcpu]);
 }
