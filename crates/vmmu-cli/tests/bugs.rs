@@ -3,19 +3,8 @@
 //! and test detectors' failing twins run in the test suite and the loom
 //! step); every detector names a test that exists.
 
-use std::process::Command;
-
-fn vmmu(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
-        .args(args)
-        .output()
-        .expect("run vmmu");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::vmmu;
 
 fn json(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = vmmu(args);

@@ -3,21 +3,10 @@
 //! parity; a doctored recording is reported as a mismatch; bad flags get
 //! one line.
 
-use std::process::Command;
-
 const RECORDING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/kvm-diff-answers.json");
 
-fn vmmu(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
-        .args(args)
-        .output()
-        .expect("run vmmu");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::vmmu;
 
 #[test]
 fn test_diff_against_the_recording_is_at_parity() {

@@ -2,19 +2,8 @@
 //! splits match KVM's rules, recovery follows the ratio, bad flags are
 //! refused in one line.
 
-use std::process::Command;
-
-fn vmmu(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
-        .args(args)
-        .output()
-        .expect("run vmmu");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::vmmu;
 
 fn steps(v: &serde_json::Value) -> Vec<(String, u64, u64)> {
     v["steps"]

@@ -2,19 +2,8 @@
 //! refaults with every read checked, lockless aging never takes `mmu_lock`,
 //! bad flags get one line.
 
-use std::process::Command;
-
-fn vmmu(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
-        .args(args)
-        .output()
-        .expect("run vmmu");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::vmmu;
 
 #[test]
 fn test_reclaim_swaps_out_cold_pages_and_refaults_them_with_both_agings() {

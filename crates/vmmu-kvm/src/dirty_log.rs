@@ -2,8 +2,6 @@
 //! dirties a known pattern of pages with logging on, and the harvested bitmap
 //! and the calls' times are reported, to be compared with vmmu's.
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-
 use crate::error::{KvmError, Result};
 use crate::host_mem::HostMemory;
 use crate::{HUGE_PAGE_SIZE, PAGE_SIZE};
@@ -55,13 +53,7 @@ pub fn kvm_dirty_log(bytes: u64, stride: u64, vcpus: usize) -> Result<KvmDirtyLo
             granule: PAGE_SIZE,
         });
     }
-    let kvm = crate::open_kvm()?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| KvmError::Ioctl {
-            op: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let (kvm, cpuid) = crate::open_kvm_with_cpuid()?;
     let code = crate::guest::assemble_loop()?;
     let mem = HostMemory::new(bytes, false)?;
     let mut vm = crate::vm::GuestVm::new(&kvm, &cpuid, &code, vcpus, per_vcpu, mem)?;
@@ -101,13 +93,7 @@ pub fn kvm_dirty_log(bytes: u64, stride: u64, vcpus: usize) -> Result<KvmDirtyLo
 /// last get (dirty pages of the second pass, plus the first pass's pages in
 /// the half that was not cleared).
 pub fn kvm_clear_log_bitmap(bytes: u64, first: u64, second: u64) -> Result<Vec<u64>> {
-    let kvm = crate::open_kvm()?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| KvmError::Ioctl {
-            op: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let (kvm, cpuid) = crate::open_kvm_with_cpuid()?;
     let code = crate::guest::assemble_loop()?;
     let mem = HostMemory::new(bytes, false)?;
     let mut vm = crate::vm::GuestVm::new(&kvm, &cpuid, &code, 1, bytes, mem)?;
@@ -136,13 +122,7 @@ pub fn kvm_clear_log_bitmap(bytes: u64, first: u64, second: u64) -> Result<Vec<u
 /// for the measured slot, harvested (and reset), as a bitmap.
 pub fn kvm_ring_bitmap(bytes: u64, stride: u64, entries: u32) -> Result<Vec<u64>> {
     use std::sync::atomic::{AtomicU32, Ordering};
-    let kvm = crate::open_kvm()?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| KvmError::Ioctl {
-            op: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let (kvm, cpuid) = crate::open_kvm_with_cpuid()?;
     let code = crate::guest::assemble_loop()?;
     let mem = HostMemory::new(bytes, false)?;
     // One entry is `struct kvm_dirty_gfn`: flags (u32), slot (u32), offset (u64).

@@ -314,20 +314,13 @@ pub struct GmemGuestReport {
 /// first quarter out, check it reads as zeros and the rest is kept, run a
 /// second pass and check it again (the guest faults the punched pages anew).
 pub fn guest_on_gmem(bytes: u64) -> Result<GmemGuestReport> {
-    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
     if bytes == 0 || !bytes.is_multiple_of(crate::HUGE_PAGE_SIZE) || bytes > HOST_BYTES {
         return Err(KvmError::BadChunkSize {
             bytes,
             granule: crate::HUGE_PAGE_SIZE,
         });
     }
-    let kvm = crate::open_kvm()?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| KvmError::Ioctl {
-            op: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let (kvm, cpuid) = crate::open_kvm_with_cpuid()?;
     let code = crate::guest::assemble_loop()?;
     let page = crate::PAGE_SIZE;
     let pages = bytes / page;

@@ -97,6 +97,18 @@ fn cpu_vendor() -> String {
 }
 
 /// Opens `/dev/kvm`, mapping failure to [`KvmError::Unavailable`].
+/// `/dev/kvm` and the CPUID it supports (what every guest here is given).
+pub(crate) fn open_kvm_with_cpuid() -> Result<(Kvm, kvm_bindings::CpuId)> {
+    let kvm = open_kvm()?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    Ok((kvm, cpuid))
+}
+
 pub(crate) fn open_kvm() -> Result<Kvm> {
     Kvm::new().map_err(|e| KvmError::Unavailable {
         path: KVM_DEVICE,

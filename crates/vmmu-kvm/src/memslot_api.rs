@@ -109,13 +109,7 @@ pub const READONLY_WORD: u64 = 0x5eed_0000_1234;
 /// else happened.
 pub fn guest_case(case: GuestCase) -> Result<String> {
     use iced_x86::code_asm::{al, dx, qword_ptr, rax, rdi, CodeAssembler};
-    let kvm = crate::open_kvm()?;
-    let cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| KvmError::Ioctl {
-            op: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let (kvm, cpuid) = crate::open_kvm_with_cpuid()?;
     let code = {
         let build = || -> std::result::Result<Vec<u8>, iced_x86::IcedError> {
             let mut a = CodeAssembler::new(64)?;

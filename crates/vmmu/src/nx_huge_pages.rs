@@ -122,24 +122,16 @@ impl Vm {
                     break;
                 };
                 taken += 1;
-                let as_id = vm
-                    .tdp
-                    .roots_snapshot()
-                    .iter()
-                    .find(|root| root.id == page.root_id)
-                    .map(|root| {
-                        if vm.config.knobs.nx_recovery_slot_as0 {
-                            0
-                        } else {
-                            root.role.as_id()
-                        }
-                    });
-                let logged = as_id.is_some_and(|a| {
-                    vm.memslots[a as usize]
-                        .load()
-                        .lookup(page.gfn)
-                        .is_some_and(|s| s.dirty_logging())
-                }) && !vm.config.knobs.nx_recovery_ignores_dirty_log;
+                let as_id = if vm.config.knobs.nx_recovery_slot_as0 {
+                    0
+                } else {
+                    page.as_id
+                };
+                let logged = vm.memslots[as_id as usize]
+                    .load()
+                    .lookup(page.gfn)
+                    .is_some_and(|s| s.dirty_logging())
+                    && !vm.config.knobs.nx_recovery_ignores_dirty_log;
                 match vm.tdp.recover_nx_page(&ctx, &page, logged, &mut batch) {
                     NxOutcome::Zapped => out.zapped += 1,
                     NxOutcome::Unmarked => {

@@ -6,8 +6,7 @@
 #![cfg(loom)]
 
 use loom::thread;
-use vmmu::testing::TestHost;
-use vmmu::{ErrorCode, Gpa, GuardKnobs, Hva, HvaRange, Pfn, RetPf, UserMemoryRegion, Vm, VmConfig};
+use vmmu::{ErrorCode, Gpa, GuardKnobs, Hva, HvaRange, Pfn, RetPf, VmConfig};
 
 mod loom_common;
 
@@ -20,26 +19,12 @@ use loom_common::{GPA, HVA};
 /// mapped. Run with and without A/D bits (clearing Accessed, or making the
 /// entry access-tracked).
 fn aging_vs_invalidation(knobs: GuardKnobs, ad_enabled: bool) {
-    let host = TestHost::new();
-    let vm = Vm::new(
-        VmConfig {
-            knobs,
-            ad_enabled,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: GPA,
-        memory_size: 2 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.prepare_entry().unwrap();
+    let config = VmConfig {
+        knobs,
+        ad_enabled,
+        ..VmConfig::default()
+    };
+    let (host, vm, mut vcpu) = loom_common::vm_with_vcpu(config, vmmu::Level::K4);
     host.set(Hva(HVA), Pfn(0x777), true);
     assert_eq!(
         vcpu.page_fault(Gpa(GPA), ErrorCode::WRITE).unwrap(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use loom::thread;
 use vmmu::testing::TestHost;
-use vmmu::{ErrorCode, Gpa, GuardKnobs, Hva, HvaRange, Level, UserMemoryRegion, Vm, VmConfig};
+use vmmu::{ErrorCode, Gpa, GuardKnobs, Hva, HvaRange, Level, Vm, VmConfig};
 
 mod loom_common;
 
@@ -18,28 +18,12 @@ use loom_common::{GPA, HVA};
 /// A VM with the mitigation on, over a host that maps 2 MiB, with one 2 MiB
 /// slot (id 0) at `GPA`, and a vCPU whose table cache is full.
 fn nx_vm(knobs: GuardKnobs) -> (Arc<TestHost>, Vm, vmmu::VcpuMmu) {
-    let host = TestHost::new();
-    host.set_host_level(Level::M2);
-    let vm = Vm::new(
-        VmConfig {
-            nx_huge_pages: true,
-            knobs,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: GPA,
-        memory_size: 2 << 20,
-        userspace_addr: HVA,
-    })
-    .unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.prepare_entry().unwrap();
-    (host, vm, vcpu)
+    let config = VmConfig {
+        nx_huge_pages: true,
+        knobs,
+        ..VmConfig::default()
+    };
+    loom_common::vm_with_vcpu(config, Level::M2)
 }
 
 /// (n1) A fetch splits a huge leaf and lists the table it made, while a

@@ -10,10 +10,6 @@
 //! pass's time, and the vCPUs' fault latency (p50, p99, max) during the pass
 //! against outside it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use serde_json::{json, Value};
 use vmmu::{Gpa, Hva, HvaRange, UserMemoryRegion};
 use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
@@ -133,43 +129,16 @@ fn one(a: &BenchAgingArgs, locked: bool) -> anyhow::Result<Figures> {
         })
         .collect();
     let n_touches = v * a.fault_bytes / PAGE;
-    let epoch = Instant::now();
-    let progress = Arc::new(AtomicU64::new(0));
-    let opts = RunOptions {
-        trace_epoch: Some(epoch),
-        trace_limit: (a.fault_bytes / PAGE) as usize + 16,
-        latency: true,
-        progress: Some(progress.clone()),
-        ..RunOptions::default()
-    };
     let before = m.vm.stats();
-    let window = Mutex::new(None);
-    let out = m.run(touches, &opts, |ctx| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while progress.load(Ordering::Relaxed) < n_touches / 4
-            && !ctx.done()
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let t0 = epoch.elapsed().as_nanos() as u64;
+    let w = super::window::among_faults(&mut m, touches, n_touches, |ctx| {
         let mut young = 0;
         for p in 0..a.bytes / PAGE {
             let hva = AGED_HVA + p * PAGE;
             young += u64::from(ctx.host.age(HvaRange::new(Hva(hva), Hva(hva + PAGE))));
         }
-        let t1 = epoch.elapsed().as_nanos() as u64;
-        if let Ok(mut w) = window.lock() {
-            *w = Some((t0, t1, young));
-        }
-    });
+        young
+    })?;
     let st = m.vm.stats().since(&before);
-    let (t0, t1, young) = window
-        .into_inner()
-        .ok()
-        .flatten()
-        .ok_or_else(|| anyhow::anyhow!("the aging pass did not run"))?;
-    let (during, outside) = super::window::split(&out, t0, t1);
     let violations = m.oracle.total();
     let t = m.teardown();
     anyhow::ensure!(
@@ -178,12 +147,12 @@ fn one(a: &BenchAgingArgs, locked: bool) -> anyhow::Result<Figures> {
     );
     Ok(Figures {
         locked,
-        pass_ns: t1 - t0,
+        pass_ns: w.ns,
         calls: a.bytes / PAGE,
-        young,
+        young: w.result,
         lock_writes: st.aging_locked,
-        during,
-        outside,
+        during: w.during,
+        outside: w.outside,
         violations,
     })
 }

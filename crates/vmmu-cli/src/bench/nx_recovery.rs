@@ -11,10 +11,6 @@
 //! whole region takes afterwards (one per huge page once it maps huge again)
 //! against the faults it took while split.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use serde_json::{json, Value};
 use vmmu::{Gpa, Gva, Hva, Level, UserMemoryRegion};
 use vmmu_machine::guest::{AccessKind, GuestAccess, Script};
@@ -153,38 +149,9 @@ fn one(a: &BenchNxRecoveryArgs, write_lock: bool) -> anyhow::Result<Figures> {
         .map(|p| GuestAccess::shared(Gpa(FAULT_GPA + p * PAGE), AccessKind::Write(p)))
         .collect();
     let n_touches = touches.len() as u64;
-    let epoch = Instant::now();
-    let progress = Arc::new(AtomicU64::new(0));
-    let opts = RunOptions {
-        trace_epoch: Some(epoch),
-        trace_limit: n_touches as usize + 16,
-        latency: true,
-        progress: Some(progress.clone()),
-        ..RunOptions::default()
-    };
-    let window = Mutex::new(None);
-    let out = m.run(vec![Script::new(touches)], &opts, |ctx| {
-        // A quarter of the faults first, so the pass starts among them.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while progress.load(Ordering::Relaxed) < n_touches / 4
-            && !ctx.done()
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let t0 = epoch.elapsed().as_nanos() as u64;
-        let r = ctx.vm.recover_nx_huge_pages(1);
-        let t1 = epoch.elapsed().as_nanos() as u64;
-        if let Ok(mut w) = window.lock() {
-            *w = Some((t0, t1, r));
-        }
-    });
-    let (t0, t1, r) = window
-        .into_inner()
-        .ok()
-        .flatten()
-        .ok_or_else(|| anyhow::anyhow!("the recovery pass did not run"))?;
-    let (during, outside) = super::window::split(&out, t0, t1);
+    let w = super::window::among_faults(&mut m, vec![Script::new(touches)], n_touches, |ctx| {
+        ctx.vm.recover_nx_huge_pages(1)
+    })?;
 
     // Read the region again: huge leaves come back, one fault each.
     let before = m.vm.stats();
@@ -205,10 +172,10 @@ fn one(a: &BenchNxRecoveryArgs, write_lock: bool) -> anyhow::Result<Figures> {
     Ok(Figures {
         write_lock,
         listed,
-        zapped: r.zapped,
-        pass_ns: t1 - t0,
-        during,
-        outside,
+        zapped: w.result.zapped,
+        pass_ns: w.ns,
+        during: w.during,
+        outside: w.outside,
         faults_split,
         faults_rebuild,
         huge_after,

@@ -104,6 +104,7 @@ impl Tdp {
                     gfn: it.gfn,
                     level: it.level,
                     root_id: root.id,
+                    as_id: root.role.as_id(),
                 };
                 self.track_possible_nx(ctx, it.sptep(), link, page);
             }

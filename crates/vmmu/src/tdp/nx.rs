@@ -36,6 +36,8 @@ pub(crate) struct NxPage {
     pub(crate) level: Level,
     /// The root the table hangs under.
     pub(crate) root_id: u64,
+    /// That root's address space (where recovery looks up the memslot).
+    pub(crate) as_id: u16,
 }
 
 /// The per-VM list, oldest first (recovery takes the oldest, as KVM's list
@@ -246,6 +248,7 @@ mod tests {
             gfn: Gfn(gfn),
             level: Level::M2,
             root_id: 1,
+            as_id: 0,
         }
     }
 

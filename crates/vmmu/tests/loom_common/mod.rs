@@ -77,3 +77,25 @@ macro_rules! protocol {
         }
     };
 }
+
+/// A VM with `config` over a test host mapping `host_level` pages, one
+/// 2 MiB slot (id 0) at `GPA`, and a vCPU ready to fault.
+pub fn vm_with_vcpu(
+    config: vmmu::VmConfig,
+    host_level: vmmu::Level,
+) -> (Arc<vmmu::testing::TestHost>, vmmu::Vm, vmmu::VcpuMmu) {
+    let host = vmmu::testing::TestHost::new();
+    host.set_host_level(host_level);
+    let vm = vmmu::Vm::new(config, host.ops()).unwrap();
+    vm.set_user_memory_region(vmmu::UserMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: GPA,
+        memory_size: 2 << 20,
+        userspace_addr: HVA,
+    })
+    .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    (host, vm, vcpu)
+}
