@@ -18,6 +18,12 @@ pub struct Common {
     pub iterations: Option<u32>,
     /// Run one case in this many (`access`).
     pub stride: Option<u64>,
+    /// Bytes from one touched page to the next in each vCPU's chunk
+    /// (demand-paging's `--stride`; 4 KiB: every page).
+    pub touch_stride: Option<u64>,
+    /// Bytes of each vCPU's chunk touched, from its start (demand-paging's
+    /// `--touch`; the whole chunk by default).
+    pub touch_bytes: Option<u64>,
     /// Backing source.
     pub backing: Option<Backing>,
     /// Number of memslots the test region is split into.
@@ -177,9 +183,13 @@ pub fn human(bytes: u64) -> String {
     format!("{bytes} bytes")
 }
 
-/// Largest guest memory a run may use on this machine: the arena is reserved
+/// Largest guest memory a run may touch on this machine: the arena is reserved
 /// lazily, but every page a scenario touches is real memory.
 pub const MAX_GUEST_BYTES: u64 = 64 << 30;
+/// Largest guest memory a sparse run (`--stride`, `--touch`) may have: only
+/// address space is reserved for it, plus 8 bytes of host page table per
+/// 4 KiB of it (committed where touched).
+pub const MAX_SPARSE_GUEST_BYTES: u64 = 1 << 40;
 
 /// The resolved shape of a run.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +208,32 @@ pub struct Shape {
     pub write_percent: u32,
     /// Iterations.
     pub iterations: u32,
+    /// Bytes from one touched page to the next (4 KiB: dense).
+    pub touch_stride: u64,
+    /// Bytes of each vCPU's chunk touched, from its start.
+    pub touch_bytes: u64,
+}
+
+impl Shape {
+    /// Pages each vCPU touches.
+    pub fn touched_pages_per_vcpu(&self) -> u64 {
+        self.touch_bytes.div_ceil(self.touch_stride)
+    }
+    /// Whether only part of the guest memory is touched.
+    pub fn sparse(&self) -> bool {
+        self.touch_stride > 4096 || self.touch_bytes < self.bytes_per_vcpu
+    }
+    /// Host memory the touches populate: one backing page per touched page
+    /// when the stride spans backing pages, else the whole touched window.
+    pub fn host_bytes(&self) -> u64 {
+        let align = self.backing.alignment();
+        let per_vcpu = if self.touch_stride >= align {
+            self.touched_pages_per_vcpu() * align
+        } else {
+            self.touch_bytes.div_ceil(align) * align
+        };
+        per_vcpu * self.vcpus as u64
+    }
 }
 
 impl Common {
@@ -274,16 +310,62 @@ impl Common {
                 backing.name()
             )));
         }
-        let total = (vcpus as u64).saturating_mul(bytes_per_vcpu);
-        let avail = mem_available();
-        let need = total.saturating_add(total / 128).saturating_add(256 << 20);
-        if total > MAX_GUEST_BYTES || need > avail {
+        let touch_stride = self.touch_stride.unwrap_or(4096);
+        let touch_bytes = self.touch_bytes.unwrap_or(bytes_per_vcpu);
+        if touch_stride == 0 || !touch_stride.is_multiple_of(4096) || touch_stride > bytes_per_vcpu
+        {
             return Err(BadInput(format!(
-                "-v {vcpus} -b {}: {} of guest memory does not fit this machine ({} available, limit {})",
+                "--stride {}: the distance between touched pages must be a multiple of 4 KiB, at most -b ({})",
+                human(touch_stride),
+                human(bytes_per_vcpu)
+            )));
+        }
+        if touch_bytes == 0 || !touch_bytes.is_multiple_of(4096) || touch_bytes > bytes_per_vcpu {
+            return Err(BadInput(format!(
+                "--touch {}: the touched part of each vCPU's memory must be a multiple of 4 KiB, at most -b ({})",
+                human(touch_bytes),
+                human(bytes_per_vcpu)
+            )));
+        }
+        let total = (vcpus as u64).saturating_mul(bytes_per_vcpu);
+        let shape = Shape {
+            vcpus,
+            bytes_per_vcpu,
+            total,
+            backing,
+            slots,
+            write_percent,
+            iterations,
+            touch_stride,
+            touch_bytes,
+        };
+        if shape.sparse() && self.overlap {
+            return Err(BadInput(
+                "--stride/--touch with -o: a sparse guest gives each vCPU its own chunk (drop one of the two)".into(),
+            ));
+        }
+        let touched = shape.host_bytes();
+        let avail = mem_available();
+        // Touched memory, the tables over it, and the host page table of
+        // the whole guest (8 bytes per 4 KiB page, committed where touched).
+        let need = touched
+            .saturating_add(touched / 128)
+            .saturating_add(total / 512)
+            .saturating_add(256 << 20);
+        let limit = if shape.sparse() {
+            MAX_SPARSE_GUEST_BYTES
+        } else {
+            MAX_GUEST_BYTES
+        };
+        if total > limit || touched > MAX_GUEST_BYTES || need > avail {
+            return Err(BadInput(format!(
+                "-v {vcpus} -b {}: {} of guest memory, {} of it touched, does not fit this machine ({} available; limits {} touched, {} in all with --stride/--touch)",
                 human(bytes_per_vcpu),
                 human(total),
+                human(touched),
                 human(avail),
-                human(MAX_GUEST_BYTES)
+                human(MAX_GUEST_BYTES),
+                human(MAX_SPARSE_GUEST_BYTES)
             )));
         }
         let pages = total / 4096;
@@ -301,15 +383,7 @@ impl Common {
                 vmmu::memslot::USER_MEM_SLOTS - 8
             )));
         }
-        Ok(Shape {
-            vcpus,
-            bytes_per_vcpu,
-            total,
-            backing,
-            slots,
-            write_percent,
-            iterations,
-        })
+        Ok(shape)
     }
 }
 

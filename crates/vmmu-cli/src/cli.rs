@@ -636,6 +636,14 @@ pub(crate) struct DemandPagingArgs {
     /// MMU rather than host page allocation.
     #[arg(long)]
     pub(crate) prefault_host: bool,
+    /// vmmu: touch one 4 KiB page every this many bytes of each vCPU's
+    /// memory (e.g. 2M: a sparse guest far larger than the host's memory).
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    pub(crate) stride: u64,
+    /// vmmu: touch only this much of each vCPU's memory, from its start
+    /// (e.g. a dense 1G window of a 256G guest; default: all of it).
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) touch: Option<u64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -996,6 +1004,8 @@ impl RunCmd {
                 random: a.random,
                 write_percent: Some(a.write_percent),
                 prefault_host: a.prefault_host,
+                touch_stride: Some(a.stride),
+                touch_bytes: a.touch,
                 ..a.flags.common()
             },
             RunCmd::MmuStress(a) => Common {

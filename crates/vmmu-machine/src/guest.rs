@@ -204,15 +204,31 @@ pub struct RefModel {
     pub base: Gpa,
     /// Expected first word per page (0 = never written).
     pub expected: Vec<u64>,
+    /// Bytes from one modelled page to the next: 4 KiB for a dense chunk,
+    /// more for a sparse one (one page touched per stride), so a guest far
+    /// larger than the host's memory is modelled by the pages it touches.
+    pub stride: u64,
 }
 
 impl RefModel {
     /// A chunk of `pages` pages at `base`, all zero.
     pub fn new(base: Gpa, pages: u64) -> RefModel {
+        RefModel::strided(base, pages, PAGE_SIZE)
+    }
+    /// `pages` pages at `base`, one every `stride` bytes (a multiple of
+    /// 4 KiB, at least one page).
+    pub fn strided(base: Gpa, pages: u64, stride: u64) -> RefModel {
         RefModel {
             base,
             expected: vec![0; pages as usize],
+            stride: stride.max(PAGE_SIZE) / PAGE_SIZE * PAGE_SIZE,
         }
+    }
+    /// The modelled page holding `gpa`, if any.
+    pub fn page_of(&self, gpa: Gpa) -> Option<u64> {
+        let off = gpa.0.checked_sub(self.base.0)?;
+        let p = off / self.stride;
+        (off % self.stride < PAGE_SIZE && p < self.pages()).then_some(p)
     }
     /// Pages in the chunk.
     pub fn pages(&self) -> u64 {
@@ -220,7 +236,7 @@ impl RefModel {
     }
     /// Address of page `i`.
     pub fn gpa(&self, i: u64) -> Gpa {
-        Gpa(self.base.0 + i * PAGE_SIZE)
+        Gpa(self.base.0 + i * self.stride)
     }
 }
 
@@ -399,7 +415,8 @@ impl Pass {
     }
 
     fn page_of(&self, gpa: Gpa) -> u64 {
-        (gpa.0 - self.model.base.0) / PAGE_SIZE
+        // Accesses are only made to the model's own pages (`next`).
+        self.model.page_of(gpa).unwrap_or_default()
     }
 }
 
@@ -519,13 +536,9 @@ impl GuestProgram for Pass {
 
     fn converted(&mut self, gpa: Gpa, size: u64, _private: bool) {
         // Both sides of a converted range start empty.
-        let base = self.model.base.0;
         for i in 0..size / PAGE_SIZE {
-            let g = gpa.0 + i * PAGE_SIZE;
-            if let Some(p) = g.checked_sub(base).map(|o| o / PAGE_SIZE) {
-                if let Some(e) = self.model.expected.get_mut(p as usize) {
-                    *e = 0;
-                }
+            if let Some(p) = self.model.page_of(Gpa(gpa.0 + i * PAGE_SIZE)) {
+                self.model.expected[p as usize] = 0;
             }
         }
     }
@@ -569,5 +582,46 @@ impl GuestProgram for Script {
     }
     fn converted(&mut self, gpa: Gpa, size: u64, private: bool) {
         self.conversions.push((gpa, size, private));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_strided_model_knows_its_pages_and_nothing_between() {
+        let m = RefModel::strided(Gpa(1 << 30), 4, 2 << 20);
+        assert_eq!(m.gpa(3), Gpa((1 << 30) + 3 * (2 << 20)));
+        assert_eq!(m.page_of(m.gpa(2)), Some(2));
+        assert_eq!(m.page_of(Gpa(m.gpa(2).0 + 4095)), Some(2));
+        assert_eq!(m.page_of(Gpa(m.gpa(2).0 + 4096)), None, "between pages");
+        assert_eq!(m.page_of(m.gpa(4)), None, "past the last page");
+        assert_eq!(m.page_of(Gpa((1 << 30) - 4096)), None, "below the base");
+        let dense = RefModel::new(Gpa(0), 8);
+        assert_eq!(dense.page_of(Gpa(7 * 4096 + 8)), Some(7));
+    }
+
+    #[test]
+    fn test_a_conversion_clears_only_the_strided_pages_it_covers() {
+        let mut p = Pass::new(
+            0,
+            1,
+            Pattern::Sequential,
+            100,
+            true,
+            RefModel::strided(Gpa(0), 4, 8192),
+            1,
+        );
+        while let Some(a) = p.next() {
+            p.complete(&a, AccessResult::Memory(0));
+        }
+        // Pages 1 and 2 sit at 8 KiB and 16 KiB.
+        p.converted(Gpa(8192), 3 * 4096, true);
+        let m = p.into_model();
+        assert_ne!(m.expected[0], 0);
+        assert_eq!(m.expected[1], 0);
+        assert_eq!(m.expected[2], 0);
+        assert_ne!(m.expected[3], 0);
     }
 }

@@ -139,7 +139,7 @@ impl std::fmt::Debug for HostMemory {
 
 /// A boxed slice of atomics, zero-initialised by the allocator (lazily committed
 /// by the kernel for large sizes).
-fn zeroed_atomics<T: Default>(n: usize) -> Box<[T]> {
+pub(crate) fn zeroed_atomics<T: Default>(n: usize) -> Box<[T]> {
     // All integer atomics are valid when zeroed, and `Default` is zero for them.
     let layout =
         std::alloc::Layout::array::<T>(n.max(1)).unwrap_or_else(|_| std::alloc::Layout::new::<T>());
@@ -202,6 +202,42 @@ impl HostMemory {
             poison_on_free,
             violations: ArenaViolations::default(),
         })
+    }
+
+    /// Have the kernel commit the arena's memory for the frames allocated so
+    /// far and the next `ahead` bytes (contents stay zero, states stay
+    /// fresh). Frames are handed out in ascending order (each thread's free
+    /// list a 2 MiB block at a time), so this covers what a run allocates
+    /// next: a benchmark that pre-touches its host memory also wants the
+    /// frames the MMU's tables will come from committed, as a kernel's page
+    /// allocator hands out memory that is already there. Returns the bytes
+    /// committed from the arena's start.
+    pub fn commit_ahead(&self, ahead: u64) -> u64 {
+        let used = (self.data_pages() + self.table_pages()) * PAGE;
+        let bytes = used
+            .saturating_add(ahead)
+            .saturating_add(SHARDS as u64 * Order::M2.pages() * PAGE)
+            .min(self.npages * PAGE);
+        // SAFETY: advising a range inside the arena's own mapping; populating
+        // writes nothing a reader could see (the pages read as zero before and
+        // after).
+        let r = unsafe {
+            libc::madvise(
+                self.base.as_ptr() as *mut libc::c_void,
+                bytes as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            // Kernels before 5.14: touch each page (adding zero changes
+            // nothing, but is a write the kernel must commit a page for).
+            for i in 0..(bytes / PAGE) as usize {
+                // SAFETY: i < npages: inside the mapping, accessed atomically.
+                let w = unsafe { &*self.base.as_ptr().add(i * WORDS) };
+                w.fetch_add(0, Ordering::Relaxed);
+            }
+        }
+        bytes
     }
 
     /// Total frames.
@@ -494,6 +530,37 @@ impl vmmu::PrivateMemory for HostMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resident 4 KiB pages among the arena's first `pages` (mincore).
+    fn resident(mem: &HostMemory, pages: usize) -> usize {
+        let mut v = vec![0u8; pages];
+        // SAFETY: the range lies inside the arena's mapping; `v` holds one
+        // byte per page of it.
+        let r = unsafe {
+            libc::mincore(
+                mem.base.as_ptr() as *mut libc::c_void,
+                pages * PAGE as usize,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        v.iter().filter(|b| **b & 1 != 0).count()
+    }
+
+    #[test]
+    fn test_commit_ahead_commits_what_is_used_and_what_comes_next_only() {
+        let mem = HostMemory::new(1 << 30, true).unwrap();
+        let _p = mem.alloc(Order::K4, PageState::Data).unwrap();
+        assert_eq!(resident(&mem, 16 << 8), 0, "fresh frames are not committed");
+        let bytes = mem.commit_ahead(4 << 20);
+        // One used frame, 4 MiB ahead, a 2 MiB block per shard.
+        assert_eq!(bytes, PAGE + (4 << 20) + SHARDS as u64 * (2 << 20));
+        let pages = (bytes / PAGE) as usize;
+        assert_eq!(resident(&mem, pages + 512), pages);
+        // Still zero, still fresh: the next allocation is unchanged.
+        let q = mem.alloc(Order::K4, PageState::Table).unwrap();
+        assert!(mem.page(q).iter().all(|w| w.load(Ordering::Relaxed) == 0));
+    }
 
     #[test]
     fn test_arena_alloc_zeroes_free_poisons_and_reuses() {

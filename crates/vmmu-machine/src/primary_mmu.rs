@@ -278,7 +278,9 @@ impl HostMmu {
             start: start.0,
             pages,
             backing,
-            entries: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            // Zeroed by the allocator, so a sparse guest's host page table
+            // costs memory only where it is touched.
+            entries: crate::host_memory::zeroed_atomics(pages as usize),
             locks: (0..pages.div_ceil(512)).map(|_| Mutex::new(())).collect(),
             reshape: Mutex::new(()),
         });
@@ -539,7 +541,11 @@ impl HostMmu {
         self.bracket(range, || {
             self.for_each_page_locked(range, |r, i| {
                 let e = r.entries[i].load(Ordering::Acquire);
-                r.entries[i].store(e & PROT_RO, Ordering::Release);
+                // Entries never touched stay unwritten (their page of the
+                // host page table is never committed for a sparse guest).
+                if e & !PROT_RO != 0 {
+                    r.entries[i].store(e & PROT_RO, Ordering::Release);
+                }
                 if e & PRESENT != 0 {
                     self.mem.put(Pfn(e & FRAME));
                     self.stats.unmapped.fetch_add(1, Ordering::Relaxed);

@@ -18,11 +18,26 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let shape = validate(common)?;
     let mut env = build(common, shape)?;
     if common.prefault_host {
-        let range = vmmu::HvaRange::new(
-            vmmu::Hva(super::REGION_HVA),
-            vmmu::Hva(super::REGION_HVA + shape.total),
-        );
-        env.m.host.prefault(range)?;
+        // The pages the vCPUs will touch (all of them but for a sparse guest).
+        let page = shape.backing.alignment().max(4096);
+        let mut last = None;
+        for v in 0..shape.vcpus as u64 {
+            for i in 0..shape.touched_pages_per_vcpu() {
+                let hva = super::REGION_HVA + v * shape.bytes_per_vcpu + i * shape.touch_stride;
+                let start = hva / page * page;
+                if last.replace(start) != Some(start) {
+                    env.m.host.prefault(vmmu::HvaRange::new(
+                        vmmu::Hva(start),
+                        vmmu::Hva(start + page),
+                    ))?;
+                }
+            }
+        }
+        // And the frames the MMU's tables will take: one last-level table
+        // per 2 MiB touched, one upper table per 1 GiB, a root per vCPU.
+        let spans = |size: u64| shape.touch_bytes.div_ceil(shape.touch_stride.max(size));
+        let tables = shape.vcpus as u64 * (spans(2 << 20) + spans(1 << 30) + 2);
+        env.m.mem.commit_ahead(tables * 4096);
     }
     let mut r = Report::new("demand-paging", &shape);
     r.line(format!(
@@ -45,7 +60,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let pages_per_vcpu = if common.overlap {
         shape.total / 4096
     } else {
-        shape.bytes_per_vcpu / 4096
+        shape.touched_pages_per_vcpu()
     };
     let per_vcpu: f64 = reports
         .iter()
@@ -66,7 +81,34 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
         (ns as f64 / (pages_per_vcpu * shape.vcpus as u64) as f64).round(),
     );
     r.put("efaults", sum(&reports, |x| x.counters.efaults));
+    // What the MMU's page tables cost against what they map, and what the
+    // whole process holds (a sparse guest reserves address space only).
+    let touched = pages_per_vcpu * shape.vcpus as u64 * 4096;
+    let tables = env.m.mem.table_pages() * 4096;
+    r.put("touched_bytes", touched);
+    r.put("mmu_table_bytes", tables);
+    r.put(
+        "mmu_table_percent_of_touched",
+        (tables as f64 * 1e4 / touched as f64).round() / 100.0,
+    );
+    r.line(format!(
+        "MMU page tables: {} for {} touched ({:.3} %)",
+        crate::args::human(tables),
+        crate::args::human(touched),
+        tables as f64 * 100.0 / touched as f64
+    ));
+    if let Some(rss) = peak_rss() {
+        r.put("peak_rss_bytes", rss);
+    }
     let (_, _, v) = env.pass("verify", models, 2, Pattern::Sequential, 0, |_| {});
     r.phase("verify", v.as_nanos() as u64);
     env.finish(r)
+}
+
+/// The process's peak resident memory (`VmHWM`), where /proc tells.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -107,7 +107,9 @@ pub fn harvest_rings(
 /// Build the machine: the region mapped with the backing, split into memslots.
 pub fn build(common: &Common, shape: Shape) -> anyhow::Result<Env> {
     let cfg = MachineConfig {
-        memory_bytes: shape.total + shape.total / 64 + (1 << 30),
+        // Host memory for what the run touches (all of it but for a sparse
+        // guest) and the tables over it.
+        memory_bytes: shape.host_bytes() + shape.host_bytes() / 64 + (1 << 30),
         vm: vm_config(common),
         oracle: !common.no_oracle,
         poison: true,
@@ -213,9 +215,10 @@ impl Env {
                 if self.common.overlap {
                     RefModel::new(Gpa(REGION_GPA), s.total / 4096)
                 } else {
-                    RefModel::new(
+                    RefModel::strided(
                         Gpa(REGION_GPA + i as u64 * s.bytes_per_vcpu),
-                        s.bytes_per_vcpu / 4096,
+                        s.touched_pages_per_vcpu(),
+                        s.touch_stride,
                     )
                 }
             })
@@ -274,6 +277,7 @@ impl Env {
         meanwhile: impl FnOnce(&PhaseCtx<'_>),
     ) -> (Vec<RefModel>, Vec<VcpuReport>, Duration) {
         let verify = !self.common.overlap;
+        let total: u64 = models.iter().map(RefModel::pages).sum();
         let progs: Vec<Pass> = models
             .into_iter()
             .enumerate()
@@ -289,12 +293,6 @@ impl Env {
                 )
             })
             .collect();
-        let copies = if self.common.overlap {
-            self.shape.vcpus as u64
-        } else {
-            1
-        };
-        let total = self.shape.total / 4096 * copies;
         let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let opts = self.options(&progress);
         let bar = progress_bar(label, total, self.common.json);
