@@ -304,6 +304,10 @@ pub(crate) enum RunCmd {
     /// pages reclaimed, refaults and fault latency with lockless and locked
     /// aging (no selftest).
     Reclaim(ReclaimArgs),
+    /// memslot_perf_test: 512 MiB over 10 to 32764 memslots; map, unmap,
+    /// unmap-chunked, move-active, move-inactive and rw loops, each slot
+    /// count on a fresh VM, time per iteration and its growth with the count.
+    MemslotPerf(MemslotPerfArgs),
     /// guest_memfd_test: the guest_memfd contract case by case (creation sizes
     /// and flags, fallocate modes and bounds, bind errors, mmap), with
     /// --vs-kvm side by side with /dev/kvm; and the punch-hole invalidation count.
@@ -671,6 +675,45 @@ pub(crate) struct MmuStressArgs {
     pub(crate) flags: RunFlags,
 }
 
+/// `vmmu run memslot-perf`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct MemslotPerfArgs {
+    /// Memslot counts to run, each on a fresh VM (slot 0 included, as the
+    /// selftest's -s counts it), comma-separated.
+    #[arg(short = 's', long = "slots", value_delimiter = ',', default_values_t = crate::scenario::memslot_perf::DEFAULT_SLOTS)]
+    pub(crate) slots: Vec<u32>,
+    /// First sub-test: 0 map, 1 unmap, 2 unmap-chunked, 3 move-active,
+    /// 4 move-inactive, 5 rw.
+    #[arg(short = 'f', long = "first", default_value_t = 0)]
+    pub(crate) first: usize,
+    /// Last sub-test (same numbering).
+    #[arg(short = 'e', long = "last", default_value_t = 5)]
+    pub(crate) last: usize,
+    /// Seconds each loop runs (at least one iteration), as the selftest's -l.
+    #[arg(
+        short = 'l',
+        long = "loop-seconds",
+        value_name = "SECONDS",
+        default_value_t = 1.0
+    )]
+    pub(crate) seconds: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: RunFlags,
+}
+
+impl MemslotPerfArgs {
+    /// The scenario's own arguments.
+    pub(crate) fn perf(&self) -> crate::scenario::memslot_perf::PerfArgs {
+        crate::scenario::memslot_perf::PerfArgs {
+            slots: self.slots.clone(),
+            first: self.first,
+            last: self.last,
+            seconds: self.seconds,
+        }
+    }
+}
+
 /// `vmmu run memslot-churn`.
 #[derive(Args, Debug, Clone, Serialize)]
 pub(crate) struct MemslotChurnArgs {
@@ -988,6 +1031,7 @@ impl RunCmd {
             RunCmd::DirtyLogPerf(_) => "dirty-log-perf",
             RunCmd::Prefault(_) => "prefault",
             RunCmd::GuestMemfd(_) => "guest-memfd",
+            RunCmd::MemslotPerf(_) => "memslot-perf",
             RunCmd::NxHugePages(_) => "nx-huge-pages",
             RunCmd::Reclaim(_) => "reclaim",
         }
@@ -1105,6 +1149,7 @@ impl RunCmd {
                 ..a.tracking.apply(a.flags.common())
             },
             RunCmd::GuestMemfd(a) => a.flags.common(),
+            RunCmd::MemslotPerf(a) => a.flags.common(),
             RunCmd::Reclaim(a) => Common {
                 vcpus: Some(a.vcpus),
                 bytes: Some(a.bytes),
@@ -1145,6 +1190,7 @@ impl RunCmd {
             RunCmd::AccessTracking(a) => serde_json::to_value(a),
             RunCmd::DirtyLogPerf(a) => serde_json::to_value(a),
             RunCmd::GuestMemfd(a) => serde_json::to_value(a),
+            RunCmd::MemslotPerf(a) => serde_json::to_value(a),
             RunCmd::NxHugePages(a) => serde_json::to_value(a),
             RunCmd::Reclaim(a) => serde_json::to_value(a),
         };
@@ -1166,6 +1212,15 @@ pub(crate) fn unmodelled_flag(scenario: &str, flag: &str) -> Option<&'static str
         }
         ("memslot-churn", "-q") => {
             "the slot-zap-all quirk cannot be turned off yet: deletes and moves zap every root"
+        }
+        ("memslot-perf", "-r") => {
+            "one run per slot count here: repeat the command for a best of several"
+        }
+        ("memslot-perf", "-q") => {
+            "the slot-zap-all quirk cannot be turned off yet: moves zap every root"
+        }
+        ("memslot-perf", "-d" | "-t") => {
+            "the data is always checked here (the oracle and the guest's reads), and no alarm is needed"
         }
         ("mmu-stress", "-s") => {
             "the machine sizes mmu-stress memory with -b per vCPU and --aliases, not a slot size"

@@ -49,6 +49,7 @@ fn validate_scenario(cmd: &RunCmd) -> anyhow::Result<()> {
         RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::validate(&common).map(|_| ()),
         RunCmd::Prefault(_) => scenario::prefault::validate(&common).map(|_| ()),
         RunCmd::GuestMemfd(_) => scenario::guest_memfd::validate(&common).map(|_| ()),
+        RunCmd::MemslotPerf(a) => scenario::memslot_perf::validate(&common, &a.perf()),
         RunCmd::NxHugePages(a) => scenario::nx_huge_pages::validate(&common, &a.nx()).map(|_| ()),
         RunCmd::Reclaim(a) => scenario::reclaim::validate(&common, &a.reclaim()).map(|_| ()),
     }
@@ -202,6 +203,7 @@ pub fn run_cli() -> ExitCode {
                 RunCmd::DirtyLogPerf(_) => scenario::dirty_log_perf::run(&common),
                 RunCmd::Prefault(_) => scenario::prefault::run(&common),
                 RunCmd::GuestMemfd(a) => scenario::guest_memfd::run(&common, a.vs_kvm),
+                RunCmd::MemslotPerf(a) => scenario::memslot_perf::run(&common, &a.perf()),
                 RunCmd::NxHugePages(a) => scenario::nx_huge_pages::run(&common, &a.nx()),
                 RunCmd::Reclaim(a) => scenario::reclaim::run(&common, &a.reclaim()),
             }

@@ -327,6 +327,7 @@ pub struct Pass {
     discarded: Option<std::sync::Arc<Discarded>>,
     private_percent: u32,
     fetch_percent: u32,
+    mmio_allowed: Option<(Gpa, Gpa)>,
     repeat: bool,
     i: u64,
     mismatches: u64,
@@ -359,6 +360,7 @@ impl Pass {
             discarded: None,
             private_percent: 0,
             fetch_percent: 0,
+            mmio_allowed: None,
             repeat: false,
             i: 0,
             mismatches: 0,
@@ -398,6 +400,13 @@ impl Pass {
     /// the NX huge page mitigation splits what they touch. Checked as reads.
     pub fn with_fetch_percent(mut self, percent: u32) -> Pass {
         self.fetch_percent = percent;
+        self
+    }
+
+    /// Allow MMIO exits only for accesses inside `[start, end)` (a slot
+    /// being moved away); any other one counts as a mismatch.
+    pub fn with_mmio_allowed(mut self, start: Gpa, end: Gpa) -> Pass {
+        self.mmio_allowed = Some((start, end));
         self
     }
 
@@ -509,7 +518,20 @@ impl GuestProgram for Pass {
                     }
                 }
             }
-            (_, AccessResult::Mmio) => self.mmio += 1,
+            (_, AccessResult::Mmio) => {
+                self.mmio += 1;
+                if let Some((start, end)) = self.mmio_allowed {
+                    if access.gpa < start || access.gpa >= end {
+                        self.mismatches += 1;
+                        if self.first.is_none() {
+                            self.first = Some(format!(
+                                "vCPU {} pass {}: MMIO exit at {} (page {}), outside [{start}, {end})",
+                                self.vcpu, self.pass, access.gpa, page
+                            ));
+                        }
+                    }
+                }
+            }
             (
                 _,
                 AccessResult::Fault | AccessResult::MemoryFault { .. } | AccessResult::PageFault(_),
@@ -623,5 +645,28 @@ mod tests {
         assert_eq!(m.expected[1], 0);
         assert_eq!(m.expected[2], 0);
         assert_ne!(m.expected[3], 0);
+    }
+
+    #[test]
+    fn test_mmio_outside_the_allowed_window_is_a_mismatch() {
+        let mut p = Pass::new(
+            0,
+            1,
+            Pattern::Sequential,
+            100,
+            true,
+            RefModel::new(Gpa(0), 4),
+            1,
+        )
+        .with_mmio_allowed(Gpa(2 * 4096), Gpa(4 * 4096));
+        let mut seen = 0;
+        while let Some(a) = p.next() {
+            p.complete(&a, AccessResult::Mmio);
+            seen += 1;
+        }
+        assert_eq!(seen, 4);
+        // Pages 0 and 1 are outside [2, 4).
+        assert_eq!(p.mismatches(), 2);
+        assert!(p.first_mismatch().unwrap().contains("outside"));
     }
 }

@@ -10,6 +10,7 @@ pub mod guest_memfd;
 pub mod invalidation_storm;
 pub mod live_migration;
 pub mod memslot_churn;
+pub mod memslot_perf;
 pub mod mmu_stress;
 pub mod nx_huge_pages;
 pub mod page_splitting;
