@@ -697,6 +697,10 @@ pub(crate) struct MemslotPerfArgs {
         default_value_t = 1.0
     )]
     pub(crate) seconds: f64,
+    /// Also run the loops on /dev/kvm (the loop guest, 512 MiB over the same
+    /// slot counts), side by side.
+    #[arg(long)]
+    pub(crate) vs_kvm: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: RunFlags,
@@ -710,6 +714,7 @@ impl MemslotPerfArgs {
             first: self.first,
             last: self.last,
             seconds: self.seconds,
+            vs_kvm: self.vs_kvm,
         }
     }
 }

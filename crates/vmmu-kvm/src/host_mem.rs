@@ -174,6 +174,32 @@ impl HostMemory {
         }
     }
 
+    /// `MADV_DONTNEED` over `[offset, offset + len)` (clamped to the range):
+    /// the host drops the pages, which fires KVM's invalidation notifiers.
+    pub(crate) fn dontneed(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.len());
+        if offset >= end {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside our own mapping (clamped above); dropping
+        // its pages only makes later reads see zeroes.
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(offset as usize).cast(),
+                (end - offset) as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(KvmError::BadConfig(format!(
+                "madvise(MADV_DONTNEED) of {:#x} bytes at offset {offset:#x}: {}",
+                end - offset,
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// Copies `bytes` to the start of the usable range.
     pub(crate) fn write_bytes(&self, bytes: &[u8]) {
         let n = bytes.len().min(self.len);

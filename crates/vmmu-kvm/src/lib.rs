@@ -38,6 +38,7 @@ pub mod gmem;
 pub mod guest;
 mod host_mem;
 pub mod memslot_api;
+pub mod memslot_perf;
 pub mod process_churn;
 mod stats;
 mod vm;

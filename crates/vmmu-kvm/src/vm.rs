@@ -314,6 +314,120 @@ impl GuestVm {
         }
     }
 
+    /// Make vCPU `index` visit `[start, end)` (guest physical) from its next
+    /// pass on.
+    pub(crate) fn set_chunk(&mut self, index: usize, start: u64, end: u64) -> Result<()> {
+        let vcpu = self
+            .vcpus
+            .get(index)
+            .ok_or_else(|| KvmError::BadConfig(format!("no vCPU {index}")))?;
+        let mut regs = vcpu.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+        regs.rdi = start;
+        regs.rsi = end;
+        vcpu.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+        Ok(())
+    }
+
+    /// Host address of the measured memory's first byte.
+    pub(crate) fn measured_host_addr(&self) -> u64 {
+        self.measured.host_addr()
+    }
+
+    /// Drop `[offset, offset + len)` of the measured memory (`MADV_DONTNEED`).
+    pub(crate) fn dontneed_measured(&self, offset: u64, len: u64) -> Result<()> {
+        self.measured.dontneed(offset, len)
+    }
+
+    /// Set (create, move, delete with size 0) slot `slot` at `gpa` over
+    /// `size` bytes of the measured memory from `offset`; returns how long
+    /// the call took.
+    pub(crate) fn set_measured_part(
+        &self,
+        slot: u32,
+        gpa: u64,
+        offset: u64,
+        size: u64,
+    ) -> Result<Duration> {
+        if offset
+            .checked_add(size)
+            .is_none_or(|e| e > self.measured.len())
+        {
+            return Err(KvmError::BadConfig(format!(
+                "slot {slot}: {size:#x} bytes at offset {offset:#x} of {:#x} bytes",
+                self.measured.len()
+            )));
+        }
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.measured.host_addr() + offset,
+        };
+        let start = Instant::now();
+        // SAFETY: the range lies inside the measured mapping, which outlives the
+        // VM fd (field order).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        Ok(start.elapsed())
+    }
+
+    /// Run vCPU 0's passes over its chunk in a thread until `host` returns,
+    /// `host` running beside it with the VM fd. MMIO exits (a write into a
+    /// slot moved away) are counted and re-entered; returns the passes
+    /// completed, the MMIO exits, and the first MMIO exit outside `allowed`.
+    pub(crate) fn passes_while<R>(
+        &mut self,
+        allowed: (u64, u64),
+        host: impl FnOnce(&VmFd) -> R,
+    ) -> Result<(R, u64, u64, Option<u64>)> {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (vcpus, vm) = (&mut self.vcpus, &self.vm);
+        let vcpu = vcpus
+            .get_mut(0)
+            .ok_or_else(|| KvmError::BadConfig("no vCPU".into()))?;
+        std::thread::scope(|s| {
+            let stop = &stop;
+            let guest = s.spawn(move || -> Result<(u64, u64, Option<u64>)> {
+                let (mut passes, mut mmio, mut outside) = (0u64, 0u64, None);
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    match vcpu.run() {
+                        Ok(VcpuExit::IoOut(port, _)) if port == DONE_PORT => passes += 1,
+                        Ok(VcpuExit::MmioWrite(addr, _)) | Ok(VcpuExit::MmioRead(addr, _)) => {
+                            mmio += 1;
+                            if (addr < allowed.0 || addr >= allowed.1) && outside.is_none() {
+                                outside = Some(addr);
+                            }
+                        }
+                        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                        Ok(VcpuExit::Intr) => {}
+                        Ok(exit) => {
+                            return Err(KvmError::UnexpectedExit {
+                                vcpu: 0,
+                                exit: format!("{exit:?}"),
+                                rip: 0,
+                            })
+                        }
+                        Err(e) => {
+                            return Err(KvmError::UnexpectedExit {
+                                vcpu: 0,
+                                exit: format!("KVM_RUN failed: {e}"),
+                                rip: 0,
+                            })
+                        }
+                    }
+                }
+                Ok((passes, mmio, outside))
+            });
+            let r = host(vm);
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let (passes, mmio, outside) = guest
+                .join()
+                .unwrap_or(Err(KvmError::ThreadPanicked { index: 0 }))?;
+            Ok((r, passes, mmio, outside))
+        })
+    }
+
     /// Make the guest visit every `stride`-th byte (a multiple of 4 KiB) from
     /// the next pass on.
     pub(crate) fn set_stride(&mut self, stride: u64) -> Result<()> {

@@ -74,23 +74,14 @@ pub struct PerfArgs {
     pub last: usize,
     /// How long each loop runs (at least one iteration).
     pub seconds: f64,
+    /// Also run the loops on /dev/kvm.
+    pub vs_kvm: bool,
 }
 
-/// The test slots (ids 1..n): gpa and size, the remainder in the last.
+/// The test slots (ids 1..n): gpa and size, the remainder in the last (the
+/// same split as the KVM side's).
 fn layout(n: u32) -> Vec<(u64, u64)> {
-    let pages = TEST_BYTES / PAGE;
-    let count = u64::from(n - 1);
-    let per = pages / count;
-    (0..count)
-        .map(|i| {
-            let size = if i + 1 == count {
-                pages - per * (count - 1)
-            } else {
-                per
-            } * PAGE;
-            (TEST_GPA + i * per * PAGE, size)
-        })
-        .collect()
+    vmmu_kvm::memslot_perf::layout(TEST_GPA, TEST_BYTES, n)
 }
 
 /// Check the flags (before anything is allocated).
@@ -425,6 +416,50 @@ fn one(common: &Common, a: &PerfArgs, n: u32, last: bool) -> anyhow::Result<(Row
     Ok((row, None))
 }
 
+/// A slot count's figures on one side: slots, setup ns, each loop's ns per
+/// iteration.
+type SideRow = (u32, u64, Vec<(&'static str, u64)>);
+
+/// One side's table: a line per slot count (setup, then each loop's time
+/// per iteration) and the growth from the smallest count to the largest;
+/// returns the growth per loop.
+fn table(
+    r: &mut Report,
+    side: &str,
+    rows: &[SideRow],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut header = format!("{side:<5} {:>7} {:>12}", "slots", "slot setup");
+    for (name, _) in rows.first().map(|x| x.2.as_slice()).unwrap_or_default() {
+        header += &format!(" {name:>14}");
+    }
+    r.line(header + "   (per iteration)");
+    for (slots, setup, loops) in rows {
+        let mut l = format!("{side:<5} {slots:>7} {:>10.3}ms", *setup as f64 / 1e6);
+        for (_, ns) in loops {
+            l += &format!(" {:>12.1}µs", *ns as f64 / 1e3);
+        }
+        r.line(l);
+    }
+    let mut growth = serde_json::Map::new();
+    let lo = rows.iter().min_by_key(|x| x.0);
+    let hi = rows.iter().max_by_key(|x| x.0);
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        if lo.0 != hi.0 {
+            let mut l = format!("{side:<5} {:>7} {:>12}", "ratio", "");
+            for ((name, a), (_, b)) in lo.2.iter().zip(&hi.2) {
+                let ratio = *b as f64 / (*a).max(1) as f64;
+                l += &format!(" {ratio:>13.2}×");
+                growth.insert(name.to_string(), json!((ratio * 100.0).round() / 100.0));
+            }
+            r.line(format!(
+                "{l}   ({} slots over {}; flat is at most 1.2×)",
+                hi.0, lo.0
+            ));
+        }
+    }
+    growth
+}
+
 /// Run it; returns the exit code.
 pub fn run(common: &Common, a: &PerfArgs) -> anyhow::Result<i32> {
     validate(common, a)?;
@@ -436,45 +471,35 @@ pub fn run(common: &Common, a: &PerfArgs) -> anyhow::Result<i32> {
         env = e;
     }
     let env = env.ok_or_else(|| anyhow::anyhow!("no slot count ran"))?;
+    let names = &TESTS[a.first..=a.last];
+    let budget = Duration::from_secs_f64(a.seconds);
+    let kvm = if a.vs_kvm {
+        let mut k = Vec::new();
+        for &n in &a.slots {
+            k.push(
+                vmmu_kvm::memslot_perf::kvm_memslot_perf(n, names, budget)
+                    .map_err(|e| anyhow::anyhow!("--vs-kvm: {n} memslots: {e}"))?,
+            );
+        }
+        Some(k)
+    } else {
+        None
+    };
     let mut r = Report::new("memslot-perf", &shape(a));
     r.line(format!(
         "Testing {} for {} s each, slots {:?}",
-        TESTS[a.first..=a.last].join(", "),
+        names.join(", "),
         a.seconds,
         a.slots
     ));
-    let mut header = format!("{:>7} {:>12}", "slots", "slot setup");
-    for (name, ..) in &rows[0].tests {
-        header += &format!(" {name:>14}");
-    }
-    r.line(header + "   (per iteration)");
-    for row in &rows {
-        let mut l = format!("{:>7} {:>10.3}ms", row.slots, row.setup_ns as f64 / 1e6);
-        for (_, x) in &row.tests {
-            l += &format!(" {:>12.1}µs", x.per_iteration() as f64 / 1e3);
-        }
-        r.line(l);
-    }
-    // Flatness: each loop's cost at the largest count over the smallest.
-    let (lo, hi) = (
-        rows.iter().min_by_key(|x| x.slots),
-        rows.iter().max_by_key(|x| x.slots),
-    );
-    let mut flat = serde_json::Map::new();
-    if let (Some(lo), Some(hi)) = (lo, hi) {
-        if lo.slots != hi.slots {
-            let mut l = format!("{:>7} {:>12}", "ratio", "");
-            for ((name, a), (_, b)) in lo.tests.iter().zip(&hi.tests) {
-                let ratio = b.per_iteration() as f64 / a.per_iteration().max(1) as f64;
-                l += &format!(" {ratio:>13.2}×");
-                flat.insert(name.to_string(), json!((ratio * 100.0).round() / 100.0));
-            }
-            r.line(format!(
-                "{l}   ({} slots over {}; flat is at most 1.2×)",
-                hi.slots, lo.slots
-            ));
-        }
-    }
+    let ours: Vec<_> = rows
+        .iter()
+        .map(|x| {
+            let loops = x.tests.iter().map(|(n, l)| (*n, l.per_iteration()));
+            (x.slots, x.setup_ns, loops.collect())
+        })
+        .collect();
+    let growth = table(&mut r, "vmmu", &ours);
     let mismatches: u64 = rows.iter().map(|x| x.mismatches).sum();
     if let Some(m) = rows.iter().find_map(|x| x.first_mismatch.clone()) {
         r.line(format!(
@@ -499,7 +524,40 @@ pub fn run(common: &Common, a: &PerfArgs) -> anyhow::Result<i32> {
             }))
             .collect::<Vec<_>>()),
     );
-    r.put("ratio_largest_to_smallest", serde_json::Value::Object(flat));
+    r.put(
+        "ratio_largest_to_smallest",
+        serde_json::Value::Object(growth),
+    );
+    if let Some(k) = &kvm {
+        let theirs: Vec<_> = k
+            .iter()
+            .map(|x| {
+                let loops = x.loops.iter().map(|l| (l.name, l.ns / l.iterations.max(1)));
+                (x.slots, x.setup_ns, loops.collect())
+            })
+            .collect();
+        let growth = table(&mut r, "kvm", &theirs);
+        r.put(
+            "kvm_rows",
+            json!(k
+                .iter()
+                .map(|x| json!({
+                    "slots": x.slots,
+                    "slot_setup_ns": x.setup_ns,
+                    "tests": x.loops.iter().map(|l| json!({
+                        "name": l.name,
+                        "ns_per_iteration": l.ns / l.iterations.max(1),
+                        "iterations": l.iterations,
+                        "mmio_exits": l.mmio,
+                    })).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>()),
+        );
+        r.put(
+            "kvm_ratio_largest_to_smallest",
+            serde_json::Value::Object(growth),
+        );
+    }
     r.put("mismatches", mismatches);
     let (code, _) = env.finish_counted(r)?;
     Ok(if mismatches > 0 { 1 } else { code })
