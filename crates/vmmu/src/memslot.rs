@@ -9,7 +9,7 @@
 //! when the retired one is still held, cost O(log slots) (`memslot-perf`
 //! measures it from 10 to 32764 slots).
 
-mod hva_tree;
+mod slot_tree;
 
 use bitflags::bitflags;
 use imbl::OrdMap;
@@ -17,7 +17,7 @@ use imbl::OrdMap;
 use crate::gmem::{GmemFile, SlotGmem};
 use crate::sync::{Arc, AtomicU32, AtomicU64, Ordering};
 use crate::types::{Gfn, GfnRange, Hva, HvaRange, Level, PAGE_SIZE};
-use hva_tree::HvaTree;
+use slot_tree::SlotTree;
 
 /// Slots per address space available to userspace (x86 `KVM_USER_MEM_SLOTS`).
 pub const USER_MEM_SLOTS: u32 = 32764;
@@ -479,10 +479,10 @@ impl Memslot {
 #[derive(Debug)]
 pub struct MemslotSet {
     generation: AtomicU64,
-    /// By base gfn; gfn ranges never overlap.
-    by_gfn: OrdMap<u64, Arc<Memslot>>,
+    /// By gfn range; gfn ranges never overlap.
+    by_gfn: SlotTree,
     /// By host range; host ranges may overlap (aliases).
-    by_hva: HvaTree,
+    by_hva: SlotTree,
     by_id: OrdMap<u16, Arc<Memslot>>,
 }
 
@@ -501,8 +501,8 @@ impl MemslotSet {
     pub(crate) fn new(as_id: u16) -> Self {
         MemslotSet {
             generation: AtomicU64::new(as_id as u64),
-            by_gfn: OrdMap::new(),
-            by_hva: HvaTree::default(),
+            by_gfn: SlotTree::default(),
+            by_hva: SlotTree::default(),
             by_id: OrdMap::new(),
         }
     }
@@ -524,13 +524,12 @@ impl MemslotSet {
 
     /// Whether there are no slots.
     pub fn is_empty(&self) -> bool {
-        self.by_gfn.is_empty()
+        self.by_gfn.len() == 0
     }
 
     /// The slot containing `gfn`.
     pub fn lookup(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
-        let (_, slot) = self.by_gfn.get_prev(&gfn.0)?;
-        slot.contains(gfn).then_some(slot)
+        self.by_gfn.holding(gfn.0)
     }
 
     /// The slot with this id.
@@ -540,7 +539,7 @@ impl MemslotSet {
 
     /// All slots in gfn order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
-        self.by_gfn.values()
+        self.by_gfn.iter()
     }
 
     /// Slots whose host range intersects `range`, with the intersecting gfns.
@@ -549,11 +548,12 @@ impl MemslotSet {
         range: HvaRange,
         mut f: impl FnMut(&Arc<Memslot>, GfnRange),
     ) {
-        self.by_hva.for_each_overlap(range, |slot| {
-            if let Some(g) = slot.hva_range_to_gfns(range) {
-                f(slot, g);
-            }
-        });
+        self.by_hva
+            .for_each_overlap(range.start.0, range.end.0, |slot| {
+                if let Some(g) = slot.hva_range_to_gfns(range) {
+                    f(slot, g);
+                }
+            });
     }
 
     /// Every slot whose gfns overlap `range`, with the overlapping gfns.
@@ -562,48 +562,38 @@ impl MemslotSet {
         range: GfnRange,
         mut f: impl FnMut(&Arc<Memslot>, GfnRange),
     ) {
-        if range.is_empty() {
-            return;
-        }
-        // From the slot holding the range's first gfn, if one does.
-        let from = self
-            .lookup(range.start)
-            .map_or(range.start.0, |s| s.base_gfn.0);
-        for (_, slot) in self.by_gfn.range(from..) {
-            if slot.base_gfn.0 >= range.end.0 {
-                break;
-            }
-            let start = slot.base_gfn.0.max(range.start.0);
-            let end = (slot.base_gfn.0 + slot.npages).min(range.end.0);
-            if start < end {
+        self.by_gfn
+            .for_each_overlap(range.start.0, range.end.0, |slot| {
+                let start = slot.base_gfn.0.max(range.start.0);
+                let end = (slot.base_gfn.0 + slot.npages).min(range.end.0);
                 f(slot, GfnRange::new(Gfn(start), Gfn(end)));
-            }
-        }
+            });
     }
 
-    /// The first slot (other than `except`) whose gfns overlap `range`.
+    /// The first slot (other than `except`, the slot being changed) whose
+    /// gfns overlap `range`.
     fn overlapping(&self, range: GfnRange, except: Option<u16>) -> Option<&Arc<Memslot>> {
-        // Slots are disjoint, so going down from the last one that starts
-        // before the range's end, every slot that ends after its start
-        // overlaps it, and the first that does not ends the search (`except`,
-        // the slot being moved, may be anywhere and is passed over).
+        let mut found = None;
         self.by_gfn
-            .range(..range.end.0)
-            .rev()
-            .map(|(_, s)| s)
-            .take_while(|s| s.base_gfn.0 + s.npages > range.start.0 || Some(s.id) == except)
-            .find(|s| Some(s.id) != except)
+            .for_each_overlap(range.start.0, range.end.0, |slot| {
+                if found.is_none() && Some(slot.id) != except {
+                    found = Some(slot.id);
+                }
+            });
+        found.and_then(|id| self.by_id.get(&id))
     }
 
     fn insert(&mut self, slot: Arc<Memslot>) {
-        self.by_gfn.insert(slot.base_gfn.0, slot.clone());
-        self.by_hva.insert(slot.clone());
+        let (gfn, hva) = (slot.base_gfn.0, slot.userspace_addr.0);
+        self.by_gfn.insert(gfn, gfn + slot.npages, slot.clone());
+        self.by_hva
+            .insert(hva, hva + slot.npages * PAGE_SIZE, slot.clone());
         self.by_id.insert(slot.id, slot);
     }
 
     fn remove(&mut self, id: u16) -> Option<Arc<Memslot>> {
         let slot = self.by_id.remove(&id)?;
-        self.by_gfn.remove(&slot.base_gfn.0);
+        self.by_gfn.remove(slot.base_gfn.0, slot.id);
         self.by_hva.remove(slot.userspace_addr.0, slot.id);
         Some(slot)
     }

@@ -1,24 +1,26 @@
-//! The memslots of an address space by host address: a persistent interval
-//! tree, so a notifier's "which slots does this host range touch" costs
-//! O(log n + k) however many slots there are and however different their
-//! sizes (KVM keeps an interval tree on hva for the same query).
+//! The memslots of an address space by range: a persistent interval tree,
+//! one by guest frame and one by host address. "Which slot holds this gfn"
+//! is one descent, and "which slots does this range touch" (a notifier's
+//! host range, a new slot's gfns) costs O(log n + k) however many slots
+//! there are and however different their sizes (KVM keeps an rbtree on gfn
+//! and an interval tree on hva for the same queries).
 //!
-//! A treap keyed by (host start, slot id), each node also holding the
-//! largest end below it. Nodes are immutable and shared: a copy of the tree
+//! A treap keyed by (start, slot id), each node also holding the largest end
+//! below it; starts and ends are in the tree's own unit (gfns or bytes). Nodes are immutable and shared: a copy of the tree
 //! is one reference count, and a change copies only the nodes on the paths
 //! it touches (O(log n) expected), which is what lets a memslot set be copied
 //! and changed per update without an O(n) cost. Priorities are a hash of the
 //! key, so the shape of the tree is a function of its contents.
 //!
-//! No crate offers a persistent interval tree: `imbl` (used for the other
-//! indexes) has ordered maps without augmentation, and the interval-tree
-//! crates are mutable in place.
+//! No crate offers a persistent interval tree: `imbl` (used for the id
+//! index) has ordered maps without augmentation (and its lookups build a
+//! two-cursor range with heap-allocated stacks, too slow for every fault),
+//! and the interval-tree crates are mutable in place.
 
 use std::sync::Arc as Shared;
 
 use super::Memslot;
 use crate::sync::Arc;
-use crate::types::HvaRange;
 
 type Key = (u64, u16);
 type Link = Option<Shared<Node>>;
@@ -26,7 +28,7 @@ type Link = Option<Shared<Node>>;
 #[derive(Debug)]
 struct Node {
     key: Key,
-    /// One past the slot's last host byte.
+    /// One past the slot's last unit.
     end: u64,
     slot: Arc<Memslot>,
     prio: u64,
@@ -98,16 +100,21 @@ fn prio(k: Key) -> u64 {
 
 /// The tree (cloning it is O(1)).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct HvaTree {
+pub(crate) struct SlotTree {
     root: Link,
+    len: usize,
 }
 
-impl HvaTree {
-    /// Add `slot` (its id must not be in the tree).
-    pub(crate) fn insert(&mut self, slot: Arc<Memslot>) {
-        let start = slot.userspace_addr.0;
+impl SlotTree {
+    /// Slots in the tree.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Add `slot` over `[start, end)` (its id must not be in the tree under
+    /// this start).
+    pub(crate) fn insert(&mut self, start: u64, end: u64, slot: Arc<Memslot>) {
         let key = (start, slot.id);
-        let end = start + slot.npages * crate::types::PAGE_SIZE;
         let leaf = Shared::new(Node {
             key,
             end,
@@ -119,20 +126,38 @@ impl HvaTree {
         });
         let (l, r) = split(&self.root, key);
         // A slot already under this key is replaced.
-        let (_, r) = split(&r, next_key(key));
+        let (old, r) = split(&r, next_key(key));
+        self.len = self.len + 1 - usize::from(old.is_some());
         self.root = merge(merge(l, Some(leaf)), r);
     }
 
-    /// Drop the slot with this host start and id.
+    /// Drop the slot with this start and id.
     pub(crate) fn remove(&mut self, start: u64, id: u16) {
         let key = (start, id);
         let (l, r) = split(&self.root, key);
-        let (_, r) = split(&r, next_key(key));
+        let (old, r) = split(&r, next_key(key));
+        self.len -= usize::from(old.is_some());
         self.root = merge(l, r);
     }
 
-    /// Every slot whose host range intersects `range`, in (start, id) order.
-    pub(crate) fn for_each_overlap(&self, range: HvaRange, mut f: impl FnMut(&Arc<Memslot>)) {
+    /// The slot holding `point`, if the slots are disjoint (the gfn tree):
+    /// the one with the last start at or below it, if it reaches that far.
+    pub(crate) fn holding(&self, point: u64) -> Option<&Arc<Memslot>> {
+        let mut best: Option<&Node> = None;
+        let mut t = &self.root;
+        while let Some(n) = t {
+            if n.key.0 <= point {
+                best = Some(n);
+                t = &n.right;
+            } else {
+                t = &n.left;
+            }
+        }
+        best.filter(|n| point < n.end).map(|n| &n.slot)
+    }
+
+    /// Every slot whose range intersects `[start, end)`, in (start, id) order.
+    pub(crate) fn for_each_overlap(&self, start: u64, end: u64, mut f: impl FnMut(&Arc<Memslot>)) {
         fn visit(t: &Link, start: u64, end: u64, f: &mut impl FnMut(&Arc<Memslot>)) {
             let Some(n) = t else { return };
             if n.max_end <= start {
@@ -147,9 +172,23 @@ impl HvaTree {
                 visit(&n.right, start, end, f);
             }
         }
-        if range.start.0 < range.end.0 {
-            visit(&self.root, range.start.0, range.end.0, &mut f);
+        if start < end {
+            visit(&self.root, start, end, &mut f);
         }
+    }
+
+    /// All slots in (start, id) order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
+        fn walk<'a>(t: &'a Link, out: &mut Vec<&'a Arc<Memslot>>) {
+            if let Some(n) = t {
+                walk(&n.left, out);
+                out.push(&n.slot);
+                walk(&n.right, out);
+            }
+        }
+        let mut out = Vec::with_capacity(self.len);
+        walk(&self.root, &mut out);
+        out.into_iter()
     }
 }
 
@@ -157,7 +196,6 @@ impl HvaTree {
 mod tests {
     use super::super::{classify, Change, MemslotSet, UserMemoryRegion};
     use super::*;
-    use crate::types::Hva;
 
     /// A slot of `pages` pages at host address `hva`.
     fn slot(id: u16, hva: u64, pages: u64) -> Arc<Memslot> {
@@ -174,10 +212,15 @@ mod tests {
         }
     }
 
-    fn ids(t: &HvaTree, start: u64, end: u64) -> Vec<u16> {
+    fn ids(t: &SlotTree, start: u64, end: u64) -> Vec<u16> {
         let mut v = Vec::new();
-        t.for_each_overlap(HvaRange::new(Hva(start), Hva(end)), |s| v.push(s.id));
+        t.for_each_overlap(start, end, |s| v.push(s.id));
         v
+    }
+
+    fn insert(t: &mut SlotTree, s: Arc<Memslot>) {
+        let start = s.userspace_addr.0;
+        t.insert(start, start + s.npages * 4096, s);
     }
 
     #[test]
@@ -189,7 +232,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             rng >> 33
         };
-        let mut t = HvaTree::default();
+        let mut t = SlotTree::default();
         let mut all: Vec<(u16, u64, u64)> = Vec::new();
         let mut copies = Vec::new();
         for step in 0..3000u32 {
@@ -202,7 +245,7 @@ mod tests {
                     1 + next() % 8
                 };
                 let hva = (next() % 100_000) * 4096;
-                t.insert(slot(id, hva, pages));
+                insert(&mut t, slot(id, hva, pages));
                 all.push((id, hva, hva + pages * 4096));
             } else if !all.is_empty() {
                 let (id, hva, _) = all.swap_remove((next() as usize) % all.len());
@@ -221,6 +264,8 @@ mod tests {
             want.sort();
             let want: Vec<u16> = want.into_iter().map(|(_, id)| id).collect();
             assert_eq!(ids(&t, a, b), want, "step {step}: [{a:#x}, {b:#x})");
+            assert_eq!(t.len(), all.len());
+            assert_eq!(t.iter().count(), all.len());
         }
         // Copies taken along the way still answer as they did.
         for (c, was) in copies {
@@ -232,11 +277,31 @@ mod tests {
     }
 
     #[test]
+    fn test_holding_finds_the_disjoint_slot_of_a_point_or_none() {
+        let mut t = SlotTree::default();
+        // Slots [10, 20), [20, 25), [40, 41) in their own units.
+        for (id, start, end) in [(1u16, 10u64, 20u64), (2, 20, 25), (3, 40, 41)] {
+            t.insert(start, end, slot(id, start * 4096, end - start));
+        }
+        let at = |p| t.holding(p).map(|s| s.id);
+        assert_eq!(at(9), None);
+        assert_eq!(at(10), Some(1));
+        assert_eq!(at(19), Some(1));
+        assert_eq!(at(20), Some(2));
+        assert_eq!(at(24), Some(2));
+        assert_eq!(at(25), None, "past the end of the slot below");
+        assert_eq!(at(40), Some(3));
+        assert_eq!(at(41), None);
+        let order: Vec<u16> = t.iter().map(|s| s.id).collect();
+        assert_eq!(order, [1, 2, 3]);
+    }
+
+    #[test]
     fn test_one_large_slot_does_not_widen_queries_elsewhere() {
-        let mut t = HvaTree::default();
-        t.insert(slot(0, 0, 1 << 20));
+        let mut t = SlotTree::default();
+        insert(&mut t, slot(0, 0, 1 << 20));
         for i in 1..1000u16 {
-            t.insert(slot(i, (8 << 30) + u64::from(i) * 4096, 1));
+            insert(&mut t, slot(i, (8 << 30) + u64::from(i) * 4096, 1));
         }
         let a = (8 << 30) + 500 * 4096;
         assert_eq!(ids(&t, a, a + 4096), vec![500]);
