@@ -42,6 +42,8 @@ fn test_every_mode_json_matches_the_schema() {
     let v = schema();
     for args in [
         &["run", "demand-paging", "-b", "4M", "-v", "2"][..],
+        &["run", "demand-paging", "-b", "64M", "--stride", "2M"],
+        &["run", "memslot-perf", "-s", "3,10", "-l", "0.01"],
         &["run", "mmu-stress", "-b", "4M", "--aliases", "2"],
         &["run", "memslot-churn", "-b", "4M", "-i", "2"],
         &["run", "invalidation-storm", "-b", "4M", "-i", "1"],

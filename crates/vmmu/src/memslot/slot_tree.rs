@@ -296,6 +296,28 @@ mod tests {
         assert_eq!(order, [1, 2, 3]);
     }
 
+    fn depth(t: &Link) -> usize {
+        t.as_ref()
+            .map_or(0, |n| 1 + depth(&n.left).max(depth(&n.right)))
+    }
+
+    #[test]
+    fn test_slots_created_in_order_still_make_a_shallow_tree() {
+        // Memslots are usually created in ascending order: without the
+        // priorities (or with them ignored when merging) that is a list.
+        let mut t = SlotTree::default();
+        for i in 0..4096u16 {
+            let start = u64::from(i) * 4;
+            t.insert(start, start + 4, slot(i, start * 4096, 4));
+        }
+        let d = depth(&t.root);
+        assert!(d <= 40, "depth {d} for 4096 slots");
+        // Replacing a slot under the same key keeps the count.
+        t.insert(0, 4, slot(0, 0, 4));
+        assert_eq!(t.len(), 4096);
+        assert_eq!(t.iter().count(), 4096);
+    }
+
     #[test]
     fn test_one_large_slot_does_not_widen_queries_elsewhere() {
         let mut t = SlotTree::default();
