@@ -1,0 +1,166 @@
+//! A memslot set: the slots of one address space, indexed by gfn range,
+//! host range and id, and how an update changes it.
+
+use imbl::OrdMap;
+
+use super::slot_tree::SlotTree;
+use super::Memslot;
+use crate::sync::{Arc, AtomicU64, Ordering};
+use crate::types::{Gfn, GfnRange, HvaRange, PAGE_SIZE};
+
+/// The memslots of one address space.
+///
+/// The indexes are persistent trees (the gfn and host-range interval trees
+/// of `slot_tree`, an `imbl::OrdMap` by id): a copy shares all nodes with
+/// its original, and a change copies only the paths to what it changes. An
+/// update then costs O(log n) whatever the slot count, also when the retired
+/// set is still held by a reader and the next update has to start from a
+/// copy (KVM gets the same from its two sets of trees, changed in place).
+#[derive(Debug)]
+pub struct MemslotSet {
+    generation: AtomicU64,
+    /// By gfn range; gfn ranges never overlap.
+    by_gfn: SlotTree,
+    /// By host range; host ranges may overlap (aliases).
+    by_hva: SlotTree,
+    by_id: OrdMap<u16, Arc<Memslot>>,
+}
+
+impl Clone for MemslotSet {
+    fn clone(&self) -> Self {
+        MemslotSet {
+            generation: AtomicU64::new(self.generation()),
+            by_gfn: self.by_gfn.clone(),
+            by_hva: self.by_hva.clone(),
+            by_id: self.by_id.clone(),
+        }
+    }
+}
+
+impl MemslotSet {
+    pub(crate) fn new(as_id: u16) -> Self {
+        MemslotSet {
+            generation: AtomicU64::new(as_id as u64),
+            by_gfn: SlotTree::default(),
+            by_hva: SlotTree::default(),
+            by_id: OrdMap::new(),
+        }
+    }
+
+    /// The set's generation (bit 63 set while an update is being published).
+    pub fn generation(&self) -> u64 {
+        // Acquire: pairs with the Release store that finishes an update.
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_generation(&self, gen: u64) {
+        self.generation.store(gen, Ordering::Release);
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.by_gfn.len()
+    }
+
+    /// Whether there are no slots.
+    pub fn is_empty(&self) -> bool {
+        self.by_gfn.len() == 0
+    }
+
+    /// The slot containing `gfn`.
+    pub fn lookup(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
+        self.by_gfn.holding(gfn.0)
+    }
+
+    /// The slot with this id.
+    pub fn by_id(&self, id: u16) -> Option<&Arc<Memslot>> {
+        self.by_id.get(&id)
+    }
+
+    /// All slots in gfn order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
+        self.by_gfn.iter()
+    }
+
+    /// Slots whose host range intersects `range`, with the intersecting gfns.
+    pub fn for_each_hva_overlap(
+        &self,
+        range: HvaRange,
+        mut f: impl FnMut(&Arc<Memslot>, GfnRange),
+    ) {
+        self.by_hva
+            .for_each_overlap(range.start.0, range.end.0, |slot| {
+                if let Some(g) = slot.hva_range_to_gfns(range) {
+                    f(slot, g);
+                }
+            });
+    }
+
+    /// Every slot whose gfns overlap `range`, with the overlapping gfns.
+    pub fn for_each_gfn_overlap(
+        &self,
+        range: GfnRange,
+        mut f: impl FnMut(&Arc<Memslot>, GfnRange),
+    ) {
+        self.by_gfn
+            .for_each_overlap(range.start.0, range.end.0, |slot| {
+                let start = slot.base_gfn.0.max(range.start.0);
+                let end = (slot.base_gfn.0 + slot.npages).min(range.end.0);
+                f(slot, GfnRange::new(Gfn(start), Gfn(end)));
+            });
+    }
+
+    /// The first slot (other than `except`, the slot being changed) whose
+    /// gfns overlap `range`.
+    pub(super) fn overlapping(
+        &self,
+        range: GfnRange,
+        except: Option<u16>,
+    ) -> Option<&Arc<Memslot>> {
+        let mut found = None;
+        self.by_gfn
+            .for_each_overlap(range.start.0, range.end.0, |slot| {
+                if found.is_none() && Some(slot.id) != except {
+                    found = Some(slot.id);
+                }
+            });
+        found.and_then(|id| self.by_id.get(&id))
+    }
+
+    fn insert(&mut self, slot: Arc<Memslot>) {
+        let (gfn, hva) = (slot.base_gfn.0, slot.userspace_addr.0);
+        self.by_gfn.insert(gfn, gfn + slot.npages, slot.clone());
+        self.by_hva
+            .insert(hva, hva + slot.npages * PAGE_SIZE, slot.clone());
+        self.by_id.insert(slot.id, slot);
+    }
+
+    fn remove(&mut self, id: u16) -> Option<Arc<Memslot>> {
+        let slot = self.by_id.remove(&id)?;
+        self.by_gfn.remove(slot.base_gfn.0, slot.id);
+        self.by_hva.remove(slot.userspace_addr.0, slot.id);
+        Some(slot)
+    }
+
+    /// Apply one step of an update.
+    pub(crate) fn apply(&mut self, op: &SetOp) {
+        match op {
+            SetOp::Insert(s) => self.insert(s.clone()),
+            SetOp::Remove(id) => {
+                self.remove(*id);
+            }
+            SetOp::Replace(id, s) => {
+                self.remove(*id);
+                self.insert(s.clone());
+            }
+        }
+    }
+}
+
+/// One mutation of a set, applied to both copies.
+#[derive(Debug, Clone)]
+pub(crate) enum SetOp {
+    Insert(Arc<Memslot>),
+    Remove(u16),
+    Replace(u16, Arc<Memslot>),
+}
