@@ -167,6 +167,12 @@ impl Runner {
             .ok_or_else(|| KvmError::BadConfig("no test slot".into()))?;
         let id = slots.len() as u32;
         let offset = gpa - MEASURED_GPA;
+        if slots.len() < 2 || size < MOVE_WINDOW / 2 || offset < MOVE_WINDOW / 2 {
+            return Err(KvmError::BadConfig(format!(
+                "the move loops need two test slots (three memslots) and a last slot of at least {} KiB",
+                MOVE_WINDOW / 2 / 1024
+            )));
+        }
         let window = if active { offset - MOVE_WINDOW / 2 } else { 0 };
         self.vm.set_chunk(
             0,

@@ -48,5 +48,10 @@ fn test_kvm_memslot_perf_refuses_bad_counts_and_loops() {
             kvm_memslot_perf(10, &["sideways"], budget),
             Err(KvmError::BadConfig(_))
         ));
+        // One test slot: nothing to move it past.
+        assert!(matches!(
+            kvm_memslot_perf(2, &["move-active"], budget),
+            Err(KvmError::BadConfig(_))
+        ));
     }
 }
