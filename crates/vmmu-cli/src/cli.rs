@@ -819,6 +819,30 @@ pub(crate) enum BenchCmd {
     /// (KVM 6.15) and under mmu_lock (before): pass time and the vCPUs'
     /// fault latency during the pass.
     Aging(BenchAgingArgs),
+    /// Fault throughput from 1 to N vCPUs against a memory-bound loop from 1
+    /// to N threads in the same run: vmmu's scaling as a share of what this
+    /// machine gives any N threads.
+    Scaling(BenchScalingArgs),
+}
+
+/// `vmmu bench scaling`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub(crate) struct BenchScalingArgs {
+    /// vCPUs (and loop threads) of the scaled run.
+    #[arg(short = 'v', long = "vcpus", default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Memory each vCPU faults in (host memory pre-touched).
+    #[arg(short = 'b', long = "bytes", value_parser = parse_size, default_value = "512M")]
+    pub(crate) bytes: u64,
+    /// Each loop thread's private buffer.
+    #[arg(long = "loop-bytes", value_parser = parse_size, default_value = "64M")]
+    pub(crate) loop_bytes: u64,
+    /// Rounds (the median is the headline).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) rounds: u32,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) flags: BenchFlags,
 }
 
 /// `vmmu bench aging`.

@@ -89,6 +89,7 @@ fn validate_bench(b: &BenchCmd) -> anyhow::Result<()> {
         BenchCmd::DirtyLog(a) => bench::dirty_log::validate(a),
         BenchCmd::NxRecovery(a) => bench::nx_recovery::validate(a),
         BenchCmd::Aging(a) => bench::aging::validate(a),
+        BenchCmd::Scaling(a) => bench::scaling::validate(a),
     }
 }
 
@@ -161,6 +162,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::Aging(_),
         } => "bench aging".into(),
+        Cmd::Bench {
+            benchmark: BenchCmd::Scaling(_),
+        } => "bench scaling".into(),
         Cmd::Soak(_) => "soak".into(),
         Cmd::Report(_) => "report".into(),
         Cmd::Bugs(_) => "bugs".into(),
@@ -226,6 +230,9 @@ pub fn run_cli() -> ExitCode {
         Cmd::Bench {
             benchmark: BenchCmd::Aging(a),
         } => bench::aging::run(&a),
+        Cmd::Bench {
+            benchmark: BenchCmd::Scaling(a),
+        } => bench::scaling::run(&a),
         Cmd::Soak(a) => soak::run(&a),
         Cmd::Report(a) => html::run(&a.runs, a.trace.as_deref(), &a.output),
         Cmd::Bugs(a) => bugs::run(&a),

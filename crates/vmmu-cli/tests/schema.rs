@@ -64,6 +64,16 @@ fn test_every_mode_json_matches_the_schema() {
         &["bench", "nx-recovery", "-b", "8M", "--fault-bytes", "4M"],
         &["bench", "aging", "-b", "8M", "--fault-bytes", "2M"],
         &[
+            "bench",
+            "scaling",
+            "-b",
+            "4M",
+            "--loop-bytes",
+            "1M",
+            "--rounds",
+            "1",
+        ],
+        &[
             "run",
             "invalidation-storm",
             "-b",

@@ -7,6 +7,7 @@ pub mod aging;
 pub mod conversions;
 pub mod dirty_log;
 pub mod nx_recovery;
+pub mod scaling;
 mod window;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
