@@ -82,8 +82,9 @@ fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Loop until `budget` has passed (at least once).
-fn more(t0: Instant, i: u64, budget: Duration) -> bool {
+/// Whether a loop that started at `t0` and has done `i` iterations goes on:
+/// until `budget` has passed, at least once (both sides' loops use it).
+pub fn more(t0: Instant, i: u64, budget: Duration) -> bool {
     i == 0 || t0.elapsed() < budget
 }
 

@@ -31,6 +31,8 @@ use vmmu::{Gpa, Hva, HvaRange, UserMemoryRegion};
 use vmmu_machine::guest::{Pass, Pattern, RefModel};
 use vmmu_machine::{Backing, Machine, MachineConfig};
 
+use vmmu_kvm::memslot_perf::more;
+
 use super::{vm_config, Env};
 use crate::args::{BadInput, Common};
 use crate::report::Report;
@@ -170,11 +172,6 @@ impl Loop {
     }
 }
 
-/// Iterations until `budget` has passed since `t0` (at least one).
-fn more(t0: Instant, i: u64, budget: Duration) -> bool {
-    i == 0 || t0.elapsed() < budget
-}
-
 fn hva_of(gpa: u64) -> u64 {
     TEST_HVA + (gpa - TEST_GPA)
 }
@@ -189,7 +186,8 @@ fn region(slot: u32, gpa: u64, size: u64) -> UserMemoryRegion {
     }
 }
 
-/// A pass of the one vCPU over `pages` pages from `gpa`.
+/// Pass number `n` of the one vCPU over `model`'s pages, in order, writing
+/// `write_percent` of them and checking what it reads.
 fn pass(n: u32, model: RefModel, write_percent: u32) -> Pass {
     Pass::new(0, n, Pattern::Sequential, write_percent, true, model, 1)
 }
