@@ -12,13 +12,13 @@ mod window;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::json;
-use vmmu::{Hva, HvaRange, UserMemoryRegion};
+use vmmu::UserMemoryRegion;
 use vmmu_machine::guest::Pattern;
 use vmmu_machine::Backing;
 
 use crate::args::{human, BadInput, Common};
 use crate::cli::{BenchDemandPagingArgs, BenchStormArgs};
-use crate::scenario::{build, REGION_HVA};
+use crate::scenario::build;
 
 const EXPLAIN: &str = "\
 What is compared: vmmu runs its MMU inside a software machine model (guest accesses are simulated, \
@@ -97,10 +97,7 @@ fn vmmu_run(
     let mut env = build(&c, shape)?;
     let _ = &shape;
     if pretouch {
-        env.m.host.prefault(HvaRange::new(
-            Hva(REGION_HVA),
-            Hva(REGION_HVA + shape.total),
-        ))?;
+        env.prefault_host()?;
     }
     let models = env.models();
     let (models, _, first) = env.pass("first pass", models, 1, Pattern::Sequential, 100, |_| {});

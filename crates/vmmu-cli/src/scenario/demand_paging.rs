@@ -18,26 +18,7 @@ pub fn run(common: &Common) -> anyhow::Result<i32> {
     let shape = validate(common)?;
     let mut env = build(common, shape)?;
     if common.prefault_host {
-        // The pages the vCPUs will touch (all of them but for a sparse guest).
-        let page = shape.backing.alignment().max(4096);
-        let mut last = None;
-        for v in 0..shape.vcpus as u64 {
-            for i in 0..shape.touched_pages_per_vcpu() {
-                let hva = super::REGION_HVA + v * shape.bytes_per_vcpu + i * shape.touch_stride;
-                let start = hva / page * page;
-                if last.replace(start) != Some(start) {
-                    env.m.host.prefault(vmmu::HvaRange::new(
-                        vmmu::Hva(start),
-                        vmmu::Hva(start + page),
-                    ))?;
-                }
-            }
-        }
-        // And the frames the MMU's tables will take: one last-level table
-        // per 2 MiB touched, one upper table per 1 GiB, a root per vCPU.
-        let spans = |size: u64| shape.touch_bytes.div_ceil(shape.touch_stride.max(size));
-        let tables = shape.vcpus as u64 * (spans(2 << 20) + spans(1 << 30) + 2);
-        env.m.mem.commit_ahead(tables * 4096);
+        env.prefault_host()?;
     }
     let mut r = Report::new("demand-paging", &shape);
     r.line(format!(

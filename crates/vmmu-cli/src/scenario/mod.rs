@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use vmmu::{Gpa, Hva, UserMemoryRegion, VmConfig};
+use vmmu::{Gpa, Hva, HvaRange, UserMemoryRegion, VmConfig};
 use vmmu_machine::guest::{Pass, Pattern, RefModel};
 use vmmu_machine::{Machine, MachineConfig, PhaseCtx, RunOptions, VcpuReport};
 
@@ -205,6 +205,33 @@ impl Env {
             common: common.clone(),
             trace,
         }
+    }
+
+    /// Populate the host memory the vCPUs will touch (all of the region but
+    /// for a sparse guest) and commit the arena frames the MMU's tables will
+    /// take (one last-level table per 2 MiB touched, one upper table per
+    /// 1 GiB, a root per vCPU), so that faults measure the MMU rather than
+    /// the host's page allocation (a kernel hands KVM table pages that are
+    /// already there).
+    pub fn prefault_host(&mut self) -> anyhow::Result<()> {
+        let shape = self.shape;
+        let page = shape.backing.alignment().max(4096);
+        let mut last = None;
+        for v in 0..shape.vcpus as u64 {
+            for i in 0..shape.touched_pages_per_vcpu() {
+                let hva = REGION_HVA + v * shape.bytes_per_vcpu + i * shape.touch_stride;
+                let start = hva / page * page;
+                if last.replace(start) != Some(start) {
+                    self.m
+                        .host
+                        .prefault(HvaRange::new(Hva(start), Hva(start + page)))?;
+                }
+            }
+        }
+        let spans = |size: u64| shape.touch_bytes.div_ceil(shape.touch_stride.max(size));
+        let tables = shape.vcpus as u64 * (spans(2 << 20) + spans(1 << 30) + 2);
+        self.m.mem.commit_ahead(tables * 4096);
+        Ok(())
     }
 
     /// Per-vCPU reference models (each vCPU owns a chunk, or with `-o` the whole
