@@ -535,6 +535,11 @@ mod tests {
         assert_eq!(set.lookup(Gfn(0x2ff)).map(|s| s.id()), Some(1));
         assert!(set.lookup(Gfn(0x300)).is_none());
         assert_eq!(set.lookup(Gfn(0x400)).map(|s| s.id()), Some(2));
+        assert_eq!(set.pages(), 0x200 + 1, "pages of all slots");
+        let mut fewer = set.clone();
+        fewer.apply(&SetOp::Remove(1));
+        assert_eq!(fewer.pages(), 1);
+        assert_eq!(set.pages(), 0x201, "a copy's change leaves the original");
         let err =
             classify(&set, &region(3, 0x1f_f000, 0x2000, 0x6000_0000), 2, 1 << 34).unwrap_err();
         assert!(

@@ -24,6 +24,9 @@ pub struct MemslotSet {
     /// By host range; host ranges may overlap (aliases).
     by_hva: SlotTree,
     by_id: OrdMap<u16, Arc<Memslot>>,
+    /// Pages of all slots (the shadow MMU's default page limit is a share of
+    /// it, asked for on every fault that makes pages).
+    pages: u64,
 }
 
 impl Clone for MemslotSet {
@@ -33,6 +36,7 @@ impl Clone for MemslotSet {
             by_gfn: self.by_gfn.clone(),
             by_hva: self.by_hva.clone(),
             by_id: self.by_id.clone(),
+            pages: self.pages,
         }
     }
 }
@@ -44,6 +48,7 @@ impl MemslotSet {
             by_gfn: SlotTree::default(),
             by_hva: SlotTree::default(),
             by_id: OrdMap::new(),
+            pages: 0,
         }
     }
 
@@ -132,6 +137,7 @@ impl MemslotSet {
         self.by_gfn.insert(gfn, gfn + slot.npages, slot.clone());
         self.by_hva
             .insert(hva, hva + slot.npages * PAGE_SIZE, slot.clone());
+        self.pages += slot.npages;
         self.by_id.insert(slot.id, slot);
     }
 
@@ -139,7 +145,13 @@ impl MemslotSet {
         let slot = self.by_id.remove(&id)?;
         self.by_gfn.remove(slot.base_gfn.0, slot.id);
         self.by_hva.remove(slot.userspace_addr.0, slot.id);
+        self.pages -= slot.npages;
         Some(slot)
+    }
+
+    /// Pages of all slots together.
+    pub fn pages(&self) -> u64 {
+        self.pages
     }
 
     /// Apply one step of an update.

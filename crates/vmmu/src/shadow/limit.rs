@@ -35,11 +35,7 @@ impl ShadowMmu {
         if set > 0 {
             return set;
         }
-        let pages: u64 = vm
-            .memslots
-            .iter()
-            .map(|s| s.load().iter().map(|m| m.npages()).sum::<u64>())
-            .sum();
+        let pages: u64 = vm.memslots.iter().map(|s| s.load().pages()).sum();
         (pages / MEMSLOT_PAGES_PER_MMU_PAGE).max(MIN_ALLOC_PAGES)
     }
 }
