@@ -122,7 +122,27 @@ pub(crate) fn run_one(bug: &Bug) -> anyhow::Result<Outcome> {
                 backing: vmmu_machine::Backing::Anonymous,
                 ..vmmu_machine::stress::StressConfig::default()
             };
-            let r = vmmu_machine::stress::stress(&cfg)?;
+            // In a debug build the MMU's own assertions may fire first (a
+            // present leaf remapped, say) and panic a vCPU thread: that is
+            // the bug caught too, by the check the oracle's count backs.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                vmmu_machine::stress::stress(&cfg)
+            }));
+            let r = match run {
+                Ok(r) => r?,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    return Ok(Outcome {
+                        caught: true,
+                        elapsed: t.elapsed(),
+                        detail: format!("an MMU assertion fired in the stress run: {what}"),
+                    });
+                }
+            };
             let kinds: Vec<String> = r
                 .violations
                 .iter()

@@ -17,6 +17,7 @@ pub mod machine;
 pub mod nx_recovery;
 pub mod oracle;
 pub mod paging;
+pub mod pcpu;
 pub mod primary_mmu;
 pub mod processes;
 pub mod reclaim;

@@ -179,6 +179,9 @@ pub struct RunOptions {
     pub latency: bool,
     /// What the VMM does with a memory-fault exit.
     pub memory_faults: MemoryFaultPolicy,
+    /// The physical CPUs the vCPUs share (see [`crate::pcpu`]); `None`:
+    /// this machine's, when there are more vCPUs than CPUs.
+    pub pcpus: Option<usize>,
 }
 
 /// What the VMM does when a vCPU exits with `KVM_EXIT_MEMORY_FAULT`.
@@ -363,6 +366,15 @@ impl std::fmt::Debug for Machine {
 }
 
 pub(crate) const BATCH: u32 = 256;
+
+/// A running vCPU, counted out of `PhaseCtx::done`'s count when it ends.
+struct Leaving<'a>(&'a AtomicU64);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(20);
 
 /// What a `page_fault` call came to, as reports and traces name it.
@@ -524,6 +536,11 @@ impl Machine {
         };
         let (mem, host, oracle, vm) = (&self.mem, &self.host, &self.oracle, &self.vm);
         let vmm = &*self.vmm;
+        let cpus = opts.pcpus.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let pool = crate::pcpu::Pcpus::for_run(programs.len(), cpus);
+        let pcpus = pool.as_ref();
         let out = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .vcpus
@@ -533,15 +550,20 @@ impl Machine {
                     let (barrier, running) = (&barrier, &running);
                     s.spawn(move || {
                         barrier.wait();
+                        // Counted out however the vCPU ends: a vCPU that panics
+                        // (a debug assertion in the MMU) must not leave the host
+                        // side waiting for it forever; its panic is raised again
+                        // when it is joined.
+                        let _out = Leaving(running);
                         let env = VcpuEnv {
                             mem,
                             host,
                             oracle,
                             vm,
                             vmm,
+                            pcpus,
                         };
                         let report = run_vcpu(&env, vcpu, &mut prog, opts);
-                        running.fetch_sub(1, Ordering::AcqRel);
                         (prog, report)
                     })
                 })

@@ -19,6 +19,7 @@ use crate::machine::{
 };
 use crate::oracle::{check_access, check_dirty_after_walk, check_emulated, Oracle, Violation};
 use crate::paging::{translate_linear, LinearAccess, LinearFault, LinearOp, CR3_NOFLUSH};
+use crate::pcpu::Pcpus;
 use crate::primary_mmu::HostMmu;
 use crate::sync::Ordering;
 use crate::vmm::Vmm;
@@ -30,6 +31,8 @@ pub(crate) struct VcpuEnv<'a> {
     pub(crate) oracle: &'a Oracle,
     pub(crate) vm: &'a Vm,
     pub(crate) vmm: &'a Vmm,
+    /// The CPUs the vCPUs share, when there are more vCPUs than CPUs.
+    pub(crate) pcpus: Option<&'a Pcpus>,
 }
 
 pub(crate) fn run_vcpu<P: GuestProgram>(
@@ -58,6 +61,8 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
     let mut c = VcpuCounters::default();
     let (h0, m0) = (vcpu.tlb.hits, vcpu.tlb.misses);
     let mut in_guest = false;
+    // The vCPU thread runs while it holds a CPU (see `crate::pcpu`).
+    let mut cpu = Pcpus::take(env.pcpus);
     let mut mmu_view: Option<Mmu> = None;
     let mut slots: Option<Arc<MemslotSet>> = None;
     let mut batch = 0u32;
@@ -80,6 +85,9 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
             break;
         }
         if !in_guest {
+            // An entry point, outside guest mode and holding no lock: where
+            // a vCPU whose slice is over lets a waiting one run.
+            cpu.reschedule();
             let held = opts
                 .smm_state
                 .as_ref()
@@ -107,9 +115,11 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
                     // KVM_EXIT_DIRTY_RING_FULL: wait for the VMM (the host
                     // thread harvesting the rings) to collect and reset.
                     c.dirty_ring_full_exits += 1;
-                    while vcpu.mmu.dirty_ring_soft_full() {
-                        std::thread::sleep(std::time::Duration::from_micros(50));
-                    }
+                    cpu.off_cpu(|| {
+                        while vcpu.mmu.dirty_ring_soft_full() {
+                            std::thread::sleep(std::time::Duration::from_micros(50));
+                        }
+                    });
                     continue;
                 }
                 Err(_) => break,
@@ -496,6 +506,7 @@ pub(crate) fn run_vcpu<P: GuestProgram>(
     if in_guest {
         vcpu.mmu.exit_guest_mode();
     }
+    drop(cpu);
     c.tlb_hits = vcpu.tlb.hits - h0;
     c.tlb_misses = vcpu.tlb.misses - m0;
     if let Some(p) = &opts.progress {
