@@ -59,6 +59,28 @@ echo "  MMU's own:                                         $((fault - host - rel
 echo "    of which tdp::map:                               $map"
 echo "    of which hugepage_adjust, less the host level:   $((adjust - level))"
 echo "Instructions per zapped 4 KiB leaf (the slot delete's zap of the roots): $zap"
+# Memslot lookups: every call in the $LARGE run (the lookup is never inlined
+# so it can be counted), its inclusive cost per call and calls per fault.
+calls() {
+  grep -E "=> .*$2 \([0-9,]+x\)" "$OUT/an.$1" | awk '{
+      gsub(",", "", $1); s += $1
+      match($0, /\([0-9,]+x\)/); c = substr($0, RSTART + 1, RLENGTH - 3); gsub(",", "", c); n += c
+    } END { printf "%d %d", s, n }'
+}
+read -r lk_cost lk_n <<<"$(calls "$LARGE" "MemslotSet::lookup")"
+awk -v s="$lk_cost" -v n="$lk_n" -v f="$fl" 'BEGIN {
+  printf "Memslot lookups (%s run): %.0f instructions each, %.2f per fault (%d calls)\n", "'"$LARGE"'", n ? s / n : 0, n / f, n }'
+# Fast-path fixes: dirty-log-perf's write passes over write-protected pages
+# (64M, 2 vs 6 iterations: every extra fault is one fix).
+fixes() { "$BIN" run dirty-log-perf -v 1 -b 64M -i "$1" --no-oracle --json | sed -n 's/.*"fast_path_fixes":\([0-9]*\).*/\1/p'; }
+for i in 2 6; do
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.f$i" \
+    "$BIN" run dirty-log-perf -v 1 -b 64M -i "$i" --no-oracle >/dev/null 2>"$OUT/vg.f$i"
+  callgrind_annotate --inclusive=yes --threshold=100 "$OUT/cg.f$i" 2>/dev/null >"$OUT/an.f$i"
+done
+fn=$(( $(fixes 6) - $(fixes 2) ))
+awk -v a="$(incl f2 "VcpuMmu>::page_fault")" -v b="$(incl f6 "VcpuMmu>::page_fault")" -v n="$fn" \
+  'BEGIN { printf "Instructions per fast-path fix (a write to a write-protected page of a logged slot, %d fixes apart): %.0f\n", n, (b - a) / n }'
 # 2 MiB faults: 2 MiB host pages (hugetlb backing), 64M vs 256M.
 for b in 64M 256M; do
   valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.h$b" \

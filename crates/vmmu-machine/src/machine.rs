@@ -366,6 +366,7 @@ impl std::fmt::Debug for Machine {
 }
 
 pub(crate) const BATCH: u32 = 256;
+pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(20);
 
 /// A running vCPU, counted out of `PhaseCtx::done`'s count when it ends.
 struct Leaving<'a>(&'a AtomicU64);
@@ -375,7 +376,6 @@ impl Drop for Leaving<'_> {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
-pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(20);
 
 /// What a `page_fault` call came to, as reports and traces name it.
 pub const FAULT_OUTCOMES: [&str; 8] = [

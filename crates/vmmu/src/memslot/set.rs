@@ -73,6 +73,11 @@ impl MemslotSet {
     }
 
     /// The slot containing `gfn`.
+    ///
+    /// Never inlined, so `benches/fault_cost.sh` can count a lookup's
+    /// instructions and the lookups per fault (a call costs a few
+    /// instructions; KVM's `kvm_vcpu_gfn_to_memslot` is a call too).
+    #[inline(never)]
     pub fn lookup(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
         self.by_gfn.holding(gfn.0)
     }
