@@ -279,10 +279,12 @@ mod tests {
                 assert!(t0.elapsed() < Duration::from_secs(10), "never queued");
                 std::thread::yield_now();
             }
+            // A waiter, but the slice has just begun: keep the CPU.
+            cpu.since = Instant::now();
+            assert!(!cpu.reschedule(), "the slice is not over");
             std::thread::sleep(SLICE);
             assert!(cpu.reschedule(), "slice over and a waiter: give it up");
             order.lock().push("again");
-            assert!(!cpu.reschedule(), "a fresh slice");
             drop(cpu);
         });
         assert_eq!(*order.lock(), ["waiter", "again"]);
