@@ -9,6 +9,7 @@
 #
 #   bash benches/fault_cost.sh            # builds the release binary first
 #   SMALL=16M LARGE=64M bash benches/fault_cost.sh
+#   QUICK=1 bash benches/fault_cost.sh    # the 4 KiB fault and the zap only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMALL=${SMALL:-16M}
@@ -59,6 +60,10 @@ echo "  MMU's own:                                         $((fault - host - rel
 echo "    of which tdp::map:                               $map"
 echo "    of which hugepage_adjust, less the host level:   $((adjust - level))"
 echo "Instructions per zapped 4 KiB leaf (the slot delete's zap of the roots): $zap"
+if [ -n "${QUICK:-}" ]; then
+  echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  exit 0
+fi
 # Memslot lookups: every call in the $LARGE run (the lookup is never inlined
 # so it can be counted), its inclusive cost per call and calls per fault.
 calls() {

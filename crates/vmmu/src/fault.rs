@@ -183,7 +183,10 @@ impl VcpuMmu {
 
     fn page_fault_inner(&mut self, gpa: Gpa, ec: ErrorCode) -> Result<RetPf, FaultError> {
         let gfn = gpa.gfn();
-        let Some(root) = self.root.clone() else {
+        // Borrowed, not cloned: only this vCPU changes its root, and it cannot
+        // while it faults. (A clone would make every fault of every vCPU write
+        // the root's shared reference count.)
+        let Some(root) = self.root.as_deref() else {
             CounterSet::inc(&self.shared.stats.no_root_retries);
             return Ok(RetPf::Retry);
         };
@@ -255,7 +258,7 @@ impl VcpuMmu {
         };
 
         if f.rsvd {
-            match self.handle_mmio_fault(&root, &f, slots.generation()) {
+            match self.handle_mmio_fault(root, &f, slots.generation()) {
                 RetPf::Invalid => {}
                 r => return Ok(r),
             }
@@ -263,7 +266,7 @@ impl VcpuMmu {
 
         if self.fault_can_be_fast(&f) {
             CounterSet::inc(&self.shared.stats.fast_path_attempts);
-            match self.fast_page_fault(&root, &f) {
+            match self.fast_page_fault(root, &f) {
                 RetPf::Invalid => {}
                 r => return Ok(r),
             }
@@ -281,7 +284,7 @@ impl VcpuMmu {
         let stats = &self.shared.stats;
         let result = {
             let _r = vm.mmu_lock.read(&stats.lock);
-            if self.is_stale(&root, &f) {
+            if self.is_stale(root, &f) {
                 RetPf::Retry
             } else {
                 self.hugepage_adjust(&mut f);
@@ -290,7 +293,7 @@ impl VcpuMmu {
                 self.last_fault.set(last);
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                 let ctx = Ctx { stats, rcu: &rcu };
-                vm.tdp.map(&ctx, &root, &f, &mut self.cache, vm)
+                vm.tdp.map(&ctx, root, &f, &mut self.cache, vm)
             }
         };
         // A guest_memfd frame belongs to its file: nothing to release.

@@ -1,7 +1,7 @@
 //! Installing a mapping for a fault under the read-held `mmu_lock`
 //! (KVM's `kvm_tdp_mmu_map`).
 
-use super::iter::TdpIter;
+use super::iter::Descent;
 use super::{Ctx, RemoteFlush, TableCache, Tdp};
 use crate::fault::{PageFault, RetPf};
 use crate::root::Root;
@@ -25,8 +25,14 @@ impl Tdp {
     ) -> RetPf {
         let mut goal = f.goal_level;
         let mut pfn = f.pfn;
-        let mut it = self.walk(root, Level::K4, f.gfn, f.gfn.add(1));
-        while it.in_range() {
+        let walk = (f.gfn < self.max_gfn())
+            .then(|| Descent::new(&*self.mem, root.pfn, self.root_level, f.gfn))
+            .flatten();
+        let Some(mut it) = walk else {
+            CounterSet::inc(&ctx.stats.map_retries);
+            return RetPf::Retry;
+        };
+        loop {
             if it.old_spte.is_frozen() {
                 // Someone owns the entry for a multi-step change; don't bother
                 // allocating, just come back.
@@ -50,74 +56,92 @@ impl Tdp {
                         );
                         goal = lower;
                     }
-                    _ => return self.map_target_level(ctx, &mut it, f, pfn, flusher),
+                    _ => return self.map_target_level(ctx, &it, f, pfn, flusher),
                 }
             }
-            if it.old_spte.is_table(it.level) {
-                it.next();
-                continue;
-            }
-            // Not present, or a huge leaf that must become a table.
-            let (Some(child), Some(child_level)) = (cache.pop(), it.level.lower()) else {
-                CounterSet::inc(&ctx.stats.map_retries);
-                return RetPf::Retry;
-            };
-            let split = it.old_spte.is_leaf(it.level);
-            if split {
-                // Children inherit the huge leaf's permissions and A/D, so the
-                // translation is unchanged and no flush is needed. 4 KiB children
-                // get exec back: the NX mitigation only concerns huge leaves.
-                let exec = child_level == Level::K4 && self.nx_enabled();
-                for (i, e) in self.table(child).iter().enumerate() {
-                    let mut c = it.old_spte.split_child(child_level, i);
-                    if exec {
-                        c = c.make_executable();
-                    }
-                    e.store(c.0, Ordering::Relaxed);
+            if !it.old_spte.is_table(it.level) {
+                // Not present, or a huge leaf that must become a table.
+                if let Err(r) = self.link_table(ctx, root, &it, f, cache) {
+                    return r;
                 }
             }
-            // A fetch that could have mapped this range huge: the table stands
-            // for a possible NX huge page (listed below, once linked).
-            let nx = f.huge_page_disallowed && f.req_level >= it.level;
-            let mut old = it.old_spte;
-            let mut link = Spte::table(child, self.ad_enabled);
-            if nx {
-                link = link.with_nx_disallowed();
-            }
-            if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, link, it.gfn, it.level) {
-                if split {
-                    self.init_table(child);
-                }
-                cache.push_clean(child);
+            // Into the table just linked or found (re-read: it may be gone).
+            if !it.step_down() {
                 CounterSet::inc(&ctx.stats.map_retries);
                 return RetPf::Retry;
             }
-            self.linked_tables.fetch_add(1, Ordering::Relaxed);
-            CounterSet::inc(&ctx.stats.tables_allocated);
-            if split {
-                CounterSet::inc(&ctx.stats.huge_splits);
-                ctx.stats.leaf_added(child_level, 512);
-            }
-            if nx {
-                let page = super::nx::NxPage {
-                    table: child,
-                    gfn: it.gfn,
-                    level: it.level,
-                    root_id: root.id,
-                    as_id: root.role.as_id(),
-                };
-                self.track_possible_nx(ctx, it.sptep(), link, page);
-            }
-            it.next();
         }
-        CounterSet::inc(&ctx.stats.map_retries);
-        RetPf::Retry
+    }
+
+    /// Link a table from the vCPU's cache at the walk's entry, which is not
+    /// present or a huge leaf above the goal (split: the children inherit it).
+    /// `Err(Retry)` when the cache is empty or the exchange lost a race.
+    fn link_table(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        it: &Descent<'_>,
+        f: &PageFault<'_>,
+        cache: &mut TableCache,
+    ) -> Result<(), RetPf> {
+        let (Some(child), Some(child_level)) = (cache.pop(), it.level.lower()) else {
+            CounterSet::inc(&ctx.stats.map_retries);
+            return Err(RetPf::Retry);
+        };
+        let split = it.old_spte.is_leaf(it.level);
+        if split {
+            // Children inherit the huge leaf's permissions and A/D, so the
+            // translation is unchanged and no flush is needed. 4 KiB children
+            // get exec back: the NX mitigation only concerns huge leaves.
+            let exec = child_level == Level::K4 && self.nx_enabled();
+            for (i, e) in self.table(child).iter().enumerate() {
+                let mut c = it.old_spte.split_child(child_level, i);
+                if exec {
+                    c = c.make_executable();
+                }
+                e.store(c.0, Ordering::Relaxed);
+            }
+        }
+        // A fetch that could have mapped this range huge: the table stands
+        // for a possible NX huge page (listed below, once linked).
+        let nx = f.huge_page_disallowed && f.req_level >= it.level;
+        let mut old = it.old_spte;
+        let mut link = Spte::table(child, self.ad_enabled);
+        if nx {
+            link = link.with_nx_disallowed();
+        }
+        let gfn = it.gfn();
+        if !self.try_set_spte_atomic(ctx, it.sptep(), &mut old, link, gfn, it.level) {
+            if split {
+                self.init_table(child);
+            }
+            cache.push_clean(child);
+            CounterSet::inc(&ctx.stats.map_retries);
+            return Err(RetPf::Retry);
+        }
+        self.linked_tables.fetch_add(1, Ordering::Relaxed);
+        CounterSet::inc(&ctx.stats.tables_allocated);
+        if split {
+            CounterSet::inc(&ctx.stats.huge_splits);
+            ctx.stats.leaf_added(child_level, 512);
+        }
+        if nx {
+            let page = super::nx::NxPage {
+                table: child,
+                gfn,
+                level: it.level,
+                root_id: root.id,
+                as_id: root.role.as_id(),
+            };
+            self.track_possible_nx(ctx, it.sptep(), link, page);
+        }
+        Ok(())
     }
 
     fn map_target_level(
         &self,
         ctx: &Ctx<'_>,
-        it: &mut TdpIter<'_>,
+        it: &Descent<'_>,
         f: &PageFault<'_>,
         pfn: crate::types::Pfn,
         flusher: &dyn RemoteFlush,
@@ -152,7 +176,7 @@ impl Tdp {
             };
         }
         let mut cur = old;
-        if !self.try_set_spte_atomic(ctx, it.sptep(), &mut cur, new, it.gfn, level) {
+        if !self.try_set_spte_atomic(ctx, it.sptep(), &mut cur, new, it.gfn(), level) {
             CounterSet::inc(&ctx.stats.map_retries);
             return RetPf::Retry;
         }
