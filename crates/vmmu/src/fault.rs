@@ -201,8 +201,10 @@ impl VcpuMmu {
             return Ok(RetPf::Emulate);
         }
         let as_id = root.role.as_id();
-        let _srcu = self.srcu.read_lock();
-        let slots = vm.memslots[as_id as usize].load();
+        let srcu = self.srcu.read_lock();
+        // SAFETY: the section is of the VM's SRCU domain (the vCPU's reader was
+        // registered with it), the one every memslot swap waits on.
+        let slots = unsafe { vm.memslots[as_id as usize].read(&srcu) };
         let slot: Option<&Memslot> = slots.lookup(gfn).map(|s| &**s);
 
         let write = ec.contains(ErrorCode::WRITE);

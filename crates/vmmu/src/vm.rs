@@ -18,7 +18,7 @@ use crate::request::{RequestState, VcpuShared, REQ_FREE_OBSOLETE_ROOTS, REQ_TLB_
 use crate::root::RootFilter;
 use crate::spte::Spte;
 use crate::stats::{CounterSet, Stats};
-use crate::sync::{Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu};
+use crate::sync::{Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu, SrcuSnapshot};
 use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
 use crate::types::{Gfn, GfnRange, HvaRange, Level};
 use crate::vcpu::VcpuMmu;
@@ -146,7 +146,9 @@ pub(crate) struct VmInner {
     pub(crate) d_clears: [crate::sync::AtomicU64; 2],
     /// Entries of each vCPU's dirty ring (0: the VM logs into bitmaps).
     pub(crate) dirty_ring: crate::sync::AtomicU32,
-    pub(crate) memslots: Vec<Snapshot<MemslotSet>>,
+    /// Read inside the vCPUs' SRCU sections by plain reference (the fault
+    /// path), elsewhere through a guard.
+    pub(crate) memslots: Vec<SrcuSnapshot<MemslotSet>>,
     pub(crate) srcu: Srcu,
     /// The vCPU list, under `kvm->lock` (as `kvm_vm_ioctl_create_vcpu` takes it).
     pub(crate) vcpu_registry: Mutex<Vec<Arc<VcpuShared>>>,
@@ -348,7 +350,7 @@ impl VmInner {
             let _arch = self.slots_arch_lock.lock();
             self.active_inval
                 .publish_when_idle(self.config.knobs.skip_install_wait, || {
-                    self.memslots[idx].swap(next.clone())
+                    self.memslots[idx].swap(next.clone(), &self.srcu)
                 })
         };
         self.config.hooks.run(HookPoint::MemslotSetSwapped {
@@ -356,7 +358,7 @@ impl VmInner {
             generation: cur_gen | GEN_UPDATE_IN_PROGRESS,
         });
         // Every reader that might still use the old set is gone after this.
-        self.srcu.synchronize();
+        let old = old.synchronize();
         let new_gen = cur_gen + self.config.address_spaces as u64;
         // KVM's `kvm_arch_memslots_updated`, before the generation is stored: if
         // the generation slice kept in MMIO entries wrapped, an entry cached a
@@ -490,7 +492,7 @@ impl Vm {
                 },
             ),
             memslots: (0..n)
-                .map(|a| Snapshot::new(Arc::new(MemslotSet::new(a))))
+                .map(|a| SrcuSnapshot::new(Arc::new(MemslotSet::new(a))))
                 .collect(),
             srcu: Srcu::new(),
             vcpu_registry: Mutex::new(LockClass::KvmLock, Vec::new()),

@@ -29,7 +29,7 @@ pub(crate) use mmu_lock::{MmuGuard, MmuLock, MmuReadGuard, MmuWriteGuard};
 pub(crate) use mutex::{Condvar, Mutex, MutexGuard};
 pub(crate) use rcu::{Rcu, RcuGuard, RcuReader};
 pub(crate) use snapshot::Snapshot;
-pub(crate) use srcu::{Srcu, SrcuReader};
+pub(crate) use srcu::{Srcu, SrcuReader, SrcuSnapshot};
 
 /// Back off inside a spin-wait loop. Under loom this yields to the scheduler so the
 /// model can make progress; otherwise it spins briefly and then yields the CPU

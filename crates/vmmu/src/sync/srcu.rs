@@ -13,6 +13,7 @@ use std::panic::Location;
 use crossbeam_utils::CachePadded;
 
 use super::lockdep::{Held, LockClass};
+use super::snapshot::{Snapshot, SnapshotGuard};
 use super::{Arc, Mutex, Weak};
 
 #[cfg(loom)]
@@ -89,5 +90,276 @@ impl SrcuReader {
         #[cfg(loom)]
         let g = self.lock.read().unwrap_or_else(|e| e.into_inner());
         SrcuReadGuard { _g: g, _held: held }
+    }
+}
+
+/// A value published for SRCU readers, swapped whole by a writer (KVM's
+/// `kvm->memslots` read with `srcu_dereference`): inside a read-side section
+/// a reader takes a plain reference, with no reference count or debt to
+/// settle, because the writer keeps every value it replaces until the
+/// readers that could have seen it are gone. Outside a section readers use
+/// [`SrcuSnapshot::load`], as with a [`Snapshot`].
+pub(crate) struct SrcuSnapshot<T> {
+    snap: Snapshot<T>,
+    /// The published value's address (its allocation is owned by `snap`,
+    /// then by the [`Retired`] of the swap that replaced it).
+    #[cfg(not(loom))]
+    raw: std::sync::atomic::AtomicPtr<T>,
+}
+
+/// What [`SrcuSnapshot::read`] gives: a reference for the section, or under
+/// the model checker (which has no raw pointers to check) a counted one.
+#[cfg(not(loom))]
+pub(crate) type SrcuRef<'a, T> = &'a T;
+#[cfg(loom)]
+pub(crate) type SrcuRef<'a, T> = SnapshotGuard<T>;
+
+/// A value replaced by [`SrcuSnapshot::swap`]: readers inside a section may
+/// still use it, so it is handed back only after an SRCU grace period
+/// ([`Retired::synchronize`]), and dropping it waits for one too.
+pub(crate) struct Retired<'s, T> {
+    value: Option<Arc<T>>,
+    srcu: &'s Srcu,
+}
+
+impl<T> std::fmt::Debug for SrcuSnapshot<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SrcuSnapshot")
+    }
+}
+
+impl<T> SrcuSnapshot<T> {
+    pub(crate) fn new(value: Arc<T>) -> Self {
+        SrcuSnapshot {
+            #[cfg(not(loom))]
+            raw: std::sync::atomic::AtomicPtr::new(Arc::as_ptr(&value).cast_mut()),
+            snap: Snapshot::new(value),
+        }
+    }
+
+    /// A guard that keeps the current value alive without a read section.
+    ///
+    /// Only a value that is also the one sections read: between a swap's two
+    /// stores (the address, then the arc-swap) the guard would be older than
+    /// what a fault already uses, and a fault could complete on a memslot
+    /// that this reader (the VMM, the oracle) does not see yet. So the
+    /// address is the one publication point, and a guard read in that window
+    /// waits for the arc-swap to catch up (the writer is one store away).
+    pub(crate) fn load(&self) -> SnapshotGuard<T> {
+        #[cfg(not(loom))]
+        {
+            let mut spins = 0;
+            loop {
+                let g = self.snap.load();
+                let current = self.raw.load(std::sync::atomic::Ordering::Acquire);
+                if std::ptr::eq(Arc::as_ptr(&g), current) {
+                    return g;
+                }
+                super::spin_wait(&mut spins);
+            }
+        }
+        #[cfg(loom)]
+        {
+            self.snap.load()
+        }
+    }
+
+    /// A full reference, for holding across long operations (the value
+    /// [`SrcuSnapshot::load`] gives).
+    pub(crate) fn load_full(&self) -> Arc<T> {
+        Arc::clone(&*self.load())
+    }
+
+    /// The current value, for as long as the caller's read-side section.
+    ///
+    /// # Safety
+    /// `section` must be a section of the domain that every [`SrcuSnapshot::swap`]
+    /// of this value is given (the VM's): a grace period of another domain does
+    /// not wait for it.
+    pub(crate) unsafe fn read<'a>(&'a self, section: &'a SrcuReadGuard<'_>) -> SrcuRef<'a, T> {
+        let _ = section;
+        #[cfg(not(loom))]
+        {
+            // Acquire: the value was built before its address was published.
+            let p = self.raw.load(std::sync::atomic::Ordering::Acquire);
+            // SAFETY: `p` is the address of a value that was published here
+            // while the caller's section was open, or that was current when it
+            // opened. The allocation stays alive while it is published (`snap`
+            // owns it) and, once replaced, in the `Retired` returned by `swap`,
+            // which neither frees nor hands it back (to be changed) before a
+            // grace period of the caller's domain (the function's contract)
+            // has waited for every section open at the time, this one
+            // included: the reference cannot outlive the section's borrow.
+            // Nothing writes through it: it is only ever shared.
+            unsafe { &*p }
+        }
+        #[cfg(loom)]
+        {
+            self.snap.load()
+        }
+    }
+
+    /// Publish `value`; the replaced one comes back as a [`Retired`] tied to
+    /// `srcu`, the domain every [`SrcuSnapshot::read`] of this value is made in.
+    pub(crate) fn swap<'s>(&self, value: Arc<T>, srcu: &'s Srcu) -> Retired<'s, T> {
+        // The address first: a thread that sees the new value through a guard
+        // then sees it in its sections too (the guard's load comes after this
+        // store). The other order let a vCPU enter with the new memslots and
+        // then fault on the old ones, which a single pointer never allows.
+        // Release: readers that see the address see the value built.
+        #[cfg(not(loom))]
+        self.raw.store(
+            Arc::as_ptr(&value).cast_mut(),
+            std::sync::atomic::Ordering::Release,
+        );
+        let old = self.snap.swap(value);
+        Retired {
+            value: Some(old),
+            srcu,
+        }
+    }
+}
+
+impl<T> Retired<'_, T> {
+    /// Wait for an SRCU grace period, then hand the replaced value back (no
+    /// reader in a section holds a reference to it any more).
+    #[track_caller]
+    pub(crate) fn synchronize(mut self) -> Arc<T> {
+        self.srcu.synchronize();
+        self.value
+            .take()
+            .unwrap_or_else(|| unreachable!("a retired value is handed back once"))
+    }
+}
+
+impl<T> Drop for Retired<'_, T> {
+    fn drop(&mut self) {
+        if self.value.is_some() {
+            self.srcu.synchronize();
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn test_swapped_value_is_handed_back_only_after_open_sections_end() {
+        let srcu = Srcu::new();
+        let reader = srcu.register();
+        let snap = SrcuSnapshot::new(Arc::new(1u32));
+        let handed_back = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let section = reader.read_lock();
+            // SAFETY: the section is of `srcu`, the domain every swap gets.
+            let seen = unsafe { snap.read(&section) };
+            let writer = s.spawn(|| {
+                let old = snap.swap(Arc::new(2), &srcu).synchronize();
+                handed_back.store(true, Ordering::SeqCst);
+                *old
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !handed_back.load(Ordering::SeqCst),
+                "the replaced value came back while a section could still read it"
+            );
+            assert_eq!(*seen, 1);
+            drop(section);
+            assert_eq!(writer.join().expect("writer"), 1);
+        });
+        let section = reader.read_lock();
+        // SAFETY: as above.
+        let now = unsafe { snap.read(&section) };
+        assert_eq!(*now, 2, "a new section reads the new value");
+        assert_eq!(**snap.load(), 2);
+    }
+
+    #[test]
+    fn test_dropping_a_retired_value_waits_for_open_sections() {
+        let srcu = Srcu::new();
+        let reader = srcu.register();
+        let snap = SrcuSnapshot::new(Arc::new(1u32));
+        let dropped = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let section = reader.read_lock();
+            let writer = s.spawn(|| {
+                drop(snap.swap(Arc::new(2), &srcu));
+                dropped.store(true, Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !dropped.load(Ordering::SeqCst),
+                "dropped under an open section"
+            );
+            drop(section);
+            writer.join().expect("writer");
+        });
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn test_a_section_never_reads_older_than_a_guard_read_before_it() {
+        // A vCPU loads the memslots at entry through a guard and faults on them
+        // in a section afterwards: the fault must not see an older set.
+        let srcu = Srcu::new();
+        let reader = srcu.register();
+        let snap = SrcuSnapshot::new(Arc::new(0u64));
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for v in 1..=20_000u64 {
+                    drop(snap.swap(Arc::new(v), &srcu).synchronize());
+                }
+                stop.store(true, Ordering::SeqCst);
+            });
+            let mut checks = 0u64;
+            while !stop.load(Ordering::SeqCst) || checks == 0 {
+                let before = **snap.load();
+                let section = reader.read_lock();
+                // SAFETY: the section is of `srcu`, the domain every swap gets.
+                let seen = *unsafe { snap.read(&section) };
+                assert!(
+                    seen >= before,
+                    "a section read {seen} after a guard read {before}"
+                );
+                checks += 1;
+            }
+        });
+    }
+
+    #[test]
+    fn test_a_guard_never_reads_older_than_a_section_read_before_it() {
+        // A fault maps a page from a memslot read in its section; the VMM (or
+        // the oracle) then reads the memslots through a guard: it must see
+        // that memslot too.
+        let srcu = Srcu::new();
+        let reader = srcu.register();
+        let snap = SrcuSnapshot::new(Arc::new(0u64));
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for v in 1..=20_000u64 {
+                    drop(snap.swap(Arc::new(v), &srcu).synchronize());
+                }
+                stop.store(true, Ordering::SeqCst);
+            });
+            let mut checks = 0u64;
+            while !stop.load(Ordering::SeqCst) || checks == 0 {
+                let section = reader.read_lock();
+                // SAFETY: the section is of `srcu`, the domain every swap gets.
+                let seen = *unsafe { snap.read(&section) };
+                drop(section);
+                let after = **snap.load();
+                assert!(
+                    after >= seen,
+                    "a guard read {after} after a section read {seen}"
+                );
+                assert!(*snap.load_full() >= seen);
+                checks += 1;
+            }
+        });
     }
 }

@@ -278,6 +278,11 @@ impl Tdp {
     /// Bookkeeping after any change of an entry (KVM's `handle_changed_spte`):
     /// leaf counts, invariants, and teardown of a table the change disconnected.
     /// TLB flushing is the caller's job.
+    ///
+    /// Inlined into every change (a call with six arguments was a fifth of a
+    /// zapped leaf's cost); what is rare (a broken invariant, an NX page, a
+    /// disconnected table) stays out of line.
+    #[inline]
     pub(crate) fn handle_changed_spte(
         &self,
         ctx: &Ctx<'_>,
@@ -292,23 +297,12 @@ impl Tdp {
         }
         let was_leaf = old.is_leaf(level);
         let is_leaf = new.is_leaf(level);
-        if is_leaf && !new.writable_bits_are_legal() {
-            CounterSet::inc(&ctx.stats.invariant_violations);
-            debug_assert!(false, "illegal writable bits in {new:?}");
-        }
-        if is_leaf && level > Level::K4 && new.is_executable() && self.nx_enabled() {
-            // The mitigation's one promise: no executable huge leaf, ever.
-            CounterSet::inc(&ctx.stats.invariant_violations);
-            debug_assert!(
-                false,
-                "executable huge leaf {new:?} at {gfn:?} with NX huge pages on"
-            );
-        }
-        if was_leaf && is_leaf && old.pfn() != new.pfn() {
-            // Remapping a gfn to another frame without zap + flush in between would
-            // let stale TLB entries reach the old frame.
-            CounterSet::inc(&ctx.stats.invariant_violations);
-            debug_assert!(false, "present leaf {old:?} replaced by {new:?} at {gfn:?}");
+        if is_leaf
+            && (!new.writable_bits_are_legal()
+                || (level > Level::K4 && new.is_executable() && self.nx_enabled())
+                || (was_leaf && old.pfn() != new.pfn()))
+        {
+            Self::leaf_invariant_broken(ctx, gfn, old, new, level, self.nx_enabled());
         }
         if was_leaf != is_leaf {
             if was_leaf {
@@ -318,6 +312,50 @@ impl Tdp {
                 ctx.stats.leaf_added(level, 1);
             }
         }
+        if old.is_nx_disallowed(level) || old.is_table(level) {
+            self.handle_changed_link(ctx, gfn, old, new, level, shared);
+        }
+    }
+
+    /// A new leaf breaks a rule: count it (and stop a debug build).
+    #[cold]
+    #[inline(never)]
+    fn leaf_invariant_broken(
+        ctx: &Ctx<'_>,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: Level,
+        nx_huge_pages: bool,
+    ) {
+        CounterSet::inc(&ctx.stats.invariant_violations);
+        if !new.writable_bits_are_legal() {
+            debug_assert!(false, "illegal writable bits in {new:?}");
+        } else if level > Level::K4 && new.is_executable() && nx_huge_pages {
+            // The mitigation's one promise: no executable huge leaf, ever.
+            debug_assert!(
+                false,
+                "executable huge leaf {new:?} at {gfn:?} with NX huge pages on"
+            );
+        } else {
+            // Remapping a gfn to another frame without zap + flush in between
+            // would let stale TLB entries reach the old frame.
+            debug_assert!(false, "present leaf {old:?} replaced by {new:?} at {gfn:?}");
+        }
+    }
+
+    /// The changed entry was a table link or an NX huge page candidate: take
+    /// it off the NX list, tear down the table it no longer links.
+    #[inline(never)]
+    fn handle_changed_link(
+        &self,
+        ctx: &Ctx<'_>,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: Level,
+        shared: bool,
+    ) {
         if old.is_nx_disallowed(level) && !(new.is_nx_disallowed(level) && new.pfn() == old.pfn()) {
             // Zapped, replaced, or unmarked by recovery: off the list.
             self.untrack_possible_nx(ctx, old.pfn());
