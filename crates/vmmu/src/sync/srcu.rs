@@ -167,7 +167,14 @@ impl<T> SrcuSnapshot<T> {
     /// A full reference, for holding across long operations (the value
     /// [`SrcuSnapshot::load`] gives).
     pub(crate) fn load_full(&self) -> Arc<T> {
-        Arc::clone(&*self.load())
+        #[cfg(not(loom))]
+        {
+            arc_swap::Guard::into_inner(self.load())
+        }
+        #[cfg(loom)]
+        {
+            self.load()
+        }
     }
 
     /// The current value, for as long as the caller's read-side section.
