@@ -58,7 +58,11 @@ echo "  MMU fault path, inclusive (VcpuMmu::page_fault):   $fault"
 echo "  machine model's host side (faultin, release, mapping level): $((host + release + level))"
 echo "  MMU's own:                                         $((fault - host - release - level))"
 echo "    of which tdp::map:                               $map"
-echo "    of which hugepage_adjust, less the host level:   $((adjust - level))"
+if [ "$adjust" -gt 0 ]; then
+  echo "    of which hugepage_adjust, less the host level:   $((adjust - level))"
+else
+  echo "    (hugepage_adjust and faultin_pfn are inlined into page_fault: not counted apart)"
+fi
 echo "Instructions per zapped 4 KiB leaf (the slot delete's zap of the roots): $zap"
 if [ -n "${QUICK:-}" ]; then
   echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

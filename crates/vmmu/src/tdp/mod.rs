@@ -408,3 +408,188 @@ impl Tdp {
         self.free_after_grace_period(ctx, pfn);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::spte::{ept, LeafParams};
+    use crate::testing::TestMemory;
+
+    fn leaf(pfn: u64, level: Level, host_writable: bool, executable: bool) -> Spte {
+        Spte::leaf(LeafParams {
+            pfn: Pfn(pfn),
+            level,
+            host_writable,
+            prefetch: false,
+            ad_enabled: true,
+            executable,
+        })
+    }
+
+    /// Each rule a new leaf must keep is checked on its own: a change that
+    /// breaks exactly one of them is counted (and stops a debug build), a
+    /// change that breaks none is not.
+    #[test]
+    fn test_handle_changed_spte_counts_each_broken_leaf_rule() {
+        let tdp = Tdp::new(
+            Arc::new(TestMemory::new()),
+            Level::L4,
+            1 << 34,
+            true,
+            true,
+            GuardKnobs::default(),
+        );
+        let stats = CounterSet::default();
+        let rcu = tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &stats,
+            rcu: &rcu,
+        };
+        let violations = || stats.invariant_violations.load(Ordering::Relaxed);
+        // Whether the change stopped a debug build, and with what message.
+        let said = std::cell::RefCell::new(String::new());
+        let change = |old: Spte, new: Spte, level: Level| {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tdp.handle_changed_spte(&ctx, Gfn(0), old, new, level, false)
+            }));
+            *said.borrow_mut() = match &r {
+                Err(p) => p.downcast_ref::<String>().cloned().unwrap_or_default(),
+                Ok(()) => String::new(),
+            };
+            r.is_err()
+        };
+        let said = || said.borrow().clone();
+        let none = Spte::NONPRESENT;
+        // Legal: a writable 4 KiB leaf, a non-executable huge leaf with NX
+        // huge pages on, a leaf that becomes writable over the same frame.
+        let w = leaf(0x100, Level::K4, true, true).make_writable();
+        assert!(!change(none, w, Level::K4));
+        assert!(!change(
+            none,
+            leaf(0x200, Level::M2, true, false),
+            Level::M2
+        ));
+        assert!(!change(leaf(0x100, Level::K4, true, true), w, Level::K4));
+        assert_eq!(violations(), 0, "a legal change was counted");
+        // Writable without being host-writable.
+        let illegal = Spte(leaf(0x100, Level::K4, false, true).0 | ept::W);
+        assert_eq!(change(none, illegal, Level::K4), cfg!(debug_assertions));
+        assert_eq!(violations(), 1, "illegal writable bits were not caught");
+        assert!(
+            !cfg!(debug_assertions) || said().contains("illegal writable bits"),
+            "{}",
+            said()
+        );
+        // An executable huge leaf under the NX mitigation.
+        let exec_huge = leaf(0x200, Level::M2, true, true);
+        assert_eq!(change(none, exec_huge, Level::M2), cfg!(debug_assertions));
+        assert_eq!(violations(), 2, "an executable huge leaf was not caught");
+        assert!(
+            !cfg!(debug_assertions) || said().contains("executable huge leaf"),
+            "{}",
+            said()
+        );
+        // A present leaf replaced by a leaf of another frame.
+        let other = leaf(0x300, Level::K4, true, true);
+        assert_eq!(change(w, other, Level::K4), cfg!(debug_assertions));
+        assert_eq!(violations(), 3, "a remap without a zap was not caught");
+        assert!(
+            !cfg!(debug_assertions) || said().contains("replaced by"),
+            "{}",
+            said()
+        );
+        // The same leaf through zap and map again is two legal changes.
+        assert!(!change(w, none, Level::K4) && !change(none, other, Level::K4));
+        assert_eq!(violations(), 3);
+        // Leaf counts move only when an entry becomes or stops being a leaf
+        // (a debug build stops at a broken rule before counting that leaf).
+        let counts = |c: &crate::sync::AtomicU64| c.load(Ordering::Relaxed);
+        let stopped = u64::from(cfg!(debug_assertions));
+        assert_eq!(counts(&stats.present_4k_added), 3 - stopped);
+        assert_eq!(counts(&stats.present_4k_removed), 1);
+        assert_eq!(counts(&stats.present_2m_added), 2 - stopped);
+    }
+
+    /// A changed table link: off the NX list unless it stays a marked link
+    /// to the same table; its table torn down unless it still links it.
+    #[test]
+    fn test_handle_changed_spte_untracks_and_tears_down_only_what_it_unlinks() {
+        let tdp = Tdp::new(
+            Arc::new(TestMemory::new()),
+            Level::L4,
+            1 << 34,
+            true,
+            true,
+            GuardKnobs::default(),
+        );
+        let stats = CounterSet::default();
+        // The NX list's lock is only taken under `mmu_lock`.
+        let lock = crate::sync::MmuLock::new();
+        let _r = lock.read(&stats.lock);
+        let rcu = tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &stats,
+            rcu: &rcu,
+        };
+        let level = Level::M2;
+        let new_table = || {
+            let t = tdp.mem.alloc_table_page().expect("table page");
+            tdp.init_table(t);
+            t
+        };
+        let tracked = |t: Pfn| {
+            let link = Spte::table(t, true).with_nx_disallowed();
+            let page = nx::NxPage {
+                table: t,
+                gfn: Gfn(0),
+                level,
+                root_id: 0,
+                as_id: 0,
+            };
+            tdp.track_possible_nx(&ctx, &AtomicU64::new(link.0), link, page);
+            link
+        };
+        let listed = || tdp.possible_nx_len.load(Ordering::Relaxed);
+        let freed = || stats.tables_freed.load(Ordering::Relaxed);
+        let change =
+            |old: Spte, new: Spte| tdp.handle_changed_spte(&ctx, Gfn(0), old, new, level, false);
+        // Still a marked link to the same table (only A changed): kept.
+        let t = new_table();
+        let link = tracked(t);
+        change(link, Spte(link.0 & !ept::A));
+        assert_eq!((listed(), freed()), (1, 0), "a marked link kept its table");
+        // Unmarked (recovery's "not a huge page after all"): off the list, the
+        // table stays.
+        change(link, link.without_nx_disallowed());
+        assert_eq!(
+            (listed(), freed()),
+            (0, 0),
+            "an unmarked link stayed listed"
+        );
+        // Zapped: off the list and torn down.
+        let t2 = new_table();
+        let link2 = tracked(t2);
+        change(link2, Spte::NONPRESENT);
+        assert_eq!((listed(), freed()), (0, 1), "a zapped marked link");
+        // A marked link to another table: the old one is off the list and
+        // torn down, whether or not the new link is marked.
+        let (t3, t4) = (new_table(), new_table());
+        let link3 = tracked(t3);
+        change(link3, Spte::table(t4, true).with_nx_disallowed());
+        assert_eq!(
+            (listed(), freed()),
+            (0, 2),
+            "a marked link replaced by another table"
+        );
+        // A plain link to the same table gaining the mark: nothing unlinked.
+        let plain = Spte::table(t4, true);
+        change(plain, plain.with_nx_disallowed());
+        assert_eq!((listed(), freed()), (0, 2));
+        // A plain link zapped: torn down, nothing to untrack.
+        change(plain, Spte::NONPRESENT);
+        assert_eq!((listed(), freed()), (0, 3));
+        assert_eq!(stats.nx_pages_untracked.load(Ordering::Relaxed), 3);
+        drop(rcu);
+        tdp.mem.free_table_page(t);
+    }
+}
