@@ -15,11 +15,12 @@ use std::ops::Range;
 
 use rangemap::RangeMap;
 
+use crate::config::HookPoint;
 use crate::memslot::Memslot;
 use crate::stats::CounterSet;
 use crate::sync::{Arc, Snapshot};
 use crate::tdp::{Ctx, FlushBatch};
-use crate::types::{Gfn, GfnRange, PAGE_SIZE};
+use crate::types::{Gfn, GfnRange, Level, PAGE_SIZE};
 
 /// `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
 pub const MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
@@ -238,14 +239,23 @@ impl crate::vm::Vm {
             let mut w = vm.mmu_lock.write(&vm.stats.lock);
             vm.inval.begin(&w);
             let mut batch = FlushBatch::default();
-            for (as_id, g, _) in &hits {
+            for (as_id, g, slot) in &hits {
                 vm.inval.range_add(*g, &w);
+                if !vm.config.knobs.skip_hugepage_range_add {
+                    for chunk in huge_chunks_around(slot, *g) {
+                        vm.inval.range_add(chunk, &w);
+                    }
+                }
                 if !vm.config.knobs.skip_conversion_zap {
                     vm.unmap_gfn_range(&ctx, &mut w, *as_id, *g, &mut batch);
                 }
             }
             batch.flush(vm, &vm.stats);
         }
+        vm.config.hooks.run(HookPoint::AttributesZapped {
+            start: range.start,
+            end: range.end,
+        });
         vm.attrs.store(range, attributes);
         if !hits.is_empty() {
             let w = vm.mmu_lock.write(&vm.stats.lock);
@@ -262,4 +272,33 @@ impl crate::vm::Vm {
     pub fn memory_attributes(&self, gfn: Gfn) -> u64 {
         self.inner.attrs.get(gfn)
     }
+}
+
+/// The huge-page chunks at the head and tail of `changed` (a change's part in
+/// `slot`) that could be mapped huge now: wholly inside the slot, not marked
+/// mixed, and not wholly inside `changed` (those the zap covers). They join
+/// the change's invalidation (KVM's `kvm_arch_pre_set_memory_attributes`):
+/// until the mixed flags are recomputed after the change, a fault on one of
+/// their gfns whose attribute does not change would otherwise pass the
+/// locked check and map the whole chunk huge over the changed gfns.
+fn huge_chunks_around(slot: &Memslot, changed: GfnRange) -> Vec<GfnRange> {
+    let sr = slot.gfn_range();
+    let mut out = Vec::new();
+    for level in [Level::M2, Level::G1] {
+        let pages = level.pages();
+        let head = changed.start.align_down(level);
+        let tail = Gfn(changed.end.0 - 1).align_down(level);
+        for (i, c) in [head, tail].into_iter().enumerate() {
+            if i == 1 && c == head {
+                break;
+            }
+            let chunk = GfnRange::new(c, c.add(pages));
+            let inside_slot = chunk.start.0 >= sr.start.0 && chunk.end.0 <= sr.end.0;
+            let covered = chunk.start.0 >= changed.start.0 && chunk.end.0 <= changed.end.0;
+            if inside_slot && !covered && !slot.is_mixed(c, level) {
+                out.push(chunk);
+            }
+        }
+    }
+    out
 }

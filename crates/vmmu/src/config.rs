@@ -1,6 +1,6 @@
 //! VM configuration.
 
-use crate::types::Level;
+use crate::types::{Gfn, Level};
 
 /// The VM type (`KVM_CREATE_VM`'s argument on x86).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -184,6 +184,15 @@ pub enum HookPoint {
         /// The generation of the set now visible (with the in-progress bit).
         generation: u64,
     },
+    /// A memory-attribute change zapped its range and flushed, and is about
+    /// to store the new attributes (its invalidation is still in progress;
+    /// `slots_lock` is held, `mmu_lock` is not).
+    AttributesZapped {
+        /// First gfn of the change.
+        start: Gfn,
+        /// One past its last gfn.
+        end: Gfn,
+    },
     /// A memslot update stored the final generation of `as_id`'s new set.
     MemslotGenerationPublished {
         /// The address space.
@@ -290,6 +299,11 @@ pub struct GuardKnobs {
     /// A memory-attribute change leaves the range's mappings in place (it
     /// still begins and ends its invalidation).
     pub skip_conversion_zap: bool,
+    /// A memory-attribute change leaves the huge chunks at its head and tail
+    /// out of its invalidation (vmmu before it followed KVM there): a fault
+    /// on an unchanged gfn of such a chunk may then map it huge over the
+    /// changed gfns before their mixed flags are recomputed.
+    pub skip_hugepage_range_add: bool,
     /// A guest_memfd invalidation (punch-hole, release, memory failure) leaves
     /// the mappings of the pages it frees in place.
     pub skip_gmem_zap: bool,

@@ -222,6 +222,13 @@ impl LpageInfo {
         let arr = &self.levels[(level.get() - 2) as usize];
         arr.get(idx).is_none_or(|c| c.load(Ordering::Relaxed) != 0)
     }
+
+    fn mixed(&self, base: Gfn, gfn: Gfn, level: Level) -> bool {
+        let idx = ((gfn.0 >> level.gfn_shift()) - (base.0 >> level.gfn_shift())) as usize;
+        let arr = &self.levels[(level.get() - 2) as usize];
+        arr.get(idx)
+            .is_some_and(|c| c.load(Ordering::Relaxed) & LPAGE_MIXED != 0)
+    }
 }
 
 /// One memslot. Immutable once published; a change makes a new `Memslot`.
@@ -426,6 +433,12 @@ impl Memslot {
     /// huge: the edge counters already forbid them).
     pub(crate) fn set_mixed(&self, gfn: Gfn, level: Level, mixed: bool) {
         self.lpage.set_mixed(self.base_gfn, gfn, level, mixed);
+    }
+
+    /// Whether the `level` chunk holding `gfn` is marked as mixing private and
+    /// shared gfns (KVM's `hugepage_test_mixed`).
+    pub(crate) fn is_mixed(&self, gfn: Gfn, level: Level) -> bool {
+        self.lpage.mixed(self.base_gfn, gfn, level)
     }
 
     /// Record that `gfn` was (or may be) written.

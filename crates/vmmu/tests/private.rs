@@ -619,3 +619,73 @@ fn test_capabilities_say_what_the_vm_supports() {
     // Default, software-protected and the SNP-like type.
     assert_eq!(plain.check_extension(Cap::VmTypes), 1 | 2 | 16);
 }
+
+/// A shared fault on a gfn of a 2 MiB chunk while another gfn of the chunk
+/// converts to private, after the conversion zapped and before its mixed
+/// flags are recomputed: the leaf covering the converted gfn afterwards.
+fn fault_beside_a_conversion(knobs: vmmu::GuardKnobs) -> (RetPf, Option<(Level, vmmu::Spte)>) {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    let (paused_tx, paused_rx) = mpsc::channel::<()>();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
+    let chans = Mutex::new((paused_tx, resume_rx));
+    let hooks = vmmu::TestHooks {
+        on: Some(Arc::new(move |p: vmmu::HookPoint| {
+            if let vmmu::HookPoint::AttributesZapped { .. } = p {
+                let (paused, resume) = &*chans.lock().unwrap();
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
+            }
+        })),
+    };
+    let host = TestHost::new();
+    host.set_host_level(Level::M2);
+    let vm = Vm::new(
+        VmConfig {
+            vm_type: vmmu::VmType::SwProtected,
+            knobs,
+            hooks,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    let during = std::thread::scope(|s| {
+        let conversion = s.spawn(|| vm.set_memory_attributes(gpa(700).0, 4096, PRIVATE, 0));
+        paused_rx.recv().unwrap();
+        // Page 512 stays shared; its chunk is not marked mixed yet.
+        let r = vcpu.page_fault(gpa(512), ErrorCode::WRITE).unwrap();
+        resume_tx.send(()).unwrap();
+        conversion.join().unwrap().unwrap();
+        r
+    });
+    let after = leaf(&vm, 700);
+    teardown(host, vm, vec![vcpu]);
+    (during, after)
+}
+
+#[test]
+fn test_a_fault_beside_a_conversion_cannot_map_its_chunk_huge() {
+    let (during, after) = fault_beside_a_conversion(vmmu::GuardKnobs::default());
+    assert_eq!(
+        during,
+        RetPf::Retry,
+        "the chunk's fault passed during the conversion"
+    );
+    assert!(
+        after.is_none(),
+        "a mapping covers the converted page: {after:?}"
+    );
+    // With the chunks left out of the invalidation (the bug the soak found):
+    // a shared 2 MiB leaf over the page that is now private.
+    let (during, after) = fault_beside_a_conversion(vmmu::GuardKnobs {
+        skip_hugepage_range_add: true,
+        ..Default::default()
+    });
+    assert_eq!(during, RetPf::Fixed);
+    assert_eq!(after.map(|(l, _)| l), Some(Level::M2));
+}
