@@ -335,6 +335,16 @@ pub(crate) static BUGS: &[Bug] = &[
         Detector::Test { package: "vmmu", target: None, test: "shadow::unsync::tests::test_a_reused_page_with_unsync_pages_below_gets_the_root_synced" },
     ),
     Bug::new(
+        "hugepage-during-attribute-change",
+        "KVM: x86/mmu: Prevent installing hugepages when mem attributes are changing",
+        "9129633d568e",
+        "v6.15",
+        "a fault on an unchanged gfn of a huge chunk while other gfns of it change attributes maps the chunk huge before its mixed flag is set: a shared 2 MiB leaf over gfns now private",
+        "skip_hugepage_range_add",
+        knob!(skip_hugepage_range_add),
+        Detector::Test { package: "vmmu", target: Some("private"), test: "test_a_fault_beside_a_conversion_cannot_map_its_chunk_huge" },
+    ),
+    Bug::new(
         "free-obsolete-roots-tests-current-root",
         "KVM: x86/mmu: Check every prev_roots in __kvm_mmu_free_obsolete_roots()",
         "cf4a8693d97a",
