@@ -284,6 +284,9 @@ impl crate::vm::Vm {
 fn huge_chunks_around(slot: &Memslot, changed: GfnRange) -> Vec<GfnRange> {
     let sr = slot.gfn_range();
     let mut out = Vec::new();
+    if changed.start.0 >= changed.end.0 {
+        return out;
+    }
     for level in [Level::M2, Level::G1] {
         let pages = level.pages();
         let head = changed.start.align_down(level);
@@ -301,4 +304,75 @@ fn huge_chunks_around(slot: &Memslot, changed: GfnRange) -> Vec<GfnRange> {
         }
     }
     out
+}
+
+#[cfg(all(test, not(loom)))]
+mod huge_chunk_tests {
+    use super::*;
+    use crate::memslot::{classify, Change, MemslotSet, UserMemoryRegion};
+
+    /// A 4 GiB slot at gfn 0 (so 2 MiB and 1 GiB chunks lie wholly in it).
+    fn slot() -> Arc<Memslot> {
+        let region = UserMemoryRegion {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 4 << 30,
+            userspace_addr: 1 << 40,
+        };
+        match classify(&MemslotSet::new(0), &region, 1, 1 << 34) {
+            Ok(Change::Create(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn r(start: u64, end: u64) -> GfnRange {
+        GfnRange::new(Gfn(start), Gfn(end))
+    }
+
+    #[test]
+    fn test_huge_chunks_around_a_change_are_its_head_and_tail_that_could_be_huge() {
+        let s = slot();
+        let g1 = Level::G1.pages();
+        // One page inside a chunk: that 2 MiB chunk and its 1 GiB chunk.
+        assert_eq!(
+            huge_chunks_around(&s, r(700, 701)),
+            vec![r(512, 1024), r(0, g1)]
+        );
+        // Spanning two 2 MiB chunks: head and tail, once each.
+        assert_eq!(
+            huge_chunks_around(&s, r(1000, 1030)),
+            vec![r(512, 1024), r(1024, 1536), r(0, g1)]
+        );
+        // A whole 2 MiB chunk changes: the zap covers it, only its 1 GiB chunk.
+        assert_eq!(huge_chunks_around(&s, r(512, 1024)), vec![r(0, g1)]);
+        // The tail in the second 1 GiB chunk.
+        assert_eq!(
+            huge_chunks_around(&s, r(g1 - 1, g1 + 1)),
+            vec![r(g1 - 512, g1), r(g1, g1 + 512), r(0, g1), r(g1, 2 * g1)]
+        );
+        // A chunk already marked mixed cannot be huge: left out.
+        s.set_mixed(Gfn(512), Level::M2, true);
+        assert_eq!(huge_chunks_around(&s, r(700, 701)), vec![r(0, g1)]);
+        // Nothing for an empty range.
+        assert!(huge_chunks_around(&s, r(5, 5)).is_empty());
+    }
+
+    #[test]
+    fn test_huge_chunks_around_a_change_stay_inside_the_slot() {
+        // A slot of 3 MiB at gfn 256: only the 2 MiB chunk at 512 lies in it.
+        let region = UserMemoryRegion {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 256 << 12,
+            memory_size: 3 << 20,
+            userspace_addr: (1 << 40) + (256 << 12),
+        };
+        let s = match classify(&MemslotSet::new(0), &region, 1, 1 << 34) {
+            Ok(Change::Create(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert!(huge_chunks_around(&s, r(300, 301)).is_empty());
+        assert_eq!(huge_chunks_around(&s, r(600, 601)), vec![r(512, 1024)]);
+    }
 }
