@@ -640,22 +640,12 @@ fn fault_beside_a_conversion(knobs: vmmu::GuardKnobs) -> (RetPf, Option<(Level, 
             }
         })),
     };
-    let host = TestHost::new();
-    host.set_host_level(Level::M2);
-    let vm = Vm::new(
-        VmConfig {
-            vm_type: vmmu::VmType::SwProtected,
-            knobs,
-            hooks,
-            ..VmConfig::default()
-        },
-        host.ops(),
-    )
-    .unwrap();
-    vm.set_user_memory_region(region(0, GPA, SIZE, HVA, 0))
-        .unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.prepare_entry().unwrap();
+    let (host, vm, mut vcpu) = huge_host_vm(VmConfig {
+        vm_type: vmmu::VmType::SwProtected,
+        knobs,
+        hooks,
+        ..VmConfig::default()
+    });
     let during = std::thread::scope(|s| {
         let conversion = s.spawn(|| vm.set_memory_attributes(gpa(700).0, 4096, PRIVATE, 0));
         // A conversion that never reaches the hook fails the test instead of

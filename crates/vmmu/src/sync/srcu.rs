@@ -209,11 +209,11 @@ impl<T> SrcuSnapshot<T> {
     /// Publish `value`; the replaced one comes back as a [`Retired`] tied to
     /// `srcu`, the domain every [`SrcuSnapshot::read`] of this value is made in.
     pub(crate) fn swap<'s>(&self, value: Arc<T>, srcu: &'s Srcu) -> Retired<'s, T> {
-        // The address first: a thread that sees the new value through a guard
-        // then sees it in its sections too (the guard's load comes after this
-        // store). The other order let a vCPU enter with the new memslots and
-        // then fault on the old ones, which a single pointer never allows.
-        // Release: readers that see the address see the value built.
+        // The address is the publication point: `load` hands out only a value
+        // the address holds too, so sections and guards see one sequence of
+        // values whichever of the two stores comes first (the tests below fail
+        // only with that check gone). Release: readers that see the address
+        // see the value built.
         #[cfg(not(loom))]
         self.raw.store(
             Arc::as_ptr(&value).cast_mut(),
@@ -261,7 +261,7 @@ mod tests {
         let handed_back = AtomicBool::new(false);
         std::thread::scope(|s| {
             let section = reader.read_lock();
-            // SAFETY: the section is of `srcu`, the domain every swap gets.
+            // SAFETY: `reader` is of the domain every swap in `while_swapping` gets.
             let seen = unsafe { snap.read(&section) };
             let writer = s.spawn(|| {
                 let old = snap.swap(Arc::new(2), &srcu).synchronize();
@@ -307,10 +307,9 @@ mod tests {
         assert!(dropped.load(Ordering::SeqCst));
     }
 
-    #[test]
-    fn test_a_section_never_reads_older_than_a_guard_read_before_it() {
-        // A vCPU loads the memslots at entry through a guard and faults on them
-        // in a section afterwards: the fault must not see an older set.
+    /// Run `check` over and over (at least once) while another thread swaps
+    /// in 1, 2, ... 20000, each swap waiting for its grace period.
+    fn while_swapping(check: impl Fn(&SrcuSnapshot<u64>, &SrcuReader)) {
         let srcu = Srcu::new();
         let reader = srcu.register();
         let snap = SrcuSnapshot::new(Arc::new(0u64));
@@ -322,18 +321,28 @@ mod tests {
                 }
                 stop.store(true, Ordering::SeqCst);
             });
-            let mut checks = 0u64;
-            while !stop.load(Ordering::SeqCst) || checks == 0 {
-                let before = **snap.load();
-                let section = reader.read_lock();
-                // SAFETY: the section is of `srcu`, the domain every swap gets.
-                let seen = *unsafe { snap.read(&section) };
-                assert!(
-                    seen >= before,
-                    "a section read {seen} after a guard read {before}"
-                );
-                checks += 1;
+            loop {
+                check(&snap, &reader);
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
             }
+        });
+    }
+
+    #[test]
+    fn test_a_section_never_reads_older_than_a_guard_read_before_it() {
+        // A vCPU loads the memslots at entry through a guard and faults on them
+        // in a section afterwards: the fault must not see an older set.
+        while_swapping(|snap, reader| {
+            let before = **snap.load();
+            let section = reader.read_lock();
+            // SAFETY: `reader` is of the domain every swap in `while_swapping` gets.
+            let seen = *unsafe { snap.read(&section) };
+            assert!(
+                seen >= before,
+                "a section read {seen} after a guard read {before}"
+            );
         });
     }
 
@@ -342,31 +351,17 @@ mod tests {
         // A fault maps a page from a memslot read in its section; the VMM (or
         // the oracle) then reads the memslots through a guard: it must see
         // that memslot too.
-        let srcu = Srcu::new();
-        let reader = srcu.register();
-        let snap = SrcuSnapshot::new(Arc::new(0u64));
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for v in 1..=20_000u64 {
-                    drop(snap.swap(Arc::new(v), &srcu).synchronize());
-                }
-                stop.store(true, Ordering::SeqCst);
-            });
-            let mut checks = 0u64;
-            while !stop.load(Ordering::SeqCst) || checks == 0 {
-                let section = reader.read_lock();
-                // SAFETY: the section is of `srcu`, the domain every swap gets.
-                let seen = *unsafe { snap.read(&section) };
-                drop(section);
-                let after = **snap.load();
-                assert!(
-                    after >= seen,
-                    "a guard read {after} after a section read {seen}"
-                );
-                assert!(*snap.load_full() >= seen);
-                checks += 1;
-            }
+        while_swapping(|snap, reader| {
+            let section = reader.read_lock();
+            // SAFETY: `reader` is of the domain every swap in `while_swapping` gets.
+            let seen = *unsafe { snap.read(&section) };
+            drop(section);
+            let after = **snap.load();
+            assert!(
+                after >= seen,
+                "a guard read {after} after a section read {seen}"
+            );
+            assert!(*snap.load_full() >= seen);
         });
     }
 }

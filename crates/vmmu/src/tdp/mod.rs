@@ -426,19 +426,24 @@ mod tests {
         })
     }
 
-    /// Each rule a new leaf must keep is checked on its own: a change that
-    /// breaks exactly one of them is counted (and stops a debug build), a
-    /// change that breaks none is not.
-    #[test]
-    fn test_handle_changed_spte_counts_each_broken_leaf_rule() {
-        let tdp = Tdp::new(
+    /// A 4-level TDP MMU with A/D bits and the NX huge page mitigation on.
+    fn nx_tdp() -> Tdp {
+        Tdp::new(
             Arc::new(TestMemory::new()),
             Level::L4,
             1 << 34,
             true,
             true,
             GuardKnobs::default(),
-        );
+        )
+    }
+
+    /// Each rule a new leaf must keep is checked on its own: a change that
+    /// breaks exactly one of them is counted (and stops a debug build), a
+    /// change that breaks none is not.
+    #[test]
+    fn test_handle_changed_spte_counts_each_broken_leaf_rule() {
+        let tdp = nx_tdp();
         let stats = CounterSet::default();
         let rcu = tdp.rcu.read_lock();
         let ctx = Ctx {
@@ -514,14 +519,7 @@ mod tests {
     /// to the same table; its table torn down unless it still links it.
     #[test]
     fn test_handle_changed_spte_untracks_and_tears_down_only_what_it_unlinks() {
-        let tdp = Tdp::new(
-            Arc::new(TestMemory::new()),
-            Level::L4,
-            1 << 34,
-            true,
-            true,
-            GuardKnobs::default(),
-        );
+        let tdp = nx_tdp();
         let stats = CounterSet::default();
         // The NX list's lock is only taken under `mmu_lock`.
         let lock = crate::sync::MmuLock::new();
