@@ -332,4 +332,55 @@ mod tests {
         drop(rcu);
         cache.drain(&tdp);
     }
+
+    /// The walk stops at the guest's physical address width, and with the NX
+    /// mitigation on only huge leaves lose execute: a 4 KiB leaf keeps it.
+    #[test]
+    fn test_map_refuses_gfns_past_the_limit_and_keeps_4k_leaves_executable() {
+        let limit = 1 << 20;
+        let tdp = Tdp::new(
+            Arc::new(TestMemory::new()),
+            Level::L4,
+            limit,
+            true,
+            true,
+            GuardKnobs::default(),
+        );
+        let stats = CounterSet::default();
+        let lock = crate::sync::MmuLock::new();
+        let _r = lock.read(&stats.lock);
+        let mut cache = TableCache::default();
+        cache.topup(&tdp, 8).unwrap();
+        let role = Role {
+            level: Level::L4,
+            smm: false,
+            guest_mode: false,
+        };
+        let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
+        let rcu = tdp.rcu.read_lock();
+        let ctx = Ctx {
+            stats: &stats,
+            rcu: &rcu,
+        };
+        let flush = CountingFlush::default();
+        let s = slot();
+        // The first gfn past the limit: nothing walked, nothing mapped.
+        let past = fault(Gfn(limit), Some(&s), Pfn(0x1234), false);
+        assert_eq!(
+            tdp.map(&ctx, &root, &past, &mut cache, &flush),
+            RetPf::Retry
+        );
+        assert_eq!(stats.tables_allocated.load(Ordering::Relaxed), 0);
+        // The last gfn below it maps, executable at 4 KiB.
+        let last = fault(Gfn(limit - 1), Some(&s), Pfn(0x1234), false);
+        assert_eq!(
+            tdp.map(&ctx, &root, &last, &mut cache, &flush),
+            RetPf::Fixed
+        );
+        let (_, spte, level) = tdp.last_spte(&root, Gfn(limit - 1));
+        assert_eq!(level, Level::K4);
+        assert!(spte.is_executable(), "a 4 KiB leaf lost execute: {spte:?}");
+        drop(rcu);
+        cache.drain(&tdp);
+    }
 }
