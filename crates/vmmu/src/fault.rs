@@ -205,7 +205,19 @@ impl VcpuMmu {
         // SAFETY: the section is of the VM's SRCU domain (the vCPU's reader was
         // registered with it), the one every memslot swap waits on.
         let slots = unsafe { vm.memslots[as_id as usize].read(&srcu) };
-        let slot: Option<&Memslot> = slots.lookup(gfn).map(|s| &**s);
+        // A reserved-bit fault on a cached MMIO entry of this generation is
+        // emulated at once, before any memslot lookup (as in KVM, where
+        // `handle_mmio_page_fault` comes first): the gfn has no slot, so a
+        // lookup would descend the whole gfn tree for nothing, on every access
+        // the guest makes to MMIO.
+        let rsvd = ec.contains(ErrorCode::RSVD);
+        if rsvd {
+            match self.handle_mmio_fault(root, gfn, slots.generation()) {
+                RetPf::Invalid => {}
+                r => return Ok(r),
+            }
+        }
+        let slot: Option<&Memslot> = slots.lookup_cached(&mut self.last_slot, gfn);
 
         let write = ec.contains(ErrorCode::WRITE);
         let exec = ec.contains(ErrorCode::FETCH);
@@ -241,7 +253,7 @@ impl VcpuMmu {
             gfn,
             write,
             present: ec.contains(ErrorCode::PRESENT),
-            rsvd: ec.contains(ErrorCode::RSVD),
+            rsvd,
             private,
             access,
             slot,
@@ -258,13 +270,6 @@ impl VcpuMmu {
             mmio_gen: slots.generation() & vm.mmio_gen_mask,
             huge_page_disallowed: exec && vm.tdp.nx_enabled(),
         };
-
-        if f.rsvd {
-            match self.handle_mmio_fault(root, &f, slots.generation()) {
-                RetPf::Invalid => {}
-                r => return Ok(r),
-            }
-        }
 
         if self.fault_can_be_fast(&f) {
             CounterSet::inc(&self.shared.stats.fast_path_attempts);
@@ -310,10 +315,10 @@ impl VcpuMmu {
     /// MMIO entries turn accesses into EPT misconfigurations. A current one means
     /// "still no memslot here": emulate without taking any lock. A stale generation
     /// falls through to the full fault, which maps memory or refreshes the entry.
-    fn handle_mmio_fault(&self, root: &crate::root::Root, f: &PageFault<'_>, gen: u64) -> RetPf {
+    fn handle_mmio_fault(&self, root: &crate::root::Root, gfn: Gfn, gen: u64) -> RetPf {
         let vm = &*self.vm;
         let _rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
-        let (_, spte, _) = vm.tdp.last_spte(root, f.gfn);
+        let (_, spte, _) = vm.tdp.last_spte(root, gfn);
         if !spte.is_mmio() {
             // The entry changed under us; let the vCPU look again.
             CounterSet::inc(&self.shared.stats.mmio_changed_retries);

@@ -10,12 +10,14 @@
 //! measures it from 10 to 32764 slots).
 
 mod classify;
+mod last_used;
 mod set;
 mod slot_tree;
 
 #[cfg(test)]
 pub(crate) use classify::classify;
 pub(crate) use classify::{classify_with, Change, GmemArg, Limits};
+pub(crate) use last_used::LastUsedSlot;
 pub use set::MemslotSet;
 pub(crate) use set::SetOp;
 

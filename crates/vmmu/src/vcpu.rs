@@ -52,6 +52,8 @@ pub struct VcpuMmu {
     pub(crate) cache: TableCache,
     pub(crate) rcu: RcuReader,
     pub(crate) srcu: SrcuReader,
+    /// The memslot the previous fault found.
+    pub(crate) last_slot: crate::memslot::LastUsedSlot,
     /// What the last fault decided, for pre-faulting.
     pub(crate) last_fault: std::cell::Cell<crate::prefault::LastFault>,
     /// The page-modification log, with PML dirty tracking.
@@ -80,6 +82,7 @@ impl VcpuMmu {
         VcpuMmu {
             rcu: vm.tdp.rcu.register(),
             srcu: vm.srcu.register(),
+            last_slot: Default::default(),
             vm,
             shared,
             role,

@@ -121,10 +121,15 @@ impl VmError {
 /// `KVM_MAX_VCPU_IDS` on x86.
 pub const MAX_VCPU_IDS: u32 = 4096;
 
-/// State guarded by `slots_lock`: the inactive memslot set of each address space.
+/// What `slots_lock` guards. Holding `&mut SlotsState` is the proof that the
+/// caller serializes memslot updates; there is no data of its own any more.
+/// KVM keeps an inactive second set per address space and applies every
+/// change to both; here a set's indexes are persistent trees, so the next
+/// set starts as an O(1) copy of the active one and each change is applied
+/// once (half the tree work per update, DESIGN "Memslot sets").
 #[derive(Debug)]
 pub(crate) struct SlotsState {
-    inactive: Vec<MemslotSet>,
+    _serialized: (),
 }
 
 /// The shared part of a VM (KVM's `struct kvm`).
@@ -334,13 +339,16 @@ impl VmInner {
         }
     }
 
-    fn publish_memslots(&self, state: &mut SlotsState, as_id: u16, ops: &[SetOp]) {
+    fn publish_memslots(&self, _serialized: &mut SlotsState, as_id: u16, ops: &[SetOp]) {
         let idx = as_id as usize;
-        let mut next = std::mem::replace(&mut state.inactive[idx], MemslotSet::new(as_id));
+        let (mut next, cur_gen) = {
+            let cur = self.memslots[idx].load();
+            let cur_gen = cur.generation() & !GEN_UPDATE_IN_PROGRESS;
+            (MemslotSet::clone(&cur), cur_gen)
+        };
         for op in ops {
             next.apply(op);
         }
-        let cur_gen = self.memslots[idx].load().generation() & !GEN_UPDATE_IN_PROGRESS;
         next.set_generation(cur_gen | GEN_UPDATE_IN_PROGRESS);
         let next = Arc::new(next);
         let old = {
@@ -381,17 +389,9 @@ impl VmInner {
             self.zap_roots_fast(RootFilter::All);
         }
         CounterSet::inc(&self.stats.memslot_updates);
-        // Recycle the retired set if no reader holds it any more; otherwise start
-        // the next update from a copy of the new one.
-        state.inactive[idx] = match Arc::try_unwrap(old) {
-            Ok(mut set) => {
-                for op in ops {
-                    set.apply(op);
-                }
-                set
-            }
-            Err(_) => (*next).clone(),
-        };
+        // The retired set (no reader left after the grace period) goes here,
+        // freeing the tree nodes only it still held.
+        drop(old);
     }
 }
 
@@ -485,12 +485,7 @@ impl Vm {
             manual_dirty_log: crate::sync::AtomicU64::new(0),
             d_clears: Default::default(),
             dirty_ring: crate::sync::AtomicU32::new(0),
-            slots: Mutex::new(
-                LockClass::SlotsLock,
-                SlotsState {
-                    inactive: (0..n).map(MemslotSet::new).collect(),
-                },
-            ),
+            slots: Mutex::new(LockClass::SlotsLock, SlotsState { _serialized: () }),
             memslots: (0..n)
                 .map(|a| SrcuSnapshot::new(Arc::new(MemslotSet::new(a))))
                 .collect(),

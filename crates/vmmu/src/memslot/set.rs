@@ -154,6 +154,29 @@ impl MemslotSet {
         Some(slot)
     }
 
+    /// Put `slot` in place of slot `id`. An index whose key did not change
+    /// (the flags-only update, the invalid copy a delete or move publishes
+    /// first, a move's host range) is updated in place: one path copied
+    /// instead of a removal and an insertion.
+    fn replace(&mut self, id: u16, slot: Arc<Memslot>) {
+        let Some(old) = self.by_id.get(&id).cloned() else {
+            return self.insert(slot);
+        };
+        debug_assert_eq!(old.id, slot.id, "a replacement keeps the slot's id");
+        let (gfn, hva) = (slot.base_gfn.0, slot.userspace_addr.0);
+        if old.base_gfn.0 != gfn {
+            self.by_gfn.remove(old.base_gfn.0, id);
+        }
+        self.by_gfn.insert(gfn, gfn + slot.npages, slot.clone());
+        if old.userspace_addr.0 != hva {
+            self.by_hva.remove(old.userspace_addr.0, id);
+        }
+        self.by_hva
+            .insert(hva, hva + slot.npages * PAGE_SIZE, slot.clone());
+        self.pages = self.pages - old.npages + slot.npages;
+        self.by_id.insert(id, slot);
+    }
+
     /// Pages of all slots together.
     pub fn pages(&self) -> u64 {
         self.pages
@@ -166,10 +189,7 @@ impl MemslotSet {
             SetOp::Remove(id) => {
                 self.remove(*id);
             }
-            SetOp::Replace(id, s) => {
-                self.remove(*id);
-                self.insert(s.clone());
-            }
+            SetOp::Replace(id, s) => self.replace(*id, s.clone()),
         }
     }
 }

@@ -55,19 +55,48 @@ fn with(n: &Node, left: Link, right: Link) -> Shared<Node> {
     })
 }
 
-/// Keys below `k` to the left, the rest to the right.
-fn split(t: &Link, k: Key) -> (Link, Link) {
-    match t {
-        None => (None, None),
-        Some(n) if n.key < k => {
-            let (l, r) = split(&n.right, k);
-            (Some(with(n, n.left.clone(), l)), r)
+/// `t` with `leaf` added, or put in place of the node with the same key
+/// (which keeps its children: the key, and so the priority, is the same).
+///
+/// Copies only the nodes on the search path, plus the ones the rotations
+/// that restore the heap order move (O(1) expected): a copy per level, not
+/// the three or four paths a split-and-merge insert copies.
+fn insert(t: &Link, leaf: Shared<Node>) -> Shared<Node> {
+    let Some(n) = t else { return leaf };
+    if leaf.key == n.key {
+        return with(&leaf, n.left.clone(), n.right.clone());
+    }
+    if leaf.key < n.key {
+        let l = insert(&n.left, leaf);
+        if l.prio > n.prio {
+            // Rotate right: the new child rises above `n`.
+            let down = with(n, l.right.clone(), n.right.clone());
+            with(&l, l.left.clone(), Some(down))
+        } else {
+            with(n, Some(l), n.right.clone())
         }
-        Some(n) => {
-            let (l, r) = split(&n.left, k);
-            (l, Some(with(n, r, n.right.clone())))
+    } else {
+        let r = insert(&n.right, leaf);
+        if r.prio > n.prio {
+            let down = with(n, n.left.clone(), r.left.clone());
+            with(&r, Some(down), r.right.clone())
+        } else {
+            with(n, n.left.clone(), Some(r))
         }
     }
+}
+
+/// `t` without the node keyed `k`, or `None` if there is none (nothing is
+/// copied then). The path to it is copied and its two subtrees are merged.
+fn remove(t: &Link, k: Key) -> Option<Link> {
+    let n = t.as_ref()?;
+    Some(if k == n.key {
+        merge(n.left.clone(), n.right.clone())
+    } else if k < n.key {
+        Some(with(n, remove(&n.left, k)?, n.right.clone()))
+    } else {
+        Some(with(n, n.left.clone(), remove(&n.right, k)?))
+    })
 }
 
 /// Join two trees, every key of `a` below every key of `b`.
@@ -79,14 +108,6 @@ fn merge(a: Link, b: Link) -> Link {
         } else {
             with(&b, merge(Some(a), b.left.clone()), b.right.clone())
         }),
-    }
-}
-
-/// The smallest key above `k`.
-fn next_key(k: Key) -> Key {
-    match k.1.checked_add(1) {
-        Some(id) => (k.0, id),
-        None => (k.0 + 1, 0),
     }
 }
 
@@ -124,20 +145,29 @@ impl SlotTree {
             left: None,
             right: None,
         });
-        let (l, r) = split(&self.root, key);
-        // A slot already under this key is replaced.
-        let (old, r) = split(&r, next_key(key));
-        self.len = self.len + 1 - usize::from(old.is_some());
-        self.root = merge(merge(l, Some(leaf)), r);
+        let replaced = self.holding_key(key);
+        self.len += usize::from(!replaced);
+        self.root = Some(insert(&self.root, leaf));
     }
 
     /// Drop the slot with this start and id.
     pub(crate) fn remove(&mut self, start: u64, id: u16) {
-        let key = (start, id);
-        let (l, r) = split(&self.root, key);
-        let (old, r) = split(&r, next_key(key));
-        self.len -= usize::from(old.is_some());
-        self.root = merge(l, r);
+        if let Some(root) = remove(&self.root, (start, id)) {
+            self.root = root;
+            self.len -= 1;
+        }
+    }
+
+    /// Whether a node is keyed `k`.
+    fn holding_key(&self, k: Key) -> bool {
+        let mut t = &self.root;
+        while let Some(n) = t {
+            if k == n.key {
+                return true;
+            }
+            t = if k < n.key { &n.left } else { &n.right };
+        }
+        false
     }
 
     /// The slot holding `point`, if the slots are disjoint (the gfn tree):

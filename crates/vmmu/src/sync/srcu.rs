@@ -74,11 +74,45 @@ impl Srcu {
             .collect();
         for r in readers {
             #[cfg(not(loom))]
-            drop(r.write());
+            wait_out(&r);
             #[cfg(loom)]
             drop(r.write().unwrap_or_else(|e| e.into_inner()));
         }
     }
+}
+
+/// How long [`wait_out`] spins before it parks.
+#[cfg(not(loom))]
+const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Wait until `lock` has no reader, then let the reader go on: the open
+/// section, if any, has ended.
+///
+/// A read section is one fault (a microsecond or two), so this first spins
+/// for about ten of them, trying the lock without setting any waiting bit.
+/// Parking at once costs far more than the wait: the writer's futex sleep,
+/// the reader's futex wake on unlock, and the reader's own sleep if its next
+/// fault comes while the writer still waits (a parked writer holds off new
+/// readers). In `vmmu run memslot-perf`'s move loops that was a third of the
+/// CPU time at 32k slots, where faults take longer (docs/PERFORMANCE.md).
+/// If the section outlasts the spin (the reader was preempted), it parks as
+/// before; the blocking write has writer preference, so a reader that keeps
+/// starting sections cannot hold it off for ever.
+#[cfg(not(loom))]
+fn wait_out(lock: &RwLock<()>) {
+    if lock.try_write().is_some() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < SPIN_LIMIT {
+        for _ in 0..32 {
+            std::hint::spin_loop();
+            if lock.try_write().is_some() {
+                return;
+            }
+        }
+    }
+    drop(lock.write());
 }
 
 impl SrcuReader {
