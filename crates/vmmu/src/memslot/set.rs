@@ -201,3 +201,64 @@ pub(crate) enum SetOp {
     Remove(u16),
     Replace(u16, Arc<Memslot>),
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::super::{classify, Change, UserMemoryRegion};
+    use super::*;
+    use crate::types::Hva;
+
+    /// Slot `id` at `gfn` with `pages` pages at host address `hva`.
+    fn slot(id: u32, gfn: u64, pages: u64, hva: u64) -> Arc<Memslot> {
+        let region = UserMemoryRegion {
+            slot: id,
+            flags: 0,
+            guest_phys_addr: gfn * PAGE_SIZE,
+            memory_size: pages * PAGE_SIZE,
+            userspace_addr: hva,
+        };
+        match classify(&MemslotSet::new(0), &region, 1, 1 << 40) {
+            Ok(Change::Create(s)) => s,
+            other => panic!("not a create: {other:?}"),
+        }
+    }
+
+    /// The slots whose host range meets `[start, start + bytes)`, with gfns.
+    fn by_hva(set: &MemslotSet, start: u64, bytes: u64) -> Vec<(u16, u64, u64)> {
+        let mut v = Vec::new();
+        let range = HvaRange::new(Hva(start), Hva(start + bytes));
+        set.for_each_hva_overlap(range, |s, g| v.push((s.id, g.start.0, g.end.0)));
+        v
+    }
+
+    #[test]
+    fn test_replace_moves_each_index_whose_key_changed_and_recounts_pages() {
+        let mut set = MemslotSet::new(0);
+        set.apply(&SetOp::Insert(slot(1, 0x100, 16, 0x1000_0000)));
+        set.apply(&SetOp::Insert(slot(2, 0x200, 16, 0x2000_0000)));
+
+        // Same keys (a flags change, an invalid copy): still one entry each.
+        set.apply(&SetOp::Replace(1, slot(1, 0x100, 16, 0x1000_0000)));
+        assert_eq!((set.len(), set.iter().count(), set.pages()), (2, 2, 32));
+
+        // A move: the gfn key changes, the host range stays.
+        set.apply(&SetOp::Replace(1, slot(1, 0x800, 16, 0x1000_0000)));
+        assert!(set.lookup(Gfn(0x100)).is_none(), "the old gfns are gone");
+        assert_eq!(set.lookup(Gfn(0x80f)).map(|s| s.id), Some(1));
+        assert_eq!(set.iter().count(), 2);
+        assert_eq!(by_hva(&set, 0x1000_0000, 4096), [(1, 0x800, 0x801)]);
+
+        // Another host range and size: the old one answers nothing any more,
+        // the new one to its last page; the page count follows.
+        set.apply(&SetOp::Replace(1, slot(1, 0x800, 32, 0x3000_0000)));
+        assert!(by_hva(&set, 0x1000_0000, 16 * 4096).is_empty());
+        assert_eq!(
+            by_hva(&set, 0x3000_0000 + 31 * 4096, 4096),
+            [(1, 0x81f, 0x820)]
+        );
+        assert!(by_hva(&set, 0x3000_0000 + 32 * 4096, 4096).is_empty());
+        assert_eq!(set.pages(), 16 + 32);
+        assert_eq!(set.lookup(Gfn(0x81f)).map(|s| s.id), Some(1));
+        assert!(set.lookup(Gfn(0x820)).is_none());
+    }
+}

@@ -242,6 +242,35 @@ mod tests {
         }
     }
 
+    /// The treap's invariants below `t`: keys in order, each node's priority
+    /// at least its children's (what keeps the depth logarithmic), `max_end`
+    /// the largest end below. Returns the subtree's (min key, max key).
+    fn assert_treap(t: &Link) -> Option<(Key, Key)> {
+        let n = t.as_ref()?;
+        let mut lo = n.key;
+        let mut hi = n.key;
+        if let Some(l) = &n.left {
+            let (a, b) = assert_treap(&n.left).unwrap_or((l.key, l.key));
+            assert!(b < n.key, "left subtree key {b:?} not below {:?}", n.key);
+            assert!(l.prio <= n.prio, "heap order broken at {:?}", n.key);
+            lo = a;
+        }
+        if let Some(r) = &n.right {
+            let (a, b) = assert_treap(&n.right).unwrap_or((r.key, r.key));
+            assert!(a > n.key, "right subtree key {a:?} not above {:?}", n.key);
+            assert!(r.prio <= n.prio, "heap order broken at {:?}", n.key);
+            hi = b;
+        }
+        assert_eq!(n.prio, prio(n.key));
+        assert_eq!(
+            n.max_end,
+            n.end.max(max_end(&n.left)).max(max_end(&n.right)),
+            "max_end at {:?}",
+            n.key
+        );
+        Some((lo, hi))
+    }
+
     fn ids(t: &SlotTree, start: u64, end: u64) -> Vec<u16> {
         let mut v = Vec::new();
         t.for_each_overlap(start, end, |s| v.push(s.id));
@@ -294,6 +323,7 @@ mod tests {
             want.sort();
             let want: Vec<u16> = want.into_iter().map(|(_, id)| id).collect();
             assert_eq!(ids(&t, a, b), want, "step {step}: [{a:#x}, {b:#x})");
+            assert_treap(&t.root);
             assert_eq!(t.len(), all.len());
             assert_eq!(t.iter().count(), all.len());
         }
