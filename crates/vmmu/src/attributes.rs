@@ -231,10 +231,7 @@ impl crate::vm::Vm {
                 .for_each_gfn_overlap(range, |slot, g| hits.push((as_id as u16, g, slot.clone())));
         }
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         if !hits.is_empty() {
             let mut w = vm.mmu_lock.write(&vm.stats.lock);
             vm.inval.begin(&w);

@@ -395,10 +395,7 @@ impl Vm {
     pub(crate) fn split_huge_pages(&self, as_id: u16, range: GfnRange) -> u64 {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let mut cache = crate::tdp::TableCache::default();
         let mut split = 0;
         {
@@ -418,10 +415,7 @@ impl Vm {
     pub(crate) fn recover_huge_pages(&self, slot: &crate::Memslot) -> u64 {
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let max = vm.config.max_level;
         let allowed = |gfn: Gfn| {
             if !slot.contains(gfn) {

@@ -299,7 +299,7 @@ impl VcpuMmu {
                 last.level = f.goal_level;
                 self.last_fault.set(last);
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
-                let ctx = Ctx { stats, rcu: &rcu };
+                let ctx = Ctx::new(stats, &rcu);
                 vm.tdp.map(&ctx, root, &f, &mut self.cache, vm)
             }
         };

@@ -684,10 +684,7 @@ impl VmInner {
     /// half of a guest_memfd invalidation; the caller ends it).
     pub(crate) fn gmem_zap(&self, hits: &[(u16, GfnRange)]) {
         let rcu = self.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &self.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&self.stats, &rcu);
         let mut w = self.mmu_lock.write(&self.stats.lock);
         self.inval.begin(&w);
         let mut batch = FlushBatch::default();

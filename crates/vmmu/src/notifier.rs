@@ -295,10 +295,7 @@ impl crate::vm::Vm {
         }
         CounterSet::inc(&vm.stats.invalidations_with_slots);
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let mut w = vm.mmu_lock.write(&vm.stats.lock);
         vm.inval.begin(&w);
         let mut batch = FlushBatch::default();
@@ -335,10 +332,7 @@ impl crate::vm::Vm {
             return false;
         }
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let mut young = false;
         // Before 6.15 every aging callback took mmu_lock for write.
         let _w = (!vm.config.lockless_aging).then(|| {

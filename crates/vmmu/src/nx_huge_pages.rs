@@ -104,10 +104,7 @@ impl Vm {
         while taken < to_zap {
             let _srcu = srcu.read_lock();
             let rcu = vm.tdp.rcu.read_lock();
-            let ctx = Ctx {
-                stats: &vm.stats,
-                rcu: &rcu,
-            };
+            let ctx = Ctx::new(&vm.stats, &rcu);
             let mut batch = FlushBatch::default();
             // Before 6.18 recovery held the write lock (kept for measuring).
             let r = if vm.config.nx_recovery_write_lock {

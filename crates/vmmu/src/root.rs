@@ -269,22 +269,13 @@ mod loom_tests {
             let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
             // The creating vCPU goes away: only the MMU's reference remains.
             let rcu = tdp.rcu.read_lock();
-            tdp.put_root(
-                &Ctx {
-                    stats: &stats,
-                    rcu: &rcu,
-                },
-                &root,
-            );
+            tdp.put_root(&Ctx::new(&stats, &rcu), &root);
         }
         let (t2, l2, s2) = (tdp.clone(), lock.clone(), stats.clone());
         let walker = loom::thread::spawn(move || {
             // A notifier zap: walks every root and yields the lock midway.
             let rcu = t2.rcu.read_lock();
-            let ctx = Ctx {
-                stats: &s2,
-                rcu: &rcu,
-            };
+            let ctx = Ctx::new(&s2, &rcu);
             let mut w = l2.write(&s2.lock);
             let mut walked_freed = false;
             t2.for_each_root(&ctx, 0, false, |root| {
@@ -300,10 +291,7 @@ mod loom_tests {
         }
         {
             let rcu = tdp.rcu.read_lock();
-            let ctx = Ctx {
-                stats: &stats,
-                rcu: &rcu,
-            };
+            let ctx = Ctx::new(&stats, &rcu);
             let mut r = lock.read(&stats.lock);
             tdp.zap_invalidated_roots(&ctx, &mut r, &stats.lock);
         }

@@ -309,6 +309,65 @@ impl Stats {
     }
 }
 
+/// The leaf counts of one long walk (a zap), kept in plain cells and added
+/// to the counters in one go: at the walk's yields, so anything that reads
+/// the counters while the lock is free sees them current, and when dropped.
+///
+/// A delete of a populated 1 GiB slot zaps 262,144 leaves, and the two
+/// atomic adds per leaf to the VM's counters (removed at its level, zapped)
+/// were 40 % of its time here (5.1 → 3.1 ms without them, same binary
+/// otherwise; docs/PERFORMANCE.md).
+pub(crate) struct LeafTally<'a> {
+    stats: &'a CounterSet,
+    removed: [std::cell::Cell<u64>; 3],
+    zapped: std::cell::Cell<u64>,
+    dirty_zapped: std::cell::Cell<u64>,
+}
+
+impl<'a> LeafTally<'a> {
+    pub(crate) fn new(stats: &'a CounterSet) -> Self {
+        LeafTally {
+            stats,
+            removed: Default::default(),
+            zapped: Default::default(),
+            dirty_zapped: Default::default(),
+        }
+    }
+
+    fn bump(c: &std::cell::Cell<u64>) {
+        c.set(c.get() + 1);
+    }
+
+    /// A leaf of `level` stopped being present.
+    pub(crate) fn removed(&self, level: Level) {
+        Self::bump(&self.removed[(level.get() as usize).clamp(1, 3) - 1]);
+    }
+
+    /// The walk zapped a leaf (`dirty`: with its Dirty bit set).
+    pub(crate) fn zapped(&self, dirty: bool) {
+        Self::bump(&self.zapped);
+        if dirty {
+            Self::bump(&self.dirty_zapped);
+        }
+    }
+
+    /// Add what was counted so far to the counters.
+    pub(crate) fn flush(&self) {
+        let s = self.stats;
+        for (i, level) in [Level::K4, Level::M2, Level::G1].into_iter().enumerate() {
+            s.leaf_removed(level, self.removed[i].take());
+        }
+        CounterSet::add(&s.leaves_zapped, self.zapped.take());
+        CounterSet::add(&s.dirty_leaves_zapped, self.dirty_zapped.take());
+    }
+}
+
+impl Drop for LeafTally<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 impl CounterSet {
     pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);

@@ -247,7 +247,7 @@ impl VcpuMmu {
                 .find_or_create_root(stats, self.role, &mut self.cache)
             {
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
-                let ctx = Ctx { stats, rcu: &rcu };
+                let ctx = Ctx::new(stats, &rcu);
                 if let Some(old) = self.root.replace(root) {
                     vm.tdp.put_root(&ctx, &old);
                 }
@@ -263,7 +263,7 @@ impl VcpuMmu {
         let stats = &self.shared.stats;
         let _r = vm.mmu_lock.read(&stats.lock);
         let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
-        let ctx = Ctx { stats, rcu: &rcu };
+        let ctx = Ctx::new(stats, &rcu);
         let current_obsolete = self.root.as_ref().is_some_and(|r| r.is_invalid());
         if let Some(r) = self.root.take_if(|r| r.is_invalid()) {
             vm.tdp.put_root(&ctx, &r);
@@ -332,7 +332,7 @@ impl VcpuMmu {
                     let stats = &self.shared.stats;
                     let _l = vm.mmu_lock.read(&stats.lock);
                     let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
-                    vm.tdp.put_root(&Ctx { stats, rcu: &rcu }, &r);
+                    vm.tdp.put_root(&Ctx::new(stats, &rcu), &r);
                 }
             }
         }
@@ -403,7 +403,7 @@ impl Drop for VcpuMmu {
             let stats = &vm.stats;
             let _r = vm.mmu_lock.read(&stats.lock);
             let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
-            let ctx = Ctx { stats, rcu: &rcu };
+            let ctx = Ctx::new(stats, &rcu);
             for r in self
                 .root
                 .take()

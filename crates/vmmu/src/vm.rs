@@ -253,10 +253,7 @@ impl VmInner {
             }
         }
         let rcu = self.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &self.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&self.stats, &rcu);
         let mut r = self.mmu_lock.read(&self.stats.lock);
         self.tdp
             .zap_invalidated_roots(&ctx, &mut r, &self.stats.lock);
@@ -702,10 +699,7 @@ impl Vm {
         self.check_range(as_id, Some(range))?;
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let mut w = vm.mmu_lock.write(&vm.stats.lock);
         vm.inval.begin(&w);
         vm.inval.range_add(range, &w);
@@ -756,10 +750,7 @@ impl Vm {
             return changed;
         }
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let _c = pml.then(|| vm.clearing_dirty_bits());
         let _r = vm.mmu_lock.read(&vm.stats.lock);
         let mut changed = false;
@@ -794,10 +785,7 @@ impl Vm {
         self.check_range(as_id, Some(range))?;
         let vm = &*self.inner;
         let rcu = vm.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &vm.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&vm.stats, &rcu);
         let mut n = 0;
         let mut protected = false;
         {
@@ -978,10 +966,7 @@ impl Drop for VmInner {
         // MMU's own references remain. Invalidate, zap and free every root; the RCU
         // domain then runs every deferred free when it drops with `tdp`.
         let rcu = self.tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &self.stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&self.stats, &rcu);
         let mut w = self.mmu_lock.write(&self.stats.lock);
         self.shadow.zap_everything(self, RootFilter::All);
         self.tdp.invalidate_roots(&self.stats, RootFilter::All);

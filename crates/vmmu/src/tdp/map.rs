@@ -212,7 +212,7 @@ impl Tdp {
 }
 
 #[cfg(all(test, not(loom)))]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::GuardKnobs;
     use crate::memslot::{classify, Change, Memslot, MemslotSet, UserMemoryRegion};
@@ -226,7 +226,7 @@ mod tests {
     use crate::types::{Gfn, Pfn};
 
     #[derive(Default)]
-    struct CountingFlush(AtomicU64);
+    pub(in crate::tdp) struct CountingFlush(pub(in crate::tdp) AtomicU64);
 
     impl RemoteFlush for CountingFlush {
         fn flush_remote_tlbs(&self, _stats: &CounterSet) {
@@ -234,7 +234,7 @@ mod tests {
         }
     }
 
-    fn slot() -> Arc<Memslot> {
+    pub(in crate::tdp) fn slot() -> Arc<Memslot> {
         let region = UserMemoryRegion {
             slot: 0,
             flags: 0,
@@ -248,7 +248,12 @@ mod tests {
         }
     }
 
-    fn fault<'s>(gfn: Gfn, slot: Option<&'s Memslot>, pfn: Pfn, write: bool) -> PageFault<'s> {
+    pub(in crate::tdp) fn fault<'s>(
+        gfn: Gfn,
+        slot: Option<&'s Memslot>,
+        pfn: Pfn,
+        write: bool,
+    ) -> PageFault<'s> {
         PageFault {
             gfn,
             write,
@@ -298,10 +303,7 @@ mod tests {
         };
         let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
         let s = slot();
         let gfn = Gfn(5);
@@ -358,10 +360,7 @@ mod tests {
         };
         let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
         let s = slot();
         // The first gfn past the limit: nothing walked, nothing mapped.

@@ -23,7 +23,7 @@ use crate::config::GuardKnobs;
 use crate::host::{Table, TableMemory, TableMemoryError};
 use crate::root::Root;
 use crate::spte::Spte;
-use crate::stats::CounterSet;
+use crate::stats::{CounterSet, LeafTally};
 use crate::sync::{
     spin_wait, Arc, AtomicBool, AtomicU64, LockClass, Mutex, Ordering, Rcu, RcuGuard, Snapshot,
 };
@@ -73,6 +73,37 @@ impl std::fmt::Debug for Tdp {
 pub(crate) struct Ctx<'a> {
     pub(crate) stats: &'a CounterSet,
     pub(crate) rcu: &'a RcuGuard<'a>,
+    /// Where a long walk counts the leaves it removes instead of `stats`.
+    tally: Option<&'a LeafTally<'a>>,
+}
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(stats: &'a CounterSet, rcu: &'a RcuGuard<'a>) -> Self {
+        Ctx {
+            stats,
+            rcu,
+            tally: None,
+        }
+    }
+
+    /// This context with leaf removals counted in `tally` (which adds them to
+    /// the counters at its walk's yields and when dropped).
+    pub(crate) fn tallied<'b>(&'b self, tally: &'b LeafTally<'b>) -> Ctx<'b> {
+        Ctx {
+            stats: self.stats,
+            rcu: self.rcu,
+            tally: Some(tally),
+        }
+    }
+
+    /// Count a removed leaf of `level`.
+    #[inline]
+    pub(crate) fn leaf_removed(&self, level: Level) {
+        match self.tally {
+            Some(t) => t.removed(level),
+            None => self.stats.leaf_removed(level, 1),
+        }
+    }
 }
 
 /// Pending remote TLB flush of a batch of changes (one flush per batch).
@@ -306,7 +337,7 @@ impl Tdp {
         }
         if was_leaf != is_leaf {
             if was_leaf {
-                ctx.stats.leaf_removed(level, 1);
+                ctx.leaf_removed(level);
             }
             if is_leaf {
                 ctx.stats.leaf_added(level, 1);
@@ -446,10 +477,7 @@ mod tests {
         let tdp = nx_tdp();
         let stats = CounterSet::default();
         let rcu = tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&stats, &rcu);
         let violations = || stats.invariant_violations.load(Ordering::Relaxed);
         // Whether the change stopped a debug build, and with what message.
         let said = std::cell::RefCell::new(String::new());
@@ -525,10 +553,7 @@ mod tests {
         let lock = crate::sync::MmuLock::new();
         let _r = lock.read(&stats.lock);
         let rcu = tdp.rcu.read_lock();
-        let ctx = Ctx {
-            stats: &stats,
-            rcu: &rcu,
-        };
+        let ctx = Ctx::new(&stats, &rcu);
         let level = Level::M2;
         let new_table = || {
             let t = tdp.mem.alloc_table_page().expect("table page");

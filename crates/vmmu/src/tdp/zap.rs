@@ -4,7 +4,7 @@ use super::iter::Resched;
 use super::{Ctx, FlushBatch, RemoteFlush, Tdp};
 use crate::root::Root;
 use crate::spte::Spte;
-use crate::stats::CounterSet;
+use crate::stats::{CounterSet, LeafTally};
 use crate::sync::{LockStats, MmuGuard, MmuWriteGuard};
 use crate::types::{Gfn, GfnRange, Level};
 
@@ -35,6 +35,8 @@ impl Tdp {
         batch: &mut FlushBatch,
         flusher: &dyn RemoteFlush,
     ) {
+        let tally = LeafTally::new(ctx.stats);
+        let ctx = &ctx.tallied(&tally);
         let mut it = self.walk(root, Level::K4, range.start, range.end);
         let mut rs = Resched::new(&self.knobs);
         while it.in_range() {
@@ -42,6 +44,7 @@ impl Tdp {
                 if !self.knobs.skip_flush_before_yield {
                     batch.flush(flusher, ctx.stats);
                 }
+                tally.flush();
                 guard.yield_lock(lock_stats);
                 self.after_yield(ctx);
                 CounterSet::inc(&ctx.stats.yields);
@@ -61,10 +64,7 @@ impl Tdp {
             let old =
                 self.write_spte_exclusive(it.sptep(), it.old_spte, Spte::NONPRESENT, it.level);
             self.handle_changed_spte(ctx, it.gfn, old, Spte::NONPRESENT, it.level, false);
-            CounterSet::inc(&ctx.stats.leaves_zapped);
-            if old.is_dirty() {
-                CounterSet::inc(&ctx.stats.dirty_leaves_zapped);
-            }
+            tally.zapped(old.is_dirty());
             if !root.is_invalid() && !self.knobs.skip_flush_after_zap {
                 batch.mark();
             }
@@ -88,11 +88,14 @@ impl Tdp {
         let mut levels = vec![Level::K4, Level::M2, Level::G1];
         levels.retain(|l| *l < self.root_level && !self.knobs.zap_root_one_pass);
         levels.push(self.root_level);
+        let tally = LeafTally::new(ctx.stats);
+        let ctx = &ctx.tallied(&tally);
         let mut rs = Resched::new(&self.knobs);
         for zap_level in levels {
             let mut it = self.walk(root, zap_level, Gfn(0), self.max_gfn());
             while it.in_range() {
                 if rs.should_yield(&it, guard) {
+                    tally.flush();
                     guard.yield_lock(lock_stats);
                     self.after_yield(ctx);
                     CounterSet::inc(&ctx.stats.yields);
@@ -135,10 +138,147 @@ impl Tdp {
                     self.handle_changed_spte(ctx, it.gfn, old, Spte::NONPRESENT, it.level, false);
                 }
                 if was_leaf {
-                    CounterSet::inc(&ctx.stats.leaves_zapped);
+                    tally.zapped(false);
                 }
                 it.next();
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use super::super::map::tests::{fault, slot, CountingFlush};
+    use super::*;
+    use crate::config::GuardKnobs;
+    use crate::root::{Role, RootFilter};
+    use crate::sync::{Arc, MmuLock};
+    use crate::tdp::TableCache;
+    use crate::testing::TestMemory;
+    use crate::types::Pfn;
+    use crate::RetPf;
+
+    const LEAVES: u64 = 256;
+
+    /// Leaves counted present (added minus removed).
+    fn counted(stats: &CounterSet) -> u64 {
+        stats.present_4k_added.load(Ordering::Relaxed)
+            - stats.present_4k_removed.load(Ordering::Relaxed)
+    }
+
+    /// Which zap the yield test drives.
+    #[derive(Clone, Copy)]
+    enum Zap {
+        Leafs,
+        Root,
+    }
+
+    /// A zap that yields keeps its counts in a tally: whoever takes the lock
+    /// at one of its yields must find the counters agreeing with the tables
+    /// (the tally is added at every yield, not only at the end).
+    fn counts_agree_at_every_yield(zap: Zap) {
+        let knobs = GuardKnobs {
+            yield_every_step: true,
+            ..GuardKnobs::default()
+        };
+        let tdp = Tdp::new(
+            Arc::new(TestMemory::new()),
+            Level::L4,
+            1 << 34,
+            true,
+            false,
+            knobs,
+        );
+        let stats = CounterSet::default();
+        let lock = MmuLock::new();
+        let s = slot();
+        let role = Role {
+            level: Level::L4,
+            smm: false,
+            guest_mode: false,
+        };
+        let mut cache = TableCache::default();
+        let flush = CountingFlush::default();
+        let (mid_zap, disagreed) = (AtomicU64::new(0), AtomicU64::new(0));
+        for _round in 0..50 {
+            cache.topup(&tdp, 8).unwrap();
+            // A zapped root is invalid: each round maps into a new one.
+            let root = {
+                let _r = lock.read(&stats.lock);
+                tdp.find_or_create_root(&stats, role, &mut cache).unwrap()
+            };
+            {
+                let _r = lock.read(&stats.lock);
+                let rcu = tdp.rcu.read_lock();
+                let ctx = Ctx::new(&stats, &rcu);
+                for g in 0..LEAVES {
+                    cache.topup(&tdp, 8).unwrap();
+                    let f = fault(Gfn(g), Some(&s), Pfn(0x1000 + g), true);
+                    assert_eq!(tdp.map(&ctx, &root, &f, &mut cache, &flush), RetPf::Fixed);
+                }
+            }
+            assert_eq!(counted(&stats), LEAVES);
+            let done = AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    while !done.load(Ordering::Acquire) {
+                        let _r = lock.read(&stats.lock);
+                        let _rcu = tdp.rcu.read_lock();
+                        let present = (0..LEAVES)
+                            .filter(|g| tdp.last_spte(&root, Gfn(*g)).1.is_shadow_present())
+                            .count() as u64;
+                        if present != counted(&stats) {
+                            disagreed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if present > 0 && present < LEAVES {
+                            mid_zap.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                let rcu = tdp.rcu.read_lock();
+                let ctx = Ctx::new(&stats, &rcu);
+                let mut w = lock.write(&stats.lock);
+                match zap {
+                    Zap::Leafs => {
+                        let mut batch = FlushBatch::default();
+                        let range = GfnRange::new(Gfn(0), Gfn(LEAVES));
+                        tdp.zap_leafs(&ctx, &root, range, &mut w, &stats.lock, &mut batch, &flush);
+                    }
+                    Zap::Root => {
+                        tdp.invalidate_roots(&stats, RootFilter::All);
+                        // The root stays allocated (this test holds a reference).
+                        tdp.zap_root(&ctx, &root, &mut w, &stats.lock, false);
+                    }
+                }
+                drop(w);
+                done.store(true, Ordering::Release);
+            });
+            assert_eq!(counted(&stats), 0);
+            if mid_zap.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+        }
+        assert!(
+            mid_zap.load(Ordering::Relaxed) > 0,
+            "the lock was never taken in the middle of a zap"
+        );
+        assert_eq!(
+            disagreed.load(Ordering::Relaxed),
+            0,
+            "counts behind the tables at a yield"
+        );
+        cache.drain(&tdp);
+    }
+
+    #[test]
+    fn test_a_yielding_leaf_zap_has_counted_what_it_zapped_whenever_the_lock_is_free() {
+        counts_agree_at_every_yield(Zap::Leafs);
+    }
+
+    #[test]
+    fn test_a_yielding_root_zap_has_counted_what_it_zapped_whenever_the_lock_is_free() {
+        counts_agree_at_every_yield(Zap::Root);
     }
 }
