@@ -25,6 +25,15 @@ pub enum KvmError {
         source: io::Error,
     },
 
+    /// This KVM does not offer a capability the call needs (it reports 0).
+    #[error("This KVM has no {what} ({cap} is 0)")]
+    Unsupported {
+        /// What the capability gives, in words.
+        what: &'static str,
+        /// The capability's name.
+        cap: &'static str,
+    },
+
     /// The configuration asked for no vCPUs (or no host threads).
     #[error("At least one vCPU is needed, got 0")]
     NoVcpus,

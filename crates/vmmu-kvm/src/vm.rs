@@ -129,6 +129,12 @@ impl GuestVm {
             Measured::Anon(m) => (m, None),
             Measured::Gmem { bytes, flags } => {
                 use std::os::fd::FromRawFd;
+                if vm.check_extension_raw(crate::gmem::KVM_CAP_GUEST_MEMFD) <= 0 {
+                    return Err(KvmError::Unsupported {
+                        what: "guest_memfd",
+                        cap: "KVM_CAP_GUEST_MEMFD",
+                    });
+                }
                 let fd = vm
                     .create_guest_memfd(kvm_bindings::kvm_create_guest_memfd {
                         size: bytes,
