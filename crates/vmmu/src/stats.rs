@@ -319,7 +319,9 @@ impl Stats {
 /// otherwise; docs/PERFORMANCE.md).
 pub(crate) struct LeafTally<'a> {
     stats: &'a CounterSet,
-    removed: [std::cell::Cell<u64>; 3],
+    /// By level - 1 (4 KiB, 2 MiB, 1 GiB; the two upper ones stay 0): indexed
+    /// without a clamp, since a level is always 1..=5.
+    removed: [std::cell::Cell<u64>; 5],
     zapped: std::cell::Cell<u64>,
     dirty_zapped: std::cell::Cell<u64>,
 }
@@ -340,15 +342,14 @@ impl<'a> LeafTally<'a> {
 
     /// A leaf of `level` stopped being present.
     pub(crate) fn removed(&self, level: Level) {
-        Self::bump(&self.removed[(level.get() as usize).clamp(1, 3) - 1]);
+        Self::bump(&self.removed[level.get() as usize - 1]);
     }
 
     /// The walk zapped a leaf (`dirty`: with its Dirty bit set).
     pub(crate) fn zapped(&self, dirty: bool) {
         Self::bump(&self.zapped);
-        if dirty {
-            Self::bump(&self.dirty_zapped);
-        }
+        let d = &self.dirty_zapped;
+        d.set(d.get() + u64::from(dirty));
     }
 
     /// Add what was counted so far to the counters.
@@ -356,6 +357,10 @@ impl<'a> LeafTally<'a> {
         let s = self.stats;
         for (i, level) in [Level::K4, Level::M2, Level::G1].into_iter().enumerate() {
             s.leaf_removed(level, self.removed[i].take());
+        }
+        // No leaf lives above 1 GiB; counted as 1 GiB like the counters do.
+        for c in &self.removed[3..] {
+            s.leaf_removed(Level::G1, c.take());
         }
         CounterSet::add(&s.leaves_zapped, self.zapped.take());
         CounterSet::add(&s.dirty_leaves_zapped, self.dirty_zapped.take());
