@@ -681,5 +681,11 @@ mod tests {
             none += 1
         });
         assert_eq!(none, 0);
+        let any = |a: u64, b: u64| set.any_hva_overlap(HvaRange::new(Hva(a), Hva(b)));
+        assert!(any(0x1000_2000, 0x1000_3001), "two aliases");
+        assert!(any(0x2000_0fff, 0x2000_1000), "the last byte of slot 3");
+        assert!(!any(0x2000_1000, 0x3000_1000), "past slot 3");
+        assert!(!any(0x0fff_0000, 0x1000_0000), "just before slots 1 and 2");
+        assert!(!any(0x1000_2000, 0x1000_2000), "an empty range");
     }
 }

@@ -219,6 +219,56 @@ pub(crate) fn notifier_section() -> Held {
     Held::acquire(LockClass::NotifierCallback, Location::caller())
 }
 
+impl crate::vm::VmInner {
+    /// Whether any slot maps part of `range`.
+    pub(crate) fn any_overlap(&self, range: HvaRange) -> bool {
+        self.memslots
+            .iter()
+            .any(|set| set.load().any_hva_overlap(range))
+    }
+
+    /// The gfns the slots map for `range`, by address space, with ranges of
+    /// slots that follow each other in gfn merged into one. KVM calls its
+    /// handlers slot by slot; the handlers here (zap, age, the invalidation's
+    /// range) only use the gfns and the address space, so a merged range does
+    /// the same work in one walk: a 2 MiB invalidation over 128 slots of
+    /// 16 KiB (memslot-perf at 32k slots) is one descent from each root, not
+    /// 128.
+    pub(crate) fn overlapping_gfns(&self, range: HvaRange) -> Vec<(u16, GfnRange)> {
+        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
+        for (as_id, set) in self.memslots.iter().enumerate() {
+            set.load().for_each_hva_overlap(range, |_, g| {
+                let a = as_id as u16;
+                // Slots come in host-address order, which for the usual
+                // layout is gfn order too: extend the last range in place.
+                match hits.last_mut() {
+                    Some((la, lg)) if *la == a && lg.end == g.start => lg.end = g.end,
+                    _ => hits.push((a, g)),
+                }
+            });
+        }
+        // Whatever the visit order left apart.
+        coalesce_gfn_ranges(hits)
+    }
+}
+
+/// Sort `hits` by address space and gfn and merge ranges that touch or
+/// overlap within one address space (two slots never share a gfn, but two
+/// may map the same host pages, and an empty range would merge harmlessly).
+pub(crate) fn coalesce_gfn_ranges(mut hits: Vec<(u16, GfnRange)>) -> Vec<(u16, GfnRange)> {
+    hits.sort_unstable_by_key(|(a, g)| (*a, g.start.0));
+    let mut out: Vec<(u16, GfnRange)> = Vec::with_capacity(hits.len());
+    for (a, g) in hits {
+        match out.last_mut() {
+            Some((la, lg)) if *la == a && lg.end.0 >= g.start.0 => {
+                lg.end = Gfn(lg.end.0.max(g.end.0));
+            }
+            _ => out.push((a, g)),
+        }
+    }
+    out
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -247,6 +297,32 @@ mod tests {
         assert!(inv.retry_gfn(seq, Gfn(100)), "seq moved");
         let seq2 = inv.snapshot();
         assert!(!inv.retry_gfn(seq2, Gfn(5)));
+    }
+
+    fn r(a: u64, b: u64) -> GfnRange {
+        GfnRange::new(Gfn(a), Gfn(b))
+    }
+
+    #[test]
+    fn test_coalesce_merges_touching_ranges_of_one_address_space_only() {
+        let hits = vec![
+            (0, r(8, 12)),
+            (1, r(4, 8)),
+            (0, r(0, 4)),
+            (0, r(4, 8)),
+            (0, r(13, 14)),
+        ];
+        assert_eq!(
+            coalesce_gfn_ranges(hits),
+            vec![(0, r(0, 12)), (0, r(13, 14)), (1, r(4, 8))],
+            "sorted, touching ranges merged, a gap or another address space kept apart"
+        );
+        // Two slots mapping the same host pages may give overlapping ranges.
+        assert_eq!(
+            coalesce_gfn_ranges(vec![(0, r(0, 8)), (0, r(2, 4))]),
+            vec![(0, r(0, 8))]
+        );
+        assert_eq!(coalesce_gfn_ranges(Vec::new()), Vec::new());
     }
 
     #[test]
@@ -288,8 +364,7 @@ impl crate::vm::Vm {
             vm: self.clone(),
             range,
         };
-        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
-        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
+        let hits = vm.overlapping_gfns(range);
         if hits.is_empty() {
             return token;
         }
@@ -313,9 +388,7 @@ impl crate::vm::Vm {
     fn invalidate_range_end(&self, range: HvaRange) {
         let vm = &*self.inner;
         let _n = notifier_section();
-        let mut found = false;
-        vm.for_each_overlap(range, |_, _| found = true);
-        if found {
+        if vm.any_overlap(range) {
             let w = vm.mmu_lock.write(&vm.stats.lock);
             vm.inval.end(&w);
         }
@@ -326,8 +399,7 @@ impl crate::vm::Vm {
         let vm = &*self.inner;
         let _n = notifier_section();
         CounterSet::inc(&vm.stats.aging_calls);
-        let mut hits: Vec<(u16, GfnRange)> = Vec::new();
-        vm.for_each_overlap(range, |a, g| hits.push((a, g)));
+        let hits = vm.overlapping_gfns(range);
         if hits.is_empty() {
             return false;
         }

@@ -20,7 +20,7 @@ use crate::spte::Spte;
 use crate::stats::{CounterSet, Stats};
 use crate::sync::{Arc, LockClass, MmuLock, Mutex, Snapshot, Srcu, SrcuSnapshot};
 use crate::tdp::{Ctx, FlushBatch, RemoteFlush, Tdp};
-use crate::types::{Gfn, GfnRange, HvaRange, Level};
+use crate::types::{Gfn, GfnRange, Level};
 use crate::vcpu::VcpuMmu;
 
 /// Why a VM or vCPU call was refused. A refused call changes nothing.
@@ -257,13 +257,6 @@ impl VmInner {
         let mut r = self.mmu_lock.read(&self.stats.lock);
         self.tdp
             .zap_invalidated_roots(&ctx, &mut r, &self.stats.lock);
-    }
-
-    pub(crate) fn for_each_overlap(&self, range: HvaRange, mut f: impl FnMut(u16, GfnRange)) {
-        for (as_id, set) in self.memslots.iter().enumerate() {
-            set.load()
-                .for_each_hva_overlap(range, |_, g| f(as_id as u16, g));
-        }
     }
 
     /// Take `slots_lock` (guest_memfd release runs under it).

@@ -443,3 +443,41 @@ fn test_mmio_entries_are_not_trusted_while_a_slot_is_being_created() {
     assert_ne!(r, RetPf::Emulate, "MMIO emulated for a gfn that has a slot");
     teardown(host, vm, vec![vcpu]);
 }
+
+/// One invalidation over slots that follow each other in host memory: the
+/// ranges of slots that also follow each other in gfn are zapped together,
+/// and a slot whose gfns lie between two of them (mapped from elsewhere in
+/// host memory) keeps its pages.
+#[test]
+fn test_an_invalidation_over_adjacent_slots_zaps_their_gfns_and_nothing_between() {
+    let (host, vm, mut vcpu) = setup(VmConfig::default());
+    let p = 4096;
+    // (slot, first page, first host page), four pages each. Slots 1, 2 and 4
+    // are adjacent in host memory; 2 and 4 are adjacent in gfn too; slot 3
+    // fills the gfn gap between 1 and 2 from another host range.
+    let slots = [
+        (1, 4096, 100_000),
+        (2, 4104, 100_004),
+        (4, 4108, 100_008),
+        (3, 4100, 200_000),
+    ];
+    for (slot, page, hpage) in slots {
+        vm.set_user_memory_region(region(slot, gpa(page).0, 4 * p, hva(hpage).0, 0))
+            .unwrap();
+    }
+    for page in 4096..4112 {
+        vcpu.page_fault(gpa(page), vmmu::ErrorCode::WRITE).unwrap();
+        assert!(leaf(&vm, page).is_some(), "page {page} mapped");
+    }
+    let inv = vm.invalidate_range_start(vmmu::HvaRange::new(hva(100_000), hva(100_012)));
+    inv.end();
+    for page in 4096..4112 {
+        let in_gap = (4100..4104).contains(&page);
+        assert_eq!(
+            leaf(&vm, page).is_some(),
+            in_gap,
+            "page {page}: only slot 3's pages stay mapped"
+        );
+    }
+    teardown(host, vm, vec![vcpu]);
+}

@@ -1,6 +1,8 @@
 //! A memslot set: the slots of one address space, indexed by gfn range,
 //! host range and id, and how an update changes it.
 
+use std::ops::ControlFlow;
+
 use imbl::OrdMap;
 
 use super::slot_tree::SlotTree;
@@ -106,6 +108,19 @@ impl MemslotSet {
             });
     }
 
+    /// Whether some slot's host range maps part of `range` (stops at the
+    /// first).
+    pub fn any_hva_overlap(&self, range: HvaRange) -> bool {
+        self.by_hva
+            .try_for_each_overlap(range.start.0, range.end.0, |slot| {
+                match slot.hva_range_to_gfns(range) {
+                    Some(_) => ControlFlow::Break(()),
+                    None => ControlFlow::Continue(()),
+                }
+            })
+            .is_break()
+    }
+
     /// Every slot whose gfns overlap `range`, with the overlapping gfns.
     pub fn for_each_gfn_overlap(
         &self,
@@ -128,11 +143,14 @@ impl MemslotSet {
         except: Option<u16>,
     ) -> Option<&Arc<Memslot>> {
         let mut found = None;
-        self.by_gfn
-            .for_each_overlap(range.start.0, range.end.0, |slot| {
-                if found.is_none() && Some(slot.id) != except {
-                    found = Some(slot.id);
+        let _ = self
+            .by_gfn
+            .try_for_each_overlap(range.start.0, range.end.0, |slot| {
+                if Some(slot.id) == except {
+                    return ControlFlow::Continue(());
                 }
+                found = Some(slot.id);
+                ControlFlow::Break(())
             });
         found.and_then(|id| self.by_id.get(&id))
     }
