@@ -500,6 +500,14 @@ impl TableMemory for HostMemory {
     fn table(&self, pfn: Pfn) -> &Table {
         self.page(pfn)
     }
+
+    /// The whole arena, as the kernel's direct map covers all memory.
+    fn linear(&self) -> Option<vmmu::LinearTables> {
+        // SAFETY: the arena is `npages` consecutive 4 KiB frames from `base`
+        // (aligned, frame `PFN_BASE + i` at index `i`, as `page` computes),
+        // mapped until `self` drops and only accessed through atomics.
+        Some(unsafe { vmmu::LinearTables::new(self.base.cast(), Pfn(PFN_BASE), self.npages) })
+    }
 }
 
 /// guest_memfd pages: frames of the arena that no host region maps, so they are

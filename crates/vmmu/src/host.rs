@@ -34,6 +34,58 @@ pub trait TableMemory: Send + Sync {
     /// The entries of a table frame. The host keeps this memory mapped for its own
     /// lifetime, so stale readers see stale values, never unmapped memory.
     fn table(&self, pfn: Pfn) -> &Table;
+    /// The frames as one linear range, if the host lays them out so (the
+    /// kernel's direct map): the MMU's walks then find a table by arithmetic,
+    /// as KVM's `__va` does, instead of calling [`TableMemory::table`] once
+    /// per level. Frames outside the range still go through `table`.
+    fn linear(&self) -> Option<LinearTables> {
+        None
+    }
+}
+
+/// Frames `first .. first + count` as consecutive tables from `base`.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearTables {
+    base: std::ptr::NonNull<Table>,
+    first: u64,
+    count: u64,
+}
+
+// SAFETY: a `LinearTables` hands out only shared references to atomics, which
+// any thread may use; `new`'s contract keeps the memory valid.
+unsafe impl Send for LinearTables {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for LinearTables {}
+
+impl LinearTables {
+    /// Describe `count` tables from `base`, holding frames from `first` on.
+    ///
+    /// # Safety
+    /// `base` must point at `count` consecutive, aligned tables that stay
+    /// mapped for as long as the [`TableMemory`] that returns this value
+    /// lives, and that are only ever accessed atomically.
+    pub unsafe fn new(base: std::ptr::NonNull<Table>, first: Pfn, count: u64) -> Self {
+        LinearTables {
+            base,
+            first: first.0,
+            count,
+        }
+    }
+
+    /// The table of `pfn`, if the range holds it. The borrow is tied to
+    /// `self`; the MMU keeps the value beside the [`TableMemory`] it came
+    /// from, so the memory outlives every borrow.
+    #[inline]
+    pub(crate) fn get(&self, pfn: Pfn) -> Option<&Table> {
+        let i = pfn.0.wrapping_sub(self.first);
+        if i < self.count {
+            // SAFETY: `i < count`, so the table lies inside the range `new`
+            // was given, which stays valid while its memory lives.
+            Some(unsafe { &*self.base.as_ptr().add(i as usize) })
+        } else {
+            None
+        }
+    }
 }
 
 /// What the fault path asks of the primary MMU.

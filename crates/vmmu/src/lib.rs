@@ -70,8 +70,8 @@ pub use dirty_log::DirtyLogError;
 pub use fault::{ErrorCode, FaultError, RetPf};
 pub use gmem::{GmemError, GuestMemfd, PrivatePage};
 pub use host::{
-    FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, PrimaryMmu, PrivateMemory, Table,
-    TableMemory, TableMemoryError,
+    FaultinRequest, HostFaultError, HostOps, HostPfn, Kick, LinearTables, PrimaryMmu,
+    PrivateMemory, Table, TableMemory, TableMemoryError,
 };
 pub use memslot::{MemFlags, Memslot, MemslotError, MemslotSet, UserMemoryRegion};
 pub use notifier::Invalidation;

@@ -8,14 +8,15 @@
 
 use std::time::{Duration, Instant};
 
-use crate::host::{Table, TableMemory};
+use super::tables::Tables;
+use crate::host::Table;
 use crate::spte::Spte;
 use crate::sync::{AtomicU64, MmuGuard, Ordering};
 use crate::types::{Gfn, Level, Pfn};
 
 /// A position in a walk.
 pub(crate) struct TdpIter<'t> {
-    mem: &'t dyn TableMemory,
+    mem: &'t Tables,
     pt_path: [Option<&'t Table>; 6],
     root_level: Level,
     min_level: Level,
@@ -35,7 +36,7 @@ pub(crate) struct TdpIter<'t> {
 impl<'t> TdpIter<'t> {
     /// Walk the tables under `root` for `[start, end)`.
     pub(crate) fn new(
-        mem: &'t dyn TableMemory,
+        mem: &'t Tables,
         root: Pfn,
         root_level: Level,
         min_level: Level,
@@ -165,7 +166,7 @@ impl<'t> TdpIter<'t> {
 /// descent itself needs. Like [`TdpIter`], it re-reads an entry before
 /// entering the table it links, so a table zapped meanwhile is not entered.
 pub(crate) struct Descent<'t> {
-    mem: &'t dyn TableMemory,
+    mem: &'t Tables,
     sptep: &'t AtomicU64,
     /// The gfn the walk heads for (not aligned).
     target: Gfn,
@@ -178,12 +179,7 @@ pub(crate) struct Descent<'t> {
 impl<'t> Descent<'t> {
     /// Start at the root's entry for `target`; `None` when `target` is past
     /// the address space the root covers.
-    pub(crate) fn new(
-        mem: &'t dyn TableMemory,
-        root: Pfn,
-        root_level: Level,
-        target: Gfn,
-    ) -> Option<Self> {
+    pub(crate) fn new(mem: &'t Tables, root: Pfn, root_level: Level, target: Gfn) -> Option<Self> {
         if target.0 >> (9 * root_level.get() as u32) != 0 {
             return None;
         }
@@ -296,12 +292,15 @@ impl Resched {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::host::TableMemory;
     use crate::spte::LeafParams;
+    use crate::sync::Arc;
     use crate::testing::TestMemory;
 
     #[test]
     fn test_iter_visits_parents_before_children_in_range() {
-        let mem = TestMemory::new();
+        let mem = Arc::new(TestMemory::new());
+        let tables = Tables::new(mem.clone());
         let root = mem.new_table();
         let l3 = mem.new_table();
         let l2 = mem.new_table();
@@ -318,7 +317,7 @@ mod tests {
         mem.table(l2)[3].store(leaf.0, Ordering::Relaxed);
         let start = Gfn((1 << 18) + (3 << 9));
         let mut it = TdpIter::new(
-            &mem,
+            &tables,
             root,
             Level::L4,
             Level::K4,
@@ -343,14 +342,15 @@ mod tests {
 
     #[test]
     fn test_descent_heads_for_its_gfn_and_rereads_before_entering() {
-        let mem = TestMemory::new();
+        let mem = Arc::new(TestMemory::new());
+        let tables = Tables::new(mem.clone());
         let root = mem.new_table();
         let l3 = mem.new_table();
         let l2 = mem.new_table();
         let target = Gfn((2 << 27) + (5 << 18) + (7 << 9) + 3);
         mem.table(root)[2].store(Spte::table(l3, true).0, Ordering::Relaxed);
         mem.table(l3)[5].store(Spte::table(l2, true).0, Ordering::Relaxed);
-        let mut d = Descent::new(&mem, root, Level::L4, target).expect("inside the root");
+        let mut d = Descent::new(&tables, root, Level::L4, target).expect("inside the root");
         assert_eq!((d.level, d.gfn()), (Level::L4, Gfn(2 << 27)));
         assert!(d.step_down());
         assert_eq!((d.level, d.gfn()), (Level::G1, Gfn((2 << 27) + (5 << 18))));
@@ -361,14 +361,15 @@ mod tests {
         assert!(!d.step_down(), "entered a table unlinked after it was read");
         assert_eq!(d.level, Level::G1);
         assert!(!d.old_spte.is_shadow_present(), "the re-read value is kept");
-        assert!(Descent::new(&mem, root, Level::L4, Gfn(1 << 36)).is_none());
+        assert!(Descent::new(&tables, root, Level::L4, Gfn(1 << 36)).is_none());
     }
 
     #[test]
     fn test_iter_yield_rule_requires_progress() {
-        let mem = TestMemory::new();
+        let mem = Arc::new(TestMemory::new());
+        let tables = Tables::new(mem.clone());
         let root = mem.new_table();
-        let mut it = TdpIter::new(&mem, root, Level::L4, Level::K4, Gfn(0), Gfn(1 << 30));
+        let mut it = TdpIter::new(&tables, root, Level::L4, Level::K4, Gfn(0), Gfn(1 << 30));
         assert!(!it.has_progressed());
         it.next();
         assert!(it.has_progressed());
@@ -380,9 +381,10 @@ mod tests {
 
     #[test]
     fn test_iter_restart_resumes_where_it_was_heading() {
-        let mem = TestMemory::new();
+        let mem = Arc::new(TestMemory::new());
+        let tables = Tables::new(mem.clone());
         let root = mem.new_table();
-        let mut it = TdpIter::new(&mem, root, Level::L4, Level::K4, Gfn(0), Gfn(3 << 27));
+        let mut it = TdpIter::new(&tables, root, Level::L4, Level::K4, Gfn(0), Gfn(3 << 27));
         it.next();
         it.next();
         let at = it.gfn;

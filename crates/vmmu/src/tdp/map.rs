@@ -26,7 +26,7 @@ impl Tdp {
         let mut goal = f.goal_level;
         let mut pfn = f.pfn;
         let walk = (f.gfn < self.max_gfn())
-            .then(|| Descent::new(&*self.mem, root.pfn, self.root_level, f.gfn))
+            .then(|| Descent::new(&self.mem, root.pfn, self.root_level, f.gfn))
             .flatten();
         let Some(mut it) = walk else {
             CounterSet::inc(&ctx.stats.map_retries);

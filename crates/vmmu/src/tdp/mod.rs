@@ -17,6 +17,7 @@ pub(crate) mod iter;
 pub(crate) mod map;
 pub(crate) mod nx;
 pub(crate) mod ops;
+pub(crate) mod tables;
 pub(crate) mod zap;
 
 use crate::config::GuardKnobs;
@@ -31,7 +32,7 @@ use crate::types::{Gfn, Level, Pfn};
 
 /// State of the TDP MMU shared by a VM.
 pub(crate) struct Tdp {
-    pub(crate) mem: Arc<dyn TableMemory>,
+    pub(crate) mem: tables::Tables,
     pub(crate) rcu: Rcu,
     /// `tdp_mmu_roots`: changed under `tdp_mmu_pages_lock` (itself only taken
     /// under `mmu_lock`) and published whole, so lockless readers (aging, dumps)
@@ -177,7 +178,7 @@ impl Tdp {
         knobs: GuardKnobs,
     ) -> Self {
         Tdp {
-            mem,
+            mem: tables::Tables::new(mem),
             rcu: Rcu::new(),
             roots: Mutex::new(LockClass::TdpMmuPagesLock, ()),
             roots_list: Snapshot::new(Arc::new(Vec::new())),
@@ -227,7 +228,7 @@ impl Tdp {
         end: Gfn,
     ) -> iter::TdpIter<'_> {
         iter::TdpIter::new(
-            &*self.mem,
+            &self.mem,
             root.pfn,
             self.root_level,
             min_level,
