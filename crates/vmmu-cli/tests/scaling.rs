@@ -16,11 +16,14 @@ fn test_bench_scaling_measures_vmmu_and_the_ceiling_in_every_round() {
         "1M",
         "--rounds",
         "2",
+        "--samples",
+        "2",
         "--json",
     ]);
     assert_eq!(code, 0, "{err}\n{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v["violations"], 0);
+    assert_eq!(v["config"]["flags"]["samples"], 2, "{v}");
     let rounds = v["rounds"].as_array().expect("rounds");
     assert_eq!(rounds.len(), 2);
     let mut ratios = Vec::new();
@@ -52,6 +55,8 @@ fn test_bench_scaling_refuses_bad_flags_in_one_line() {
     for (args, needle) in [
         (&["-v", "1"][..], "-v 1"),
         (&["--rounds", "0"], "--rounds 0"),
+        (&["--samples", "0"], "--samples 0"),
+        (&["--samples", "11"], "1..=10 samples"),
         (&["--loop-bytes", "4K"], "--loop-bytes 4 KiB"),
         (&["-b", "100T"], "does not fit"),
     ] {

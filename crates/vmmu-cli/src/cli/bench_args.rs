@@ -45,6 +45,10 @@ pub(crate) struct BenchScalingArgs {
     /// Rounds (the median is the headline).
     #[arg(long, default_value_t = 5)]
     pub(crate) rounds: u32,
+    /// Samples of each rate per round, 1 and N interleaved; a round keeps
+    /// each rate's best (the machine's noise only ever slows a run down).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) samples: u32,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) flags: BenchFlags,
