@@ -192,6 +192,10 @@ pub struct HostStats {
 pub struct HostMmu {
     mem: Arc<HostMemory>,
     regions: ArcSwap<Vec<Arc<Region>>>,
+    /// Bumped after every change of `regions` (the per-thread cache's key).
+    regions_gen: AtomicU64,
+    /// This host's identity for the per-thread cache (never reused).
+    id: u64,
     regions_update: Mutex<()>,
     secondaries: ArcSwap<Vec<Arc<dyn SecondaryMmu>>>,
     swap: Mutex<HashMap<u64, Box<[u64]>>>,
@@ -224,6 +228,11 @@ impl HostMmu {
         HostMmu {
             mem,
             regions: ArcSwap::new(Arc::new(Vec::new())),
+            regions_gen: AtomicU64::new(0),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             regions_update: Mutex::new(()),
             secondaries: ArcSwap::new(Arc::new(Vec::new())),
             swap: Mutex::new(HashMap::new()),
@@ -290,6 +299,8 @@ impl HostMmu {
         v.push(region);
         v.sort_by_key(|r| r.start);
         self.regions.store(Arc::new(v));
+        // Release: a thread that sees the new count also sees the new list.
+        self.regions_gen.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -308,7 +319,32 @@ impl HostMmu {
             .cloned()
             .collect();
         self.regions.store(Arc::new(v));
+        // Release: a thread that sees the new count also sees the new list.
+        self.regions_gen.fetch_add(1, Ordering::Release);
         true
+    }
+
+    /// Run `f` on the region holding `hva` through this thread's cache of
+    /// the last region it used: a fault looks its region up twice (faultin,
+    /// the mapping level), and cloning the `Arc` each time made every vCPU
+    /// faulting in one region write that region's count. The cache is keyed
+    /// by this host and the list's generation, so a changed list is looked
+    /// up again (a nested call finds the cache taken and looks up directly).
+    fn with_region<R>(&self, hva: u64, f: impl FnOnce(&Region) -> R) -> Option<R> {
+        thread_local! {
+            static LAST: std::cell::Cell<Option<(u64, u64, Arc<Region>)>> =
+                const { std::cell::Cell::new(None) };
+        }
+        // Acquire: pairs with the Release after each store of the list.
+        let gen = self.regions_gen.load(Ordering::Acquire);
+        let cached = LAST.with(|c| c.take());
+        let r = match cached {
+            Some((id, g, r)) if id == self.id && g == gen && r.contains(hva) => r,
+            _ => self.region(hva)?,
+        };
+        let out = f(&r);
+        LAST.with(|c| c.set(Some((self.id, gen, r))));
+        Some(out)
     }
 
     fn region(&self, hva: u64) -> Option<Arc<Region>> {
@@ -639,6 +675,75 @@ fn word_index(hva: Hva) -> usize {
 }
 
 impl HostMmu {
+    /// [`PrimaryMmu::faultin`] in region `r`.
+    fn faultin_in(
+        &self,
+        r: &Region,
+        hva: Hva,
+        req: FaultinRequest,
+    ) -> Result<HostPfn, HostFaultError> {
+        let idx = r.idx(hva.0);
+        loop {
+            let guard = r.lock(idx);
+            let mut e = r.entries[idx].load(Ordering::Acquire);
+            if req.write && e & PROT_RO != 0 {
+                return Err(HostFaultError::ReadOnly);
+            }
+            if e & PRESENT == 0 {
+                if r.backing == Backing::Hugetlb1G
+                    || matches!(r.backing, Backing::Hugetlb2M | Backing::AnonymousThp)
+                {
+                    // Whole-chunk population takes the reshape lock first.
+                    drop(guard);
+                    let _s = r.reshape.lock();
+                    let _g = r.lock(idx);
+                    let e2 = r.entries[idx].load(Ordering::Acquire);
+                    if e2 & PRESENT == 0 {
+                        if e2 & SWAPPED != 0 {
+                            self.swap_in(r, idx, e2)?;
+                        } else {
+                            self.populate(r, idx, req.write)?;
+                        }
+                    }
+                    continue;
+                }
+                e = if e & SWAPPED != 0 {
+                    self.swap_in(r, idx, e)?
+                } else {
+                    self.populate(r, idx, req.write)?
+                };
+            }
+            if req.write && e & WRITE == 0 {
+                if e & KSM != 0 {
+                    drop(guard);
+                    self.break_cow(r, idx)?;
+                    continue;
+                }
+                // An exclusive page made read-only by mprotect and writable again:
+                // reuse it (no new frame, so no invalidation). A huge page has one
+                // write bit for all of it.
+                e |= WRITE;
+                let n = if e & HUGE_1G != 0 {
+                    512 * 512
+                } else if e & HUGE_2M != 0 {
+                    512
+                } else {
+                    1
+                };
+                let first = idx & !(n - 1);
+                for i in first..first + n {
+                    r.entries[i].fetch_or(WRITE, Ordering::AcqRel);
+                }
+            }
+            let pfn = Pfn(e & FRAME);
+            self.mem.get(pfn);
+            return Ok(HostPfn {
+                pfn,
+                writable: e & WRITE != 0 && e & PROT_RO == 0,
+            });
+        }
+    }
+
     /// The word at `hva` if the page is mapped now, read holding the page's
     /// lock (no fault-in; the mapping and the frame's contents are one state).
     pub fn peek_word(&self, hva: Hva) -> Option<u64> {
@@ -687,67 +792,8 @@ impl HostMmu {
 
 impl PrimaryMmu for HostMmu {
     fn faultin(&self, hva: Hva, req: FaultinRequest) -> Result<HostPfn, HostFaultError> {
-        let r = self.region(hva.0).ok_or(HostFaultError::NotMapped)?;
-        let idx = r.idx(hva.0);
-        loop {
-            let guard = r.lock(idx);
-            let mut e = r.entries[idx].load(Ordering::Acquire);
-            if req.write && e & PROT_RO != 0 {
-                return Err(HostFaultError::ReadOnly);
-            }
-            if e & PRESENT == 0 {
-                if r.backing == Backing::Hugetlb1G
-                    || matches!(r.backing, Backing::Hugetlb2M | Backing::AnonymousThp)
-                {
-                    // Whole-chunk population takes the reshape lock first.
-                    drop(guard);
-                    let _s = r.reshape.lock();
-                    let _g = r.lock(idx);
-                    let e2 = r.entries[idx].load(Ordering::Acquire);
-                    if e2 & PRESENT == 0 {
-                        if e2 & SWAPPED != 0 {
-                            self.swap_in(&r, idx, e2)?;
-                        } else {
-                            self.populate(&r, idx, req.write)?;
-                        }
-                    }
-                    continue;
-                }
-                e = if e & SWAPPED != 0 {
-                    self.swap_in(&r, idx, e)?
-                } else {
-                    self.populate(&r, idx, req.write)?
-                };
-            }
-            if req.write && e & WRITE == 0 {
-                if e & KSM != 0 {
-                    drop(guard);
-                    self.break_cow(&r, idx)?;
-                    continue;
-                }
-                // An exclusive page made read-only by mprotect and writable again:
-                // reuse it (no new frame, so no invalidation). A huge page has one
-                // write bit for all of it.
-                e |= WRITE;
-                let n = if e & HUGE_1G != 0 {
-                    512 * 512
-                } else if e & HUGE_2M != 0 {
-                    512
-                } else {
-                    1
-                };
-                let first = idx & !(n - 1);
-                for i in first..first + n {
-                    r.entries[i].fetch_or(WRITE, Ordering::AcqRel);
-                }
-            }
-            let pfn = Pfn(e & FRAME);
-            self.mem.get(pfn);
-            return Ok(HostPfn {
-                pfn,
-                writable: e & WRITE != 0 && e & PROT_RO == 0,
-            });
-        }
+        self.with_region(hva.0, |r| self.faultin_in(r, hva, req))
+            .ok_or(HostFaultError::NotMapped)?
     }
 
     fn release(&self, pfn: Pfn, _mapped_writable: bool) {
@@ -778,19 +824,19 @@ impl PrimaryMmu for HostMmu {
     }
 
     fn mapping_level(&self, hva: Hva) -> Level {
-        let Some(r) = self.region(hva.0) else {
-            return Level::K4;
-        };
-        let e = r.entries[r.idx(hva.0)].load(Ordering::Acquire);
-        if e & PRESENT == 0 {
-            Level::K4
-        } else if e & HUGE_1G != 0 {
-            Level::G1
-        } else if e & HUGE_2M != 0 {
-            Level::M2
-        } else {
-            Level::K4
-        }
+        self.with_region(hva.0, |r| {
+            let e = r.entries[r.idx(hva.0)].load(Ordering::Acquire);
+            if e & PRESENT == 0 {
+                Level::K4
+            } else if e & HUGE_1G != 0 {
+                Level::G1
+            } else if e & HUGE_2M != 0 {
+                Level::M2
+            } else {
+                Level::K4
+            }
+        })
+        .unwrap_or(Level::K4)
     }
 }
 
@@ -867,6 +913,61 @@ mod tests {
         assert_eq!(h.thp_collapse(all), 1, "one protection again: collapses");
         check(&h);
         h.unmap_region(Hva(BASE));
+    }
+
+    /// The per-thread region cache never answers with a region the host no
+    /// longer has, nor with another host's region.
+    #[test]
+    fn test_host_region_cache_follows_region_changes_and_hosts() {
+        let mem = Arc::new(HostMemory::new(1 << 30, true).unwrap());
+        let w = FaultinRequest { write: true };
+        let touch = |h: &HostMmu, hva: u64| {
+            h.faultin(Hva(hva), w).map(|p| {
+                h.release(p.pfn, true);
+                p.pfn
+            })
+        };
+        let h = HostMmu::new(mem.clone());
+        h.map_region(Hva(BASE), 2 << 20, Backing::Anonymous)
+            .unwrap();
+        touch(&h, BASE).unwrap(); // this thread now caches the region
+        assert!(h.unmap_region(Hva(BASE)));
+        assert_eq!(
+            touch(&h, BASE),
+            Err(HostFaultError::NotMapped),
+            "a region gone"
+        );
+        assert_eq!(h.mapping_level(Hva(BASE)), Level::K4);
+        h.map_region(Hva(BASE), 2 << 20, Backing::Anonymous)
+            .unwrap();
+        touch(&h, BASE).unwrap();
+        assert!(h.is_resident(Hva(BASE)), "the new region's own page");
+        // A second region of the same list: the cached first one does not
+        // hold its address.
+        h.map_region(Hva(BASE + (8 << 20)), 2 << 20, Backing::Anonymous)
+            .unwrap();
+        touch(&h, BASE).unwrap();
+        touch(&h, BASE + (8 << 20)).unwrap();
+        assert!(h.is_resident(Hva(BASE + (8 << 20))));
+        assert!(h.unmap_region(Hva(BASE + (8 << 20))));
+        assert!(h.unmap_region(Hva(BASE)));
+        // Two hosts whose lists are at the same generation: the one without
+        // a region at the address must not find the other's.
+        let a = HostMmu::new(mem.clone());
+        let b = HostMmu::new(mem.clone());
+        a.map_region(Hva(BASE), 2 << 20, Backing::Anonymous)
+            .unwrap();
+        b.map_region(Hva(BASE + (4 << 30)), 2 << 20, Backing::Anonymous)
+            .unwrap();
+        touch(&a, BASE).unwrap();
+        assert_eq!(
+            touch(&b, BASE),
+            Err(HostFaultError::NotMapped),
+            "another host's region"
+        );
+        a.unmap_region(Hva(BASE));
+        b.unmap_region(Hva(BASE + (4 << 30)));
+        check(&h);
     }
 
     fn random_ops(backing: Backing, seed: u64) {
