@@ -238,13 +238,9 @@ impl crate::vm::VmInner {
         let mut hits: Vec<(u16, GfnRange)> = Vec::new();
         for (as_id, set) in self.memslots.iter().enumerate() {
             set.load().for_each_hva_overlap(range, |_, g| {
-                let a = as_id as u16;
                 // Slots come in host-address order, which for the usual
-                // layout is gfn order too: extend the last range in place.
-                match hits.last_mut() {
-                    Some((la, lg)) if *la == a && lg.end == g.start => lg.end = g.end,
-                    _ => hits.push((a, g)),
-                }
+                // layout is gfn order too: most merge as they come.
+                push_merged(&mut hits, as_id as u16, g)
             });
         }
         // Whatever the visit order left apart.
@@ -259,14 +255,20 @@ pub(crate) fn coalesce_gfn_ranges(mut hits: Vec<(u16, GfnRange)>) -> Vec<(u16, G
     hits.sort_unstable_by_key(|(a, g)| (*a, g.start.0));
     let mut out: Vec<(u16, GfnRange)> = Vec::with_capacity(hits.len());
     for (a, g) in hits {
-        match out.last_mut() {
-            Some((la, lg)) if *la == a && lg.end.0 >= g.start.0 => {
-                lg.end = Gfn(lg.end.0.max(g.end.0));
-            }
-            _ => out.push((a, g)),
-        }
+        push_merged(&mut out, a, g);
     }
     out
+}
+
+/// Append `(a, g)`, or extend the last range when `g` starts inside it or
+/// where it ends (in the same address space).
+fn push_merged(out: &mut Vec<(u16, GfnRange)>, a: u16, g: GfnRange) {
+    match out.last_mut() {
+        Some((la, lg)) if *la == a && lg.start.0 <= g.start.0 && g.start.0 <= lg.end.0 => {
+            lg.end = Gfn(lg.end.0.max(g.end.0));
+        }
+        _ => out.push((a, g)),
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -323,6 +325,14 @@ mod tests {
             vec![(0, r(0, 8))]
         );
         assert_eq!(coalesce_gfn_ranges(Vec::new()), Vec::new());
+        // As the host-range visit pushes them, unsorted: a range before the
+        // last one is not swallowed by it.
+        let mut out = vec![(0, r(8, 12))];
+        push_merged(&mut out, 0, r(0, 4));
+        push_merged(&mut out, 0, r(12, 16));
+        assert_eq!(out, vec![(0, r(8, 12)), (0, r(0, 4)), (0, r(12, 16))]);
+        push_merged(&mut out, 0, r(16, 20));
+        assert_eq!(out[2], (0, r(12, 20)));
     }
 
     #[test]

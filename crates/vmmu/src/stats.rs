@@ -355,12 +355,12 @@ impl<'a> LeafTally<'a> {
     /// Add what was counted so far to the counters.
     pub(crate) fn flush(&self) {
         let s = self.stats;
-        for (i, level) in [Level::K4, Level::M2, Level::G1].into_iter().enumerate() {
-            s.leaf_removed(level, self.removed[i].take());
-        }
-        // No leaf lives above 1 GiB; counted as 1 GiB like the counters do.
-        for c in &self.removed[3..] {
-            s.leaf_removed(Level::G1, c.take());
+        for (level, c) in [Level::K4, Level::M2, Level::G1, Level::L4, Level::L5]
+            .into_iter()
+            .zip(&self.removed)
+        {
+            // Above 1 GiB (never a leaf) the counters count as 1 GiB.
+            s.leaf_removed(level, c.take());
         }
         CounterSet::add(&s.leaves_zapped, self.zapped.take());
         CounterSet::add(&s.dirty_leaves_zapped, self.dirty_zapped.take());

@@ -183,27 +183,24 @@ pub fn run(a: &BenchScalingArgs) -> anyhow::Result<i32> {
     memory_loop(a.vcpus, a.loop_bytes);
     for r in 0..a.rounds {
         // Alternate the order so a change in the machine's load hits both.
-        let (loop_1, loop_n, vm) = if r % 2 == 0 {
-            let (l1, ln) = best_of(a.samples, || {
+        let loops = || {
+            best_of(a.samples, || {
                 Ok((
                     memory_loop(1, a.loop_bytes),
                     memory_loop(a.vcpus, a.loop_bytes),
                 ))
-            })?;
-            (l1, ln, vmmu_best(&c, a, &mut failed)?)
+            })
+        };
+        let ((loop_1, loop_n), (vmmu_1, vmmu_n)) = if r % 2 == 0 {
+            let l = loops()?;
+            (l, vmmu_best(&c, a, &mut failed)?)
         } else {
-            let vm = vmmu_best(&c, a, &mut failed)?;
-            let (l1, ln) = best_of(a.samples, || {
-                Ok((
-                    memory_loop(1, a.loop_bytes),
-                    memory_loop(a.vcpus, a.loop_bytes),
-                ))
-            })?;
-            (l1, ln, vm)
+            let v = vmmu_best(&c, a, &mut failed)?;
+            (loops()?, v)
         };
         rounds.push(Round {
-            vmmu_1: vm.0,
-            vmmu_n: vm.1,
+            vmmu_1,
+            vmmu_n,
             loop_1,
             loop_n,
         });

@@ -69,9 +69,7 @@ impl HostMmu {
         let mut v: Vec<_> = (**cur).clone();
         v.push(region);
         v.sort_by_key(|r| r.start);
-        self.regions.store(Arc::new(v));
-        // Release: a thread that sees the new count also sees the new list.
-        self.regions_gen.fetch_add(1, Ordering::Release);
+        self.publish(v);
         Ok(())
     }
 
@@ -89,10 +87,17 @@ impl HostMmu {
             .filter(|x| !Arc::ptr_eq(x, &r))
             .cloned()
             .collect();
+        self.publish(v);
+        true
+    }
+
+    /// Make `v` the region list. Every change goes through here: the
+    /// generation it bumps is what keeps [`HostMmu::with_region`]'s
+    /// per-thread caches from answering with a region of an older list.
+    fn publish(&self, v: Vec<Arc<Region>>) {
         self.regions.store(Arc::new(v));
         // Release: a thread that sees the new count also sees the new list.
         self.regions_gen.fetch_add(1, Ordering::Release);
-        true
     }
 
     /// Run `f` on the region holding `hva` through this thread's cache of
@@ -101,6 +106,8 @@ impl HostMmu {
     /// faulting in one region write that region's count. The cache is keyed
     /// by this host and the list's generation, so a changed list is looked
     /// up again (a nested call finds the cache taken and looks up directly).
+    /// A thread keeps at most one region of a dead host or list alive, until
+    /// its next lookup or its exit.
     pub(super) fn with_region<R>(&self, hva: u64, f: impl FnOnce(&Region) -> R) -> Option<R> {
         thread_local! {
             static LAST: std::cell::Cell<Option<(u64, u64, Arc<Region>)>> =

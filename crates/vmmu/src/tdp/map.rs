@@ -281,27 +281,34 @@ pub(super) mod tests {
         }
     }
 
-    #[test]
-    fn test_map_replacing_a_present_leaf_flushes_only_when_it_allows_less() {
-        let tdp = Tdp::new(
+    /// A 4-level TDP MMU over test memory, with `knobs`.
+    pub(in crate::tdp) fn test_tdp(knobs: GuardKnobs) -> Tdp {
+        Tdp::new(
             Arc::new(TestMemory::new()),
             Level::L4,
             1 << 34,
             true,
             false,
-            GuardKnobs::default(),
-        );
+            knobs,
+        )
+    }
+
+    /// The role of `test_tdp`'s roots.
+    pub(in crate::tdp) const ROLE: Role = Role {
+        level: Level::L4,
+        smm: false,
+        guest_mode: false,
+    };
+
+    #[test]
+    fn test_map_replacing_a_present_leaf_flushes_only_when_it_allows_less() {
+        let tdp = test_tdp(GuardKnobs::default());
         let stats = CounterSet::default();
         let lock = crate::sync::MmuLock::new();
         let _r = lock.read(&stats.lock);
         let mut cache = TableCache::default();
         cache.topup(&tdp, 8).unwrap();
-        let role = Role {
-            level: Level::L4,
-            smm: false,
-            guest_mode: false,
-        };
-        let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
+        let root = tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
@@ -353,12 +360,7 @@ pub(super) mod tests {
         let _r = lock.read(&stats.lock);
         let mut cache = TableCache::default();
         cache.topup(&tdp, 8).unwrap();
-        let role = Role {
-            level: Level::L4,
-            smm: false,
-            guest_mode: false,
-        };
-        let root = tdp.find_or_create_root(&stats, role, &mut cache).unwrap();
+        let root = tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();

@@ -150,13 +150,12 @@ impl Tdp {
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    use super::super::map::tests::{fault, slot, CountingFlush};
+    use super::super::map::tests::{fault, slot, test_tdp, CountingFlush, ROLE};
     use super::*;
     use crate::config::GuardKnobs;
-    use crate::root::{Role, RootFilter};
-    use crate::sync::{Arc, MmuLock};
+    use crate::root::RootFilter;
+    use crate::sync::MmuLock;
     use crate::tdp::TableCache;
-    use crate::testing::TestMemory;
     use crate::types::Pfn;
     use crate::RetPf;
 
@@ -183,22 +182,10 @@ mod tests {
             yield_every_step: true,
             ..GuardKnobs::default()
         };
-        let tdp = Tdp::new(
-            Arc::new(TestMemory::new()),
-            Level::L4,
-            1 << 34,
-            true,
-            false,
-            knobs,
-        );
+        let tdp = test_tdp(knobs);
         let stats = CounterSet::default();
         let lock = MmuLock::new();
         let s = slot();
-        let role = Role {
-            level: Level::L4,
-            smm: false,
-            guest_mode: false,
-        };
         let mut cache = TableCache::default();
         let flush = CountingFlush::default();
         let (mid_zap, disagreed) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -207,7 +194,7 @@ mod tests {
             // A zapped root is invalid: each round maps into a new one.
             let root = {
                 let _r = lock.read(&stats.lock);
-                tdp.find_or_create_root(&stats, role, &mut cache).unwrap()
+                tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap()
             };
             {
                 let _r = lock.read(&stats.lock);
