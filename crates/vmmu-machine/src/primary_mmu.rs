@@ -621,6 +621,7 @@ impl HostMmu {
             return Ok(HostPfn {
                 pfn,
                 writable: e & WRITE != 0 && e & PROT_RO == 0,
+                level: entry_level(e),
             });
         }
     }
@@ -706,18 +707,22 @@ impl PrimaryMmu for HostMmu {
 
     fn mapping_level(&self, hva: Hva) -> Level {
         self.with_region(hva.0, |r| {
-            let e = r.entries[r.idx(hva.0)].load(Ordering::Acquire);
-            if e & PRESENT == 0 {
-                Level::K4
-            } else if e & HUGE_1G != 0 {
-                Level::G1
-            } else if e & HUGE_2M != 0 {
-                Level::M2
-            } else {
-                Level::K4
-            }
+            entry_level(r.entries[r.idx(hva.0)].load(Ordering::Acquire))
         })
         .unwrap_or(Level::K4)
+    }
+}
+
+/// The size of the host mapping an entry belongs to (4 KiB when not present).
+fn entry_level(e: u64) -> Level {
+    if e & PRESENT == 0 {
+        Level::K4
+    } else if e & HUGE_1G != 0 {
+        Level::G1
+    } else if e & HUGE_2M != 0 {
+        Level::M2
+    } else {
+        Level::K4
     }
 }
 

@@ -126,14 +126,22 @@ impl DirtyLogError {
 /// Record that `gfn` of `slot` was (or may be) written, KVM's
 /// `mark_page_dirty_in_slot`: into the writing vCPU's ring on a VM that logs
 /// into rings, else into the slot's bitmap. Slots that do not log ignore it.
+///
+/// Inlined, so a write fault on a slot that does not log pays one test of
+/// the slot's flags; the logging itself stays out of line.
+#[inline]
 pub(crate) fn mark_page_dirty(
     slot: &crate::Memslot,
     gfn: Gfn,
     ring: Option<&crate::dirty_ring::DirtyRing>,
 ) {
-    if !slot.dirty_logging() {
-        return;
+    if slot.dirty_logging() {
+        log_dirty(slot, gfn, ring);
     }
+}
+
+#[inline(never)]
+fn log_dirty(slot: &crate::Memslot, gfn: Gfn, ring: Option<&crate::dirty_ring::DirtyRing>) {
     match ring {
         Some(r) => r.push(
             (u32::from(slot.as_id()) << 16) | u32::from(slot.id()),

@@ -151,9 +151,22 @@ pub(crate) struct PageFault<'s> {
     pub(crate) pfn: Pfn,
     /// The frame the host returned (before huge-page alignment), released at the end.
     pub(crate) host_pfn: Pfn,
+    /// The host's mapping level as the frame was resolved.
+    pub(crate) host_level: Level,
     pub(crate) map_writable: bool,
     pub(crate) mmio_gen: u64,
     pub(crate) huge_page_disallowed: bool,
+}
+
+impl PageFault<'_> {
+    /// The `KVM_EXIT_MEMORY_FAULT` exit for this fault's page.
+    fn memory_fault(&self) -> FaultError {
+        FaultError::MemoryFault {
+            gpa: self.gfn.gpa(),
+            size: PAGE_SIZE,
+            private: self.private,
+        }
+    }
 }
 
 impl VcpuMmu {
@@ -266,6 +279,7 @@ impl VcpuMmu {
             ring: self.shared.ring.as_ref(),
             pfn: Pfn(0),
             host_pfn: Pfn(0),
+            host_level: Level::K4,
             map_writable: false,
             mmio_gen: slots.generation() & vm.mmio_gen_mask,
             huge_page_disallowed: exec && vm.tdp.nx_enabled(),
@@ -461,13 +475,8 @@ impl VcpuMmu {
             Some(p) => p,
             None => has_private && vm.attrs.is_private(f.gfn),
         };
-        let memory_fault = Err(FaultError::MemoryFault {
-            gpa: f.gfn.gpa(),
-            size: PAGE_SIZE,
-            private: f.private,
-        });
         if f.private != gfn_is_private {
-            return memory_fault;
+            return Err(f.memory_fault());
         }
         if vm.config.knobs.second_seq_snapshot {
             f.mmu_seq = vm.inval.snapshot();
@@ -475,7 +484,7 @@ impl VcpuMmu {
         // A slot bound to a mappable guest_memfd is gmem-only: its shared
         // memory is the file's too, so every fault takes its frame there.
         if f.private || f.slot.is_some_and(Memslot::is_gmem_only) {
-            return self.faultin_gmem(f, memory_fault);
+            return self.faultin_gmem(f);
         }
         let Some(slot) = f.slot else {
             // No memslot: MMIO. Cached as an MMIO entry (generation-checked, so no
@@ -510,6 +519,7 @@ impl VcpuMmu {
             })?;
         f.pfn = host.pfn;
         f.host_pfn = host.pfn;
+        f.host_level = host.level;
         f.map_writable = host.writable && !slot.is_readonly();
         if vm.config.precheck && vm.inval.retry_gfn_unsafe(f.mmu_seq, f.gfn) {
             vm.host.primary.release(f.pfn, false);
@@ -524,11 +534,7 @@ impl VcpuMmu {
     /// (KVM's `kvm_mmu_faultin_pfn_gmem`): from the guest_memfd bound to the
     /// slot, never from a host address. A slot without one (or no slot) cannot
     /// back private memory: a memory-fault exit.
-    fn faultin_gmem(
-        &self,
-        f: &mut PageFault<'_>,
-        memory_fault: Result<RetPf, FaultError>,
-    ) -> Result<RetPf, FaultError> {
+    fn faultin_gmem(&self, f: &mut PageFault<'_>) -> Result<RetPf, FaultError> {
         let vm = &*self.vm;
         let stats = &self.shared.stats;
         if f.slot.is_some_and(|s| s.is_invalid()) {
@@ -538,7 +544,7 @@ impl VcpuMmu {
         }
         let pfn = match crate::gmem::faultin_gmem(f) {
             Ok(Some(pfn)) => pfn,
-            Ok(None) => return memory_fault,
+            Ok(None) => return Err(f.memory_fault()),
             Err(cause) => {
                 return Err(FaultError::Host {
                     gpa: f.gfn.gpa(),
@@ -606,11 +612,7 @@ impl VcpuMmu {
         if f.max_level == Level::K4 {
             return;
         }
-        let mut level = slot.max_mapping_level(f.gfn, f.max_level);
-        if level > Level::K4 {
-            let host_level = self.vm.host.primary.mapping_level(slot.gfn_to_hva(f.gfn));
-            level = level.min(host_level);
-        }
+        let mut level = slot.max_mapping_level(f.gfn, f.max_level).min(f.host_level);
         // The frame must agree with the gfn modulo the mapping size. The host's
         // level normally guarantees it; a host that claims a huge mapping over a
         // frame aligned only for a smaller one still gets the largest level that

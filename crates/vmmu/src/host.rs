@@ -103,6 +103,14 @@ pub struct HostPfn {
     pub pfn: Pfn,
     /// The host mapping allows writes (a read fault may then map writable).
     pub writable: bool,
+    /// The size of the host's own mapping of the address as the frame was
+    /// resolved: what [`PrimaryMmu::mapping_level`] would have answered at
+    /// that moment. The fault caps its mapping level with it (KVM reads the
+    /// host's page tables a second time, under `mmu_lock`; reading them once
+    /// with the frame is as safe, since the invalidation sequence checked
+    /// under the lock covers every change after the fault's snapshot, and it
+    /// saves a second lookup of the address on every fault).
+    pub level: Level,
 }
 
 /// Why the primary MMU could not provide a frame.

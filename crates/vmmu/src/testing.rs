@@ -340,6 +340,7 @@ impl PrimaryMmu for TestHost {
         let r = HostPfn {
             pfn: m.pfn,
             writable: m.writable,
+            level: m.level,
         };
         drop(map);
         *self.refs.lock().entry(r.pfn.0).or_insert(0) += 1;

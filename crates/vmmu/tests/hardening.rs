@@ -90,6 +90,7 @@ impl vmmu::PrimaryMmu for MisalignedHost {
     ) -> Result<vmmu::HostPfn, HostFaultError> {
         let mut r = self.inner.faultin(hva, req)?;
         r.pfn = vmmu::Pfn(r.pfn.0 + SHIFT_PFN);
+        r.level = Level::G1;
         Ok(r)
     }
     fn release(&self, pfn: vmmu::Pfn, w: bool) {

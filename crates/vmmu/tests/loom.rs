@@ -269,6 +269,7 @@ impl vmmu::PrimaryMmu for LocklessPte {
         Ok(vmmu::HostPfn {
             pfn: Pfn(self.pfn.load(loom::sync::atomic::Ordering::Relaxed)),
             writable: true,
+            level: vmmu::Level::K4,
         })
     }
     fn release(&self, _pfn: Pfn, _mapped_writable: bool) {}

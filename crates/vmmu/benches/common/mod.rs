@@ -121,6 +121,7 @@ impl PrimaryMmu for BenchHost {
         Ok(HostPfn {
             pfn: Pfn(hva.0 / PAGE_SIZE),
             writable: true,
+            level: self.level,
         })
     }
 

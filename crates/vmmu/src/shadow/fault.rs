@@ -142,6 +142,7 @@ impl VcpuMmu {
             ring: self.shared.ring.as_ref(),
             pfn: crate::types::Pfn(0),
             host_pfn: crate::types::Pfn(0),
+            host_level: Level::K4,
             map_writable: false,
             mmio_gen: 0,
             huge_page_disallowed: acc.fetch && vm.tdp.nx_enabled(),

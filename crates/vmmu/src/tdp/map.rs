@@ -275,6 +275,7 @@ pub(super) mod tests {
             ring: None,
             pfn,
             host_pfn: pfn,
+            host_level: Level::K4,
             map_writable: true,
             mmio_gen: 0,
             huge_page_disallowed: false,
