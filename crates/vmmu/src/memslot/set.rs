@@ -13,7 +13,7 @@ use crate::types::{Gfn, GfnRange, HvaRange, PAGE_SIZE};
 /// The memslots of one address space.
 ///
 /// The indexes are persistent trees (the gfn and host-range interval trees
-/// of `slot_tree`, an `imbl::OrdMap` by id): a copy shares all nodes with
+/// of `slot_tree`, an `imbl::OrdMap` from id to first gfn): a copy shares all nodes with
 /// its original, and a change copies only the paths to what it changes. An
 /// update then costs O(log n) whatever the slot count, also when the retired
 /// set is still held by a reader and the next update has to start from a
@@ -25,7 +25,13 @@ pub struct MemslotSet {
     by_gfn: SlotTree,
     /// By host range; host ranges may overlap (aliases).
     by_hva: SlotTree,
-    by_id: OrdMap<u16, Arc<Memslot>>,
+    /// Each slot's first gfn, by id; the slot itself is then the gfn tree's.
+    /// Plain numbers, not references to the slots: `imbl` copies a whole
+    /// node (up to 64 entries) per level an update changes, and copying
+    /// references made each copy 64 reference-count increments (and as many
+    /// decrements when the retired set went), a third of a memslot move at
+    /// 32k slots.
+    by_id: OrdMap<u16, u64>,
     /// Pages of all slots (the shadow MMU's default page limit is a share of
     /// it, asked for on every fault that makes pages).
     pages: u64,
@@ -86,7 +92,10 @@ impl MemslotSet {
 
     /// The slot with this id.
     pub fn by_id(&self, id: u16) -> Option<&Arc<Memslot>> {
-        self.by_id.get(&id)
+        // Every slot has pages (a size of 0 deletes), so its first gfn is
+        // its own.
+        let gfn = *self.by_id.get(&id)?;
+        self.by_gfn.holding(gfn).filter(|s| s.id == id)
     }
 
     /// All slots in gfn order.
@@ -149,10 +158,10 @@ impl MemslotSet {
                 if Some(slot.id) == except {
                     return ControlFlow::Continue(());
                 }
-                found = Some(slot.id);
+                found = Some(slot);
                 ControlFlow::Break(())
             });
-        found.and_then(|id| self.by_id.get(&id))
+        found
     }
 
     fn insert(&mut self, slot: Arc<Memslot>) {
@@ -161,11 +170,12 @@ impl MemslotSet {
         self.by_hva
             .insert(hva, hva + slot.npages * PAGE_SIZE, slot.clone());
         self.pages += slot.npages;
-        self.by_id.insert(slot.id, slot);
+        self.by_id.insert(slot.id, gfn);
     }
 
     fn remove(&mut self, id: u16) -> Option<Arc<Memslot>> {
-        let slot = self.by_id.remove(&id)?;
+        let slot = self.by_id(id)?.clone();
+        self.by_id.remove(&id);
         self.by_gfn.remove(slot.base_gfn.0, slot.id);
         self.by_hva.remove(slot.userspace_addr.0, slot.id);
         self.pages -= slot.npages;
@@ -177,7 +187,7 @@ impl MemslotSet {
     /// first, a move's host range) is updated in place: one path copied
     /// instead of a removal and an insertion.
     fn replace(&mut self, id: u16, slot: Arc<Memslot>) {
-        let Some(old) = self.by_id.get(&id).cloned() else {
+        let Some(old) = self.by_id(id).cloned() else {
             return self.insert(slot);
         };
         debug_assert_eq!(old.id, slot.id, "a replacement keeps the slot's id");
@@ -192,7 +202,9 @@ impl MemslotSet {
         self.by_hva
             .insert(hva, hva + slot.npages * PAGE_SIZE, slot.clone());
         self.pages = self.pages - old.npages + slot.npages;
-        self.by_id.insert(id, slot);
+        if old.base_gfn.0 != gfn {
+            self.by_id.insert(id, gfn);
+        }
     }
 
     /// Pages of all slots together.

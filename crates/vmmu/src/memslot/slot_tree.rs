@@ -47,11 +47,11 @@ const STACK: usize = 48;
 
 /// The recursive overlap walk of `n`'s subtree, for what lies below the
 /// iterative walk's stack.
-fn visit_overlaps(
-    n: &Node,
+fn visit_overlaps<'a>(
+    n: &'a Node,
     start: u64,
     end: u64,
-    f: &mut impl FnMut(&Arc<Memslot>) -> ControlFlow<()>,
+    f: &mut impl FnMut(&'a Arc<Memslot>) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
     if n.max_end <= start {
         return ControlFlow::Continue(());
@@ -240,16 +240,16 @@ impl SlotTree {
     /// is an `ArrayVec` (nothing to initialise, no allocation); a treap
     /// deeper than it (its priorities are hashes: practically never)
     /// finishes the subtree below by recursion.
-    pub(crate) fn try_for_each_overlap(
-        &self,
+    pub(crate) fn try_for_each_overlap<'a>(
+        &'a self,
         start: u64,
         end: u64,
-        mut f: impl FnMut(&Arc<Memslot>) -> ControlFlow<()>,
+        mut f: impl FnMut(&'a Arc<Memslot>) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
         if start >= end {
             return ControlFlow::Continue(());
         }
-        let mut stack: ArrayVec<&Node, STACK> = ArrayVec::new();
+        let mut stack: ArrayVec<&'a Node, STACK> = ArrayVec::new();
         let mut cur = self.root.as_deref();
         loop {
             // Down the left spine of `cur`, as far as a subtree may still
