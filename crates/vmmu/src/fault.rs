@@ -209,7 +209,9 @@ impl VcpuMmu {
             return Ok(RetPf::Retry);
         }
         let vm = &*self.vm;
-        if gfn.0 >= vm.config.gfn_limit() {
+        // (The limit as the TDP MMU keeps it: computing it from the
+        // configuration was a dozen instructions on every fault.)
+        if gfn.0 >= vm.tdp.gfn_limit {
             // Beyond the guest's physical address width: always emulated.
             return Ok(RetPf::Emulate);
         }
@@ -612,7 +614,15 @@ impl VcpuMmu {
         if f.max_level == Level::K4 {
             return;
         }
-        let mut level = slot.max_mapping_level(f.gfn, f.max_level).min(f.host_level);
+        // The smaller of what the slot allows and the host's level: with the
+        // host at 4 KiB that is 4 KiB whatever the slot says, so its
+        // per-level counters need not be read (KVM reads them first, then
+        // the host; the minimum is the same).
+        let mut level = if f.host_level == Level::K4 {
+            Level::K4
+        } else {
+            slot.max_mapping_level(f.gfn, f.max_level).min(f.host_level)
+        };
         // The frame must agree with the gfn modulo the mapping size. The host's
         // level normally guarantees it; a host that claims a huge mapping over a
         // frame aligned only for a smaller one still gets the largest level that

@@ -520,3 +520,37 @@ fn test_five_level_tables_map_high_gpa() {
     assert_eq!(vm.mappings(0).len(), 1);
     teardown(host, vm, vec![vcpu]);
 }
+
+/// A gpa at or past the guest's physical address width has no memslot and
+/// never will: emulated at once (KVM's "beyond max gfn" check), counted
+/// neither as a retry nor as an MMIO entry, and nothing is mapped.
+#[test]
+fn test_fault_past_the_address_width_is_emulated_without_a_mapping() {
+    let config = VmConfig::default();
+    let width = config.maxphyaddr;
+    let (host, vm, mut vcpu) = setup(config);
+    let before = vm.stats();
+    for g in [Gpa(1 << width), Gpa((1 << width) + 0x5000)] {
+        assert_eq!(
+            vcpu.page_fault(g, ErrorCode::empty()).unwrap(),
+            RetPf::Emulate
+        );
+        assert_eq!(
+            vcpu.page_fault(g, ErrorCode::WRITE).unwrap(),
+            RetPf::Emulate
+        );
+    }
+    let s = vm.stats();
+    assert_eq!(s.faults_emulate - before.faults_emulate, 4);
+    assert_eq!(s.faults_retry, before.faults_retry);
+    assert_eq!(s.mmio_sptes_created, before.mmio_sptes_created);
+    assert_eq!(s.tables_allocated, before.tables_allocated);
+    // The last page below the width is an ordinary gpa without a slot.
+    let below = Gpa((1 << width) - 0x1000);
+    assert_eq!(
+        vcpu.page_fault(below, ErrorCode::empty()).unwrap(),
+        RetPf::Emulate
+    );
+    assert_eq!(vm.stats().mmio_sptes_created, before.mmio_sptes_created + 1);
+    teardown(host, vm, vec![vcpu]);
+}

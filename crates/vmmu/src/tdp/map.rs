@@ -385,4 +385,25 @@ pub(super) mod tests {
         drop(rcu);
         cache.drain(&tdp);
     }
+
+    /// Walks end where the root's reach ends when the address width goes
+    /// beyond it (a 4-level root maps 2^36 gfns; 52 bits would be 2^40).
+    #[test]
+    fn test_walks_stop_at_the_roots_reach_below_a_wider_limit() {
+        let knobs = GuardKnobs::default();
+        let tdp = Tdp::new(
+            Arc::new(TestMemory::new()),
+            Level::L4,
+            1 << 40,
+            true,
+            false,
+            knobs,
+        );
+        assert_eq!(tdp.max_gfn(), Gfn(1 << 36));
+        assert_eq!(
+            test_tdp(knobs).max_gfn(),
+            Gfn(1 << 34),
+            "the limit when less"
+        );
+    }
 }

@@ -42,6 +42,9 @@ pub(crate) struct Tdp {
     pub(crate) root_level: Level,
     /// One past the largest gfn memslots may contain.
     pub(crate) gfn_limit: u64,
+    /// One past the largest gfn a root maps: the limit, or what the root
+    /// level covers if less (kept, not computed: every fault checks it).
+    max_gfn: Gfn,
     pub(crate) ad_enabled: bool,
     /// The iTLB-multihit mitigation: huge leaves are never executable. Changed
     /// at run time only under `mmu_lock` held for write ([`Tdp::nx_enabled`]).
@@ -184,6 +187,7 @@ impl Tdp {
             roots_list: Snapshot::new(Arc::new(Vec::new())),
             root_level,
             gfn_limit,
+            max_gfn: Gfn(gfn_limit.min(1u64 << (9 * root_level.get() as u32))),
             ad_enabled,
             nx_huge_pages: AtomicBool::new(nx_huge_pages),
             possible_nx: Mutex::new(LockClass::TdpMmuPagesLock, nx::NxPages::default()),

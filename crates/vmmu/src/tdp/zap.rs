@@ -13,9 +13,7 @@ impl Tdp {
     /// which memslots cannot exceed (KVM's `tdp_mmu_max_gfn_exclusive`). Walks
     /// over "everything" stop here instead of visiting unreachable entries.
     pub(crate) fn max_gfn(&self) -> Gfn {
-        Gfn(self
-            .gfn_limit
-            .min(1u64 << (9 * self.root_level.get() as u32)))
+        self.max_gfn
     }
 
     /// Zap every leaf of `root` in `range` (KVM's `tdp_mmu_zap_leafs`), holding
