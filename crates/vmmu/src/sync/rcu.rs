@@ -56,12 +56,38 @@ pub(crate) struct RcuGuard<'a> {
     /// thread ever borrows it, and never re-entrantly.
     #[cfg(not(loom))]
     guard: std::cell::RefCell<Option<crossbeam_epoch::Guard>>,
-    /// The pooled reader this guard pinned, returned to the pool on drop.
-    #[cfg(not(loom))]
-    lent: Option<(RcuReader, &'a Rcu)>,
     #[cfg(loom)]
     rcu: &'a Rcu,
     _p: PhantomData<&'a Rcu>,
+}
+
+/// A read-side section through a reader lent from the VM's pool (threads
+/// without one of their own): the section, then the reader back to the
+/// pool. A type of its own so the vCPU's sections, one per fault, carry
+/// nothing to give back.
+pub(crate) struct PooledRcuGuard<'a> {
+    guard: RcuGuard<'a>,
+    #[cfg(not(loom))]
+    lent: Option<(RcuReader, &'a Rcu)>,
+}
+
+impl<'a> std::ops::Deref for PooledRcuGuard<'a> {
+    type Target = RcuGuard<'a>;
+    fn deref(&self) -> &RcuGuard<'a> {
+        &self.guard
+    }
+}
+
+#[cfg(not(loom))]
+impl Drop for PooledRcuGuard<'_> {
+    fn drop(&mut self) {
+        // Unpin before the reader goes back to the pool: no guard may exist
+        // while a reader moves between threads.
+        self.guard.guard.get_mut().take();
+        if let Some((reader, rcu)) = self.lent.take() {
+            rcu.pool.lock().push(reader);
+        }
+    }
 }
 
 impl Rcu {
@@ -85,22 +111,26 @@ impl Rcu {
     }
 
     /// Enter a read-side section from a thread without a registered reader.
-    pub(crate) fn read_lock(&self) -> RcuGuard<'_> {
+    pub(crate) fn read_lock(&self) -> PooledRcuGuard<'_> {
         #[cfg(not(loom))]
         {
             let reader = self.pool.lock().pop().unwrap_or_else(|| self.register());
             let guard = reader.handle.pin();
-            RcuGuard {
-                guard: std::cell::RefCell::new(Some(guard)),
+            PooledRcuGuard {
+                guard: RcuGuard {
+                    guard: std::cell::RefCell::new(Some(guard)),
+                    _p: PhantomData,
+                },
                 lent: Some((reader, self)),
-                _p: PhantomData,
             }
         }
         #[cfg(loom)]
         {
-            RcuGuard {
-                rcu: self,
-                _p: PhantomData,
+            PooledRcuGuard {
+                guard: RcuGuard {
+                    rcu: self,
+                    _p: PhantomData,
+                },
             }
         }
     }
@@ -113,7 +143,6 @@ impl Rcu {
         {
             RcuGuard {
                 guard: std::cell::RefCell::new(Some(reader.handle.pin())),
-                lent: None,
                 _p: PhantomData,
             }
         }
@@ -125,16 +154,6 @@ impl Rcu {
                 _p: PhantomData,
             }
         }
-    }
-}
-
-#[cfg(not(loom))]
-impl Rcu {
-    /// Return a lent reader to the pool (out of line: only guards of threads
-    /// without a reader of their own get here).
-    #[inline(never)]
-    fn give_back(&self, reader: RcuReader) {
-        self.pool.lock().push(reader);
     }
 }
 
@@ -167,19 +186,6 @@ impl RcuGuard<'_> {
         if let Some(g) = self.guard.borrow_mut().as_mut() {
             g.repin();
             g.flush();
-        }
-    }
-}
-
-#[cfg(not(loom))]
-impl Drop for RcuGuard<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        // Unpin before the reader goes back to the pool: no guard may exist while
-        // a reader moves between threads.
-        self.guard.get_mut().take();
-        if let Some((reader, rcu)) = self.lent.take() {
-            rcu.give_back(reader);
         }
     }
 }
