@@ -332,6 +332,25 @@ impl DirtyBitmap {
     }
 }
 
+/// The gfns whose host addresses in `range` fall in a slot's host range
+/// `[hva_start, hva_end)` that starts at gfn `base_gfn`, if any (what
+/// [`Memslot::hva_range_to_gfns`] answers, from the three numbers alone).
+pub(crate) fn hva_span_to_gfns(
+    range: HvaRange,
+    hva_start: u64,
+    hva_end: u64,
+    base_gfn: u64,
+) -> Option<GfnRange> {
+    let start = range.start.0.max(hva_start);
+    let end = range.end.0.min(hva_end);
+    if start >= end {
+        return None;
+    }
+    let first = base_gfn + (start - hva_start) / PAGE_SIZE;
+    let last = base_gfn + (end - hva_start).div_ceil(PAGE_SIZE);
+    Some(GfnRange::new(Gfn(first), Gfn(last)))
+}
+
 impl Memslot {
     /// Slot id within its address space.
     pub fn id(&self) -> u16 {
@@ -456,14 +475,12 @@ impl Memslot {
 
     /// The gfns whose host addresses intersect `range`, if any.
     pub fn hva_range_to_gfns(&self, range: HvaRange) -> Option<GfnRange> {
-        let start = range.start.0.max(self.userspace_addr.0);
-        let end = range.end.0.min(self.hva_end());
-        if start >= end {
-            return None;
-        }
-        let first = self.base_gfn.0 + (start - self.userspace_addr.0) / PAGE_SIZE;
-        let last = self.base_gfn.0 + (end - self.userspace_addr.0).div_ceil(PAGE_SIZE);
-        Some(GfnRange::new(Gfn(first), Gfn(last)))
+        hva_span_to_gfns(
+            range,
+            self.userspace_addr.0,
+            self.hva_end(),
+            self.base_gfn.0,
+        )
     }
 
     fn invalid_copy(&self) -> Memslot {

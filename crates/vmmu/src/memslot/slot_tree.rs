@@ -33,6 +33,12 @@ struct Node {
     key: Key,
     /// One past the slot's last unit.
     end: u64,
+    /// Where the slot starts in the other index's unit (its first gfn in
+    /// the host-range tree, its host address in the gfn tree): a query
+    /// turns a hit into the other unit from the node alone. Reading the
+    /// slot for it was a cache miss per hit at 32k slots, a third of
+    /// memslot-perf's unmap-chunked loop in `perf` samples.
+    base: u64,
     slot: Arc<Memslot>,
     prio: u64,
     /// Largest `end` in this subtree.
@@ -51,7 +57,7 @@ fn visit_overlaps<'a>(
     n: &'a Node,
     start: u64,
     end: u64,
-    f: &mut impl FnMut(&'a Arc<Memslot>) -> ControlFlow<()>,
+    f: &mut impl FnMut(&'a Node) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
     if n.max_end <= start {
         return ControlFlow::Continue(());
@@ -62,7 +68,7 @@ fn visit_overlaps<'a>(
     // Everything to the right starts at or after this node.
     if n.key.0 < end {
         if n.end > start {
-            f(&n.slot)?;
+            f(n)?;
         }
         if let Some(r) = n.right.as_deref() {
             visit_overlaps(r, start, end, f)?;
@@ -80,6 +86,7 @@ fn with(n: &Node, left: Link, right: Link) -> Shared<Node> {
     Shared::new(Node {
         key: n.key,
         end: n.end,
+        base: n.base,
         slot: n.slot.clone(),
         prio: n.prio,
         max_end: n.end.max(max_end(&left)).max(max_end(&right)),
@@ -152,6 +159,19 @@ fn prio(k: Key) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A slot an overlap query found, with its range and base as the tree
+/// keeps them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hit<'a> {
+    pub(crate) slot: &'a Arc<Memslot>,
+    /// The slot's first unit in this tree.
+    pub(crate) start: u64,
+    /// One past its last.
+    pub(crate) end: u64,
+    /// Its first unit in the other tree.
+    pub(crate) base: u64,
+}
+
 /// The tree (cloning it is O(1)).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SlotTree {
@@ -165,13 +185,14 @@ impl SlotTree {
         self.len
     }
 
-    /// Add `slot` over `[start, end)` (its id must not be in the tree under
-    /// this start).
-    pub(crate) fn insert(&mut self, start: u64, end: u64, slot: Arc<Memslot>) {
+    /// Add `slot` over `[start, end)`, starting at `base` in the other
+    /// index's unit (its id must not be in the tree under this start).
+    pub(crate) fn insert(&mut self, start: u64, end: u64, base: u64, slot: Arc<Memslot>) {
         let key = (start, slot.id);
         let leaf = Shared::new(Node {
             key,
             end,
+            base,
             slot,
             prio: prio(key),
             max_end: end,
@@ -230,21 +251,49 @@ impl SlotTree {
     /// [`SlotTree::for_each_overlap`] that stops at the first `Break` (a
     /// question answered by the first slot found need not visit the rest:
     /// a 2 MiB host range spans 128 slots at memslot-perf's 32k).
-    ///
-    /// An in-order walk with the pending ancestors on a stack of its own
-    /// rather than recursion: every notifier call makes two of these
-    /// queries, and at 32k slots the descent is some twenty levels, where
-    /// a call per level (its register saves and restores) was most of the
-    /// query's cost. It also stops as soon as it reaches a slot starting at
-    /// or after `end` instead of unwinding through every level. The stack
-    /// is an `ArrayVec` (nothing to initialise, no allocation); a treap
-    /// deeper than it (its priorities are hashes: practically never)
-    /// finishes the subtree below by recursion.
     pub(crate) fn try_for_each_overlap<'a>(
         &'a self,
         start: u64,
         end: u64,
         mut f: impl FnMut(&'a Arc<Memslot>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        self.walk(start, end, |n| f(&n.slot))
+    }
+
+    /// [`SlotTree::try_for_each_overlap`] that hands over each hit's range
+    /// and base from the tree's own node, without reading the slot.
+    pub(crate) fn try_for_each_hit<'a>(
+        &'a self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(Hit<'a>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        self.walk(start, end, |n| {
+            f(Hit {
+                slot: &n.slot,
+                start: n.key.0,
+                end: n.end,
+                base: n.base,
+            })
+        })
+    }
+
+    /// The overlap walk, calling `f` with each overlapping node in order.
+    ///
+    /// In order with the pending ancestors on a stack of its own rather
+    /// than recursion: every notifier call makes two of these queries, and
+    /// at 32k slots the descent is some twenty levels, where a call per
+    /// level (its register saves and restores) was most of the query's
+    /// cost. It also stops as soon as it reaches a slot starting at or
+    /// after `end` instead of unwinding through every level. The stack is
+    /// an `ArrayVec` (nothing to initialise, no allocation); a treap deeper
+    /// than it (its priorities are hashes: practically never) finishes the
+    /// subtree below by recursion.
+    fn walk<'a>(
+        &'a self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(&'a Node) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
         if start >= end {
             return ControlFlow::Continue(());
@@ -274,7 +323,7 @@ impl SlotTree {
                 return ControlFlow::Continue(());
             }
             if n.end > start {
-                f(&n.slot)?;
+                f(n)?;
             }
             cur = n.right.as_deref();
         }
@@ -367,7 +416,7 @@ mod tests {
 
     fn insert(t: &mut SlotTree, s: Arc<Memslot>) {
         let start = s.userspace_addr.0;
-        t.insert(start, start + s.npages * 4096, s);
+        t.insert(start, start + s.npages * 4096, s.base_gfn.0, s);
     }
 
     #[test]
@@ -429,7 +478,7 @@ mod tests {
         let mut t = SlotTree::default();
         // Slots [10, 20), [20, 25), [40, 41) in their own units.
         for (id, start, end) in [(1u16, 10u64, 20u64), (2, 20, 25), (3, 40, 41)] {
-            t.insert(start, end, slot(id, start * 4096, end - start));
+            t.insert(start, end, start, slot(id, start * 4096, end - start));
         }
         let at = |p| t.holding(p).map(|s| s.id);
         assert_eq!(at(9), None);
@@ -456,12 +505,12 @@ mod tests {
         let mut t = SlotTree::default();
         for i in 0..4096u16 {
             let start = u64::from(i) * 4;
-            t.insert(start, start + 4, slot(i, start * 4096, 4));
+            t.insert(start, start + 4, start, slot(i, start * 4096, 4));
         }
         let d = depth(&t.root);
         assert!(d <= 40, "depth {d} for 4096 slots");
         // Replacing a slot under the same key keeps the count.
-        t.insert(0, 4, slot(0, 0, 4));
+        t.insert(0, 4, 0, slot(0, 0, 4));
         assert_eq!(t.len(), 4096);
         assert_eq!(t.iter().count(), 4096);
     }
@@ -481,7 +530,7 @@ mod tests {
                 .min_by_key(|id| prio((start, *id)))
                 .expect("a larger priority");
             last = prio((start, id));
-            t.insert(start, start + 4, slot(id, start * 4096, 4));
+            t.insert(start, start + 4, start, slot(id, start * 4096, 4));
         }
         assert_eq!(depth(&t.root), n as usize, "not a chain");
         assert_eq!(ids(&t, 0, u64::MAX).len(), n as usize);
