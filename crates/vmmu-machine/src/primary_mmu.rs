@@ -731,6 +731,19 @@ mod tests {
     use super::*;
     use crate::guest::Rng;
 
+    /// Only a present entry maps anything: size bits on an entry that is
+    /// not present (stale, or a swap entry whose slot number reaches them)
+    /// say 4 KiB, the level of a fault that will populate it.
+    #[test]
+    fn test_entry_level_is_the_size_of_present_entries_only() {
+        assert_eq!(entry_level(PRESENT), Level::K4);
+        assert_eq!(entry_level(PRESENT | HUGE_2M), Level::M2);
+        assert_eq!(entry_level(PRESENT | HUGE_1G), Level::G1);
+        for bits in [HUGE_2M, HUGE_1G, SWAPPED | HUGE_2M | HUGE_1G] {
+            assert_eq!(entry_level(bits), Level::K4, "{bits:#x}");
+        }
+    }
+
     const BASE: u64 = 0x10_0000_0000;
 
     /// Every present entry points at an allocated frame whose reference count
