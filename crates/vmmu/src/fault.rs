@@ -611,18 +611,14 @@ impl VcpuMmu {
         if f.from_gmem {
             return;
         }
-        if f.max_level == Level::K4 {
+        // The level is the smallest of the configuration's, the slot's and
+        // the host's: with either bound at 4 KiB it is 4 KiB, and the slot's
+        // per-level counters need not be read (KVM reads them before the
+        // host's level; the minimum is the same).
+        if f.max_level == Level::K4 || f.host_level == Level::K4 {
             return;
         }
-        // The smaller of what the slot allows and the host's level: with the
-        // host at 4 KiB that is 4 KiB whatever the slot says, so its
-        // per-level counters need not be read (KVM reads them first, then
-        // the host; the minimum is the same).
-        let mut level = if f.host_level == Level::K4 {
-            Level::K4
-        } else {
-            slot.max_mapping_level(f.gfn, f.max_level).min(f.host_level)
-        };
+        let mut level = slot.max_mapping_level(f.gfn, f.max_level).min(f.host_level);
         // The frame must agree with the gfn modulo the mapping size. The host's
         // level normally guarantees it; a host that claims a huge mapping over a
         // frame aligned only for a smaller one still gets the largest level that

@@ -123,6 +123,52 @@ fn test_huge_level_falls_back_one_level_when_frame_is_misaligned() {
     teardown(host, vm, vec![vcpu]);
 }
 
+/// A host whose own mapping is 2 MiB over frames that happen to line up for
+/// 1 GiB: nothing but the host's level stops a 1 GiB leaf.
+struct TwoMegHost {
+    inner: Arc<TestHost>,
+}
+
+impl vmmu::PrimaryMmu for TwoMegHost {
+    fn faultin(
+        &self,
+        hva: Hva,
+        req: vmmu::FaultinRequest,
+    ) -> Result<vmmu::HostPfn, HostFaultError> {
+        let mut r = self.inner.faultin(hva, req)?;
+        r.level = Level::M2;
+        Ok(r)
+    }
+    fn release(&self, pfn: vmmu::Pfn, w: bool) {
+        self.inner.release(pfn, w)
+    }
+    fn mapping_level(&self, _hva: Hva) -> Level {
+        Level::M2
+    }
+}
+
+#[test]
+fn test_the_hosts_2m_level_caps_a_slot_and_frame_that_allow_1g() {
+    let host = TestHost::new();
+    host.set_host_level(Level::G1);
+    let mut ops = host.ops();
+    ops.primary = Arc::new(TwoMegHost {
+        inner: host.clone(),
+    });
+    let vm = Vm::new(VmConfig::default(), ops).unwrap();
+    vm.set_user_memory_region(region(0, GPA, 1 << 30, HVA, 0))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.prepare_entry().unwrap();
+    assert_eq!(
+        vcpu.page_fault(gpa(3), ErrorCode::WRITE).unwrap(),
+        RetPf::Fixed
+    );
+    assert_eq!(leaf(&vm, 3).unwrap().0, Level::M2, "2M, not 1G");
+    assert_eq!(vm.stats().leaves_mapped_2m, 1);
+    teardown(host, vm, vec![vcpu]);
+}
+
 #[test]
 fn test_smm_on_a_vm_without_smm_address_space_is_refused_and_changes_nothing() {
     let config = VmConfig {
