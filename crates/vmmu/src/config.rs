@@ -377,6 +377,13 @@ pub struct GuardKnobs {
     pub mmio_gen_bits: u32,
 }
 
+impl GuardKnobs {
+    /// Whether any guard is removed (anything but the default).
+    pub fn removes_a_guard(&self) -> bool {
+        *self != GuardKnobs::default()
+    }
+}
+
 impl VmConfig {
     /// One past the largest gfn the guest can address.
     /// As KVM's `kvm_mmu_max_gfn`: with a second stage the host's physical
