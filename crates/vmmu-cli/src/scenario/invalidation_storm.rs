@@ -177,7 +177,10 @@ fn round(env: &mut Env, storm: bool, rounds: u32, rng: &mut Rng) -> PhaseResult 
         );
         let trace = env.trace.clone();
         let out = env.m.run(progs, &opts, |ctx| {
-            while !ctx.done() {
+            // A storm makes at least one step: vCPUs that finish their pass
+            // before this thread first looks would leave a storm phase that
+            // never stormed (a short `-i 1` pass on a busy machine did).
+            while !ctx.done() || (storm && invalidations == 0) {
                 if let Some(b) = &bar {
                     b.set_position(progress.load(Ordering::Relaxed));
                 }
