@@ -18,6 +18,13 @@ fn test_demand_paging_populates_verifies_and_tears_down_clean() {
     let st = m.vm.stats();
     let pages = 2 * bytes / 4096;
     assert_eq!(st.leaves_mapped_4k, pages, "one fault per page");
+    // Sequential faults start at the cached last-level table: every fault
+    // but the first of each 2 MiB region (a few more may walk after races).
+    assert!(
+        st.walk_cache_hits >= pages - pages / 256 && st.walk_cache_hits < pages,
+        "{} walk-cache hits for {pages} faults",
+        st.walk_cache_hits
+    );
     assert!(m.oracle.checks() >= 3 * pages);
     assert_eq!(m.oracle.total(), 0, "{:?}", m.oracle.log());
     let oracle = m.oracle.clone();

@@ -286,6 +286,10 @@ pub struct GuardKnobs {
     /// Keep one RCU read-side section across every `mmu_lock` yield of a long
     /// zap (the behaviour before the fix), holding back deferred table frees.
     pub rcu_pinned_across_yields: bool,
+    /// A fault uses the last-level table its vCPU cached without checking that
+    /// no table was removed since, so it can write into a table that was
+    /// unlinked (and freed and reused) after it was cached.
+    pub walk_cache_unchecked: bool,
     /// Long walks yield `mmu_lock` after every step that made progress, as if
     /// someone always waited: makes yield-dependent behaviour deterministic in
     /// tests. Not a guard.

@@ -316,7 +316,8 @@ impl VcpuMmu {
                 self.last_fault.set(last);
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                 let ctx = Ctx::new(stats, &rcu);
-                vm.tdp.map(&ctx, root, &f, &mut self.cache, vm)
+                vm.tdp
+                    .map(&ctx, root, &f, &mut self.cache, &mut self.walk, vm)
             }
         };
         // A guest_memfd frame belongs to its file: nothing to release.
@@ -374,9 +375,9 @@ impl VcpuMmu {
     /// the value and fails the exchange.
     fn fast_page_fault(&self, root: &crate::root::Root, f: &PageFault<'_>) -> RetPf {
         let vm = &*self.vm;
-        let _rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
+        let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
         for _ in 0..4 {
-            let (sptep, spte, level) = vm.tdp.last_spte(root, f.gfn);
+            let (sptep, spte, level) = vm.tdp.last_spte_cached(root, f.gfn, &self.walk, &rcu);
             if let Some(r) = self.fast_fix(sptep, spte, level, f) {
                 return r;
             }

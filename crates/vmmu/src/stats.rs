@@ -96,6 +96,9 @@ counters! {
     faults_error,
     /// Faults fixed by the lockless fast path (`pf_fast`).
     fast_path_fixed,
+    /// Fault walks that started at the vCPU's cached last-level table instead
+    /// of the root (vmmu's paging-structure cache; not in KVM).
+    walk_cache_hits,
     /// Faults that tried the lockless fast path (KVM's `page_fault_can_be_fast`).
     fast_path_attempts,
     /// Faults the fast path found already fixed.

@@ -52,6 +52,8 @@ pub struct VcpuMmu {
     pub(crate) cache: TableCache,
     pub(crate) rcu: RcuReader,
     pub(crate) srcu: SrcuReader,
+    /// The last-level table the previous fault walked to.
+    pub(crate) walk: crate::tdp::walk_cache::WalkCache,
     /// The memslot the previous fault found.
     pub(crate) last_slot: crate::memslot::LastUsedSlot,
     /// What the last fault decided, for pre-faulting.
@@ -83,6 +85,7 @@ impl VcpuMmu {
             rcu: vm.tdp.rcu.register(),
             srcu: vm.srcu.register(),
             last_slot: Default::default(),
+            walk: Default::default(),
             vm,
             shared,
             role,

@@ -168,6 +168,8 @@ impl<'t> TdpIter<'t> {
 pub(crate) struct Descent<'t> {
     mem: &'t Tables,
     sptep: &'t AtomicU64,
+    /// The table holding the current entry.
+    pub(crate) table: Pfn,
     /// The gfn the walk heads for (not aligned).
     target: Gfn,
     /// Level of the current entry.
@@ -183,17 +185,25 @@ impl<'t> Descent<'t> {
         if target.0 >> (9 * root_level.get() as u32) != 0 {
             return None;
         }
-        let sptep = &mem.table(root)[root_level.index(target)];
+        Some(Self::at(mem, root, root_level, target))
+    }
+
+    /// Start at the entry for `target` of `table`, whose entries are at
+    /// `level` (a root, or a table the vCPU cached).
+    #[inline]
+    pub(crate) fn at(mem: &'t Tables, table: Pfn, level: Level, target: Gfn) -> Self {
+        let sptep = &mem.table(table)[level.index(target)];
         // Acquire: a table linked by this entry was initialised before the link
         // was published with a Release compare-and-exchange.
         let old_spte = Spte(sptep.load(Ordering::Acquire));
-        Some(Descent {
+        Descent {
             mem,
             sptep,
+            table,
             target,
-            level: root_level,
+            level,
             old_spte,
-        })
+        }
     }
 
     /// The current entry.
@@ -217,7 +227,8 @@ impl<'t> Descent<'t> {
         if !self.old_spte.is_table(self.level) {
             return false;
         }
-        self.sptep = &self.mem.table(self.old_spte.pfn())[lower.index(self.target)];
+        self.table = self.old_spte.pfn();
+        self.sptep = &self.mem.table(self.table)[lower.index(self.target)];
         self.level = lower;
         self.old_spte = Spte(self.sptep.load(Ordering::Acquire));
         true

@@ -2,6 +2,7 @@
 //! (KVM's `kvm_tdp_mmu_map`).
 
 use super::iter::Descent;
+use super::walk_cache::WalkCache;
 use super::{Ctx, RemoteFlush, TableCache, Tdp};
 use crate::fault::{PageFault, RetPf};
 use crate::root::Root;
@@ -15,20 +16,34 @@ impl Tdp {
     /// cache where entries are missing and splitting huge leaves above the goal,
     /// then install the leaf. Every change is a compare-and-exchange; losing a race
     /// returns [`RetPf::Retry`] and the vCPU faults again.
+    ///
+    /// A 4 KiB fault starts at the last-level table in `walk` when that is the
+    /// one for its gfn, and leaves there the last-level table it reached.
     pub(crate) fn map(
         &self,
         ctx: &Ctx<'_>,
         root: &Root,
         f: &PageFault<'_>,
         cache: &mut TableCache,
+        walk: &mut WalkCache,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
         let mut goal = f.goal_level;
         let mut pfn = f.pfn;
-        let walk = (f.gfn < self.max_gfn())
-            .then(|| Descent::new(&self.mem, root.pfn, self.root_level, f.gfn))
-            .flatten();
-        let Some(mut it) = walk else {
+        // Read before the walk: a table it finds is cached with this value.
+        let removals = self.removals();
+        let start = if f.gfn >= self.max_gfn() {
+            None
+        } else if let Some(table) = (goal == Level::K4)
+            .then(|| self.cached_table(walk, root, f.gfn, removals, ctx.rcu))
+            .flatten()
+        {
+            CounterSet::inc(&ctx.stats.walk_cache_hits);
+            Some(Descent::at(&self.mem, table, Level::K4, f.gfn))
+        } else {
+            Descent::new(&self.mem, root.pfn, self.root_level, f.gfn)
+        };
+        let Some(mut it) = start else {
             CounterSet::inc(&ctx.stats.map_retries);
             return RetPf::Retry;
         };
@@ -56,7 +71,12 @@ impl Tdp {
                         );
                         goal = lower;
                     }
-                    _ => return self.map_target_level(ctx, &it, f, pfn, flusher),
+                    _ => {
+                        if it.level == Level::K4 {
+                            Self::cache_table(walk, root, f.gfn, it.table, removals);
+                        }
+                        return self.map_target_level(ctx, &it, f, pfn, flusher);
+                    }
                 }
             }
             if !it.old_spte.is_table(it.level) {
@@ -319,7 +339,17 @@ pub(super) mod tests {
         // a fresh map needs no flush.
         let mut f = fault(gfn, Some(&s), Pfn(0x1234), false);
         f.map_writable = false;
-        assert_eq!(tdp.map(&ctx, &root, &f, &mut cache, &flush), RetPf::Fixed);
+        assert_eq!(
+            tdp.map(
+                &ctx,
+                &root,
+                &f,
+                &mut cache,
+                &mut WalkCache::default(),
+                &flush
+            ),
+            RetPf::Fixed
+        );
         assert_eq!(flush.0.load(Ordering::Relaxed), 0);
         // A write fault that looked at the memslots before the slot existed
         // installs an MMIO entry over the leaf: vCPUs may hold the leaf in their
@@ -327,7 +357,14 @@ pub(super) mod tests {
         let stale = fault(gfn, None, Pfn(0), true);
         cache.topup(&tdp, 8).unwrap();
         assert_eq!(
-            tdp.map(&ctx, &root, &stale, &mut cache, &flush),
+            tdp.map(
+                &ctx,
+                &root,
+                &stale,
+                &mut cache,
+                &mut WalkCache::default(),
+                &flush
+            ),
             RetPf::Emulate
         );
         assert_eq!(
@@ -337,7 +374,17 @@ pub(super) mod tests {
         );
         // Mapping the leaf again over the MMIO entry allows more: no flush.
         cache.topup(&tdp, 8).unwrap();
-        assert_eq!(tdp.map(&ctx, &root, &f, &mut cache, &flush), RetPf::Fixed);
+        assert_eq!(
+            tdp.map(
+                &ctx,
+                &root,
+                &f,
+                &mut cache,
+                &mut WalkCache::default(),
+                &flush
+            ),
+            RetPf::Fixed
+        );
         assert_eq!(flush.0.load(Ordering::Relaxed), 1);
         drop(rcu);
         cache.drain(&tdp);
@@ -369,14 +416,28 @@ pub(super) mod tests {
         // The first gfn past the limit: nothing walked, nothing mapped.
         let past = fault(Gfn(limit), Some(&s), Pfn(0x1234), false);
         assert_eq!(
-            tdp.map(&ctx, &root, &past, &mut cache, &flush),
+            tdp.map(
+                &ctx,
+                &root,
+                &past,
+                &mut cache,
+                &mut WalkCache::default(),
+                &flush
+            ),
             RetPf::Retry
         );
         assert_eq!(stats.tables_allocated.load(Ordering::Relaxed), 0);
         // The last gfn below it maps, executable at 4 KiB.
         let last = fault(Gfn(limit - 1), Some(&s), Pfn(0x1234), false);
         assert_eq!(
-            tdp.map(&ctx, &root, &last, &mut cache, &flush),
+            tdp.map(
+                &ctx,
+                &root,
+                &last,
+                &mut cache,
+                &mut WalkCache::default(),
+                &flush
+            ),
             RetPf::Fixed
         );
         let (_, spte, level) = tdp.last_spte(&root, Gfn(limit - 1));

@@ -18,6 +18,7 @@ pub(crate) mod map;
 pub(crate) mod nx;
 pub(crate) mod ops;
 pub(crate) mod tables;
+pub(crate) mod walk_cache;
 pub(crate) mod zap;
 
 use crate::config::GuardKnobs;
@@ -62,6 +63,10 @@ pub(crate) struct Tdp {
     pub(crate) pending_free: Arc<AtomicU64>,
     /// The most `pending_free` has been since the last reset.
     pub(crate) pending_free_peak: AtomicU64,
+    /// Tables removed so far: the generation that tells a vCPU whether the
+    /// last-level table it cached may still be used ([`walk_cache`]). On a
+    /// line of its own: faults read it, only removals write it.
+    tables_removed: crossbeam_utils::CachePadded<AtomicU64>,
 }
 
 impl std::fmt::Debug for Tdp {
@@ -197,6 +202,7 @@ impl Tdp {
             linked_tables: AtomicU64::new(0),
             pending_free: Arc::new(AtomicU64::new(0)),
             pending_free_peak: AtomicU64::new(0),
+            tables_removed: crossbeam_utils::CachePadded::new(AtomicU64::new(0)),
         }
     }
 
@@ -418,6 +424,9 @@ impl Tdp {
     ) {
         self.linked_tables.fetch_sub(1, Ordering::Relaxed);
         CounterSet::inc(&ctx.stats.tables_freed);
+        // Before the free is deferred: a vCPU that cached this table must
+        // see the new generation or hold back the free (see `walk_cache`).
+        self.count_removal();
         let table = self.table(pfn);
         for (i, sptep) in table.iter().enumerate() {
             let gfn = Gfn(base.0 + i as u64 * level.pages());

@@ -18,7 +18,7 @@ impl Tdp {
 
     /// [`Tdp::last_spte`] from the table at `table_pfn`, whose entries are at
     /// `level`.
-    fn last_spte_from(
+    pub(super) fn last_spte_from(
         &self,
         table_pfn: crate::types::Pfn,
         level: Level,

@@ -201,7 +201,17 @@ mod tests {
                 for g in 0..LEAVES {
                     cache.topup(&tdp, 8).unwrap();
                     let f = fault(Gfn(g), Some(&s), Pfn(0x1000 + g), true);
-                    assert_eq!(tdp.map(&ctx, &root, &f, &mut cache, &flush), RetPf::Fixed);
+                    assert_eq!(
+                        tdp.map(
+                            &ctx,
+                            &root,
+                            &f,
+                            &mut cache,
+                            &mut crate::tdp::walk_cache::WalkCache::default(),
+                            &flush
+                        ),
+                        RetPf::Fixed
+                    );
                 }
             }
             assert_eq!(counted(&stats), LEAVES);
