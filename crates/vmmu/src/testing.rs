@@ -99,15 +99,44 @@ impl TestMemory {
     pub fn set_limit(&self, n: u64) {
         self.limit.store(n, Ordering::SeqCst);
     }
+
+    /// A freed page that no longer holds the poison its free left in it:
+    /// something wrote into the table after it was freed (a use after free
+    /// that nothing else may notice, if the page is never handed out again).
+    pub fn freed_page_written(&self) -> Option<Pfn> {
+        let free = self.free.lock().clone();
+        free.into_iter()
+            .map(|i| Pfn(TABLE_PFN_BASE + u64::from(i)))
+            .find(|&pfn| !self.holds_poison(pfn))
+    }
+
+    fn holds_poison(&self, pfn: Pfn) -> bool {
+        self.table(pfn)
+            .iter()
+            .all(|e| e.load(Ordering::Relaxed) == FREED_POISON)
+    }
 }
+
+/// What a freed table page is filled with, so a reader that should have been
+/// gone sees garbage, and a write after the free can be found.
+const FREED_POISON: u64 = 0xdead_0000_0000_0007;
 
 impl TableMemory for TestMemory {
     fn alloc_table_page(&self) -> Result<Pfn, TableMemoryError> {
         if self.allocated.load(Ordering::SeqCst) >= self.limit.load(Ordering::SeqCst) {
             return Err(TableMemoryError::OutOfMemory);
         }
-        let idx = match self.free.lock().pop() {
-            Some(i) => i as u64,
+        // Not under the lock: a page found written must not poison it.
+        let reused = self.free.lock().pop();
+        let idx = match reused {
+            Some(i) => {
+                let pfn = Pfn(TABLE_PFN_BASE + u64::from(i));
+                assert!(
+                    self.holds_poison(pfn),
+                    "table page {pfn:?} was written after it was freed"
+                );
+                u64::from(i)
+            }
             None => self.next.fetch_add(1, Ordering::SeqCst),
         };
         if idx as usize >= CHUNK * CHUNKS {
@@ -125,9 +154,8 @@ impl TableMemory for TestMemory {
             self.double_frees.fetch_add(1, Ordering::SeqCst);
             panic!("free of table page {pfn:?} that is not allocated");
         }
-        // Poison, so a reader that should have been gone sees garbage.
         for e in self.table(pfn).iter() {
-            e.store(0xdead_0000_0000_0007, Ordering::Relaxed);
+            e.store(FREED_POISON, Ordering::Relaxed);
         }
         self.allocated.fetch_sub(1, Ordering::SeqCst);
         self.free.lock().push(idx as u32);

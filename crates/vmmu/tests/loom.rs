@@ -555,6 +555,76 @@ protocol!(
     "already changed"
 );
 
+/// (l) A vCPU's cached last-level table is used only while it cannot have
+/// been freed: vCPU 0 caches the table of a 2 MiB region (an instruction
+/// fetch with the NX mitigation on, so its faults there stay 4 KiB), then
+/// faults there again while NX recovery zaps that table and vCPU 1 faults
+/// elsewhere, taking table pages the host may hand out again. A fault must
+/// never write into the table where it now serves other gfns.
+fn walk_cache_vs_table_reuse(knobs: GuardKnobs) {
+    let host = TestHost::new();
+    let vm = Vm::new(
+        VmConfig {
+            knobs,
+            nx_huge_pages: true,
+            ..VmConfig::default()
+        },
+        host.ops(),
+    )
+    .unwrap();
+    let mb2 = 2 << 20;
+    for (slot, at, size) in [(0, 0, mb2), (1, mb2, 2 * mb2)] {
+        vm.set_user_memory_region(UserMemoryRegion {
+            slot,
+            flags: 0,
+            guest_phys_addr: GPA + at,
+            memory_size: size,
+            userspace_addr: HVA + at,
+        })
+        .unwrap();
+    }
+    // Region 0 is one huge host page, so recovery could map it huge; the
+    // rest 4 KiB pages.
+    host.set_host_level(vmmu::Level::M2);
+    let mut vcpu0 = vm.create_vcpu(0).unwrap();
+    vcpu0.prepare_entry().unwrap();
+    assert_eq!(
+        vcpu0.page_fault(Gpa(GPA + 4096), ErrorCode::FETCH).unwrap(),
+        RetPf::Fixed
+    );
+    host.set_host_level(vmmu::Level::K4);
+    let mut vcpu1 = vm.create_vcpu(1).unwrap();
+    vcpu1.prepare_entry().unwrap();
+    let t = thread::spawn(move || {
+        let _ = vcpu0.page_fault(Gpa(GPA + 2 * 4096), ErrorCode::FETCH);
+        vcpu0
+    });
+    vm.recover_nx_huge_pages(1);
+    // (Not the entry vCPU 0 faults on: a stale walk must find it empty.)
+    for at in [mb2, 2 * mb2] {
+        let _ = vcpu1.page_fault(Gpa(GPA + at + 5 * 4096), ErrorCode::empty());
+    }
+    let vcpu0 = t.join().unwrap();
+    for (gfn, level, spte) in vm.mappings(0) {
+        if level != vmmu::Level::K4 || !spte.is_shadow_present() {
+            continue;
+        }
+        let hva = Hva(HVA + gfn.gpa().0 - GPA);
+        let want = host.lookup(hva).map(|m| m.0);
+        assert_eq!(
+            Some(spte.pfn()),
+            want,
+            "gfn {gfn:?} maps the frame of another gfn"
+        );
+    }
+    drop((vcpu0, vcpu1));
+    drop(vm);
+    if let Some(pfn) = host.memory.freed_page_written() {
+        panic!("table page {pfn:?} was written after it was freed");
+    }
+    assert_eq!(host.memory.allocated(), 0);
+}
+
 #[test]
 fn loom_flush_request_missed_when_entry_ignores_requests() {
     let knobs = GuardKnobs {
@@ -621,4 +691,12 @@ protocol!(
     harvest_vs_fast_path,
     fast_path_marks_dirty_first,
     "not in the log"
+);
+protocol!(
+    loom_a_cached_walk_never_writes_into_a_freed_table,
+    loom_a_cached_walk_without_the_removal_check_writes_into_a_freed_table,
+    walk_cache_vs_table_reuse,
+    walk_cache_unchecked,
+    "maps the frame of another gfn",
+    "written after it was freed"
 );

@@ -3,8 +3,11 @@
 //!
 //! Backed by one crossbeam-epoch `Collector` per VM, so destroying a VM runs every
 //! deferred free of that VM (KVM's `rcu_barrier()` at teardown) without waiting on
-//! unrelated VMs. Under loom, deferred frees are queued and run when the VM drops:
-//! never early, which is all the protocol models need.
+//! unrelated VMs. Under loom, a deferred free runs when no read-side section
+//! is open any more (a conservative grace period: it also waits for sections
+//! that began after the free was deferred), so a model can catch a reader that
+//! reaches memory it had no right to keep: the frame may be freed and handed
+//! out again while the reader still uses it.
 
 use std::marker::PhantomData;
 
@@ -18,7 +21,15 @@ pub(crate) struct Rcu {
     #[cfg(not(loom))]
     pool: super::Mutex<Vec<RcuReader>>,
     #[cfg(loom)]
-    deferred: super::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    deferred: super::Mutex<LoomGrace>,
+}
+
+/// The model checker's RCU state: sections open, frees waiting for them to end.
+#[cfg(loom)]
+#[derive(Default)]
+pub(crate) struct LoomGrace {
+    readers: usize,
+    waiting: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl std::fmt::Debug for Rcu {
@@ -98,8 +109,14 @@ impl Rcu {
             #[cfg(not(loom))]
             pool: super::Mutex::new(super::LockClass::Leaf, Vec::new()),
             #[cfg(loom)]
-            deferred: super::Mutex::new(super::LockClass::Leaf, Vec::new()),
+            deferred: super::Mutex::new(super::LockClass::Leaf, LoomGrace::default()),
         }
+    }
+
+    /// Under loom: a section opens.
+    #[cfg(loom)]
+    fn loom_enter(&self) {
+        self.deferred.lock().readers += 1;
     }
 
     /// Register a long-lived reader (one per vCPU).
@@ -126,6 +143,7 @@ impl Rcu {
         }
         #[cfg(loom)]
         {
+            self.loom_enter();
             PooledRcuGuard {
                 guard: RcuGuard {
                     rcu: self,
@@ -149,6 +167,7 @@ impl Rcu {
         #[cfg(loom)]
         {
             let _ = reader;
+            self.loom_enter();
             RcuGuard {
                 rcu: self,
                 _p: PhantomData,
@@ -165,7 +184,7 @@ impl RcuGuard<'_> {
             g.defer(f);
         }
         #[cfg(loom)]
-        self.rcu.deferred.lock().push(Box::new(f));
+        self.rcu.deferred.lock().waiting.push(Box::new(f));
     }
 
     /// Hand deferred work to the collector so it can run soon.
@@ -190,10 +209,31 @@ impl RcuGuard<'_> {
     }
 }
 
+/// Under loom: the last open section to end runs the frees deferred so far.
+/// Taken under the same lock as the count, so a free deferred inside a section
+/// that opened after the count reached zero is not run by this one.
+#[cfg(loom)]
+impl Drop for RcuGuard<'_> {
+    fn drop(&mut self) {
+        let ready = {
+            let mut g = self.rcu.deferred.lock();
+            g.readers -= 1;
+            if g.readers == 0 {
+                std::mem::take(&mut g.waiting)
+            } else {
+                Vec::new()
+            }
+        };
+        for f in ready {
+            f();
+        }
+    }
+}
+
 #[cfg(loom)]
 impl Drop for Rcu {
     fn drop(&mut self) {
-        let fs = std::mem::take(&mut *self.deferred.lock());
+        let fs = std::mem::take(&mut self.deferred.lock().waiting);
         for f in fs {
             f();
         }
