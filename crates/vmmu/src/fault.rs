@@ -306,7 +306,8 @@ impl VcpuMmu {
 
         let stats = &self.shared.stats;
         let result = {
-            let _r = vm.mmu_lock.read(&stats.lock);
+            // On the vCPU's own shard (its id, not its thread's).
+            let _r = vm.mmu_lock.read_on(self.shared.id as usize, &stats.lock);
             if self.is_stale(root, &f) {
                 RetPf::Retry
             } else {

@@ -32,12 +32,12 @@ impl Tdp {
         let mut pfn = f.pfn;
         // Read before the walk: a table it finds is cached with this value.
         let removals = self.removals();
+        let cached = (goal == Level::K4)
+            .then(|| self.cached_table(walk, root, f.gfn, removals, ctx.rcu))
+            .flatten();
         let start = if f.gfn >= self.max_gfn() {
             None
-        } else if let Some(table) = (goal == Level::K4)
-            .then(|| self.cached_table(walk, root, f.gfn, removals, ctx.rcu))
-            .flatten()
-        {
+        } else if let Some(table) = cached {
             CounterSet::inc(&ctx.stats.walk_cache_hits);
             Some(Descent::at(&self.mem, table, Level::K4, f.gfn))
         } else {
@@ -72,7 +72,8 @@ impl Tdp {
                         goal = lower;
                     }
                     _ => {
-                        if it.level == Level::K4 {
+                        // (A walk that started there leaves it as it is.)
+                        if it.level == Level::K4 && cached.is_none() {
                             Self::cache_table(walk, root, f.gfn, it.table, removals);
                         }
                         return self.map_target_level(ctx, &it, f, pfn, flusher);
