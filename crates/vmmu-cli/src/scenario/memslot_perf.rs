@@ -284,14 +284,22 @@ fn test_move(
         .repeating()
         .with_mmio_allowed(Gpa(gpa), Gpa(gpa + size));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let opts = vmmu_machine::RunOptions {
         stop: Some(stop.clone()),
+        progress: Some(progress.clone()),
         ..vmmu_machine::RunOptions::default()
     };
     let mut l = Loop::default();
     let mut err = None;
     let mut out = env.m.run(vec![prog], &opts, |ctx| {
         let res: anyhow::Result<()> = (|| {
+            // The guest runs first (as the selftest waits for its vCPU to
+            // start): on a busy machine a short loop could otherwise end
+            // before the vCPU thread made a single access.
+            while progress.load(std::sync::atomic::Ordering::Relaxed) == 0 && !ctx.done() {
+                std::thread::yield_now();
+            }
             let t0 = Instant::now();
             while more(t0, l.iterations, budget) {
                 let t = Instant::now();
