@@ -263,6 +263,7 @@ impl Tdp {
     /// Replace an entry under the read lock: compare-and-exchange from `*old`.
     /// On failure `*old` is refreshed and false returned; the caller decides
     /// whether to retry. On success the change is accounted.
+    #[inline]
     pub(crate) fn try_set_spte_atomic(
         &self,
         ctx: &Ctx<'_>,
@@ -279,6 +280,16 @@ impl Tdp {
         // AcqRel: Release publishes a child table's initialisation with the link;
         // Acquire makes the replaced value's history visible to the bookkeeping.
         match sptep.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) if !old.is_shadow_present() => {
+                // Filling an empty entry (every fault's leaf, every linked
+                // table): nothing was unlinked or removed, so of the
+                // bookkeeping only a new leaf's rules and count are left,
+                // kept here rather than in a call.
+                if new.is_leaf(level) {
+                    self.account_new_leaf(ctx, gfn, *old, new, level);
+                }
+                true
+            }
             Ok(_) => {
                 self.handle_changed_spte(ctx, gfn, *old, new, level, true);
                 true
@@ -339,10 +350,10 @@ impl Tdp {
         }
         let was_leaf = old.is_leaf(level);
         let is_leaf = new.is_leaf(level);
+        // (A present leaf replaced by one of another frame also breaks the
+        // rules: that takes a zap and a flush in between.)
         if is_leaf
-            && (!new.writable_bits_are_legal()
-                || (level > Level::K4 && new.is_executable() && self.nx_enabled())
-                || (was_leaf && old.pfn() != new.pfn()))
+            && (self.new_leaf_breaks_rules(new, level) || (was_leaf && old.pfn() != new.pfn()))
         {
             self.leaf_invariant_broken(ctx, gfn, old, new, level);
         }
@@ -357,6 +368,23 @@ impl Tdp {
         if old.is_nx_disallowed(level) || old.is_table(level) {
             self.handle_changed_link(ctx, gfn, old, new, level, shared);
         }
+    }
+
+    /// A leaf `new` replaced the empty entry `old`: its rules, its count.
+    #[inline(always)]
+    fn account_new_leaf(&self, ctx: &Ctx<'_>, gfn: Gfn, old: Spte, new: Spte, level: Level) {
+        if self.new_leaf_breaks_rules(new, level) {
+            self.leaf_invariant_broken(ctx, gfn, old, new, level);
+        }
+        ctx.stats.leaf_added(level, 1);
+    }
+
+    /// Whether the leaf `new` breaks a rule every new leaf keeps: legal
+    /// writable bits, and no executable huge leaf under the NX mitigation.
+    #[inline(always)]
+    fn new_leaf_breaks_rules(&self, new: Spte, level: Level) -> bool {
+        !new.writable_bits_are_legal()
+            || (level > Level::K4 && new.is_executable() && self.nx_enabled())
     }
 
     /// A new leaf breaks a rule: count it, and stop a debug build unless a
