@@ -317,8 +317,7 @@ impl VcpuMmu {
                 self.last_fault.set(last);
                 let rcu = vm.tdp.rcu.read_lock_with(&self.rcu);
                 let ctx = Ctx::new(stats, &rcu);
-                vm.tdp
-                    .map(&ctx, root, &f, &mut self.cache, &mut self.walk, vm)
+                vm.tdp.map(&ctx, root, &f, &mut self.cache, &self.walk, vm)
             }
         };
         // A guest_memfd frame belongs to its file: nothing to release.

@@ -53,7 +53,7 @@ pub struct VcpuMmu {
     pub(crate) rcu: RcuReader,
     pub(crate) srcu: SrcuReader,
     /// The last-level table the previous fault walked to.
-    pub(crate) walk: crate::tdp::walk_cache::WalkCache,
+    pub(crate) walk: std::cell::Cell<crate::tdp::walk_cache::WalkCache>,
     /// The memslot the previous fault found.
     pub(crate) last_slot: crate::memslot::LastUsedSlot,
     /// What the last fault decided, for pre-faulting.

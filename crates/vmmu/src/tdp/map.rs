@@ -25,7 +25,7 @@ impl Tdp {
         root: &Root,
         f: &PageFault<'_>,
         cache: &mut TableCache,
-        walk: &mut WalkCache,
+        walk: &std::cell::Cell<WalkCache>,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
         let mut goal = f.goal_level;
@@ -33,7 +33,7 @@ impl Tdp {
         // Read before the walk: a table it finds is cached with this value.
         let removals = self.removals();
         let cached = (goal == Level::K4)
-            .then(|| self.cached_table(walk, root, f.gfn, removals, ctx.rcu))
+            .then(|| self.cached_table(&walk.get(), root, f.gfn, removals, ctx.rcu))
             .flatten();
         let start = if f.gfn >= self.max_gfn() {
             None
@@ -341,14 +341,7 @@ pub(super) mod tests {
         let mut f = fault(gfn, Some(&s), Pfn(0x1234), false);
         f.map_writable = false;
         assert_eq!(
-            tdp.map(
-                &ctx,
-                &root,
-                &f,
-                &mut cache,
-                &mut WalkCache::default(),
-                &flush
-            ),
+            tdp.map(&ctx, &root, &f, &mut cache, &Default::default(), &flush),
             RetPf::Fixed
         );
         assert_eq!(flush.0.load(Ordering::Relaxed), 0);
@@ -358,14 +351,7 @@ pub(super) mod tests {
         let stale = fault(gfn, None, Pfn(0), true);
         cache.topup(&tdp, 8).unwrap();
         assert_eq!(
-            tdp.map(
-                &ctx,
-                &root,
-                &stale,
-                &mut cache,
-                &mut WalkCache::default(),
-                &flush
-            ),
+            tdp.map(&ctx, &root, &stale, &mut cache, &Default::default(), &flush),
             RetPf::Emulate
         );
         assert_eq!(
@@ -376,14 +362,7 @@ pub(super) mod tests {
         // Mapping the leaf again over the MMIO entry allows more: no flush.
         cache.topup(&tdp, 8).unwrap();
         assert_eq!(
-            tdp.map(
-                &ctx,
-                &root,
-                &f,
-                &mut cache,
-                &mut WalkCache::default(),
-                &flush
-            ),
+            tdp.map(&ctx, &root, &f, &mut cache, &Default::default(), &flush),
             RetPf::Fixed
         );
         assert_eq!(flush.0.load(Ordering::Relaxed), 1);
@@ -417,28 +396,14 @@ pub(super) mod tests {
         // The first gfn past the limit: nothing walked, nothing mapped.
         let past = fault(Gfn(limit), Some(&s), Pfn(0x1234), false);
         assert_eq!(
-            tdp.map(
-                &ctx,
-                &root,
-                &past,
-                &mut cache,
-                &mut WalkCache::default(),
-                &flush
-            ),
+            tdp.map(&ctx, &root, &past, &mut cache, &Default::default(), &flush),
             RetPf::Retry
         );
         assert_eq!(stats.tables_allocated.load(Ordering::Relaxed), 0);
         // The last gfn below it maps, executable at 4 KiB.
         let last = fault(Gfn(limit - 1), Some(&s), Pfn(0x1234), false);
         assert_eq!(
-            tdp.map(
-                &ctx,
-                &root,
-                &last,
-                &mut cache,
-                &mut WalkCache::default(),
-                &flush
-            ),
+            tdp.map(&ctx, &root, &last, &mut cache, &Default::default(), &flush),
             RetPf::Fixed
         );
         let (_, spte, level) = tdp.last_spte(&root, Gfn(limit - 1));

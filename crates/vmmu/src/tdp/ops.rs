@@ -24,18 +24,31 @@ impl Tdp {
         level: Level,
         gfn: Gfn,
     ) -> (&AtomicU64, Spte, Level) {
-        let mut table = self.table(table_pfn);
+        let (sptep, spte, level, _) = self.walk_to_last(table_pfn, level, gfn);
+        (sptep, spte, level)
+    }
+
+    /// The walk of [`Tdp::last_spte_from`], also giving the table that holds
+    /// the last entry.
+    #[inline]
+    pub(super) fn walk_to_last(
+        &self,
+        table_pfn: crate::types::Pfn,
+        level: Level,
+        gfn: Gfn,
+    ) -> (&AtomicU64, Spte, Level, crate::types::Pfn) {
+        let mut pfn = table_pfn;
         let mut level = level;
         loop {
-            let sptep = &table[level.index(gfn)];
+            let sptep = &self.table(pfn)[level.index(gfn)];
             // Acquire: see the initialised contents of any table this links.
             let spte = Spte(sptep.load(Ordering::Acquire));
             match level.lower() {
                 Some(lower) if spte.is_table(level) => {
-                    table = self.table(spte.pfn());
+                    pfn = spte.pfn();
                     level = lower;
                 }
-                _ => return (sptep, spte, level),
+                _ => return (sptep, spte, level, pfn),
             }
         }
     }

@@ -30,6 +30,8 @@
 //! replacing tables), never by faults, so vCPUs faulting in parallel only read
 //! its cache line.
 
+use std::cell::Cell;
+
 use super::Tdp;
 use crate::root::Root;
 use crate::sync::{Ordering, RcuGuard};
@@ -85,33 +87,40 @@ impl Tdp {
     /// walk begun after reading `removals` found linked.
     #[inline]
     pub(crate) fn cache_table(
-        cache: &mut WalkCache,
+        cache: &Cell<WalkCache>,
         root: &Root,
         gfn: Gfn,
         table: Pfn,
         removals: u64,
     ) {
-        *cache = WalkCache {
+        cache.set(WalkCache {
             root_id: root.id,
             region: gfn.0 >> REGION_SHIFT,
             table,
             removals,
-        };
+        });
     }
 
-    /// [`Tdp::last_spte`] starting from the cached last-level table when
-    /// `cache` holds the one for `gfn`.
+    /// [`Tdp::last_spte`] for the fast path: from the cached last-level table
+    /// when `cache` holds the one for `gfn`, else from the root, caching the
+    /// last-level table the walk reaches (a vCPU whose faults are all fixed
+    /// by the fast path, as in a dirty-logging pass, never maps to fill it).
     pub(crate) fn last_spte_cached<'t>(
         &'t self,
         root: &Root,
         gfn: Gfn,
-        cache: &WalkCache,
+        cache: &Cell<WalkCache>,
         rcu: &RcuGuard<'_>,
     ) -> (&'t crate::sync::AtomicU64, crate::spte::Spte, Level) {
-        match self.cached_table(cache, root, gfn, self.removals(), rcu) {
-            Some(table) => self.last_spte_from(table, Level::K4, gfn),
-            None => self.last_spte(root, gfn),
+        let removals = self.removals();
+        if let Some(table) = self.cached_table(&cache.get(), root, gfn, removals, rcu) {
+            return self.last_spte_from(table, Level::K4, gfn);
         }
+        let (sptep, spte, level, table) = self.walk_to_last(root.pfn, self.root_level, gfn);
+        if level == Level::K4 {
+            Self::cache_table(cache, root, gfn, table, removals);
+        }
+        (sptep, spte, level)
     }
 }
 
@@ -148,24 +157,24 @@ mod tests {
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
         let s = slot();
-        let mut walk = WalkCache::default();
-        let mut map = |root: &Root, gfn: u64, walk: &mut WalkCache| {
+        let walk = Cell::new(WalkCache::default());
+        let mut map = |root: &Root, gfn: u64, walk: &Cell<WalkCache>| {
             cache.topup(&tdp, 8).unwrap();
             let f = fault(Gfn(gfn), Some(&s), Pfn(0x10_0000 + gfn), true);
             tdp.map(&ctx, root, &f, &mut cache, walk, &flush)
         };
-        assert_eq!(map(&root, 3, &mut walk), RetPf::Fixed);
+        assert_eq!(map(&root, 3, &walk), RetPf::Fixed);
         assert_eq!(hits(&stats), 0, "nothing cached yet");
         for g in [4, 511, 0] {
-            assert_eq!(map(&root, g, &mut walk), RetPf::Fixed);
+            assert_eq!(map(&root, g, &walk), RetPf::Fixed);
         }
         assert_eq!(hits(&stats), 3);
         // The next region, then the other root: walks from the root, which
         // cache their own tables.
-        assert_eq!(map(&root, 512, &mut walk), RetPf::Fixed);
-        assert_eq!(map(&other, 513, &mut walk), RetPf::Fixed);
+        assert_eq!(map(&root, 512, &walk), RetPf::Fixed);
+        assert_eq!(map(&other, 513, &walk), RetPf::Fixed);
         assert_eq!(hits(&stats), 3);
-        assert_eq!(map(&other, 514, &mut walk), RetPf::Fixed);
+        assert_eq!(map(&other, 514, &walk), RetPf::Fixed);
         assert_eq!(hits(&stats), 4);
         for g in [0, 3, 4, 511, 512] {
             let (_, spte, level) = tdp.last_spte(&root, Gfn(g));
@@ -179,13 +188,22 @@ mod tests {
             assert_eq!(cached, spte);
         }
         assert!(!tdp.last_spte(&other, Gfn(3)).1.is_shadow_present());
+        // The fast path's walk from the root caches the table it reaches,
+        // the one a map of the region cached.
+        let fast = Cell::new(WalkCache::default());
+        let (_, spte, _) = tdp.last_spte_cached(&root, Gfn(4), &fast, &rcu);
+        assert_eq!(spte.pfn(), Pfn(0x10_0004));
+        let mapped = Cell::new(WalkCache::default());
+        assert_eq!(map(&root, 5, &mapped), RetPf::Fixed);
+        assert_eq!(fast.get(), mapped.get());
+        assert_ne!(fast.get(), WalkCache::default());
         // A 2 MiB goal never starts low, even in the cached region.
         cache.topup(&tdp, 8).unwrap();
         let mut huge = fault(Gfn(1024), Some(&s), Pfn(0x20_0000), true);
         huge.goal_level = Level::M2;
-        Tdp::cache_table(&mut walk, &root, Gfn(1024), Pfn(0x77), tdp.removals());
+        Tdp::cache_table(&walk, &root, Gfn(1024), Pfn(0x77), tdp.removals());
         assert_eq!(
-            tdp.map(&ctx, &root, &huge, &mut cache, &mut walk, &flush),
+            tdp.map(&ctx, &root, &huge, &mut cache, &walk, &flush),
             RetPf::Fixed
         );
         assert_eq!(hits(&stats), 4);
@@ -209,10 +227,10 @@ mod tests {
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
         let s = slot();
-        let mut walk = WalkCache::default();
+        let walk = Cell::new(WalkCache::default());
         let f = fault(Gfn(7), Some(&s), Pfn(0x10_0007), true);
         assert_eq!(
-            tdp.map(&ctx, &root, &f, &mut cache, &mut walk, &flush),
+            tdp.map(&ctx, &root, &f, &mut cache, &walk, &flush),
             RetPf::Fixed
         );
         let before = tdp.removals();
@@ -221,14 +239,7 @@ mod tests {
         let mut huge = fault(Gfn(0), Some(&s), Pfn(0x20_0000), true);
         huge.goal_level = Level::M2;
         assert_eq!(
-            tdp.map(
-                &ctx,
-                &root,
-                &huge,
-                &mut cache,
-                &mut WalkCache::default(),
-                &flush
-            ),
+            tdp.map(&ctx, &root, &huge, &mut cache, &Default::default(), &flush),
             RetPf::Fixed
         );
         assert_eq!(
@@ -238,7 +249,7 @@ mod tests {
         );
         cache.topup(&tdp, 8).unwrap();
         let f = fault(Gfn(9), Some(&s), Pfn(0x20_0009), true);
-        let r = tdp.map(&ctx, &root, &f, &mut cache, &mut walk, &flush);
+        let r = tdp.map(&ctx, &root, &f, &mut cache, &walk, &flush);
         let (_, spte, level) = tdp.last_spte(&root, Gfn(9));
         cache.drain(&tdp);
         (r, if level == Level::K4 { spte.pfn().0 } else { 0 })

@@ -202,14 +202,7 @@ mod tests {
                     cache.topup(&tdp, 8).unwrap();
                     let f = fault(Gfn(g), Some(&s), Pfn(0x1000 + g), true);
                     assert_eq!(
-                        tdp.map(
-                            &ctx,
-                            &root,
-                            &f,
-                            &mut cache,
-                            &mut crate::tdp::walk_cache::WalkCache::default(),
-                            &flush
-                        ),
+                        tdp.map(&ctx, &root, &f, &mut cache, &Default::default(), &flush),
                         RetPf::Fixed
                     );
                 }
