@@ -506,3 +506,29 @@ pub fn recover_huge_pages(vm: &crate::Vm, slot: u16) -> Option<u64> {
     let s = set.by_id(slot)?;
     Some(vm.recover_huge_pages(s))
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A page written after its free is found, on request and when it is
+    /// handed out again; pages freed and left alone are not.
+    #[test]
+    fn test_a_table_page_written_after_its_free_is_found() {
+        let mem = TestMemory::new();
+        let (a, b) = (mem.new_table(), mem.new_table());
+        mem.free_table_page(a);
+        mem.free_table_page(b);
+        assert_eq!(mem.freed_page_written(), None, "both pages untouched");
+        // A walker that should have been gone stores into `a`.
+        mem.table(a)[7].store(Spte::NONPRESENT.0, Ordering::Relaxed);
+        assert_eq!(mem.freed_page_written(), Some(a));
+        // `b` was freed last and comes back first, clean.
+        assert_eq!(mem.alloc_table_page(), Ok(b));
+        let reuse =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mem.alloc_table_page()));
+        let msg = reuse.expect_err("the written page was handed out again");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("written after it was freed"), "{msg}");
+    }
+}
