@@ -315,6 +315,24 @@ pub(super) mod tests {
         )
     }
 
+    /// What the map tests start from: a TDP MMU, its counters and lock, a
+    /// topped-up table cache and one root (made under a read hold, as
+    /// `tdp_mmu_pages_lock` is only taken under `mmu_lock`).
+    pub(in crate::tdp) type Fixture =
+        (Tdp, CounterSet, crate::sync::MmuLock, TableCache, Arc<Root>);
+
+    pub(in crate::tdp) fn fixture(tdp: Tdp) -> Fixture {
+        let stats = CounterSet::default();
+        let lock = crate::sync::MmuLock::new();
+        let mut cache = TableCache::default();
+        cache.topup(&tdp, 8).unwrap();
+        let root = {
+            let _r = lock.read(&stats.lock);
+            tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap()
+        };
+        (tdp, stats, lock, cache, root)
+    }
+
     /// The role of `test_tdp`'s roots.
     pub(in crate::tdp) const ROLE: Role = Role {
         level: Level::L4,
@@ -324,13 +342,8 @@ pub(super) mod tests {
 
     #[test]
     fn test_map_replacing_a_present_leaf_flushes_only_when_it_allows_less() {
-        let tdp = test_tdp(GuardKnobs::default());
-        let stats = CounterSet::default();
-        let lock = crate::sync::MmuLock::new();
+        let (tdp, stats, lock, mut cache, root) = fixture(test_tdp(GuardKnobs::default()));
         let _r = lock.read(&stats.lock);
-        let mut cache = TableCache::default();
-        cache.topup(&tdp, 8).unwrap();
-        let root = tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
@@ -383,12 +396,8 @@ pub(super) mod tests {
             true,
             GuardKnobs::default(),
         );
-        let stats = CounterSet::default();
-        let lock = crate::sync::MmuLock::new();
+        let (tdp, stats, lock, mut cache, root) = fixture(tdp);
         let _r = lock.read(&stats.lock);
-        let mut cache = TableCache::default();
-        cache.topup(&tdp, 8).unwrap();
-        let root = tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();

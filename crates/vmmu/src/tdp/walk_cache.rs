@@ -130,9 +130,8 @@ mod tests {
     use crate::config::GuardKnobs;
     use crate::fault::RetPf;
     use crate::stats::CounterSet;
-    use crate::sync::MmuLock;
-    use crate::tdp::map::tests::{fault, slot, test_tdp, CountingFlush, ROLE};
-    use crate::tdp::{Ctx, TableCache};
+    use crate::tdp::map::tests::{fault, fixture, slot, test_tdp, CountingFlush, ROLE};
+    use crate::tdp::Ctx;
 
     fn hits(stats: &CounterSet) -> u64 {
         stats.walk_cache_hits.load(Ordering::Relaxed)
@@ -143,13 +142,8 @@ mod tests {
     /// root or a huge goal level walks from the root.
     #[test]
     fn test_faults_in_the_cached_region_start_at_its_table_and_map_the_same() {
-        let tdp = test_tdp(GuardKnobs::default());
-        let stats = CounterSet::default();
-        let lock = MmuLock::new();
+        let (tdp, stats, lock, mut cache, root) = fixture(test_tdp(GuardKnobs::default()));
         let _r = lock.read(&stats.lock);
-        let mut cache = TableCache::default();
-        cache.topup(&tdp, 8).unwrap();
-        let root = tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap();
         let other = tdp
             .find_or_create_root(&stats, crate::root::Role { smm: true, ..ROLE }, &mut cache)
             .unwrap();
@@ -213,16 +207,12 @@ mod tests {
 
     /// A table removed after it was cached is not used: a huge leaf replaces
     /// the region's table, and the next 4 KiB fault there walks from the root,
-    /// splits the huge leaf and finds its page mapped (spurious). Used anyway (the check removed), the fault
-    /// finds the removed table's frozen entries and never gets mapped.
+    /// splits the huge leaf and finds its page mapped (spurious). Used anyway
+    /// (the check removed), the fault finds the removed table's frozen
+    /// entries and never gets mapped.
     fn fault_after_the_cached_table_is_removed(knobs: GuardKnobs) -> (RetPf, u64) {
-        let tdp = test_tdp(knobs);
-        let stats = CounterSet::default();
-        let lock = MmuLock::new();
+        let (tdp, stats, lock, mut cache, root) = fixture(test_tdp(knobs));
         let _r = lock.read(&stats.lock);
-        let mut cache = TableCache::default();
-        cache.topup(&tdp, 8).unwrap();
-        let root = tdp.find_or_create_root(&stats, ROLE, &mut cache).unwrap();
         let rcu = tdp.rcu.read_lock();
         let ctx = Ctx::new(&stats, &rcu);
         let flush = CountingFlush::default();
