@@ -1,12 +1,20 @@
 //! SRCU for memslot readers: `synchronize` returns only after every read-side
 //! section that began before it has ended.
 //!
-//! Each reader (a vCPU) owns a reader-writer lock that it takes shared for a
-//! read-side section, so readers never share a cache line. `synchronize` takes each
-//! reader's lock exclusively once, in turn: when it has passed all of them, every
-//! section that was open when it started has closed. Like
-//! `synchronize_srcu_expedited`, it briefly holds off new sections of the reader it
-//! is passing.
+//! Each reader (a vCPU) owns a section counter on its own cache line, odd
+//! while a section is open: entering adds one and issues a full fence, leaving
+//! adds one more. Only the reader writes its counter, so neither side is a
+//! read-modify-write, and a reader never waits. `synchronize` issues a full
+//! fence and reads every counter once; for each odd one it waits until that
+//! counter moves on, which ends the section it saw. Sections that open later
+//! are no concern: the two fences order each of them after the writer's
+//! publication, so they read the new value (the reader's "odd, fence, read
+//! the value" against the writer's "publish, fence, read the counter", the
+//! store-buffering pattern that two full fences forbid).
+//!
+//! This is the counting of KVM's SRCU with one counter per reader instead of
+//! per CPU, and no flip of an index: a counter that only grows tells the
+//! writer that the section it saw is over, whatever sections came after it.
 
 use std::panic::Location;
 
@@ -14,32 +22,36 @@ use crossbeam_utils::CachePadded;
 
 use super::lockdep::{Held, LockClass};
 use super::snapshot::{Snapshot, SnapshotGuard};
-use super::{Arc, Mutex, Weak};
+use super::{fence, Arc, AtomicU64, Mutex, Ordering, Weak};
 
-#[cfg(loom)]
-use loom::sync::{RwLock, RwLockReadGuard};
-#[cfg(not(loom))]
-use parking_lot::{RwLock, RwLockReadGuard};
-
-/// One reader's lock, alone on its cache lines: a vCPU takes it on every fault,
-/// and sharing a line with another vCPU's would make their faults contend.
-type ReaderLock = CachePadded<RwLock<()>>;
+/// One reader's section counter, alone on its cache lines: a vCPU writes it
+/// twice on every fault, and sharing a line with another vCPU's would make
+/// their faults contend.
+type ReaderCount = CachePadded<AtomicU64>;
 
 /// The SRCU domain.
 #[derive(Debug)]
 pub(crate) struct Srcu {
-    readers: Mutex<Vec<Weak<ReaderLock>>>,
+    readers: Mutex<Vec<Weak<ReaderCount>>>,
+    /// Under loom: leave out the reader's fence (the model's twin shows the
+    /// writer then frees what a section still reads).
+    #[cfg(loom)]
+    unfenced: bool,
 }
 
 /// One registered reader.
 #[derive(Debug)]
 pub(crate) struct SrcuReader {
-    lock: Arc<ReaderLock>,
+    count: Arc<ReaderCount>,
+    #[cfg(loom)]
+    unfenced: bool,
 }
 
 /// An open read-side section.
 pub(crate) struct SrcuReadGuard<'a> {
-    _g: RwLockReadGuard<'a, ()>,
+    count: &'a AtomicU64,
+    /// The counter's value once this section ends.
+    end: u64,
     _held: Held,
 }
 
@@ -47,15 +59,30 @@ impl Srcu {
     pub(crate) fn new() -> Self {
         Srcu {
             readers: Mutex::new(LockClass::Leaf, Vec::new()),
+            #[cfg(loom)]
+            unfenced: false,
+        }
+    }
+
+    /// Under loom: a domain whose readers skip the fence on entry.
+    #[cfg(all(test, loom))]
+    fn new_unfenced() -> Self {
+        Srcu {
+            unfenced: true,
+            ..Srcu::new()
         }
     }
 
     pub(crate) fn register(&self) -> SrcuReader {
-        let lock = Arc::new(CachePadded::new(RwLock::new(())));
+        let count = Arc::new(CachePadded::new(AtomicU64::new(0)));
         let mut readers = self.readers.lock();
         readers.retain(|w| w.strong_count() > 0);
-        readers.push(Arc::downgrade(&lock));
-        SrcuReader { lock }
+        readers.push(Arc::downgrade(&count));
+        SrcuReader {
+            count,
+            #[cfg(loom)]
+            unfenced: self.unfenced,
+        }
     }
 
     /// Wait for every read-side section open at the time of the call to end.
@@ -72,58 +99,96 @@ impl Srcu {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
+        // Pairs with the fence a reader issues on entry: whatever the caller
+        // published before this point, a section that this reading of its
+        // counter misses reads it.
+        fence(Ordering::SeqCst);
         for r in readers {
-            #[cfg(not(loom))]
-            wait_out(&r);
-            #[cfg(loom)]
-            drop(r.write().unwrap_or_else(|e| e.into_inner()));
-        }
-    }
-}
-
-/// How long [`wait_out`] spins before it parks.
-#[cfg(not(loom))]
-const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(20);
-
-/// Wait until `lock` has no reader, then let the reader go on: the open
-/// section, if any, has ended.
-///
-/// A read section is one fault (a microsecond or two), so this first spins
-/// for about ten of them, trying the lock without setting any waiting bit.
-/// Parking at once costs far more than the wait: the writer's futex sleep,
-/// the reader's futex wake on unlock, and the reader's own sleep if its next
-/// fault comes while the writer still waits (a parked writer holds off new
-/// readers). In `vmmu run memslot-perf`'s move loops that was a third of the
-/// CPU time at 32k slots, where faults take longer (docs/PERFORMANCE.md).
-/// If the section outlasts the spin (the reader was preempted), it parks as
-/// before; the blocking write has writer preference, so a reader that keeps
-/// starting sections cannot hold it off for ever.
-#[cfg(not(loom))]
-fn wait_out(lock: &RwLock<()>) {
-    if lock.try_write().is_some() {
-        return;
-    }
-    let start = std::time::Instant::now();
-    while start.elapsed() < SPIN_LIMIT {
-        for _ in 0..32 {
-            std::hint::spin_loop();
-            if lock.try_write().is_some() {
-                return;
+            // Acquire (here and in the wait): the section's reads happen
+            // before what the caller does with the old value.
+            let seen = r.load(Ordering::Acquire);
+            if seen % 2 == 1 {
+                wait_out(&r, seen);
             }
         }
     }
-    drop(lock.write());
+}
+
+/// How long [`wait_out`] spins before it sleeps.
+#[cfg(not(loom))]
+const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Wait until a reader's counter has moved on from `seen` (odd): the section
+/// open when the writer looked has ended.
+///
+/// A read section is one fault (a microsecond or two), so this first spins
+/// for about ten of them. Sleeping at once costs far more than the wait: in
+/// `vmmu run memslot-perf`'s move loops, waits that slept were a third of
+/// the CPU time at 32k slots, where faults take longer (docs/PERFORMANCE.md).
+/// A section that outlasts the spin (its reader was preempted) is waited for
+/// in sleeps that double up to a millisecond, as SRCU's own grace periods
+/// wait; the reader itself never waits for the writer.
+fn wait_out(count: &AtomicU64, seen: u64) {
+    #[cfg(not(loom))]
+    {
+        let start = std::time::Instant::now();
+        while start.elapsed() < SPIN_LIMIT {
+            for _ in 0..32 {
+                std::hint::spin_loop();
+                if count.load(Ordering::Acquire) != seen {
+                    return;
+                }
+            }
+        }
+        let mut nap = std::time::Duration::from_micros(10);
+        while count.load(Ordering::Acquire) == seen {
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_millis(1));
+        }
+    }
+    #[cfg(loom)]
+    while count.load(Ordering::Acquire) == seen {
+        loom::thread::yield_now();
+    }
 }
 
 impl SrcuReader {
+    /// Open a read-side section: the counter goes odd, then a full fence
+    /// orders that store before every read the section makes.
     #[track_caller]
+    #[inline]
     pub(crate) fn read_lock(&self) -> SrcuReadGuard<'_> {
         let held = Held::acquire(LockClass::SrcuRead, Location::caller());
-        #[cfg(not(loom))]
-        let g = self.lock.read();
+        let count: &AtomicU64 = &self.count;
+        // Relaxed: only this reader writes its counter. (Sections of one
+        // reader do not nest: the lock-order checker reports a second one
+        // opened inside the first.)
+        let now = count.load(Ordering::Relaxed);
+        // Release (a plain store on x86, like Relaxed): a writer that finds
+        // the counter already odd again reads this store, not the previous
+        // section's end, and must still be ordered after that section.
+        count.store(now + 1, Ordering::Release);
         #[cfg(loom)]
-        let g = self.lock.read().unwrap_or_else(|e| e.into_inner());
-        SrcuReadGuard { _g: g, _held: held }
+        let fenced = !self.unfenced;
+        #[cfg(not(loom))]
+        let fenced = true;
+        if fenced {
+            fence(Ordering::SeqCst);
+        }
+        SrcuReadGuard {
+            count,
+            end: now + 2,
+            _held: held,
+        }
+    }
+}
+
+impl Drop for SrcuReadGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // Release: the section's reads happen before a writer that sees
+        // the counter move on frees what they read.
+        self.count.store(self.end, Ordering::Release);
     }
 }
 
@@ -397,5 +462,59 @@ mod tests {
             );
             assert!(*snap.load_full() >= seen);
         });
+    }
+}
+
+/// The grace period under the model checker: a writer publishes a new value,
+/// waits for a grace period and then overwrites the old one (the free), while
+/// a reader reads whichever value is published, in two sections. The old
+/// value is published as an index, with the orderings `SrcuSnapshot` uses for
+/// its address (a release store, an acquire load), and kept in loom cells:
+/// loom reports the free as a data race when it is not ordered after every
+/// read of the old value.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::cell::UnsafeCell;
+    use loom::sync::atomic::AtomicUsize;
+
+    const FREED: u64 = u64::MAX;
+
+    fn model(srcu: fn() -> Srcu) {
+        loom::model(move || {
+            let srcu = loom::sync::Arc::new(srcu());
+            let reader = srcu.register();
+            let values = loom::sync::Arc::new([UnsafeCell::new(1u64), UnsafeCell::new(2)]);
+            let current = loom::sync::Arc::new(AtomicUsize::new(0));
+            let writer = {
+                let (srcu, values, current) = (srcu.clone(), values.clone(), current.clone());
+                loom::thread::spawn(move || {
+                    current.store(1, Ordering::Release);
+                    srcu.synchronize();
+                    // SAFETY: loom checks this write against every read.
+                    values[0].with_mut(|v| unsafe { *v = FREED });
+                })
+            };
+            for _ in 0..2 {
+                let section = reader.read_lock();
+                let i = current.load(Ordering::Acquire);
+                // SAFETY: as above.
+                let v = values[i].with(|v| unsafe { *v });
+                assert_ne!(v, FREED, "a section read a freed value");
+                drop(section);
+            }
+            writer.join().expect("writer");
+        });
+    }
+
+    #[test]
+    fn loom_srcu_never_frees_what_an_open_section_reads() {
+        model(Srcu::new);
+    }
+
+    #[test]
+    #[should_panic]
+    fn loom_srcu_without_the_reader_fence_frees_what_a_section_reads() {
+        model(Srcu::new_unfenced);
     }
 }
