@@ -35,6 +35,21 @@ const SHARDS: usize = 8;
 #[cfg(loom)]
 const SHARDS: usize = 1;
 
+/// `shard` taken modulo the shards (a power of two outside the model
+/// checker: a mask, and no bounds check on the array).
+#[inline(always)]
+fn shard_index(shard: usize) -> usize {
+    #[cfg(not(loom))]
+    {
+        shard % SHARDS
+    }
+    #[cfg(loom)]
+    {
+        let _ = shard;
+        0
+    }
+}
+
 #[cfg(not(loom))]
 fn my_shard() -> usize {
     thread_local! {
@@ -67,7 +82,9 @@ pub struct LockStats {
 /// The reader-writer `mmu_lock`.
 #[derive(Debug)]
 pub(crate) struct MmuLock {
-    shards: Box<[CachePadded<RwLock<()>>]>,
+    /// An array, not a slice: indexing a shard by `id % SHARDS` then needs
+    /// no length load or bounds check on the fault path.
+    shards: [CachePadded<RwLock<()>>; SHARDS],
     waiters: CachePadded<AtomicUsize>,
 }
 
@@ -93,18 +110,18 @@ pub(crate) struct MmuWriteGuard<'a> {
 impl MmuLock {
     pub(crate) fn new() -> Self {
         MmuLock {
-            shards: (0..SHARDS)
-                .map(|_| CachePadded::new(RwLock::new(())))
-                .collect(),
+            shards: std::array::from_fn(|_| CachePadded::new(RwLock::new(()))),
             waiters: CachePadded::new(AtomicUsize::new(0)),
         }
     }
 
     /// Hold `shard` shared until the returned guard is forgotten and
     /// released by [`MmuLock::unlock_shard`] (outside the model checker).
+    /// The uncontended case is inlined into the fault; waiting is not.
+    #[inline(always)]
     fn read_shard(&self, shard: usize, stats: &LockStats) -> RwLockReadGuard<'_, ()> {
         stats.read.fetch_add(1, Ordering::Relaxed);
-        let lock = &self.shards[shard];
+        let lock = &self.shards[shard_index(shard)];
         #[cfg(not(loom))]
         if let Some(g) = lock.try_read() {
             return g;
@@ -113,6 +130,17 @@ impl MmuLock {
         if let Ok(g) = lock.try_read() {
             return g;
         }
+        self.read_shard_slow(lock, stats)
+    }
+
+    /// [`MmuLock::read_shard`] when the shard is held or wanted exclusively.
+    #[cold]
+    #[inline(never)]
+    fn read_shard_slow<'a>(
+        &'a self,
+        lock: &'a RwLock<()>,
+        stats: &LockStats,
+    ) -> RwLockReadGuard<'a, ()> {
         stats.read_contended.fetch_add(1, Ordering::Relaxed);
         // Relaxed: the count is a hint for yielding, not a synchronisation edge.
         self.waiters.fetch_add(1, Ordering::Relaxed);
@@ -163,10 +191,10 @@ impl MmuLock {
     /// Take the lock shared on shard `shard` (taken modulo the shards): a
     /// vCPU names its own, by id, instead of looking up its thread's.
     #[track_caller]
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_on<'a>(&'a self, shard: usize, stats: &LockStats) -> MmuReadGuard<'a> {
         let held = Held::acquire(LockClass::MmuLock, Location::caller());
-        let shard = shard % SHARDS;
+        let shard = shard_index(shard);
         let g = self.read_shard(shard, stats);
         #[cfg(not(loom))]
         std::mem::forget(g);
@@ -185,8 +213,9 @@ impl MmuLock {
     /// The caller holds `shard` shared through a guard it forgot, and
     /// releases it once.
     #[cfg(not(loom))]
+    #[inline]
     unsafe fn unlock_shard(&self, shard: usize, fair: bool) {
-        let lock = &self.shards[shard];
+        let lock = &self.shards[shard_index(shard)];
         // SAFETY: as the function's contract: the read lock is held, through
         // no guard that would release it again.
         unsafe {
