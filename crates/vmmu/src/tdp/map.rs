@@ -28,18 +28,42 @@ impl Tdp {
         walk: &std::cell::Cell<WalkCache>,
         flusher: &dyn RemoteFlush,
     ) -> RetPf {
-        let mut goal = f.goal_level;
-        let mut pfn = f.pfn;
         // Read before the walk: a table it finds is cached with this value.
         let removals = self.removals();
-        let cached = (goal == Level::K4)
-            .then(|| self.cached_table(&walk.get(), root, f.gfn, removals, ctx.rcu))
-            .flatten();
+        if f.goal_level == Level::K4 {
+            if let Some(table) = self.cached_table(&walk.get(), root, f.gfn, removals, ctx.rcu) {
+                // The table of the gfn's region: its entry is the target,
+                // with none of the walk's set-up. (The region's gfns are all
+                // below `max_gfn`: one of them walked here.)
+                CounterSet::inc(&ctx.stats.walk_cache_hits);
+                let it = Descent::at(&self.mem, table, Level::K4, f.gfn);
+                if it.old_spte.is_frozen() {
+                    CounterSet::inc(&ctx.stats.map_retries);
+                    return RetPf::Retry;
+                }
+                return self.map_target_level(ctx, &it, f, f.pfn, flusher);
+            }
+        }
+        self.map_walk(ctx, root, f, cache, walk, flusher, removals)
+    }
+
+    /// [`Tdp::map`] from the root: the walk, linking and splitting on the way.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn map_walk(
+        &self,
+        ctx: &Ctx<'_>,
+        root: &Root,
+        f: &PageFault<'_>,
+        cache: &mut TableCache,
+        walk: &std::cell::Cell<WalkCache>,
+        flusher: &dyn RemoteFlush,
+        removals: u64,
+    ) -> RetPf {
+        let mut goal = f.goal_level;
+        let mut pfn = f.pfn;
         let start = if f.gfn >= self.max_gfn() {
             None
-        } else if let Some(table) = cached {
-            CounterSet::inc(&ctx.stats.walk_cache_hits);
-            Some(Descent::at(&self.mem, table, Level::K4, f.gfn))
         } else {
             Descent::new(&self.mem, root.pfn, self.root_level, f.gfn)
         };
@@ -72,8 +96,7 @@ impl Tdp {
                         goal = lower;
                     }
                     _ => {
-                        // (A walk that started there leaves it as it is.)
-                        if it.level == Level::K4 && cached.is_none() {
+                        if it.level == Level::K4 {
                             Self::cache_table(walk, root, f.gfn, it.table, removals);
                         }
                         return self.map_target_level(ctx, &it, f, pfn, flusher);
