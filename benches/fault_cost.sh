@@ -57,7 +57,11 @@ echo "Instructions per 4 KiB fault (callgrind; demand-paging -v 1, $SMALL vs $LA
 echo "  MMU fault path, inclusive (VcpuMmu::page_fault):   $fault"
 echo "  machine model's host side (faultin, release, mapping level): $((host + release + level))"
 echo "  MMU's own:                                         $((fault - host - release - level))"
-echo "    of which tdp::map:                               $map"
+if [ "$map" -gt 0 ]; then
+  echo "    of which tdp::map:                               $map"
+else
+  echo "    (tdp::map is inlined into page_fault: not counted apart)"
+fi
 if [ "$adjust" -gt 0 ]; then
   echo "    of which hugepage_adjust, less the host level:   $((adjust - level))"
 else

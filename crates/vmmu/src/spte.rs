@@ -154,6 +154,7 @@ impl Spte {
     pub const FROZEN: Spte = Spte(ept::FROZEN);
 
     /// Build a leaf entry following KVM's `make_spte` for direct (TDP) mappings.
+    #[inline(always)]
     pub fn leaf(p: LeafParams) -> Spte {
         let mut v = ept::MMU_PRESENT | ept::R;
         if !p.ad_enabled {

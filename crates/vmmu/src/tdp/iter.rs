@@ -190,7 +190,7 @@ impl<'t> Descent<'t> {
 
     /// Start at the entry for `target` of `table`, whose entries are at
     /// `level` (a root, or a table the vCPU cached).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn at(mem: &'t Tables, table: Pfn, level: Level, target: Gfn) -> Self {
         let sptep = &mem.table(table)[level.index(target)];
         // Acquire: a table linked by this entry was initialised before the link

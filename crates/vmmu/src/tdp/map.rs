@@ -19,6 +19,7 @@ impl Tdp {
     ///
     /// A 4 KiB fault starts at the last-level table in `walk` when that is the
     /// one for its gfn, and leaves there the last-level table it reached.
+    #[inline(always)]
     pub(crate) fn map(
         &self,
         ctx: &Ctx<'_>,
@@ -182,6 +183,7 @@ impl Tdp {
         Ok(())
     }
 
+    #[inline(always)]
     fn map_target_level(
         &self,
         ctx: &Ctx<'_>,
