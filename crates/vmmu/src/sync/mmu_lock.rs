@@ -66,6 +66,13 @@ fn my_shard() -> usize {
     0
 }
 
+/// How long a yielding writer waits for a waiter that has not parked yet
+/// to take the lock, before it takes the lock back (a fault holds it for
+/// about a microsecond; a waiter that is not running by then is not helped
+/// by a longer wait).
+#[cfg(not(loom))]
+const YIELD_HANDOFF: std::time::Duration = std::time::Duration::from_micros(5);
+
 /// Counters kept by whoever takes the lock (per vCPU or per VM).
 #[derive(Debug, Default)]
 pub struct LockStats {
@@ -238,6 +245,22 @@ impl MmuLock {
         }
     }
 
+    /// After a yield released the lock: give the `waiting` threads that were
+    /// waiting for it (the reason for the yield) a moment to take it, if one
+    /// is still spinning before it parks (a waiter leaves the count once it
+    /// holds the lock). Whether it waited at all: not without waiters.
+    #[cfg(not(loom))]
+    fn let_waiters_in(&self, waiting: usize) -> bool {
+        if waiting == 0 {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        while self.waiters.load(Ordering::Relaxed) >= waiting && start.elapsed() < YIELD_HANDOFF {
+            std::hint::spin_loop();
+        }
+        true
+    }
+
     /// Whether some thread is blocked waiting for the lock.
     pub(crate) fn has_waiters(&self) -> bool {
         self.waiters.load(Ordering::Relaxed) != 0
@@ -286,11 +309,22 @@ impl MmuGuard for MmuWriteGuard<'_> {
         true
     }
     fn yield_lock(&mut self, stats: &LockStats) {
-        // Release every shard (readers blocked on any of them get in), then take
-        // them all again in order.
-        self.guards.clear();
+        // Release every shard, then take them all again in order. The
+        // threads that made the walk yield must get in first, as they do at
+        // KVM's queued rwlock: a plain release let this writer take the
+        // lock back before a woken reader ran, and the walk yielded to the
+        // same reader again and again (and flushed before each yield).
         #[cfg(not(loom))]
-        std::thread::yield_now();
+        {
+            let waiting = self.lock.waiters.load(Ordering::Relaxed);
+            // Fair: a parked waiter is handed its shard before this returns.
+            while let Some(g) = self.guards.pop() {
+                RwLockWriteGuard::unlock_fair(g);
+            }
+            self.lock.let_waiters_in(waiting);
+        }
+        #[cfg(loom)]
+        self.guards.clear();
         self.guards = self.lock.write_all(stats);
     }
     fn needbreak(&self) -> bool {
@@ -340,6 +374,31 @@ mod tests {
         drop(w);
         t.join().unwrap();
         assert_eq!(stats.read_contended.load(Ordering::Relaxed), 1);
+    }
+
+    /// A yielding writer waits a while for a waiter that has not taken the
+    /// lock yet, but not for ever, and not at all without waiters.
+    #[test]
+    fn test_a_write_yield_gives_a_waiter_time_to_get_in_but_not_for_ever() {
+        let lock = MmuLock::new();
+        let stats = LockStats::default();
+        let mut w = lock.write(&stats);
+        // A waiter that never takes the lock (counted by hand).
+        lock.waiters.fetch_add(1, Ordering::Relaxed);
+        let start = std::time::Instant::now();
+        w.yield_lock(&stats);
+        assert!(
+            start.elapsed() >= YIELD_HANDOFF,
+            "took the lock back without giving the waiter its moment"
+        );
+        lock.waiters.fetch_sub(1, Ordering::Relaxed);
+        assert!(!lock.let_waiters_in(0), "waited with no one waiting");
+        assert!(lock.let_waiters_in(1));
+        drop(w);
+        assert!(
+            lock.shards.iter().all(|s| !s.is_locked()),
+            "the yield left a shard held"
+        );
     }
 
     /// A read hold named by a vCPU's shard (any number: taken modulo the
