@@ -114,9 +114,12 @@ impl Srcu {
     }
 }
 
-/// How long [`wait_out`] spins before it sleeps.
+/// How long [`wait_out`] spins before it yields the CPU, and yields before
+/// it sleeps.
 #[cfg(not(loom))]
 const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(20);
+#[cfg(not(loom))]
+const YIELD_LIMIT: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// Wait until a reader's counter has moved on from `seen` (odd): the section
 /// open when the writer looked has ended.
@@ -125,8 +128,10 @@ const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(20);
 /// for about ten of them. Sleeping at once costs far more than the wait: in
 /// `vmmu run memslot-perf`'s move loops, waits that slept were a third of
 /// the CPU time at 32k slots, where faults take longer (docs/PERFORMANCE.md).
-/// A section that outlasts the spin (its reader was preempted) is waited for
-/// in sleeps that double up to a millisecond, as SRCU's own grace periods
+/// A section that outlasts the spin (its reader was preempted, maybe by
+/// this thread) is waited for with the CPU given away, first by yielding
+/// (the reader may be next on this CPU) and after half a millisecond in
+/// sleeps that double up to a millisecond, as SRCU's own grace periods
 /// wait; the reader itself never waits for the writer.
 fn wait_out(count: &AtomicU64, seen: u64) {
     #[cfg(not(loom))]
@@ -140,7 +145,14 @@ fn wait_out(count: &AtomicU64, seen: u64) {
                 }
             }
         }
-        let mut nap = std::time::Duration::from_micros(10);
+        // Then give the CPU away: the reader may be waiting for this one.
+        while start.elapsed() < YIELD_LIMIT {
+            std::thread::yield_now();
+            if count.load(Ordering::Acquire) != seen {
+                return;
+            }
+        }
+        let mut nap = std::time::Duration::from_micros(50);
         while count.load(Ordering::Acquire) == seen {
             std::thread::sleep(nap);
             nap = (nap * 2).min(std::time::Duration::from_millis(1));
