@@ -418,6 +418,21 @@ mod tests {
         assert!(dropped.load(Ordering::SeqCst));
     }
 
+    #[test]
+    fn test_each_section_moves_the_counter_on_by_two_and_is_odd_while_open() {
+        // A writer takes any change of an odd counter for the end of the
+        // section it saw: the counter must only grow.
+        let srcu = Srcu::new();
+        let reader = srcu.register();
+        for n in 0..3u64 {
+            assert_eq!(reader.count.load(Ordering::Relaxed), 2 * n);
+            let section = reader.read_lock();
+            assert_eq!(reader.count.load(Ordering::Relaxed), 2 * n + 1);
+            drop(section);
+        }
+        assert_eq!(reader.count.load(Ordering::Relaxed), 6);
+    }
+
     /// Run `check` over and over (at least once) while another thread swaps
     /// in 1, 2, ... 20000, each swap waiting for its grace period.
     fn while_swapping(check: impl Fn(&SrcuSnapshot<u64>, &SrcuReader)) {
