@@ -321,7 +321,11 @@ impl MmuGuard for MmuWriteGuard<'_> {
             while let Some(g) = self.guards.pop() {
                 RwLockWriteGuard::unlock_fair(g);
             }
-            self.lock.let_waiters_in(waiting);
+            if !self.lock.let_waiters_in(waiting) {
+                // A yield for the time slice (no one waits): offer the CPU
+                // to whatever else would run here.
+                std::thread::yield_now();
+            }
         }
         #[cfg(loom)]
         self.guards.clear();
