@@ -297,7 +297,7 @@ impl Resched {
         if cfg!(loom) && self.yields > 0 {
             return false;
         }
-        if guard.needbreak() && (cfg!(loom) || self.since.elapsed() >= CONTENDED_HOLD) {
+        if guard.needbreak() && self.held_long_enough() {
             self.yields += 1;
             return true;
         }
@@ -305,6 +305,14 @@ impl Resched {
         // Under the model checker every decision must be deterministic: only
         // waiters count there.
         !cfg!(loom) && self.checks.is_multiple_of(64) && self.since.elapsed() >= RESCHED_SLICE
+    }
+
+    /// Whether the walk has held the lock for [`CONTENDED_HOLD`] (only asked
+    /// when someone waits, so kept out of the walk's loop).
+    #[cold]
+    #[inline(never)]
+    fn held_long_enough(&self) -> bool {
+        cfg!(loom) || self.since.elapsed() >= CONTENDED_HOLD
     }
 
     /// Note that the lock was just re-taken.
