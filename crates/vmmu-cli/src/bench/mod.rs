@@ -195,18 +195,16 @@ pub fn demand_paging(a: &BenchDemandPagingArgs) -> anyhow::Result<i32> {
     // apart, more than the MMU's share), and the median of the pairs.
     let mut pairs = Vec::with_capacity(POPULATE_PAIRS);
     let mut viol1 = 0;
+    let plain = || vmmu_kvm::plain_first_touch(v as usize, b, thp);
     for i in 0..POPULATE_PAIRS {
-        let plain_first = i % 2 == 1;
-        let mut plain = 0;
-        if plain_first {
-            plain = vmmu_kvm::plain_first_touch(v as usize, b, thp)?;
-        }
-        let (u, _, _, x) = vmmu_run(&c, v, b, false)?;
+        let ((u, _, _, x), p) = if i % 2 == 1 {
+            let p = plain()?;
+            (vmmu_run(&c, v, b, false)?, p)
+        } else {
+            (vmmu_run(&c, v, b, false)?, plain()?)
+        };
         viol1 += x;
-        if !plain_first {
-            plain = vmmu_kvm::plain_first_touch(v as usize, b, thp)?;
-        }
-        pairs.push((u, plain));
+        pairs.push((u, p));
     }
     let (untouched, baseline) = median_pair(&pairs);
     let (pretouched, warm, delete, viol2) = vmmu_run(&c, v, b, true)?;

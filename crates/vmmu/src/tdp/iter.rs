@@ -329,11 +329,17 @@ mod tests {
     use crate::sync::Arc;
     use crate::testing::TestMemory;
 
-    #[test]
-    fn test_iter_visits_parents_before_children_in_range() {
+    /// Test memory, the tables over it, and an empty root table.
+    fn empty_root() -> (Arc<TestMemory>, Tables, Pfn) {
         let mem = Arc::new(TestMemory::new());
         let tables = Tables::new(mem.clone());
         let root = mem.new_table();
+        (mem, tables, root)
+    }
+
+    #[test]
+    fn test_iter_visits_parents_before_children_in_range() {
+        let (mem, tables, root) = empty_root();
         let l3 = mem.new_table();
         let l2 = mem.new_table();
         mem.table(root)[0].store(Spte::table(l3, true).0, Ordering::Relaxed);
@@ -386,9 +392,7 @@ mod tests {
 
     #[test]
     fn test_a_walk_yields_to_a_waiter_only_after_holding_the_lock_a_while() {
-        let mem = Arc::new(TestMemory::new());
-        let tables = Tables::new(mem.clone());
-        let root = mem.new_table();
+        let (_mem, tables, root) = empty_root();
         let mut it = TdpIter::new(&tables, root, Level::L4, Level::K4, Gfn(0), Gfn(1 << 30));
         it.next();
         assert!(it.has_progressed());
@@ -411,9 +415,7 @@ mod tests {
 
     #[test]
     fn test_descent_heads_for_its_gfn_and_rereads_before_entering() {
-        let mem = Arc::new(TestMemory::new());
-        let tables = Tables::new(mem.clone());
-        let root = mem.new_table();
+        let (mem, tables, root) = empty_root();
         let l3 = mem.new_table();
         let l2 = mem.new_table();
         let target = Gfn((2 << 27) + (5 << 18) + (7 << 9) + 3);
@@ -435,9 +437,7 @@ mod tests {
 
     #[test]
     fn test_iter_yield_rule_requires_progress() {
-        let mem = Arc::new(TestMemory::new());
-        let tables = Tables::new(mem.clone());
-        let root = mem.new_table();
+        let (_mem, tables, root) = empty_root();
         let mut it = TdpIter::new(&tables, root, Level::L4, Level::K4, Gfn(0), Gfn(1 << 30));
         assert!(!it.has_progressed());
         it.next();
@@ -450,9 +450,7 @@ mod tests {
 
     #[test]
     fn test_iter_restart_resumes_where_it_was_heading() {
-        let mem = Arc::new(TestMemory::new());
-        let tables = Tables::new(mem.clone());
-        let root = mem.new_table();
+        let (_mem, tables, root) = empty_root();
         let mut it = TdpIter::new(&tables, root, Level::L4, Level::K4, Gfn(0), Gfn(3 << 27));
         it.next();
         it.next();
